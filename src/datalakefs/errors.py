@@ -1,0 +1,64 @@
+"""The error tree of datalakefs.
+
+Every layer raises its own subclass of :class:`DatalakeError`; each carries the errno a POSIX caller
+sees. The FUSE layer is the one place that turns them into ``pyfuse3.FUSEError``. Messages are meant
+for logs and for ``user.datalakefs.state``: they never contain a token or a credential.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class DatalakeError(Exception):
+    """Base class; ``errno`` is what a POSIX caller gets."""
+
+    errno: int = errno.EIO
+
+
+class NotFoundError(DatalakeError):
+    """No such DID, scope or path."""
+
+    errno = errno.ENOENT
+
+
+class CatalogueUnavailableError(DatalakeError):
+    """The Rucio server could not be reached or answered with a server error."""
+
+    errno = errno.EIO
+
+
+class AccessDeniedError(DatalakeError):
+    """The catalogue or the storage refused our credentials."""
+
+    errno = errno.EACCES
+
+
+class ReadOnlyError(DatalakeError):
+    """A write outside the outbox."""
+
+    errno = errno.EROFS
+
+
+class InvalidNameError(DatalakeError):
+    """A name the catalogue's schema refuses."""
+
+    errno = errno.EINVAL
+
+
+class TransferError(DatalakeError):
+    """Every replica of a file failed; the message lists why."""
+
+    errno = errno.EIO
+
+
+class TryAgainError(DatalakeError):
+    """The data is not ready yet (a rule is replicating) and the caller asked not to wait."""
+
+    errno = errno.EAGAIN
+
+
+class ConfigError(DatalakeError):
+    """The configuration is invalid; the message names the option."""
+
+    errno = errno.EINVAL

@@ -1,0 +1,70 @@
+"""Frozen value types shared by every layer: DIDs, their catalogue facts, replicas.
+
+They are built by the catalogue adapter from rucio's dicts and are never mutated afterwards; no
+``dict[str, Any]`` travels past that adapter.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class DIDType(enum.Enum):
+    FILE = "FILE"
+    DATASET = "DATASET"
+    CONTAINER = "CONTAINER"
+
+    @property
+    def is_collection(self) -> bool:
+        return self is not DIDType.FILE
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class DID:
+    """A data identifier ``scope:name``."""
+
+    scope: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.scope}:{self.name}"
+
+    @classmethod
+    def parse(cls, text: str, default_scope: str | None = None) -> DID:
+        """Parse ``scope:name``; a bare name takes ``default_scope``."""
+        scope, sep, name = text.partition(":")
+        if sep:
+            return cls(scope, name)
+        if default_scope is None:
+            raise ValueError(f"{text!r} is not of the form scope:name")
+        return cls(default_scope, text)
+
+
+@dataclass(frozen=True, slots=True)
+class DIDInfo:
+    """What the catalogue knows about one DID. Times are POSIX seconds."""
+
+    did: DID
+    type: DIDType
+    size: int | None = None
+    adler32: str | None = None
+    md5: str | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """One readable copy of a file: the RSE and the URL (PFN) to read it from."""
+
+    rse: str
+    pfn: str
+
+
+@dataclass(frozen=True, slots=True)
+class FileReplicas:
+    """A file and its available replicas, best first."""
+
+    info: DIDInfo
+    replicas: tuple[Replica, ...]
