@@ -22,6 +22,12 @@ class NotFoundError(DatalakeError):
     errno = errno.ENOENT
 
 
+class NoAttributeError(DatalakeError):
+    """An extended attribute the node does not have."""
+
+    errno = errno.ENODATA
+
+
 class CatalogueUnavailableError(DatalakeError):
     """The Rucio server could not be reached or answered with a server error."""
 

@@ -1,0 +1,7 @@
+"""``python -m datalakefs`` is the ``datalakefs`` command."""
+
+import sys
+
+from datalakefs.cli import main
+
+sys.exit(main())

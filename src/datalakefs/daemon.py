@@ -1,0 +1,103 @@
+"""The composition root: builds one mount's services from its Config and runs them.
+
+This is the only place that chooses concrete classes (the Rucio catalogue, the stream reader, the
+FUSE session). Services that run in the background start in one nursery owned here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from datalakefs import __version__
+from datalakefs.catalogue.cached import CachedCatalogue
+from datalakefs.catalogue.rucio import RucioCatalogue
+from datalakefs.config import Config
+from datalakefs.fs.filesystem import Filesystem
+from datalakefs.fs.ports import FileContent
+from datalakefs.fuse.operations import FuseOperations
+from datalakefs.fuse.session import serve
+from datalakefs.namespace.inodes import InodeTable
+from datalakefs.namespace.tree import Namespace
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+
+
+class Daemon:
+    """One mount: catalogue, namespace, content service and the FUSE session."""
+
+    def __init__(self, config: Config, mountpoint: str, content: FileContent | None = None) -> None:
+        self.config = config
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.started = time.time()
+        self.catalogue = CachedCatalogue(RucioCatalogue(config), config)
+        self.content = content if content is not None else _stream_content(config, self.catalogue)
+        control = {STATUS_FILE: self.render_status}
+        namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control))
+        self.filesystem = Filesystem(namespace, self.catalogue, self.content, control)
+        self.operations = FuseOperations(self.filesystem, config.entry_timeout, config.attr_timeout)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "mountpoint": self.mountpoint,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "catalogue": self.catalogue.statistics().as_dict(),
+            "content": _content_statistics(self.content),
+        }
+
+    def render_status(self) -> bytes:
+        return (json.dumps(self.status(), indent=1, sort_keys=True) + "\n").encode()
+
+    def fuse_options(self) -> set[str]:
+        options = {"fsname=datalakefs", "subtype=datalakefs", "default_permissions"}
+        if self.config.allow_other:
+            options.add("allow_other")
+        return options
+
+    async def run(self, on_ready: Callable[[], None]) -> None:
+        def ready() -> None:
+            _notify_systemd("READY=1")
+            on_ready()
+
+        await serve(self.operations, self.operations.initialized, self.mountpoint, self.fuse_options(),
+                    self.config.read_ahead_kb, ready)
+
+
+def _stream_content(config: Config, catalogue: CachedCatalogue) -> FileContent:
+    from datalakefs.staging.stream import StreamContent
+
+    return StreamContent(config, catalogue)
+
+
+def _content_statistics(content: FileContent) -> dict[str, Any]:
+    statistics = getattr(content, "statistics", None)
+    return statistics().as_dict() if callable(statistics) else {}
+
+
+def _notify_systemd(message: str) -> None:
+    """sd_notify without a library: one datagram to $NOTIFY_SOCKET when systemd asked for it."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.send(message.encode())
+
+
+def run(config: Config, mountpoint: str, on_ready: Callable[[], None]) -> None:
+    """Run the daemon in this process until the mount ends."""
+    daemon = Daemon(config, mountpoint)
+    trio.run(daemon.run, on_ready)

@@ -1,0 +1,190 @@
+"""The read side of the filesystem: every POSIX call on the lake, in domain terms.
+
+Contracts the FUSE layer relies on:
+* ``lookup`` and each entry returned by ``readdir`` add one kernel reference to the node
+  (``remember``); ``forget`` drops them. Nodes without references may disappear.
+* Errors are :class:`~datalakefs.errors.DatalakeError` subclasses carrying the errno.
+* Catalogue calls happen only on cache misses of the cached catalogue; ``getxattr`` of a name we do
+  not define is answered without any call.
+* Anything that would change the lake outside the outbox raises ``ReadOnlyError`` (EROFS).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import NoReturn
+
+from datalakefs.catalogue.cached import CachedCatalogue
+from datalakefs.errors import NoAttributeError, NotFoundError, ReadOnlyError
+from datalakefs.fs.attributes import Attributes, attributes_of
+from datalakefs.fs.ports import FileContent, OpenFile
+from datalakefs.model import DIDInfo
+from datalakefs.namespace.inodes import Node, NodeKind
+from datalakefs.namespace.tree import Namespace
+
+log = logging.getLogger(__name__)
+
+ControlRenderer = Callable[[], bytes]
+
+_DID_XATTRS = ("user.rucio.scope", "user.rucio.name", "user.rucio.did_type")
+_FILE_XATTRS = ("user.rucio.adler32", "user.rucio.md5", "user.rucio.replicas",
+                "user.datalakefs.cached", "user.datalakefs.state")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A name in a directory with the attributes the kernel caches for it."""
+
+    name: str
+    attributes: Attributes
+
+
+@dataclass(slots=True)
+class _DirHandle:
+    entries: list[tuple[str, Node]]
+
+
+@dataclass(slots=True)
+class _ControlHandle:
+    content: bytes
+
+
+class Filesystem:
+    """The lake as a filesystem. One instance per mount, used from the trio thread only."""
+
+    def __init__(
+        self,
+        namespace: Namespace,
+        catalogue: CachedCatalogue,
+        content: FileContent,
+        control_files: dict[str, ControlRenderer],
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> None:
+        self._ns = namespace
+        self._catalogue = catalogue
+        self._content = content
+        self._control = control_files
+        self._uid = os.getuid() if uid is None else uid
+        self._gid = os.getgid() if gid is None else gid
+        self._start = time.time()
+        self._handles: dict[int, _DirHandle | _ControlHandle | OpenFile] = {}
+        self._next_fh = itertools.count(1)
+
+    # -- names and attributes -------------------------------------------------------------
+
+    def attributes(self, node: Node) -> Attributes:
+        return attributes_of(node, self._uid, self._gid, self._start)
+
+    async def lookup(self, parent_ino: int, name: str) -> Attributes:
+        if name in (".", ".."):
+            raise NotFoundError(name)
+        node = await self._ns.lookup(self._ns.inodes.get(parent_ino), name)
+        self._ns.inodes.remember(node.ino)
+        return self.attributes(node)
+
+    def forget(self, ino: int, count: int) -> None:
+        self._ns.inodes.forget(ino, count)
+
+    def remember(self, ino: int) -> None:
+        self._ns.inodes.remember(ino)
+
+    async def getattr(self, ino: int) -> Attributes:
+        return self.attributes(self._ns.inodes.get(ino))
+
+    # -- directories ------------------------------------------------------------------------
+
+    async def opendir(self, ino: int) -> int:
+        node = self._ns.inodes.get(ino)
+        entries = await self._ns.list_dir(node)
+        return self._new_handle(_DirHandle(entries))
+
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[int, Entry]]:
+        """Entries from position ``start``; each item carries the position to resume after it.
+
+        The caller must ``remember`` each entry it hands to the kernel."""
+        handle = self._handles[fh]
+        assert isinstance(handle, _DirHandle)
+        for index in range(start, len(handle.entries)):
+            name, node = handle.entries[index]
+            yield index + 1, Entry(name, self.attributes(node))
+
+    # -- files -------------------------------------------------------------------------------
+
+    async def open(self, ino: int, write: bool, nonblocking: bool) -> tuple[int, bool, bool]:
+        """Open a file; returns (handle, keep_cache, direct_io)."""
+        node = self._ns.inodes.get(ino)
+        if write:
+            raise ReadOnlyError(f"{node.label or node.did} is read-only (write only into .outbox)")
+        if node.kind is NodeKind.CONTROL_FILE:
+            content = self._control[node.label]()
+            return self._new_handle(_ControlHandle(content)), False, True
+        if node.kind is not NodeKind.FILE or node.info is None:
+            raise NotFoundError(f"inode {ino} is not a file")
+        opened = await self._content.open(node.info, nonblocking)
+        return self._new_handle(opened), opened.keep_cache, False
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self._handles[fh]
+        if isinstance(handle, _ControlHandle):
+            return handle.content[offset : offset + size]
+        assert not isinstance(handle, _DirHandle)
+        return await handle.read(offset, size)
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None and not isinstance(handle, _DirHandle | _ControlHandle):
+            await handle.close()
+
+    def releasedir(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    # -- extended attributes ---------------------------------------------------------------
+
+    def listxattr(self, ino: int) -> list[str]:
+        node = self._ns.inodes.get(ino)
+        if node.did is None:
+            return []
+        return list(_DID_XATTRS + (_FILE_XATTRS if node.kind is NodeKind.FILE else ()))
+
+    async def getxattr(self, ino: int, name: str) -> bytes:
+        node = self._ns.inodes.get(ino)
+        if name not in self.listxattr(ino):
+            raise NoAttributeError(name)
+        assert node.did is not None and node.info is not None
+        value = await self._xattr_value(node.info, name)
+        return value.encode()
+
+    async def _xattr_value(self, info: DIDInfo, name: str) -> str:
+        if name == "user.rucio.scope":
+            return info.did.scope
+        if name == "user.rucio.name":
+            return info.did.name
+        if name == "user.rucio.did_type":
+            return info.type.value
+        if name == "user.rucio.adler32":
+            return info.adler32 or ""
+        if name == "user.rucio.md5":
+            return info.md5 or ""
+        if name == "user.rucio.replicas":
+            replicas = await self._catalogue.list_replicas([info.did])
+            rses = [r.rse for found in replicas for r in found.replicas]
+            return ",".join(dict.fromkeys(rses))
+        if name == "user.datalakefs.cached":
+            return str(self._content.cached_bytes(info))
+        return self._content.state(info)
+
+    # -- writes (read-only outside the outbox) ---------------------------------------------
+
+    def refuse_write(self, what: str) -> NoReturn:
+        raise ReadOnlyError(f"{what}: the lake is read-only outside .outbox")
+
+    def _new_handle(self, handle: _DirHandle | _ControlHandle | OpenFile) -> int:
+        fh = next(self._next_fh)
+        self._handles[fh] = handle
+        return fh

@@ -1,0 +1,39 @@
+"""What the filesystem needs from the data services, as protocols.
+
+The filesystem reads file content through a :class:`FileContent` service (stream mode, rule
+staging, or the hybrid of both) without knowing which one it is; the composition root picks.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from datalakefs.model import DIDInfo
+
+
+class OpenFile(Protocol):
+    """One open file of the lake. ``read`` returns fewer bytes than asked only at end of file."""
+
+    @property
+    def keep_cache(self) -> bool:
+        """Whether the kernel may keep this file's pages across opens."""
+        ...
+
+    async def read(self, offset: int, size: int) -> bytes: ...
+
+    async def close(self) -> None: ...
+
+
+class FileContent(Protocol):
+    async def open(self, info: DIDInfo, nonblocking: bool) -> OpenFile:
+        """Prepare ``info`` for reading; no data moves in stream mode. Rule staging may wait here
+        (or raise ``TryAgainError`` when ``nonblocking``)."""
+        ...
+
+    def cached_bytes(self, info: DIDInfo) -> int:
+        """How many bytes of the file are in the local cache."""
+        ...
+
+    def state(self, info: DIDInfo) -> str:
+        """A one-line staging state for ``user.datalakefs.state`` (never a credential)."""
+        ...

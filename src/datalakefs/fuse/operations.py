@@ -1,0 +1,201 @@
+"""pyfuse3 ``Operations`` over :class:`~datalakefs.fs.filesystem.Filesystem`.
+
+Each handler converts arguments (bytes names → ``str`` with ``surrogateescape``), calls the
+filesystem, converts the result, and maps errors: a ``DatalakeError`` becomes its errno; anything
+unexpected is logged with its traceback and becomes ``EIO``, so a bug never takes the mount down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import NoReturn
+
+import pyfuse3
+import trio
+
+from datalakefs.errors import DatalakeError
+from datalakefs.fs.attributes import Attributes
+from datalakefs.fs.filesystem import Filesystem
+
+log = logging.getLogger(__name__)
+
+_QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.EROFS, errno.EAGAIN})
+
+
+@contextlib.contextmanager
+def _errors_as_errno(operation: str) -> Iterator[None]:
+    try:
+        yield
+    except pyfuse3.FUSEError:
+        raise
+    except DatalakeError as exc:
+        if exc.errno not in _QUIET_ERRNOS:
+            log.warning("%s failed: %s (%s)", operation, exc, errno.errorcode.get(exc.errno, exc.errno))
+        raise pyfuse3.FUSEError(exc.errno) from exc
+    except Exception as exc:
+        log.exception("%s failed unexpectedly", operation)
+        raise pyfuse3.FUSEError(errno.EIO) from exc
+
+
+class FuseOperations(pyfuse3.Operations):
+    """Thin adapter: no decisions are made here."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: Filesystem, entry_timeout: float, attr_timeout: float) -> None:
+        super().__init__()
+        self._fs = fs
+        self._entry_timeout = entry_timeout
+        self._attr_timeout = attr_timeout
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        """Called by pyfuse3 once the kernel's INIT request is handled."""
+        self.initialized.set()
+
+    def _entry(self, attrs: Attributes) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = pyfuse3.InodeT(attrs.ino)
+        entry.generation = 0
+        entry.entry_timeout = self._entry_timeout
+        entry.attr_timeout = self._attr_timeout
+        entry.st_mode = pyfuse3.ModeT(attrs.mode)
+        entry.st_nlink = attrs.nlink
+        entry.st_uid = attrs.uid
+        entry.st_gid = attrs.gid
+        entry.st_size = attrs.size
+        entry.st_blksize = 1 << 20
+        entry.st_blocks = (attrs.size + 511) // 512
+        entry.st_mtime_ns = int(attrs.mtime * 1e9)
+        entry.st_ctime_ns = int(attrs.ctime * 1e9)
+        entry.st_atime_ns = entry.st_mtime_ns
+        return entry
+
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        with _errors_as_errno("lookup"):
+            return self._entry(await self._fs.lookup(parent_inode, os.fsdecode(name)))
+
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        for ino, count in inode_list:
+            self._fs.forget(ino, count)
+
+    async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        with _errors_as_errno("getattr"):
+            return self._entry(await self._fs.getattr(inode))
+
+    async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+        with _errors_as_errno("opendir"):
+            return pyfuse3.FileHandleT(await self._fs.opendir(inode))
+
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        with _errors_as_errno("readdir"):
+            for next_id, entry in self._fs.readdir(fh, start_id):
+                if not pyfuse3.readdir_reply(token, os.fsencode(entry.name), self._entry(entry.attributes),
+                                             next_id):
+                    return
+                self._fs.remember(entry.attributes.ino)
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        self._fs.releasedir(fh)
+
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        with _errors_as_errno("open"):
+            write = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
+            fh, keep_cache, direct_io = await self._fs.open(inode, write, bool(flags & os.O_NONBLOCK))
+            return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache, direct_io=direct_io)
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        with _errors_as_errno("read"):
+            return await self._fs.read(fh, off, size)
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        with _errors_as_errno("release"):
+            await self._fs.release(fh)
+
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        with _errors_as_errno("getxattr"):
+            return await self._fs.getxattr(inode, os.fsdecode(name))
+
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[pyfuse3.XAttrNameT]:
+        with _errors_as_errno("listxattr"):
+            return [pyfuse3.XAttrNameT(os.fsencode(n)) for n in self._fs.listxattr(inode)]
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = 1 << 20
+        stats.f_namemax = 255
+        return stats
+
+    # Everything below would change the lake outside the outbox.
+
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: pyfuse3.FileHandleT | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        self._refuse("setattr")
+
+    def _refuse(self, what: str) -> NoReturn:
+        try:
+            self._fs.refuse_write(what)
+        except DatalakeError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from exc
+
+    async def mknod(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT,
+                    rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._refuse("mknod")
+
+    async def mkdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._refuse("mkdir")
+
+    async def create(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT,
+                     flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._refuse("create")
+
+    async def unlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: pyfuse3.RequestContext) -> None:
+        self._refuse("unlink")
+
+    async def rmdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                    ctx: pyfuse3.RequestContext) -> None:
+        self._refuse("rmdir")
+
+    async def rename(self, parent_inode_old: pyfuse3.InodeT, name_old: pyfuse3.FileNameT,
+                     parent_inode_new: pyfuse3.InodeT, name_new: pyfuse3.FileNameT, flags: pyfuse3.FlagT,
+                     ctx: pyfuse3.RequestContext) -> None:
+        self._refuse("rename")
+
+    async def symlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                      target: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._refuse("symlink")
+
+    async def link(self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT,
+                   new_name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._refuse("link")
+
+    async def setxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        self._refuse("setxattr")
+
+    async def removexattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
+                          ctx: pyfuse3.RequestContext) -> None:
+        self._refuse("removexattr")

@@ -1,0 +1,133 @@
+"""Mounting, serving and unmounting one FUSE session.
+
+Order of events: clean a stale mount left by a killed daemon, ``pyfuse3.init`` (the mount exists
+from here), run the request loop, and once the kernel's INIT has been answered raise the device's
+``read_ahead_kb`` (written earlier, the INIT reply clamps it back to 128 KiB) and report readiness.
+SIGTERM and SIGINT end the loop; the mount is always removed on the way out.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from datalakefs.errors import DatalakeError
+
+log = logging.getLogger(__name__)
+
+
+class MountError(DatalakeError):
+    """The mount point cannot be used; the message says why."""
+
+
+def is_stale(mountpoint: str) -> bool:
+    """A mount whose daemon died answers every call with ENOTCONN."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def mounted_fstype(mountpoint: str) -> str | None:
+    """The filesystem type mounted exactly at ``mountpoint``, from /proc/self/mountinfo."""
+    target = os.path.realpath(mountpoint) if not is_stale(mountpoint) else os.path.abspath(mountpoint)
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            sep = fields.index("-")
+            if _unescape(fields[4]) == target:
+                return fields[sep + 1]
+    return None
+
+
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    """Ask the kernel to unmount; raises MountError with fusermount3's words on failure."""
+    args = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise MountError(f"cannot unmount {mountpoint}: {done.stderr.strip() or done.returncode}")
+
+
+def prepare_mountpoint(mountpoint: str) -> None:
+    """Clean a stale mount, refuse a live one, and check the directory exists."""
+    if is_stale(mountpoint):
+        log.warning("event=stale-mount mountpoint=%s action=lazy-unmount", mountpoint)
+        unmount(mountpoint, lazy=True)
+    elif mounted_fstype(mountpoint) is not None:
+        raise MountError(f"{mountpoint} is already a mount point")
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"{mountpoint} is not a directory")
+
+
+def _bdi_read_ahead_path(mountpoint: str) -> str | None:
+    """The bdi of our own mount, from mountinfo (stat() on our mountpoint would call ourselves)."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            if _unescape(fields[4]) == target:
+                return f"/sys/class/bdi/{fields[2]}/read_ahead_kb"
+    return None
+
+
+def raise_read_ahead(mountpoint: str, kib: int) -> None:
+    path = _bdi_read_ahead_path(mountpoint)
+    if path is None:
+        return
+    try:
+        with open(path, "w") as fh:
+            fh.write(str(kib))
+    except OSError as exc:  # not root, or a kernel without the knob: slower, not wrong
+        log.info("event=read-ahead-unchanged path=%s reason=%s", path, exc.strerror)
+
+
+async def serve(
+    operations: pyfuse3.Operations,
+    initialized: trio.Event,
+    mountpoint: str,
+    options: set[str],
+    read_ahead_kb: int,
+    on_ready: Callable[[], None],
+    max_tasks: int = 64,
+) -> None:
+    """Mount and serve until unmounted or signalled. ``initialized`` is set by the operations'
+    ``init`` callback, i.e. when the kernel's INIT request has been handled."""
+    prepare_mountpoint(mountpoint)
+    pyfuse3.init(operations, mountpoint, options)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal)
+
+            async def after_init() -> None:
+                await initialized.wait()
+                await trio.sleep(0.05)
+                raise_read_ahead(mountpoint, read_ahead_kb)
+                log.info("event=mounted mountpoint=%s", mountpoint)
+                on_ready()
+
+            nursery.start_soon(after_init)
+            await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
+            nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+        log.info("event=unmounted mountpoint=%s", mountpoint)
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("event=signal signal=%s action=unmount", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return

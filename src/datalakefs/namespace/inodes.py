@@ -1,0 +1,114 @@
+"""The inode table: stable inode numbers for the nodes the kernel knows about.
+
+A node is created the first time a lookup or a listing shows it and lives until the kernel has
+forgotten every reference to it (the FUSE lookup count falls to zero). No I/O happens here, and the
+table is only touched from the trio thread.
+
+Identity rules: a file is one inode whatever directory shows it (a file attached to two datasets has
+one set of attributes); a directory is one inode per (parent, DID), because the kernel does not
+tolerate one directory inode under two parents.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, replace
+
+from datalakefs.errors import NotFoundError
+from datalakefs.model import DID, DIDInfo
+
+ROOT_INODE = 1
+
+
+class NodeKind(enum.Enum):
+    ROOT = "root"
+    SCOPE = "scope"
+    COLLECTION = "collection"
+    FILE = "file"
+    CONTROL_DIR = "control-dir"
+    CONTROL_FILE = "control-file"
+    QUERY_ROOT = "query-root"
+    QUERY_SCOPE = "query-scope"
+    QUERY_RESULT = "query-result"
+
+    @property
+    def is_dir(self) -> bool:
+        return self not in (NodeKind.FILE, NodeKind.CONTROL_FILE)
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """One inode. ``scope`` is the scope its children are named relative to; ``label`` is the
+    node's own name where it has no DID (a scope, a control file, a query filter)."""
+
+    ino: int
+    kind: NodeKind
+    parent: int
+    did: DID | None = None
+    info: DIDInfo | None = None
+    scope: str | None = None
+    label: str = ""
+
+
+class InodeTable:
+    """Maps inode numbers to nodes and counts the kernel's references to each."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[int, Node] = {}
+        self._by_key: dict[Hashable, int] = {}
+        self._keys: dict[int, Hashable] = {}
+        self._lookups: dict[int, int] = {}
+        self._next = itertools.count(ROOT_INODE + 1)
+        root = Node(ROOT_INODE, NodeKind.ROOT, ROOT_INODE)
+        self._nodes[ROOT_INODE] = root
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def get(self, ino: int) -> Node:
+        try:
+            return self._nodes[ino]
+        except KeyError:
+            raise NotFoundError(f"inode {ino} is not known (forgotten)") from None
+
+    def intern(self, key: Hashable, make: Callable[[int], Node]) -> Node:
+        """Return the node for ``key``, creating it with a fresh inode number when new.
+
+        A known file node whose catalogue facts arrive later (``info`` was ``None``) is updated.
+        """
+        ino = self._by_key.get(key)
+        if ino is not None:
+            node = self._nodes[ino]
+            fresh = make(ino)
+            if node.info is None and fresh.info is not None:
+                node = replace(node, info=fresh.info)
+                self._nodes[ino] = node
+            return node
+        ino = next(self._next)
+        node = make(ino)
+        self._nodes[ino] = node
+        self._by_key[key] = ino
+        self._keys[ino] = key
+        return node
+
+    def remember(self, ino: int, count: int = 1) -> None:
+        """The kernel took ``count`` more references (a lookup, or an entry of readdirplus)."""
+        if ino != ROOT_INODE:
+            self._lookups[ino] = self._lookups.get(ino, 0) + count
+
+    def forget(self, ino: int, count: int) -> None:
+        """The kernel dropped ``count`` references; the node goes when none are left."""
+        if ino == ROOT_INODE or ino not in self._lookups:
+            return
+        left = self._lookups[ino] - count
+        if left > 0:
+            self._lookups[ino] = left
+            return
+        del self._lookups[ino]
+        del self._nodes[ino]
+        del self._by_key[self._keys.pop(ino)]
+
+    def lookup_count(self, ino: int) -> int:
+        return self._lookups.get(ino, 0)
