@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.errors import InvalidNameError, NotFoundError
 from datalakefs.model import DID, DIDInfo, DIDType
-from datalakefs.namespace.escaping import component_for, did_for
+from datalakefs.namespace.escaping import component_for, component_for_scope, did_for, is_shortened, scope_for
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
 
 CONTROL_DIR = ".datalakefs"
@@ -59,10 +59,7 @@ class Namespace:
             if component in self._control_files:
                 return self._control_file(component)
             raise NotFoundError(f"{CONTROL_DIR}/{component}")
-        for name, child in await self.list_dir(parent):
-            if name == component:
-                return child
-        raise NotFoundError(f"{component!r} is not in {parent.label or parent.did}")
+        return await self._lookup_listed(parent, component)
 
     async def list_dir(self, node: Node) -> list[tuple[str, Node]]:
         """The entries of a directory node, in a stable order (no ``.``/``..``)."""
@@ -70,7 +67,7 @@ class Namespace:
         if kind is NodeKind.ROOT:
             scopes = await self._visible_scopes()
             fixed = [(CONTROL_DIR, self._control_dir()), (QUERY_DIR, self._query_root())]
-            return fixed + [(scope, self._scope_node(scope)) for scope in scopes]
+            return fixed + [(component_for_scope(scope), self._scope_node(scope)) for scope in scopes]
         if kind is NodeKind.SCOPE:
             assert node.scope is not None
             infos = await self._catalogue.list_collections(node.scope)
@@ -80,7 +77,7 @@ class Namespace:
             infos = await self._with_times(await self._catalogue.list_content(node.did))
             return self._entries(node, infos)
         if kind is NodeKind.QUERY_ROOT:
-            return [(scope, self._query_scope(scope)) for scope in await self._visible_scopes()]
+            return [(component_for_scope(s), self._query_scope(s)) for s in await self._visible_scopes()]
         if kind is NodeKind.QUERY_SCOPE:
             return []
         if kind is NodeKind.QUERY_RESULT:
@@ -102,19 +99,31 @@ class Namespace:
             return self._control_dir()
         if component == QUERY_DIR:
             return self._query_root()
-        if component in await self._visible_scopes():
-            return self._scope_node(component)
+        try:
+            scope = scope_for(component)
+        except InvalidNameError:
+            raise NotFoundError(f"no scope {component!r}") from None
+        if scope in await self._visible_scopes():
+            return self._scope_node(scope)
         raise NotFoundError(f"no scope {component!r}")
 
     async def _lookup_in_scope(self, parent: Node, component: str) -> Node:
         """Any DID of the scope resolves, listed or not (SPEC §2)."""
         assert parent.scope is not None
+        if is_shortened(component):
+            return await self._lookup_listed(parent, component)
         try:
             did = did_for(component, parent.scope)
         except InvalidNameError:
             raise NotFoundError(f"{component!r} cannot name a DID") from None
         info = await self._catalogue.get_info(did)
         return self._child(parent, info)
+
+    async def _lookup_listed(self, parent: Node, component: str) -> Node:
+        for name, child in await self.list_dir(parent):
+            if name == component:
+                return child
+        raise NotFoundError(f"{component!r} is not in {parent.label or parent.did}")
 
     async def _query_node(self, parent: Node, component: str) -> Node:
         assert parent.scope is not None

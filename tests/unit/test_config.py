@@ -1,0 +1,60 @@
+"""Configuration: file, -o overrides, sizes, and clear errors for bad input."""
+
+from pathlib import Path
+
+import pytest
+
+from datalakefs import config
+from datalakefs.errors import ConfigError
+
+
+def test_defaults_without_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("DATALAKEFS_CONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    loaded = config.load()
+    assert loaded.block_size == 1 << 20
+    assert loaded.staging == "stream"
+
+
+def test_file_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('cache_size = "2G"\nscopes = ["a", "b"]\nxcache = "http://127.0.0.1:1"\n')
+    loaded = config.load(str(path), config.parse_mount_options("cache_size=512M,allow_other,scopes=c:d"))
+    assert loaded.cache_size == 512 << 20
+    assert loaded.allow_other is True
+    assert loaded.scopes == ("c", "d")
+    assert loaded.xcache == "http://127.0.0.1:1"
+
+
+def test_env_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[datalakefs]\nstaging = \"rule\"\n")
+    monkeypatch.setenv("DATALAKEFS_CONFIG", str(path))
+    assert config.load().staging == "rule"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ("no_such_option=1", "unknown option 'no_such_option'"),
+        ("staging=sometimes", "not one of"),
+        ("cache_size=lots", "is not a size"),
+        ("allow_other=maybe", "is not a boolean"),
+        ("http_retries=two", "is not a valid int"),
+    ],
+)
+def test_bad_options_name_the_key(options: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.load(None, config.parse_mount_options(options))
+
+
+def test_missing_named_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(str(tmp_path / "nope.toml"))
+
+
+def test_broken_toml_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("cache_size = = 3\n")
+    with pytest.raises(ConfigError, match=str(path)):
+        config.load(str(path))

@@ -1,0 +1,190 @@
+"""The filesystem over a fake catalogue: tree, attributes, identity, xattrs, errors."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+
+import pytest
+
+from datalakefs.catalogue.cached import CachedCatalogue
+from datalakefs.catalogue.fake import FakeCatalogue
+from datalakefs.config import Config
+from datalakefs.errors import (
+    CatalogueUnavailableError,
+    NoAttributeError,
+    NotFoundError,
+    ReadOnlyError,
+)
+from datalakefs.fs.filesystem import Filesystem
+from datalakefs.model import DIDInfo
+from datalakefs.namespace.inodes import ROOT_INODE, InodeTable
+from datalakefs.namespace.tree import Namespace
+
+
+class _NoContent:
+    """Content service stand-in: these tests never read file data."""
+
+    def __init__(self) -> None:
+        self.opened: list[DIDInfo] = []
+
+    async def open(self, info: DIDInfo, nonblocking: bool) -> _NoContent:
+        self.opened.append(info)
+        return self
+
+    @property
+    def keep_cache(self) -> bool:
+        return True
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return b""
+
+    async def close(self) -> None:
+        return None
+
+    def cached_bytes(self, info: DIDInfo) -> int:
+        return 7
+
+    def state(self, info: DIDInfo) -> str:
+        return "streaming"
+
+
+@pytest.fixture
+def fake() -> FakeCatalogue:
+    lake = FakeCatalogue()
+    for scope in ("phys", "user.jdoe", "calib"):
+        lake.add_scope(scope)
+    lake.add_container("phys:run2024")
+    lake.add_dataset("phys:raw")
+    lake.add_dataset("phys:reco")
+    lake.add_file("phys:f1.root", 100, "0000abcd", "md5md5")
+    lake.add_file("calib:const.db", 5)
+    lake.add_file("phys:a/b/c.dat", 3)
+    lake.add_file("phys:unattached", 9)
+    lake.attach("phys:run2024", "phys:raw", "phys:reco")
+    lake.attach("phys:raw", "phys:f1.root", "calib:const.db", "phys:a/b/c.dat")
+    lake.attach("phys:reco", "phys:f1.root")
+    lake.add_replica("phys:f1.root", "LAKE-ORIGIN", "http://127.0.0.1:1/f1.root")
+    lake.add_replica("phys:f1.root", "SCRATCH", "https://127.0.0.1:2/f1.root")
+    lake.set_metadata("phys:raw", "datatype", "RAW")
+    return lake
+
+
+@pytest.fixture
+def fs(fake: FakeCatalogue) -> Iterator[Filesystem]:
+    config = Config()
+    catalogue = CachedCatalogue(fake, config)
+    namespace = Namespace(catalogue, InodeTable(), control_files=("status.json",))
+    yield Filesystem(namespace, catalogue, _NoContent(), {"status.json": lambda: b'{"ok": 1}\n'}, 1000, 1000)
+
+
+async def _names(fs: Filesystem, ino: int) -> list[str]:
+    fh = await fs.opendir(ino)
+    try:
+        return [entry.name for _, entry in fs.readdir(fh, 0)]
+    finally:
+        fs.releasedir(fh)
+
+
+async def _path(fs: Filesystem, *parts: str) -> int:
+    ino = ROOT_INODE
+    for part in parts:
+        ino = (await fs.lookup(ino, part)).ino
+    return ino
+
+
+async def test_tree(fs: Filesystem) -> None:
+    assert await _names(fs, ROOT_INODE) == [".datalakefs", ".query", "calib", "phys", "user.jdoe"]
+    phys = await _path(fs, "phys")
+    assert await _names(fs, phys) == ["run2024", "raw", "reco"]
+    raw = await _path(fs, "phys", "raw")
+    assert await _names(fs, raw) == ["f1.root", "calib:const.db", "a%2Fb%2Fc.dat"]
+    assert await _names(fs, await _path(fs, "phys", "run2024")) == ["raw", "reco"]
+
+
+async def test_attributes(fs: Filesystem) -> None:
+    attrs = await fs.lookup(await _path(fs, "phys", "raw"), "f1.root")
+    assert attrs.size == 100
+    assert stat.S_IMODE(attrs.mode) == 0o444 and stat.S_ISREG(attrs.mode)
+    assert (attrs.uid, attrs.gid) == (1000, 1000)
+    assert attrs.mtime > 1_600_000_000
+    directory = await fs.getattr(await _path(fs, "phys", "raw"))
+    assert stat.S_IMODE(directory.mode) == 0o555 and directory.is_dir
+
+
+async def test_file_in_two_datasets_is_one_inode(fs: Filesystem) -> None:
+    in_raw = await fs.lookup(await _path(fs, "phys", "raw"), "f1.root")
+    in_reco = await fs.lookup(await _path(fs, "phys", "reco"), "f1.root")
+    assert in_raw == in_reco
+
+
+async def test_unlisted_did_resolves_in_its_scope(fs: Filesystem) -> None:
+    attrs = await fs.lookup(await _path(fs, "phys"), "unattached")
+    assert attrs.size == 9
+    with pytest.raises(NotFoundError):
+        await fs.lookup(await _path(fs, "phys"), "nothing-here")
+    with pytest.raises(NotFoundError):
+        await fs.lookup(ROOT_INODE, "no-such-scope")
+
+
+async def test_escaped_name_resolves(fs: Filesystem) -> None:
+    attrs = await fs.lookup(await _path(fs, "phys"), "a%2Fb%2Fc.dat")
+    assert attrs.size == 3
+
+
+async def test_query_directory(fs: Filesystem) -> None:
+    result = await _path(fs, ".query", "phys", "datatype=RAW")
+    assert await _names(fs, result) == ["raw"]
+    wildcard = await _path(fs, ".query", "phys", "f*")
+    assert await _names(fs, wildcard) == ["f1.root"]
+
+
+async def test_xattrs(fs: Filesystem, fake: FakeCatalogue) -> None:
+    ino = await _path(fs, "phys", "raw", "f1.root")
+    assert await fs.getxattr(ino, "user.rucio.adler32") == b"0000abcd"
+    assert await fs.getxattr(ino, "user.rucio.did_type") == b"FILE"
+    assert await fs.getxattr(ino, "user.rucio.replicas") == b"LAKE-ORIGIN,SCRATCH"
+    assert await fs.getxattr(ino, "user.datalakefs.cached") == b"7"
+    calls = sum(fake.calls.values())
+    with pytest.raises(NoAttributeError):
+        await fs.getxattr(ino, "security.selinux")
+    assert sum(fake.calls.values()) == calls
+    assert "user.rucio.md5" in fs.listxattr(ino)
+
+
+async def test_writes_are_refused(fs: Filesystem) -> None:
+    ino = await _path(fs, "phys", "raw", "f1.root")
+    with pytest.raises(ReadOnlyError):
+        await fs.open(ino, write=True, nonblocking=False)
+    with pytest.raises(ReadOnlyError):
+        fs.refuse_write("mkdir")
+
+
+async def test_control_file(fs: Filesystem) -> None:
+    ino = await _path(fs, ".datalakefs", "status.json")
+    fh, keep_cache, direct_io = await fs.open(ino, write=False, nonblocking=False)
+    assert (keep_cache, direct_io) == (False, True)
+    assert await fs.read(fh, 0, 100) == b'{"ok": 1}\n'
+    await fs.release(fh)
+
+
+async def test_outage_is_eio_and_recovers(fs: Filesystem, fake: FakeCatalogue) -> None:
+    fake.fail(CatalogueUnavailableError("server down"))
+    with pytest.raises(CatalogueUnavailableError):
+        await fs.lookup(ROOT_INODE, "phys")
+    fake.fail(None)
+    assert (await fs.lookup(ROOT_INODE, "phys")).is_dir
+
+
+async def test_forget_releases_listed_nodes(fs: Filesystem) -> None:
+    raw = await _path(fs, "phys", "raw")
+    fh = await fs.opendir(raw)
+    entries = [entry for _, entry in fs.readdir(fh, 0)]
+    for entry in entries:
+        fs.remember(entry.attributes.ino)
+    fs.releasedir(fh)
+    first = entries[0].attributes.ino
+    assert (await fs.getattr(first)).size == 100
+    fs.forget(first, 1)
+    with pytest.raises(NotFoundError):
+        await fs.getattr(first)

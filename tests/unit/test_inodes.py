@@ -1,0 +1,81 @@
+"""The inode table: identity, lookup counting and forgetting."""
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from datalakefs.errors import NotFoundError
+from datalakefs.model import DID
+from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
+
+import pytest
+
+
+def _file(table: InodeTable, did: DID) -> Node:
+    return table.intern(("file", did), lambda ino: Node(ino, NodeKind.FILE, ROOT_INODE, did=did))
+
+
+def test_same_key_same_inode() -> None:
+    table = InodeTable()
+    did = DID("s", "f")
+    assert _file(table, did).ino == _file(table, did).ino
+    assert _file(table, DID("s", "g")).ino != _file(table, did).ino
+
+
+def test_forget_drops_only_after_the_last_reference() -> None:
+    table = InodeTable()
+    node = _file(table, DID("s", "f"))
+    table.remember(node.ino, 2)
+    table.forget(node.ino, 1)
+    assert table.get(node.ino) == node
+    table.forget(node.ino, 1)
+    with pytest.raises(NotFoundError):
+        table.get(node.ino)
+    assert _file(table, DID("s", "f")).ino != node.ino
+
+
+def test_root_is_never_forgotten() -> None:
+    table = InodeTable()
+    table.remember(ROOT_INODE)
+    table.forget(ROOT_INODE, 10)
+    assert table.get(ROOT_INODE).kind is NodeKind.ROOT
+
+
+class InodeTableMachine(RuleBasedStateMachine):
+    """Against a model: a node exists exactly while the kernel holds references to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = InodeTable()
+        self.refs: dict[DID, int] = {}
+        self.inos: dict[DID, int] = {}
+
+    @rule(name=st.sampled_from("abcdef"), count=st.integers(1, 3))
+    def look_up(self, name: str, count: int) -> None:
+        did = DID("s", name)
+        node = _file(self.table, did)
+        if did in self.inos:
+            assert node.ino == self.inos[did]
+        self.inos[did] = node.ino
+        self.table.remember(node.ino, count)
+        self.refs[did] = self.refs.get(did, 0) + count
+
+    @precondition(lambda self: bool(self.refs))
+    @rule(data=st.data())
+    def forget(self, data: st.DataObject) -> None:
+        did = data.draw(st.sampled_from(sorted(self.refs)))
+        count = data.draw(st.integers(1, self.refs[did]))
+        self.table.forget(self.inos[did], count)
+        self.refs[did] -= count
+        if not self.refs[did]:
+            del self.refs[did]
+            del self.inos[did]
+
+    @invariant()
+    def known_nodes_match_references(self) -> None:
+        assert len(self.table) == 1 + len(self.refs)
+        for did, ino in self.inos.items():
+            assert self.table.get(ino).did == did
+            assert self.table.lookup_count(ino) == self.refs[did]
+
+
+TestInodeTable = InodeTableMachine.TestCase
