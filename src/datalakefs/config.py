@@ -70,7 +70,10 @@ class Config:
     attr_timeout: float = 3600.0
     catalogue_ttl: float = 300.0
     negative_ttl: float = 10.0
+    catalogue_timeout: float = 30.0
+    catalogue_concurrency: int = 4
     read_ahead_kb: int = 1024
+    xattrs: bool = True
     allow_other: bool = False
     log_level: str = "INFO"
     metrics_port: int | None = None

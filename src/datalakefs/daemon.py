@@ -42,9 +42,11 @@ class Daemon:
         self.catalogue = CachedCatalogue(RucioCatalogue(config), config)
         self.content = content if content is not None else _stream_content(config, self.catalogue)
         control = {STATUS_FILE: self.render_status}
-        namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control))
+        namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
+                              listing_ttl=config.catalogue_ttl)
         self.filesystem = Filesystem(namespace, self.catalogue, self.content, control)
-        self.operations = FuseOperations(self.filesystem, config.entry_timeout, config.attr_timeout)
+        self.operations = FuseOperations(self.filesystem, config.entry_timeout, config.attr_timeout,
+                                         config.xattrs)
 
     def status(self) -> dict[str, Any]:
         return {

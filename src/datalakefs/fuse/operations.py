@@ -48,8 +48,11 @@ class FuseOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, fs: Filesystem, entry_timeout: float, attr_timeout: float) -> None:
+    def __init__(self, fs: Filesystem, entry_timeout: float, attr_timeout: float, xattrs: bool = True) -> None:
         super().__init__()
+        # Without xattrs, ENOSYS makes the kernel stop asking: `ls -l` then costs no per-file
+        # getxattr round trips (coreutils asks for two per file).
+        self._xattrs = xattrs
         self._fs = fs
         self._entry_timeout = entry_timeout
         self._attr_timeout = attr_timeout
@@ -125,12 +128,16 @@ class FuseOperations(pyfuse3.Operations):
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
+        if not self._xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         with _errors_as_errno("getxattr"):
             return await self._fs.getxattr(inode, os.fsdecode(name))
 
     async def listxattr(
         self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
     ) -> Sequence[pyfuse3.XAttrNameT]:
+        if not self._xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         with _errors_as_errno("listxattr"):
             return [pyfuse3.XAttrNameT(os.fsencode(n)) for n in self._fs.listxattr(inode)]
 

@@ -36,16 +36,24 @@ def is_stale(mountpoint: str) -> bool:
     return False
 
 
-def mounted_fstype(mountpoint: str) -> str | None:
-    """The filesystem type mounted exactly at ``mountpoint``, from /proc/self/mountinfo."""
-    target = os.path.realpath(mountpoint) if not is_stale(mountpoint) else os.path.abspath(mountpoint)
+def _mountinfo_fields(target: str) -> list[str] | None:
+    """The /proc/self/mountinfo line of the mount at the absolute path ``target``.
+
+    Reading mountinfo never touches the mount itself, which matters inside the daemon: a stat() of
+    its own mount point would wait for a reply only this thread can give.
+    """
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
             fields = line.split()
-            sep = fields.index("-")
             if _unescape(fields[4]) == target:
-                return fields[sep + 1]
+                return fields
     return None
+
+
+def mounted_fstype(target: str) -> str | None:
+    """The filesystem type mounted exactly at the absolute path ``target``."""
+    fields = _mountinfo_fields(target)
+    return None if fields is None else fields[fields.index("-") + 1]
 
 
 def _unescape(field: str) -> str:
@@ -60,32 +68,25 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
         raise MountError(f"cannot unmount {mountpoint}: {done.stderr.strip() or done.returncode}")
 
 
-def prepare_mountpoint(mountpoint: str) -> None:
-    """Clean a stale mount, refuse a live one, and check the directory exists."""
+def prepare_mountpoint(mountpoint: str) -> str:
+    """Clean a stale mount, refuse a live one, check the directory; returns the resolved path."""
     if is_stale(mountpoint):
         log.warning("event=stale-mount mountpoint=%s action=lazy-unmount", mountpoint)
         unmount(mountpoint, lazy=True)
-    elif mounted_fstype(mountpoint) is not None:
-        raise MountError(f"{mountpoint} is already a mount point")
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"{mountpoint} is not a directory")
-
-
-def _bdi_read_ahead_path(mountpoint: str) -> str | None:
-    """The bdi of our own mount, from mountinfo (stat() on our mountpoint would call ourselves)."""
     target = os.path.realpath(mountpoint)
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            fields = line.split()
-            if _unescape(fields[4]) == target:
-                return f"/sys/class/bdi/{fields[2]}/read_ahead_kb"
-    return None
+    if mounted_fstype(target) is not None:
+        raise MountError(f"{mountpoint} is already a mount point")
+    if not os.path.isdir(target):
+        raise MountError(f"{mountpoint} is not a directory")
+    return target
 
 
-def raise_read_ahead(mountpoint: str, kib: int) -> None:
-    path = _bdi_read_ahead_path(mountpoint)
-    if path is None:
+def raise_read_ahead(target: str, kib: int) -> None:
+    """Raise the bdi read-ahead of our own mount so the kernel sends 1 MiB READs."""
+    fields = _mountinfo_fields(target)
+    if fields is None:
         return
+    path = f"/sys/class/bdi/{fields[2]}/read_ahead_kb"
     try:
         with open(path, "w") as fh:
             fh.write(str(kib))
@@ -104,8 +105,8 @@ async def serve(
 ) -> None:
     """Mount and serve until unmounted or signalled. ``initialized`` is set by the operations'
     ``init`` callback, i.e. when the kernel's INIT request has been handled."""
-    prepare_mountpoint(mountpoint)
-    pyfuse3.init(operations, mountpoint, options)
+    target = prepare_mountpoint(mountpoint)
+    pyfuse3.init(operations, target, options)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal)
@@ -113,8 +114,8 @@ async def serve(
             async def after_init() -> None:
                 await initialized.wait()
                 await trio.sleep(0.05)
-                raise_read_ahead(mountpoint, read_ahead_kb)
-                log.info("event=mounted mountpoint=%s", mountpoint)
+                raise_read_ahead(target, read_ahead_kb)
+                log.info("event=mounted mountpoint=%s", target)
                 on_ready()
 
             nursery.start_soon(after_init)
@@ -122,7 +123,7 @@ async def serve(
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
-        log.info("event=unmounted mountpoint=%s", mountpoint)
+        log.info("event=unmounted mountpoint=%s", target)
 
 
 async def _stop_on_signal() -> None:
