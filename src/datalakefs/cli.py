@@ -49,7 +49,9 @@ def _load_config(args: argparse.Namespace) -> configuration.Config:
         overrides.update(configuration.parse_mount_options(text))
     for key in _MOUNT8_OPTIONS & overrides.keys():
         del overrides[key]
-    return configuration.load(args.config, overrides)
+    # fstab lines cannot pass --config: `-o config=FILE` names the file instead.
+    config_file = overrides.pop("config", None) or args.config
+    return configuration.load(config_file, overrides)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

@@ -21,11 +21,11 @@ from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.catalogue.rucio import RucioCatalogue
 from datalakefs.config import Config
 from datalakefs.fs.filesystem import Filesystem
-from datalakefs.fs.ports import FileContent
 from datalakefs.fuse.operations import FuseOperations
 from datalakefs.fuse.session import serve
 from datalakefs.namespace.inodes import InodeTable
 from datalakefs.namespace.tree import Namespace
+from datalakefs.staging.stream import StreamContent
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +35,15 @@ STATUS_FILE = "status.json"
 class Daemon:
     """One mount: catalogue, namespace, content service and the FUSE session."""
 
-    def __init__(self, config: Config, mountpoint: str, content: FileContent | None = None) -> None:
+    def __init__(self, config: Config, mountpoint: str) -> None:
         self.config = config
         self.mountpoint = os.path.abspath(mountpoint)
         self.started = time.time()
         self.catalogue = CachedCatalogue(RucioCatalogue(config), config)
-        self.content = content if content is not None else _stream_content(config, self.catalogue)
+        self.content = StreamContent(config, self.catalogue)
         control = {STATUS_FILE: self.render_status}
         namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
-                              listing_ttl=config.catalogue_ttl)
+                              listing_ttl=config.catalogue_ttl, times_limit=config.listing_times_limit)
         self.filesystem = Filesystem(namespace, self.catalogue, self.content, control)
         self.operations = FuseOperations(self.filesystem, config.entry_timeout, config.attr_timeout,
                                          config.xattrs)
@@ -55,7 +55,7 @@ class Daemon:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3),
             "catalogue": self.catalogue.statistics().as_dict(),
-            "content": _content_statistics(self.content),
+            "content": self.content.statistics().as_dict(),
         }
 
     def render_status(self) -> bytes:
@@ -72,19 +72,11 @@ class Daemon:
             _notify_systemd("READY=1")
             on_ready()
 
-        await serve(self.operations, self.operations.initialized, self.mountpoint, self.fuse_options(),
-                    self.config.read_ahead_kb, ready)
-
-
-def _stream_content(config: Config, catalogue: CachedCatalogue) -> FileContent:
-    from datalakefs.staging.stream import StreamContent
-
-    return StreamContent(config, catalogue)
-
-
-def _content_statistics(content: FileContent) -> dict[str, Any]:
-    statistics = getattr(content, "statistics", None)
-    return statistics().as_dict() if callable(statistics) else {}
+        async with trio.open_nursery() as services:
+            await services.start(self.content.run)
+            await serve(self.operations, self.operations.initialized, self.mountpoint, self.fuse_options(),
+                        self.config.read_ahead_kb, ready)
+            services.cancel_scope.cancel()
 
 
 def _notify_systemd(message: str) -> None:

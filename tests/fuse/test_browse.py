@@ -1,0 +1,145 @@
+"""Browsing the real test lake through a real mount (issue 4, SPEC §2)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from datalakefs.demo.status import LakeStatus
+from datalakefs.model import DID
+from datalakefs.namespace.escaping import component_for
+from tests.fuse.mounting import Mount
+
+pytestmark = [pytest.mark.lake, pytest.mark.fuse]
+
+
+def path_of(mount: Mount, did_text: str, *parents: str) -> Path:
+    """The path of a DID: under its parent collections when given, else straight under its scope."""
+    did = DID.parse(did_text)
+    if not parents:
+        return mount.mountpoint / did.scope / component_for(did, did.scope)
+    first = DID.parse(parents[0])
+    path = mount.mountpoint / first.scope / component_for(first, first.scope)
+    scope = first.scope
+    for parent in parents[1:]:
+        parent_did = DID.parse(parent)
+        path /= component_for(parent_did, scope)
+        scope = parent_did.scope
+    return path / component_for(did, scope)
+
+
+def calls(mount: Mount) -> int:
+    return sum(mount.status()["catalogue"]["calls"].values())
+
+
+def test_root_lists_the_scopes(lake: LakeStatus, lake_mount: Mount) -> None:
+    names = set(os.listdir(lake_mount.mountpoint))
+    assert set(lake.seed.scopes) <= names
+    assert {".datalakefs", ".query"} <= names
+
+
+def test_container_holds_its_datasets(lake: LakeStatus, lake_mount: Mount) -> None:
+    container = DID.parse(lake.seed.container)
+    listed = set(os.listdir(path_of(lake_mount, lake.seed.container)))
+    expected = {component_for(DID.parse(child), container.scope) for child in lake.seed.container_children}
+    assert listed == expected
+
+
+def test_sizes_modes_and_owner(lake: LakeStatus, lake_mount: Mount) -> None:
+    for size, did in lake.seed.sized_files.items():
+        st = os.stat(path_of(lake_mount, did, lake.seed.sized_dataset))
+        assert st.st_size == size
+        assert stat.S_IMODE(st.st_mode) == 0o444
+        assert st.st_uid == os.getuid()
+    directory = os.stat(path_of(lake_mount, lake.seed.sized_dataset))
+    assert stat.S_ISDIR(directory.st_mode) and stat.S_IMODE(directory.st_mode) == 0o555
+
+
+def test_file_in_two_datasets_has_one_inode(lake: LakeStatus, lake_mount: Mount) -> None:
+    stats = [os.stat(path_of(lake_mount, lake.seed.multi_dataset_file, dataset))
+             for dataset in lake.seed.multi_dataset_file_datasets]
+    assert len({(st.st_ino, st.st_size, st.st_mtime) for st in stats}) == 1
+
+
+def test_cross_scope_content_is_scope_qualified(lake: LakeStatus, lake_mount: Mount) -> None:
+    dataset = DID.parse(lake.seed.cross_scope_dataset)
+    names = os.listdir(path_of(lake_mount, lake.seed.cross_scope_dataset))
+    assert names and all(name.split(":", 1)[0] != dataset.scope for name in names)
+    assert all(":" in name for name in names)
+
+
+def test_escaped_names_round_trip(lake: LakeStatus, lake_mount: Mount) -> None:
+    directory = path_of(lake_mount, lake.seed.escaped_dataset)
+    names = os.listdir(directory)
+    seen = {os.getxattr(directory / name, "user.rucio.name").decode() for name in names}
+    assert {DID.parse(did).name for did in lake.seed.escaped_names} <= seen
+    assert all("/" not in name and len(name.encode()) <= 255 for name in names)
+
+
+def test_no_name_leaves_the_mount(lake: LakeStatus, lake_mount: Mount) -> None:
+    directory = path_of(lake_mount, lake.seed.traversal_dataset)
+    for name in os.listdir(directory):
+        resolved = (directory / name).resolve()
+        assert resolved.is_relative_to(lake_mount.mountpoint.resolve())
+
+
+def test_unlisted_did_resolves_by_name(lake: LakeStatus, lake_mount: Mount) -> None:
+    big = DID.parse(lake.seed.big_file)
+    assert os.stat(lake_mount.mountpoint / big.scope / component_for(big, big.scope)).st_size == 1 << 30
+    with pytest.raises(FileNotFoundError):
+        os.stat(lake_mount.mountpoint / big.scope / "no-such-did-anywhere")
+
+
+def test_ls_l_of_10k_dataset_makes_no_per_file_call(lake: LakeStatus, lake_mount: Mount) -> None:
+    directory = path_of(lake_mount, lake.seed.dataset_10k)
+    before = calls(lake_mount)
+    listing = subprocess.run(["ls", "-l", str(directory)], capture_output=True, text=True, check=True)
+    assert len(listing.stdout.splitlines()) == 10_001
+    assert calls(lake_mount) - before <= 3
+    before = calls(lake_mount)
+    subprocess.run(["ls", "-l", str(directory)], capture_output=True, check=True)
+    assert calls(lake_mount) == before
+
+
+def test_xattrs(lake: LakeStatus, lake_mount: Mount) -> None:
+    did = DID.parse(lake.seed.sized_files[1 << 20])
+    path = path_of(lake_mount, lake.seed.sized_files[1 << 20], lake.seed.sized_dataset)
+    dump = subprocess.run(["getfattr", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    assert f'user.rucio.scope="{did.scope}"' in dump
+    assert 'user.rucio.did_type="FILE"' in dump
+    assert len(os.getxattr(path, "user.rucio.adler32")) == 8
+    assert lake.seed.origin_rse in os.getxattr(path, "user.rucio.replicas").decode().split(",")
+    before = calls(lake_mount)
+    with pytest.raises(OSError) as missing:
+        os.getxattr(path, "user.not.ours")
+    assert missing.value.errno == errno.ENODATA
+    assert calls(lake_mount) == before
+
+
+def test_status_json(lake_mount: Mount) -> None:
+    status = lake_mount.status()
+    assert status["version"] and status["uptime_s"] >= 0
+    assert status["catalogue"]["calls"]
+
+
+def test_metadata_query_directory(lake: LakeStatus, lake_mount: Mount) -> None:
+    query = lake.seed.metadata_query
+    listed = os.listdir(lake_mount.mountpoint / ".query" / query.scope / query.filter)
+    expected = {component_for(DID.parse(did), query.scope) for did in query.expected}
+    assert set(listed) == expected
+
+
+def test_writes_are_refused(lake: LakeStatus, lake_mount: Mount) -> None:
+    dataset = path_of(lake_mount, lake.seed.sized_dataset)
+    for attempt in (lambda: open(dataset / "new-file", "w"), lambda: os.mkdir(dataset / "d"),
+                    lambda: os.unlink(next(dataset.iterdir())),
+                    lambda: open(next(dataset.iterdir()), "r+b")):
+        with pytest.raises(OSError) as refused:
+            attempt()
+        # as root the kernel lets the call through and the daemon refuses it; others stop at 0444/0555
+        assert refused.value.errno == (errno.EROFS if os.getuid() == 0 else errno.EACCES)

@@ -1,0 +1,137 @@
+"""Mount lifecycle and failure behaviour through real mounts (issue 4)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from datalakefs.demo.status import LakeStatus
+from tests.fuse.mounting import Mount
+from tests.fuse.tcpproxy import TcpProxy
+
+pytestmark = [pytest.mark.lake, pytest.mark.fuse]
+
+
+def _wait_gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_umount_ends_the_daemon(lake: LakeStatus, new_mount: Callable[..., Mount]) -> None:
+    mount = new_mount()
+    mount.start()
+    assert set(lake.seed.scopes) <= set(os.listdir(mount.mountpoint))
+    pid = mount.pid
+    mount.stop()
+    assert not mount.is_mounted()
+    assert _wait_gone(pid)
+
+
+def test_sigterm_unmounts_cleanly(new_mount: Callable[..., Mount]) -> None:
+    mount = new_mount()
+    mount.start()
+    pid = mount.pid
+    os.kill(pid, signal.SIGTERM)
+    assert _wait_gone(pid)
+    assert not mount.is_mounted()
+
+
+def test_stale_mount_after_sigkill_is_cleaned_by_the_next_mount(lake: LakeStatus,
+                                                                 new_mount: Callable[..., Mount]) -> None:
+    mount = new_mount()
+    mount.start()
+    os.kill(mount.pid, signal.SIGKILL)
+    with pytest.raises(OSError) as dead:
+        os.listdir(mount.mountpoint)
+    assert dead.value.errno == errno.ENOTCONN
+    mount.start()
+    assert set(lake.seed.scopes) <= set(os.listdir(mount.mountpoint))
+
+
+def test_mounting_twice_is_refused(new_mount: Callable[..., Mount]) -> None:
+    mount = new_mount()
+    mount.start()
+    with pytest.raises(AssertionError, match="already a mount point"):
+        mount.start()
+
+
+def test_fstab_helper_mounts(lake: LakeStatus, tmp_path: Path) -> None:
+    mountpoint = tmp_path / "fstab"
+    mountpoint.mkdir()
+    helper = Path(sys.executable).with_name("mount.datalakefs")
+    done = subprocess.run(
+        [str(helper), "datalakefs", str(mountpoint), "-o",
+         f"rw,nodev,config={lake.datalakefs_config},cache_dir={tmp_path / 'c'},state_dir={tmp_path / 's'}"],
+        capture_output=True, text=True, timeout=120, check=False)
+    mount = Mount(mountpoint, lake.datalakefs_config, f"state_dir={tmp_path / 's'}")
+    try:
+        assert done.returncode == 0, done.stderr
+        assert set(lake.seed.scopes) <= set(os.listdir(mountpoint))
+    finally:
+        mount.stop()
+
+
+@pytest.fixture
+def proxied_rucio_config(lake: LakeStatus, tmp_path: Path) -> Iterator[tuple[Path, TcpProxy]]:
+    """A copy of the lake's rucio.cfg whose server is reached through a proxy the test can cut."""
+    text = lake.rucio_config.read_text()
+    port = int(re.search(r"rucio_host\s*=\s*https?://[^:]+:(\d+)", text).group(1))  # type: ignore[union-attr]
+    proxy = TcpProxy(("127.0.0.1", port))
+    config = tmp_path / "rucio-proxied.cfg"
+    config.write_text(text.replace(f":{port}", f":{proxy.port}"))
+    yield config, proxy
+    proxy.close()
+
+
+def test_catalogue_outage_gives_eio_and_recovers(lake: LakeStatus, new_mount: Callable[..., Mount],
+                                                 proxied_rucio_config: tuple[Path, TcpProxy]) -> None:
+    config, proxy = proxied_rucio_config
+    mount = new_mount(f"rucio_config={config}", "negative_ttl=0", "catalogue_ttl=0.5")
+    mount.start()
+    scope = lake.seed.scopes[0]
+    assert os.listdir(mount.mountpoint / scope)
+    proxy.cut()
+    time.sleep(1)
+    with pytest.raises(OSError) as outage:
+        os.stat(mount.mountpoint / scope / "a-name-never-looked-up")
+    assert outage.value.errno == errno.EIO
+    assert mount.is_mounted()
+    proxy.restore()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.listdir(mount.mountpoint / scope / ".")
+            os.stat(mount.mountpoint / lake.seed.scopes[1])
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the mount did not recover"
+            time.sleep(0.5)
+
+
+def test_refused_credentials_give_eacces(lake: LakeStatus, new_mount: Callable[..., Mount],
+                                         tmp_path: Path) -> None:
+    text = lake.rucio_config.read_text()
+    config = tmp_path / "rucio-badpass.cfg"
+    text = re.sub(r"(?m)^password\s*=.*$", "password = not-the-password", text)
+    config.write_text(re.sub(r"(?m)^auth_token_file_path\s*=.*$", f"auth_token_file_path = {tmp_path / 'token'}",
+                             text))
+    mount = new_mount(f"rucio_config={config}")
+    mount.start()
+    with pytest.raises(OSError) as refused:
+        os.listdir(mount.mountpoint)
+    assert refused.value.errno == errno.EACCES
