@@ -22,7 +22,7 @@ from datalakefs.catalogue.rucio import RucioCatalogue
 from datalakefs.config import Config
 from datalakefs.fs.filesystem import Filesystem
 from datalakefs.fuse.operations import FuseOperations
-from datalakefs.fuse.session import serve
+from datalakefs.fuse.session import prepare_mountpoint, serve
 from datalakefs.namespace.inodes import InodeTable
 from datalakefs.namespace.tree import Namespace
 from datalakefs.staging.stream import StreamContent
@@ -72,9 +72,10 @@ class Daemon:
             _notify_systemd("READY=1")
             on_ready()
 
+        target = prepare_mountpoint(self.mountpoint)
         async with trio.open_nursery() as services:
             await services.start(self.content.run)
-            await serve(self.operations, self.operations.initialized, self.mountpoint, self.fuse_options(),
+            await serve(self.operations, self.operations.initialized, target, self.fuse_options(),
                         self.config.read_ahead_kb, ready)
             services.cancel_scope.cancel()
 

@@ -28,11 +28,15 @@ class MountError(DatalakeError):
 
 
 def is_stale(mountpoint: str) -> bool:
-    """A mount whose daemon died answers every call with ENOTCONN."""
+    """A mount whose daemon died answers ENOTCONN (ECONNABORTED for the first call after the death).
+
+    statfs, unlike stat, is never answered from the kernel's attribute cache, so it reaches the
+    (dead) daemon even when the root's attributes are cached for an hour.
+    """
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as exc:
-        return exc.errno == errno.ENOTCONN
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False
 
 
@@ -97,15 +101,15 @@ def raise_read_ahead(target: str, kib: int) -> None:
 async def serve(
     operations: pyfuse3.Operations,
     initialized: trio.Event,
-    mountpoint: str,
+    target: str,
     options: set[str],
     read_ahead_kb: int,
     on_ready: Callable[[], None],
     max_tasks: int = 64,
 ) -> None:
-    """Mount and serve until unmounted or signalled. ``initialized`` is set by the operations'
-    ``init`` callback, i.e. when the kernel's INIT request has been handled."""
-    target = prepare_mountpoint(mountpoint)
+    """Mount at ``target`` (as returned by :func:`prepare_mountpoint`) and serve until unmounted or
+    signalled. ``initialized`` is set by the operations' ``init`` callback, i.e. when the kernel's
+    INIT request has been handled."""
     pyfuse3.init(operations, target, options)
     try:
         async with trio.open_nursery() as nursery:
