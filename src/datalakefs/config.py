@@ -70,6 +70,7 @@ class Config:
     attr_timeout: float = 3600.0
     catalogue_ttl: float = 300.0
     negative_ttl: float = 10.0
+    listing_times_limit: int = 1000
     catalogue_timeout: float = 30.0
     catalogue_concurrency: int = 4
     read_ahead_kb: int = 1024

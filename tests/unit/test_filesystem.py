@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator
 
 import pytest
 
@@ -71,11 +70,11 @@ def fake() -> FakeCatalogue:
 
 
 @pytest.fixture
-def fs(fake: FakeCatalogue) -> Iterator[Filesystem]:
+def fs(fake: FakeCatalogue) -> Filesystem:
     config = Config()
     catalogue = CachedCatalogue(fake, config)
     namespace = Namespace(catalogue, InodeTable(), control_files=("status.json",))
-    yield Filesystem(namespace, catalogue, _NoContent(), {"status.json": lambda: b'{"ok": 1}\n'}, 1000, 1000)
+    return Filesystem(namespace, catalogue, _NoContent(), {"status.json": lambda: b'{"ok": 1}\n'}, 1000, 1000)
 
 
 async def _names(fs: Filesystem, ino: int) -> list[str]:
@@ -105,11 +104,13 @@ async def test_tree(fs: Filesystem) -> None:
 async def test_attributes(fs: Filesystem) -> None:
     attrs = await fs.lookup(await _path(fs, "phys", "raw"), "f1.root")
     assert attrs.size == 100
-    assert stat.S_IMODE(attrs.mode) == 0o444 and stat.S_ISREG(attrs.mode)
+    assert stat.S_IMODE(attrs.mode) == 0o444
+    assert stat.S_ISREG(attrs.mode)
     assert (attrs.uid, attrs.gid) == (1000, 1000)
     assert attrs.mtime > 1_600_000_000
     directory = await fs.getattr(await _path(fs, "phys", "raw"))
-    assert stat.S_IMODE(directory.mode) == 0o555 and directory.is_dir
+    assert stat.S_IMODE(directory.mode) == 0o555
+    assert directory.is_dir
 
 
 async def test_file_in_two_datasets_is_one_inode(fs: Filesystem) -> None:

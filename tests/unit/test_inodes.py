@@ -1,13 +1,12 @@
 """The inode table: identity, lookup counting and forgetting."""
 
+import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from datalakefs.errors import NotFoundError
 from datalakefs.model import DID
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
-
-import pytest
 
 
 def _file(table: InodeTable, did: DID) -> Node:

@@ -156,7 +156,7 @@ class Filesystem:
         node = self._ns.inodes.get(ino)
         if name not in self.listxattr(ino):
             raise NoAttributeError(name)
-        assert node.did is not None and node.info is not None
+        assert node.info is not None
         value = await self._xattr_value(node.info, name)
         return value.encode()
 

@@ -8,14 +8,19 @@ Layout (SPEC §2)::
     /.query/<scope>/<filter>/  DIDs matching a metadata filter or a name wildcard
     /.datalakefs/          control files (their content is the filesystem layer's business)
 
-Every catalogue call goes through the cached catalogue, so the tree itself holds no TTL state except
-a per-directory name index, which lives exactly as long as the catalogue's cached listing does.
+Every catalogue call goes through the cached catalogue. The tree keeps one more thing: a per-directory
+listing with its name index (DIDInfos, never nodes, so a forgotten inode is never handed out again),
+for ``listing_ttl`` — the same TTL as the catalogue's — so a lookup in a large directory is a dict access.
 Nothing here counts kernel references: the filesystem layer does, when it hands nodes to the kernel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from cachetools import TTLCache
 
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.errors import InvalidNameError, NotFoundError
@@ -25,6 +30,14 @@ from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
 
 CONTROL_DIR = ".datalakefs"
 QUERY_DIR = ".query"
+
+_LISTED_KINDS = frozenset({NodeKind.SCOPE, NodeKind.COLLECTION, NodeKind.QUERY_RESULT})
+
+
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    entries: list[tuple[str, DIDInfo]]
+    by_name: dict[str, DIDInfo]
 
 
 class Namespace:
@@ -36,11 +49,19 @@ class Namespace:
         inodes: InodeTable,
         scopes: Sequence[str] = (),
         control_files: Sequence[str] = (),
+        listing_ttl: float = 300.0,
+        listing_cache_size: int = 256,
+        times_limit: int = 1000,
+        timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._catalogue = catalogue
         self._inodes = inodes
         self._scope_filter = frozenset(scopes)
         self._control_files = tuple(control_files)
+        self._times_limit = times_limit
+        self._listings: TTLCache[tuple[object, ...], _Listing] = TTLCache(
+            maxsize=listing_cache_size, ttl=listing_ttl, timer=timer
+        )
 
     @property
     def inodes(self) -> InodeTable:
@@ -68,22 +89,13 @@ class Namespace:
             scopes = await self._visible_scopes()
             fixed = [(CONTROL_DIR, self._control_dir()), (QUERY_DIR, self._query_root())]
             return fixed + [(component_for_scope(scope), self._scope_node(scope)) for scope in scopes]
-        if kind is NodeKind.SCOPE:
-            assert node.scope is not None
-            infos = await self._catalogue.list_collections(node.scope)
-            return self._entries(node, infos)
-        if kind is NodeKind.COLLECTION:
-            assert node.did is not None
-            infos = await self._with_times(await self._catalogue.list_content(node.did))
-            return self._entries(node, infos)
+        if kind in _LISTED_KINDS:
+            listing = await self._listing(node)
+            return [(name, self._child(node, info)) for name, info in listing.entries]
         if kind is NodeKind.QUERY_ROOT:
             return [(component_for_scope(s), self._query_scope(s)) for s in await self._visible_scopes()]
         if kind is NodeKind.QUERY_SCOPE:
             return []
-        if kind is NodeKind.QUERY_RESULT:
-            assert node.scope is not None
-            infos = await self._with_times(await self._catalogue.query(node.scope, node.label))
-            return self._entries(node, infos)
         if kind is NodeKind.CONTROL_DIR:
             return [(name, self._control_file(name)) for name in self._control_files]
         raise NotFoundError(f"inode {node.ino} is not a directory")
@@ -120,10 +132,40 @@ class Namespace:
         return self._child(parent, info)
 
     async def _lookup_listed(self, parent: Node, component: str) -> Node:
-        for name, child in await self.list_dir(parent):
-            if name == component:
-                return child
+        if parent.kind in _LISTED_KINDS:
+            info = (await self._listing(parent)).by_name.get(component)
+            if info is not None:
+                return self._child(parent, info)
+        else:
+            for name, child in await self.list_dir(parent):
+                if name == component:
+                    return child
         raise NotFoundError(f"{component!r} is not in {parent.label or parent.did}")
+
+    async def _listing(self, node: Node) -> _Listing:
+        """A catalogue-backed directory's entries and name index, kept as long as the catalogue
+        keeps the listing itself, so that a lookup in a large directory is a dict access."""
+        key = (node.kind, node.did, node.scope, node.label)
+        listing = self._listings.get(key)
+        if listing is not None:
+            return listing
+        assert node.scope is not None
+        if node.kind is NodeKind.SCOPE:
+            infos = await self._catalogue.list_collections(node.scope)
+        elif node.kind is NodeKind.COLLECTION:
+            assert node.did is not None
+            infos = await self._with_times(await self._catalogue.list_content(node.did), node.info)
+        else:
+            infos = await self._with_times(await self._catalogue.query(node.scope, node.label), None)
+        entries = [(component_for(info.did, node.scope), info) for info in infos]
+        listing = _Listing(entries, dict(entries))
+        self._listings[key] = listing
+        return listing
+
+    def forget_listing(self, did: DID) -> None:
+        """Drop the cached listings of collection ``did`` (the daemon changed its content)."""
+        for key in [k for k in self._listings if k[1] == did]:
+            self._listings.pop(key, None)
 
     async def _query_node(self, parent: Node, component: str) -> Node:
         assert parent.scope is not None
@@ -133,17 +175,19 @@ class Namespace:
             lambda ino: Node(ino, NodeKind.QUERY_RESULT, parent.ino, scope=parent.scope, label=component),
         )
 
-    async def _with_times(self, infos: list[DIDInfo]) -> list[DIDInfo]:
-        """Listings carry sizes and checksums but no times: fetch those in bulk, once per listing."""
+    async def _with_times(self, infos: list[DIDInfo], parent: DIDInfo | None) -> list[DIDInfo]:
+        """Listings carry sizes and checksums but no times. Up to ``times_limit`` entries, one bulk
+        metadata call fetches them; above that it would cost ~0.25 s per 1,000 entries, so the
+        entries take the listed collection's times instead (their own arrive on a direct lookup)."""
         missing = [info.did for info in infos if not info.created_at]
         if not missing:
             return infos
+        if len(missing) > self._times_limit:
+            if parent is None:
+                return infos
+            return [replace(info, created_at=parent.created_at, updated_at=parent.updated_at) for info in infos]
         timed = {info.did: info for info in await self._catalogue.get_infos(missing)}
         return [_merge(info, timed.get(info.did)) for info in infos]
-
-    def _entries(self, parent: Node, infos: Sequence[DIDInfo]) -> list[tuple[str, Node]]:
-        scope = parent.scope or (parent.did.scope if parent.did else "")
-        return [(component_for(info.did, scope), self._child(parent, info)) for info in infos]
 
     def _child(self, parent: Node, info: DIDInfo) -> Node:
         did = info.did

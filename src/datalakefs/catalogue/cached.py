@@ -1,0 +1,324 @@
+"""The catalogue as the daemon's trio code sees it: async, cached, shared, counted.
+
+:class:`CachedCatalogue` wraps a blocking :class:`~datalakefs.catalogue.base.Catalogue`. Contracts:
+
+* **Never blocks the trio loop.** Every backend call runs in ``trio.to_thread.run_sync`` under one
+  ``CapacityLimiter`` (``catalogue_concurrency``), abandoned on cancellation so that an interrupted
+  caller does not wait for a hung server (the thread finishes in the background, still holding its
+  limiter token, and its answer is dropped).
+* **TTL caching** (cachetools ``TTLCache``): answers live ``catalogue_ttl`` seconds; ``NotFoundError``
+  answers live ``negative_ttl`` seconds and are raised again from the cache. Other errors (outage,
+  refused credentials) are never cached. Bulk calls (``get_infos``, ``list_replicas``) are cached per
+  DID, so a later single lookup is served by an earlier bulk answer and only missing DIDs are fetched.
+* **Single flight.** Concurrent identical requests share one backend call. When the caller that made
+  the call is cancelled before it ends, a waiting caller makes it again instead of failing.
+* **Explicit invalidation** (:meth:`invalidate`, :meth:`invalidate_collection`) for changes the
+  daemon itself makes. A backend answer that was in flight while an invalidation happened is returned
+  to its callers but not cached, so it cannot resurrect what was just invalidated.
+* **Clock.** The caches use ``trio.current_time`` (``trio.testing.MockClock`` in tests), so every
+  method, :meth:`statistics` and the invalidations included, must be called from the trio thread
+  inside ``trio.run``. Only the backend calls leave that thread.
+* Answers are handed out as new lists (and dicts): callers may keep or change them freely.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from collections import Counter
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import trio
+from cachetools import TTLCache
+
+from datalakefs.catalogue.base import Catalogue
+from datalakefs.config import Config
+from datalakefs.errors import DatalakeError, NotFoundError
+from datalakefs.model import DID, DIDInfo, FileReplicas
+
+T = TypeVar("T")
+
+#: Entries per cache (positive and negative each): one per DID for facts and replicas, one per listing.
+DEFAULT_MAXSIZE: Final = 500_000
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogueStatistics:
+    """A snapshot of the cached catalogue's counters, for ``status.json``.
+
+    ``calls``/``errors`` count backend calls per method (errors exclude ``NotFoundError``);
+    ``hits``/``negative_hits``/``misses`` count DIDs or listings asked for; ``shared`` counts
+    requests that joined a call already in flight; ``last_error_at`` is wall-clock POSIX seconds.
+    """
+
+    calls: Mapping[str, int]
+    errors: Mapping[str, int]
+    hits: int
+    negative_hits: int
+    misses: int
+    shared: int
+    in_flight: int
+    cached_entries: int
+    last_error: str | None
+    last_error_at: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "calls": dict(self.calls),
+            "errors": dict(self.errors),
+            "hits": self.hits,
+            "negative_hits": self.negative_hits,
+            "misses": self.misses,
+            "shared": self.shared,
+            "in_flight": self.in_flight,
+            "cached_entries": self.cached_entries,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+        }
+
+
+class _Flight:
+    """One backend call that identical requests wait for."""
+
+    __slots__ = ("done", "error", "finished", "value")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.finished = False
+        self.value: Any = None
+        self.error: DatalakeError | None = None
+
+
+#: Cache methods whose answers are keyed by one DID.
+_PER_DID: Final = ("get_info", "get_metadata", "list_replicas", "list_content")
+
+
+class CachedCatalogue:
+    """The async, cached face of a blocking catalogue (see the module docstring)."""
+
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        config: Config,
+        *,
+        limiter: trio.CapacityLimiter | None = None,
+        timer: Callable[[], float] = trio.current_time,
+        maxsize: int = DEFAULT_MAXSIZE,
+    ) -> None:
+        self._backend = catalogue
+        self._limiter = limiter if limiter is not None else trio.CapacityLimiter(config.catalogue_concurrency)
+        self._positive: TTLCache[Hashable, Any] = TTLCache(maxsize, config.catalogue_ttl, timer=timer)
+        self._negative: TTLCache[Hashable, str] = TTLCache(maxsize, config.negative_ttl, timer=timer)
+        self._flights: dict[Hashable, _Flight] = {}
+        self._generation = 0
+        self._calls: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
+        self._hits = 0
+        self._negative_hits = 0
+        self._misses = 0
+        self._shared = 0
+        self._last_error: str | None = None
+        self._last_error_at: float | None = None
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    async def list_scopes(self) -> list[str]:
+        return list(await self._single(("list_scopes",), self._backend.list_scopes))
+
+    async def list_collections(self, scope: str) -> list[DIDInfo]:
+        return list(await self._single(("list_collections", scope), self._backend.list_collections, scope))
+
+    async def list_content(self, did: DID) -> list[DIDInfo]:
+        return list(await self._single(("list_content", did), self._backend.list_content, did))
+
+    async def get_info(self, did: DID) -> DIDInfo:
+        info: DIDInfo = await self._single(("get_info", did), self._backend.get_info, did)
+        return info
+
+    async def get_metadata(self, did: DID) -> dict[str, str]:
+        return dict(await self._single(("get_metadata", did), self._backend.get_metadata, did))
+
+    async def query(self, scope: str, filters: str) -> list[DIDInfo]:
+        return list(await self._single(("query", scope, filters), self._backend.query, scope, filters))
+
+    async def get_infos(self, dids: Sequence[DID]) -> list[DIDInfo]:
+        """Facts of many DIDs; cached ones are not asked again, the rest in one backend call.
+        Unknown DIDs are left out (and remembered as unknown for ``negative_ttl``)."""
+        found: dict[DID, DIDInfo] = await self._bulk("get_info", "get_infos", self._backend.get_infos, dids)
+        return [found[did] for did in dict.fromkeys(dids) if did in found]
+
+    async def list_replicas(self, dids: Sequence[DID]) -> list[FileReplicas]:
+        """Replicas of files (file DIDs only), cached per file like :meth:`get_infos`."""
+        found: dict[DID, FileReplicas] = await self._bulk(
+            "list_replicas", "list_replicas", self._backend.list_replicas, dids
+        )
+        return [found[did] for did in dict.fromkeys(dids) if did in found]
+
+    # -- invalidation ----------------------------------------------------------------------------
+
+    def invalidate(self, did: DID) -> None:
+        """The daemon changed or created ``did``: forget every answer about it (facts, metadata,
+        replicas, its listing), "not found" answers included."""
+        self._forget([(method, did) for method in _PER_DID])
+
+    def invalidate_collection(self, did: DID) -> None:
+        """The daemon changed the content of collection ``did`` (attached to it, or created it):
+        everything :meth:`invalidate` forgets, plus its scope's list of collections and its scope's
+        query results (a new DID may match a query)."""
+        queries = [key for key in self._positive if _is_query_of(key, did.scope)]
+        queries += [key for key in self._negative if _is_query_of(key, did.scope)]
+        keys: list[Hashable] = [(method, did) for method in _PER_DID]
+        self._forget([*keys, ("list_collections", did.scope), *queries])
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def statistics(self) -> CatalogueStatistics:
+        return CatalogueStatistics(
+            calls=types.MappingProxyType(dict(self._calls)),
+            errors=types.MappingProxyType(dict(self._errors)),
+            hits=self._hits,
+            negative_hits=self._negative_hits,
+            misses=self._misses,
+            shared=self._shared,
+            in_flight=len(self._flights),
+            cached_entries=len(self._positive) + len(self._negative),
+            last_error=self._last_error,
+            last_error_at=self._last_error_at,
+        )
+
+    # -- internals -------------------------------------------------------------------------------
+
+    async def _single(self, key: tuple[Hashable, ...], fn: Callable[..., T], *args: Any) -> T:
+        """One cached answer: from the cache, from a call in flight, or from a new backend call."""
+        cached = self._positive.get(key, _ABSENT)
+        if cached is not _ABSENT:
+            self._hits += 1
+            return cached  # type: ignore[no-any-return]
+        missing = self._negative.get(key)
+        if missing is not None:
+            self._negative_hits += 1
+            raise NotFoundError(missing)
+        self._misses += 1
+
+        async def fetch(generation: int) -> Any:
+            try:
+                value = _freeze(await self._call(str(key[0]), fn, *args))
+            except NotFoundError as exc:
+                if generation == self._generation:
+                    self._negative[key] = str(exc)
+                raise
+            if generation == self._generation:
+                self._positive[key] = value
+            return value
+
+        return await self._shared_flight(key, fetch)
+
+    async def _bulk(
+        self,
+        cache_method: str,
+        backend_method: str,
+        fn: Callable[[Sequence[DID]], Sequence[Any]],
+        dids: Sequence[DID],
+    ) -> dict[DID, Any]:
+        """Per-DID cached answers of a bulk call; results are matched to DIDs by their ``.did`` or
+        ``.info.did``; DIDs the backend leaves out become "not found" entries."""
+        found: dict[DID, Any] = {}
+        missing: list[DID] = []
+        for did in dict.fromkeys(dids):
+            cached = self._positive.get((cache_method, did), _ABSENT)
+            if cached is not _ABSENT:
+                self._hits += 1
+                found[did] = cached
+            elif (cache_method, did) in self._negative:
+                self._negative_hits += 1
+            else:
+                self._misses += 1
+                missing.append(did)
+        if not missing:
+            return found
+
+        async def fetch(generation: int) -> dict[DID, Any]:
+            answers = {_did_of(item): item for item in await self._call(backend_method, fn, missing)}
+            if generation == self._generation:
+                for did in missing:
+                    if did in answers:
+                        self._positive[(cache_method, did)] = answers[did]
+                    else:
+                        self._negative[(cache_method, did)] = f"no DID {did} in the catalogue"
+            return answers
+
+        answers = await self._shared_flight((backend_method, tuple(missing)), fetch)
+        found.update((did, answers[did]) for did in missing if did in answers)
+        return found
+
+    async def _shared_flight(self, key: Hashable, fetch: Callable[[int], Awaitable[T]]) -> T:
+        while (flight := self._flights.get(key)) is not None:
+            self._shared += 1
+            await flight.done.wait()
+            if flight.finished:
+                if flight.error is not None:
+                    raise _fresh(flight.error) from flight.error
+                return flight.value  # type: ignore[no-any-return]
+            # the caller that was fetching was cancelled: loop, and fetch ourselves if nobody else is
+        flight = _Flight()
+        self._flights[key] = flight
+        try:
+            flight.value = await fetch(self._generation)
+            flight.finished = True
+            return flight.value  # type: ignore[no-any-return]
+        except DatalakeError as exc:
+            flight.error, flight.finished = exc, True
+            raise
+        finally:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            flight.done.set()
+
+    async def _call(self, method: str, fn: Callable[..., T], *args: Any) -> T:
+        """One backend call on a worker thread, counted."""
+        self._calls[method] += 1
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter, abandon_on_cancel=True)
+        except NotFoundError:
+            raise
+        except Exception as exc:
+            self._errors[method] += 1
+            self._last_error = f"{method}: {exc}"
+            self._last_error_at = time.time()
+            raise
+
+    def _forget(self, keys: Sequence[Hashable]) -> None:
+        """Drop ``keys``, and detach every call in flight: their answers are then not cached, and
+        new requests do not join them (see module docstring)."""
+        self._generation += 1
+        self._flights.clear()
+        for key in keys:
+            self._negative.pop(key, None)
+            self._positive.pop(key, None)
+
+
+_ABSENT: Final = object()
+
+
+def _is_query_of(key: Hashable, scope: str) -> bool:
+    return isinstance(key, tuple) and len(key) == 3 and key[0] == "query" and key[1] == scope
+
+
+def _did_of(item: DIDInfo | FileReplicas) -> DID:
+    return item.info.did if isinstance(item, FileReplicas) else item.did
+
+
+def _freeze(value: Any) -> Any:
+    """Store lists as tuples and dicts as read-only mappings, so no caller can change the cache."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, dict):
+        return types.MappingProxyType(dict(value))
+    return value
+
+
+def _fresh(error: DatalakeError) -> DatalakeError:
+    """A new exception of the same kind for each waiter, so they do not share one traceback."""
+    return type(error)(*error.args)

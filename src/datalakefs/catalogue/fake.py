@@ -1,0 +1,303 @@
+"""An in-memory catalogue for unit tests: the same contract as the Rucio one, no server.
+
+Tests build a data lake with ``add_*``/``attach``/``add_replica``/``set_metadata``, then hand the
+fake to the code under test. Like the real adapter it blocks (it may be told to :meth:`pause`) and is
+called from worker threads, so its state is guarded by one lock. Every protocol call is counted in
+:attr:`calls` before anything else happens, including calls that then fail; :meth:`fail` makes calls
+raise a given error to simulate an outage or refused credentials.
+
+Listing orders follow insertion order (rucio's own order is unspecified too). ``query`` understands a
+name wildcard (``*foo*``) or comma-separated ``key<op>value`` terms (``=``, ``==``, ``!=``, ``<``,
+``<=``, ``>``, ``>=``) ANDed together, ``;`` ORing groups, ``type=`` selecting the DID type, and
+numbers compared as numbers: enough of rucio's filter language for the filesystem's tests.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from datalakefs.errors import DatalakeError, InvalidNameError, NotFoundError
+from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas, Replica
+
+#: Default creation time of fake DIDs (POSIX seconds); each added DID gets one second more.
+EPOCH = 1_700_000_000.0
+
+_OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    ">": operator.gt,
+    "=": operator.eq,
+}
+_TYPES = {
+    "all": frozenset(DIDType),
+    "collection": frozenset({DIDType.DATASET, DIDType.CONTAINER}),
+    "dataset": frozenset({DIDType.DATASET}),
+    "container": frozenset({DIDType.CONTAINER}),
+    "file": frozenset({DIDType.FILE}),
+}
+
+
+@dataclass(slots=True)
+class _Entry:
+    info: DIDInfo
+    children: list[DID] = field(default_factory=list)
+    replicas: list[Replica] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class FakeCatalogue:
+    """A :class:`~datalakefs.catalogue.base.Catalogue` held in memory."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._scopes: set[str] = set()
+        self._dids: dict[DID, _Entry] = {}
+        self._failure: DatalakeError | None = None
+        self._failing: frozenset[str] | None = None
+        self._running = threading.Event()
+        self._running.set()
+        self.calls: Counter[str] = Counter()
+
+    # -- building the lake -----------------------------------------------------------------------
+
+    def add_scope(self, scope: str) -> None:
+        with self._lock:
+            self._scopes.add(scope)
+
+    def add_file(
+        self,
+        did: DID | str,
+        size: int = 0,
+        adler32: str | None = None,
+        md5: str | None = None,
+        *,
+        created_at: float | None = None,
+    ) -> DIDInfo:
+        return self._add(DIDType.FILE, did, size=size, adler32=adler32, md5=md5, created_at=created_at)
+
+    def add_dataset(self, did: DID | str, *, created_at: float | None = None) -> DIDInfo:
+        return self._add(DIDType.DATASET, did, created_at=created_at)
+
+    def add_container(self, did: DID | str, *, created_at: float | None = None) -> DIDInfo:
+        return self._add(DIDType.CONTAINER, did, created_at=created_at)
+
+    def attach(self, parent: DID | str, *children: DID | str) -> None:
+        """Attach existing DIDs to a collection, like rucio's ``attach_dids``."""
+        parent_did = _did(parent)
+        with self._lock:
+            entry = self._entry(parent_did)
+            if not entry.info.type.is_collection:
+                raise InvalidNameError(f"{parent_did} is a file: nothing can be attached to it")
+            for child in map(_did, children):
+                self._entry(child)
+                if child not in entry.children:
+                    entry.children.append(child)
+            self._refresh_size(parent_did)
+
+    def add_replica(self, did: DID | str, rse: str, pfn: str) -> None:
+        with self._lock:
+            self._entry(_did(did)).replicas.append(Replica(rse, pfn))
+
+    def set_metadata(self, did: DID | str, key: str, value: object) -> None:
+        with self._lock:
+            self._entry(_did(did)).metadata[key] = str(value)
+
+    # -- steering the tests ----------------------------------------------------------------------
+
+    def fail(self, error: DatalakeError | None, methods: Iterable[str] | None = None) -> None:
+        """Make calls of ``methods`` (all when None) raise ``error`` until ``fail(None)``."""
+        with self._lock:
+            self._failure = error
+            self._failing = None if methods is None else frozenset(methods)
+
+    def pause(self) -> None:
+        """Calls block (after being counted) until :meth:`resume`: a slow server."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    # -- the Catalogue protocol ------------------------------------------------------------------
+
+    def list_scopes(self) -> list[str]:
+        self._enter("list_scopes")
+        with self._lock:
+            return sorted(self._scopes)
+
+    def list_collections(self, scope: str) -> list[DIDInfo]:
+        self._enter("list_collections")
+        with self._lock:
+            self._check_scope(scope)
+            return [e.info for d, e in self._dids.items() if d.scope == scope and e.info.type.is_collection]
+
+    def list_content(self, did: DID) -> list[DIDInfo]:
+        self._enter("list_content")
+        with self._lock:
+            return [_listed(self._dids[child].info) for child in self._entry(did).children]
+
+    def get_info(self, did: DID) -> DIDInfo:
+        self._enter("get_info")
+        with self._lock:
+            return self._entry(did).info
+
+    def get_metadata(self, did: DID) -> dict[str, str]:
+        self._enter("get_metadata")
+        with self._lock:
+            entry = self._entry(did)
+            info = entry.info
+            columns = {
+                "scope": did.scope,
+                "name": did.name,
+                "did_type": info.type.value,
+                "bytes": info.size,
+                "adler32": info.adler32,
+                "md5": info.md5,
+            }
+            meta = {key: str(value) for key, value in columns.items() if value is not None}
+            meta.update(entry.metadata)
+            return meta
+
+    def get_infos(self, dids: Sequence[DID]) -> list[DIDInfo]:
+        self._enter("get_infos")
+        with self._lock:
+            return [self._dids[did].info for did in dict.fromkeys(dids) if did in self._dids]
+
+    def list_replicas(self, dids: Sequence[DID]) -> list[FileReplicas]:
+        self._enter("list_replicas")
+        with self._lock:
+            entries = [self._dids[did] for did in dict.fromkeys(dids) if did in self._dids]
+            files = [e for e in entries if e.info.type is DIDType.FILE]
+            return [FileReplicas(_listed(e.info), tuple(e.replicas)) for e in files]
+
+    def query(self, scope: str, filters: str) -> list[DIDInfo]:
+        self._enter("query")
+        groups = _parse_filter(filters)
+        with self._lock:
+            self._check_scope(scope)
+            return [
+                _listed(e.info)
+                for d, e in self._dids.items()
+                if d.scope == scope and any(_matches(e, group) for group in groups)
+            ]
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _enter(self, method: str) -> None:
+        with self._lock:
+            self.calls[method] += 1
+            failing = self._failing is None or method in self._failing
+            error = self._failure if failing else None
+        self._running.wait()
+        if error is not None:
+            raise _copy(error)
+
+    def _add(
+        self,
+        kind: DIDType,
+        did: DID | str,
+        *,
+        size: int | None = None,
+        adler32: str | None = None,
+        md5: str | None = None,
+        created_at: float | None = None,
+    ) -> DIDInfo:
+        did = _did(did)
+        with self._lock:
+            if did in self._dids:
+                raise InvalidNameError(f"{did} already exists")
+            self._scopes.add(did.scope)
+            when = EPOCH + len(self._dids) if created_at is None else created_at
+            info = DIDInfo(did, kind, size, adler32, md5, created_at=when, updated_at=when)
+            self._dids[did] = _Entry(info)
+            return info
+
+    def _entry(self, did: DID) -> _Entry:
+        try:
+            return self._dids[did]
+        except KeyError:
+            raise NotFoundError(f"fake catalogue: no DID {did}") from None
+
+    def _check_scope(self, scope: str) -> None:
+        if scope not in self._scopes:
+            raise NotFoundError(f"fake catalogue: no scope {scope}")
+
+    def _refresh_size(self, did: DID) -> None:
+        entry = self._dids[did]
+        if entry.info.type is DIDType.DATASET:
+            total = sum(self._dids[c].info.size or 0 for c in entry.children)
+            entry.info = replace(entry.info, size=total)
+
+
+def _did(did: DID | str) -> DID:
+    return did if isinstance(did, DID) else DID.parse(did)
+
+
+def _listed(info: DIDInfo) -> DIDInfo:
+    """What a listing tells about a DID: no times (rucio's listings carry none)."""
+    return replace(info, created_at=0.0, updated_at=0.0)
+
+
+def _copy(error: DatalakeError) -> DatalakeError:
+    """A fresh exception per call, so tracebacks of concurrent failures do not pile up on one."""
+    return type(error)(*error.args)
+
+
+_Term = tuple[str, Callable[[Any, Any], bool], str]
+
+
+def _parse_filter(text: str) -> list[list[_Term]]:
+    text = text.strip()
+    if not text:
+        raise InvalidNameError("an empty query matches nothing")
+    if not any(op in text for op in "=<>!"):
+        return [[("name", operator.eq, text)]]
+    groups: list[list[_Term]] = []
+    for group_text in filter(None, (g.strip() for g in text.split(";"))):
+        group: list[_Term] = []
+        for term in filter(None, (t.strip() for t in group_text.split(","))):
+            for symbol, compare in _OPERATORS.items():
+                key, sep, value = term.partition(symbol)
+                if sep:
+                    if not key.strip() or not value.strip():
+                        raise InvalidNameError(f"filter term {term!r} is incomplete")
+                    group.append((key.strip(), compare, value.strip()))
+                    break
+            else:
+                raise InvalidNameError(f"filter term {term!r} has no operator")
+        groups.append(group)
+    return groups
+
+
+def _matches(entry: _Entry, group: list[_Term]) -> bool:
+    kinds = _TYPES["all"]
+    for key, compare, wanted in group:
+        if key == "type":
+            if wanted.lower() not in _TYPES:
+                raise InvalidNameError(f"{wanted!r} is not a DID type")
+            kinds = _TYPES[wanted.lower()]
+        elif key == "name":
+            matched = fnmatch.fnmatchcase(entry.info.did.name, wanted)
+            if matched != (compare is not operator.ne):
+                return False
+        else:
+            value = entry.metadata.get(key)
+            if value is None or not compare(*_comparable(value, wanted)):
+                return False
+    return entry.info.type in kinds
+
+
+def _comparable(value: str, wanted: str) -> tuple[object, object]:
+    """Both as numbers when both are numbers, else both as text."""
+    try:
+        return float(value), float(wanted)
+    except ValueError:
+        return value, wanted

@@ -1,0 +1,566 @@
+"""Stream mode: reads served from the verified block cache, missing blocks fetched with range GETs.
+
+The filesystem gets one :class:`StreamReader` per open file (through :class:`StreamContent`, or
+:meth:`StreamService.open`) and calls ``await reader.read(offset, size)`` from its read handler.
+
+**Hits** are served inline: ``os.pread`` on the block files, verified by the cache, with no thread hop
+and no await.
+
+**Misses and prefetch.**
+
+* A block is transferred at most once at a time however many readers wait for it (single flight:
+  one service-wide map of pending blocks; waiters sleep on a ``trio.Event``).
+* A reader is *sequential* while each read starts within :data:`SEQUENTIAL_SLACK` blocks of the
+  furthest point read so far (the kernel may deliver read-ahead requests slightly out of order). Its
+  read-ahead window starts at one block (at least 1 MiB) and doubles each time it reaches a new block,
+  up to ``prefetch_max`` (and at most a quarter of the cache). When less than half a window is left
+  ahead of the reader, the window's missing blocks are requested at once, so requests are large and
+  overlap. A random reader fetches exactly the blocks it touches.
+* Missing consecutive blocks are fetched with one closed-range GET per ``max_request`` bytes. The body
+  is written to block files on the transport's thread; trio is woken once per landed block (with
+  ``TrioToken.run_sync_soon``) to commit it to the cache and wake its waiters, so a reader needing the
+  first block of a 32 MiB request does not wait for the rest.
+* Transfers run in the service's nursery, not in the readers' tasks: an interrupted reader does not
+  cancel a transfer that others wait for.
+
+**Replicas and failover.** Each reader has candidate URLs (XCache first; see
+:mod:`datalakefs.transport.replicas`), looked up on its first miss, so opening a file costs nothing. A
+failed attempt (5xx, timeout, reset, short body, wrong range reply) moves on to the next candidate at
+once, resuming at the first block that has not arrived; after every candidate failed, the transfer waits
+(``retry_backoff``, doubling) and tries them all again, ``Config.http_retries`` more times. Candidates
+that answered 401/403/404 are not asked again by that transfer. A reader starts with the candidate that
+last worked for it. When every attempt failed, the waiters get ``TransferError`` (EIO) listing each
+attempt's reason, as the log does; ``AccessDeniedError`` (EACCES) when every candidate refused access.
+
+**Verification.** Every block is checked by the cache on every read. Once a file's last block is in
+the cache, the next read checks the whole file's adler32 against the catalogue before returning
+anything; on a mismatch the cache drops the file's blocks and that read raises ``TransferError``.
+
+**Disk trouble.** A block that cannot be written to the cache (disk full, I/O error) is given to its
+readers from a small in-memory buffer; on ENOSPC the cache also evicts a tenth of its blocks. Reads keep
+working.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import trio
+
+from datalakefs.cache.layout import MIB, FileKey, block_count
+from datalakefs.cache.store import BlockCache, CacheStatistics, VerifyResult
+from datalakefs.cache.writer import LandedBlock
+from datalakefs.config import Config
+from datalakefs.errors import AccessDeniedError, DatalakeError, TransferError
+from datalakefs.model import DID, DIDInfo, FileReplicas
+from datalakefs.transport.aio_bridge import AioBridge
+from datalakefs.transport.http import FailureKind, HttpTransport, RangeReadError, RangeSink
+from datalakefs.transport.replicas import Candidate, candidates
+
+log = logging.getLogger(__name__)
+
+SEQUENTIAL_SLACK = 4  # blocks
+Locate = Callable[[], Awaitable[FileReplicas]]
+
+
+class RangeTransport(Protocol):
+    """What the service needs from the transport (:class:`HttpTransport` in production)."""
+
+    async def fetch(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None: ...
+
+
+class ReplicaSource(Protocol):
+    """Where :class:`StreamContent` finds replicas (the cached catalogue)."""
+
+    async def list_replicas(self, dids: list[DID]) -> list[FileReplicas]: ...
+
+
+def known_replicas(file: FileReplicas) -> Locate:
+    """A :data:`Locate` for replicas already at hand."""
+
+    async def locate() -> FileReplicas:
+        return file
+
+    return locate
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStatistics:
+    """A snapshot of stream-mode counters (since the service started) and of the cache."""
+
+    cache: CacheStatistics
+    hits: int  # blocks found in the cache when a read first looked
+    misses: int
+    requests: int  # range GETs started
+    failed_requests: int
+    bytes_fetched: int  # bytes of blocks that arrived
+    bypassed_blocks: int  # blocks handed over from memory because the disk could not take them
+    verified_files: int
+    transfers_in_flight: int
+
+    @property
+    def hit_rate(self) -> float:
+        looked = self.hits + self.misses
+        return self.hits / looked if looked else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        result = asdict(self)
+        result["hit_rate"] = round(self.hit_rate, 4)
+        return result
+
+
+class _Pending:
+    """A block on its way; ``error`` is set when its transfer gave up."""
+
+    __slots__ = ("error", "event")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.error: DatalakeError | None = None
+
+
+def _fresh(error: DatalakeError) -> DatalakeError:
+    """A new exception of the same class and text: one instance is never raised by two tasks."""
+    return type(error)(str(error))
+
+
+class _Run:
+    """One transfer: blocks ``[first, end)`` of a file, all pending when it starts."""
+
+    __slots__ = ("key", "pending", "reader", "service")
+
+    def __init__(self, service: StreamService, reader: StreamReader, first: int, end: int) -> None:
+        self.service = service
+        self.reader = reader
+        self.key = reader.key
+        self.pending: dict[int, _Pending] = {}
+        for index in range(first, end):
+            pending = self.pending[index] = _Pending()
+            service._pending[(self.key.digest, index)] = pending
+
+    def remaining(self) -> tuple[int, int] | None:
+        if not self.pending:
+            return None
+        return min(self.pending), max(self.pending) + 1
+
+    def land(self, index: int) -> None:
+        pending = self.pending.pop(index, None)
+        if pending is not None:
+            self._release(index, pending)
+
+    def fail(self, error: DatalakeError) -> None:
+        for index, pending in self.pending.items():
+            pending.error = error
+            self._release(index, pending)
+        self.pending.clear()
+
+    def _release(self, index: int, pending: _Pending) -> None:
+        slot = (self.key.digest, index)
+        if self.service._pending.get(slot) is pending:
+            del self.service._pending[slot]
+        pending.event.set()
+
+
+class StreamService:
+    """Stream-mode reads for every open file of a mount; see the module docstring.
+
+    Start it with ``await nursery.start(service.run)``; readers work while ``run`` runs. Everything
+    here is called on the trio thread.
+    """
+
+    def __init__(
+        self,
+        cache: BlockCache,
+        transport: RangeTransport,
+        config: Config,
+        *,
+        max_request: int = 64 * MIB,
+        max_transfers: int = 16,
+        retry_backoff: float = 0.5,
+    ) -> None:
+        self.cache = cache
+        self._transport = transport
+        self._config = config
+        self.block_size = cache.block_size
+        self._max_request_blocks = max(1, max_request // self.block_size)
+        self._window_max = max(self.block_size, min(config.prefetch_max, cache.capacity // 4))
+        self._retries = max(0, config.http_retries)
+        self._backoff = retry_backoff
+        self._limiter = trio.CapacityLimiter(max_transfers)
+        self._pending: dict[tuple[str, int], _Pending] = {}
+        self._bypass: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._bypass_max = max(4, self._window_max // self.block_size)
+        self._verifying: dict[str, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._hits = 0
+        self._misses = 0
+        self._requests = 0
+        self._failed = 0
+        self._bytes = 0
+        self._bypassed = 0
+        self._verified = 0
+        self._transfers = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the transfers until cancelled; then every waiting read fails with TransferError."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._token = trio.lowlevel.current_trio_token()
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def open(self, info: DIDInfo, locate: Locate) -> StreamReader:
+        """A reader for the file ``info``; ``locate`` is awaited for its replicas on the first miss."""
+        if info.size is None:
+            raise TransferError(f"{info.did}: the catalogue gives no size")
+        return StreamReader(self, FileKey.of(info), locate)
+
+    def cached_bytes(self, info: DIDInfo) -> int:
+        """Bytes of the file in the cache (``user.datalakefs.cached``)."""
+        if info.size is None:
+            return 0
+        return self.cache.cached_bytes(FileKey.of(info))
+
+    def statistics(self) -> StreamStatistics:
+        return StreamStatistics(
+            cache=self.cache.statistics(),
+            hits=self._hits,
+            misses=self._misses,
+            requests=self._requests,
+            failed_requests=self._failed,
+            bytes_fetched=self._bytes,
+            bypassed_blocks=self._bypassed,
+            verified_files=self._verified,
+            transfers_in_flight=self._transfers,
+        )
+
+    async def clear(self) -> None:
+        """Drop every cached block (blocks of running transfers still arrive and are kept)."""
+        self._bypass.clear()
+        await self.cache.clear()
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def _read_block(self, key: FileKey, index: int, start: int, length: int) -> bytes | None:
+        data = self.cache.read(key, index, start, length)
+        if data is None and self._bypass:
+            block = self._bypass.get((key.digest, index))
+            if block is not None:
+                data = block[start : start + length]
+        return data
+
+    async def _wait_block(self, reader: StreamReader, index: int, start: int, length: int) -> bytes:
+        slot = (reader.key.digest, index)
+        # A block can vanish between landing and this read only if the cache is tiny or it was
+        # corrupted at once; a few rounds tell that apart from a transient race.
+        for _ in range(3):
+            pending = self._pending.get(slot)
+            if pending is None:
+                self.request(reader, index, index + 1)
+                pending = self._pending.get(slot)
+            if pending is not None:
+                await pending.event.wait()
+                if pending.error is not None:
+                    raise _fresh(pending.error)
+            data = self._read_block(reader.key, index, start, length)
+            if data is not None:
+                return data
+        raise TransferError(
+            f"{reader.key.did}: block {index} left the cache as soon as it arrived (cache too small?)"
+        )
+
+    async def _verify(self, key: FileKey) -> None:
+        lock = self._verifying.setdefault(key.digest, trio.Lock())
+        try:
+            async with lock:
+                result = await self.cache.verify(key)
+        finally:
+            if not lock.statistics().tasks_waiting and self._verifying.get(key.digest) is lock:
+                del self._verifying[key.digest]
+        if result is VerifyResult.VERIFIED:
+            self._verified += 1
+        elif result is VerifyResult.MISMATCH:
+            raise TransferError(
+                f"{key.did}: the file's adler32 does not match the catalogue's; its cached blocks were "
+                "dropped"
+            )
+
+    # ---- transfers ----------------------------------------------------------------------------
+
+    def request(self, reader: StreamReader, first: int, end: int) -> None:
+        """Start transfers for the blocks in ``[first, end)`` that are neither cached nor on the way."""
+        digest = reader.key.digest
+        run_start: int | None = None
+        for index in range(first, end + 1):
+            absent = (
+                index < end
+                and (digest, index) not in self._pending
+                and (digest, index) not in self._bypass
+                and not self.cache.has_block(reader.key, index)
+            )
+            if absent and run_start is None:
+                run_start = index
+            elif not absent and run_start is not None:
+                self._start_runs(reader, run_start, index)
+                run_start = None
+
+    def _start_runs(self, reader: StreamReader, first: int, end: int) -> None:
+        if self._nursery is None:
+            raise TransferError("the stream service is not running")
+        pieces = -(-(end - first) // self._max_request_blocks)
+        for piece in range(pieces):
+            start = first + (end - first) * piece // pieces
+            stop = first + (end - first) * (piece + 1) // pieces
+            self._nursery.start_soon(self._transfer, _Run(self, reader, start, stop))
+
+    async def _transfer(self, run: _Run) -> None:
+        self._transfers += 1
+        reasons: list[str] = []
+        kinds: list[FailureKind | None] = []
+        try:
+            async with self._limiter:
+                try:
+                    options = await run.reader.candidates()
+                except DatalakeError as exc:
+                    run.fail(_fresh(exc))
+                    return
+                if not options:
+                    run.fail(TransferError(f"{run.key.did}: no replica is readable over HTTP"))
+                    return
+                await self._attempts(run, options, reasons, kinds)
+            if run.pending:
+                denied = bool(kinds) and all(kind is FailureKind.DENIED for kind in kinds)
+                error_type = AccessDeniedError if denied else TransferError
+                message = f"{run.key.did}: every replica failed: " + "; ".join(reasons)
+                log.error("%s", message)
+                run.fail(error_type(message))
+        finally:
+            self._transfers -= 1
+            run.fail(TransferError(f"{run.key.did}: the transfer was stopped"))
+
+    async def _attempts(
+        self, run: _Run, options: tuple[Candidate, ...], reasons: list[str], kinds: list[FailureKind | None]
+    ) -> None:
+        """Try the candidates in rounds (see the module docstring); record why each attempt failed."""
+        refused: set[Candidate] = set()
+        for round_ in range(1 + self._retries):
+            if round_:
+                await trio.sleep(self._backoff * 2 ** (round_ - 1))
+            for candidate in options:
+                span = run.remaining()
+                if span is None:
+                    return
+                if candidate in refused:
+                    continue
+                try:
+                    await self._attempt(run, candidate, *span)
+                except RangeReadError as exc:
+                    self._failed += 1
+                    reasons.append(str(exc))
+                    kinds.append(exc.kind)
+                    log.warning("%s: blocks %d-%d from %s: %s", run.key.did, *span, candidate, exc)
+                    if not exc.kind.retryable:
+                        refused.add(candidate)
+                    continue
+                if run.remaining() is None:
+                    run.reader.prefer(candidate)
+                    return
+                reasons.append(f"{candidate}: some blocks could not be stored locally")
+                kinds.append(None)
+            if len(refused) == len(options):
+                return
+
+    async def _attempt(self, run: _Run, candidate: Candidate, first: int, end: int) -> None:
+        token = self._token
+        assert token is not None
+
+        def on_block(landed: LandedBlock) -> None:  # on the transport thread
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._landed, run, landed)
+
+        key = run.key
+        start = first * self.block_size
+        length = min(key.size, end * self.block_size) - start
+        self._requests += 1
+        writer = self.cache.writer(key, first, end, on_block)
+        await self._transport.fetch(candidate.url, start, length, key.size, writer)
+
+    def _landed(self, run: _Run, landed: LandedBlock) -> None:
+        """On the trio thread, for each block that arrived; must never raise (run_sync_soon callback)."""
+        try:
+            if landed.data is None:
+                self.cache.commit(run.key, landed)
+            else:
+                self._bypassed += 1
+                self._bypass[(run.key.digest, landed.index)] = landed.data
+                while len(self._bypass) > self._bypass_max:
+                    self._bypass.popitem(last=False)
+                if landed.errno == errno.ENOSPC:
+                    self.cache.shrink()
+            self._bytes += landed.length
+        except Exception:
+            log.exception("%s: block %d arrived but could not be recorded", run.key.did, landed.index)
+        finally:
+            run.land(landed.index)
+
+
+class StreamReader:
+    """One open file in stream mode (the filesystem's ``OpenFile``)."""
+
+    keep_cache = True  # files are immutable: the kernel may keep their pages across opens
+
+    def __init__(self, service: StreamService, key: FileKey, locate: Locate) -> None:
+        self.key = key
+        self.size = key.size
+        self._service = service
+        self._locate = locate
+        self._candidates: tuple[Candidate, ...] | None = None
+        self._locating: trio.Lock | None = None
+        self._preferred: Candidate | None = None
+        self._blocks = block_count(key.size, service.block_size)
+        self._next = 0  # furthest offset read so far in the current sequential stretch
+        self._far = -1  # furthest block reached in it
+        self._window = service.block_size
+        self._ahead = 0  # blocks before this index are cached or requested
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` (fewer only at end of file); raises TransferError (EIO)."""
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        service = self._service
+        bs = service.block_size
+        first, last = offset // bs, (end - 1) // bs
+        self._plan(offset, end, first, last)
+        pieces = []
+        for index in range(first, last + 1):
+            start = max(offset - index * bs, 0)
+            length = min(end - index * bs, bs) - start
+            data = service._read_block(self.key, index, start, length)
+            if data is None:
+                service._misses += 1
+                data = await service._wait_block(self, index, start, length)
+            else:
+                service._hits += 1
+            pieces.append(data)
+        cache = service.cache
+        if not cache.is_verified(self.key) and cache.is_complete(self.key):
+            await service._verify(self.key)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _plan(self, offset: int, end: int, first: int, last: int) -> None:
+        """Classify the access, grow or reset the window, and request what is missing."""
+        service = self._service
+        bs = service.block_size
+        slack = SEQUENTIAL_SLACK * bs
+        if self._next - slack <= offset <= self._next + slack:
+            if last > self._far:
+                self._window = min(self._window * 2, service._window_max)
+                self._far = last
+            self._next = max(self._next, end)
+            window_blocks = self._window // bs
+            if self._ahead - (last + 1) < window_blocks // 2:
+                self._ahead = min(self._blocks, last + 1 + window_blocks)
+                service.request(self, first, self._ahead)
+                return
+        else:
+            self._window, self._far, self._next, self._ahead = bs, last, end, 0
+        service.request(self, first, last + 1)
+
+    async def candidates(self) -> tuple[Candidate, ...]:
+        """The URLs to try, the one that last worked first; looked up once per open file."""
+        if self._candidates is None:
+            if self._locating is None:
+                self._locating = trio.Lock()
+            async with self._locating:
+                if self._candidates is None:
+                    self._candidates = candidates(await self._locate(), self._service._config)
+        found, preferred = self._candidates, self._preferred
+        if preferred is not None and preferred in found:
+            at = found.index(preferred)
+            return found[at:] + found[:at]
+        return found
+
+    def prefer(self, candidate: Candidate) -> None:
+        self._preferred = candidate
+
+    async def close(self) -> None:
+        """Forget the handle; transfers it started go on for whoever else waits, and stay cached."""
+        self._service.cache.touch(self.key)
+
+
+class StreamContent:
+    """The filesystem's ``FileContent`` in stream mode: builds and runs the transport, cache and service.
+
+    The daemon must run it (``await nursery.start(content.run)``) before the mount serves reads;
+    ``run`` owns the asyncio thread and closes it, and the cache's descriptors, when cancelled.
+    """
+
+    def __init__(self, config: Config, catalogue: ReplicaSource) -> None:
+        self._config = config
+        self._catalogue = catalogue
+        self._service: StreamService | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self._config
+        cache = BlockCache(config.cache_dir, capacity=config.cache_size, block_size=config.block_size)
+        await cache.open()
+        bridge = AioBridge()
+        await trio.to_thread.run_sync(bridge.start)
+        try:
+            transport = HttpTransport(
+                bridge, stall_timeout=config.http_timeout, connect_timeout=min(10.0, config.http_timeout)
+            )
+            self._service = StreamService(cache, transport, config)
+            await self._service.run(task_status=task_status)
+        finally:
+            self._service = None
+            with trio.CancelScope(shield=True):
+                await bridge.aclose()
+            cache.close()
+
+    def _running(self) -> StreamService:
+        if self._service is None:
+            raise TransferError("stream mode is not running")
+        return self._service
+
+    async def open(self, info: DIDInfo, nonblocking: bool) -> StreamReader:
+        catalogue = self._catalogue
+
+        async def locate() -> FileReplicas:
+            for found in await catalogue.list_replicas([info.did]):
+                if found.info.did == info.did:
+                    return FileReplicas(info, found.replicas)
+            return FileReplicas(info, ())
+
+        return self._running().open(info, locate)
+
+    def cached_bytes(self, info: DIDInfo) -> int:
+        return self._service.cached_bytes(info) if self._service is not None else 0
+
+    def state(self, info: DIDInfo) -> str:
+        if self._service is None or info.size is None:
+            return "stream"
+        key = FileKey.of(info)
+        cache = self._service.cache
+        if cache.is_verified(key):
+            return "stream: cached, verified"
+        return f"stream: {cache.cached_bytes(key)} of {info.size} bytes cached"
+
+    def statistics(self) -> StreamStatistics:
+        return self._running().statistics()
+
+    async def clear(self) -> None:
+        await self._running().clear()

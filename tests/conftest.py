@@ -1,0 +1,105 @@
+"""Session fixtures shared by every test directory: the real local data lake and its FTS knobs.
+
+``lake`` starts the demo lake ONCE per pytest session (``datalakefs demo up`` in a subprocess, the
+same code path as a user's), with state in ``$DATALAKEFS_TEST_STATE`` (default
+``/var/tmp/datalakefs-test-lake``) and port base ``$DATALAKEFS_TEST_PORT_BASE`` (default 39000, so a
+demo lake on 38000 is left alone). It yields the lake's :class:`LakeStatus` (seed roles, ports,
+URLs, paths, rucio config), sets RUCIO_CONFIG and X509_USER_PROXY for the whole session, and runs
+``down`` at the end, keeping the data so the next session starts warm. A lake that cannot start
+fails the tests that need it; it is never skipped silently.
+
+Tests marked ``lake_down`` stop and restart that same lake, so they are moved to the very end of
+the session, after every test that uses the lake.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from datalakefs.demo.lake import Lake
+from datalakefs.demo.status import Knobs, LakeStatus
+
+TEST_STATE_DIR = Path(os.environ.get("DATALAKEFS_TEST_STATE") or "/var/tmp/datalakefs-test-lake")
+TEST_PORT_BASE = int(os.environ.get("DATALAKEFS_TEST_PORT_BASE") or 39000)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "lake_down: stops and restarts the session lake; runs after every other test"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.get_closest_marker("lake_down") is not None)
+
+
+def demo(
+    *args: str, state_dir: Path = TEST_STATE_DIR, port_base: int | None = TEST_PORT_BASE, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """Run ``datalakefs demo <args>`` for the test lake in a subprocess (never raises on failure)."""
+    argv = [sys.executable, "-m", "datalakefs.demo.command", *args, "--state-dir", str(state_dir)]
+    if port_base is not None:
+        argv += ["--port-base", str(port_base)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def demo_ok(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Like :func:`demo`, but fail the test with the command's output when it does not succeed."""
+    result = demo(*args, **kwargs)
+    if result.returncode != 0:
+        pytest.fail(
+            f"datalakefs demo {' '.join(args)} failed with {result.returncode}:\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}",
+            pytrace=False,
+        )
+    return result
+
+
+@pytest.fixture(scope="session")
+def lake() -> Iterator[LakeStatus]:
+    started = time.monotonic()
+    up = demo_ok("up")
+    status = Lake(TEST_STATE_DIR).status()
+    if not status.healthy or status.seed is None:
+        pytest.fail(f"the test lake is not healthy after up:\n{up.stderr[-5000:]}", pytrace=False)
+    print(f"\n[lake] up in {time.monotonic() - started:.1f} s ({TEST_STATE_DIR}, port base {TEST_PORT_BASE})")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in status.env.items():
+            mp.setenv(key, value)
+        yield status
+    demo_ok("down", port_base=None)
+
+
+@pytest.fixture(scope="session")
+def rucio_client(lake: LakeStatus) -> Any:
+    """A rucio ``Client`` of the test lake's root account."""
+    from rucio.client import Client
+
+    return Client()
+
+
+@pytest.fixture
+def fts_knobs(lake: LakeStatus) -> Iterator[Callable[..., None]]:
+    """``set_knobs(delay=0.0, fail=None)`` for the FTS shim; the knobs in force before are restored after."""
+    control = Lake(lake.state_dir)
+    before = control.read_knobs()
+
+    def set_knobs(delay: float = 0.0, fail: str | None = None) -> None:
+        control.write_knobs(Knobs(delay=delay, fail=fail))
+
+    yield set_knobs
+    control.write_knobs(before)
+
+
+@pytest.fixture(scope="session")
+def demo_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """:func:`demo`: run ``datalakefs demo ...`` on the test lake (or another state dir) in a subprocess."""
+    return demo

@@ -1,0 +1,203 @@
+"""A hypothesis state machine drives the block cache against a reference model.
+
+The model knows which blocks were written (``valid``) and which of their files were damaged behind the
+cache's back (``tainted``). Whatever happens (writes, reads, eviction, damage of every kind, restarts,
+whole-file checks, clearing), the cache must:
+
+* never return bytes other than the file's, and return them for every intact block it holds;
+* hold only blocks that were written, account their bytes exactly and stay under its high watermark;
+* count each block that vanished without being read as corrupt as an eviction;
+* keep every intact block across a restart; verify complete files and reject a wrong checksum.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+
+import trio
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from datalakefs.cache.layout import HEADER_SIZE, FileKey, block_count, block_length, block_name
+from datalakefs.cache.store import BlockCache, VerifyResult
+from datalakefs.cache.writer import LandedBlock
+from datalakefs.model import DID
+
+BS = 1 << 20
+CAPACITY = 4 * (BS + HEADER_SIZE)
+HIGH = 0.95
+SIZES = {"a": 2 * BS + BS // 2, "b": BS, "c": 100_000, "wrong": BS + 7}
+DATA = {name: random.Random(name).randbytes(size) for name, size in SIZES.items()}
+KEYS = {
+    name: FileKey(
+        DID("s", name), len(data), f"adler32:{zlib.adler32(data) ^ (1 if name == 'wrong' else 0):08x}"
+    )
+    for name, data in DATA.items()
+}
+BLOCKS = [(name, i) for name in SIZES for i in range(block_count(SIZES[name], BS))]
+
+files = st.sampled_from(sorted(SIZES))
+blocks = st.sampled_from(BLOCKS)
+
+
+class CacheMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp(prefix="dlfs-cache-machine-"))
+        self.cache = self._open()
+        self.valid: set[tuple[str, int]] = set()
+        self.tainted: set[tuple[str, int]] = set()
+
+    def _open(self) -> BlockCache:
+        cache = BlockCache(self.root, capacity=CAPACITY, block_size=BS, high_watermark=HIGH, low_watermark=0.9)
+        cache.load()
+        return cache
+
+    def teardown(self) -> None:
+        self.cache.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def held(self) -> set[tuple[str, int]]:
+        return {(name, i) for name, i in BLOCKS if self.cache.has_block(KEYS[name], i)}
+
+    def _path(self, name: str, index: int) -> str:
+        return os.path.join(self.cache.directory(KEYS[name]), block_name(index))
+
+    @rule(name=files, data=st.data())
+    def put(self, name: str, data: st.DataObject) -> None:
+        n = block_count(SIZES[name], BS)
+        first = data.draw(st.integers(0, n - 1))
+        end = data.draw(st.integers(first + 1, n))
+        chunk = data.draw(st.integers(1000, 400_000))
+        before, evictions = self.held(), self.cache.statistics().evictions
+        landed: list[LandedBlock] = []
+        writer = self.cache.writer(KEYS[name], first, end, landed.append)
+        pos, stop = first * BS, min(SIZES[name], end * BS)
+        while pos < stop:
+            step = min(chunk, stop - pos)
+            writer.write(pos, DATA[name][pos : pos + step])
+            pos += step
+        writer.close()
+        assert [b.index for b in landed] == list(range(first, end))
+        for block in landed:
+            self.cache.commit(KEYS[name], block)
+            self.valid.add((name, block.index))
+            self.tainted.discard((name, block.index))  # the rename put a fresh file in place
+        after = self.held()
+        assert (name, end - 1) in after  # the block just committed is never the one evicted
+        written = {(name, i) for i in range(first, end)}
+        vanished = before - after
+        assert self.cache.statistics().evictions - evictions == len(vanished) + len(written - after)
+        self.valid &= after
+
+    @rule(block=blocks, data=st.data())
+    def read(self, block: tuple[str, int], data: st.DataObject) -> None:
+        name, index = block
+        length = block_length(SIZES[name], BS, index)
+        start = data.draw(st.integers(0, length - 1))
+        size = data.draw(st.integers(1, length - start))
+        corrupt = self.cache.statistics().corrupt_blocks
+        got = self.cache.read(KEYS[name], index, start, size)
+        if got is not None:
+            assert block in self.valid
+            assert got == DATA[name][index * BS + start : index * BS + start + size]
+            return
+        assert block not in self.valid or block in self.tainted, "an intact block was not served"
+        assert not self.cache.has_block(KEYS[name], index)
+        if block in self.valid:
+            assert self.cache.statistics().corrupt_blocks == corrupt + 1
+        self.valid.discard(block)
+        self.tainted.discard(block)
+
+    @precondition(lambda self: bool(self.valid))
+    @rule(data=st.data(), kind=st.sampled_from(["flip", "header", "truncate", "delete", "swap", "zero"]))
+    def damage(self, data: st.DataObject, kind: str) -> None:
+        on_disk = sorted(b for b in self.valid if os.path.exists(self._path(*b)))
+        if not on_disk:
+            return
+        name, index = data.draw(st.sampled_from(on_disk))
+        path = self._path(name, index)
+        length = block_length(SIZES[name], BS, index)
+        if kind == "delete":
+            os.unlink(path)
+        elif kind == "truncate":
+            os.truncate(path, data.draw(st.integers(0, HEADER_SIZE + length - 1)))
+        elif kind == "swap":
+            others = [b for b in on_disk if b != (name, index)]
+            if not others:
+                return
+            source = self._path(*data.draw(st.sampled_from(others)))
+            shutil.copyfile(source, path)
+        else:
+            if kind == "header":
+                position = data.draw(st.integers(0, 120))
+            elif kind == "flip":
+                position = data.draw(st.integers(HEADER_SIZE, HEADER_SIZE + length - 1))
+            else:
+                position = data.draw(st.integers(HEADER_SIZE, HEADER_SIZE + length - 1)) // 4096 * 4096
+            with open(path, "r+b") as fh:
+                fh.seek(position)
+                old = fh.read(4096 if kind == "zero" else 1)
+                if not old:
+                    return  # past the end of an already truncated file: nothing changes
+                fh.seek(position)
+                fh.write(bytes(len(old)) if kind == "zero" else bytes([old[0] ^ 0x40]))
+        self.tainted.add((name, index))
+
+    @rule()
+    def restart(self) -> None:
+        self.cache.close()
+        self.cache = self._open()
+        held = self.held()
+        assert self.valid - self.tainted <= held, "an intact block was lost in a restart"
+        self.valid &= held
+        self.tainted &= held
+
+    @rule(name=files)
+    def verify(self, name: str) -> None:
+        key = KEYS[name]
+        complete = self.cache.is_complete(key)
+        result = trio.run(self.cache.verify, key)
+        if not complete:
+            assert result is VerifyResult.INCOMPLETE
+        elif name == "wrong":
+            assert result in (VerifyResult.MISMATCH, VerifyResult.INCOMPLETE)
+            assert self.cache.cached_bytes(key) == 0 or result is VerifyResult.INCOMPLETE
+        elif not any(b[0] == name for b in self.tainted):
+            assert result is VerifyResult.VERIFIED
+        else:
+            assert result in (VerifyResult.VERIFIED, VerifyResult.INCOMPLETE)
+        held = self.held()
+        self.valid &= held
+        self.tainted &= held
+
+    @rule()
+    def clear(self) -> None:
+        trio.run(self.cache.clear)
+        assert self.held() == set()
+        self.valid.clear()
+        self.tainted.clear()
+
+    @invariant()
+    def accounting(self) -> None:
+        held = self.held()
+        assert held <= self.valid | self.tainted
+        assert self.valid <= held
+        stats = self.cache.statistics()
+        expected = sum(HEADER_SIZE + block_length(SIZES[n], BS, i) for n, i in held)
+        assert stats.used_bytes == expected
+        assert stats.used_bytes <= HIGH * CAPACITY
+        assert stats.blocks == len(held)
+        for name in SIZES:
+            cached = sum(block_length(SIZES[name], BS, i) for n, i in held if n == name)
+            assert self.cache.cached_bytes(KEYS[name]) == cached
+
+
+CacheMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+TestCacheMachine = CacheMachine.TestCase

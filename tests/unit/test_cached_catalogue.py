@@ -1,0 +1,291 @@
+"""The cached catalogue: TTLs, negative answers, single flight, invalidation, statistics.
+
+Runs on trio's MockClock (``autojump_clock``): TTL expiry is exact and instant. Backend calls run on
+real worker threads against the in-memory catalogue, which can be paused to hold a call in flight.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import trio
+import trio.testing
+
+from datalakefs.catalogue.cached import CachedCatalogue
+from datalakefs.catalogue.fake import FakeCatalogue
+from datalakefs.config import Config
+from datalakefs.errors import AccessDeniedError, CatalogueUnavailableError, NotFoundError
+from datalakefs.model import DID, DIDInfo
+
+TTL = 300.0
+NEGATIVE_TTL = 10.0
+F1, F2, F3, RUN1, NOPE = (DID("data", n) for n in ("f1", "f2", "f3", "run1", "nope"))
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeCatalogue]:
+    catalogue = FakeCatalogue()
+    catalogue.add_dataset(RUN1)
+    for did, size in ((F1, 1), (F2, 2), (F3, 3)):
+        catalogue.add_file(did, size, adler32=f"0000000{size}")
+    catalogue.attach(RUN1, F1, F2)
+    catalogue.add_replica(F1, "SITE-A", "http://a/f1")
+    catalogue.set_metadata(F1, "run_number", 7)
+    yield catalogue
+    catalogue.resume()  # never leave a worker thread blocked behind a failed test
+
+
+def cached(fake: FakeCatalogue, concurrency: int = 4) -> CachedCatalogue:
+    config = Config(catalogue_ttl=TTL, negative_ttl=NEGATIVE_TTL, catalogue_concurrency=concurrency)
+    return CachedCatalogue(fake, config)
+
+
+async def test_answers_are_cached_for_the_ttl(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    first = await catalogue.get_info(F1)
+    await trio.sleep(TTL - 1)
+    assert await catalogue.get_info(F1) == first
+    assert fake.calls["get_info"] == 1
+    await trio.sleep(2)
+    await catalogue.get_info(F1)
+    assert fake.calls["get_info"] == 2
+    stats = catalogue.statistics()
+    assert (stats.hits, stats.misses, stats.calls["get_info"]) == (1, 2, 2)
+
+
+async def test_every_method_is_cached(fake: FakeCatalogue, autojump_clock: trio.testing.MockClock) -> None:
+    catalogue = cached(fake)
+    for _ in range(2):
+        assert await catalogue.list_scopes() == ["data"]
+        assert [i.did for i in await catalogue.list_collections("data")] == [RUN1]
+        assert [i.did for i in await catalogue.list_content(RUN1)] == [F1, F2]
+        assert (await catalogue.get_metadata(F1))["run_number"] == "7"
+        assert [i.did for i in await catalogue.query("data", "run_number=7")] == [F1]
+    assert set(fake.calls.values()) == {1}
+    assert len(fake.calls) == 5
+
+
+async def test_not_found_is_cached_for_the_negative_ttl(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    for _ in range(2):
+        with pytest.raises(NotFoundError, match="nope"):
+            await catalogue.get_info(NOPE)
+    assert fake.calls["get_info"] == 1
+    fake.add_file(NOPE, 9)
+    await trio.sleep(NEGATIVE_TTL + 1)
+    assert (await catalogue.get_info(NOPE)).size == 9
+    stats = catalogue.statistics()
+    assert stats.negative_hits == 1
+    assert stats.errors == {}  # "not found" is an answer, not an error
+
+
+async def test_errors_are_not_cached_and_are_reported(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    fake.fail(CatalogueUnavailableError("rucio.example: connection refused"))
+    for _ in range(2):
+        with pytest.raises(CatalogueUnavailableError):
+            await catalogue.list_scopes()
+    fake.fail(AccessDeniedError("token expired"), methods=["get_info"])
+    with pytest.raises(AccessDeniedError):
+        await catalogue.get_info(F1)
+    fake.fail(None)
+    assert await catalogue.list_scopes() == ["data"]
+    stats = catalogue.statistics()
+    assert fake.calls["list_scopes"] == 3
+    assert dict(stats.errors) == {"list_scopes": 2, "get_info": 1}
+    assert stats.last_error == "get_info: token expired"
+    assert stats.last_error_at is not None
+
+
+async def test_concurrent_identical_calls_share_one_flight(fake: FakeCatalogue) -> None:
+    catalogue = cached(fake)
+    results: list[DIDInfo] = []
+
+    async def ask() -> None:
+        results.append(await catalogue.get_info(F1))
+
+    fake.pause()
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        assert catalogue.statistics().in_flight == 1
+        fake.resume()
+    assert fake.calls["get_info"] == 1
+    assert len(results) == 5
+    assert len(set(results)) == 1
+    assert catalogue.statistics().shared == 4
+
+
+async def test_a_shared_failure_reaches_every_waiter(fake: FakeCatalogue) -> None:
+    catalogue = cached(fake)
+    failures: list[BaseException] = []
+
+    async def ask() -> None:
+        try:
+            await catalogue.list_content(RUN1)
+        except CatalogueUnavailableError as exc:
+            failures.append(exc)
+
+    fake.fail(CatalogueUnavailableError("server said 503"))
+    fake.pause()
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(ask)
+        await trio.testing.wait_all_tasks_blocked()
+        fake.resume()
+    assert fake.calls["list_content"] == 1
+    assert len(failures) == 3
+    assert len({id(f) for f in failures}) == 3  # each waiter gets its own exception object
+
+
+async def test_cancelled_leader_hands_over(fake: FakeCatalogue) -> None:
+    catalogue = cached(fake)
+    results: list[DIDInfo] = []
+    leader_scope = trio.CancelScope()
+
+    async def leader() -> None:
+        with leader_scope:
+            await catalogue.get_info(F2)
+
+    async def follower() -> None:
+        results.append(await catalogue.get_info(F2))
+
+    fake.pause()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(leader)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(follower)
+        await trio.testing.wait_all_tasks_blocked()
+        leader_scope.cancel()  # the leader abandons its worker thread
+        await trio.testing.wait_all_tasks_blocked()
+        assert catalogue.statistics().in_flight == 1  # the follower's own call
+        fake.resume()
+    assert leader_scope.cancelled_caught
+    assert [r.did for r in results] == [F2]
+    assert fake.calls["get_info"] == 2
+
+
+async def test_bulk_infos_are_cached_per_did(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    infos = await catalogue.get_infos([F2, NOPE, F1, F2])
+    assert [i.did for i in infos] == [F2, F1]
+    assert fake.calls["get_infos"] == 1
+    assert (await catalogue.get_info(F1)).size == 1  # served by the bulk answer
+    with pytest.raises(NotFoundError):
+        await catalogue.get_info(NOPE)  # the bulk answer's "unknown" is remembered too
+    assert fake.calls["get_info"] == 0
+    assert [i.did for i in await catalogue.get_infos([F1, F3, NOPE])] == [F1, F3]
+    assert fake.calls["get_infos"] == 2
+    assert catalogue.statistics().misses == 4  # F2, NOPE, F1, then F3
+
+
+async def test_replicas_are_cached_per_file(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    first = await catalogue.list_replicas([F1, F2])
+    assert [r.info.did for r in first] == [F1, F2]
+    assert [r.rse for r in first[0].replicas] == ["SITE-A"]
+    assert await catalogue.list_replicas([F2, F1]) == first[::-1]
+    assert fake.calls["list_replicas"] == 1
+
+
+async def test_invalidate_collection_shows_the_daemons_own_changes(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    new_dataset, new_file = DID("data", "run2"), DID("data", "up.dat")
+    assert [i.did for i in await catalogue.list_content(RUN1)] == [F1, F2]
+    assert [i.did for i in await catalogue.list_collections("data")] == [RUN1]
+    assert [i.did for i in await catalogue.query("data", "run*")] == [RUN1]
+    with pytest.raises(NotFoundError):
+        await catalogue.get_info(new_file)
+    fake.add_file(new_file, 4)
+    fake.add_dataset(new_dataset)
+    fake.attach(RUN1, new_file)
+    fake.attach(new_dataset, new_file)
+    assert [i.did for i in await catalogue.list_content(RUN1)] == [F1, F2]  # still cached
+    catalogue.invalidate(new_file)
+    catalogue.invalidate_collection(RUN1)
+    catalogue.invalidate_collection(new_dataset)
+    assert [i.did for i in await catalogue.list_content(RUN1)] == [F1, F2, new_file]
+    assert [i.did for i in await catalogue.list_collections("data")] == [RUN1, new_dataset]
+    assert [i.did for i in await catalogue.query("data", "run*")] == [RUN1, new_dataset]
+    assert (await catalogue.get_info(new_file)).size == 4
+
+
+async def test_invalidate_forgets_a_dids_facts(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    await catalogue.get_info(F1)
+    await catalogue.get_metadata(F1)
+    await catalogue.list_replicas([F1])
+    catalogue.invalidate(F1)
+    await catalogue.get_info(F1)
+    await catalogue.get_metadata(F1)
+    await catalogue.list_replicas([F1])
+    assert (fake.calls["get_info"], fake.calls["get_metadata"], fake.calls["list_replicas"]) == (2, 2, 2)
+
+
+async def test_an_answer_in_flight_during_invalidation_is_not_cached(fake: FakeCatalogue) -> None:
+    catalogue = cached(fake)
+    fake.pause()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(catalogue.list_content, RUN1)
+        await trio.testing.wait_all_tasks_blocked()
+        catalogue.invalidate_collection(RUN1)
+        assert catalogue.statistics().in_flight == 0  # detached: new callers do not join it
+        fake.resume()
+    await catalogue.list_content(RUN1)
+    assert fake.calls["list_content"] == 2
+
+
+async def test_answers_are_copies(fake: FakeCatalogue, autojump_clock: trio.testing.MockClock) -> None:
+    catalogue = cached(fake)
+    content = await catalogue.list_content(RUN1)
+    content.clear()
+    meta = await catalogue.get_metadata(F1)
+    meta["run_number"] = "0"
+    assert len(await catalogue.list_content(RUN1)) == 2
+    assert (await catalogue.get_metadata(F1))["run_number"] == "7"
+
+
+async def test_the_limiter_bounds_worker_threads(fake: FakeCatalogue) -> None:
+    limiter = trio.CapacityLimiter(2)
+    catalogue = CachedCatalogue(fake, Config(), limiter=limiter)
+    fake.pause()
+    async with trio.open_nursery() as nursery:
+        for did in (F1, F2, F3, RUN1):
+            nursery.start_soon(catalogue.get_metadata, did)
+        nursery.start_soon(catalogue.list_scopes)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (limiter.statistics().borrowed_tokens, limiter.statistics().tasks_waiting) == (2, 3)
+        fake.resume()
+    assert sum(fake.calls.values()) == 5
+
+
+async def test_statistics_are_an_immutable_json_ready_snapshot(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    await catalogue.list_scopes()
+    before = catalogue.statistics()
+    await catalogue.list_collections("data")
+    assert dict(before.calls) == {"list_scopes": 1}
+    with pytest.raises(TypeError):
+        before.calls["list_scopes"] = 5  # type: ignore[index]
+    document = json.loads(json.dumps(catalogue.statistics().as_dict()))
+    assert document["calls"] == {"list_scopes": 1, "list_collections": 1}
+    assert document["cached_entries"] == 2

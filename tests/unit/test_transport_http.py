@@ -1,0 +1,138 @@
+"""Closed-range GETs against the fault-injecting origin: every bad reply is an error, never data."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping
+
+import pytest
+from tests.faults.origin import FaultyOrigin
+
+from datalakefs.transport.aio_bridge import AioBridge
+from datalakefs.transport.http import FailureKind, HttpTransport, RangeReadError, redact_url
+
+DATA = random.Random(7).randbytes(3 * 1024 * 1024 + 17)
+
+
+class Sink:
+    """Collects what a transfer writes, checking the sink contract as it goes."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.data = bytearray()
+        self.closed = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        assert not self.closed
+        assert offset == self.start + len(self.data)
+        self.data += data
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+@pytest.fixture
+def bridge() -> Iterator[AioBridge]:
+    with AioBridge() as started:
+        yield started
+
+
+def origin(**options: object) -> FaultyOrigin:
+    return FaultyOrigin({"f": DATA, "small": b"0123456789abcde"}, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("start", "length"), [(0, len(DATA)), (0, 1), (12345, 1 << 20), (len(DATA) - 5, 5)])
+async def test_closed_range_is_written_at_its_offsets(bridge: AioBridge, start: int, length: int) -> None:
+    with origin() as server:
+        sink = Sink(start)
+        await HttpTransport(bridge).fetch(server.url("f"), start, length, len(DATA), sink)
+    assert bytes(sink.data) == DATA[start : start + length]
+    assert sink.closed == 1
+    assert server.gets() == {f"bytes={start}-{start + length - 1}": 1}
+    assert server.violations == []
+
+
+@pytest.mark.parametrize(
+    ("fault", "kinds"),
+    [
+        ("status", {FailureKind.SERVER_ERROR}),
+        ("stall", {FailureKind.TIMEOUT}),
+        ("reset", {FailureKind.CONNECTION, FailureKind.SHORT_BODY}),
+        ("short", {FailureKind.SHORT_BODY}),
+        ("range", {FailureKind.BAD_REPLY}),
+    ],
+)
+async def test_each_fault_is_an_error_not_data(bridge: AioBridge, fault: str, kinds: set[FailureKind]) -> None:
+    with origin(fault_rate=1.0, faults=[fault], stall=5.0) as server:
+        sink = Sink(1000)
+        transport = HttpTransport(bridge, stall_timeout=0.3)
+        with pytest.raises(RangeReadError) as caught:
+            await transport.fetch(server.url("f"), 1000, 1 << 20, len(DATA), sink)
+    assert caught.value.kind in kinds
+    assert caught.value.kind.retryable
+    assert sink.closed == 1
+    assert bytes(sink.data) == DATA[1000 : 1000 + len(sink.data)]  # a prefix at most, never wrong bytes
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"), [(401, FailureKind.DENIED), (403, FailureKind.DENIED), (404, FailureKind.NOT_FOUND)]
+)
+async def test_refusals_are_not_retryable(bridge: AioBridge, status: int, kind: FailureKind) -> None:
+    with origin(deny={"f": status}) as server:
+        with pytest.raises(RangeReadError) as caught:
+            await HttpTransport(bridge).fetch(server.url("f"), 0, 10, len(DATA), Sink(0))
+    assert caught.value.kind is kind
+    assert not caught.value.kind.retryable
+
+
+async def test_wrong_total_size_is_rejected(bridge: AioBridge) -> None:
+    with origin() as server:
+        with pytest.raises(RangeReadError) as caught:
+            await HttpTransport(bridge).fetch(server.url("f"), 0, 10, len(DATA) + 1, Sink(0))
+    assert caught.value.kind is FailureKind.BAD_REPLY
+
+
+@pytest.mark.parametrize(("start", "length", "total"), [(-1, 5, 15), (0, 0, 15), (10, 6, 15), (15, 1, 15)])
+async def test_only_closed_in_bounds_ranges_reach_the_wire(
+    bridge: AioBridge, start: int, length: int, total: int
+) -> None:
+    with origin() as server:
+        sink = Sink(start)
+        with pytest.raises(ValueError, match="closed range"):
+            await HttpTransport(bridge).fetch(server.url("small"), start, length, total, sink)
+    assert server.requests == []
+    assert sink.closed == 1
+
+
+async def test_connection_refused_is_a_connection_failure(bridge: AioBridge) -> None:
+    with origin() as server:
+        url = server.url("f")
+    with pytest.raises(RangeReadError) as caught:
+        await HttpTransport(bridge, connect_timeout=2).fetch(url, 0, 10, len(DATA), Sink(0))
+    assert caught.value.kind is FailureKind.CONNECTION
+
+
+async def test_headers_provider_is_asked_per_request_and_ranges_keep_alive(bridge: AioBridge) -> None:
+    asked: list[str] = []
+
+    def headers(url: str) -> Mapping[str, str]:
+        asked.append(url)
+        return {"Authorization": "Bearer secret-token"}
+
+    with origin() as server:
+        transport = HttpTransport(bridge, headers=headers)
+        for i in range(50):
+            await transport.fetch(server.url("f"), i * 1000, 1000, len(DATA), Sink(i * 1000))
+    assert len(asked) == 50
+    assert all(r.headers.get("Authorization") == "Bearer secret-token" for r in server.requests)
+    assert all(r.headers.get("Accept-Encoding") == "identity" for r in server.requests)
+    assert server.connections == 1  # keep-alive: one pooled connection served every request
+
+
+async def test_error_messages_never_show_query_or_user_info(bridge: AioBridge) -> None:
+    with origin(deny={"f": 403}) as server:
+        url = server.url("f").replace("http://", "http://user:pw@") + "?authz=Bearer%20secret"
+        with pytest.raises(RangeReadError) as caught:
+            await HttpTransport(bridge).fetch(url, 0, 10, len(DATA), Sink(0))
+    assert "secret" not in str(caught.value) and "pw" not in str(caught.value)
+    assert redact_url("https://u:p@h:1/a/b?x=1#f") == "https://h:1/a/b"
