@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import socket
@@ -70,10 +71,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.origin._track(self.connection)
 
     def finish(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             super().finish()
-        except OSError:
-            pass
         self.server.origin._untrack(self.connection)
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -145,10 +144,8 @@ class FaultyOrigin:
         thread.join()
         with self._lock:
             for sock in list(self._open):
-                try:
+                with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
         server.server_close()  # joins the connection threads
         self._server = None
 

@@ -82,7 +82,7 @@ def test_blocks_round_trip_verified_and_private(tmp_path: Path) -> None:
         assert got == DATA[index * BS + start : index * BS + start + size]
     assert cache.cached_bytes(key) == len(DATA)
     assert cache.is_complete(key)
-    for dirpath, dirnames, filenames in os.walk(tmp_path / "v1"):
+    for dirpath, _dirnames, filenames in os.walk(tmp_path / "v1"):
         assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o700
         assert "secret-name" not in dirpath
         for name in filenames:

@@ -78,17 +78,15 @@ async def test_each_fault_is_an_error_not_data(bridge: AioBridge, fault: str, ki
     ("status", "kind"), [(401, FailureKind.DENIED), (403, FailureKind.DENIED), (404, FailureKind.NOT_FOUND)]
 )
 async def test_refusals_are_not_retryable(bridge: AioBridge, status: int, kind: FailureKind) -> None:
-    with origin(deny={"f": status}) as server:
-        with pytest.raises(RangeReadError) as caught:
-            await HttpTransport(bridge).fetch(server.url("f"), 0, 10, len(DATA), Sink(0))
+    with origin(deny={"f": status}) as server, pytest.raises(RangeReadError) as caught:
+        await HttpTransport(bridge).fetch(server.url("f"), 0, 10, len(DATA), Sink(0))
     assert caught.value.kind is kind
     assert not caught.value.kind.retryable
 
 
 async def test_wrong_total_size_is_rejected(bridge: AioBridge) -> None:
-    with origin() as server:
-        with pytest.raises(RangeReadError) as caught:
-            await HttpTransport(bridge).fetch(server.url("f"), 0, 10, len(DATA) + 1, Sink(0))
+    with origin() as server, pytest.raises(RangeReadError) as caught:
+        await HttpTransport(bridge).fetch(server.url("f"), 0, 10, len(DATA) + 1, Sink(0))
     assert caught.value.kind is FailureKind.BAD_REPLY
 
 
