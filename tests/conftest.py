@@ -103,3 +103,16 @@ def fts_knobs(lake: LakeStatus) -> Iterator[Callable[..., None]]:
 def demo_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
     """:func:`demo`: run ``datalakefs demo ...`` on the test lake (or another state dir) in a subprocess."""
     return demo
+
+
+def _hypothesis_profiles() -> None:
+    """CI runs are derandomized (same examples every run, no example database), so a red CI is a
+    regression and not a new random find; local runs keep searching and remember failures."""
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+
+
+_hypothesis_profiles()
