@@ -220,12 +220,7 @@ def cmd_tour(lake: Lake, args: argparse.Namespace) -> int:
         (f"dd if={path(seed.big_file)} of=/dev/null bs=1M count=64", "range reads through XCache"),
         (f"ls {path(seed.dataset_10k)} | wc -l", "a 10,000-file dataset"),
         (f"ls {m}/.query/{meta.scope}/{shlex.quote(meta.filter)}/", "a metadata query as a directory"),
-        (f"cat {m}/.datalakefs/status", "the daemon's state as JSON"),
-        (
-            f"mkdir -p {m}/.outbox/{seed.upload_scope}/my_uploads && "
-            f"cp /etc/hostname {m}/.outbox/{seed.upload_scope}/my_uploads/",
-            f"an upload to {seed.scratch_rse}",
-        ),
+        (f"cat {m}/.datalakefs/status.json", "the daemon's state as JSON"),
     ]
     width = max(len(cmd) for cmd, _ in steps)
     print("\n".join(f"{cmd:<{width}}  # {why}" for cmd, why in steps))
