@@ -41,5 +41,5 @@ def attributes_of(node: Node, uid: int, gid: int, start_time: float) -> Attribut
         mtime = ctime = start_time
     if node.kind.is_dir:
         return Attributes(node.ino, DIR_MODE, 0, mtime, ctime, 2, uid, gid)
-    size = info.size or 0 if node.kind is NodeKind.FILE and info else 0
+    size = (info.size or 0) if node.kind is NodeKind.FILE and info is not None else 0
     return Attributes(node.ino, FILE_MODE, size, mtime, ctime, 1, uid, gid)

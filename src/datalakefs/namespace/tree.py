@@ -170,10 +170,7 @@ class Namespace:
     async def _query_node(self, parent: Node, component: str) -> Node:
         assert parent.scope is not None
         await self._catalogue.query(parent.scope, component)
-        return self._inodes.intern(
-            ("query", parent.scope, component),
-            lambda ino: Node(ino, NodeKind.QUERY_RESULT, parent.ino, scope=parent.scope, label=component),
-        )
+        return self._virtual(NodeKind.QUERY_RESULT, parent.ino, component, parent.scope)
 
     async def _with_times(self, infos: list[DIDInfo], parent: DIDInfo | None) -> list[DIDInfo]:
         """Listings carry sizes and checksums but no times. Up to ``times_limit`` entries, one bulk
@@ -191,43 +188,33 @@ class Namespace:
 
     def _child(self, parent: Node, info: DIDInfo) -> Node:
         did = info.did
-        if info.type is DIDType.FILE:
-            return self._inodes.intern(
-                ("file", did),
-                lambda ino: Node(ino, NodeKind.FILE, parent.ino, did=did, info=info, scope=did.scope),
-            )
+        kind = NodeKind.FILE if info.type is DIDType.FILE else NodeKind.COLLECTION
+        # inodes.py: one inode per file DID, one per (parent, DID) for directories
+        key = ("file", did) if kind is NodeKind.FILE else ("dir", parent.ino, did)
         return self._inodes.intern(
-            ("dir", parent.ino, did),
-            lambda ino: Node(ino, NodeKind.COLLECTION, parent.ino, did=did, info=info, scope=did.scope),
+            key, lambda ino: Node(ino, kind, parent.ino, did=did, info=info, scope=did.scope)
+        )
+
+    def _virtual(self, kind: NodeKind, parent: int, label: str, scope: str | None = None) -> Node:
+        """A node with no DID of its own: a scope, a control entry, a query directory."""
+        return self._inodes.intern(
+            (kind, parent, label), lambda ino: Node(ino, kind, parent, scope=scope, label=label)
         )
 
     def _scope_node(self, scope: str) -> Node:
-        return self._inodes.intern(
-            ("scope", scope), lambda ino: Node(ino, NodeKind.SCOPE, ROOT_INODE, scope=scope, label=scope)
-        )
+        return self._virtual(NodeKind.SCOPE, ROOT_INODE, scope, scope)
 
     def _control_dir(self) -> Node:
-        return self._inodes.intern(
-            ("control",), lambda ino: Node(ino, NodeKind.CONTROL_DIR, ROOT_INODE, label=CONTROL_DIR)
-        )
+        return self._virtual(NodeKind.CONTROL_DIR, ROOT_INODE, CONTROL_DIR)
 
     def _control_file(self, name: str) -> Node:
-        parent = self._control_dir().ino
-        return self._inodes.intern(
-            ("control", name), lambda ino: Node(ino, NodeKind.CONTROL_FILE, parent, label=name)
-        )
+        return self._virtual(NodeKind.CONTROL_FILE, self._control_dir().ino, name)
 
     def _query_root(self) -> Node:
-        return self._inodes.intern(
-            ("query",), lambda ino: Node(ino, NodeKind.QUERY_ROOT, ROOT_INODE, label=QUERY_DIR)
-        )
+        return self._virtual(NodeKind.QUERY_ROOT, ROOT_INODE, QUERY_DIR)
 
     def _query_scope(self, scope: str) -> Node:
-        parent = self._query_root().ino
-        return self._inodes.intern(
-            ("query", scope), lambda ino: Node(ino, NodeKind.QUERY_SCOPE, parent, scope=scope, label=scope)
-        )
-
+        return self._virtual(NodeKind.QUERY_SCOPE, self._query_root().ino, scope, scope)
 
 def _merge(listed: DIDInfo, timed: DIDInfo | None) -> DIDInfo:
     if timed is None:
