@@ -14,6 +14,9 @@ the session, after every test that uses the lake.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from datalakefs.demo.lake import Lake
+from datalakefs.demo.lake import Lake, ProcessRecord, is_alive, read_record, start_time_of
 from datalakefs.demo.status import Knobs, LakeStatus
 
 TEST_STATE_DIR = Path(os.environ.get("DATALAKEFS_TEST_STATE") or "/var/tmp/datalakefs-test-lake")
@@ -32,9 +35,7 @@ TEST_PORT_BASE = int(os.environ.get("DATALAKEFS_TEST_PORT_BASE") or 39000)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "lake_down: stops and restarts the session lake; runs after every other test"
-    )
+    config.addinivalue_line("markers", "lake_down: stops and restarts the session lake; runs after every other test")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -63,10 +64,38 @@ def demo_ok(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return result
 
 
+@contextlib.contextmanager
+def sessions_lock() -> Iterator[list[int]]:
+    """Hold the test lake's session lock; yields the PIDs of the other live pytest sessions using it.
+
+    Two pytest sessions (say a developer's and a clean checkout's) may share the test lake: each
+    leaves a lease with its PID, and the last one out stops the lake. Creating a lease plus `up`,
+    and checking the leases plus `down`, happen under this lock, so a session never stops the lake
+    under another one.
+    """
+    sessions = TEST_STATE_DIR / "sessions"
+    sessions.mkdir(parents=True, exist_ok=True)
+    with open(TEST_STATE_DIR / "sessions.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        others = []
+        for lease in sessions.glob("*.json"):
+            rec = read_record(lease)
+            if rec is None or not is_alive(rec):
+                lease.unlink(missing_ok=True)
+            elif rec.pid != os.getpid():
+                others.append(rec.pid)
+        yield others
+
+
 @pytest.fixture(scope="session")
 def lake() -> Iterator[LakeStatus]:
     started = time.monotonic()
-    up = demo_ok("up")
+    lease = TEST_STATE_DIR / "sessions" / f"{os.getpid()}.json"
+    with sessions_lock():
+        start_time = start_time_of(os.getpid())
+        assert start_time is not None
+        lease.write_text(json.dumps(ProcessRecord(os.getpid(), start_time).to_json()))
+        up = demo_ok("up")
     status = Lake(TEST_STATE_DIR).status()
     if not status.healthy or status.seed is None:
         pytest.fail(f"the test lake is not healthy after up:\n{up.stderr[-5000:]}", pytrace=False)
@@ -75,7 +104,21 @@ def lake() -> Iterator[LakeStatus]:
         for key, value in status.env.items():
             mp.setenv(key, value)
         yield status
-    demo_ok("down", port_base=None)
+    with sessions_lock() as others:
+        lease.unlink(missing_ok=True)
+        if others:
+            print(f"\n[lake] left running for the other pytest sessions using it: {others}")
+        else:
+            demo_ok("down", port_base=None)
+
+
+@pytest.fixture
+def lake_alone(lake: LakeStatus) -> Iterator[None]:
+    """For tests that stop the session lake: holds the session lock, skips if another session uses it."""
+    with sessions_lock() as others:
+        if others:
+            pytest.skip(f"other pytest sessions use the test lake (pids {others}): stopping it would break them")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ import pytest
 
 from datalakefs import config as dlconfig
 from datalakefs.demo import seed
-from datalakefs.demo.lake import PORT_OFFSETS, Lake, is_alive, is_mounted, port_in_use, read_record
+from datalakefs.demo.lake import DEFAULT_PORT_BASE, PORT_OFFSETS, Lake, is_alive, is_mounted, port_in_use, read_record
 from datalakefs.demo.status import LakeStatus, Seed
 
 Demo = Callable[..., subprocess.CompletedProcess[str]]
@@ -60,9 +60,7 @@ def range_get(url: str, first: int, last: int) -> tuple[int, bytes]:
         return resp.status, resp.read()
 
 
-def wait_rule(
-    client: Any, rule_id: str, done: Callable[[dict[str, Any]], bool], timeout: float
-) -> dict[str, Any]:
+def wait_rule(client: Any, rule_id: str, done: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         rule: dict[str, Any] = client.get_replication_rule(rule_id)
@@ -115,14 +113,12 @@ def test_status_of_a_lake_that_is_not_up(demo_cli: Demo) -> None:
         "daemons",
     }
     assert all(not s.healthy and s.pid is None for s in status.services.values())
-    assert status.services["rucio"].port == 38000 + PORT_OFFSETS["rucio"]
+    assert status.services["rucio"].port == DEFAULT_PORT_BASE + PORT_OFFSETS["rucio"]
     assert elapsed < 5
 
 
 def test_a_taken_port_is_named(demo_cli: Demo) -> None:
-    base = next(
-        b for b in range(45000, 60000, 100) if not any(port_in_use(b + o) for o in PORT_OFFSETS.values())
-    )
+    base = next(b for b in range(45000, 60000, 100) if not any(port_in_use(b + o) for o in PORT_OFFSETS.values()))
     taken = base + PORT_OFFSETS["dav_https"]
     with socket.socket() as blocker, tempfile.TemporaryDirectory(dir="/var/tmp") as state:
         os.chmod(state, 0o755)
@@ -171,9 +167,7 @@ def test_seeded_dids_and_metadata(rucio_client: Any, seeded: Seed) -> None:
 
     assert sum(1 for _ in client.list_files(*split(seeded.dataset_10k))) == 10_000
 
-    parents = {
-        f"{p['scope']}:{p['name']}" for p in client.list_parent_dids(*split(seeded.multi_dataset_file))
-    }
+    parents = {f"{p['scope']}:{p['name']}" for p in client.list_parent_dids(*split(seeded.multi_dataset_file))}
     assert set(seeded.multi_dataset_file_datasets) <= parents
     assert len(seeded.multi_dataset_file_datasets) >= 2
 
@@ -229,18 +223,14 @@ def test_seeded_bytes_are_where_rucio_says(lake: LakeStatus, rucio_client: Any, 
 
 
 @pytest.mark.lake
-def test_env_config_and_rucio_cli(
-    lake: LakeStatus, demo_cli: Demo, seeded: Seed, tmp_path: Path
-) -> None:
+def test_env_config_and_rucio_cli(lake: LakeStatus, demo_cli: Demo, seeded: Seed, tmp_path: Path) -> None:
     exports = demo_cli("env", port_base=None)
     assert exports.returncode == 0, exports.stderr
     script = tmp_path / "whoami.sh"
     rucio_cli = Path(sys.executable).with_name("rucio")
     script.write_text(f"{exports.stdout}\nexec {shlex.quote(str(rucio_cli))} whoami\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RUCIO_", "X509_"))}
-    whoami = subprocess.run(
-        ["bash", str(script)], capture_output=True, text=True, env=env, timeout=60, check=False
-    )
+    whoami = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60, check=False)
     assert whoami.returncode == 0, whoami.stderr
     assert "root" in whoami.stdout
 
@@ -289,14 +279,10 @@ def test_upload_to_scratch_registers_the_right_adler32(
 
 
 @pytest.mark.lake
-def test_rule_from_origin_to_scratch_moves_the_bytes(
-    lake: LakeStatus, rucio_client: Any, seeded: Seed
-) -> None:
+def test_rule_from_origin_to_scratch_moves_the_bytes(lake: LakeStatus, rucio_client: Any, seeded: Seed) -> None:
     plan = fresh_origin_dataset(lake, rucio_client, (0, 1, 100_000, (1 << 20) + 1))
     started = time.monotonic()
-    [rule_id] = rucio_client.add_replication_rule(
-        [{"scope": plan.scope, "name": plan.name}], 1, seeded.scratch_rse
-    )
+    [rule_id] = rucio_client.add_replication_rule([{"scope": plan.scope, "name": plan.name}], 1, seeded.scratch_rse)
     rule = wait_rule(
         rucio_client,
         rule_id,
@@ -315,9 +301,7 @@ def test_rule_from_origin_to_scratch_moves_the_bytes(
 
 
 @pytest.mark.lake
-def test_range_get_through_xcache_returns_the_origin_bytes(
-    lake: LakeStatus, rucio_client: Any, seeded: Seed
-) -> None:
+def test_range_get_through_xcache_returns_the_origin_bytes(lake: LakeStatus, rucio_client: Any, seeded: Seed) -> None:
     did = seeded.sized_files[64 << 20]
     scope, name = split(did)
     [rep] = list(rucio_client.list_replicas([{"scope": scope, "name": name}], schemes=["http"]))
@@ -363,9 +347,7 @@ def test_forced_failure_knob_makes_a_rule_stuck_with_a_reason(
 ) -> None:
     plan = fresh_origin_dataset(lake, rucio_client, (2048,))
     fts_knobs(fail=plan.name)
-    [rule_id] = rucio_client.add_replication_rule(
-        [{"scope": plan.scope, "name": plan.name}], 1, seeded.scratch_rse
-    )
+    [rule_id] = rucio_client.add_replication_rule([{"scope": plan.scope, "name": plan.name}], 1, seeded.scratch_rse)
     cleanup_rules.append(rule_id)
     rule = wait_rule(rucio_client, rule_id, lambda r: r["state"] == "STUCK", 120)
     assert rule["locks_stuck_cnt"] == 1
@@ -385,9 +367,7 @@ def test_delay_knob_holds_a_transfer_while_the_lake_runs(
         assert json.load(resp) == {"delay": delay, "fail": None}
     plan = fresh_origin_dataset(lake, rucio_client, (1000,))
     started = time.monotonic()
-    [rule_id] = rucio_client.add_replication_rule(
-        [{"scope": plan.scope, "name": plan.name}], 1, seeded.scratch_rse
-    )
+    [rule_id] = rucio_client.add_replication_rule([{"scope": plan.scope, "name": plan.name}], 1, seeded.scratch_rse)
     time.sleep(delay / 2)
     assert rucio_client.get_replication_rule(rule_id)["state"] == "REPLICATING"
     rule = wait_rule(rucio_client, rule_id, lambda r: r["state"] in ("OK", "STUCK"), 120)
@@ -415,7 +395,7 @@ def test_up_again_keeps_the_running_lake(lake: LakeStatus, demo_cli: Demo) -> No
 
 @pytest.mark.lake
 @pytest.mark.lake_down
-def test_down_leaves_nothing_running_and_up_comes_back_warm(lake: LakeStatus, demo_cli: Demo) -> None:
+def test_down_leaves_nothing_running_and_up_comes_back_warm(lake: LakeStatus, demo_cli: Demo, lake_alone: None) -> None:
     control = Lake(lake.state_dir)
     records = {name: read_record(control.layout.pid_file(name)) for name in lake.services}
     assert all(rec is not None and is_alive(rec) for rec in records.values())

@@ -1,6 +1,6 @@
 """The on-disk block cache: verified, bounded, surviving restarts.
 
-``layout`` defines the cache key, the directory layout and the block file format; ``writer`` turns an
-HTTP body into block files on the transport's thread; ``store`` is the :class:`BlockCache` itself
-(index, verified reads, LRU eviction, accounting, whole-file verification).
+``layout`` defines the cache key, the directory layout and the journal format; ``writer`` turns an HTTP
+body into cached blocks on the transport's thread; ``store`` is the :class:`BlockCache` itself (index,
+verified reads, LRU eviction, accounting, whole-file verification).
 """

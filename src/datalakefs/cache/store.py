@@ -1,28 +1,26 @@
-"""The block cache: an index of block files on local disk, verified reads, LRU eviction.
+"""The block cache: cached blocks of files on local disk, verified reads, LRU eviction.
 
-Design (layout and file format: :mod:`datalakefs.cache.layout`):
+Design (format: :mod:`datalakefs.cache.layout`):
 
-* **The block files are the index.** Each block file carries its key, index, length and checksums in
-  its header, so there is no separate database that could disagree with the data, and a crash can at
-  worst leave a torn block that verification rejects. At start, :meth:`BlockCache.load` rebuilds the
-  accounting from a directory scan (names and sizes only; headers are checked lazily on first use),
-  drops temp files, blocks of the wrong size, files without valid ``meta`` and leftovers of ``clear``.
-  A per-file ``meta`` (JSON, written with temp + rename) records what the directory holds and whether
-  the complete file was verified; an SQLite index was not chosen because it would add a commit per
-  block on the hot path and a second source of truth.
-* **Verified on every read.** :meth:`read` checks the header once per process per block, then the
-  CRC32 of every page it returns; a block that fails any check is dropped (counted in
-  ``corrupt_blocks``) and the read reports a miss, so the caller fetches it again. Bad bytes are never
-  returned.
-* **Bounded.** ``used_bytes`` is the sum of block file sizes (headers included, ``meta`` files not).
-  When a commit takes it above ``high_watermark * capacity``, least recently used blocks are evicted
-  until it is at most ``low_watermark * capacity``. Recency is kept in memory per block; across restarts
-  it is approximated by each file's ``meta`` mtime (touched when a reader closes), then block order.
+* **The journal is the index.** Each file's ``index`` journal records which blocks its sparse ``data``
+  file holds, with their checksums. Nothing else has to agree with it, and a crash can at worst leave a
+  torn last record (ignored) or a journaled block whose data is missing (caught by its checksums). At
+  start, :meth:`BlockCache.load` replays every journal, drops what is damaged, foreign or past the end
+  of a truncated data file, rewrites journals that had damage, and removes anything else it finds.
+  SQLite was not chosen: it would add a commit per block on the hot path and a second source of truth.
+* **Verified on every read.** :meth:`read` checks the CRC32 of every page it returns against the
+  block's record. A block that fails is dropped (counted in ``corrupt_blocks``) and the read reports a
+  miss, so the caller fetches it again: bad bytes are never returned.
+* **Bounded.** ``used_bytes`` is the sum of the cached blocks' lengths (journals are not counted). When
+  a commit takes it above ``high_watermark * capacity``, least recently used blocks are evicted (their
+  space given back with ``FALLOC_FL_PUNCH_HOLE``; whole files where the file system cannot punch holes)
+  until it is at most ``low_watermark * capacity``. Recency is kept per block in memory; across restarts
+  it is approximated by each journal's mtime (touched when a reader closes), then block order.
 * **Whole-file check.** When a file is complete, :meth:`verify` folds the per-block adler32s into the
   file's and compares it with the catalogue's; a mismatch drops every block of the file.
-* **Threads.** Everything here runs on the trio thread except :class:`BlockWriter` (transport thread)
-  and the blocking parts of :meth:`load`, :meth:`verify` and :meth:`clear`, which run in worker threads
-  on data that is not shared. Per-block work is a few dict operations; eviction unlinks files inline.
+* **Threads.** Everything here runs on the trio thread, except :class:`BlockWriter` (transport thread),
+  :meth:`load` (before the cache is shared) and the removal of a cleared cache (a worker thread).
+  Per-block work is a few dict operations and one small journal append.
 * **Private.** Directories are 0700 and files 0600; paths come from key digests, never DID names.
 """
 
@@ -31,47 +29,53 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
-import json
 import logging
 import os
 import secrets
 import shutil
 import stat
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from datalakefs.cache.layout import (
+    DATA_NAME,
     FORMAT,
-    HEADER_SIZE,
+    INDEX_NAME,
     MAX_BLOCK_SIZE,
-    META_NAME,
     MIB,
     PAGE_SIZE,
-    BlockHeader,
+    BlockRecord,
     CorruptBlockError,
     FileKey,
+    RecordType,
     adler32,
     adler32_combine,
     block_count,
-    block_length,
-    block_name,
+    block_record,
+    block_record_size,
     crc32,
+    drop_record,
     file_directory,
-    make_private_dirs,
-    parse_block_name,
-    parse_header,
+    file_record,
+    parse_block_record,
+    parse_drop_record,
+    parse_file_record,
+    parse_verified_record,
+    punch_hole,
+    read_records,
+    verified_record,
 )
 from datalakefs.cache.writer import BlockWriter, LandedBlock
 from datalakefs.errors import ConfigError
-from datalakefs.model import DID
 
 log = logging.getLogger(__name__)
 
 _TRASH_PREFIX = f".{FORMAT}-trash-"
+_COMPACT_SLACK = 64 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,38 +99,29 @@ class VerifyResult(enum.Enum):
     UNVERIFIABLE = "no adler32 to check against"
 
 
-class _Block:
-    __slots__ = ("header", "length")
-
-    def __init__(self, length: int, header: BlockHeader | None) -> None:
-        self.length = length
-        self.header = header
-
-
 class _File:
-    __slots__ = ("blocks", "cached_bytes", "directory", "key", "meta_written", "n_blocks", "verified")
+    __slots__ = (
+        "blocks",
+        "cached_bytes",
+        "directory",
+        "inode",
+        "journal_bytes",
+        "key",
+        "live_journal_bytes",
+        "n_blocks",
+        "verified",
+    )
 
-    def __init__(self, key: FileKey, directory: str, block_size: int) -> None:
+    def __init__(self, key: FileKey, directory: str, block_size: int, inode: int) -> None:
         self.key = key
         self.directory = directory
+        self.inode = inode
         self.n_blocks = block_count(key.size, block_size)
-        self.blocks: dict[int, _Block] = {}
+        self.blocks: dict[int, BlockRecord] = {}
         self.cached_bytes = 0
         self.verified = False
-        self.meta_written = False
-
-
-@dataclass(frozen=True, slots=True)
-class _ScannedFile:
-    key: FileKey
-    directory: str
-    mtime: float
-    verified: bool
-    blocks: dict[int, int]  # index -> data length
-
-
-def _block_bytes(length: int) -> int:
-    return HEADER_SIZE + length
+        self.journal_bytes = 0  # size of the index file on disk (0: not written yet)
+        self.live_journal_bytes = 0  # what a compacted journal would need
 
 
 class BlockCache:
@@ -140,7 +135,7 @@ class BlockCache:
         block_size: int,
         high_watermark: float = 0.95,
         low_watermark: float = 0.90,
-        max_open_files: int = 256,
+        max_open_files: int = 128,
     ) -> None:
         if block_size <= 0 or block_size % MIB or block_size > MAX_BLOCK_SIZE:
             raise ConfigError(f"option block_size: must be a multiple of 1M up to {MAX_BLOCK_SIZE // MIB}M")
@@ -151,10 +146,11 @@ class BlockCache:
         self._root = str(Path(root) / FORMAT)
         self._high = int(capacity * high_watermark)
         self._low = int(capacity * low_watermark)
-        self._max_fds = max_open_files
+        self._max_open = max_open_files
         self._files: dict[str, _File] = {}
         self._lru: OrderedDict[tuple[str, int], _File] = OrderedDict()
-        self._fds: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._fds: OrderedDict[str, tuple[int, int]] = OrderedDict()  # digest -> (data fd, index fd)
+        self._can_punch = True
         self._used = 0
         self._evictions = 0
         self._evicted_bytes = 0
@@ -169,8 +165,24 @@ class BlockCache:
         Call once, before any other method.
         """
         self._prepare_root()
-        for scanned in sorted(self._scan(), key=lambda s: s.mtime):
-            self._adopt(scanned)
+        found = []
+        for prefix in os.listdir(self._root):
+            prefix_dir = os.path.join(self._root, prefix)
+            if len(prefix) != 2 or not os.path.isdir(prefix_dir):
+                _remove(prefix_dir)
+                continue
+            for digest in os.listdir(prefix_dir):
+                directory = os.path.join(prefix_dir, digest)
+                loaded = self._load_file(directory, digest)
+                if loaded is None:
+                    _remove(directory)
+                else:
+                    found.append(loaded)
+        for _, file in sorted(found, key=lambda pair: pair[0]):
+            self._files[file.key.digest] = file
+            for index in sorted(file.blocks):
+                self._lru[(file.key.digest, index)] = file
+                self._used += file.blocks[index].length
         if self._used > self._high:
             self._evict_to(self._low)
 
@@ -193,71 +205,77 @@ class BlockCache:
             if stat.S_IMODE(st.st_mode) != 0o700:
                 os.chmod(self._root, 0o700)
 
-    def _scan(self) -> Iterable[_ScannedFile]:
-        for prefix in os.listdir(self._root):
-            prefix_dir = os.path.join(self._root, prefix)
-            if len(prefix) != 2 or not os.path.isdir(prefix_dir):
-                _remove(prefix_dir)
-                continue
-            for digest in os.listdir(prefix_dir):
-                directory = os.path.join(prefix_dir, digest)
-                scanned = self._scan_file(directory, digest)
-                if scanned is None:
-                    _remove(directory)
-                else:
-                    yield scanned
-
-    def _scan_file(self, directory: str, digest: str) -> _ScannedFile | None:
+    def _load_file(self, directory: str, digest: str) -> tuple[float, _File] | None:
+        """Replay one file's journal; None when nothing usable is left."""
+        index_path = os.path.join(directory, INDEX_NAME)
         try:
-            meta_path = os.path.join(directory, META_NAME)
-            with open(meta_path, encoding="utf-8") as fh:
-                meta = json.load(fh)
-            mtime = os.stat(meta_path).st_mtime
-            key = FileKey(DID(meta["scope"], meta["name"]), int(meta["size"]), str(meta["checksum"]))
-            if key.digest != digest or meta["block_size"] != self.block_size or meta["format"] != FORMAT:
-                return None
-            verified = meta["verified"] is True
-        except (OSError, ValueError, KeyError, TypeError):
+            with open(index_path, "rb") as fh:
+                raw = fh.read()
+            mtime = os.stat(index_path).st_mtime
+            data = os.stat(os.path.join(directory, DATA_NAME))
+        except OSError:
             return None
-        n_blocks = block_count(key.size, self.block_size)
-        blocks: dict[int, int] = {}
+        records = read_records(raw)
+        first = next(records, None)
+        if first is None or first[0] is not RecordType.FILE:
+            return None
+        try:
+            key = parse_file_record(first[1], self.block_size)
+        except CorruptBlockError:
+            return None
+        if key.digest != digest:
+            return None
+        file = _File(key, directory, self.block_size, data.st_ino)
+        valid_end = first[2]
+        blocks = file.blocks
+        for kind, payload, end in records:
+            try:
+                if kind is RecordType.BLOCK:
+                    record = parse_block_record(payload, key, self.block_size)
+                    file.verified = file.verified and record.index not in blocks
+                    blocks[record.index] = record
+                elif kind is RecordType.DROP:
+                    blocks.pop(parse_drop_record(payload), None)
+                    file.verified = False
+                elif kind is RecordType.VERIFIED:
+                    file.verified = parse_verified_record(payload)
+                else:
+                    break
+            except (CorruptBlockError, ValueError):
+                break
+            valid_end = end
+        for index in [i for i, r in blocks.items() if i * self.block_size + r.length > data.st_size]:
+            del blocks[index]  # past the end of a truncated data file
         for entry in os.scandir(directory):
-            if entry.name == META_NAME:
-                continue
-            index = parse_block_name(entry.name)
-            if index is not None and index < n_blocks:
-                length = block_length(key.size, self.block_size, index)
-                if entry.stat().st_size == _block_bytes(length):
-                    blocks[index] = length
-                    continue
-            _remove(entry.path)  # temp files, torn or foreign blocks
+            if entry.name not in (DATA_NAME, INDEX_NAME):
+                _remove(entry.path)
         if not blocks:
             return None
-        return _ScannedFile(key, directory, mtime, verified and len(blocks) == n_blocks, blocks)
-
-    def _adopt(self, scanned: _ScannedFile) -> None:
-        file = _File(scanned.key, scanned.directory, self.block_size)
-        file.meta_written = True
-        file.verified = scanned.verified
-        self._files[scanned.key.digest] = file
-        for index in sorted(scanned.blocks):
-            length = scanned.blocks[index]
-            file.blocks[index] = _Block(length, None)
-            file.cached_bytes += length
-            self._used += _block_bytes(length)
-            self._lru[(scanned.key.digest, index)] = file
+        file.verified = file.verified and len(blocks) == file.n_blocks
+        file.cached_bytes = sum(r.length for r in blocks.values())
+        file.live_journal_bytes = sum(block_record_size(r) for r in blocks.values())
+        file.journal_bytes = len(raw)
+        if valid_end < len(raw) or file.journal_bytes > 2 * file.live_journal_bytes + _COMPACT_SLACK:
+            self._compact(file)
+        return mtime, file
 
     # ---- queries ------------------------------------------------------------------------------
 
     def directory(self, key: FileKey) -> str:
         return file_directory(self._root, key.digest)
 
+    def data_path(self, key: FileKey) -> str:
+        return os.path.join(self.directory(key), DATA_NAME)
+
+    def index_path(self, key: FileKey) -> str:
+        return os.path.join(self.directory(key), INDEX_NAME)
+
     def has_block(self, key: FileKey, index: int) -> bool:
         file = self._files.get(key.digest)
         return file is not None and index in file.blocks
 
     def cached_bytes(self, key: FileKey) -> int:
-        """Bytes of ``key`` held in the cache (verified or not yet read back)."""
+        """Bytes of ``key`` held in the cache."""
         file = self._files.get(key.digest)
         return file.cached_bytes if file is not None else 0
 
@@ -289,52 +307,55 @@ class BlockCache:
         ``start``/``length`` are relative to the block and must lie inside it.
         """
         file = self._files.get(key.digest)
-        block = file.blocks.get(index) if file is not None else None
-        if file is None or block is None:
+        record = file.blocks.get(index) if file is not None else None
+        if file is None or record is None:
             return None
-        if start < 0 or length <= 0 or start + length > block.length:
-            raise ValueError(f"range {start}+{length} outside block {index} of {block.length} bytes")
-        slot = (key.digest, index)
+        if start < 0 or length <= 0 or start + length > record.length:
+            raise ValueError(f"range {start}+{length} outside block {index} of {record.length} bytes")
+        first_page = start // PAGE_SIZE
+        span_start = first_page * PAGE_SIZE
+        span_end = min(record.length, -(-(start + length) // PAGE_SIZE) * PAGE_SIZE)
         try:
-            fd = self._fd(slot, file)
-            header = block.header
-            if header is None:
-                header = block.header = _load_header(fd, key, self.block_size, index)
-            first_page = start // PAGE_SIZE
-            span_start = first_page * PAGE_SIZE
-            span_end = min(block.length, -(-(start + length) // PAGE_SIZE) * PAGE_SIZE)
-            data = os.pread(fd, span_end - span_start, HEADER_SIZE + span_start)
+            data = os.pread(self._fds_of(file)[0], span_end - span_start, index * self.block_size + span_start)
             if len(data) != span_end - span_start:
                 raise CorruptBlockError(f"short read: {len(data)} of {span_end - span_start} bytes")
             view = memoryview(data)
             for offset in range(0, len(data), PAGE_SIZE):
                 page = first_page + offset // PAGE_SIZE
-                if crc32(view[offset : offset + PAGE_SIZE]) != header.page_crc(page):
+                if crc32(view[offset : offset + PAGE_SIZE]) != record.page_crc(page):
                     raise CorruptBlockError(f"page {page} checksum mismatch")
         except (CorruptBlockError, OSError) as exc:
             log.warning("cache: dropping block %d of %s: %s", index, key.did, exc)
             self._corrupt += 1
             self._drop_block(file, index)
             return None
-        self._lru.move_to_end(slot)
+        self._lru.move_to_end((key.digest, index))
         if start == span_start and length == len(data):
             return data
         return data[start - span_start : start - span_start + length]
 
-    def _fd(self, slot: tuple[str, int], file: _File) -> int:
-        fd = self._fds.get(slot)
-        if fd is not None:
-            self._fds.move_to_end(slot)
-            return fd
-        fd = os.open(os.path.join(file.directory, block_name(slot[1])), os.O_RDONLY | os.O_CLOEXEC)
-        self._fds[slot] = fd
-        if len(self._fds) > self._max_fds:
-            os.close(self._fds.popitem(last=False)[1])
-        return fd
+    def _fds_of(self, file: _File) -> tuple[int, int]:
+        """(data fd, index fd) of ``file``, opened on first use and kept in a small LRU."""
+        digest = file.key.digest
+        fds = self._fds.get(digest)
+        if fds is not None:
+            self._fds.move_to_end(digest)
+            return fds
+        data = os.open(os.path.join(file.directory, DATA_NAME), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            journal = os.open(os.path.join(file.directory, INDEX_NAME), flags, 0o600)
+        except OSError:
+            os.close(data)
+            raise
+        self._fds[digest] = fds = (data, journal)
+        if len(self._fds) > self._max_open:
+            for fd in self._fds.popitem(last=False)[1]:
+                os.close(fd)
+        return fds
 
-    def _close_fd(self, slot: tuple[str, int]) -> None:
-        fd = self._fds.pop(slot, None)
-        if fd is not None:
+    def _close_fds(self, digest: str) -> None:
+        for fd in self._fds.pop(digest, ()):
             os.close(fd)
 
     # ---- writing ------------------------------------------------------------------------------
@@ -345,34 +366,128 @@ class BlockCache:
         """A writer for blocks ``[first, end)`` of ``key``, to be driven on the transport thread.
 
         ``on_block`` is called on that thread for each finished block; the caller must hand stored
-        blocks (``data is None``) to :meth:`commit` on the trio thread.
+        blocks (``data is None``) to :meth:`commit` on the trio thread. Committing a block that is
+        already cached replaces it.
         """
         return BlockWriter(self._root, self.directory(key), key, self.block_size, first, end, on_block)
 
-    def commit(self, key: FileKey, landed: LandedBlock) -> None:
-        """Account for a block file the writer has put in place; may evict other blocks."""
+    def commit(self, key: FileKey, landed: LandedBlock) -> bool:
+        """Journal a block the writer stored, making it readable; may evict other blocks.
+
+        Returns False, caching nothing, when the block's data file is no longer the one at the file's
+        path (the file was dropped or the cache cleared meanwhile) or the journal cannot be written
+        (disk full); :meth:`salvage` may still recover its bytes. A data file replaced behind the
+        cache's back makes every block it listed count as corrupt and be forgotten.
+        """
         if landed.data is not None:
             raise ValueError("a block kept in memory is not in the cache")
         file = self._files.get(key.digest)
-        if file is None:
-            file = self._files[key.digest] = _File(key, self.directory(key), self.block_size)
-        if not file.meta_written:
-            self._write_meta(file)
-        slot = (key.digest, landed.index)
-        old = file.blocks.get(landed.index)
-        if old is not None:  # refetched: the rename replaced the file, forget the old inode
-            self._close_fd(slot)
+        if file is None or landed.inode != file.inode:
+            # The data file at the path is the truth: the block must be in it.
+            try:
+                inode = os.stat(self.data_path(key)).st_ino
+            except OSError:
+                return False
+            if landed.inode != inode:
+                return False
+            if file is not None:
+                log.warning("cache: the data file of %s was replaced behind our back", key.did)
+                self._corrupt += len(file.blocks)
+                self._discard(file)
+            file = _File(key, self.directory(key), self.block_size, inode)
+        record = landed.record
+        try:
+            if file.journal_bytes == 0:
+                self._start_journal(file)
+            self._append(file, block_record(key, self.block_size, record))
+        except OSError as exc:
+            log.warning("cache: cannot journal block %d of %s: %s", record.index, key.did, exc)
+            if key.digest not in self._files:
+                self._close_fds(key.digest)  # its files stay for salvage(); load() removes them
+            return False
+        self._files[key.digest] = file
+        slot = (key.digest, record.index)
+        old = file.blocks.get(record.index)
+        if old is not None:
             file.cached_bytes -= old.length
-            self._used -= _block_bytes(old.length)
+            file.live_journal_bytes -= block_record_size(old)
+            self._used -= old.length
             if file.verified:
                 self._set_verified(file, False)
-        file.blocks[landed.index] = _Block(landed.length, landed.header)
-        file.cached_bytes += landed.length
-        self._used += _block_bytes(landed.length)
+        file.blocks[record.index] = record
+        file.cached_bytes += record.length
+        file.live_journal_bytes += block_record_size(record)
+        self._used += record.length
         self._lru[slot] = file
         self._lru.move_to_end(slot)
         if self._used > self._high:
             self._evict_to(self._low, keep=slot)
+        return True
+
+    def salvage(self, key: FileKey, landed: LandedBlock) -> bytes | None:
+        """The verified bytes of a stored block :meth:`commit` refused, or None; frees their space."""
+        try:
+            fd = os.open(self.data_path(key), os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            if os.fstat(fd).st_ino != landed.inode:
+                return None
+            data = os.pread(fd, landed.length, landed.index * self.block_size)
+            file = self._files.get(key.digest)
+            if file is None or landed.index not in file.blocks:
+                with contextlib.suppress(OSError):
+                    punch_hole(fd, landed.index * self.block_size, landed.length)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        view = memoryview(data)
+        record = landed.record
+        pages = range(0, len(data), PAGE_SIZE)
+        if len(data) != record.length or any(
+            crc32(view[o : o + PAGE_SIZE]) != record.page_crc(o // PAGE_SIZE) for o in pages
+        ):
+            return None
+        return data
+
+    def _start_journal(self, file: _File) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        fd = os.open(os.path.join(file.directory, INDEX_NAME), flags, 0o600)
+        try:
+            header = file_record(file.key, self.block_size)
+            _write_all(fd, header)
+        finally:
+            os.close(fd)
+        file.journal_bytes = len(header)
+
+    def _append(self, file: _File, record: bytes) -> None:
+        _write_all(self._fds_of(file)[1], record)
+        file.journal_bytes += len(record)
+        if file.journal_bytes > 2 * file.live_journal_bytes + _COMPACT_SLACK:
+            self._compact(file)
+
+    def _compact(self, file: _File) -> None:
+        """Rewrite ``file``'s journal with only its live records (temp file + rename)."""
+        self._close_fds(file.key.digest)
+        parts = [file_record(file.key, self.block_size)]
+        parts += [block_record(file.key, self.block_size, file.blocks[i]) for i in sorted(file.blocks)]
+        if file.verified:
+            parts.append(verified_record(True))
+        content = b"".join(parts)
+        tmp = os.path.join(file.directory, f".{INDEX_NAME}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, content)
+            finally:
+                os.close(fd)
+            os.replace(tmp, os.path.join(file.directory, INDEX_NAME))
+        except OSError as exc:
+            _remove(tmp)
+            log.warning("cache: cannot compact the index of %s: %s", file.key.did, exc)
+            return
+        file.journal_bytes = len(content)
 
     def shrink(self, fraction: float = 0.1) -> int:
         """Evict least recently used blocks worth ``fraction`` of the used bytes (the disk is full)."""
@@ -383,9 +498,9 @@ class BlockCache:
     def touch(self, key: FileKey) -> None:
         """Record that ``key`` was used, for the recency order after a restart."""
         file = self._files.get(key.digest)
-        if file is not None and file.meta_written:
+        if file is not None:
             with contextlib.suppress(OSError):
-                os.utime(os.path.join(file.directory, META_NAME))
+                os.utime(os.path.join(file.directory, INDEX_NAME))
 
     def _evict_to(self, target: int, keep: tuple[str, int] | None = None) -> None:
         while self._used > target and self._lru:
@@ -395,65 +510,75 @@ class BlockCache:
                     return
                 self._lru.move_to_end(slot)
                 continue
-            length = file.blocks[slot[1]].length
-            self._drop_block(file, slot[1])
-            self._evictions += 1
-            self._evicted_bytes += _block_bytes(length)
+            victims = [slot[1]] if self._can_punch else [i for i in file.blocks if (file.key.digest, i) != keep]
+            for index in victims:
+                length = file.blocks[index].length
+                self._drop_block(file, index)
+                self._evictions += 1
+                self._evicted_bytes += length
 
     def _drop_block(self, file: _File, index: int) -> None:
-        slot = (file.key.digest, index)
-        if file.verified:
-            self._set_verified(file, False)  # before the block goes, so a crash never overstates
-        block = file.blocks.pop(index)
-        del self._lru[slot]
-        self._close_fd(slot)
-        _remove(os.path.join(file.directory, block_name(index)))
-        file.cached_bytes -= block.length
-        self._used -= _block_bytes(block.length)
+        digest = file.key.digest
+        record = file.blocks.pop(index)
+        del self._lru[(digest, index)]
+        file.cached_bytes -= record.length
+        file.live_journal_bytes -= block_record_size(record)
+        self._used -= record.length
         if not file.blocks:
-            del self._files[file.key.digest]
-            _remove(os.path.join(file.directory, META_NAME))
-            # A transfer may be writing a temp file there; load() cleans up later.
-            with contextlib.suppress(OSError):
-                os.rmdir(file.directory)
+            self._forget(file)
+            return
+        try:
+            if file.verified:
+                file.verified = False
+                self._append(file, verified_record(False))
+            self._append(file, drop_record(index))
+            if self._can_punch and not punch_hole(self._fds_of(file)[0], index * self.block_size, record.length):
+                self._can_punch = False
+                log.info("cache: the file system cannot punch holes; evicting whole files")
+        except OSError as exc:
+            # The journal may still list the block, but its data is gone or unreachable: a later
+            # read or load finds its checksums wrong and drops it.
+            log.warning("cache: cannot record that block %d of %s was dropped: %s", index, file.key.did, exc)
+
+    def _forget(self, file: _File) -> None:
+        """Remove a file that has no block left from memory and disk."""
+        digest = file.key.digest
+        self._close_fds(digest)
+        for slot in [(digest, i) for i in file.blocks]:
+            self._lru.pop(slot, None)
+        if self._files.get(digest) is file:
+            del self._files[digest]
+        _remove(os.path.join(file.directory, INDEX_NAME))
+        _remove(os.path.join(file.directory, DATA_NAME))
+        # A transfer may be writing there right now; load() cleans up what is left.
+        with contextlib.suppress(OSError):
+            os.rmdir(file.directory)
+
+    def _discard(self, file: _File) -> None:
+        """Forget ``file`` in memory only (its files on disk are someone else's now)."""
+        digest = file.key.digest
+        self._close_fds(digest)
+        for index in file.blocks:
+            del self._lru[(digest, index)]
+        self._used -= file.cached_bytes
+        del self._files[digest]
 
     def _drop_file(self, file: _File) -> None:
-        for index in list(file.blocks):
-            self._drop_block(file, index)
+        self._used -= file.cached_bytes
+        self._forget(file)
+        file.blocks.clear()
+        file.cached_bytes = 0
 
     def _set_verified(self, file: _File, verified: bool) -> None:
         file.verified = verified
-        self._write_meta(file)
-
-    def _write_meta(self, file: _File) -> None:
-        key = file.key
-        meta = {
-            "format": FORMAT,
-            "scope": key.did.scope,
-            "name": key.did.name,
-            "size": key.size,
-            "checksum": key.checksum,
-            "block_size": self.block_size,
-            "verified": file.verified,
-        }
-        tmp = os.path.join(file.directory, f".meta.{secrets.token_hex(6)}.tmp")
         try:
-            make_private_dirs(self._root, file.directory)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                os.write(fd, json.dumps(meta).encode("utf-8", "surrogateescape"))
-            finally:
-                os.close(fd)
-            os.replace(tmp, os.path.join(file.directory, META_NAME))
-            file.meta_written = True
+            self._append(file, verified_record(verified))
         except OSError as exc:
-            _remove(tmp)
-            # Without meta the blocks are still served now; load() discards the directory later.
-            log.warning("cache: cannot write the index of %s: %s", key.did, exc)
+            log.warning("cache: cannot record the verification of %s: %s", file.key.did, exc)
 
     # ---- whole-file verification --------------------------------------------------------------
 
-    async def verify(self, key: FileKey) -> VerifyResult:
+    def verify(self, key: FileKey) -> VerifyResult:
         """Check a complete file against the catalogue's adler32; on mismatch drop all its blocks."""
         file = self._files.get(key.digest)
         if file is None or len(file.blocks) < file.n_blocks:
@@ -463,29 +588,10 @@ class BlockCache:
         expected = key.adler32
         if expected is None:
             return VerifyResult.UNVERIFIABLE
-        unread = {index: block for index, block in file.blocks.items() if block.header is None}
-        if unread:
-            headers = await trio.to_thread.run_sync(
-                _read_headers, file.directory, key, self.block_size, sorted(unread)
-            )
-            for index, header in headers.items():
-                block = unread[index]
-                if file.blocks.get(index) is not block or block.header is not None:
-                    continue  # replaced or dropped while we were reading
-                if header is None:
-                    self._corrupt += 1
-                    self._drop_block(file, index)
-                else:
-                    block.header = header
-            if self._files.get(key.digest) is not file or len(file.blocks) < file.n_blocks:
-                return VerifyResult.INCOMPLETE
-            if file.verified:
-                return VerifyResult.VERIFIED
         total = adler32(b"")
         for index in range(file.n_blocks):
-            header = file.blocks[index].header
-            assert header is not None  # every block's header was loaded above, on this thread
-            total = adler32_combine(total, header.adler32, header.length)
+            record = file.blocks[index]
+            total = adler32_combine(total, record.adler32, record.length)
         if total == expected:
             self._set_verified(file, True)
             return VerifyResult.VERIFIED
@@ -502,7 +608,7 @@ class BlockCache:
     # ---- clearing -----------------------------------------------------------------------------
 
     async def clear(self) -> None:
-        """Drop every block. Transfers still running land their blocks in the emptied cache."""
+        """Drop every block. Blocks of transfers still running are refused by :meth:`commit`."""
         self.close()
         self._files.clear()
         self._lru.clear()
@@ -513,37 +619,19 @@ class BlockCache:
         await trio.to_thread.run_sync(functools.partial(shutil.rmtree, trash, ignore_errors=True))
 
     def close(self) -> None:
-        """Close the file descriptors kept for reading."""
+        """Close the file descriptors kept open."""
         while self._fds:
-            os.close(self._fds.popitem()[1])
+            for fd in self._fds.popitem()[1]:
+                os.close(fd)
 
 
-def _load_header(fd: int, key: FileKey, block_size: int, index: int) -> BlockHeader:
-    header = parse_header(os.pread(fd, HEADER_SIZE, 0), key, block_size, index)
-    size = os.fstat(fd).st_size
-    if size != _block_bytes(header.length):
-        raise CorruptBlockError(f"block file has {size} bytes, expected {_block_bytes(header.length)}")
-    return header
-
-
-def _read_headers(
-    directory: str, key: FileKey, block_size: int, indices: list[int]
-) -> dict[int, BlockHeader | None]:
-    """Headers of some blocks (None for a missing or corrupt one); runs in a worker thread."""
-    headers: dict[int, BlockHeader | None] = {}
-    for index in indices:
-        try:
-            fd = os.open(os.path.join(directory, block_name(index)), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            headers[index] = None
-            continue
-        try:
-            headers[index] = _load_header(fd, key, block_size, index)
-        except (CorruptBlockError, OSError):
-            headers[index] = None
-        finally:
-            os.close(fd)
-    return headers
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError("short write")
+        view = view[written:]
 
 
 def _remove(path: str) -> None:

@@ -1,81 +1,82 @@
-"""Turns the body of one range transfer into block files, on the transport's (asyncio) thread.
+"""Turns the body of one range transfer into cached blocks, on the transport's (asyncio) thread.
 
 A :class:`BlockWriter` covers blocks ``[first, end)`` of one file, i.e. the file bytes from
 ``first*block_size`` to ``min(size, end*block_size)``; it receives them in order through ``write`` (the
 transport's :class:`~datalakefs.transport.http.RangeSink` protocol, matched structurally: this package
-does not import the transport). For each block it:
+does not import the transport). It:
 
-* writes the bytes with ``os.pwrite`` into a new temp file (``O_EXCL``, 0600) after a reserved header,
-  computing a CRC32 per page and the block's adler32 as the bytes pass (no second pass over the data);
-* when the block is complete, writes the header and renames the temp file to the block's name (so a
-  block name never shows a partly written block), then calls ``on_block`` with a :class:`LandedBlock`.
+* opens (creating it, 0600, sized to the file) the file's sparse ``data`` file and writes each byte with
+  ``os.pwrite`` at its own offset, computing a CRC32 per page and each block's adler32 as the bytes pass
+  (no second pass over the data);
+* when a block is complete, calls ``on_block`` with a :class:`LandedBlock`: its record and the identity
+  (inode) of the data file it went to. Nothing is visible to readers until the cache's ``commit`` (on
+  the trio thread) appends the record to the journal; ``commit`` refuses a block whose data file is no
+  longer the cache's (the file was dropped or the cache cleared meanwhile).
 
-No fsync: the cache is not a store of record. A crash may leave a renamed block whose data never reached
-the disk; its header or page checksums then fail and the block is dropped and fetched again.
+No fsync: the cache is not a store of record. A crash may leave a journaled block whose data never
+reached the disk; its page checksums then fail and the block is dropped and fetched again.
 
-If the local disk fails (``ENOSPC``, ``EIO``, the cache cleared under us), the block being written is
-read back into memory and it and the rest of the transfer are delivered in memory
-(``LandedBlock.data``), so the readers waiting for them still get their bytes; a block whose prefix can
-not be read back is lost and is not delivered (the caller sees it missing and fetches it again).
-``close`` removes the temp file of an unfinished block. A writer is used by one thread at a time.
+If the local disk fails (``ENOSPC``, ``EIO``), the block being written is read back into memory and it
+and the rest of the transfer are delivered in memory (``LandedBlock.data``), so the readers waiting for
+them still get their bytes; a block whose prefix cannot be read back is lost and is not delivered (the
+caller sees it missing and fetches it again). ``close`` gives back the space of an unfinished block. A
+writer is used by one thread at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import sys
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from datalakefs.cache.layout import (
-    HEADER_SIZE,
+    DATA_NAME,
     PAGE_SIZE,
-    BlockHeader,
+    BlockRecord,
     FileKey,
     adler32,
     block_length,
-    block_name,
     crc32,
     make_private_dirs,
-    pack_header,
+    punch_hole,
     pwrite_all,
 )
 
-_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC  # read back if the disk fails
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC  # read back if the disk fails
 
 
 @dataclass(frozen=True, slots=True)
 class LandedBlock:
-    """A block that arrived: stored as a block file, or (``data`` set) kept in memory only."""
+    """A block that arrived: in the data file ``inode``, or (``data`` set) kept in memory only."""
 
-    header: BlockHeader
+    record: BlockRecord
+    inode: int = 0
     data: bytes | None = None
     errno: int = 0  # the local error that kept it out of the cache, when ``data`` is set
 
     @property
     def index(self) -> int:
-        return self.header.index
+        return self.record.index
 
     @property
     def length(self) -> int:
-        return self.header.length
+        return self.record.length
 
 
 class _OpenBlock:
-    __slots__ = ("adler", "crc", "crcs", "fd", "filled", "index", "length", "lost", "mem", "tmp")
+    __slots__ = ("adler", "crc", "crcs", "filled", "index", "length", "lost", "mem", "offset")
 
-    def __init__(self, index: int, length: int) -> None:
+    def __init__(self, index: int, offset: int, length: int) -> None:
         self.index = index
+        self.offset = offset
         self.length = length
         self.filled = 0
         self.adler = adler32(b"")
         self.crc = 0
         self.crcs = array("I")
-        self.fd = -1
-        self.tmp = ""
         self.mem: bytearray | None = None
         self.lost = False
 
@@ -102,12 +103,9 @@ class BlockWriter:
         self._end = min(key.size, end * block_size)
         self._on_block = on_block
         self._block: _OpenBlock | None = None
+        self._fd = -1
+        self._inode = 0
         self._local_error = 0  # once the disk failed, the rest of the transfer stays in memory
-
-    @property
-    def position(self) -> int:
-        """The file offset the next ``write`` must start at."""
-        return self._pos
 
     def write(self, offset: int, data: bytes) -> None:
         if offset != self._pos or offset + len(data) > self._end:
@@ -125,27 +123,38 @@ class BlockWriter:
 
     def close(self) -> None:
         block, self._block = self._block, None
-        if block is not None and block.fd >= 0:
-            os.close(block.fd)
-            _unlink_quietly(block.tmp)
+        if self._fd < 0:
+            return
+        if block is not None and block.mem is None and block.filled:
+            with contextlib.suppress(OSError):
+                punch_hole(self._fd, block.offset, block.filled)
+        os.close(self._fd)
+        self._fd = -1
+
+    def _open_data(self) -> None:
+        path = os.path.join(self._dir, DATA_NAME)
+        try:
+            try:
+                fd = os.open(path, _OPEN_FLAGS, 0o600)
+            except FileNotFoundError:
+                make_private_dirs(self._root, self._dir)
+                fd = os.open(path, _OPEN_FLAGS, 0o600)
+            st = os.fstat(fd)
+            if st.st_size != self._key.size:  # new: sized now, so that truncation shows later
+                os.ftruncate(fd, self._key.size)
+        except OSError as exc:
+            self._local_error = exc.errno or -1
+            return
+        self._fd, self._inode = fd, st.st_ino
 
     def _begin(self) -> _OpenBlock:
         index = self._next_index
         self._next_index += 1
-        block = _OpenBlock(index, block_length(self._key.size, self._block_size, index))
+        block = _OpenBlock(index, index * self._block_size, block_length(self._key.size, self._block_size, index))
         self._block = block
+        if self._fd < 0 and not self._local_error:
+            self._open_data()
         if self._local_error:
-            block.mem = bytearray()
-            return block
-        block.tmp = os.path.join(self._dir, f".{index:010d}.{secrets.token_hex(6)}.tmp")
-        try:
-            try:
-                block.fd = os.open(block.tmp, _OPEN_FLAGS, 0o600)
-            except FileNotFoundError:
-                make_private_dirs(self._root, self._dir)
-                block.fd = os.open(block.tmp, _OPEN_FLAGS, 0o600)
-        except OSError as exc:
-            self._local_error = exc.errno or -1
             block.mem = bytearray()
         return block
 
@@ -155,7 +164,7 @@ class BlockWriter:
         pos = 0
         while pos < len(piece):
             page_end = (start + pos) // PAGE_SIZE * PAGE_SIZE + PAGE_SIZE
-            segment = piece[pos : pos + page_end - start - pos]
+            segment = piece[pos : page_end - start]
             block.crc = crc32(segment, block.crc)
             pos += len(segment)
             if start + pos == page_end or start + pos == block.length:
@@ -165,7 +174,7 @@ class BlockWriter:
             block.mem += piece
         elif not block.lost:
             try:
-                pwrite_all(block.fd, piece, HEADER_SIZE + start)
+                pwrite_all(self._fd, piece, block.offset + start)
             except OSError as exc:
                 self._to_memory(block, exc)
                 if block.mem is not None:
@@ -176,36 +185,22 @@ class BlockWriter:
         """The disk failed mid-block: keep what was written, in memory, and stop using the disk."""
         self._local_error = exc.errno or -1
         try:
-            prefix = os.pread(block.fd, block.filled, HEADER_SIZE)
+            prefix = os.pread(self._fd, block.filled, block.offset)
         except OSError:
             prefix = b""
         if len(prefix) == block.filled:
             block.mem = bytearray(prefix)
         else:
             block.lost = True
-        os.close(block.fd)
-        block.fd = -1
-        _unlink_quietly(block.tmp)
+        with contextlib.suppress(OSError):
+            punch_hole(self._fd, block.offset, block.filled)
 
     def _finish(self, block: _OpenBlock) -> None:
         self._block = None
         if sys.byteorder == "big":
-            block.crcs.byteswap()  # the header stores them little-endian
-        header = BlockHeader(block.index, block.length, block.adler, block.crcs.tobytes())
-        if block.fd >= 0:
-            try:
-                pwrite_all(block.fd, pack_header(self._key, self._block_size, header), 0)
-                os.rename(block.tmp, os.path.join(self._dir, block_name(block.index)))
-            except OSError as exc:
-                self._to_memory(block, exc)
-            else:
-                os.close(block.fd)
-                self._on_block(LandedBlock(header))
-                return
+            block.crcs.byteswap()  # records store them little-endian
+        record = BlockRecord(block.index, block.length, block.adler, block.crcs.tobytes())
         if block.mem is not None:
-            self._on_block(LandedBlock(header, bytes(block.mem), self._local_error))
-
-
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
+            self._on_block(LandedBlock(record, data=bytes(block.mem), errno=self._local_error))
+        elif not block.lost:
+            self._on_block(LandedBlock(record, inode=self._inode))

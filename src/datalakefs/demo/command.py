@@ -93,6 +93,8 @@ def cmd_up(lake: Lake, args: argparse.Namespace) -> int:
     if not args.no_seed:
         # rucio reads its config location once, at first use: set it before importing the client
         os.environ.update(lake.client_env())
+        for key in ("no_proxy", "NO_PROXY"):
+            os.environ[key] = ",".join(filter(None, [os.environ.get(key), "127.0.0.1", "localhost"]))
         from datalakefs.demo import seed
 
         seed.run(lake, with_100k=args.with_100k, progress=_progress)

@@ -390,9 +390,13 @@ def _tcp_open(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+# the lake is on loopback: never route a probe through the caller's HTTP proxy
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _http_ok(url: str, timeout: float = 3.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with _DIRECT.open(url, timeout=timeout) as resp:
             return bool(resp.status < 500)
     except urllib.error.HTTPError as err:
         return err.code < 500
@@ -482,12 +486,18 @@ def _require(executable: str) -> str:
     return found
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without what would leak into the lake's processes (venvs, rucio, X509)."""
+def _clean_env(*, keep_proxies: bool = False, **extra: str) -> dict[str, str]:
+    """The caller's environment without what would leak into the lake's processes.
+
+    Dropped: venv and Python settings, rucio and X509 settings, and HTTP proxies unless
+    ``keep_proxies`` (pip needs them; everything the lake's own processes talk to is on loopback).
+    """
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("RUCIO_", "X509_", "PYTHON", "DATALAKEFS_")) and k != "VIRTUAL_ENV"
+        if not k.startswith(("RUCIO_", "X509_", "PYTHON", "DATALAKEFS_"))
+        and k != "VIRTUAL_ENV"
+        and (keep_proxies or not k.lower().endswith("_proxy"))
     }
     env.update(extra)
     return env
@@ -679,7 +689,7 @@ class Lake:
             self._check_ports(to_start)
             self._make_dirs()
             self._write_json(self.layout.lake_file, {"port_base": self.port_base})
-            self._ensure_venv(step)
+            self._ensure_venv(step, running)
             self._write_configs()
             for name in to_start:
                 if (rec := self.record(name)) is not None:
@@ -755,34 +765,52 @@ class Lake:
 
     # ----------------------------------------------------------------------------------------- venv
 
-    def _ensure_venv(self, step: ProgressFn) -> None:
-        """Build the server venv unless it exists for exactly these pinned requirements."""
-        venv = self.layout.venv
+    def _venv_requirements(self) -> tuple[str, str]:
         requirements = (ASSETS / "server-requirements.txt").read_text()
-        digest = hashlib.sha256(requirements.encode()).hexdigest()
-        marker = venv / ".datalakefs-requirements"
-        if marker.exists() and marker.read_text().strip() == digest and (venv / "bin" / "gunicorn").exists():
+        return requirements, hashlib.sha256(requirements.encode()).hexdigest()
+
+    def _venv_current(self) -> bool:
+        marker = self.layout.venv / ".datalakefs-requirements"
+        return (
+            marker.exists()
+            and marker.read_text().strip() == self._venv_requirements()[1]
+            and (self.layout.venv / "bin" / "gunicorn").exists()
+        )
+
+    def _ensure_venv(self, step: ProgressFn, running: Mapping[str, ProcessRecord]) -> None:
+        """Build the server venv unless it exists for exactly these pinned requirements."""
+        if self._venv_current():
             return
+        venv_users = sorted(set(running) & {"rucio", "daemons", "fts"})
+        if venv_users:
+            raise DemoError(
+                f"the server venv must be rebuilt (its pinned requirements changed) but {', '.join(venv_users)} "
+                "run from it: run `datalakefs demo down` first"
+            )
+        venv = self.layout.venv
+        requirements, digest = self._venv_requirements()
         python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
         step(f"creating the Rucio server venv in {venv} (one time, about 30 s)")
         if venv.exists():
             shutil.rmtree(venv)
+        req_file = self.layout.lib / "server-requirements.txt"
+        req_file.write_text(requirements)
         log = self.layout.log / "venv.log"
         with open(log, "w") as fh:
-            subprocess.run([python, "-m", "venv", str(venv)], stdout=fh, stderr=subprocess.STDOUT, check=True)
-            pip = [str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", "-q"]
-            req_file = self.layout.lib / "server-requirements.txt"
-            req_file.write_text(requirements)
             rc = subprocess.run(
-                [*pip, "-r", str(req_file)],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                check=False,
-                env=_clean_env(),
+                [python, "-m", "venv", str(venv)], stdout=fh, stderr=subprocess.STDOUT, check=False
             ).returncode
+            if rc == 0:
+                rc = subprocess.run(
+                    [str(venv / "bin" / "pip"), "install", "--disable-pip-version-check", "-q", "-r", str(req_file)],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    check=False,
+                    env=_clean_env(keep_proxies=True),
+                ).returncode
         if rc != 0 or not (venv / "bin" / "gunicorn").exists():
-            raise DemoError(f"pip could not build the server venv (rc {rc}); see {log}:\n{_tail(log)}")
-        marker.write_text(digest + "\n")
+            raise DemoError(f"could not build the server venv (rc {rc}); see {log}:\n{_tail(log)}")
+        (venv / ".datalakefs-requirements").write_text(digest + "\n")
         step("server venv ready")
 
     def _site_packages(self) -> Path:

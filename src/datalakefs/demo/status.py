@@ -60,10 +60,30 @@ class MetadataQuery:
 
 @dataclass(frozen=True, slots=True)
 class Seed:
-    """Role -> DID map of the seeded catalogue (see seed.py for what each role holds).
+    """Role -> DID map of the seeded catalogue. Every seeded file has a replica on ``origin_rse``.
 
-    ``dataset_100k`` is None unless the lake was brought up with ``--with-100k``.
-    Content of every seeded file is ``seed.content(content_key, did, size)``.
+    scopes                  the seeded scopes (a ``user.*`` one among them: its PFN paths use ``user/x/``)
+    upload_scope            scope for test uploads and test datasets (unique names, please)
+    container               a container of datasets, one of them in another scope
+    container_children      its content, exactly
+    nested_container        a container of containers
+    sized_dataset           holds ``sized_files``: size in bytes -> file, 0 B to 1 GiB
+    big_file                the 1 GiB file
+    dataset_10k             10,000 small files
+    dataset_100k            100,000 small files; None unless `up --with-100k`
+    multi_dataset_file      a file attached to every dataset of ``multi_dataset_file_datasets``
+    cross_scope_dataset     a dataset whose files all live in another scope
+    escaped_dataset         a dataset with ``/`` in its name, holding ``escaped_names``: names with
+                            ``/``, one starting with ``/``, and ``long_name`` (250 characters)
+    traversal_dataset       holds ``traversal_name``, a name with ``../`` segments; its bytes are
+                            only reachable through LAKE-ORIGIN's https door (XrdHttp answers 403)
+    stage_dataset           a dataset only on LAKE-ORIGIN, for staging (tests that must see a real
+                            transfer should make their own with seed.add_origin_dataset)
+    metadata_dataset        a dataset and its DID metadata (run_number, datatype, project)
+    metadata_query          a metadata filter and the DIDs it returns
+    proxy_client_site       a client site for which Rucio rewrites PFNs to root://<xcache-fwd>//<pfn>
+
+    The content of every seeded file is ``seed.content(content_key, did, size, offset, length)``.
     """
 
     version: int

@@ -3,7 +3,7 @@
 The filesystem gets one :class:`StreamReader` per open file (through :class:`StreamContent`, or
 :meth:`StreamService.open`) and calls ``await reader.read(offset, size)`` from its read handler.
 
-**Hits** are served inline: ``os.pread`` on the block files, verified by the cache, with no thread hop
+**Hits** are served inline: ``os.pread`` on the cache's data file, verified by the cache, with no thread hop
 and no await.
 
 **Misses and prefetch.**
@@ -16,8 +16,10 @@ and no await.
   up to ``prefetch_max`` (and at most a quarter of the cache). When less than half a window is left
   ahead of the reader, the window's missing blocks are requested at once, so requests are large and
   overlap. A random reader fetches exactly the blocks it touches.
-* Missing consecutive blocks are fetched with one closed-range GET per ``max_request`` bytes. The body
-  is written to block files on the transport's thread; trio is woken once per landed block (with
+* Missing consecutive blocks are fetched with one closed-range GET per ``max_request`` bytes (64 MiB:
+  measured here against a local XrdHttp, one GET per stretch beat 16 MiB pieces, 918 vs 764 MB/s and
+  1.29 vs 1.45 CPU s/GiB, as the transport notes predicted for aiohttp). The body
+  is written to the cache's data file on the transport's thread; trio is woken once per landed block (with
   ``TrioToken.run_sync_soon``) to commit it to the cache and wake its waiters, so a reader needing the
   first block of a 32 MiB request does not wait for the rest.
 * Transfers run in the service's nursery, not in the readers' tasks: an interrupted reader does not
@@ -29,8 +31,9 @@ failed attempt (5xx, timeout, reset, short body, wrong range reply) moves on to 
 once, resuming at the first block that has not arrived; after every candidate failed, the transfer waits
 (``retry_backoff``, doubling) and tries them all again, ``Config.http_retries`` more times. Candidates
 that answered 401/403/404 are not asked again by that transfer. A reader starts with the candidate that
-last worked for it. When every attempt failed, the waiters get ``TransferError`` (EIO) listing each
-attempt's reason, as the log does; ``AccessDeniedError`` (EACCES) when every candidate refused access.
+last worked for it, or with the one after the candidate that last failed. When every attempt failed,
+the waiters get ``TransferError`` (EIO) listing each attempt's reason, as the log does;
+``AccessDeniedError`` (EACCES) when every candidate refused access.
 
 **Verification.** Every block is checked by the cache on every read. Once a file's last block is in
 the cache, the next read checks the whole file's adler32 against the catalogue before returning
@@ -196,7 +199,6 @@ class StreamService:
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._bypass: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._bypass_max = max(4, self._window_max // self.block_size)
-        self._verifying: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._hits = 0
@@ -245,7 +247,7 @@ class StreamService:
         )
 
     async def clear(self) -> None:
-        """Drop every cached block (blocks of running transfers still arrive and are kept)."""
+        """Drop every cached block (blocks of running transfers are fetched again for their readers)."""
         self._bypass.clear()
         await self.cache.clear()
 
@@ -279,14 +281,8 @@ class StreamService:
             f"{reader.key.did}: block {index} left the cache as soon as it arrived (cache too small?)"
         )
 
-    async def _verify(self, key: FileKey) -> None:
-        lock = self._verifying.setdefault(key.digest, trio.Lock())
-        try:
-            async with lock:
-                result = await self.cache.verify(key)
-        finally:
-            if not lock.statistics().tasks_waiting and self._verifying.get(key.digest) is lock:
-                del self._verifying[key.digest]
+    def _verify(self, key: FileKey) -> None:
+        result = self.cache.verify(key)
         if result is VerifyResult.VERIFIED:
             self._verified += 1
         elif result is VerifyResult.MISMATCH:
@@ -344,6 +340,9 @@ class StreamService:
                 message = f"{run.key.did}: every replica failed: " + "; ".join(reasons)
                 log.error("%s", message)
                 run.fail(error_type(message))
+        except Exception as exc:  # a bug must fail this transfer's reads, not the whole service
+            log.exception("%s: transfer failed unexpectedly", run.key.did)
+            run.fail(TransferError(f"{run.key.did}: internal error in the transfer: {exc!r}"))
         finally:
             self._transfers -= 1
             run.fail(TransferError(f"{run.key.did}: the transfer was stopped"))
@@ -368,9 +367,10 @@ class StreamService:
                     self._failed += 1
                     reasons.append(str(exc))
                     kinds.append(exc.kind)
-                    log.warning("%s: blocks %d-%d from %s: %s", run.key.did, *span, candidate, exc)
+                    log.warning("%s: blocks %d..%d from %s: %s", run.key.did, span[0], span[1] - 1, candidate, exc)
                     if not exc.kind.retryable:
                         refused.add(candidate)
+                    run.reader.demote(candidate)
                     continue
                 if run.remaining() is None:
                     run.reader.prefer(candidate)
@@ -398,15 +398,20 @@ class StreamService:
     def _landed(self, run: _Run, landed: LandedBlock) -> None:
         """On the trio thread, for each block that arrived; must never raise (run_sync_soon callback)."""
         try:
-            if landed.data is None:
-                self.cache.commit(run.key, landed)
-            else:
+            data = landed.data
+            disk_full = landed.errno == errno.ENOSPC
+            if data is None and not self.cache.commit(run.key, landed):
+                # Its data file was dropped meanwhile (None: the waiters ask again), or the journal
+                # could not be written (the bytes are still there: the disk is full).
+                data = self.cache.salvage(run.key, landed)
+                disk_full = data is not None
+            if data is not None:
                 self._bypassed += 1
-                self._bypass[(run.key.digest, landed.index)] = landed.data
+                self._bypass[(run.key.digest, landed.index)] = data
                 while len(self._bypass) > self._bypass_max:
                     self._bypass.popitem(last=False)
-                if landed.errno == errno.ENOSPC:
-                    self.cache.shrink()
+            if disk_full:
+                self.cache.shrink()  # make room for the next blocks
             self._bytes += landed.length
         except Exception:
             log.exception("%s: block %d arrived but could not be recorded", run.key.did, landed.index)
@@ -457,7 +462,7 @@ class StreamReader:
             pieces.append(data)
         cache = service.cache
         if not cache.is_verified(self.key) and cache.is_complete(self.key):
-            await service._verify(self.key)
+            service._verify(self.key)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _plan(self, offset: int, end: int, first: int, last: int) -> None:
@@ -495,6 +500,12 @@ class StreamReader:
 
     def prefer(self, candidate: Candidate) -> None:
         self._preferred = candidate
+
+    def demote(self, candidate: Candidate) -> None:
+        """``candidate`` just failed: later transfers start with the one after it."""
+        found = self._candidates or ()
+        if candidate in found and self._preferred in (None, candidate):
+            self._preferred = found[(found.index(candidate) + 1) % len(found)]
 
     async def close(self) -> None:
         """Forget the handle; transfers it started go on for whoever else waits, and stay cached."""
@@ -560,7 +571,11 @@ class StreamContent:
         return f"stream: {cache.cached_bytes(key)} of {info.size} bytes cached"
 
     def statistics(self) -> StreamStatistics:
-        return self._running().statistics()
+        """The service's statistics; all zero while it is not running."""
+        if self._service is not None:
+            return self._service.statistics()
+        idle = CacheStatistics(self._config.cache_size, 0, 0, 0, 0, 0, 0, 0)
+        return StreamStatistics(idle, 0, 0, 0, 0, 0, 0, 0, 0)
 
     async def clear(self) -> None:
         await self._running().clear()

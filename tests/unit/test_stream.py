@@ -1,0 +1,255 @@
+"""Stream mode against the in-process origin: prefetch, single flight, failover, verification."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+from tests.faults.harness import BS, info_of, open_reader, payload, ranges, read_all, running
+from tests.faults.origin import FaultyOrigin
+
+from datalakefs.config import Config
+from datalakefs.errors import AccessDeniedError, TransferError
+from datalakefs.model import DID, FileReplicas, Replica
+from datalakefs.staging.stream import SEQUENTIAL_SLACK, StreamContent
+
+DATA = payload(40 * BS + 777, seed=1)
+INFO = info_of("big", DATA)
+
+
+async def test_sequential_reader_gets_a_growing_window_of_large_requests(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path) as service:
+            reader = open_reader(service, INFO, origin.url("big"))
+            assert await read_all(reader) == DATA
+            stats = service.statistics()
+    spans = ranges(origin.gets())
+    assert spans[0][0] == 0 and spans[-1][1] == len(DATA)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))  # each byte fetched once
+    sizes = [end - start for start, end in spans]
+    assert sizes[0] <= 4 * BS  # starts small ...
+    assert max(sizes) >= 16 * BS  # ... and grows
+    assert len(spans) <= 8
+    assert stats.bytes_fetched == len(DATA)
+    assert stats.verified_files == 1
+    assert origin.violations == []
+
+
+async def test_random_reader_fetches_only_the_blocks_it_touches(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path) as service:
+            reader = open_reader(service, INFO, origin.url("big"))
+            step = (SEQUENTIAL_SLACK + 2) * BS
+            offsets = [30 * BS + 5, 3 * BS + 100, 39 * BS + 7, 17 * BS, 3 * BS + 100 + step]
+            for offset in offsets:
+                assert await reader.read(offset, 4096) == DATA[offset : offset + 4096]
+    assert ranges(origin.gets()) == sorted(
+        (o // BS * BS, min(len(DATA), o // BS * BS + BS)) for o in offsets
+    )
+
+
+async def test_cache_hits_never_reach_the_network(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path) as service:
+            await read_all(open_reader(service, INFO, origin.url("big")))
+            before = len(origin.requests)
+            again = open_reader(service, INFO, origin.url("big"))
+            assert await read_all(again, chunk=BS) == DATA
+            assert await again.read(5 * BS + 3, 10) == DATA[5 * BS + 3 : 5 * BS + 13]
+            stats = service.statistics()
+            assert service.cached_bytes(INFO) == len(DATA)
+    assert len(origin.requests) == before
+    assert stats.hits >= 42
+    assert 0 < stats.hit_rate < 1
+
+
+async def test_sixty_four_readers_of_a_cold_block_make_one_get_per_block(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}, latency=0.1) as origin:
+        async with running(tmp_path) as service:
+            results: list[bytes] = []
+
+            async def reader_task(i: int) -> None:
+                reader = open_reader(service, INFO, origin.url("big"))
+                results.append(await reader.read(7 * BS + i * 1000, 2 * BS))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(64):
+                    nursery.start_soon(reader_task, i)
+    assert len(results) == 64 and all(len(r) == 2 * BS for r in results)
+    gets = origin.gets()
+    assert set(gets.values()) == {1}
+    covered = [block for start, end in ranges(gets) for block in range(start // BS, -(-end // BS))]
+    assert len(covered) == len(set(covered))  # no block transferred twice
+    assert {7, 8, 9} <= set(covered)
+
+
+async def test_failover_to_the_next_replica_and_stick_to_it(tmp_path: Path) -> None:
+    with (
+        FaultyOrigin({"big": DATA}, fault_rate=1.0, faults=["status"]) as broken,
+        FaultyOrigin({"big": DATA}) as good,
+    ):
+        async with running(tmp_path) as service:
+            reader = open_reader(service, INFO, broken.url("big"), good.url("big"))
+            assert await reader.read(0, 1000) == DATA[:1000]
+            asked = len(broken.requests)
+            assert await reader.read(20 * BS, 1000) == DATA[20 * BS : 20 * BS + 1000]
+            assert service.statistics().failed_requests == asked
+    assert asked == 1
+    assert len(broken.requests) == asked  # the reader now starts with the replica that worked
+
+
+async def test_when_every_replica_fails_the_read_is_eio_with_every_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        FaultyOrigin({"big": DATA}, fault_rate=1.0, faults=["status"]) as one,
+        FaultyOrigin({"big": DATA}, latency=5) as two,  # never answers in time
+    ):
+        async with running(tmp_path, retries=1, stall=0.2) as service:
+            reader = open_reader(service, INFO, one.url("big"), two.url("big"))
+            with pytest.raises(TransferError) as caught:
+                await reader.read(0, 100)
+    assert caught.value.errno == errno.EIO
+    message = str(caught.value)
+    assert message.count("server error") == 2 and message.count("timeout") == 2
+    assert len(one.requests) == len(two.requests) == 2  # 1 + http_retries rounds
+    assert "every replica failed" in caplog.text
+
+
+async def test_when_every_replica_refuses_the_read_is_eacces_without_retries(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}, deny={"big": 403}) as origin:
+        async with running(tmp_path, retries=3) as service:
+            reader = open_reader(service, INFO, origin.url("big"))
+            with pytest.raises(AccessDeniedError) as caught:
+                await reader.read(0, 100)
+    assert caught.value.errno == errno.EACCES
+    assert len(origin.requests) == 1
+
+
+async def test_xcache_is_tried_before_the_replica(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}) as xcache, FaultyOrigin({"big": DATA}) as origin:
+        config = Config(xcache=xcache.base.removeprefix("http://"))
+        async with running(tmp_path, config=config) as service:
+            reader = open_reader(service, INFO, origin.url("big"))
+            assert await reader.read(BS, 10) == DATA[BS : BS + 10]
+    assert len(xcache.requests) == 1 and origin.requests == []
+
+
+async def test_whole_file_mismatch_drops_the_file_and_fails_the_read(tmp_path: Path) -> None:
+    small = payload(3 * BS + 5, seed=4)
+    with FaultyOrigin({"f": small}, fault_rate=1.0, faults=["corrupt"]) as origin:
+        async with running(tmp_path) as service:
+            reader = open_reader(service, info_of("f", small), origin.url("f"))
+            with pytest.raises(TransferError, match="adler32"):
+                await read_all(reader, chunk=BS)
+            assert service.cached_bytes(info_of("f", small)) == 0
+            assert service.statistics().cache.checksum_mismatches == 1
+
+
+async def test_a_file_with_a_wrong_catalogue_checksum_is_never_returned_whole(tmp_path: Path) -> None:
+    small = payload(BS // 2, seed=5)
+    info = info_of("f", small, adler=1)
+    with FaultyOrigin({"f": small}) as origin:
+        async with running(tmp_path) as service:
+            reader = open_reader(service, info, origin.url("f"))
+            for _ in range(2):  # dropped and fetched again: it fails again, never served
+                with pytest.raises(TransferError, match="adler32"):
+                    await reader.read(0, BS)
+
+
+async def test_disk_errors_do_not_fail_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path) as service:
+            monkeypatch.setattr(os, "pwrite", no_space)
+            reader = open_reader(service, INFO, origin.url("big"))
+            assert await read_all(reader, chunk=BS) == DATA
+            monkeypatch.undo()
+            stats = service.statistics()
+    assert stats.bypassed_blocks >= 41
+    assert stats.cache.used_bytes == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> object:
+    """A 6 MiB tmpfs, when this process may mount one."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mountpoint)], check=False)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mountpoint
+    subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+async def test_a_full_cache_disk_still_serves_reads(small_disk: Path) -> None:
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(small_disk) as service:  # the cache thinks it has 1 GiB
+            for _ in range(2):
+                reader = open_reader(service, INFO, origin.url("big"))
+                assert await read_all(reader, chunk=BS) == DATA
+            stats = service.statistics()
+    assert stats.bypassed_blocks > 0
+    assert stats.cache.evictions > 0  # ENOSPC made room for the next blocks
+    assert stats.cache.used_bytes < 6 * BS
+
+
+async def test_stopping_the_service_fails_the_waiting_reads(tmp_path: Path) -> None:
+    failures: list[TransferError] = []
+    with FaultyOrigin({"big": DATA}, latency=10) as origin:
+        async with trio.open_nursery() as outside, running(tmp_path, stall=30) as service:
+
+            async def read() -> None:
+                try:
+                    await open_reader(service, INFO, origin.url("big")).read(0, 10)
+                except TransferError as exc:
+                    failures.append(exc)
+
+            outside.start_soon(read)
+            await trio.sleep(0.3)  # the read now waits for a stalled transfer
+            # leaving ``running`` cancelled the service
+    assert len(failures) == 1
+    assert "stopped" in str(failures[0])
+
+
+class FakeCatalogue:
+    def __init__(self, replicas: FileReplicas) -> None:
+        self.replicas = replicas
+        self.calls = 0
+
+    async def list_replicas(self, dids: list[DID]) -> list[FileReplicas]:
+        self.calls += 1
+        return [self.replicas]
+
+
+async def test_stream_content_is_the_filesystems_file_content(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}) as origin:
+        catalogue = FakeCatalogue(FileReplicas(INFO, (Replica("R", origin.url("big")),)))
+        content = StreamContent(Config(cache_dir=tmp_path), catalogue)
+        assert content.statistics().as_dict()["requests"] == 0  # before it runs, too
+        async with trio.open_nursery() as nursery:
+            await nursery.start(content.run)
+            opened = await content.open(INFO, nonblocking=False)
+            assert catalogue.calls == 0  # opening costs nothing
+            assert opened.keep_cache
+            assert await opened.read(BS, 100) == DATA[BS : BS + 100]
+            assert content.cached_bytes(INFO) > 0
+            assert content.state(INFO).startswith("stream: ")
+            assert await read_all(opened, chunk=BS) == DATA
+            await opened.close()
+            assert content.state(INFO) == "stream: cached, verified"
+            assert content.statistics().as_dict()["verified_files"] == 1
+            await content.clear()
+            assert content.cached_bytes(INFO) == 0
+            nursery.cancel_scope.cancel()
+    assert catalogue.calls == 1
