@@ -1,0 +1,51 @@
+"""What every subcommand shares: configuration from --config/-o, logging, the mount registry."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from datalakefs import config as configuration
+
+# Options mount(8) passes to every helper; they mean nothing to datalakefs.
+_MOUNT8_OPTIONS = frozenset({"rw", "ro", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev",
+                             "nofail", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime",
+                             "noatime", "relatime"})
+
+
+def with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give a subcommand the --config and -o options."""
+    parser.add_argument("--config", help="TOML configuration file (default: $DATALAKEFS_CONFIG, "
+                                         "~/.config/datalakefs/config.toml)")
+    parser.add_argument("-o", dest="options", action="append", metavar="KEY=VALUE,...",
+                        help="override configuration options")
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> configuration.Config:
+    overrides: dict[str, str] = {}
+    for text in args.options or []:
+        overrides.update(configuration.parse_mount_options(text))
+    for key in _MOUNT8_OPTIONS & overrides.keys():
+        del overrides[key]
+    # fstab lines cannot pass --config: `-o config=FILE` names the file instead.
+    config_file = overrides.pop("config", None) or args.config
+    return configuration.load(config_file, overrides)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def registry_file(state_dir: Path, mountpoint: str) -> Path:
+    """Where a running mount records its daemon's pid (``<state_dir>/mounts/<hash>.json``)."""
+    digest = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
+    return state_dir / "mounts" / f"{digest}.json"
