@@ -134,9 +134,11 @@ def test_empty_scope_or_name_is_not_a_did(did: DID) -> None:
 @given(scope=TEXT)
 @example(scope=".")
 @example(scope="..")
+@example(scope=".datalakefs")
 def test_scope_directories(scope: str) -> None:
     component = component_for_scope(scope)
     assert_safe(component)
+    assert not component.startswith("."), "the root's dot-names belong to the mount's own directories"
     if not is_shortened(component):
         assert scope_for(component) == scope
 
@@ -144,6 +146,8 @@ def test_scope_directories(scope: str) -> None:
 def test_scope_directory_examples() -> None:
     assert component_for_scope("user.jdoe") == "user.jdoe"
     assert component_for_scope("..") == "%2E%2E"
+    assert component_for_scope(".query") == "%2Equery"
+    assert scope_for("%2Equery") == ".query"
     with pytest.raises(InvalidNameError):
         scope_for("%2e")
     with pytest.raises(InvalidNameError):

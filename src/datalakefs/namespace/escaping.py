@@ -16,6 +16,8 @@ characters are percent-encoded as the ``%XX`` bytes of their UTF-8 form (upper-c
                        (the name after the separator keeps its colons: ``s:a:b``)
 lone surrogates        always (they cannot be written as UTF-8): ``\\udc80`` → ``%ED%B2%80``
 ``.`` and ``..``       when they are the whole component: ``%2E``, ``%2E%2E``
+a scope's leading ``.``  always: the mount root keeps names starting with ``.`` for its own
+                       directories (``.datalakefs``, ``.query``), so scope ``.query`` is ``%2Equery``
 =====================  ================================================================
 
 A component longer than 255 **bytes** (UTF-8) once escaped is **shortened**: its first bytes
@@ -90,10 +92,12 @@ def is_shortened(component: str) -> bool:
 
 
 def component_for_scope(scope: str) -> str:
-    """The component of a scope's directory at the mount root (escaped like a bare name)."""
+    """The component of a scope's directory at the mount root: escaped like a bare name, and never
+    starting with ``.`` (those names belong to the mount's own directories)."""
     if not scope:
         raise InvalidNameError("a scope name cannot be empty")
-    return _fit(_escape_whole(scope))
+    escaped = _escape_whole(scope)
+    return _fit("%2E" + escaped[1:] if escaped.startswith(".") else escaped)
 
 
 def scope_for(component: str) -> str:
