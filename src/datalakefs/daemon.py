@@ -6,12 +6,14 @@ FUSE session). Services that run in the background start in one nursery owned he
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -25,7 +27,9 @@ from datalakefs.fuse.operations import FuseOperations
 from datalakefs.fuse.session import prepare_mountpoint, serve
 from datalakefs.namespace.inodes import InodeTable
 from datalakefs.namespace.tree import Namespace
+from datalakefs.redaction import redact_text
 from datalakefs.staging.stream import StreamContent
+from datalakefs.transport.tokens import StorageAuth
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +43,21 @@ class Daemon:
         self.config = config
         self.mountpoint = os.path.abspath(mountpoint)
         self.started = time.time()
-        self.catalogue = CachedCatalogue(RucioCatalogue(config), config)
-        self.content = StreamContent(config, self.catalogue)
+        self.catalogue = CachedCatalogue(RucioCatalogue(config, token_dir=str(self.private_dir() / "rucio")), config)
+        self.storage_auth = StorageAuth()
+        self.storage_auth.check()
+        self.content = StreamContent(config, self.catalogue, self.storage_auth)
         control = {STATUS_FILE: self.render_status}
         namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
                               listing_ttl=config.catalogue_ttl, times_limit=config.listing_times_limit)
         self.filesystem = Filesystem(namespace, self.catalogue, self.content, control)
         self.operations = FuseOperations(self.filesystem, config.entry_timeout, config.attr_timeout,
                                          config.xattrs)
+
+    def private_dir(self) -> Path:
+        """This mount's own directory under the state dir (rucio's auth token cache lives there)."""
+        digest = hashlib.sha256(self.mountpoint.encode()).hexdigest()[:16]
+        return self.config.state_dir / "mounts" / digest
 
     def status(self) -> dict[str, Any]:
         return {
@@ -56,10 +67,11 @@ class Daemon:
             "uptime_s": round(time.time() - self.started, 3),
             "catalogue": self.catalogue.statistics().as_dict(),
             "content": self.content.statistics().as_dict(),
+            "storage_auth": self.storage_auth.describe(),
         }
 
     def render_status(self) -> bytes:
-        return (json.dumps(self.status(), indent=1, sort_keys=True) + "\n").encode()
+        return (redact_text(json.dumps(self.status(), indent=1, sort_keys=True)) + "\n").encode()
 
     def fuse_options(self) -> set[str]:
         options = {"fsname=datalakefs", "subtype=datalakefs", "default_permissions"}
