@@ -230,6 +230,11 @@ class StorageAuth:
     def renew(self) -> bool:
         return self.bearer.renew()
 
-    def describe(self) -> dict[str, str | None]:
-        """For the status file: where credentials come from (paths only)."""
-        return {"bearer_token": self.bearer.describe(), "x509_proxy": None if self.proxy is None else str(self.proxy)}
+    def describe(self) -> dict[str, str | int | None]:
+        """For the status file: where credentials come from (paths only) and how often the token file
+        was read."""
+        return {
+            "bearer_token": self.bearer.describe(),
+            "token_reads": self.bearer.reads,
+            "x509_proxy": None if self.proxy is None else str(self.proxy),
+        }
