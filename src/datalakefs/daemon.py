@@ -27,6 +27,8 @@ from datalakefs.fuse.operations import FuseOperations
 from datalakefs.fuse.session import prepare_mountpoint, serve
 from datalakefs.namespace.inodes import InodeTable
 from datalakefs.namespace.tree import Namespace
+from datalakefs.ops.metrics import serve_metrics
+from datalakefs.ops.rates import RateMeter
 from datalakefs.redaction import redact_text
 from datalakefs.staging.stream import StreamContent
 from datalakefs.transport.tokens import StorageAuth
@@ -51,6 +53,8 @@ class Daemon:
         namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
                               listing_ttl=config.catalogue_ttl, times_limit=config.listing_times_limit)
         self.filesystem = Filesystem(namespace, self.catalogue, self.content, control)
+        self.meter = RateMeter(self._counters)
+        self.metrics_url: str | None = None
         self.operations = FuseOperations(self.filesystem, config.entry_timeout, config.attr_timeout,
                                          config.xattrs)
 
@@ -59,8 +63,15 @@ class Daemon:
         digest = hashlib.sha256(self.mountpoint.encode()).hexdigest()[:16]
         return self.config.state_dir / "mounts" / digest
 
+    def _counters(self) -> dict[str, float]:
+        stats = self.content.statistics()
+        return {"bytes_fetched": stats.bytes_fetched, "requests": stats.requests}
+
     def status(self) -> dict[str, Any]:
+        rates = {f"{name}_per_s": rate for name, rate in self.meter.rates().items()}
         return {
+            "rates": rates,
+            "metrics": {"url": self.metrics_url},
             "version": __version__,
             "mountpoint": self.mountpoint,
             "pid": os.getpid(),
@@ -87,6 +98,10 @@ class Daemon:
         target = prepare_mountpoint(self.mountpoint)
         async with trio.open_nursery() as services:
             await services.start(self.content.run)
+            services.start_soon(self.meter.run)
+            if self.config.metrics_port is not None:
+                port = await services.start(serve_metrics, self.config.metrics_port, self.status)
+                self.metrics_url = f"http://127.0.0.1:{port}/metrics"
             await serve(self.operations, self.operations.initialized, target, self.fuse_options(),
                         self.config.read_ahead_kb, ready)
             services.cancel_scope.cancel()

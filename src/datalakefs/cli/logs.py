@@ -15,6 +15,7 @@ import sys
 import time
 from typing import TextIO
 
+from datalakefs.errors import ConfigError
 from datalakefs.redaction import redact_text
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -41,7 +42,7 @@ def setup_logging(level: str, stream: TextIO | None = None) -> None:
     mount's log file) at ``level`` (a name in :data:`LEVELS`, case-insensitive)."""
     name = level.upper()
     if name not in LEVELS:
-        name = "INFO"
+        raise ConfigError(f"option log_level: {level!r} is not one of {', '.join(LEVELS)}")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(KeyValueFormatter())
     root = logging.getLogger()
