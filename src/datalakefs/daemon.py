@@ -104,6 +104,7 @@ class Daemon:
                 self.metrics_url = f"http://127.0.0.1:{port}/metrics"
             await serve(self.operations, self.operations.initialized, target, self.fuse_options(),
                         self.config.read_ahead_kb, ready)
+            _notify_systemd("STOPPING=1")
             services.cancel_scope.cancel()
 
 
