@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,3 +138,20 @@ def test_log_lines_are_key_value_one_line_and_redacted(root_logger: logging.Logg
     assert "event=failed what=x exc=" in lines[1]
     assert "log-canary" not in stream.getvalue()
     assert isinstance(logging.getLogger().handlers[0].formatter, KeyValueFormatter)
+
+
+def test_x509_proxy_is_the_client_certificate_only_without_a_token(tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=proxy",
+                    "-keyout", str(key), "-out", str(cert)], capture_output=True, check=True)
+    proxy = tmp_path / "x509up"
+    put(proxy, cert.read_text() + key.read_text())
+    env = {"X509_USER_PROXY": str(proxy), "BEARER_TOKEN_FILE": str(tmp_path / "bt")}
+    auth = StorageAuth(env, UID)
+    assert auth.describe()["x509_proxy"] == str(proxy)
+    assert auth.ssl_context("https://storage.example/f") is not None
+    assert auth.ssl_context("http://storage.example/f") is None
+    put(tmp_path / "bt", "now-there-is-a-token")
+    assert auth.ssl_context("https://storage.example/f") is None
+    put(proxy, "not a certificate")
+    assert StorageAuth(env, UID).describe()["x509_proxy"] is None  # unusable: warned, reads go on
