@@ -87,32 +87,28 @@ class BearerToken:
         self._token: str | None = None
         self._refused: tuple[Path, _FileState] | None = None  # logged once per file state
         self.reads = 0  # how often a file was actually read (tests and status)
-        kind, _ = token_locations(self._environ, self._uid)
-        if kind == "env":
+        kind, self._paths = token_locations(self._environ, self._uid)
+        self._from_env = kind == "env"
+        if self._from_env:
             self._token = self._environ["BEARER_TOKEN"].strip()
             register_secret(self._token)
 
     def describe(self) -> str:
         """Where the token comes from, for status and logs (never the token)."""
-        kind, paths = token_locations(self._environ, self._uid)
-        if kind == "env":
+        if self._from_env:
             return "$BEARER_TOKEN"
         with self._lock:
             current = self._path
         if current is not None:
             return str(current)
-        return "none (looked in " + ", ".join(map(str, paths)) + ")"
+        return "none (looked in " + ", ".join(map(str, self._paths)) + ")"
 
     def check(self) -> None:
         """Raise :class:`ConfigError` when the token file that would be used is readable by others."""
-        path = self._existing_file()
-        if path is None:
+        found = None if self._from_env else self._stat_first()
+        if found is None:
             return
-        try:
-            mode = path.stat().st_mode
-        except OSError:
-            return
-        reason = insecure_reason(path, mode)
+        reason = insecure_reason(found[0], found[1].st_mode)
         if reason is not None:
             raise ConfigError(reason)
 
@@ -128,29 +124,25 @@ class BearerToken:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _existing_file(self) -> Path | None:
-        kind, paths = token_locations(self._environ, self._uid)
-        if kind == "env":
-            return None
-        for path in paths:
-            if path.exists():
-                return path
+
+    def _stat_first(self) -> tuple[Path, os.stat_result] | None:
+        """The first token file that exists and its stat (one ``stat`` per candidate looked at)."""
+        for path in self._paths:
+            try:
+                return path, path.stat()
+            except OSError:
+                continue
         return None
 
     def _lookup(self, *, force: bool) -> str | None:
-        kind, _ = token_locations(self._environ, self._uid)
-        if kind == "env":
+        if self._from_env:
             return self._token
-        path = self._existing_file()
+        found = self._stat_first()
         with self._lock:
-            if path is None:
+            if found is None:
                 self._path, self._state, self._token = None, None, None
                 return None
-            try:
-                st = path.stat()
-            except OSError:
-                self._path, self._state, self._token = None, None, None
-                return None
+            path, st = found
             state = _FileState(st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
             if not force and path == self._path and state == self._state:
                 return self._token
