@@ -5,8 +5,10 @@ What counts as a credential:
 * the user info of a URL (``https://user:password@host``) and its query string and fragment, which
   storage systems use for tokens (``?authz=...``, pre-signed URLs): :func:`redact_url` drops them;
 * in free text: ``authz=<value>`` (also URL-encoded), ``Authorization: Bearer <value>``, anything that
-  looks like a JWT (``eyJ...``), and every secret handed to :func:`register_secret` (the bearer tokens
-  the transport reads), whatever their shape: :func:`redact_text` replaces them with ``[hidden]``.
+  looks like a JWT (``eyJ...``), rucio's credential headers (``X-Rucio-Password: ...``, which rucio's
+  client logs at DEBUG) and any ``password=``/``password:`` value, and every secret handed to
+  :func:`register_secret` (the bearer tokens the transport reads, rucio's auth tokens), whatever their
+  shape: :func:`redact_text` replaces them with ``[hidden]``.
 
 :class:`DatalakeError` messages, the log formatter of the command line and the status file go through
 :func:`redact_text`, so a token that slipped into an exception text from a library is still hidden.
@@ -32,6 +34,13 @@ _PATTERNS = (
     (re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), HIDDEN),
     # user info in any URL
     (re.compile(r"(?i)(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@"), r"\g<1>" + HIDDEN + "@"),
+    # rucio's credential headers and any password assignment (rucio logs request headers at DEBUG)
+    (
+        re.compile(r"(?i)((?:x-rucio-[a-z-]*(?:password|token|secret)|passw(?:or)?d)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;}]+"),
+        r"\g<1>" + HIDDEN,
+    ),
+    # rucio's "Saving token <token> and expiration ..." (OIDC refresh, DEBUG)
+    (re.compile(r"(?i)(saving token\s+)\S+"), r"\g<1>" + HIDDEN),
 )
 
 _lock = threading.Lock()

@@ -42,7 +42,11 @@ def test_userpass_token_is_cached_per_mount(
     lake: LakeStatus, new_mount: Callable[..., Mount], tmp_path: Path
 ) -> None:
     config = rucio_cfg(lake, tmp_path / "rucio.cfg", auth_token_file_path=None)
-    first, second = new_mount(f"rucio_config={config}"), new_mount(f"rucio_config={config}")
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(config)
+    password = parser.get("client", "password")
+    first = new_mount(f"rucio_config={config}", "log_level=DEBUG")
+    second = new_mount(f"rucio_config={config}")
     for mount in (first, second):
         mount.start()
         assert set(lake.seed.scopes) <= set(os.listdir(mount.mountpoint))
@@ -50,6 +54,11 @@ def test_userpass_token_is_cached_per_mount(
     assert all(token.is_file() for token in tokens)
     assert tokens[0].read_text() != tokens[1].read_text()  # each mount authenticated for itself
     assert (tokens[0].parent.stat().st_mode & 0o077) == 0  # rucio keeps the directory private
+    first.stop()
+    log = "".join(p.read_text() for p in (Path(first.options[1].partition("=")[2]) / "logs").glob("*.log"))
+    assert "X-Rucio-Password: [hidden]" in log  # rucio's client logged its request headers at DEBUG...
+    assert f"X-Rucio-Password: {password}" not in log  # ...without the password or the token
+    assert tokens[0].read_text().strip() not in log
 
 
 def test_oidc_with_a_token_file(
@@ -70,7 +79,7 @@ def test_refused_credentials_are_eacces_without_the_password_in_any_text(
     lake: LakeStatus, new_mount: Callable[..., Mount], tmp_path: Path
 ) -> None:
     config = rucio_cfg(lake, tmp_path / "rucio.cfg", auth_token_file_path=None, password="not-the-password-123")
-    mount = new_mount(f"rucio_config={config}")
+    mount = new_mount(f"rucio_config={config}", "log_level=DEBUG")
     mount.start()
     with pytest.raises(PermissionError):
         os.listdir(mount.mountpoint / lake.seed.scopes[0])

@@ -61,7 +61,7 @@ from datalakefs.errors import (
     NotFoundError,
 )
 from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas, Replica
-from datalakefs.redaction import redact_text
+from datalakefs.redaction import redact_text, register_secret
 
 #: DIDs per bulk request (``get_metadata_bulk``, ``list_replicas``): the server's schema refuses more
 #: (``maxItems`` of ``DIDS``/``R_DIDS``; 2000 gave ``InvalidObject``). Measured on the local lake:
@@ -336,6 +336,7 @@ class RucioCatalogue:
         return client
 
     def _give_back(self, client: Client) -> None:
+        register_secret(str(getattr(client, "auth_token", "") or ""))  # never in a log or error text
         with self._lock:
             if not self._closed:
                 self._idle.append(client)
