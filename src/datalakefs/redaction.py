@@ -29,7 +29,8 @@ _PATTERNS = (
     # authz=..., authz%3D..., in URLs and in text
     (re.compile(r"(?i)(authz(?:=|%3D))[^&\s#'\",;]+"), r"\g<1>" + HIDDEN),
     # Authorization: Bearer ..., Bearer%20..., "Bearer ..."
-    (re.compile(r"(?i)(bearer(?:\s+|%20|\+))[A-Za-z0-9\-._~+/=%]+"), r"\g<1>" + HIDDEN),
+    # (a credential is at least 8 characters: "bearer token file ..." is prose, not a token)
+    (re.compile(r"(?i)(bearer(?:\s+|%20|\+))[A-Za-z0-9\-._~+/=%]{8,}"), r"\g<1>" + HIDDEN),
     # a JWT anywhere (header.payload.signature, base64url)
     (re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), HIDDEN),
     # user info in any URL

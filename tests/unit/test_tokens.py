@@ -109,6 +109,8 @@ def test_redaction_of_urls_texts_and_registered_secrets() -> None:
     for secret in ("pw", "abc.def", "tok-en_1", "opaque-secret", "eyJ", "c2lnbmF0dXJl"):
         assert secret not in text
     assert "x=1" in text and "h:1/f" in text
+    prose = "bearer token file /run/user/1/bt_u1 is readable by its group; no password given"
+    assert redact_text(prose) == prose
     assert redact_text("HTTP header:  X-Rucio-Password: pw123") == "HTTP header:  X-Rucio-Password: [hidden]"
     assert redact_text('{"password": "pw123", "user": "u"}') == '{"password": "[hidden]", "user": "u"}'
     assert redact_url("https://u:p@h:1/a/b?authz=x#f") == "https://h:1/a/b"
