@@ -27,7 +27,7 @@ from datalakefs.fuse.operations import FuseOperations
 from datalakefs.fuse.session import prepare_mountpoint, serve
 from datalakefs.namespace.inodes import InodeTable
 from datalakefs.namespace.tree import Namespace
-from datalakefs.ops.metrics import serve_metrics
+from datalakefs.ops.metrics import MetricsEndpoint
 from datalakefs.ops.rates import RateMeter
 from datalakefs.redaction import redact_text
 from datalakefs.staging.stream import StreamContent
@@ -96,12 +96,14 @@ class Daemon:
             on_ready()
 
         target = prepare_mountpoint(self.mountpoint)
+        port = self.config.metrics_port
+        metrics = await MetricsEndpoint.open(port) if port is not None else None
         async with trio.open_nursery() as services:
             await services.start(self.content.run)
             services.start_soon(self.meter.run)
-            if self.config.metrics_port is not None:
-                port = await services.start(serve_metrics, self.config.metrics_port, self.status)
-                self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+            if metrics is not None:
+                services.start_soon(metrics.serve, self.status)
+                self.metrics_url = metrics.url
             await serve(self.operations, self.operations.initialized, target, self.fuse_options(),
                         self.config.read_ahead_kb, ready)
             _notify_systemd("STOPPING=1")

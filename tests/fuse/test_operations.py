@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import urllib.request
 from collections.abc import Callable
 
@@ -74,3 +75,16 @@ def test_an_unknown_log_level_is_refused_with_the_option_named(
         mount.start()
     assert not mount.is_mounted()
     assert not os.path.ismount(mount.mountpoint)
+
+
+def test_a_busy_metrics_port_stops_the_mount_with_the_option_named(
+    lake: LakeStatus, new_mount: Callable[..., Mount]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        mount = new_mount(f"metrics_port={port}")
+        with pytest.raises(AssertionError, match=f"option metrics_port: cannot listen on 127.0.0.1:{port}"):
+            mount.start()
+    assert not mount.is_mounted()

@@ -10,7 +10,8 @@ import trio
 
 from datalakefs.cli.progress import Progress, human_bytes, human_duration
 from datalakefs.cli.status import render_mount
-from datalakefs.ops.metrics import exposition, serve_metrics
+from datalakefs.errors import ConfigError
+from datalakefs.ops.metrics import MetricsEndpoint, exposition
 from datalakefs.ops.rates import RateMeter
 
 STATUS: dict[str, Any] = {
@@ -96,13 +97,24 @@ async def _get(port: int, path: str) -> bytes:
 
 
 async def test_metrics_server_answers_get_metrics_only() -> None:
+    endpoint = await MetricsEndpoint.open(0)
+    assert endpoint.url == f"http://127.0.0.1:{endpoint.port}/metrics"
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(serve_metrics, 0, lambda: STATUS)
-        ok = await _get(port, "/metrics")
-        missing = await _get(port, "/")
+        nursery.start_soon(endpoint.serve, lambda: STATUS)
+        ok = await _get(endpoint.port, "/metrics")
+        missing = await _get(endpoint.port, "/")
         nursery.cancel_scope.cancel()
     assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and b"datalakefs_content_hit_rate" in ok
     assert missing.startswith(b"HTTP/1.1 404")
+
+
+async def test_a_busy_metrics_port_is_a_config_error() -> None:
+    busy = await MetricsEndpoint.open(0)
+    try:
+        with pytest.raises(ConfigError, match=f"option metrics_port: cannot listen on 127.0.0.1:{busy.port}"):
+            await MetricsEndpoint.open(busy.port)
+    finally:
+        await busy.aclose()
 
 
 class FakeTerminal(io.StringIO):

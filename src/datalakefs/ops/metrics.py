@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from datalakefs.errors import ConfigError
 from datalakefs.redaction import redact_text
 
 StatusFn = Callable[[], Mapping[str, Any]]
@@ -68,16 +69,36 @@ async def _handle(stream: trio.abc.Stream, status: StatusFn) -> None:
             await stream.send_all(head.encode() + body)
 
 
-async def serve_metrics(
-    port: int, status: StatusFn, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Serve ``/metrics`` on 127.0.0.1:``port`` until cancelled; ``started`` gets the bound port."""
-    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
-    bound = listeners[0].socket.getsockname()[1]
+class MetricsEndpoint:
+    """The listening socket, opened before the daemon's services start (so a busy port stops the mount
+    with a clear :class:`ConfigError`), and its serving loop."""
 
-    async def handler(stream: trio.SocketStream) -> None:
-        await _handle(stream, status)
+    def __init__(self, listeners: list[trio.SocketListener]) -> None:
+        self._listeners = listeners
+        self.port: int = listeners[0].socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/metrics"
 
-    async with trio.open_nursery() as nursery:
-        task_status.started(bound)
-        await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+    @classmethod
+    async def open(cls, port: int) -> MetricsEndpoint:
+        try:
+            return cls(await trio.open_tcp_listeners(port, host="127.0.0.1"))
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConfigError(f"option metrics_port: cannot listen on 127.0.0.1:{port}: {reason}") from None
+
+    async def serve(self, status: StatusFn) -> None:
+        """Answer requests until cancelled."""
+
+        async def handler(stream: trio.SocketStream) -> None:
+            await _handle(stream, status)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                await trio.serve_listeners(handler, self._listeners, handler_nursery=nursery)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        for listener in self._listeners:
+            await listener.aclose()
