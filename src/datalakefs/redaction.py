@@ -63,7 +63,7 @@ def register_secret(secret: str) -> None:
 def redact_text(text: str) -> str:
     """``text`` with every credential it contains replaced by ``[hidden]``."""
     with _lock:
-        known = list(_secrets)
+        known = sorted(_secrets, key=len, reverse=True)  # a secret inside a longer one: the longer first
     for secret in known:
         if secret in text:
             text = text.replace(secret, HIDDEN)

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from datalakefs.cli.logs import KeyValueFormatter, setup_logging
 from datalakefs.errors import ConfigError, TransferError
@@ -159,3 +161,26 @@ def test_x509_proxy_is_the_client_certificate_only_without_a_token(tmp_path: Pat
     assert auth.ssl_context("https://storage.example/f") is None
     put(proxy, "not a certificate")
     assert StorageAuth(env, UID).describe()["x509_proxy"] is None  # unusable: warned, reads go on
+
+
+_TOKEN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/="
+
+
+@settings(max_examples=200)
+@given(
+    secret=st.text(alphabet=_TOKEN_CHARS, min_size=12, max_size=80),
+    inner=st.integers(min_value=0, max_value=4),
+    before=st.text(max_size=40),
+    after=st.text(max_size=40),
+)
+def test_a_registered_secret_never_survives_redaction(secret: str, inner: int, before: str, after: str) -> None:
+    shorter = secret[inner : inner + 8]  # a registered secret that is part of another one
+    register_secret(shorter)
+    register_secret(secret)
+    text = redact_text(f"{before}{secret}{after} Authorization: Bearer {secret} ?authz={secret}")
+    assert secret not in text
+
+
+@given(st.text(alphabet=_TOKEN_CHARS + "&=%", min_size=1, max_size=60))
+def test_redacted_urls_keep_no_query(query: str) -> None:
+    assert redact_url(f"https://user:pw@host:8443/path/file?{query}#frag") == "https://host:8443/path/file"
