@@ -4,6 +4,7 @@ sidecar entrypoint, run the way systemd and Kubernetes run them, against the rea
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from datalakefs.demo.seed import rse_file
 from datalakefs.demo.status import LakeStatus
 from datalakefs.fuse.session import mounted_fstype
+from datalakefs.model import DID
 from tests.fuse.mounting import Mount
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
@@ -145,8 +148,14 @@ def test_system_unit_reports_ready_and_stops_cleanly(lake: LakeStatus, tmp_path:
 
 def test_sidecar_entrypoint_cleans_a_stale_mount_and_unmounts_on_sigterm(lake: LakeStatus, tmp_path: Path) -> None:
     mountpoint = tmp_path / "lake"
+    # storage through the token origin only, the token from a file "another container" writes
     options = ["--config", str(lake.datalakefs_config),
-               "-o", f"cache_dir={tmp_path / 'cache'},state_dir={tmp_path / 'state'}"]
+               "-o", f"cache_dir={tmp_path / 'cache'},state_dir={tmp_path / 'state'}",
+               "-o", f"read_schemes=root,xcache={lake.urls['token_http']}"]
+    token = tmp_path / "shared-volume" / "bt"
+    token.parent.mkdir()
+    token.touch(mode=0o600)
+    token.write_text(subprocess.run(lake.token_command, capture_output=True, text=True, check=True).stdout)
     crashed = Mount(mountpoint, lake.datalakefs_config, f"cache_dir={tmp_path / 'c0'}",
                     f"state_dir={tmp_path / 's0'}")
     crashed.start()
@@ -154,7 +163,7 @@ def test_sidecar_entrypoint_cleans_a_stale_mount_and_unmounts_on_sigterm(lake: L
     time.sleep(0.5)
     assert mounted_fstype(str(mountpoint)) is not None
     env = {**os.environ, "DATALAKEFS_MOUNTPOINT": str(mountpoint), "DATALAKEFS": shlex.join(DATALAKEFS),
-           "DATALAKEFS_STOP_TIMEOUT": "30"}
+           "DATALAKEFS_STOP_TIMEOUT": "30", "BEARER_TOKEN_FILE": str(token)}
     log_path = tmp_path / "sidecar.log"
     with open(log_path, "wb") as stderr:
         process = subprocess.Popen(["sh", str(ENTRYPOINT), *options], env=env, stdout=subprocess.DEVNULL,
@@ -169,7 +178,10 @@ def test_sidecar_entrypoint_cleans_a_stale_mount_and_unmounts_on_sigterm(lake: L
             time.sleep(0.2)
         else:
             pytest.fail("the sidecar did not mount within 120 s")
-        daemon = int((mountpoint / ".datalakefs" / "status.json").read_text().split('"pid": ')[1].split(",")[0])
+        did = DID.parse(lake.seed.sized_files[1048577])
+        read = (mountpoint / did.scope / did.name).read_bytes()
+        assert read == rse_file(lake.paths["origin"], did.scope, did.name).read_bytes()
+        daemon = json.loads((mountpoint / ".datalakefs" / "status.json").read_text())["pid"]
         process.send_signal(signal.SIGTERM)  # pod deletion
         assert process.wait(timeout=60) == 0
         log = log_path.read_text()
