@@ -117,7 +117,7 @@ def test_a_token_file_readable_by_others_is_refused_at_mount_time(
     mount = new_mount("read_schemes=root", f"xcache={lake.urls['token_http']}", env=env)
     with pytest.raises(AssertionError) as caught:
         mount.start()
-    assert f"bearer token file {token_file} is readable by its group or others" in str(caught.value)
+    assert f"bearer token file {token_file} is readable or writable by its group or others" in str(caught.value)
     assert f"chmod 600 {token_file}" in str(caught.value)
     assert not mount.is_mounted()
 

@@ -82,7 +82,7 @@ def test_a_file_readable_by_others_is_refused(tmp_path: Path, caplog: pytest.Log
     path = tmp_path / "bt"
     put(path, "group-readable-token", 0o640)
     bearer = BearerToken({"BEARER_TOKEN_FILE": str(path)}, UID)
-    with pytest.raises(ConfigError, match=r"readable by its group or others.*chmod 600"):
+    with pytest.raises(ConfigError, match=r"readable or writable by its group or others.*chmod 600"):
         bearer.check()
     with caplog.at_level(logging.ERROR):
         assert bearer.token() is None

@@ -11,7 +11,7 @@ A token file is read again only when it changed: each lookup costs one ``stat`` 
 ns), so a token that another process rotates (a notebook pod's refresher, ``oidc-token`` in a cron job)
 is used from the next request on. Surrounding whitespace is stripped; an empty file means no token.
 
-**Safety.** A token file that its group or others may read is refused (never read): the lookup logs
+**Safety.** A token file that its group or others may read or write is refused (never read): the lookup logs
 one clear error per file state and answers "no token", and :meth:`BearerToken.check` raises
 :class:`ConfigError` with the same text at mount time. Every token read is registered with
 :func:`datalakefs.redaction.register_secret`, so it never shows up in a log line or error text.
@@ -66,10 +66,12 @@ def token_locations(environ: Mapping[str, str], uid: int) -> tuple[str, tuple[Pa
 
 
 def insecure_reason(path: Path, mode: int) -> str | None:
-    """Why a token file with ``mode`` must not be used, or None when only its owner can read it."""
+    """Why a token file with ``mode`` must not be used, or None when only its owner can use it (a file
+    others can write is refused too: they could slip in a token of their own)."""
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         return (
-            f"bearer token file {path} is readable by its group or others (mode {stat.S_IMODE(mode):04o}); "
+            f"bearer token file {path} is readable or writable by its group or others "
+            f"(mode {stat.S_IMODE(mode):04o}); "
             f"it was not used: run `chmod 600 {path}`"
         )
     return None
@@ -123,7 +125,6 @@ class BearerToken:
         return self._lookup(force=True) != before
 
     # -- internals ---------------------------------------------------------------------------------
-
 
     def _stat_first(self) -> tuple[Path, os.stat_result] | None:
         """The first token file that exists and its stat (one ``stat`` per candidate looked at)."""
