@@ -6,12 +6,14 @@ FUSE session). Services that run in the background start in one nursery owned he
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -25,7 +27,11 @@ from datalakefs.fuse.operations import FuseOperations
 from datalakefs.fuse.session import prepare_mountpoint, serve
 from datalakefs.namespace.inodes import InodeTable
 from datalakefs.namespace.tree import Namespace
+from datalakefs.ops.metrics import MetricsEndpoint
+from datalakefs.ops.rates import RateMeter
+from datalakefs.redaction import redact_text
 from datalakefs.staging.stream import StreamContent
+from datalakefs.transport.tokens import StorageAuth
 
 log = logging.getLogger(__name__)
 
@@ -39,27 +45,44 @@ class Daemon:
         self.config = config
         self.mountpoint = os.path.abspath(mountpoint)
         self.started = time.time()
-        self.catalogue = CachedCatalogue(RucioCatalogue(config), config)
-        self.content = StreamContent(config, self.catalogue)
+        self.catalogue = CachedCatalogue(RucioCatalogue(config, token_dir=str(self.private_dir() / "rucio")), config)
+        self.storage_auth = StorageAuth()
+        self.storage_auth.check()
+        self.content = StreamContent(config, self.catalogue, self.storage_auth)
         control = {STATUS_FILE: self.render_status}
         namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
                               listing_ttl=config.catalogue_ttl, times_limit=config.listing_times_limit)
         self.filesystem = Filesystem(namespace, self.catalogue, self.content, control)
+        self.meter = RateMeter(self._counters)
+        self.metrics_url: str | None = None
         self.operations = FuseOperations(self.filesystem, config.entry_timeout, config.attr_timeout,
                                          config.xattrs)
 
+    def private_dir(self) -> Path:
+        """This mount's own directory under the state dir (rucio's auth token cache lives there)."""
+        digest = hashlib.sha256(self.mountpoint.encode()).hexdigest()[:16]
+        return self.config.state_dir / "mounts" / digest
+
+    def _counters(self) -> dict[str, float]:
+        stats = self.content.statistics()
+        return {"bytes_fetched": stats.bytes_fetched, "requests": stats.requests}
+
     def status(self) -> dict[str, Any]:
+        rates = {f"{name}_per_s": rate for name, rate in self.meter.rates().items()}
         return {
+            "rates": rates,
+            "metrics": {"url": self.metrics_url},
             "version": __version__,
             "mountpoint": self.mountpoint,
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3),
             "catalogue": self.catalogue.statistics().as_dict(),
             "content": self.content.statistics().as_dict(),
+            "storage_auth": self.storage_auth.describe(),
         }
 
     def render_status(self) -> bytes:
-        return (json.dumps(self.status(), indent=1, sort_keys=True) + "\n").encode()
+        return (redact_text(json.dumps(self.status(), indent=1, sort_keys=True)) + "\n").encode()
 
     def fuse_options(self) -> set[str]:
         options = {"fsname=datalakefs", "subtype=datalakefs", "default_permissions"}
@@ -73,10 +96,17 @@ class Daemon:
             on_ready()
 
         target = prepare_mountpoint(self.mountpoint)
+        port = self.config.metrics_port
+        metrics = await MetricsEndpoint.open(port) if port is not None else None
         async with trio.open_nursery() as services:
             await services.start(self.content.run)
+            services.start_soon(self.meter.run)
+            if metrics is not None:
+                services.start_soon(metrics.serve, self.status)
+                self.metrics_url = metrics.url
             await serve(self.operations, self.operations.initialized, target, self.fuse_options(),
                         self.config.read_ahead_kb, ready)
+            _notify_systemd("STOPPING=1")
             services.cancel_scope.cancel()
 
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import errno
 
+from datalakefs.redaction import redact_text
+
 
 class DatalakeError(Exception):
-    """Base class; ``errno`` is what a POSIX caller gets."""
+    """Base class; ``errno`` is what a POSIX caller gets. Its text is scrubbed of credentials."""
 
     errno: int = errno.EIO
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact_text(a) if isinstance(a, str) else a for a in args))
 
 
 class NotFoundError(DatalakeError):

@@ -16,6 +16,8 @@
     the default mix).
 
   ``deny`` maps paths to a status (401, 403, 404...) answered to every GET of them.
+* ``bearer``: when set, the accepted tokens (a mutable set the test may change); a request without
+  ``Authorization: Bearer <one of them>`` is answered 403, as XRootD answers a missing or expired token.
 * Bounded: one thread per connection, socket timeouts, and :meth:`FaultyOrigin.stop` shuts every
   connection down and joins the threads.
 """
@@ -98,6 +100,7 @@ class FaultyOrigin:
         stall: float = 10.0,
         latency: float = 0.0,
         deny: Mapping[str, int] | None = None,
+        bearer: set[str] | None = None,
     ) -> None:
         self.files = dict(files)
         self.fault_rate = fault_rate
@@ -105,6 +108,7 @@ class FaultyOrigin:
         self.stall = stall
         self.latency = latency
         self.deny = dict(deny or {})
+        self.bearer = bearer
         self.requests: list[Request] = []
         self.violations: list[str] = []
         self.connections = 0
@@ -179,6 +183,10 @@ class FaultyOrigin:
                 self.requests.append(Request(path, range_header, dict(handler.headers.items()), fault))
         if self.latency:
             self._stopping.wait(self.latency)
+        presented = handler.headers.get("Authorization", "").removeprefix("Bearer ")
+        if self.bearer is not None and presented not in self.bearer:
+            self._reply(handler, 403, {}, b"", head)
+            return
         if data is None or path in self.deny:
             self._reply(handler, self.deny.get(path, 404), {}, b"", head)
             return

@@ -107,6 +107,8 @@ def test_status_of_a_lake_that_is_not_up(demo_cli: Demo) -> None:
         "origin",
         "xcache",
         "xcache-fwd",
+        "origin-token",
+        "guard",
         "dav",
         "fts",
         "rucio",

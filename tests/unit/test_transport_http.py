@@ -9,7 +9,7 @@ import pytest
 from tests.faults.origin import FaultyOrigin
 
 from datalakefs.transport.aio_bridge import AioBridge
-from datalakefs.transport.http import FailureKind, HttpTransport, RangeReadError, redact_url
+from datalakefs.transport.http import FailureKind, HttpTransport, NoAuth, RangeReadError, redact_url
 
 DATA = random.Random(7).randbytes(3 * 1024 * 1024 + 17)
 
@@ -110,15 +110,31 @@ async def test_connection_refused_is_a_connection_failure(bridge: AioBridge) -> 
     assert caught.value.kind is FailureKind.CONNECTION
 
 
+class Auth(NoAuth):
+    """Bearer ``tokens[0]``; ``renew`` moves on to the next token, if any."""
+
+    def __init__(self, *tokens: str) -> None:
+        self.tokens = list(tokens)
+        self.asked: list[str] = []
+        self.renewed = 0
+
+    def headers(self, url: str) -> Mapping[str, str]:
+        self.asked.append(url)
+        return {"Authorization": f"Bearer {self.tokens[0]}"}
+
+    def renew(self) -> bool:
+        self.renewed += 1
+        if len(self.tokens) > 1:
+            self.tokens.pop(0)
+            return True
+        return False
+
+
 async def test_headers_provider_is_asked_per_request_and_ranges_keep_alive(bridge: AioBridge) -> None:
-    asked: list[str] = []
-
-    def headers(url: str) -> Mapping[str, str]:
-        asked.append(url)
-        return {"Authorization": "Bearer secret-token"}
-
+    auth = Auth("secret-token")
+    asked = auth.asked
     with origin() as server:
-        transport = HttpTransport(bridge, headers=headers)
+        transport = HttpTransport(bridge, auth=auth)
         for i in range(50):
             await transport.fetch(server.url("f"), i * 1000, 1000, len(DATA), Sink(i * 1000))
     assert len(asked) == 50
@@ -134,3 +150,25 @@ async def test_error_messages_never_show_query_or_user_info(bridge: AioBridge) -
             await HttpTransport(bridge).fetch(url, 0, 10, len(DATA), Sink(0))
     assert "secret" not in str(caught.value) and "pw" not in str(caught.value)
     assert redact_url("https://u:p@h:1/a/b?x=1#f") == "https://h:1/a/b"
+
+
+async def test_a_refusal_renews_the_token_once_and_repeats_the_request(bridge: AioBridge) -> None:
+    with origin(bearer={"new-token"}) as server:
+        auth = Auth("expired-token", "new-token")
+        transport = HttpTransport(bridge, auth=auth)
+        sink = Sink(0)
+        await transport.fetch(server.url("f"), 0, 1000, len(DATA), sink)
+    assert bytes(sink.data) == DATA[:1000] and sink.closed == 1
+    assert auth.renewed == 1 and transport.renewals == 1
+    assert [r.headers.get("Authorization") for r in server.requests] == ["Bearer expired-token", "Bearer new-token"]
+
+
+async def test_a_refusal_without_new_credentials_is_not_repeated(bridge: AioBridge) -> None:
+    with origin(bearer={"valid-token"}) as server:
+        auth = Auth("wrong-token-value")
+        transport = HttpTransport(bridge, auth=auth)
+        with pytest.raises(RangeReadError) as caught:
+            await transport.fetch(server.url("f"), 0, 1000, len(DATA), Sink(0))
+    assert caught.value.kind is FailureKind.DENIED
+    assert auth.renewed == 1 and transport.renewals == 0 and len(server.requests) == 1
+    assert "wrong-token-value" not in str(caught.value)

@@ -61,6 +61,7 @@ from datalakefs.errors import (
     NotFoundError,
 )
 from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas, Replica
+from datalakefs.redaction import redact_text, register_secret
 
 #: DIDs per bulk request (``get_metadata_bulk``, ``list_replicas``): the server's schema refuses more
 #: (``maxItems`` of ``DIDS``/``R_DIDS``; 2000 gave ``InvalidObject``). Measured on the local lake:
@@ -154,9 +155,32 @@ def _set_rucio_config_env(value: str) -> None:
 
 class _QuickClient(Client):  # type: ignore[misc]  # rucio ships no type information
     """rucio's client, retrying a refused connection once, already while authenticating in
-    ``__init__`` (``REQUEST_RETRIES`` is read before the config file's ``request_retries``)."""
+    ``__init__`` (``REQUEST_RETRIES`` is read before the config file's ``request_retries``).
+
+    Authentication is rucio's own, from ``rucio.cfg`` (``auth_type`` userpass, x509, x509_proxy, oidc,
+    ssh, gss, with their credentials). Only where rucio caches its auth token changes: with
+    ``token_dir`` and no ``auth_token_file_path`` in ``rucio.cfg``, the token lives in ``token_dir``
+    (one per mount) instead of rucio's shared ``/tmp/<user>/.rucio_<account>/``. A configured
+    ``auth_token_file_path`` (an OIDC token file another tool refreshes) is used as it is.
+    """
 
     REQUEST_RETRIES = 0
+
+    def __init__(self, *args: Any, token_dir: str | None = None, **kwargs: Any) -> None:
+        self._datalakefs_token_dir = token_dir
+        super().__init__(*args, **kwargs)
+
+    def _get_auth_tokens(self) -> tuple[str | None, str, str, str]:
+        configured, epoch_file, token_file, token_path = super()._get_auth_tokens()
+        if configured or self._datalakefs_token_dir is None:
+            return configured, epoch_file, token_file, token_path
+        directory = self._datalakefs_token_dir
+        return (
+            None,
+            os.path.join(directory, os.path.basename(epoch_file)),
+            os.path.join(directory, os.path.basename(token_file)),
+            directory,
+        )
 
 
 class RucioCatalogue:
@@ -165,10 +189,14 @@ class RucioCatalogue:
     Building it does no I/O; the first call authenticates. Blocking: call from worker threads.
     """
 
-    def __init__(self, config: Config, client_factory: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self, config: Config, client_factory: Callable[[], Any] | None = None, token_dir: str | None = None
+    ) -> None:
         """``client_factory`` builds one rucio ``Client``-like object per pooled client; the
-        default builds ``rucio.client.Client`` with our timeout and retries (tests inject stubs)."""
+        default builds ``rucio.client.Client`` with our timeout and retries (tests inject stubs).
+        ``token_dir``: where rucio caches its auth token for this mount (see :class:`_QuickClient`)."""
         self._timeout = config.catalogue_timeout
+        self._token_dir = token_dir
         self._factory = client_factory or self._new_client
         self._schemes = list(config.read_schemes) or None
         self._client_location = {"site": config.client_site} if config.client_site else None
@@ -303,11 +331,12 @@ class RucioCatalogue:
         return client
 
     def _new_client(self) -> Client:
-        client = _QuickClient(timeout=self._timeout, logger=_CLIENT_LOG)
+        client = _QuickClient(timeout=self._timeout, logger=_CLIENT_LOG, token_dir=self._token_dir)
         client.request_retries = 0  # a rucio.cfg ``request_retries`` was applied at the end of __init__
         return client
 
     def _give_back(self, client: Client) -> None:
+        register_secret(str(getattr(client, "auth_token", "") or ""))  # never in a log or error text
         with self._lock:
             if not self._closed:
                 self._idle.append(client)
@@ -362,6 +391,7 @@ def _reason(exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {details if sep else head}"
     elif not text:
         text = type(exc).__name__
+    text = redact_text(text)
     return text if len(text) <= 400 else text[:397] + "..."
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import logging
 import os
-import sys
 from pathlib import Path
 
 from datalakefs import config as configuration
+from datalakefs.cli.logs import setup_logging
+
+__all__ = ["load_config", "registry_file", "setup_logging", "with_config"]
 
 # Options mount(8) passes to every helper; they mean nothing to datalakefs.
 _MOUNT8_OPTIONS = frozenset({"rw", "ro", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev",
@@ -35,14 +36,6 @@ def load_config(args: argparse.Namespace) -> configuration.Config:
     # fstab lines cannot pass --config: `-o config=FILE` names the file instead.
     config_file = overrides.pop("config", None) or args.config
     return configuration.load(config_file, overrides)
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def registry_file(state_dir: Path, mountpoint: str) -> Path:

@@ -38,7 +38,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def _run_foreground(config: configuration.Config, mountpoint: str, ready_fd: int | None) -> int:
     from datalakefs import daemon
 
-    setup_logging(config.log_level)
     registry = registry_file(config.state_dir, mountpoint)
 
     def on_ready() -> None:
@@ -49,6 +48,7 @@ def _run_foreground(config: configuration.Config, mountpoint: str, ready_fd: int
             os.close(ready_fd)
 
     try:
+        setup_logging(config.log_level)
         daemon.run(config, mountpoint, on_ready)
     except DatalakeError as exc:
         log.error("event=mount-failed mountpoint=%s reason=%s", mountpoint, exc)
@@ -105,13 +105,17 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def _wait_for_exit(pid: int, timeout: float) -> None:
+    from datalakefs.cli.progress import Progress
+
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
+    with Progress(f"waiting for the daemon (pid {pid}) to finish", unit="") as progress:
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+            progress.update(0)
 
 
 def mount_helper_main(argv: list[str] | None = None) -> int:

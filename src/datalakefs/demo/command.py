@@ -5,6 +5,7 @@
     status [--json]                  services (pid, port, healthy), config paths, mount, seed roles
     env                              shell exports to use the lake with the rucio CLI
     knobs [--delay S] [--fail RE | --clear]   FTS shim test knobs, changed while the lake runs
+    token [--expired | --wrong-key] [--lifetime S]   a bearer token for the token-protected storage
     mount MOUNTPOINT                 datalakefs mount --config <state>/etc/datalakefs.toml MOUNTPOINT
     tour MOUNTPOINT                  what to try on a mounted lake
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -75,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
     which = knobs.add_mutually_exclusive_group()
     which.add_argument("--fail", default=None, metavar="REGEX", help="fail transfers whose URL matches")
     which.add_argument("--clear", action="store_true", help="no delay, no forced failure")
+    token = sub.add_parser("token", parents=[common], help="print a bearer token for the protected storage")
+    kind = token.add_mutually_exclusive_group()
+    kind.add_argument("--expired", action="store_true", help="a token that expired an hour ago")
+    kind.add_argument("--wrong-key", action="store_true", help="a token signed by an unknown key")
+    token.add_argument("--lifetime", type=int, default=3600, help="seconds the token is valid (default 3600)")
     mount = sub.add_parser("mount", parents=[common], help="mount the lake with datalakefs")
     mount.add_argument("mountpoint", type=Path)
     tour = sub.add_parser("tour", parents=[common], help="print things to try on the mounted lake")
@@ -169,6 +176,16 @@ def cmd_knobs(lake: Lake, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(lake: Lake, args: argparse.Namespace) -> int:
+    extra = ["--lifetime", str(args.lifetime)]
+    extra += ["--expired"] if args.expired else ["--wrong-key"] if args.wrong_key else []
+    done = subprocess.run([*lake.token_command(), *extra], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise DemoError(f"could not mint a token (is the lake up?): {done.stderr.strip()[-500:]}")
+    print(done.stdout.strip())
+    return 0
+
+
 def cmd_mount(lake: Lake, args: argparse.Namespace) -> int:
     mountpoint = args.mountpoint.expanduser().absolute()
     if is_mounted(mountpoint):
@@ -235,6 +252,7 @@ COMMANDS = {
     "status": cmd_status,
     "env": cmd_env,
     "knobs": cmd_knobs,
+    "token": cmd_token,
     "mount": cmd_mount,
     "tour": cmd_tour,
 }

@@ -16,6 +16,9 @@ listens on ``*`` and accepts loopback clients only, ``xrd.allow host localhost``
       13    xcache_http       xcache      the same XCache, http
       14    xcache_fwd_root   xcache-fwd  XCache in forwarding mode (root-proxy-internal), root://
       15    xcache_fwd_http   xcache-fwd  the same XCache, http
+      16    token_root        origin-token XRootD origin of the same tree, SciTokens required, root://
+      17    token_http        origin-token the same, http (bearer token required: 403 without one)
+      18    guard_http        guard       nginx bearer-token guard in front of the XCache, http
       --    --                daemons     Rucio's conveyor/judge/reaper daemons in a loop
 
 Everything lives under one state directory (``Layout``): the server venv, configs, logs, pid files,
@@ -77,6 +80,9 @@ PORT_OFFSETS: Final[Mapping[str, int]] = MappingProxyType(
         "xcache_http": 13,
         "xcache_fwd_root": 14,
         "xcache_fwd_http": 15,
+        "token_root": 16,
+        "token_http": 17,
+        "guard_http": 18,
     }
 )
 MAX_OFFSET: Final = max(PORT_OFFSETS.values())
@@ -86,6 +92,8 @@ SCRATCH_RSE: Final = "SCRATCH"
 RUCIO_USER: Final = "ddmlab"
 RUCIO_PASSWORD: Final = "secret"
 HEARTBEAT_MAX_AGE: Final = 120.0
+TOKEN_ISSUER: Final = "https://issuer.demo-lake.invalid"
+TOKEN_AUDIENCE: Final = "https://datalakefs.demo-lake"
 SEED_FILE_VERSION: Final = 1
 
 ASSETS: Final = Path(__file__).with_name("assets")
@@ -119,6 +127,10 @@ SERVICES: Final[tuple[ServiceSpec, ...]] = (
         "XCache, forwarding mode",
         ("xcache_fwd_root", "xcache_fwd_http"),
         depends_on=("origin",),
+    ),
+    ServiceSpec("origin-token", "XRootD origin of LAKE-ORIGIN, bearer token required", ("token_root", "token_http")),
+    ServiceSpec(
+        "guard", "nginx bearer-token guard in front of the XCache", ("guard_http",), depends_on=("origin-token",)
     ),
     ServiceSpec("dav", "nginx WebDAV (SCRATCH, LAKE-ORIGIN https)", ("dav_https", "dav_http")),
     ServiceSpec("fts", "FTS3-REST test shim", ("fts",), http_path="/"),
@@ -193,6 +205,16 @@ class Layout:
     @property
     def xcache_fwd(self) -> Path:
         return self.root / "xcache-fwd"
+
+    @property
+    def token_key(self) -> Path:
+        """The offline token issuer's private key (only the lake's owner reads it)."""
+        return self.etc / "token-issuer.pem"
+
+    @property
+    def token_cache(self) -> Path:
+        """``XDG_CACHE_HOME`` of the token origin: scitokens-cpp's pre-filled key cache."""
+        return self.root / "token-cache"
 
     @property
     def mount_cache(self) -> Path:
@@ -576,6 +598,9 @@ class Lake:
             "xcache_http": f"http://127.0.0.1:{p['xcache_http']}",
             "xcache_fwd_root": f"root://127.0.0.1:{p['xcache_fwd_root']}",
             "xcache_fwd_http": f"http://127.0.0.1:{p['xcache_fwd_http']}",
+            "token_root": f"root://127.0.0.1:{p['token_root']}",
+            "token_http": f"http://127.0.0.1:{p['token_http']}",
+            "guard_http": f"http://127.0.0.1:{p['guard_http']}",
             "postgres": f"postgresql://rucio@127.0.0.1:{p['postgres']}/rucio",
         }
 
@@ -665,6 +690,7 @@ class Lake:
             knobs=self.read_knobs(),
             seed=self.read_seed(),
             env=self.client_env(),
+            token_command=self.token_command(),
         )
 
     # ------------------------------------------------------------------------------------------- up
@@ -751,12 +777,12 @@ class Lake:
             layout.mount_state,
         ):
             path.mkdir(parents=True, exist_ok=True)
-        for path in (layout.xrd_run, layout.xcache, layout.xcache_fwd):
+        for path in (layout.xrd_run, layout.xcache, layout.xcache_fwd, layout.token_cache):
             path.mkdir(parents=True, exist_ok=True)
             _chown(path, self.run_as.xrootd)
         layout.pg.mkdir(parents=True, exist_ok=True)
         _chown(layout.pg, self.run_as.postgres)
-        for asset in ("daemons.py", "fts_shim.py", "bootstrap.py"):
+        for asset in ("daemons.py", "fts_shim.py", "bootstrap.py", "token_kit.py"):
             shutil.copyfile(ASSETS / asset, layout.lib / asset)
 
     @staticmethod
@@ -921,9 +947,66 @@ class Lake:
                     cache_dir=cache_dir,
                 ),
             )
+        self._write_token_configs()
         if not layout.knobs.exists():
             self.write_knobs(Knobs())
         self.write_datalakefs_config()
+
+    def _write_token_configs(self) -> None:
+        """The token origin, its offline issuer's key cache, and the guard in front of the XCache."""
+        layout, p = self.layout, self.ports
+        _write_atomic(
+            layout.etc / "scitokens.cfg", _render("scitokens.cfg.in", audience=TOKEN_AUDIENCE, issuer=TOKEN_ISSUER)
+        )
+        _write_atomic(
+            layout.etc / "xrootd-origin-token.cfg",
+            _render(
+                "xrootd-token.cfg.in",
+                rse=layout.rse,
+                admin=layout.xrd_run,
+                root_port=p["token_root"],
+                http_port=p["token_http"],
+                scitokens_cfg=layout.etc / "scitokens.cfg",
+            ),
+        )
+        _write_atomic(
+            layout.etc / "nginx-guard.conf",
+            _render(
+                "nginx-guard.conf.in",
+                user_directive="user root;" if os.geteuid() == 0 else "",
+                run=layout.run,
+                log=layout.log,
+                guard_http=p["guard_http"],
+                token_http=p["token_http"],
+                xcache_http=p["xcache_http"],
+            ),
+        )
+        keycache = layout.token_cache / "scitokens" / "scitokens_cpp.sqllite"
+        subprocess.run(
+            [str(layout.venv / "bin" / "python"), str(layout.lib / "token_kit.py"), "init",
+             "--key", str(layout.token_key), "--keycache", str(keycache), "--issuer", TOKEN_ISSUER],
+            capture_output=True,
+            check=True,
+            env=_clean_env(),
+        )
+        for path in (keycache.parent, keycache):
+            _chown(path, self.run_as.xrootd)
+
+    def token_command(self) -> tuple[str, ...]:
+        """argv that prints a valid bearer token for the token origin and the guard; append
+        ``--expired``, ``--wrong-key``, ``--lifetime N`` or ``--scope S`` for other tokens."""
+        layout = self.layout
+        return (
+            str(layout.venv / "bin" / "python"),
+            str(layout.lib / "token_kit.py"),
+            "mint",
+            "--key",
+            str(layout.token_key),
+            "--issuer",
+            TOKEN_ISSUER,
+            "--audience",
+            TOKEN_AUDIENCE,
+        )
 
     def write_datalakefs_config(self) -> None:
         """The datalakefs config to mount this lake (keys of datalakefs.config.Config)."""
@@ -1114,6 +1197,21 @@ class Lake:
                     spec.name,
                 ],
                 cwd=layout.xrd_run,
+                env=_clean_env(),
+            )
+        elif spec.name == "origin-token":
+            self._spawn(
+                spec.name,
+                [_require("xrootd"), *xrootd_user, "-c", str(layout.etc / "xrootd-origin-token.cfg"), "-n", spec.name],
+                cwd=layout.xrd_run,
+                env=_clean_env(XDG_CACHE_HOME=str(layout.token_cache)),
+            )
+        elif spec.name == "guard":
+            self._spawn(
+                "guard",
+                [_require("nginx"), "-p", f"{layout.run}/", "-e", str(layout.log / "guard-error.log"),
+                 "-c", str(layout.etc / "nginx-guard.conf")],
+                cwd=layout.run,
                 env=_clean_env(),
             )
         elif spec.name == "dav":

@@ -244,6 +244,7 @@ class LakeStatus:
     knobs: Knobs
     seed: Seed | None
     env: Mapping[str, str] = field(default_factory=dict)
+    token_command: tuple[str, ...] = ()  # prints a valid bearer token; add --expired or --wrong-key
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -262,6 +263,7 @@ class LakeStatus:
             "knobs": self.knobs.to_json(),
             "seed": None if self.seed is None else self.seed.to_json(),
             "env": dict(self.env),
+            "token_command": list(self.token_command),
         }
 
     @classmethod
@@ -282,4 +284,5 @@ class LakeStatus:
             knobs=Knobs.from_json(data["knobs"]),
             seed=None if data.get("seed") is None else Seed.from_json(data["seed"]),
             env=dict(data.get("env") or {}),
+            token_command=tuple(data.get("token_command") or ()),
         )

@@ -60,6 +60,13 @@ def mounted_fstype(target: str) -> str | None:
     return None if fields is None else fields[fields.index("-") + 1]
 
 
+def mounts_of_type(fstype: str) -> list[str]:
+    """Mount points of every ``fstype`` mount in this mount namespace (``fuse.datalakefs``)."""
+    with open("/proc/self/mountinfo") as fh:
+        rows = [line.split() for line in fh]
+    return [_unescape(fields[4]) for fields in rows if fields[fields.index("-") + 1] == fstype]
+
+
 def _unescape(field: str) -> str:
     return field.encode().decode("unicode_escape") if "\\" in field else field
 

@@ -63,7 +63,7 @@ from datalakefs.config import Config
 from datalakefs.errors import AccessDeniedError, DatalakeError, TransferError
 from datalakefs.model import DID, DIDInfo, FileReplicas
 from datalakefs.transport.aio_bridge import AioBridge
-from datalakefs.transport.http import FailureKind, HttpTransport, RangeReadError, RangeSink
+from datalakefs.transport.http import FailureKind, HttpTransport, RangeReadError, RangeSink, RequestAuth
 from datalakefs.transport.replicas import Candidate, candidates
 
 log = logging.getLogger(__name__)
@@ -519,9 +519,10 @@ class StreamContent:
     ``run`` owns the asyncio thread and closes it, and the cache's descriptors, when cancelled.
     """
 
-    def __init__(self, config: Config, catalogue: ReplicaSource) -> None:
+    def __init__(self, config: Config, catalogue: ReplicaSource, auth: RequestAuth | None = None) -> None:
         self._config = config
         self._catalogue = catalogue
+        self._auth = auth
         self._service: StreamService | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -532,7 +533,10 @@ class StreamContent:
         await trio.to_thread.run_sync(bridge.start)
         try:
             transport = HttpTransport(
-                bridge, stall_timeout=config.http_timeout, connect_timeout=min(10.0, config.http_timeout)
+                bridge,
+                stall_timeout=config.http_timeout,
+                connect_timeout=min(10.0, config.http_timeout),
+                auth=self._auth,
             )
             self._service = StreamService(cache, transport, config)
             await self._service.run(task_status=task_status)

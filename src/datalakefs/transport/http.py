@@ -18,24 +18,27 @@ Contract of one transfer, :meth:`HttpTransport.fetch` (url, start, length, total
   and whether another attempt may succeed. Messages name the URL without query string or user info,
   which may carry credentials.
 
-Request headers come from a :data:`HeadersProvider` called on the asyncio thread for every request: the
-seam through which bearer tokens are added (it must be cheap and thread-safe).
+Credentials come from a :class:`RequestAuth` asked on the asyncio thread for every request (headers and
+TLS client context; it must be cheap and thread-safe): :class:`datalakefs.transport.tokens.StorageAuth`
+in production. A 401 or 403 reply makes the transfer call ``auth.renew()`` once; when that yields new
+credentials the request is repeated once with them, else the refusal stands.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Mapping
+import ssl
+from collections.abc import Mapping
 from typing import Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
 from datalakefs.errors import TransferError
+from datalakefs.redaction import redact_text, redact_url
 from datalakefs.transport.aio_bridge import AioBridge
 
-HeadersProvider = Callable[[str], Mapping[str, str]]
+__all__ = ["FailureKind", "HttpTransport", "NoAuth", "RangeReadError", "RangeSink", "RequestAuth", "redact_url"]
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 
@@ -50,6 +53,35 @@ class RangeSink(Protocol):
     def close(self) -> None:
         """The transfer is over (complete or not); release what is held for it."""
         ...
+
+
+class RequestAuth(Protocol):
+    """Credentials of data requests; every method is called on the asyncio thread."""
+
+    def headers(self, url: str) -> Mapping[str, str]:
+        """Extra request headers for ``url`` (``Authorization``)."""
+        ...
+
+    def ssl_context(self, url: str) -> ssl.SSLContext | None:
+        """A TLS context presenting a client certificate for ``url``, or None for the default."""
+        ...
+
+    def renew(self) -> bool:
+        """Look for newer credentials after a refusal; True when there are different ones to try."""
+        ...
+
+
+class NoAuth:
+    """Anonymous requests."""
+
+    def headers(self, url: str) -> Mapping[str, str]:
+        return {}
+
+    def ssl_context(self, url: str) -> ssl.SSLContext | None:
+        return None
+
+    def renew(self) -> bool:
+        return False
 
 
 class FailureKind(enum.Enum):
@@ -72,20 +104,9 @@ class RangeReadError(TransferError):
     """One attempt to read a range from one URL failed."""
 
     def __init__(self, kind: FailureKind, url: str, detail: str) -> None:
-        super().__init__(f"{redact_url(url)}: {kind.value}: {detail}")
+        super().__init__(f"{redact_url(url)}: {kind.value}: {redact_text(detail)}")
         self.kind = kind
         self.url = url
-
-
-def redact_url(url: str) -> str:
-    """``url`` without user info, query string or fragment (they may carry credentials)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def _no_headers(_url: str) -> Mapping[str, str]:
-    return {}
 
 
 class HttpTransport:
@@ -97,13 +118,14 @@ class HttpTransport:
         *,
         stall_timeout: float = 30.0,
         connect_timeout: float = 10.0,
-        headers: HeadersProvider = _no_headers,
+        auth: RequestAuth | None = None,
     ) -> None:
         self._bridge = bridge
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=stall_timeout
         )
-        self._headers = headers
+        self._auth: RequestAuth = auth if auth is not None else NoAuth()
+        self.renewals = 0  # requests repeated with renewed credentials
 
     async def fetch(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
         """Read bytes ``[start, start+length)`` of a ``total``-byte file at ``url`` into ``sink``."""
@@ -122,6 +144,19 @@ class HttpTransport:
     ) -> None:
         started.append(True)
         try:
+            try:
+                await self._attempt(url, start, length, total, sink)
+            except RangeReadError as exc:
+                # nothing reached the sink: a refusal is detected before the body is read
+                if exc.kind is not FailureKind.DENIED or not self._auth.renew():
+                    raise
+                self.renewals += 1
+                await self._attempt(url, start, length, total, sink)
+        finally:
+            sink.close()
+
+    async def _attempt(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
+        try:
             await self._transfer(url, start, length, total, sink)
         except RangeReadError:
             raise
@@ -131,13 +166,14 @@ class HttpTransport:
             raise RangeReadError(FailureKind.SHORT_BODY, url, str(exc) or repr(exc)) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise RangeReadError(FailureKind.CONNECTION, url, str(exc) or repr(exc)) from None
-        finally:
-            sink.close()
 
     async def _transfer(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
         end = start + length - 1
-        headers = {**self._headers(url), "Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
-        async with self._bridge.session.get(url, headers=headers, timeout=self._timeout) as resp:
+        headers = {**self._auth.headers(url), "Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
+        context = self._auth.ssl_context(url)
+        async with self._bridge.session.get(
+            url, headers=headers, timeout=self._timeout, ssl=True if context is None else context
+        ) as resp:
             try:
                 self._check_reply(resp, url, start, end, total, length)
                 pos = start

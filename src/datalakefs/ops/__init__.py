@@ -1,0 +1,1 @@
+"""Operations support of a running daemon: transfer rates and the optional Prometheus endpoint."""

@@ -1,0 +1,90 @@
+"""Catalogue authentication from the user's rucio.cfg, with rucio's token cache kept per mount
+(issue 8, SPEC §6)."""
+
+from __future__ import annotations
+
+import configparser
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from datalakefs.demo.status import LakeStatus
+from tests.fuse.mounting import Mount
+
+pytestmark = [pytest.mark.lake, pytest.mark.fuse]
+
+
+def rucio_cfg(lake: LakeStatus, path: Path, **client: str | None) -> Path:
+    """The lake's rucio.cfg with ``client`` keys changed (None removes a key)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(lake.rucio_config)
+    for key, value in client.items():
+        if value is None:
+            parser.remove_option("client", key)
+        else:
+            parser.set("client", key, value)
+    with open(path, "w") as fh:
+        parser.write(fh)
+    os.chmod(path, 0o600)
+    return path
+
+
+def private_dir(mount: Mount) -> Path:
+    state = Path(mount.options[1].partition("=")[2])
+    return state / "mounts" / hashlib.sha256(str(mount.mountpoint.absolute()).encode()).hexdigest()[:16]
+
+
+def test_userpass_token_is_cached_per_mount(
+    lake: LakeStatus, new_mount: Callable[..., Mount], tmp_path: Path
+) -> None:
+    config = rucio_cfg(lake, tmp_path / "rucio.cfg", auth_token_file_path=None)
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(config)
+    password = parser.get("client", "password")
+    first = new_mount(f"rucio_config={config}", "log_level=DEBUG")
+    second = new_mount(f"rucio_config={config}")
+    for mount in (first, second):
+        mount.start()
+        assert set(lake.seed.scopes) <= set(os.listdir(mount.mountpoint))
+    tokens = [private_dir(mount) / "rucio" / "auth_token_for_account_root" for mount in (first, second)]
+    assert all(token.is_file() for token in tokens)
+    assert tokens[0].read_text() != tokens[1].read_text()  # each mount authenticated for itself
+    assert (tokens[0].parent.stat().st_mode & 0o077) == 0  # rucio keeps the directory private
+    first.stop()
+    log = "".join(p.read_text() for p in (Path(first.options[1].partition("=")[2]) / "logs").glob("*.log"))
+    assert "X-Rucio-Password: [hidden]" in log  # rucio's client logged its request headers at DEBUG...
+    assert f"X-Rucio-Password: {password}" not in log  # ...without the password or the token
+    assert tokens[0].read_text().strip() not in log
+
+
+def test_oidc_with_a_token_file(
+    lake: LakeStatus, rucio_client: Any, new_mount: Callable[..., Mount], tmp_path: Path
+) -> None:
+    token_file = tmp_path / "rucio-token"
+    token_file.write_text(rucio_client.auth_token)  # a token another tool obtained and refreshes
+    os.chmod(token_file, 0o600)
+    config = rucio_cfg(lake, tmp_path / "rucio.cfg", auth_type="oidc", username=None, password=None,
+                       auth_token_file_path=str(token_file))
+    mount = new_mount(f"rucio_config={config}")
+    mount.start()
+    assert set(lake.seed.scopes) <= set(os.listdir(mount.mountpoint))
+    assert not (private_dir(mount) / "rucio").exists()  # the configured token file is used as it is
+
+
+def test_refused_credentials_are_eacces_without_the_password_in_any_text(
+    lake: LakeStatus, new_mount: Callable[..., Mount], tmp_path: Path
+) -> None:
+    config = rucio_cfg(lake, tmp_path / "rucio.cfg", auth_token_file_path=None, password="not-the-password-123")
+    mount = new_mount(f"rucio_config={config}", "log_level=DEBUG")
+    mount.start()
+    with pytest.raises(PermissionError):
+        os.listdir(mount.mountpoint / lake.seed.scopes[0])
+    status = (mount.mountpoint / ".datalakefs" / "status.json").read_text()
+    mount.stop()
+    logs = "".join(p.read_text() for p in (Path(mount.options[1].partition("=")[2]) / "logs").glob("*.log"))
+    assert "refused our credentials" in logs
+    assert "not-the-password-123" not in logs + status
