@@ -13,6 +13,7 @@ from datalakefs.errors import (
     CatalogueUnavailableError,
     NoAttributeError,
     NotFoundError,
+    NotSupportedError,
     ReadOnlyError,
 )
 from datalakefs.fs.filesystem import Filesystem
@@ -148,7 +149,10 @@ async def test_xattrs(fs: Filesystem, fake: FakeCatalogue) -> None:
     assert await fs.getxattr(ino, "user.datalakefs.cached") == b"7"
     calls = sum(fake.calls.values())
     with pytest.raises(NoAttributeError):
-        await fs.getxattr(ino, "security.selinux")
+        await fs.getxattr(ino, "user.unknown")
+    for name in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+        with pytest.raises(NotSupportedError):  # `ls -l` stops asking after one EOPNOTSUPP
+            await fs.getxattr(ino, name)
     assert sum(fake.calls.values()) == calls
     assert "user.rucio.md5" in fs.listxattr(ino)
 

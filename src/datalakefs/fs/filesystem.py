@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from datalakefs.catalogue.cached import CachedCatalogue
-from datalakefs.errors import NoAttributeError, NotFoundError, ReadOnlyError
+from datalakefs.errors import NoAttributeError, NotFoundError, NotSupportedError, ReadOnlyError
 from datalakefs.fs.attributes import Attributes, attributes_of
 from datalakefs.fs.ports import FileContent, OpenFile
 from datalakefs.model import DIDInfo
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 ControlRenderer = Callable[[], bytes]
 
+_USER_NAMESPACE = "user."
 _DID_XATTRS = ("user.rucio.scope", "user.rucio.name", "user.rucio.did_type")
 _FILE_XATTRS = ("user.rucio.adler32", "user.rucio.md5", "user.rucio.replicas",
                 "user.datalakefs.cached", "user.datalakefs.state")
@@ -154,6 +155,10 @@ class Filesystem:
 
     async def getxattr(self, ino: int, name: str) -> bytes:
         node = self._ns.inodes.get(ino)
+        if not name.startswith(_USER_NAMESPACE):
+            # Security labels and POSIX ACLs do not exist here. EOPNOTSUPP (not ENODATA) lets `ls -l`
+            # remember that for the whole mount after one call instead of asking twice per file.
+            raise NotSupportedError(name)
         if name not in self.listxattr(ino):
             raise NoAttributeError(name)
         assert node.info is not None

@@ -23,7 +23,7 @@ from datalakefs.fs.filesystem import Filesystem
 
 log = logging.getLogger(__name__)
 
-_QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.EROFS, errno.EAGAIN})
+_QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.EOPNOTSUPP, errno.EROFS, errno.EAGAIN})
 
 
 @contextlib.contextmanager
