@@ -364,9 +364,10 @@ class Suite:
             cache = self.work / f"rclone-cache-{i}"
             shutil.rmtree(cache, ignore_errors=True)
             log = self.work / "rclone.log"
-            url = self.lk.url("origin_http") + "/"
+            # the origin refuses to stat "/": mount the file's own directory
+            url = f"{self.lk.url('origin_http')}/{self.relative.parent}/"
             with mounts.rclone_webdav(mnt, url, cache, log, "--vfs-cache-mode", "full"):
-                path = mnt / self.relative
+                path = mnt / self.relative.name
                 drop_caches()
                 seconds, nbytes = read_sequential(path)
                 self.add("seq 1 GiB", "rclone webdav (full cache)", "cold", seconds=seconds, bytes=nbytes)
@@ -374,12 +375,12 @@ class Suite:
                 self.add("seq 1 GiB", "rclone webdav (full cache)", "hot", seconds=hot, bytes=nbytes)
             with mounts.rclone_webdav(mnt, url, cache, log, "--vfs-cache-mode", "full"):
                 drop_caches()
-                seconds, nbytes = read_sequential(mnt / self.relative)
+                seconds, nbytes = read_sequential(mnt / self.relative.name)
                 self.add("seq 1 GiB", "rclone webdav (full cache)", "warm", seconds=seconds, bytes=nbytes)
             shutil.rmtree(cache, ignore_errors=True)
             with mounts.rclone_webdav(mnt, url, cache, log, "--vfs-cache-mode", "full"):
                 drop_caches()
-                seconds = read_random(mnt / self.relative, self.where)
+                seconds = read_random(mnt / self.relative.name, self.where)
                 time.sleep(1.0)  # let rclone's background download settle before measuring its cache
                 fetched = allocated(cache)
                 self.add("random 4 KiB ×2000", "rclone webdav (full cache)", "cold", seconds=seconds,
@@ -391,10 +392,10 @@ class Suite:
             self.skip("xrootdfs", "not installed")
             return
         mnt = self.work / "mnt-xrootdfs"
-        root = self.lk.url("origin_root") + "//"
+        root = f"{self.lk.url('origin_root')}//{self.relative.parent}/"
         for _ in range(self.n):
             with mounts.xrootdfs(mnt, root, self.work / "xrootdfs.log"):
-                path = mnt / self.relative
+                path = mnt / self.relative.name
                 drop_caches()
                 seconds, nbytes = read_sequential(path)
                 self.add("seq 1 GiB", "xrootdfs", "cold", seconds=seconds, bytes=nbytes)
