@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import zlib
@@ -13,7 +14,7 @@ import pytest
 from datalakefs.demo.seed import content
 from datalakefs.demo.status import LakeStatus
 from tests.faults.origin import FaultyOrigin
-from tests.fuse.mounting import Mount
+from tests.fuse.mounting import Mount, datalakefs
 from tests.fuse.test_browse import path_of
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
@@ -36,6 +37,15 @@ def _content_stats(mount: Mount) -> dict[str, Any]:
     return stats
 
 
+def _evict_pages(path: Path) -> None:
+    """Drop the file's pages from the kernel's page cache, so that the next read reaches the daemon."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def _read_all(path: Path) -> bytes:
     with open(path, "rb") as fh:
         return fh.read()
@@ -44,7 +54,7 @@ def _read_all(path: Path) -> bytes:
 def test_sequential_read_matches_the_catalogue_checksum(lake: LakeStatus, new_mount: Any) -> None:
     mount = new_mount("xcache=none")
     mount.start()
-    did, path = _file(lake, mount)
+    _, path = _file(lake, mount)
     data = _read_all(path)
     assert len(data) == SIZE
     assert f"{zlib.adler32(data):08x}" == os.getxattr(path, "user.rucio.adler32").decode()
@@ -138,3 +148,32 @@ def test_a_corrupt_cache_block_is_fetched_again_never_served(
     stats = _content_stats(second)
     assert stats["cache"]["corrupt_blocks"] >= 1
     assert 0 < stats["bytes_fetched"] <= 2 * MIB
+
+
+def test_cache_stats_and_clear_through_a_mount_and_offline(lake: LakeStatus, new_mount: Any) -> None:
+    mount = new_mount("xcache=none")
+    mount.start()
+    did, path = _file(lake, mount, MIB + 1)
+    assert _read_all(path) == _expected(lake, did, MIB + 1)
+    cli = ["--config", str(mount.config), *(arg for option in mount.options for arg in ("-o", option))]
+
+    shown = datalakefs("cache", "stats", "--json", *cli)
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert report["source"] == str(mount.mountpoint)
+    assert report["cache"]["used_bytes"] == MIB + 1
+    assert report["bytes_fetched"] >= MIB + 1
+
+    cleared = datalakefs("cache", "clear", str(mount.mountpoint), *cli)
+    assert cleared.returncode == 0, cleared.stderr
+    assert _content_stats(mount)["cache"]["used_bytes"] == 0
+    assert int(os.getxattr(path, "user.datalakefs.cached")) == 0
+    _evict_pages(path)
+    assert _read_all(path) == _expected(lake, did, MIB + 1)  # fetched again
+    assert int(os.getxattr(path, "user.datalakefs.cached")) == MIB + 1
+
+    mount.stop()
+    offline = json.loads(datalakefs("cache", "stats", "--json", *cli).stdout)
+    assert offline["cache"]["used_bytes"] == MIB + 1
+    assert datalakefs("cache", "clear", *cli).returncode == 0
+    assert json.loads(datalakefs("cache", "stats", "--json", *cli).stdout)["cache"]["used_bytes"] == 0

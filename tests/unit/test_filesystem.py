@@ -16,7 +16,7 @@ from datalakefs.errors import (
     NotSupportedError,
     ReadOnlyError,
 )
-from datalakefs.fs.filesystem import Filesystem
+from datalakefs.fs.filesystem import CLEAR_CACHE_XATTR, Filesystem
 from datalakefs.model import DIDInfo
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable
 from datalakefs.namespace.tree import Namespace
@@ -27,6 +27,7 @@ class _NoContent:
 
     def __init__(self) -> None:
         self.opened: list[DIDInfo] = []
+        self.cleared = 0
 
     async def open(self, info: DIDInfo, nonblocking: bool) -> _NoContent:
         self.opened.append(info)
@@ -47,6 +48,9 @@ class _NoContent:
 
     def state(self, info: DIDInfo) -> str:
         return "streaming"
+
+    async def clear(self) -> None:
+        self.cleared += 1
 
 
 @pytest.fixture
@@ -71,11 +75,16 @@ def fake() -> FakeCatalogue:
 
 
 @pytest.fixture
-def fs(fake: FakeCatalogue) -> Filesystem:
+def content() -> _NoContent:
+    return _NoContent()
+
+
+@pytest.fixture
+def fs(fake: FakeCatalogue, content: _NoContent) -> Filesystem:
     config = Config()
     catalogue = CachedCatalogue(fake, config)
     namespace = Namespace(catalogue, InodeTable(), control_files=("status.json",))
-    return Filesystem(namespace, catalogue, _NoContent(), {"status.json": lambda: b'{"ok": 1}\n'}, 1000, 1000)
+    return Filesystem(namespace, catalogue, content, {"status.json": lambda: b'{"ok": 1}\n'}, 1000, 1000)
 
 
 async def _names(fs: Filesystem, ino: int) -> list[str]:
@@ -163,6 +172,17 @@ async def test_writes_are_refused(fs: Filesystem) -> None:
         await fs.open(ino, write=True, nonblocking=False)
     with pytest.raises(ReadOnlyError):
         fs.refuse_write("mkdir")
+
+
+async def test_the_cache_is_cleared_through_the_control_directory_only(fs: Filesystem, content: _NoContent) -> None:
+    await fs.setxattr(await _path(fs, ".datalakefs"), CLEAR_CACHE_XATTR, b"1")
+    assert content.cleared == 1
+    for ino in (await _path(fs, "phys", "raw", "f1.root"), await _path(fs, ".datalakefs", "status.json")):
+        with pytest.raises(ReadOnlyError):
+            await fs.setxattr(ino, CLEAR_CACHE_XATTR, b"1")
+    with pytest.raises(ReadOnlyError):
+        await fs.setxattr(await _path(fs, ".datalakefs"), "user.other", b"1")
+    assert content.cleared == 1
 
 
 async def test_control_file(fs: Filesystem) -> None:
