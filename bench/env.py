@@ -22,9 +22,8 @@ from typing import Any
 from datalakefs.demo.lake import Lake as DemoLake
 from datalakefs.demo.seed import rse_file
 from datalakefs.demo.status import LakeStatus, Seed
-from datalakefs.namespace.escaping import component_for, component_for_scope
-
 from datalakefs.model import DID
+from datalakefs.namespace.escaping import component_for, component_for_scope
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("BENCH_WORK", "/var/tmp/datalakefs-bench"))  # mounts, caches: on local disk

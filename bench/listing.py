@@ -107,7 +107,7 @@ def run() -> SuiteResult:
                     raise BenchError(f"{path} lists {entries} entries, expected {count}")
                 if label == "100k":
                     rss.append(rss_bytes(m.pid))
-    for label, _, count in datasets:
+    for label, _, _ in datasets:
         result.rows.append(Row(f"ls -l {label}", "datalakefs", "cold", median(cold[label]), runs=n))
         result.rows.append(Row(f"ls -l {label}", "datalakefs", "warm", median(warm[label]), runs=n))
     if rss:
@@ -121,8 +121,8 @@ def run() -> SuiteResult:
             path = collection_path(m.mountpoint, seed.container)
             os.listdir(path.parent)
             find_cold.append(run_timed(["find", str(path)]))
-            elapsed, done = timed(lambda: subprocess.run(["find", str(path)], capture_output=True, text=True,
-                                                         check=True))
+            argv = ["find", str(path)]
+            elapsed, done = timed(lambda argv=argv: subprocess.run(argv, capture_output=True, text=True, check=True))
             find_warm.append(elapsed)
             found = len(done.stdout.splitlines())
     result.rows.append(Row("find container", "datalakefs", "cold", median(find_cold), runs=n,

@@ -129,6 +129,8 @@ def xrootdfs(mountpoint: Path, root_url: str, log: Path) -> contextlib.AbstractC
     return fuse_process(["xrootdfs", str(mountpoint), "-f", "-o", f"rdr={root_url}"], mountpoint, log=log)
 
 
-def passthrough(mountpoint: Path, source: Path, log: Path) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+def passthrough(
+    mountpoint: Path, source: Path, log: Path
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     return fuse_process([sys.executable, "-m", "bench.passthrough", str(source), str(mountpoint)], mountpoint,
                         log=log)

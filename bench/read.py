@@ -23,6 +23,7 @@ cache of its own) and davfs2 (tried; skipped with the reason when it does not wo
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import random
@@ -32,15 +33,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from bench import mounts
 from bench.env import (
-    REPO,
     WORK,
     BenchError,
     Lake,
@@ -188,11 +188,8 @@ def allocated(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
         for name in files:
-            with_path = os.path.join(root, name)
-            try:
-                total += os.lstat(with_path).st_blocks * 512
-            except FileNotFoundError:
-                pass
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
     return total
 
 
@@ -292,9 +289,11 @@ class Suite:
             drop_caches()
             self.add("random 4 KiB ×2000", "Range GETs origin", "cold", seconds=range_gets(self.origin_url, self.where),
                      origin_MB=RANDOM_READS * PAGE / 1e6)
-            self.add("random 4 KiB ×2000", "Range GETs origin", "hot", seconds=range_gets(self.origin_url, self.where))
+            self.add("random 4 KiB ×2000", "Range GETs origin", "hot",
+                     seconds=range_gets(self.origin_url, self.where))
             drop_caches()
-            self.add("first byte", "Range GET origin (new connection)", "cold", seconds=first_range_get(self.origin_url))
+            self.add("first byte", "Range GET origin (new connection)", "cold",
+                     seconds=first_range_get(self.origin_url))
             drop_caches()
             self.add("4 readers", "curl origin ×4 ranges", "cold", seconds=curl_parallel(self.origin_url, self.size),
                      bytes=self.size)
