@@ -59,6 +59,16 @@ async def test_small_random_reads_fetch_only_their_pages_and_cache_nothing(tmp_p
     assert origin.violations == []
 
 
+async def test_without_piece_reads_small_random_reads_fetch_verified_blocks(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path, config=Config(piece_reads=False)) as service:
+            reader = open_reader(service, INFO, origin.url("big"))
+            assert await reader.read(30 * BS + 5, 4096) == DATA[30 * BS + 5 : 30 * BS + 5 + 4096]
+            assert service.statistics().piece_requests == 0
+            assert service.cached_bytes(INFO) == BS
+    assert ranges(origin.gets()) == [(30 * BS, 31 * BS)]
+
+
 async def test_large_random_reads_fetch_the_blocks_they_touch(tmp_path: Path) -> None:
     with FaultyOrigin({"big": DATA}) as origin:
         async with running(tmp_path) as service:

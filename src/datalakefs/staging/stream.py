@@ -25,7 +25,8 @@ and no await.
   piece has no checksum of its own in the catalogue, so it is not adler32-verified. Pieces of plain
   ``http://`` URLs are fetched on the trio thread (:mod:`datalakefs.transport.trio_http`): no thread
   hop, which on a local link costs more than the GET itself; other URLs go through aiohttp. Once a reader turns
-  sequential its window fetches whole blocks into the cache as above.
+  sequential its window fetches whole blocks into the cache as above. ``piece_reads = false`` turns
+  pieces off: every read then fetches, caches and verifies whole blocks.
 * Missing consecutive blocks are fetched with one closed-range GET per ``max_request`` bytes (64 MiB:
   measured here against a local XrdHttp, one GET per stretch beat 16 MiB pieces, 918 vs 764 MB/s and
   1.29 vs 1.45 CPU s/GiB, as the transport notes predicted for aiohttp). The body
@@ -241,7 +242,7 @@ class StreamService:
         self._limiter = trio.CapacityLimiter(max_transfers)
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._pieces: dict[tuple[str, int, int], _Piece] = {}
-        self.piece_max = self.block_size // 2
+        self.piece_max = self.block_size // 2 if config.piece_reads else 0
         self._bypass: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._bypass_max = max(4, self._window_max // self.block_size)
         self._nursery: trio.Nursery | None = None
