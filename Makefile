@@ -41,6 +41,7 @@ test: sysdeps venv lint
 	$(BIN)/pytest
 
 bench: sysdeps venv
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -m bench
 
 soak: sysdeps venv

@@ -49,6 +49,7 @@ class Config:
     cache_size: int = 20 << 30
     block_size: int = 1 << 20
     prefetch_max: int = 64 << 20
+    piece_reads: bool = True
     xcache: str | None = None
     xcache_mode: XCacheMode = "swap"
     client_site: str | None = None

@@ -51,6 +51,12 @@ class ReadOnlyError(DatalakeError):
     errno = errno.EROFS
 
 
+class NotSupportedError(DatalakeError):
+    """The filesystem has no such feature (e.g. security labels or POSIX ACLs): ``EOPNOTSUPP``."""
+
+    errno = errno.EOPNOTSUPP
+
+
 class InvalidNameError(DatalakeError):
     """A name the catalogue's schema refuses."""
 

@@ -16,6 +16,7 @@ from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas, Replica
 from datalakefs.staging.stream import StreamReader, StreamService, known_replicas
 from datalakefs.transport.aio_bridge import AioBridge
 from datalakefs.transport.http import HttpTransport
+from datalakefs.transport.trio_http import TrioRangeClient
 
 BS = 1 << 20
 
@@ -50,13 +51,16 @@ async def running(
         cache = BlockCache(root, capacity=capacity, block_size=BS)
         await cache.open()
         transport = HttpTransport(bridge, stall_timeout=stall, connect_timeout=2)
-        service = StreamService(cache, transport, config, retry_backoff=0.01, max_request=max_request)
+        pieces = TrioRangeClient(stall_timeout=stall, connect_timeout=2)
+        service = StreamService(cache, transport, config, retry_backoff=0.01, max_request=max_request,
+                                piece_transport=pieces)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(service.run)
                 yield service
                 nursery.cancel_scope.cancel()
         finally:
+            await pieces.aclose()
             cache.close()
 
 

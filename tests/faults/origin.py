@@ -153,6 +153,13 @@ class FaultyOrigin:
         server.server_close()  # joins the connection threads
         self._server = None
 
+    def drop_connections(self) -> None:
+        """Close every open connection, as a server does with idle keep-alive connections."""
+        with self._lock:
+            for sock in list(self._open):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
     def gets(self, path: str | None = None) -> Counter[str | None]:
         """How many GETs each range got (of ``path``, or of every file)."""
         with self._lock:

@@ -123,6 +123,18 @@ def test_xattrs(lake: LakeStatus, lake_mount: Mount) -> None:
     assert calls(lake_mount) == before
 
 
+def test_security_and_acl_xattrs_are_not_supported(lake: LakeStatus, lake_mount: Mount) -> None:
+    """EOPNOTSUPP, not ENODATA: coreutils then stops asking for them, once per `ls -l` instead of per file."""
+    path = path_of(lake_mount, lake.seed.sized_files[1 << 20], lake.seed.sized_dataset)
+    for name in ("security.selinux", "system.posix_acl_access"):
+        with pytest.raises(OSError) as refused:
+            os.getxattr(path, name, follow_symlinks=False)
+        assert refused.value.errno == errno.EOPNOTSUPP
+    listing = subprocess.run(["strace", "-f", "-e", "trace=getxattr,lgetxattr", "ls", "-l", str(path.parent)],
+                             capture_output=True, text=True, check=True)
+    assert len([line for line in listing.stderr.splitlines() if "xattr(" in line]) <= 4
+
+
 def test_status_json(lake_mount: Mount) -> None:
     status = lake_mount.status()
     assert status["version"]

@@ -13,9 +13,10 @@ from datalakefs.errors import (
     CatalogueUnavailableError,
     NoAttributeError,
     NotFoundError,
+    NotSupportedError,
     ReadOnlyError,
 )
-from datalakefs.fs.filesystem import Filesystem
+from datalakefs.fs.filesystem import CLEAR_CACHE_XATTR, Filesystem
 from datalakefs.model import DIDInfo
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable
 from datalakefs.namespace.tree import Namespace
@@ -26,6 +27,7 @@ class _NoContent:
 
     def __init__(self) -> None:
         self.opened: list[DIDInfo] = []
+        self.cleared = 0
 
     async def open(self, info: DIDInfo, nonblocking: bool) -> _NoContent:
         self.opened.append(info)
@@ -46,6 +48,9 @@ class _NoContent:
 
     def state(self, info: DIDInfo) -> str:
         return "streaming"
+
+    async def clear(self) -> None:
+        self.cleared += 1
 
 
 @pytest.fixture
@@ -70,11 +75,16 @@ def fake() -> FakeCatalogue:
 
 
 @pytest.fixture
-def fs(fake: FakeCatalogue) -> Filesystem:
+def content() -> _NoContent:
+    return _NoContent()
+
+
+@pytest.fixture
+def fs(fake: FakeCatalogue, content: _NoContent) -> Filesystem:
     config = Config()
     catalogue = CachedCatalogue(fake, config)
     namespace = Namespace(catalogue, InodeTable(), control_files=("status.json",))
-    return Filesystem(namespace, catalogue, _NoContent(), {"status.json": lambda: b'{"ok": 1}\n'}, 1000, 1000)
+    return Filesystem(namespace, catalogue, content, {"status.json": lambda: b'{"ok": 1}\n'}, 1000, 1000)
 
 
 async def _names(fs: Filesystem, ino: int) -> list[str]:
@@ -148,7 +158,10 @@ async def test_xattrs(fs: Filesystem, fake: FakeCatalogue) -> None:
     assert await fs.getxattr(ino, "user.datalakefs.cached") == b"7"
     calls = sum(fake.calls.values())
     with pytest.raises(NoAttributeError):
-        await fs.getxattr(ino, "security.selinux")
+        await fs.getxattr(ino, "user.unknown")
+    for name in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+        with pytest.raises(NotSupportedError):  # `ls -l` stops asking after one EOPNOTSUPP
+            await fs.getxattr(ino, name)
     assert sum(fake.calls.values()) == calls
     assert "user.rucio.md5" in fs.listxattr(ino)
 
@@ -159,6 +172,17 @@ async def test_writes_are_refused(fs: Filesystem) -> None:
         await fs.open(ino, write=True, nonblocking=False)
     with pytest.raises(ReadOnlyError):
         fs.refuse_write("mkdir")
+
+
+async def test_the_cache_is_cleared_through_the_control_directory_only(fs: Filesystem, content: _NoContent) -> None:
+    await fs.setxattr(await _path(fs, ".datalakefs"), CLEAR_CACHE_XATTR, b"1")
+    assert content.cleared == 1
+    for ino in (await _path(fs, "phys", "raw", "f1.root"), await _path(fs, ".datalakefs", "status.json")):
+        with pytest.raises(ReadOnlyError):
+            await fs.setxattr(ino, CLEAR_CACHE_XATTR, b"1")
+    with pytest.raises(ReadOnlyError):
+        await fs.setxattr(await _path(fs, ".datalakefs"), "user.other", b"1")
+    assert content.cleared == 1
 
 
 async def test_control_file(fs: Filesystem) -> None:

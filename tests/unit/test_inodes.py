@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from datalakefs.errors import NotFoundError
-from datalakefs.model import DID
+from datalakefs.model import DID, DIDInfo, DIDType
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
 
 
@@ -18,6 +18,22 @@ def test_same_key_same_inode() -> None:
     did = DID("s", "f")
     assert _file(table, did).ino == _file(table, did).ino
     assert _file(table, DID("s", "g")).ino != _file(table, did).ino
+
+
+def test_a_known_node_is_built_again_only_to_add_missing_facts() -> None:
+    table = InodeTable()
+    did = DID("s", "f")
+    made: list[int] = []
+
+    def make(ino: int, info: DIDInfo | None) -> Node:
+        made.append(ino)
+        return Node(ino, NodeKind.FILE, ROOT_INODE, did=did, info=info)
+
+    info = DIDInfo(did, DIDType.FILE, size=3)
+    first = table.intern(("file", did), lambda ino: make(ino, None))
+    assert table.intern(("file", did), lambda ino: make(ino, info)).info == info  # facts arrive
+    assert table.intern(("file", did), lambda ino: make(ino, None)).info == info  # kept; not rebuilt
+    assert made == [first.ino, first.ino]
 
 
 def test_forget_drops_only_after_the_last_reference() -> None:

@@ -17,7 +17,7 @@ from tests.faults.origin import FaultyOrigin
 from datalakefs.config import Config
 from datalakefs.errors import AccessDeniedError, TransferError
 from datalakefs.model import DID, FileReplicas, Replica
-from datalakefs.staging.stream import SEQUENTIAL_SLACK, StreamContent
+from datalakefs.staging.stream import PIECE_ALIGN, SEQUENTIAL_SLACK, StreamContent
 
 DATA = payload(40 * BS + 777, seed=1)
 INFO = info_of("big", DATA)
@@ -41,17 +41,94 @@ async def test_sequential_reader_gets_a_growing_window_of_large_requests(tmp_pat
     assert origin.violations == []
 
 
-async def test_random_reader_fetches_only_the_blocks_it_touches(tmp_path: Path) -> None:
+async def test_small_random_reads_fetch_only_their_pages_and_cache_nothing(tmp_path: Path) -> None:
     with FaultyOrigin({"big": DATA}) as origin:
         async with running(tmp_path) as service:
             reader = open_reader(service, INFO, origin.url("big"))
             step = (SEQUENTIAL_SLACK + 2) * BS
-            offsets = [30 * BS + 5, 3 * BS + 100, 39 * BS + 7, 17 * BS, 3 * BS + 100 + step]
+            offsets = [30 * BS + 5, 3 * BS + 100, 39 * BS + 7, 17 * BS, 3 * BS + 100 + step, 40 * BS + 700]
             for offset in offsets:
                 assert await reader.read(offset, 4096) == DATA[offset : offset + 4096]
-    assert ranges(origin.gets()) == sorted(
-        (o // BS * BS, min(len(DATA), o // BS * BS + BS)) for o in offsets
-    )
+            stats = service.statistics()
+            assert service.cached_bytes(INFO) == 0
+    pages = sorted((o // PIECE_ALIGN * PIECE_ALIGN, min(len(DATA), -(-(o + 4096) // PIECE_ALIGN) * PIECE_ALIGN))
+                   for o in offsets)
+    assert ranges(origin.gets()) == pages
+    assert stats.piece_requests == len(offsets)
+    assert stats.bytes_fetched == sum(end - start for start, end in pages)
+    assert origin.violations == []
+
+
+async def test_without_piece_reads_small_random_reads_fetch_verified_blocks(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path, config=Config(piece_reads=False)) as service:
+            reader = open_reader(service, INFO, origin.url("big"))
+            assert await reader.read(30 * BS + 5, 4096) == DATA[30 * BS + 5 : 30 * BS + 5 + 4096]
+            assert service.statistics().piece_requests == 0
+            assert service.cached_bytes(INFO) == BS
+    assert ranges(origin.gets()) == [(30 * BS, 31 * BS)]
+
+
+async def test_large_random_reads_fetch_the_blocks_they_touch(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path) as service:
+            reader = open_reader(service, INFO, origin.url("big"))
+            offsets = [30 * BS + 5, 10 * BS + 100]
+            for offset in offsets:
+                assert await reader.read(offset, BS) == DATA[offset : offset + BS]
+            assert service.statistics().piece_requests == 0
+    assert ranges(origin.gets()) == sorted((o // BS * BS, o // BS * BS + 2 * BS) for o in offsets)
+
+
+async def test_small_reads_are_served_from_cached_blocks(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path) as service:
+            reader = open_reader(service, INFO, origin.url("big"))
+            await reader.read(20 * BS, BS)  # a large random read caches block 20
+            before = len(origin.requests)
+            assert await reader.read(20 * BS + 4000, 300) == DATA[20 * BS + 4000 : 20 * BS + 4300]
+            assert len(origin.requests) == before
+
+
+async def test_readers_of_one_cold_piece_share_one_get(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}, latency=0.1) as origin:
+        async with running(tmp_path) as service:
+            results: list[bytes] = []
+
+            async def reader_task() -> None:
+                results.append(await open_reader(service, INFO, origin.url("big")).read(9 * BS + 10, 100))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(16):
+                    nursery.start_soon(reader_task)
+    assert results == [DATA[9 * BS + 10 : 9 * BS + 110]] * 16
+    assert ranges(origin.gets()) == [(9 * BS, 9 * BS + PIECE_ALIGN)]
+
+
+async def test_a_piece_read_fails_over_to_the_next_replica(tmp_path: Path) -> None:
+    with (
+        FaultyOrigin({"big": DATA}, fault_rate=1.0, faults=["status"]) as bad,
+        FaultyOrigin({"big": DATA}) as good,
+    ):
+        async with running(tmp_path) as service:
+            reader = open_reader(service, INFO, bad.url("big"), good.url("big"))
+            assert await reader.read(12 * BS + 5, 10) == DATA[12 * BS + 5 : 12 * BS + 15]
+            assert await reader.read(33 * BS, 10) == DATA[33 * BS : 33 * BS + 10]
+    assert len(bad.gets()) == 1  # the reader sticks to the replica that worked
+    assert len(good.gets()) == 2
+
+
+async def test_a_random_reader_that_turns_sequential_caches_whole_blocks(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path) as service:
+            reader = open_reader(service, INFO, origin.url("big"))
+            offset = 25 * BS
+            await reader.read(offset, 4096)  # random: a piece
+            for _ in range(8):  # then sequential
+                offset += 4096
+                assert await reader.read(offset, 4096) == DATA[offset : offset + 4096]
+            assert service.cached_bytes(INFO) >= BS
+            assert service.statistics().piece_requests == 1
 
 
 async def test_cache_hits_never_reach_the_network(tmp_path: Path) -> None:

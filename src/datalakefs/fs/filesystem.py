@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from datalakefs.catalogue.cached import CachedCatalogue
-from datalakefs.errors import NoAttributeError, NotFoundError, ReadOnlyError
+from datalakefs.errors import NoAttributeError, NotFoundError, NotSupportedError, ReadOnlyError
 from datalakefs.fs.attributes import Attributes, attributes_of
 from datalakefs.fs.ports import FileContent, OpenFile
 from datalakefs.model import DIDInfo
@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 ControlRenderer = Callable[[], bytes]
 
+_USER_NAMESPACE = "user."
+# Set (any value) on /<mount>/.datalakefs to drop every cached block: how `datalakefs cache clear`
+# reaches a running daemon.
+CLEAR_CACHE_XATTR = "user.datalakefs.cache.clear"
 _DID_XATTRS = ("user.rucio.scope", "user.rucio.name", "user.rucio.did_type")
 _FILE_XATTRS = ("user.rucio.adler32", "user.rucio.md5", "user.rucio.replicas",
                 "user.datalakefs.cached", "user.datalakefs.state")
@@ -154,6 +158,10 @@ class Filesystem:
 
     async def getxattr(self, ino: int, name: str) -> bytes:
         node = self._ns.inodes.get(ino)
+        if not name.startswith(_USER_NAMESPACE):
+            # Security labels and POSIX ACLs do not exist here. EOPNOTSUPP (not ENODATA) lets `ls -l`
+            # remember that for the whole mount after one call instead of asking twice per file.
+            raise NotSupportedError(name)
         if name not in self.listxattr(ino):
             raise NoAttributeError(name)
         assert node.info is not None
@@ -180,6 +188,14 @@ class Filesystem:
         return self._content.state(info)
 
     # -- writes (read-only outside the outbox) ---------------------------------------------
+
+    async def setxattr(self, ino: int, name: str, value: bytes) -> None:
+        """Only one: ``CLEAR_CACHE_XATTR`` on the control directory clears the block cache; else EROFS."""
+        node = self._ns.inodes.get(ino)
+        if node.kind is NodeKind.CONTROL_DIR and name == CLEAR_CACHE_XATTR:
+            await self._content.clear()
+            return
+        self.refuse_write("setxattr")
 
     def refuse_write(self, what: str) -> NoReturn:
         raise ReadOnlyError(f"{what}: the lake is read-only outside .outbox")

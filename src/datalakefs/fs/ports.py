@@ -37,3 +37,7 @@ class FileContent(Protocol):
     def state(self, info: DIDInfo) -> str:
         """A one-line staging state for ``user.datalakefs.state`` (never a credential)."""
         ...
+
+    async def clear(self) -> None:
+        """Drop everything in the local block cache (``datalakefs cache clear``)."""
+        ...

@@ -110,7 +110,15 @@ def scope_for(component: str) -> str:
     return scope
 
 
+# What _escape changes; most names contain none of it and are returned as they are (a listing of
+# 100,000 names escapes each one).
+_NEEDS_ESCAPE = re.compile("[%/\0\ud800-\udfff]")
+_NEEDS_ESCAPE_OR_COLON = re.compile("[%/:\0\ud800-\udfff]")
+
+
 def _escape(text: str, *, colon: bool) -> str:
+    if (_NEEDS_ESCAPE_OR_COLON if colon else _NEEDS_ESCAPE).search(text) is None:
+        return text
     return "".join(
         _percent(ch) if ch in _ESCAPED_ALWAYS or (colon and ch == ":") or "\ud800" <= ch <= "\udfff" else ch
         for ch in text

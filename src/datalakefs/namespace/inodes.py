@@ -81,10 +81,11 @@ class InodeTable:
         ino = self._by_key.get(key)
         if ino is not None:
             node = self._nodes[ino]
-            fresh = make(ino)
-            if node.info is None and fresh.info is not None:
-                node = replace(node, info=fresh.info)
-                self._nodes[ino] = node
+            if node.info is None:  # only then can `make` add anything (a listing re-interns every entry)
+                fresh = make(ino)
+                if fresh.info is not None:
+                    node = replace(node, info=fresh.info)
+                    self._nodes[ino] = node
             return node
         ino = next(self._next)
         node = make(ino)

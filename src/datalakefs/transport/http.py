@@ -175,7 +175,8 @@ class HttpTransport:
             url, headers=headers, timeout=self._timeout, ssl=True if context is None else context
         ) as resp:
             try:
-                self._check_reply(resp, url, start, end, total, length)
+                check_reply(url, resp.status, resp.reason, resp.headers, resp.content_length, start, end,
+                            total)
                 pos = start
                 limit = start + length
                 async for chunk in resp.content.iter_any():
@@ -191,38 +192,45 @@ class HttpTransport:
                 resp.close()  # never return a half-read connection to the pool
                 raise
 
-    @staticmethod
-    def _check_reply(
-        resp: aiohttp.ClientResponse, url: str, start: int, end: int, total: int, length: int
-    ) -> None:
-        status = resp.status
-        if status == 200 and start == 0 and length == total:
-            pass  # a server may ignore Range when the whole file was asked for
-        elif status != 206:
-            if status >= 500:
-                kind = FailureKind.SERVER_ERROR
-            elif status in (401, 403):
-                kind = FailureKind.DENIED
-            elif status in (404, 410):
-                kind = FailureKind.NOT_FOUND
-            else:
-                kind = FailureKind.BAD_STATUS
-            raise RangeReadError(kind, url, f"HTTP {status} {resp.reason or ''}".rstrip())
+
+def check_reply(
+    url: str,
+    status: int,
+    reason: str | None,
+    headers: Mapping[str, str],
+    content_length: int | None,
+    start: int,
+    end: int,
+    total: int,
+) -> None:
+    """Raise :class:`RangeReadError` unless the reply's head is a valid answer to ``bytes=start-end``
+    of a ``total``-byte file (``headers`` must look names up case-insensitively)."""
+    length = end - start + 1
+    if status == 200 and start == 0 and length == total:
+        pass  # a server may ignore Range when the whole file was asked for
+    elif status != 206:
+        if status >= 500:
+            kind = FailureKind.SERVER_ERROR
+        elif status in (401, 403):
+            kind = FailureKind.DENIED
+        elif status in (404, 410):
+            kind = FailureKind.NOT_FOUND
         else:
-            content_range = resp.headers.get("Content-Range", "")
-            match = _CONTENT_RANGE.match(content_range)
-            if match is None or tuple(map(int, match.groups())) != (start, end, total):
-                raise RangeReadError(
-                    FailureKind.BAD_REPLY,
-                    url,
-                    f"asked bytes {start}-{end}/{total}, got Content-Range {content_range!r}",
-                )
-        encoding = resp.headers.get("Content-Encoding", "identity").lower()
-        if encoding != "identity":
-            raise RangeReadError(FailureKind.BAD_REPLY, url, f"Content-Encoding {encoding!r}")
-        if resp.content_length is not None and resp.content_length != length:
+            kind = FailureKind.BAD_STATUS
+        raise RangeReadError(kind, url, f"HTTP {status} {reason or ''}".rstrip())
+    else:
+        content_range = headers.get("Content-Range", "")
+        match = _CONTENT_RANGE.match(content_range)
+        if match is None or tuple(map(int, match.groups())) != (start, end, total):
             raise RangeReadError(
-                FailureKind.BAD_REPLY, url, f"Content-Length {resp.content_length}, expected {length}"
+                FailureKind.BAD_REPLY,
+                url,
+                f"asked bytes {start}-{end}/{total}, got Content-Range {content_range!r}",
             )
-        if resp.headers.get("Content-Type", "").lower().startswith("multipart/"):
-            raise RangeReadError(FailureKind.BAD_REPLY, url, "multipart reply to a single range")
+    encoding = headers.get("Content-Encoding", "identity").lower()
+    if encoding != "identity":
+        raise RangeReadError(FailureKind.BAD_REPLY, url, f"Content-Encoding {encoding!r}")
+    if content_length is not None and content_length != length:
+        raise RangeReadError(FailureKind.BAD_REPLY, url, f"Content-Length {content_length}, expected {length}")
+    if headers.get("Content-Type", "").lower().startswith("multipart/"):
+        raise RangeReadError(FailureKind.BAD_REPLY, url, "multipart reply to a single range")

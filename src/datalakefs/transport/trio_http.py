@@ -1,0 +1,218 @@
+"""Small closed-range GETs on the trio thread, over plain HTTP/1.1 keep-alive connections.
+
+Why: a piece read (a few KiB for a random ``pread``) through aiohttp on its asyncio thread pays two
+cross-thread wake-ups and aiohttp's per-request work, several times the network's own latency on a
+local link. Trio sockets answer it on the thread that serves FUSE. Bulk transfers stay with
+:class:`~datalakefs.transport.http.HttpTransport` (aiohttp), and so does any URL this client does not
+take (:meth:`TrioRangeClient.supports`: only ``http://`` without user info; TLS, proxies, redirects and
+credentials in URLs are aiohttp's). Requests carry the same :class:`~datalakefs.transport.http.RequestAuth`
+headers as bulk transfers, and a refusal (401/403) renews the credentials once, as there.
+
+The contract of :meth:`TrioRangeClient.fetch` is :meth:`HttpTransport.fetch`'s: only a closed, in-bounds
+range is sent; the reply head is checked by :func:`~datalakefs.transport.http.check_reply`; the body must
+have exactly ``Content-Length`` = ``length`` bytes (no chunked encoding); every byte goes to
+``sink.write`` in order and ``sink.close`` is called once; no byte for ``stall_timeout`` seconds is a
+timeout; failures raise ``RangeReadError``. A connection goes back to the pool only after a complete,
+clean exchange; a pooled connection the server closed meanwhile is replaced once, transparently.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import trio
+from multidict import CIMultiDict
+
+from datalakefs.transport.http import (
+    FailureKind,
+    NoAuth,
+    RangeReadError,
+    RangeSink,
+    RequestAuth,
+    check_reply,
+)
+
+_MAX_HEAD = 64 << 10
+_RECEIVE = 256 << 10
+
+
+class _StaleConnection(Exception):
+    """A pooled connection was closed by the server before it answered: try a fresh one."""
+
+
+class _Connection:
+    __slots__ = ("buffer", "stream")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+
+
+class TrioRangeClient:
+    """Range GETs of plain-HTTP URLs from trio tasks; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        stall_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        auth: RequestAuth | None = None,
+        max_idle: int = 8,
+    ) -> None:
+        self._stall = stall_timeout
+        self._connect = connect_timeout
+        self._auth: RequestAuth = auth if auth is not None else NoAuth()
+        self._max_idle = max_idle
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+
+    @staticmethod
+    def supports(url: str) -> bool:
+        parts = urlsplit(url)
+        return parts.scheme == "http" and "@" not in parts.netloc and parts.hostname is not None
+
+    async def fetch(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
+        """Read bytes ``[start, start+length)`` of a ``total``-byte file at ``url`` into ``sink``."""
+        try:
+            if start < 0 or length <= 0 or start + length > total:
+                raise ValueError(f"range {start}+{length} is not a closed range inside a {total}-byte file")
+            if not self.supports(url):
+                raise ValueError(f"{url.split(':', 1)[0]}: URL not handled by the trio client")
+            try:
+                await self._get(url, start, length, total, sink)
+            except RangeReadError as exc:
+                # a refusal is detected before any byte reaches the sink, so the GET can be repeated
+                if exc.kind is not FailureKind.DENIED or not self._auth.renew():
+                    raise
+                await self._get(url, start, length, total, sink)
+        finally:
+            sink.close()
+
+    async def _get(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
+        parts = urlsplit(url)
+        address = (parts.hostname or "", parts.port or 80)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        request = self._request(url, parts.netloc, target, start, start + length - 1)
+        pooled = self._idle.get(address)
+        if pooled:
+            try:
+                await self._exchange(pooled.pop(), address, url, request, start, length, total, sink, True)
+                return
+            except _StaleConnection:
+                pass
+        try:
+            connection = await self._open(address)
+        except (OSError, trio.TooSlowError) as exc:
+            raise RangeReadError(FailureKind.CONNECTION, url, str(exc) or repr(exc)) from None
+        try:
+            await self._exchange(connection, address, url, request, start, length, total, sink, False)
+        except _StaleConnection:
+            raise RangeReadError(FailureKind.CONNECTION, url, "connection closed before a reply") from None
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, {}
+        for connections in idle.values():
+            for connection in connections:
+                await trio.aclose_forcefully(connection.stream)
+
+    def _request(self, url: str, host: str, target: str, start: int, end: int) -> bytes:
+        lines = [f"GET {target} HTTP/1.1", f"Host: {host}", f"Range: bytes={start}-{end}",
+                 "Accept-Encoding: identity", "User-Agent: datalakefs"]
+        lines += [f"{name}: {value}" for name, value in self._auth.headers(url).items()]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    async def _open(self, address: tuple[str, int]) -> _Connection:
+        with trio.fail_after(self._connect):
+            return _Connection(await trio.open_tcp_stream(*address))
+
+    async def _receive(self, connection: _Connection, url: str) -> bytes:
+        try:
+            with trio.fail_after(self._stall):
+                return await connection.stream.receive_some(_RECEIVE)
+        except trio.TooSlowError:
+            raise RangeReadError(FailureKind.TIMEOUT, url, f"no data for {self._stall:g} s") from None
+
+    async def _exchange(
+        self,
+        connection: _Connection,
+        address: tuple[str, int],
+        url: str,
+        request: bytes,
+        start: int,
+        length: int,
+        total: int,
+        sink: RangeSink,
+        reused: bool,
+    ) -> None:
+        clean = False
+        try:
+            try:
+                await connection.stream.send_all(request)
+                head, keep_alive = await self._read_head(connection, url, reused)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if reused:
+                    raise _StaleConnection from None
+                raise RangeReadError(FailureKind.CONNECTION, url, str(exc) or repr(exc)) from None
+            status, reason, headers = head
+            announced = headers.get("Content-Length")
+            if "chunked" in headers.get("Transfer-Encoding", "").lower() or announced is None:
+                raise RangeReadError(FailureKind.BAD_REPLY, url, "reply without Content-Length")
+            try:
+                content_length = int(announced)
+            except ValueError:
+                raise RangeReadError(FailureKind.BAD_REPLY, url, f"Content-Length {announced!r}") from None
+            check_reply(url, status, reason, headers, content_length, start, start + length - 1, total)
+            await self._body(connection, url, start, length, sink)
+            clean = keep_alive and not connection.buffer
+        finally:
+            if clean and len(self._idle.setdefault(address, [])) < self._max_idle:
+                self._idle[address].append(connection)
+            else:
+                await trio.aclose_forcefully(connection.stream)
+
+    async def _read_head(
+        self, connection: _Connection, url: str, reused: bool
+    ) -> tuple[tuple[int, str, CIMultiDict[str]], bool]:
+        buffer = connection.buffer
+        while (end := buffer.find(b"\r\n\r\n")) < 0:
+            if len(buffer) > _MAX_HEAD:
+                raise RangeReadError(FailureKind.BAD_REPLY, url, "reply head too long")
+            chunk = await self._receive(connection, url)
+            if not chunk:
+                if reused and not buffer:
+                    raise _StaleConnection
+                raise RangeReadError(FailureKind.CONNECTION, url, "connection closed in the reply head")
+            buffer += chunk
+        lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+        del buffer[: end + 4]
+        version, _, rest = lines[0].partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/1.") or not code.isdigit():
+            raise RangeReadError(FailureKind.BAD_REPLY, url, f"status line {lines[0]!r}")
+        headers: CIMultiDict[str] = CIMultiDict()
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise RangeReadError(FailureKind.BAD_REPLY, url, f"header line {line!r}")
+            headers.add(name.strip(), value.strip())
+        keep_alive = version == "HTTP/1.1" and headers.get("Connection", "").lower() != "close"
+        return (int(code), reason, headers), keep_alive
+
+    async def _body(self, connection: _Connection, url: str, start: int, length: int, sink: RangeSink) -> None:
+        pos, limit = start, start + length
+        while pos < limit:
+            if connection.buffer:
+                chunk = bytes(connection.buffer[: limit - pos])
+                del connection.buffer[: len(chunk)]
+            else:
+                try:
+                    chunk = await self._receive(connection, url)
+                except (OSError, trio.BrokenResourceError) as exc:
+                    raise RangeReadError(FailureKind.SHORT_BODY, url,
+                                         f"body ended after {pos - start} of {length} bytes ({exc!r})") from None
+                if not chunk:
+                    raise RangeReadError(FailureKind.SHORT_BODY, url,
+                                         f"body ended after {pos - start} of {length} bytes")
+                if len(chunk) > limit - pos:
+                    raise RangeReadError(FailureKind.BAD_REPLY, url, f"body longer than {length} bytes")
+            sink.write(pos, chunk)
+            pos += len(chunk)

@@ -1,0 +1,179 @@
+"""Reading file contents through a real mount of the test lake (issue 5, SPEC §3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from datalakefs.demo.seed import content
+from datalakefs.demo.status import LakeStatus
+from tests.faults.origin import FaultyOrigin
+from tests.fuse.mounting import Mount, datalakefs
+from tests.fuse.test_browse import path_of
+
+pytestmark = [pytest.mark.lake, pytest.mark.fuse]
+
+MIB = 1 << 20
+SIZE = 64 * MIB
+
+
+def _file(lake: LakeStatus, mount: Mount, size: int = SIZE) -> tuple[str, Path]:
+    did = lake.seed.sized_files[size]
+    return did, path_of(mount, did, lake.seed.sized_dataset)
+
+
+def _expected(lake: LakeStatus, did: str, size: int, offset: int = 0, length: int | None = None) -> bytes:
+    return content(lake.seed.content_key, did, size, offset, length)
+
+
+def _content_stats(mount: Mount) -> dict[str, Any]:
+    stats: dict[str, Any] = mount.status()["content"]
+    return stats
+
+
+def _evict_pages(path: Path) -> None:
+    """Drop the file's pages from the kernel's page cache, so that the next read reaches the daemon."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _read_all(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def test_sequential_read_matches_the_catalogue_checksum(lake: LakeStatus, new_mount: Any) -> None:
+    mount = new_mount("xcache=none")
+    mount.start()
+    _, path = _file(lake, mount)
+    data = _read_all(path)
+    assert len(data) == SIZE
+    assert f"{zlib.adler32(data):08x}" == os.getxattr(path, "user.rucio.adler32").decode()
+    assert int(os.getxattr(path, "user.datalakefs.cached")) == SIZE
+    stats = _content_stats(mount)
+    assert stats["bytes_fetched"] == SIZE  # each byte fetched once
+    assert stats["verified_files"] == 1
+    assert os.getxattr(path, "user.datalakefs.state") == b"stream: cached, verified"
+
+
+def test_random_reads_return_the_right_bytes_and_move_only_what_they_touch(
+    lake: LakeStatus, new_mount: Any
+) -> None:
+    mount = new_mount("xcache=none")
+    mount.start()
+    did, path = _file(lake, mount)
+    rng = random.Random(7)
+    offsets = [rng.randrange(SIZE - 5000) for _ in range(40)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset in offsets:
+            assert os.pread(fd, 4096, offset) == _expected(lake, did, SIZE, offset, 4096)
+    finally:
+        os.close(fd)
+    stats = _content_stats(mount)
+    assert stats["piece_requests"] > 0
+    assert stats["bytes_fetched"] <= SIZE // 4
+    assert os.pread(os.open(path, os.O_RDONLY), 10, SIZE - 10) == _expected(lake, did, SIZE, SIZE - 10)
+
+
+def test_cached_bytes_and_status_grow_as_the_file_is_read(lake: LakeStatus, new_mount: Any) -> None:
+    mount = new_mount("xcache=none")
+    mount.start()
+    did, path = _file(lake, mount)
+    assert int(os.getxattr(path, "user.datalakefs.cached")) == 0
+    before = _content_stats(mount)
+    with open(path, "rb") as fh:
+        assert fh.read(8 * MIB) == _expected(lake, did, SIZE, 0, 8 * MIB)
+    cached = int(os.getxattr(path, "user.datalakefs.cached"))
+    assert 8 * MIB <= cached <= SIZE
+    after = _content_stats(mount)
+    assert after["misses"] > before["misses"]
+    assert after["requests"] > before["requests"]
+    assert after["bytes_fetched"] >= 8 * MIB
+    assert after["cache"]["used_bytes"] == cached
+
+
+def test_reads_go_through_the_xcache(lake: LakeStatus, new_mount: Any) -> None:
+    mount = new_mount()  # the lake's config reads through its XCache
+    mount.start()
+    did, path = _file(lake, mount, MIB + 1)
+    assert _read_all(path) == _expected(lake, did, MIB + 1)
+    scope, name = did.split(":", 1)
+    from datalakefs.demo.seed import rse_file
+
+    relative = rse_file(Path(lake.paths["origin"]), scope, name).relative_to(Path(lake.paths["rse"]))
+    cached = Path(lake.paths["xcache"]) / relative
+    assert cached.exists() and cached.stat().st_blocks > 0  # XCache holds what we read through it
+
+
+def test_failover_when_the_first_replica_fails(lake: LakeStatus, new_mount: Any) -> None:
+    """The XCache is tried first; pointed at an origin that answers 503 to everything, reads fall over
+    to the catalogue's replica and still return the right bytes."""
+    with FaultyOrigin({}, fault_rate=1.0, faults=["status"]) as broken:
+        mount = new_mount(f"xcache={broken.base}", "http_retries=0")
+        mount.start()
+        did, path = _file(lake, mount, MIB + 1)
+        assert _read_all(path) == _expected(lake, did, MIB + 1)
+        stats = _content_stats(mount)
+    assert broken.requests, "the broken first candidate was never asked"
+    assert stats["failed_requests"] >= 1
+
+
+def test_a_corrupt_cache_block_is_fetched_again_never_served(
+    lake: LakeStatus, new_mount: Any, tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "shared-cache"
+    first = new_mount("xcache=none", f"cache_dir={cache_dir}")
+    first.start()
+    did, path = _file(lake, first)
+    expected = _expected(lake, did, SIZE)
+    assert _read_all(path) == expected
+    first.stop()
+    (data_file,) = cache_dir.rglob("data")
+    with open(data_file, "r+b") as fh:
+        fh.seek(2 * MIB + 12345)
+        fh.write(b"\xff" * 64)
+    second = new_mount("xcache=none", f"cache_dir={cache_dir}")
+    second.start()
+    assert _read_all(_file(lake, second)[1]) == expected
+    stats = _content_stats(second)
+    assert stats["cache"]["corrupt_blocks"] >= 1
+    assert 0 < stats["bytes_fetched"] <= 2 * MIB
+
+
+def test_cache_stats_and_clear_through_a_mount_and_offline(lake: LakeStatus, new_mount: Any) -> None:
+    mount = new_mount("xcache=none")
+    mount.start()
+    did, path = _file(lake, mount, MIB + 1)
+    assert _read_all(path) == _expected(lake, did, MIB + 1)
+    cli = ["--config", str(mount.config), *(arg for option in mount.options for arg in ("-o", option))]
+
+    shown = datalakefs("cache", "stats", "--json", *cli)
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert report["source"] == str(mount.mountpoint)
+    assert report["cache"]["used_bytes"] == MIB + 1
+    assert report["bytes_fetched"] >= MIB + 1
+
+    cleared = datalakefs("cache", "clear", str(mount.mountpoint), *cli)
+    assert cleared.returncode == 0, cleared.stderr
+    assert _content_stats(mount)["cache"]["used_bytes"] == 0
+    assert int(os.getxattr(path, "user.datalakefs.cached")) == 0
+    _evict_pages(path)
+    assert _read_all(path) == _expected(lake, did, MIB + 1)  # fetched again
+    assert int(os.getxattr(path, "user.datalakefs.cached")) == MIB + 1
+
+    mount.stop()
+    offline = json.loads(datalakefs("cache", "stats", "--json", *cli).stdout)
+    assert offline["cache"]["used_bytes"] == MIB + 1
+    assert datalakefs("cache", "clear", *cli).returncode == 0
+    assert json.loads(datalakefs("cache", "stats", "--json", *cli).stdout)["cache"]["used_bytes"] == 0

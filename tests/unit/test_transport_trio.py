@@ -1,0 +1,138 @@
+"""Range GETs on the trio thread against the fault-injecting origin: the same contract as aiohttp's."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+from tests.faults.origin import FaultyOrigin
+from tests.unit.test_transport_http import DATA, Auth, Sink, origin
+
+from datalakefs.transport.http import FailureKind, RangeReadError
+from datalakefs.transport.trio_http import TrioRangeClient
+
+
+@pytest.mark.parametrize(("start", "length"), [(0, len(DATA)), (0, 1), (12345, 1 << 20), (len(DATA) - 5, 5)])
+async def test_closed_range_is_written_at_its_offsets(start: int, length: int) -> None:
+    client = TrioRangeClient()
+    with origin() as server:
+        sink = Sink(start)
+        await client.fetch(server.url("f"), start, length, len(DATA), sink)
+        await client.aclose()
+    assert bytes(sink.data) == DATA[start : start + length]
+    assert sink.closed == 1
+    assert server.gets() == {f"bytes={start}-{start + length - 1}": 1}
+    assert server.violations == []
+
+
+@pytest.mark.parametrize(
+    ("fault", "kinds"),
+    [
+        ("status", {FailureKind.SERVER_ERROR}),
+        ("stall", {FailureKind.TIMEOUT}),
+        ("reset", {FailureKind.CONNECTION, FailureKind.SHORT_BODY}),
+        ("short", {FailureKind.SHORT_BODY}),
+        ("range", {FailureKind.BAD_REPLY}),
+    ],
+)
+async def test_each_fault_is_an_error_not_data(fault: str, kinds: set[FailureKind]) -> None:
+    client = TrioRangeClient(stall_timeout=0.3)
+    with origin(fault_rate=1.0, faults=[fault], stall=5.0) as server:
+        sink = Sink(1000)
+        with pytest.raises(RangeReadError) as caught:
+            await client.fetch(server.url("f"), 1000, 1 << 20, len(DATA), sink)
+        await client.aclose()
+    assert caught.value.kind in kinds
+    assert caught.value.kind.retryable
+    assert sink.closed == 1
+    assert bytes(sink.data) == DATA[1000 : 1000 + len(sink.data)]  # a prefix at most, never wrong bytes
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"), [(401, FailureKind.DENIED), (403, FailureKind.DENIED), (404, FailureKind.NOT_FOUND)]
+)
+async def test_refusals_are_not_retryable(status: int, kind: FailureKind) -> None:
+    with origin(deny={"f": status}) as server, pytest.raises(RangeReadError) as caught:
+        await TrioRangeClient().fetch(server.url("f"), 0, 10, len(DATA), Sink(0))
+    assert caught.value.kind is kind
+    assert not caught.value.kind.retryable
+
+
+async def test_wrong_total_size_is_rejected() -> None:
+    with origin() as server, pytest.raises(RangeReadError) as caught:
+        await TrioRangeClient().fetch(server.url("f"), 0, 10, len(DATA) + 1, Sink(0))
+    assert caught.value.kind is FailureKind.BAD_REPLY
+
+
+@pytest.mark.parametrize(("start", "length", "total"), [(-1, 5, 15), (0, 0, 15), (10, 6, 15), (15, 1, 15)])
+async def test_only_closed_in_bounds_ranges_reach_the_wire(start: int, length: int, total: int) -> None:
+    with origin() as server:
+        sink = Sink(start)
+        with pytest.raises(ValueError, match="closed range"):
+            await TrioRangeClient().fetch(server.url("small"), start, length, total, sink)
+    assert server.requests == []
+    assert sink.closed == 1
+
+
+async def test_connection_refused_is_a_connection_failure() -> None:
+    with origin() as server:
+        url = server.url("f")
+    with pytest.raises(RangeReadError) as caught:
+        await TrioRangeClient(connect_timeout=2).fetch(url, 0, 10, len(DATA), Sink(0))
+    assert caught.value.kind is FailureKind.CONNECTION
+
+
+async def test_keep_alive_headers_and_recovery_from_a_connection_the_server_closed() -> None:
+    client = TrioRangeClient(auth=Auth("secret-token"))
+    with origin() as server:
+        for i in range(50):
+            sink = Sink(i * 1000)
+            await client.fetch(server.url("f"), i * 1000, 1000, len(DATA), sink)
+            assert bytes(sink.data) == DATA[i * 1000 : i * 1000 + 1000]
+        assert server.connections == 1  # one pooled connection served every request
+        server.drop_connections()  # the pooled connection is now closed at the server's end
+        await trio.sleep(0.1)
+        sink = Sink(0)
+        await client.fetch(server.url("f"), 0, 100, len(DATA), sink)
+        assert bytes(sink.data) == DATA[:100]
+        assert server.connections == 2
+        await client.aclose()
+    assert all(r.headers.get("Authorization") == "Bearer secret-token" for r in server.requests)
+    assert all(r.headers.get("Accept-Encoding") == "identity" for r in server.requests)
+
+
+def test_only_plain_http_without_credentials_is_taken() -> None:
+    assert TrioRangeClient.supports("http://127.0.0.1:1/a?b=c")
+    assert not TrioRangeClient.supports("https://127.0.0.1:1/a")
+    assert not TrioRangeClient.supports("http://user:pw@127.0.0.1:1/a")
+    assert not TrioRangeClient.supports("root://127.0.0.1:1//a")
+
+
+async def test_a_cancelled_transfer_leaves_no_connection_behind() -> None:
+    client = TrioRangeClient()
+    with FaultyOrigin({"f": DATA}, latency=5.0) as server:
+        sink = Sink(0)
+        with trio.move_on_after(0.2):
+            await client.fetch(server.url("f"), 0, 10, len(DATA), sink)
+        assert sink.closed == 1 and not sink.data
+        sink = Sink(0)
+        server.latency = 0.0
+        await client.fetch(server.url("f"), 0, 10, len(DATA), sink)
+        assert bytes(sink.data) == DATA[:10]
+        await client.aclose()
+
+
+async def test_a_refusal_renews_the_credentials_once_like_bulk_transfers() -> None:
+    auth = Auth("expired-token", "new-token", "never-used")
+    renewing, refused = TrioRangeClient(auth=auth), TrioRangeClient(auth=Auth("wrong-token-value"))
+    with origin(bearer={"new-token"}) as server:
+        sink = Sink(0)
+        await renewing.fetch(server.url("f"), 0, 1000, len(DATA), sink)
+        with pytest.raises(RangeReadError) as caught:
+            await refused.fetch(server.url("f"), 0, 10, len(DATA), Sink(0))
+        await renewing.aclose()
+        await refused.aclose()
+    assert bytes(sink.data) == DATA[:1000] and sink.closed == 1 and auth.renewed == 1
+    assert [r.headers.get("Authorization") for r in server.requests[:2]] == ["Bearer expired-token",
+                                                                              "Bearer new-token"]
+    assert len(server.requests) == 3  # the refused client did not repeat its request
+    assert caught.value.kind is FailureKind.DENIED and "wrong-token-value" not in str(caught.value)
