@@ -383,6 +383,35 @@ def stop_records(records: Mapping[str, tuple[ProcessRecord, signal.Signals]], ti
 # probes
 
 
+RESERVED_PORTS: Final = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+
+
+def reserve_ports(first: int, last: int, progress: ProgressFn, reserved: Path = RESERVED_PORTS) -> None:
+    """Keep the kernel from handing the lake's ports to outgoing connections.
+
+    The default port bases lie inside Linux's ephemeral range (32768-60999): any client socket may
+    be given one of the lake's ports and make a service fail to bind. As root, the range is added to
+    ``ip_local_reserved_ports`` (kept until reboot; listening on a reserved port still works).
+    """
+    try:
+        current = reserved.read_text().strip()
+    except OSError:
+        return
+    wanted = {*range(first, last + 1)}
+    for part in filter(None, current.split(",")):
+        low, _, high = part.partition("-")
+        wanted -= {*range(int(low), int(high or low) + 1)}
+    if not wanted:
+        return
+    try:
+        reserved.write_text(",".join(filter(None, [current, f"{first}-{last}"])) + "\n")
+    except OSError as exc:
+        progress(f"ports {first}-{last} could not be reserved ({exc.strerror}); "
+                 "a client socket may take one of them")
+        return
+    progress(f"reserved ports {first}-{last} against outgoing connections")
+
+
 def port_in_use(port: int) -> bool:
     """True when something listens on ``port`` at 127.0.0.1 or at the wildcard address."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -712,6 +741,7 @@ class Lake:
                     f"run `datalakefs demo down` first or use --port-base {recorded}"
                 )
             to_start = self._plan(running)
+            reserve_ports(self.port_base, self.port_base + MAX_OFFSET, step)
             self._check_ports(to_start)
             self._make_dirs()
             self._write_json(self.layout.lake_file, {"port_base": self.port_base})
