@@ -25,6 +25,8 @@ from datalakefs.fuse.operations import FuseOperations
 from datalakefs.fuse.session import prepare_mountpoint, serve
 from datalakefs.namespace.inodes import InodeTable
 from datalakefs.namespace.tree import Namespace
+from datalakefs.staging.policy import StagingContent
+from datalakefs.staging.rule import RuleStager
 from datalakefs.staging.stream import StreamContent
 
 log = logging.getLogger(__name__)
@@ -41,10 +43,12 @@ class Daemon:
         self.started = time.time()
         self.catalogue = CachedCatalogue(RucioCatalogue(config), config)
         self.content = StreamContent(config, self.catalogue)
+        self.stager = RuleStager(config, self.catalogue)
+        self.staging = StagingContent(config, self.content, self.stager, self.catalogue)
         control = {STATUS_FILE: self.render_status}
         namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
                               listing_ttl=config.catalogue_ttl, times_limit=config.listing_times_limit)
-        self.filesystem = Filesystem(namespace, self.catalogue, self.content, control)
+        self.filesystem = Filesystem(namespace, self.catalogue, self.staging, control, stager=self.staging)
         self.operations = FuseOperations(self.filesystem, config.entry_timeout, config.attr_timeout,
                                          config.xattrs)
 
@@ -56,6 +60,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started, 3),
             "catalogue": self.catalogue.statistics().as_dict(),
             "content": self.content.statistics().as_dict(),
+            "staging": self.staging.status(),
         }
 
     def render_status(self) -> bytes:
@@ -75,6 +80,7 @@ class Daemon:
         target = prepare_mountpoint(self.mountpoint)
         async with trio.open_nursery() as services:
             await services.start(self.content.run)
+            await services.start(self.stager.run)
             await serve(self.operations, self.operations.initialized, target, self.fuse_options(),
                         self.config.read_ahead_kb, ready)
             services.cancel_scope.cancel()

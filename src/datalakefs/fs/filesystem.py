@@ -22,7 +22,7 @@ from typing import NoReturn
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.errors import NoAttributeError, NotFoundError, ReadOnlyError
 from datalakefs.fs.attributes import Attributes, attributes_of
-from datalakefs.fs.ports import FileContent, OpenFile
+from datalakefs.fs.ports import FileContent, OpenFile, StageRequests
 from datalakefs.model import DIDInfo
 from datalakefs.namespace.inodes import Node, NodeKind
 from datalakefs.namespace.tree import Namespace
@@ -34,6 +34,8 @@ ControlRenderer = Callable[[], bytes]
 _DID_XATTRS = ("user.rucio.scope", "user.rucio.name", "user.rucio.did_type")
 _FILE_XATTRS = ("user.rucio.adler32", "user.rucio.md5", "user.rucio.replicas",
                 "user.datalakefs.cached", "user.datalakefs.state")
+_COLLECTION_XATTRS = ("user.datalakefs.state",)
+STAGE_XATTR = "user.datalakefs.stage"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,10 +67,12 @@ class Filesystem:
         control_files: dict[str, ControlRenderer],
         uid: int | None = None,
         gid: int | None = None,
+        stager: StageRequests | None = None,
     ) -> None:
         self._ns = namespace
         self._catalogue = catalogue
         self._content = content
+        self._stager = stager
         self._control = control_files
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
@@ -150,7 +154,7 @@ class Filesystem:
         node = self._ns.inodes.get(ino)
         if node.did is None:
             return []
-        return list(_DID_XATTRS + (_FILE_XATTRS if node.kind is NodeKind.FILE else ()))
+        return list(_DID_XATTRS + (_FILE_XATTRS if node.kind is NodeKind.FILE else _COLLECTION_XATTRS))
 
     async def getxattr(self, ino: int, name: str) -> bytes:
         node = self._ns.inodes.get(ino)
@@ -178,6 +182,13 @@ class Filesystem:
         if name == "user.datalakefs.cached":
             return str(self._content.cached_bytes(info))
         return self._content.state(info)
+
+    async def setxattr(self, ino: int, name: str, value: bytes) -> None:
+        """Only ``user.datalakefs.stage`` on a DID (stage it by rule); anything else is EROFS."""
+        node = self._ns.inodes.get(ino)
+        if name != STAGE_XATTR or self._stager is None or node.info is None:
+            self.refuse_write("setxattr")
+        await self._stager.stage(node.info, value)
 
     # -- writes (read-only outside the outbox) ---------------------------------------------
 

@@ -37,3 +37,9 @@ class FileContent(Protocol):
     def state(self, info: DIDInfo) -> str:
         """A one-line staging state for ``user.datalakefs.state`` (never a credential)."""
         ...
+
+
+class StageRequests(Protocol):
+    async def stage(self, info: DIDInfo, value: bytes) -> None:
+        """``setxattr user.datalakefs.stage``: stage a file or a whole collection with one rule."""
+        ...

@@ -201,7 +201,8 @@ class FuseOperations(pyfuse3.Operations):
 
     async def setxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        self._refuse("setxattr")
+        with _errors_as_errno("setxattr"):
+            await self._fs.setxattr(inode, os.fsdecode(name), value)
 
     async def removexattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT,
                           ctx: pyfuse3.RequestContext) -> None:
