@@ -34,10 +34,9 @@ from typing import Any
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.config import Config
 from datalakefs.errors import ConfigError, InvalidNameError
-from datalakefs.fs.ports import OpenFile
 from datalakefs.model import DIDInfo, DIDType, FileReplicas, Replica, RSEReplica
 from datalakefs.staging.rule import RuleStager, Staging
-from datalakefs.staging.stream import StreamContent
+from datalakefs.staging.stream import StreamContent, StreamReader
 from datalakefs.transport.replicas import candidates
 
 log = logging.getLogger(__name__)
@@ -88,18 +87,21 @@ class LocalFile:
         os.close(self._fd)
 
 
+StagedFile = LocalFile | StreamReader
+
+
 class HybridFile:
     """A file a rule is still staging: streamed until its lock is OK, then read from the staged
     replica. The switch happens between two reads; the bytes are the same (DIDs are immutable)."""
 
     keep_cache = True
 
-    def __init__(self, content: StagingContent, info: DIDInfo, streamed: OpenFile, tracked: Staging) -> None:
+    def __init__(self, content: StagingContent, info: DIDInfo, streamed: StreamReader, tracked: Staging) -> None:
         self._content = content
         self._info = info
         self._streamed = streamed
         self._tracked: Staging | None = tracked
-        self._staged: OpenFile | None = None
+        self._staged: StagedFile | None = None
 
     async def read(self, offset: int, size: int) -> bytes:
         tracked = self._tracked
@@ -136,7 +138,7 @@ class StagingContent:
         self._local = parse_local_paths(config.staging_local_paths)
         self.counters: Counter[str] = Counter()
 
-    async def open(self, info: DIDInfo, nonblocking: bool) -> OpenFile:
+    async def open(self, info: DIDInfo, nonblocking: bool) -> StreamReader | StagedFile | HybridFile:
         policy = self._config.staging
         if policy == "stream":
             return await self._stream.open(info, nonblocking)
@@ -153,7 +155,7 @@ class StagingContent:
         staged = await self.stager.stage_file(info, wait=not nonblocking)
         return await self.open_staged(info, staged)
 
-    async def open_staged(self, info: DIDInfo, replica: RSEReplica) -> OpenFile:
+    async def open_staged(self, info: DIDInfo, replica: RSEReplica) -> StagedFile:
         """The staged replica: its local file when mapped and complete, else HTTP via the cache."""
         path = local_path(replica.pfns, self._local)
         if path is not None:

@@ -302,8 +302,10 @@ class RuleStager:
     async def _poller(self, tracked: Staging) -> None:
         interval = self.poll_min
         try:
-            while not tracked.finished and (tracked.waiters > 0 or not tracked.is_file):
+            while True:
                 await trio.sleep(interval)
+                if tracked.finished or (tracked.is_file and tracked.waiters == 0):
+                    break
                 await self._poll(tracked)
                 interval = min(interval * 2, self.poll_max)
         finally:
@@ -323,7 +325,7 @@ class RuleStager:
         try:
             if tracked.is_file:
                 tracked.replica = await self._catalogue.replica_on(tracked.did, self.rse)
-            if tracked.rule is not None and not (tracked.is_file and tracked.ready):
+            if tracked.rule is not None and tracked.rule.state is not RuleState.OK:
                 tracked.rule = await self._catalogue.get_rule(tracked.rule.id)
             tracked.error = None
         except DatalakeError as exc:
