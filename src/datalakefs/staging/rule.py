@@ -225,7 +225,7 @@ class RuleStager:
         rules: dict[str, dict[str, Any]] = {}
         for tracked in self._tracked.values():
             rule = tracked.rule
-            if rule is not None and (not tracked.finished or not tracked.is_file):
+            if rule is not None and (not tracked.ready or not tracked.is_file):
                 rules.setdefault(rule.id, {
                     "id": rule.id,
                     "did": str(rule.did),
