@@ -62,9 +62,12 @@ class Catalogue(Protocol):
         ...
 
     def add_rule(self, did: DID, rse: str, lifetime: int | None, activity: str | None,
-                 account: str | None) -> tuple[Rule, bool]:
+                 account: str | None, asynchronous: bool = False) -> tuple[Rule, bool]:
         """A rule of one copy of ``did`` on ``rse``: a new one, or the account's existing rule for the
-        same DID and RSE (Rucio refuses a duplicate). Returns the rule and whether it was created."""
+        same DID and RSE (Rucio refuses a duplicate). Returns the rule and whether it was created.
+        ``asynchronous``: the server only records the rule (state INJECT) and its judge makes the locks
+        later; for collections, whose locks the server would otherwise make inside the request (10,000
+        files took longer than 30 s here)."""
         ...
 
     def get_rule(self, rule_id: str) -> Rule:

@@ -168,8 +168,9 @@ class CachedCatalogue:
         return list(await self._call("file_rules", self._backend.file_rules, did))
 
     async def add_rule(self, did: DID, rse: str, lifetime: int | None, activity: str | None,
-                       account: str | None) -> tuple[Rule, bool]:
-        return await self._call("add_rule", self._backend.add_rule, did, rse, lifetime, activity, account)
+                       account: str | None, asynchronous: bool = False) -> tuple[Rule, bool]:
+        return await self._call("add_rule", self._backend.add_rule, did, rse, lifetime, activity, account,
+                                asynchronous)
 
     async def get_rule(self, rule_id: str) -> Rule:
         return await self._call("get_rule", self._backend.get_rule, rule_id)

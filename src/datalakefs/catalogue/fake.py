@@ -275,7 +275,7 @@ class FakeCatalogue:
             return [fake.rule for fake in self._rules.values() if did in fake.locks]
 
     def add_rule(self, did: DID, rse: str, lifetime: int | None, activity: str | None,
-                 account: str | None) -> tuple[Rule, bool]:
+                 account: str | None, asynchronous: bool = False) -> tuple[Rule, bool]:
         self._enter("add_rule")
         owner = account or self.account
         with self._lock:

@@ -296,12 +296,12 @@ class RucioCatalogue:
             return [_rule(row) for row in client.list_associated_rules_for_file(did.scope, did.name)]
 
     def add_rule(self, did: DID, rse: str, lifetime: int | None, activity: str | None,
-                 account: str | None) -> tuple[Rule, bool]:
+                 account: str | None, asynchronous: bool = False) -> tuple[Rule, bool]:
         with self._client() as client:
             try:
                 ids = client.add_replication_rule(
                     [{"scope": did.scope, "name": did.name}], 1, rse,
-                    lifetime=lifetime, activity=activity, account=account,
+                    lifetime=lifetime, activity=activity, account=account, asynchronous=asynchronous,
                 )
             except rucio_exc.DuplicateRule:
                 owner = account or str(client.account)

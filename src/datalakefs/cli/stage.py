@@ -98,8 +98,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     did = resolve_target(args.target)
     catalogue = RucioCatalogue(config)
     try:
+        collection = catalogue.get_info(did).type.is_collection
         rule, created = catalogue.add_rule(did, config.staging_rse, config.rule_lifetime or None,
-                                           config.rule_activity, config.rule_account)
+                                           config.rule_activity, config.rule_account, asynchronous=collection)
         print(f"{'created' if created else 'reusing'} rule {rule.id}: {did} -> {config.staging_rse} "
               f"({rule.state.value}, {rule.locks_ok}/{rule.locks_total} locks OK)", flush=True)
         if not args.wait:

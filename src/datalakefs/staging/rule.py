@@ -271,7 +271,8 @@ class RuleStager:
             if tracked.rule is None and create:
                 config = self._config
                 rule, created = await self._catalogue.add_rule(
-                    info.did, rse, config.rule_lifetime or None, config.rule_activity, config.rule_account)
+                    info.did, rse, config.rule_lifetime or None, config.rule_activity, config.rule_account,
+                    asynchronous=info.type.is_collection)
                 tracked.rule, tracked.created = rule, created
                 self.counters["rules_created" if created else "rules_reused"] += 1
                 log.info("staging %s: %s rule %s on %s", info.did, "created" if created else "reusing",
