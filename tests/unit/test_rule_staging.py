@@ -271,7 +271,8 @@ async def test_hybrid_file_switches_to_the_local_replica_once_staged(
         assert staged.rule is not None
         streamed = _Streamed(data)
         hybrid = HybridFile(content, await info(fake, F1), streamed,  # type: ignore[arg-type]  # a stand-in reader
-                            await stager.follow(await info(fake, F1)))
+                            stager.follow(await info(fake, F1), await stager.replica(await info(fake, F1))
+                                          or pytest.fail("no replica")))
         assert await hybrid.read(0, 4) == data[:4]
         fake.complete_locks(staged.rule.id)
         await trio.sleep(POLL_MAX * 2)
@@ -293,3 +294,42 @@ def test_rule_or_auto_needs_a_staging_rse(fake: FakeCatalogue) -> None:
     conf = Config(staging="rule")
     with pytest.raises(ConfigError, match="staging_rse"):
         StagingContent(conf, None, None, None)  # type: ignore[arg-type]
+
+
+async def test_a_deleted_rule_ends_the_wait_and_the_next_open_makes_a_new_one(
+    fake: FakeCatalogue, stager: RuleStager, clock: trio.testing.MockClock
+) -> None:
+    gone: list[TryAgainError] = []
+
+    async def opener() -> None:
+        try:
+            await stager.stage_file(await info(fake, F1), wait=True)
+        except TryAgainError as exc:
+            gone.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(opener)
+        await trio.sleep(2)
+        first = only_rule(fake)
+        fake.delete_rule(first)
+    assert gone and "is gone" in str(gone[0])
+    with pytest.raises(TryAgainError):
+        await stager.stage_file(await info(fake, F1), wait=False)
+    assert [r.id for r in fake.rules()] != [first] and len(fake.rules()) == 1
+
+
+async def test_rule_mode_opens_a_staged_file_from_its_local_path(
+    fake: FakeCatalogue, clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    (tmp_path / "f1").write_bytes(b"0123456789")
+    fake.add_replica(F1, RSE, "https://scratch/f1")
+    conf = config(staging_local_paths=(f"https://scratch/={tmp_path}",))
+    catalogue = CachedCatalogue(fake, conf)
+    stager = RuleStager(conf, catalogue, poll_min=POLL_MIN, poll_max=POLL_MAX)
+    content = StagingContent(conf, None, stager, catalogue)  # type: ignore[arg-type]  # never streams here
+    opened = await content.open(await info(fake, F1), nonblocking=True)
+    assert isinstance(opened, LocalFile)
+    assert await opened.read(5, 100) == b"56789"
+    await opened.close()
+    assert content.state(await info(fake, F1)) == f"staged on {RSE}"
+    assert content.counters["local_opens"] == 1 and not fake.rules()

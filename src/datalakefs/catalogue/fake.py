@@ -172,6 +172,14 @@ class FakeCatalogue:
             fake = self._rules[rule_id]
             fake.rule = replace(fake.rule, state=state)
 
+    def delete_rule(self, rule_id: str) -> None:
+        """The rule is gone (deleted or expired); replicas it was still copying are dropped."""
+        with self._lock:
+            fake = self._rules.pop(rule_id)
+            for did, state in fake.locks.items():
+                if state is not LockState.OK:
+                    self._staged.pop((did, fake.rule.rse_expression), None)
+
     def rules(self) -> list[Rule]:
         with self._lock:
             return [fake.rule for fake in self._rules.values()]

@@ -144,6 +144,7 @@ class StagingContent:
             return await self._stream.open(info, nonblocking)
         replica = await self.stager.replica(info)
         if replica is not None and replica.available:
+            self.stager.note_staged(info, replica)
             return await self.open_staged(info, replica)
         if policy == "auto" and await self._streamable(info):
             streamed = await self._stream.open(info, nonblocking)
@@ -151,7 +152,7 @@ class StagingContent:
                 self.counters["stream_opens"] += 1
                 return streamed
             self.counters["hybrid_opens"] += 1
-            return HybridFile(self, info, streamed, await self.stager.follow(info))
+            return HybridFile(self, info, streamed, self.stager.follow(info, replica))
         staged = await self.stager.stage_file(info, wait=not nonblocking)
         return await self.open_staged(info, staged)
 

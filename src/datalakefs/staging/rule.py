@@ -35,7 +35,7 @@ import trio
 
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.config import Config
-from datalakefs.errors import ConfigError, DatalakeError, TransferError, TryAgainError
+from datalakefs.errors import ConfigError, DatalakeError, NotFoundError, TransferError, TryAgainError
 from datalakefs.model import DID, DIDInfo, DIDType, RSEReplica, Rule, RuleState
 
 log = logging.getLogger(__name__)
@@ -182,21 +182,29 @@ class RuleStager:
             self._start_polling(tracked)
             try:
                 with trio.move_on_after(self._config.staging_timeout):
-                    while not tracked.finished:
+                    while not tracked.finished and tracked.rule is not None:
                         await tracked.changed.wait()
             finally:
                 tracked.waiters -= 1
         return self._outcome(tracked)
 
-    async def follow(self, info: DIDInfo) -> Staging:
-        """Track the rule that is staging a file, for a reader that switches once it is staged;
-        the caller must :meth:`release` it."""
-        tracked = self._tracked.get(info.did)
-        if tracked is None or tracked.rule is None:
-            tracked = await self._setup(info, Staging(info.did, is_file=True), create=False)
+    def follow(self, info: DIDInfo, replica: RSEReplica) -> Staging:
+        """Follow a file whose ``replica`` on the staging RSE is being copied, for a reader that
+        switches once it is staged; the caller must :meth:`release` it. No catalogue call here: the
+        poller finds the covering rule (for the state line) on its first round."""
+        tracked = self._tracked.setdefault(info.did, Staging(info.did, is_file=True))
+        tracked.replica = replica
         tracked.waiters += 1
         self._start_polling(tracked)
         return tracked
+
+    def note_staged(self, info: DIDInfo, replica: RSEReplica) -> None:
+        """Remember a file found staged, so that its state says so."""
+        tracked = self._tracked.setdefault(info.did, Staging(info.did, is_file=True))
+        if not tracked.ready:
+            tracked.replica = replica
+            tracked.polled_at = self._clock()
+            tracked.notify()
 
     def release(self, tracked: Staging) -> None:
         tracked.waiters = max(0, tracked.waiters - 1)
@@ -262,12 +270,11 @@ class RuleStager:
                     tracked.polled_at = self._clock()
                     tracked.notify()
                     return tracked
-                covering = [r for r in await self._catalogue.file_rules(info.did) if r.rse_expression == rse]
-                covering.sort(key=lambda r: (r.state is RuleState.STUCK, r.did != info.did))
-                if covering:
-                    tracked.rule = covering[0]
+                tracked.rule = await self._covering(info.did)
+                if tracked.rule is not None:
                     self.counters["rules_reused"] += 1
-                    log.info("staging %s: reusing rule %s (%s)", info.did, covering[0].id, covering[0].state.value)
+                    log.info("staging %s: reusing rule %s (%s)", info.did, tracked.rule.id,
+                             tracked.rule.state.value)
             if tracked.rule is None and create:
                 config = self._config
                 rule, created = await self._catalogue.add_rule(
@@ -280,6 +287,12 @@ class RuleStager:
             tracked.polled_at = self._clock()
             tracked.notify()
         return tracked
+
+    async def _covering(self, did: DID) -> Rule | None:
+        """The best rule on the staging RSE covering the file: not STUCK first, the file's own first."""
+        covering = [r for r in await self._catalogue.file_rules(did) if r.rse_expression == self.rse]
+        covering.sort(key=lambda r: (r.state is RuleState.STUCK, r.did != did))
+        return covering[0] if covering else None
 
     def _outcome(self, tracked: Staging) -> RSEReplica:
         if tracked.ready:
@@ -326,9 +339,15 @@ class RuleStager:
         try:
             if tracked.is_file:
                 tracked.replica = await self._catalogue.replica_on(tracked.did, self.rse)
-            if tracked.rule is not None and tracked.rule.state is not RuleState.OK:
+            if tracked.is_file and tracked.rule is None and not tracked.ready:
+                tracked.rule = await self._covering(tracked.did)
+            elif tracked.rule is not None and tracked.rule.state is not RuleState.OK:
                 tracked.rule = await self._catalogue.get_rule(tracked.rule.id)
             tracked.error = None
+        except NotFoundError as exc:
+            # the rule was deleted (or expired): forget it, so the next open looks again
+            tracked.error = f"rule {tracked.rule.id if tracked.rule else ''} is gone ({exc})"
+            tracked.rule = None
         except DatalakeError as exc:
             tracked.error = str(exc)
             log.warning("staging %s: checking the rule failed: %s", tracked.did, exc)
