@@ -18,7 +18,7 @@ import trio.testing
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.catalogue.fake import FakeCatalogue
 from datalakefs.config import Config
-from datalakefs.errors import ConfigError, TransferError, TryAgainError
+from datalakefs.errors import ConfigError, InvalidNameError, TransferError, TryAgainError
 from datalakefs.model import DID, DIDInfo, RuleState
 from datalakefs.staging.policy import HybridFile, LocalFile, StagingContent, local_path, parse_local_paths
 from datalakefs.staging.rule import RuleStager
@@ -333,3 +333,16 @@ async def test_rule_mode_opens_a_staged_file_from_its_local_path(
     await opened.close()
     assert content.state(await info(fake, F1)) == f"staged on {RSE}"
     assert content.counters["local_opens"] == 1 and not fake.rules()
+
+
+async def test_the_stage_xattr_takes_one_and_makes_one_rule(
+    fake: FakeCatalogue, stager: RuleStager, clock: trio.testing.MockClock
+) -> None:
+    content = StagingContent(config(), None, stager, CachedCatalogue(fake, config()))  # type: ignore[arg-type]
+    with pytest.raises(InvalidNameError):
+        await content.stage(await info(fake, DS), b"please")
+    await content.stage(await info(fake, DS), b"1\n")
+    await content.stage(await info(fake, DS), b"1")
+    assert only_rule(fake)
+    assert content.state(await info(fake, DS)).startswith("rule rule0001 REPLICATING: 0/3 locks OK")
+    assert content.status()["collections"][0]["locks_total"] == 3

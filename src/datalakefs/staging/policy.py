@@ -153,7 +153,7 @@ class StagingContent:
                 return streamed
             self.counters["hybrid_opens"] += 1
             return HybridFile(self, info, streamed, self.stager.follow(info, replica))
-        staged = await self.stager.stage_file(info, wait=not nonblocking)
+        staged = await self.stager.stage_file(info, wait=not nonblocking, known=replica)
         return await self.open_staged(info, staged)
 
     async def open_staged(self, info: DIDInfo, replica: RSEReplica) -> StagedFile:

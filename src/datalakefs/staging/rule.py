@@ -161,20 +161,24 @@ class RuleStager:
         return self._tracked.get(did)
 
     async def replica(self, info: DIDInfo) -> RSEReplica | None:
-        """The file's replica on the staging RSE (any state), asked now; remembered when tracked."""
+        """The file's replica on the staging RSE (any state), asked now; remembered when tracked. A
+        staged replica that disappeared (its rule expired) makes the next open look for rules again."""
         found = await self._catalogue.replica_on(info.did, self.rse)
         self.counters["replica_checks"] += 1
         tracked = self._tracked.get(info.did)
-        if tracked is not None and found is not None:
+        if tracked is not None:
+            if found is None and tracked.ready:
+                tracked.rule = None
             tracked.replica = found
         return found
 
-    async def stage_file(self, info: DIDInfo, wait: bool) -> RSEReplica:
+    async def stage_file(self, info: DIDInfo, wait: bool, known: RSEReplica | None = None) -> RSEReplica:
         """The file's available replica on the staging RSE, staging it by rule when needed.
 
         ``wait``: block up to ``staging_timeout``; else raise ``TryAgainError`` at once while it
-        replicates. A STUCK rule raises ``TransferError`` with its reason."""
-        tracked = await self._setup(info, Staging(info.did, is_file=True))
+        replicates. A STUCK rule raises ``TransferError`` with its reason. ``known``: the replica the
+        caller just got from :meth:`replica` (saves asking again)."""
+        tracked = await self._setup(info, Staging(info.did, is_file=True, replica=known), known is not None)
         if not tracked.finished and self._stale(tracked):
             await self._poll(tracked)
         if wait and not tracked.finished:
@@ -257,7 +261,7 @@ class RuleStager:
 
     # -- internals -----------------------------------------------------------------------------
 
-    async def _setup(self, info: DIDInfo, fresh: Staging, create: bool = True) -> Staging:
+    async def _setup(self, info: DIDInfo, fresh: Staging, replica_known: bool = False) -> Staging:
         """The DID's record with a rule found or made (files already on the RSE need none)."""
         tracked = self._tracked.setdefault(info.did, fresh)
         async with tracked.setup:
@@ -265,7 +269,8 @@ class RuleStager:
                 return tracked
             rse = self.rse
             if tracked.is_file:
-                tracked.replica = await self.replica(info)
+                if not replica_known:
+                    tracked.replica = await self.replica(info)
                 if tracked.ready:
                     tracked.polled_at = self._clock()
                     tracked.notify()
@@ -275,7 +280,7 @@ class RuleStager:
                     self.counters["rules_reused"] += 1
                     log.info("staging %s: reusing rule %s (%s)", info.did, tracked.rule.id,
                              tracked.rule.state.value)
-            if tracked.rule is None and create:
+            if tracked.rule is None:
                 config = self._config
                 rule, created = await self._catalogue.add_rule(
                     info.did, rse, config.rule_lifetime or None, config.rule_activity, config.rule_account,
