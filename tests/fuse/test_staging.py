@@ -205,3 +205,15 @@ def test_hybrid_streams_first_then_reads_the_staged_local_replica(
     reads = mount.status()["staging"]["reads"]
     assert reads["hybrid_switches"] == 1
     assert reads["hybrid_staged_reads"] >= 1 and reads["local_reads"] >= 1
+
+
+def test_stage_cli_stages_the_seeded_stage_dataset(lake: LakeStatus, rucio_client: Any, fts_knobs: SetKnobs) -> None:
+    """The prefetch of the seed's staging dataset (the 10,000-file one takes about half an hour on a
+    2-core machine: bench territory, see docs/SEMANTICS.md)."""
+    assert lake.seed is not None
+    fts_knobs()
+    done = stage_cli(lake, lake.seed.stage_dataset, "--wait", "--timeout", "240")
+    assert done.returncode == 0, done.stderr
+    rule_id = done.stdout.split()[2].rstrip(":")
+    locks = list(rucio_client.list_replica_locks(rule_id))
+    assert locks and {lock["state"] for lock in locks} == {"OK"}
