@@ -202,7 +202,9 @@ def test_hybrid_streams_first_then_reads_the_staged_local_replica(
         wait_until(lambda: "staged on SCRATCH" in state_of(path), 30, "the daemon sees the staged replica")
         fh.seek(size - 4096)
         assert fh.read(4096) == expected(lake, spec, size - 4096, 4096)
-    reads = mount.status()["staging"]["reads"]
+    status = mount.status()["staging"]
+    assert status["counters"]["followed_while_copying"] == 1
+    reads = status["reads"]
     assert reads["hybrid_switches"] == 1
     assert reads["hybrid_staged_reads"] >= 1 and reads["local_reads"] >= 1
 

@@ -271,9 +271,11 @@ async def test_hybrid_file_switches_to_the_local_replica_once_staged(
         assert staged.rule is not None
         streamed = _Streamed(data)
         hybrid = HybridFile(content, await info(fake, F1), streamed,  # type: ignore[arg-type]  # a stand-in reader
-                            stager.follow(await info(fake, F1), await stager.replica(await info(fake, F1))
-                                          or pytest.fail("no replica")))
+                            stager.watch(await info(fake, F1)))
         assert await hybrid.read(0, 4) == data[:4]
+        await trio.sleep(POLL_MIN * 1.5)  # the first look, then the first poll (which finds the rule)
+        assert stager.counters["followed_while_copying"] == 1
+        assert (stager.describe(F1) or "").startswith(f"rule {staged.rule.id} REPLICATING: 0/3 locks OK")
         fake.complete_locks(staged.rule.id)
         await trio.sleep(POLL_MAX * 2)
         assert await hybrid.read(4, 6) == data[4:]

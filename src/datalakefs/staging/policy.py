@@ -7,10 +7,12 @@
 (``TryAgainError``/EAGAIN with ``O_NONBLOCK`` or after ``staging_timeout``, ``TransferError``/EIO when
 the rule is STUCK).
 
-``staging = auto``: a file with a streamable replica (HTTP, or anything through the XCache) is
-streamed at once; one without is staged by rule as above. A file whose replica on the staging RSE is
-still being copied (a rule, e.g. ``datalakefs stage`` of its dataset, is replicating it) is opened as
-a :class:`HybridFile`: streamed until its lock is OK, then read from the staged replica.
+``staging = auto``: a file with a streamable replica (HTTP, or anything through the XCache) opens as
+a :class:`HybridFile` at once, as in stream mode: it is streamed while the stager looks for its
+replica on the staging RSE in the background; when that replica is being copied (a rule, e.g.
+``datalakefs stage`` of its dataset, is replicating it) the stager follows it, and the first read after
+it is AVAILABLE (or the first read at all, when it already was) switches to the staged replica. A file
+without a streamable replica is staged by rule as above.
 
 **Where a staged replica is read from.** Its PFN is mapped to a local file through
 ``staging_local_paths`` (``<pfn-prefix>=<local-dir>``, longest prefix first); a local file of the
@@ -18,8 +20,8 @@ catalogue's size is read with ``os.pread`` inline (local disk, like a cache hit)
 over HTTP from that replica only, through the block cache of stream mode. A staged replica was
 verified by the transfer that made it (checksums, FTS and Rucio), so local reads are not verified again.
 
-Every open costs one uncached catalogue call in ``rule`` and ``auto`` (the file's replica on the
-staging RSE), plus in ``auto`` the cached replica lookup stream mode makes anyway.
+An open in ``rule`` costs one uncached catalogue call (the file's replica on the staging RSE); one in
+``auto`` waits only for the (cached) replica lookup that stream mode makes on its first read anyway.
 """
 
 from __future__ import annotations
@@ -142,17 +144,15 @@ class StagingContent:
         policy = self._config.staging
         if policy == "stream":
             return await self._stream.open(info, nonblocking)
+        if policy == "auto" and await self._streamable(info):
+            # like stream mode, the open waits for nothing more; the staging replica is looked up
+            # in the background and reads switch to it once it is there
+            self.counters["hybrid_opens"] += 1
+            return HybridFile(self, info, await self._stream.open(info, nonblocking), self.stager.watch(info))
         replica = await self.stager.replica(info)
         if replica is not None and replica.available:
             self.stager.note_staged(info, replica)
             return await self.open_staged(info, replica)
-        if policy == "auto" and await self._streamable(info):
-            streamed = await self._stream.open(info, nonblocking)
-            if replica is None:
-                self.counters["stream_opens"] += 1
-                return streamed
-            self.counters["hybrid_opens"] += 1
-            return HybridFile(self, info, streamed, self.stager.follow(info, replica))
         staged = await self.stager.stage_file(info, wait=not nonblocking, known=replica)
         return await self.open_staged(info, staged)
 

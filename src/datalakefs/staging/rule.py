@@ -192,15 +192,29 @@ class RuleStager:
                 tracked.waiters -= 1
         return self._outcome(tracked)
 
-    def follow(self, info: DIDInfo, replica: RSEReplica) -> Staging:
-        """Follow a file whose ``replica`` on the staging RSE is being copied, for a reader that
-        switches once it is staged; the caller must :meth:`release` it. No catalogue call here: the
-        poller finds the covering rule (for the state line) on its first round."""
+    def watch(self, info: DIDInfo) -> Staging:
+        """For a file opened in ``auto`` that is being streamed: look for its staging replica in the
+        background (the open does not wait for that answer) and follow it while it is being copied,
+        so the reader can switch once it is staged. The caller must :meth:`release` it."""
         tracked = self._tracked.setdefault(info.did, Staging(info.did, is_file=True))
-        tracked.replica = replica
         tracked.waiters += 1
-        self._start_polling(tracked)
+        if self._nursery is not None and not tracked.ready:
+            self._nursery.start_soon(self._first_look, info, tracked)
         return tracked
+
+    async def _first_look(self, info: DIDInfo, tracked: Staging) -> None:
+        try:
+            replica = await self.replica(info)
+        except DatalakeError as exc:
+            log.warning("staging %s: looking for a staged replica failed: %s", info.did, exc)
+            return
+        tracked.replica = replica
+        tracked.polled_at = self._clock()
+        if replica is not None:
+            tracked.notify()
+            if not replica.available and tracked.waiters > 0:
+                self.counters["followed_while_copying"] += 1
+                self._start_polling(tracked)
 
     def note_staged(self, info: DIDInfo, replica: RSEReplica) -> None:
         """Remember a file found staged, so that its state says so."""
@@ -225,7 +239,7 @@ class RuleStager:
         an unfinished rule that nobody polls gets one poll in the background, so that reading the
         state repeatedly shows progress without anyone waiting."""
         tracked = self._tracked.get(did)
-        if tracked is None:
+        if tracked is None or (tracked.rule is None and tracked.replica is None):
             return None
         if not tracked.finished and not tracked.polling and self._stale(tracked) and self._nursery is not None:
             tracked.polling = True
@@ -233,7 +247,8 @@ class RuleStager:
         return tracked.describe()
 
     def status(self) -> dict[str, Any]:
-        files = sorted((t for t in self._tracked.values() if t.is_file), key=lambda t: -t.touched)
+        files = sorted((t for t in self._tracked.values() if t.is_file and (t.rule or t.replica)),
+                       key=lambda t: -t.touched)
         rules: dict[str, dict[str, Any]] = {}
         for tracked in self._tracked.values():
             rule = tracked.rule
