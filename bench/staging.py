@@ -7,8 +7,12 @@
    while a rule (slowed by the FTS shim's delay knob) still replicates it, against a cold file in
    ``stream`` mode. Goal: equal.
 
-Every run uses files made for it (only on LAKE-ORIGIN), so nothing is cached or staged before.
-Run: ``python -m bench.staging --state-dir DIR [--runs N]`` with the lake up (``datalakefs demo up``).
+3. With ``--with-10k``: ``datalakefs stage <dataset_10k> --wait``, the wall time until every lock is
+   OK (once per lake: a staged dataset stays staged; about half an hour on a 2-core machine).
+
+Every run of 1. and 2. uses files made for it (only on LAKE-ORIGIN), so nothing is cached or staged
+before. Run: ``python -m bench.staging --state-dir DIR [--runs N] [--with-10k]`` with the lake up
+(``datalakefs demo up``).
 Writes ``bench/results/<date>/staging.md`` and ``.json``.
 """
 
@@ -134,10 +138,20 @@ def bench_first_byte(lake: LakeStatus, client: Any, base: Path, runs: int) -> di
     return results
 
 
+def bench_prefetch_10k(lake: LakeStatus) -> dict[str, Any]:
+    assert lake.seed is not None
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "datalakefs", "stage", "--config", str(lake.datalakefs_config),
+                           lake.seed.dataset_10k, "--wait"], capture_output=True, text=True, check=False)
+    return {"dataset": lake.seed.dataset_10k, "seconds": round(time.monotonic() - started, 1),
+            "exit_status": done.returncode, "result": (done.stdout.strip().splitlines() or [""])[-1]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--state-dir", default=".demo", help="state dir of the running demo lake")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--with-10k", action="store_true", help="also prefetch the 10,000-file dataset")
     args = parser.parse_args()
     lake = Lake(Path(args.state_dir)).status()
     if not lake.healthy or lake.seed is None:
@@ -150,6 +164,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="bench-staging-") as tmp:
         rule_rows = bench_rule_mode(lake, client, Path(tmp), args.runs)
         first = bench_first_byte(lake, client, Path(tmp), args.runs)
+    prefetch = bench_prefetch_10k(lake) if args.with_10k else None
 
     median = statistics.median
     poll = RuleStager.__init__.__kwdefaults__ or {}
@@ -170,6 +185,8 @@ def main() -> int:
     }
     ratio = summary["first_byte"]["hybrid_while_replicating_s"] / max(summary["first_byte"]["stream_s"], 1e-9)
     summary["first_byte"]["hybrid_over_stream"] = round(ratio, 2)
+    if prefetch is not None:
+        summary["prefetch_10k"] = prefetch
     table = "\n".join([
         f"# staging benchmark ({datetime.date.today()}, {args.runs} runs, medians)",
         "",
@@ -181,7 +198,8 @@ def main() -> int:
         f"| first byte: hybrid (rule replicating) vs stream mode"
         f" | {summary['first_byte']['hybrid_while_replicating_s']} s"
         f" | {summary['first_byte']['stream_s']} s | {ratio:.2f} |",
-    ])
+    ] + ([f"| `datalakefs stage {prefetch['dataset']} --wait` | {prefetch['seconds']} s | | "
+          f"{prefetch['result']} |"] if prefetch else []))
     print(table)
     out = RESULTS / str(datetime.date.today())
     out.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ from datalakefs.transport.replicas import candidates
 
 log = logging.getLogger(__name__)
 
-_STAGE_VALUES = {"1": True, "true": True, "yes": True}
+_STAGE_VALUES = frozenset({"1", "true", "yes"})
 
 
 def parse_local_paths(entries: Sequence[str]) -> list[tuple[str, Path]]:
@@ -180,7 +180,7 @@ class StagingContent:
 
     async def stage(self, info: DIDInfo, value: bytes) -> None:
         """``setfattr -n user.datalakefs.stage -v 1``: one rule for the DID (file or collection)."""
-        if not _STAGE_VALUES.get(value.decode(errors="replace").strip().lower()):
+        if value.decode(errors="replace").strip().lower() not in _STAGE_VALUES:
             raise InvalidNameError("user.datalakefs.stage takes the value 1")
         self.counters["stage_requests"] += 1
         await self.stager.stage(info)
