@@ -93,8 +93,9 @@ StagedFile = LocalFile | StreamReader
 
 
 class HybridFile:
-    """A file a rule is still staging: streamed until its lock is OK, then read from the staged
-    replica. The switch happens between two reads; the bytes are the same (DIDs are immutable)."""
+    """A file opened in ``auto``: streamed until the stager knows a staged replica of it (already
+    there, or once a replicating rule's lock is OK), then read from that replica. The switch happens
+    between two reads; the bytes are the same (DIDs are immutable)."""
 
     keep_cache = True
 
