@@ -62,6 +62,7 @@ class Config:
     staging_local_paths: tuple[str, ...] = ()
     rule_lifetime: int = 7 * 24 * 3600
     rule_activity: str | None = None
+    rule_account: str | None = None
     staging_timeout: float = 600.0
     upload_rse: str | None = None
     upload_rule_rse: str | None = None

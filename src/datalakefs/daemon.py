@@ -30,6 +30,8 @@ from datalakefs.namespace.tree import Namespace
 from datalakefs.ops.metrics import MetricsEndpoint
 from datalakefs.ops.rates import RateMeter
 from datalakefs.redaction import redact_text
+from datalakefs.staging.policy import StagingContent
+from datalakefs.staging.rule import RuleStager
 from datalakefs.staging.stream import StreamContent
 from datalakefs.transport.tokens import StorageAuth
 
@@ -49,10 +51,12 @@ class Daemon:
         self.storage_auth = StorageAuth()
         self.storage_auth.check()
         self.content = StreamContent(config, self.catalogue, self.storage_auth)
+        self.stager = RuleStager(config, self.catalogue)
+        self.staging = StagingContent(config, self.content, self.stager, self.catalogue)
         control = {STATUS_FILE: self.render_status}
         namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
                               listing_ttl=config.catalogue_ttl, times_limit=config.listing_times_limit)
-        self.filesystem = Filesystem(namespace, self.catalogue, self.content, control)
+        self.filesystem = Filesystem(namespace, self.catalogue, self.staging, control, stager=self.staging)
         self.meter = RateMeter(self._counters)
         self.metrics_url: str | None = None
         self.operations = FuseOperations(self.filesystem, config.entry_timeout, config.attr_timeout,
@@ -79,6 +83,7 @@ class Daemon:
             "catalogue": self.catalogue.statistics().as_dict(),
             "content": self.content.statistics().as_dict(),
             "storage_auth": self.storage_auth.describe(),
+            "staging": self.staging.status(),
         }
 
     def render_status(self) -> bytes:
@@ -100,6 +105,7 @@ class Daemon:
         metrics = await MetricsEndpoint.open(port) if port is not None else None
         async with trio.open_nursery() as services:
             await services.start(self.content.run)
+            await services.start(self.stager.run)
             services.start_soon(self.meter.run)
             if metrics is not None:
                 services.start_soon(metrics.serve, self.status)

@@ -68,3 +68,59 @@ class FileReplicas:
 
     info: DIDInfo
     replicas: tuple[Replica, ...]
+
+
+class RuleState(enum.Enum):
+    """States of a Rucio replication rule, kept apart: each means something different to a reader."""
+
+    OK = "OK"
+    REPLICATING = "REPLICATING"
+    STUCK = "STUCK"
+    SUSPENDED = "SUSPENDED"
+    WAITING_APPROVAL = "WAITING_APPROVAL"
+    INJECT = "INJECT"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A replication rule: what it covers, where to, and its progress (lock counts)."""
+
+    id: str
+    did: DID
+    rse_expression: str
+    state: RuleState
+    account: str = ""
+    locks_ok: int = 0
+    locks_replicating: int = 0
+    locks_stuck: int = 0
+    error: str | None = None
+
+    @property
+    def locks_total(self) -> int:
+        return self.locks_ok + self.locks_replicating + self.locks_stuck
+
+
+class LockState(enum.Enum):
+    OK = "OK"
+    REPLICATING = "REPLICATING"
+    STUCK = "STUCK"
+
+
+@dataclass(frozen=True, slots=True)
+class Lock:
+    """One file's lock of a rule: the file is (being) replicated to ``rse``."""
+
+    did: DID
+    rse: str
+    state: LockState
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RSEReplica:
+    """A file's replica on one RSE in whatever state it is (``available`` false while it is being
+    copied there) and the URLs it has or will have there."""
+
+    rse: str
+    available: bool
+    pfns: tuple[str, ...]

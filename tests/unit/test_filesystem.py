@@ -213,3 +213,27 @@ async def test_forget_releases_listed_nodes(fs: Filesystem) -> None:
     fs.forget(first, 1)
     with pytest.raises(NotFoundError):
         await fs.getattr(first)
+
+
+class _Stager:
+    def __init__(self) -> None:
+        self.staged: list[tuple[DIDInfo, bytes]] = []
+
+    async def stage(self, info: DIDInfo, value: bytes) -> None:
+        self.staged.append((info, value))
+
+
+async def test_stage_xattr_goes_to_the_stager_and_other_xattrs_are_read_only(fake: FakeCatalogue) -> None:
+    config = Config()
+    catalogue = CachedCatalogue(fake, config)
+    stager = _Stager()
+    fs = Filesystem(Namespace(catalogue, InodeTable()), catalogue, _NoContent(), {}, 1000, 1000, stager=stager)
+    raw = await _path(fs, "phys", "raw")
+    assert fs.listxattr(raw)[-1] == "user.datalakefs.state"
+    assert await fs.getxattr(raw, "user.datalakefs.state") == b"streaming"
+    await fs.setxattr(raw, "user.datalakefs.stage", b"1")
+    assert [(info.did.name, value) for info, value in stager.staged] == [("raw", b"1")]
+    with pytest.raises(ReadOnlyError):
+        await fs.setxattr(raw, "user.rucio.name", b"x")
+    with pytest.raises(ReadOnlyError):
+        await fs.setxattr(ROOT_INODE, "user.datalakefs.stage", b"1")

@@ -30,7 +30,7 @@ from datalakefs.errors import (
     InvalidNameError,
     NotFoundError,
 )
-from datalakefs.model import DID, DIDType, Replica
+from datalakefs.model import DID, DIDType, Replica, RuleState
 
 WHEN = datetime.datetime(2026, 1, 2, 3, 4, 5)  # rucio hands out naive UTC datetimes
 WHEN_POSIX = WHEN.replace(tzinfo=datetime.UTC).timestamp()
@@ -426,3 +426,39 @@ def test_one_rucio_config_per_process(
     other = RucioCatalogue(Config(rucio_config=str(tmp_path / "other.cfg")))
     other.close()
     assert os.environ["RUCIO_CONFIG"] == "/before"
+
+
+def _rule_row(state: str, **extra: Any) -> dict[str, Any]:
+    return {"id": "r1", "scope": "data", "name": "run1", "rse_expression": "SCRATCH", "state": state,
+            "account": "alice", "locks_ok_cnt": 2, "locks_replicating_cnt": 1, "locks_stuck_cnt": 0,
+            "error": None, **extra}
+
+
+def test_rules_keep_their_states_apart() -> None:
+    rows = [_rule_row(s) for s in ("OK", "R", "STUCK", "U", "WAITING_APPROVAL", "I")]
+    rows.append(_rule_row("RuleState.SUSPENDED", error="  many\n  spaces "))
+    stub = StubClient({"list_associated_rules_for_file": rows})
+    rules = adapter(stub).file_rules(DID("data", "f1"))
+    assert [r.state for r in rules] == [RuleState.OK, RuleState.REPLICATING, RuleState.STUCK, RuleState.SUSPENDED,
+                                        RuleState.WAITING_APPROVAL, RuleState.INJECT, RuleState.SUSPENDED]
+    assert (rules[0].locks_ok, rules[0].locks_total, rules[-1].error) == (2, 3, "many spaces")
+
+
+def test_a_duplicate_rule_is_the_existing_one() -> None:
+    def refuse(*args: Any) -> Any:
+        raise rucio_exc.DuplicateRule()
+
+    stub = StubClient({"add_replication_rule": refuse,
+                       "list_did_rules": [_rule_row("OK", rse_expression="OTHER"), _rule_row("R")]})
+    stub.account = "alice"
+    rule, created = adapter(stub).add_rule(DID("data", "run1"), "SCRATCH", 3600, None, None, asynchronous=True)
+    assert (rule.id, created) == ("r1", False)
+    assert stub.calls[0][2]["asynchronous"] is True
+
+
+def test_replica_on_an_rse_in_any_state() -> None:
+    rows = [{"scope": "data", "name": "f1", "states": {"SCRATCH": "COPYING", "ORIGIN": "AVAILABLE"},
+             "pfns": {"https://s/f1": {"rse": "SCRATCH"}, "https://o/f1": {"rse": "ORIGIN"}}}]
+    replica = adapter(StubClient({"list_replicas": rows})).replica_on(DID("data", "f1"), "SCRATCH")
+    assert replica is not None and (replica.available, replica.pfns) == (False, ("https://s/f1",))
+    assert adapter(StubClient({"list_replicas": []})).replica_on(DID("data", "f1"), "SCRATCH") is None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from datalakefs.model import DID, DIDInfo, FileReplicas
+from datalakefs.model import DID, DIDInfo, FileReplicas, Lock, RSEReplica, Rule
 
 
 class Catalogue(Protocol):
@@ -48,4 +48,32 @@ class Catalogue(Protocol):
     def query(self, scope: str, filters: str) -> list[DIDInfo]:
         """DIDs of ``scope`` matching a metadata filter (``run_number>=3,datatype=RAW``) or a wildcard;
         ``InvalidNameError`` for a filter that does not parse, ``NotFoundError`` for an unknown scope."""
+        ...
+
+    # -- replication rules (rule staging) ----------------------------------------------------------
+
+    def replica_on(self, did: DID, rse: str) -> RSEReplica | None:
+        """The file's replica on ``rse`` in any state (available or being copied), None when there is
+        none; never cached by the caller, it is what rule staging polls."""
+        ...
+
+    def file_rules(self, did: DID) -> list[Rule]:
+        """Every rule that covers the file ``did``, directly or through a collection it is in."""
+        ...
+
+    def add_rule(self, did: DID, rse: str, lifetime: int | None, activity: str | None,
+                 account: str | None, asynchronous: bool = False) -> tuple[Rule, bool]:
+        """A rule of one copy of ``did`` on ``rse``: a new one, or the account's existing rule for the
+        same DID and RSE (Rucio refuses a duplicate). Returns the rule and whether it was created.
+        ``asynchronous``: the server only records the rule (state INJECT) and its judge makes the locks
+        later; for collections, whose locks the server would otherwise make inside the request (10,000
+        files took longer than 30 s here)."""
+        ...
+
+    def get_rule(self, rule_id: str) -> Rule:
+        """A rule's current state and lock counts; ``NotFoundError`` when it is gone."""
+        ...
+
+    def rule_locks(self, rule: Rule) -> list[Lock]:
+        """Every lock (one per file) of a rule, with the file sizes."""
         ...

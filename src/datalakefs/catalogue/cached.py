@@ -18,6 +18,9 @@
 * **Clock.** The caches use ``trio.current_time`` (``trio.testing.MockClock`` in tests), so every
   method, :meth:`statistics` and the invalidations included, must be called from the trio thread
   inside ``trio.run``. Only the backend calls leave that thread.
+* **Rule calls are not cached** (:meth:`replica_on`, :meth:`file_rules`, :meth:`add_rule`,
+  :meth:`get_rule`, :meth:`rule_locks`): rule staging polls them to see progress, so each call asks the
+  server; they still run on worker threads under the limiter and are counted.
 * Answers are handed out as new lists (and dicts): callers may keep or change them freely.
 """
 
@@ -36,7 +39,7 @@ from cachetools import TTLCache
 from datalakefs.catalogue.base import Catalogue
 from datalakefs.config import Config
 from datalakefs.errors import DatalakeError, NotFoundError
-from datalakefs.model import DID, DIDInfo, FileReplicas
+from datalakefs.model import DID, DIDInfo, FileReplicas, Lock, RSEReplica, Rule
 
 T = TypeVar("T")
 
@@ -155,6 +158,25 @@ class CachedCatalogue:
             "list_replicas", "list_replicas", self._backend.list_replicas, dids
         )
         return [found[did] for did in dict.fromkeys(dids) if did in found]
+
+    # -- replication rules (never cached: see the module docstring) -----------------------------
+
+    async def replica_on(self, did: DID, rse: str) -> RSEReplica | None:
+        return await self._call("replica_on", self._backend.replica_on, did, rse)
+
+    async def file_rules(self, did: DID) -> list[Rule]:
+        return list(await self._call("file_rules", self._backend.file_rules, did))
+
+    async def add_rule(self, did: DID, rse: str, lifetime: int | None, activity: str | None,
+                       account: str | None, asynchronous: bool = False) -> tuple[Rule, bool]:
+        return await self._call("add_rule", self._backend.add_rule, did, rse, lifetime, activity, account,
+                                asynchronous)
+
+    async def get_rule(self, rule_id: str) -> Rule:
+        return await self._call("get_rule", self._backend.get_rule, rule_id)
+
+    async def rule_locks(self, rule: Rule) -> list[Lock]:
+        return list(await self._call("rule_locks", self._backend.rule_locks, rule))
 
     # -- invalidation ----------------------------------------------------------------------------
 

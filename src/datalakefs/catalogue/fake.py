@@ -10,11 +10,20 @@ Listing orders follow insertion order (rucio's own order is unspecified too). ``
 name wildcard (``*foo*``) or comma-separated ``key<op>value`` terms (``=``, ``==``, ``!=``, ``<``,
 ``<=``, ``>``, ``>=``) ANDed together, ``;`` ORing groups, ``type=`` selecting the DID type, and
 numbers compared as numbers: enough of rucio's filter language for the filesystem's tests.
+
+**Rule engine.** ``add_rule`` creates a REPLICATING rule with one REPLICATING lock per file under the
+DID, and a copying (unavailable) replica of each file on the rule's RSE, whose PFN is
+``<prefix><scope>/<name>`` (``set_rse_prefix``). Nothing moves by itself: tests call
+:meth:`complete_locks` (locks OK, replicas available, rule OK once every lock is), :meth:`fail_lock`
+(lock and rule STUCK with a reason) and :meth:`set_rule_state` (SUSPENDED, WAITING_APPROVAL, ...).
+A second ``add_rule`` for the same DID, RSE and account returns the existing rule, as the adapter does
+with Rucio's ``DuplicateRule``.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import operator
 import threading
 from collections import Counter
@@ -23,7 +32,18 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from datalakefs.errors import DatalakeError, InvalidNameError, NotFoundError
-from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas, Replica
+from datalakefs.model import (
+    DID,
+    DIDInfo,
+    DIDType,
+    FileReplicas,
+    Lock,
+    LockState,
+    Replica,
+    RSEReplica,
+    Rule,
+    RuleState,
+)
 
 #: Default creation time of fake DIDs (POSIX seconds); each added DID gets one second more.
 EPOCH = 1_700_000_000.0
@@ -47,6 +67,12 @@ _TYPES = {
 
 
 @dataclass(slots=True)
+class _FakeRule:
+    rule: Rule
+    locks: dict[DID, LockState]
+
+
+@dataclass(slots=True)
 class _Entry:
     info: DIDInfo
     children: list[DID] = field(default_factory=list)
@@ -66,6 +92,12 @@ class FakeCatalogue:
         self._running = threading.Event()
         self._running.set()
         self.calls: Counter[str] = Counter()
+        self.account = "root"
+        self._rules: dict[str, _FakeRule] = {}
+        self._rule_ids = itertools.count(1)
+        self._prefixes: dict[str, str] = {}
+        #: (did, rse) -> available?  for replicas made by rules
+        self._staged: dict[tuple[DID, str], bool] = {}
 
     # -- building the lake -----------------------------------------------------------------------
 
@@ -110,6 +142,47 @@ class FakeCatalogue:
     def set_metadata(self, did: DID | str, key: str, value: object) -> None:
         with self._lock:
             self._entry(_did(did)).metadata[key] = str(value)
+
+    def set_rse_prefix(self, rse: str, prefix: str) -> None:
+        """PFNs of replicas that rules make on ``rse`` start with ``prefix``."""
+        with self._lock:
+            self._prefixes[rse] = prefix
+
+    # -- steering the rule engine ------------------------------------------------------------------
+
+    def complete_locks(self, rule_id: str, count: int | None = None) -> None:
+        """Turn ``count`` (all when None) REPLICATING locks of the rule OK, in file order."""
+        with self._lock:
+            fake = self._rules[rule_id]
+            waiting = [did for did, state in fake.locks.items() if state is LockState.REPLICATING]
+            for did in waiting[: len(waiting) if count is None else count]:
+                fake.locks[did] = LockState.OK
+                self._staged[(did, fake.rule.rse_expression)] = True
+            self._recount(fake, None)
+
+    def fail_lock(self, rule_id: str, did: DID | str, reason: str) -> None:
+        """The transfer of ``did`` failed for good: its lock and the rule are STUCK with ``reason``."""
+        with self._lock:
+            fake = self._rules[rule_id]
+            fake.locks[_did(did)] = LockState.STUCK
+            self._recount(fake, reason)
+
+    def set_rule_state(self, rule_id: str, state: RuleState) -> None:
+        with self._lock:
+            fake = self._rules[rule_id]
+            fake.rule = replace(fake.rule, state=state)
+
+    def delete_rule(self, rule_id: str) -> None:
+        """The rule is gone (deleted or expired); replicas it was still copying are dropped."""
+        with self._lock:
+            fake = self._rules.pop(rule_id)
+            for did, state in fake.locks.items():
+                if state is not LockState.OK:
+                    self._staged.pop((did, fake.rule.rse_expression), None)
+
+    def rules(self) -> list[Rule]:
+        with self._lock:
+            return [fake.rule for fake in self._rules.values()]
 
     # -- steering the tests ----------------------------------------------------------------------
 
@@ -189,7 +262,83 @@ class FakeCatalogue:
                 if d.scope == scope and any(_matches(e, group) for group in groups)
             ]
 
+    # -- replication rules -----------------------------------------------------------------------
+
+    def replica_on(self, did: DID, rse: str) -> RSEReplica | None:
+        self._enter("replica_on")
+        with self._lock:
+            entry = self._entry(did)
+            pfns = tuple(r.pfn for r in entry.replicas if r.rse == rse)
+            if pfns:
+                return RSEReplica(rse, True, pfns)
+            available = self._staged.get((did, rse))
+            if available is None:
+                return None
+            return RSEReplica(rse, available, (self._pfn(did, rse),))
+
+    def file_rules(self, did: DID) -> list[Rule]:
+        self._enter("file_rules")
+        with self._lock:
+            self._entry(did)
+            return [fake.rule for fake in self._rules.values() if did in fake.locks]
+
+    def add_rule(self, did: DID, rse: str, lifetime: int | None, activity: str | None,
+                 account: str | None, asynchronous: bool = False) -> tuple[Rule, bool]:
+        self._enter("add_rule")
+        owner = account or self.account
+        with self._lock:
+            for fake in self._rules.values():
+                rule = fake.rule
+                if rule.did == did and rule.rse_expression == rse and rule.account == owner:
+                    return rule, False
+            files = self._files_under(did)
+            locks = {}
+            for file in files:
+                already = any(r.rse == rse for r in self._dids[file].replicas) or self._staged.get((file, rse))
+                locks[file] = LockState.OK if already else LockState.REPLICATING
+                if not already:
+                    self._staged[(file, rse)] = False
+            rule = Rule(f"rule{next(self._rule_ids):04d}", did, rse, RuleState.REPLICATING, owner)
+            fake = _FakeRule(rule, locks)
+            self._rules[rule.id] = fake
+            self._recount(fake, None)
+            return fake.rule, True
+
+    def get_rule(self, rule_id: str) -> Rule:
+        self._enter("get_rule")
+        with self._lock:
+            if rule_id not in self._rules:
+                raise NotFoundError(f"fake catalogue: no rule {rule_id}")
+            return self._rules[rule_id].rule
+
+    def rule_locks(self, rule: Rule) -> list[Lock]:
+        self._enter("rule_locks")
+        with self._lock:
+            fake = self._rules[rule.id]
+            return [Lock(did, rule.rse_expression, state, self._dids[did].info.size or 0)
+                    for did, state in fake.locks.items()]
+
     # -- internals -------------------------------------------------------------------------------
+
+    def _files_under(self, did: DID) -> list[DID]:
+        entry = self._entry(did)
+        if entry.info.type is DIDType.FILE:
+            return [did]
+        return [f for child in entry.children for f in self._files_under(child)]
+
+    def _pfn(self, did: DID, rse: str) -> str:
+        return f"{self._prefixes.get(rse, f'https://{rse.lower()}.fake/')}{did.scope}/{did.name}"
+
+    def _recount(self, fake: _FakeRule, error: str | None) -> None:
+        states = list(fake.locks.values())
+        ok, stuck = states.count(LockState.OK), states.count(LockState.STUCK)
+        rule = replace(fake.rule, locks_ok=ok, locks_replicating=states.count(LockState.REPLICATING),
+                       locks_stuck=stuck, error=error if error is not None else fake.rule.error)
+        if stuck:
+            rule = replace(rule, state=RuleState.STUCK)
+        elif ok == len(states):
+            rule = replace(rule, state=RuleState.OK, error=None)
+        fake.rule = rule
 
     def _enter(self, method: str) -> None:
         with self._lock:

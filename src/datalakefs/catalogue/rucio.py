@@ -60,7 +60,18 @@ from datalakefs.errors import (
     InvalidNameError,
     NotFoundError,
 )
-from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas, Replica
+from datalakefs.model import (
+    DID,
+    DIDInfo,
+    DIDType,
+    FileReplicas,
+    Lock,
+    LockState,
+    Replica,
+    RSEReplica,
+    Rule,
+    RuleState,
+)
 from datalakefs.redaction import redact_text, register_secret
 
 #: DIDs per bulk request (``get_metadata_bulk``, ``list_replicas``): the server's schema refuses more
@@ -69,7 +80,13 @@ from datalakefs.redaction import redact_text, register_secret
 #: chunks of 250; chunks on 2-4 clients in parallel gained nothing reliable on 2 cores (1.4-3.1 s).
 DIDS_PER_REQUEST: Final = 1000
 
-_NOT_FOUND = (rucio_exc.DataIdentifierNotFound, rucio_exc.ScopeNotFound, rucio_exc.AccountNotFound)
+_NOT_FOUND = (
+    rucio_exc.DataIdentifierNotFound,
+    rucio_exc.ScopeNotFound,
+    rucio_exc.AccountNotFound,
+    rucio_exc.RuleNotFound,
+    rucio_exc.RSENotFound,
+)
 _DENIED = (
     rucio_exc.CannotAuthenticate,
     rucio_exc.AccessDenied,
@@ -282,6 +299,67 @@ class RucioCatalogue:
             rows = client.list_dids(scope, parsed, did_type="all", long=True)
             return _listing_of_scope(client, scope, rows)
 
+    # -- replication rules -----------------------------------------------------------------------
+
+    def replica_on(self, did: DID, rse: str) -> RSEReplica | None:
+        with self._client() as client:
+            rows = list(client.list_replicas(
+                [{"scope": did.scope, "name": did.name}],
+                schemes=self._schemes,
+                all_states=True,
+                rse_expression=rse,
+                resolve_archives=False,
+            ))
+        for row in rows:
+            states: Mapping[str, str] = row.get("states") or {}
+            if rse not in states:
+                continue
+            pfns = row.get("pfns") or {}
+            mine = tuple(str(pfn) for pfn, meta in pfns.items() if meta.get("rse") == rse)
+            return RSEReplica(rse, str(states[rse]).upper() in ("AVAILABLE", "A"), mine)
+        return None
+
+    def file_rules(self, did: DID) -> list[Rule]:
+        with self._client() as client:
+            return [_rule(row) for row in client.list_associated_rules_for_file(did.scope, did.name)]
+
+    def add_rule(self, did: DID, rse: str, lifetime: int | None, activity: str | None,
+                 account: str | None, asynchronous: bool = False) -> tuple[Rule, bool]:
+        with self._client() as client:
+            try:
+                ids = client.add_replication_rule(
+                    [{"scope": did.scope, "name": did.name}], 1, rse,
+                    lifetime=lifetime, activity=activity, account=account, asynchronous=asynchronous,
+                )
+            except rucio_exc.DuplicateRule:
+                owner = account or str(client.account)
+                for row in client.list_did_rules(did.scope, did.name):
+                    rule = _rule(row)
+                    if rule.rse_expression == rse and rule.account == owner:
+                        return rule, False
+                raise
+            return _rule(client.get_replication_rule(ids[0])), True
+
+    def get_rule(self, rule_id: str) -> Rule:
+        with self._client() as client:
+            return _rule(client.get_replication_rule(rule_id))
+
+    def rule_locks(self, rule: Rule) -> list[Lock]:
+        with self._client() as client:
+            rows = list(client.list_replica_locks(rule.id))
+            sizes: dict[DID, int] = {}
+            if len(rows) > 1 or (rows and DID(str(rows[0]["scope"]), str(rows[0]["name"])) != rule.did):
+                for row in client.list_files(rule.did.scope, rule.did.name):
+                    sizes[DID(str(row["scope"]), str(row["name"]))] = int(row.get("bytes") or 0)
+            else:
+                meta = client.get_metadata(rule.did.scope, rule.did.name)
+                sizes[rule.did] = int(meta.get("bytes") or 0)
+        locks = []
+        for row in rows:
+            did = DID(str(row["scope"]), str(row["name"]))
+            locks.append(Lock(did, str(row.get("rse") or ""), _lock_state(row.get("state")), sizes.get(did, 0)))
+        return locks
+
     # -- internals -------------------------------------------------------------------------------
 
     def _file_replicas(self, row: Mapping[str, Any]) -> FileReplicas:
@@ -393,6 +471,50 @@ def _reason(exc: BaseException) -> str:
         text = type(exc).__name__
     text = redact_text(text)
     return text if len(text) <= 400 else text[:397] + "..."
+
+
+_RULE_STATES: Final[Mapping[str, RuleState]] = {
+    **{state.value: state for state in RuleState},
+    "O": RuleState.OK,
+    "R": RuleState.REPLICATING,
+    "S": RuleState.STUCK,
+    "U": RuleState.SUSPENDED,
+    "W": RuleState.WAITING_APPROVAL,
+    "I": RuleState.INJECT,
+}
+_LOCK_STATES: Final[Mapping[str, LockState]] = {
+    **{state.value: state for state in LockState},
+    "O": LockState.OK,
+    "R": LockState.REPLICATING,
+    "S": LockState.STUCK,
+}
+
+
+def _enum_name(value: object) -> str:
+    """Rucio sends states as names or one-letter codes, sometimes as ``RuleState.OK``."""
+    return str(getattr(value, "name", value) or "").rpartition(".")[2].upper()
+
+
+def _lock_state(value: object) -> LockState:
+    return _LOCK_STATES.get(_enum_name(value), LockState.REPLICATING)
+
+
+def _rule(row: Mapping[str, Any]) -> Rule:
+    state = _RULE_STATES.get(_enum_name(row.get("state")))
+    if state is None:
+        raise CatalogueUnavailableError(f"rule {row.get('id')} has an unknown state {row.get('state')!r}")
+    error = row.get("error")
+    return Rule(
+        id=str(row["id"]),
+        did=DID(str(row["scope"]), str(row["name"])),
+        rse_expression=str(row.get("rse_expression") or ""),
+        state=state,
+        account=str(row.get("account") or ""),
+        locks_ok=int(row.get("locks_ok_cnt") or 0),
+        locks_replicating=int(row.get("locks_replicating_cnt") or 0),
+        locks_stuck=int(row.get("locks_stuck_cnt") or 0),
+        error=" ".join(str(error).split()) or None if error else None,
+    )
 
 
 def _chunks(dids: Sequence[DID]) -> Iterator[list[dict[str, str]]]:

@@ -22,7 +22,7 @@ from typing import NoReturn
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.errors import NoAttributeError, NotFoundError, NotSupportedError, ReadOnlyError
 from datalakefs.fs.attributes import Attributes, attributes_of
-from datalakefs.fs.ports import FileContent, OpenFile
+from datalakefs.fs.ports import FileContent, OpenFile, StageRequests
 from datalakefs.model import DIDInfo
 from datalakefs.namespace.inodes import Node, NodeKind
 from datalakefs.namespace.tree import Namespace
@@ -38,6 +38,8 @@ CLEAR_CACHE_XATTR = "user.datalakefs.cache.clear"
 _DID_XATTRS = ("user.rucio.scope", "user.rucio.name", "user.rucio.did_type")
 _FILE_XATTRS = ("user.rucio.adler32", "user.rucio.md5", "user.rucio.replicas",
                 "user.datalakefs.cached", "user.datalakefs.state")
+_COLLECTION_XATTRS = ("user.datalakefs.state",)
+STAGE_XATTR = "user.datalakefs.stage"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +71,12 @@ class Filesystem:
         control_files: dict[str, ControlRenderer],
         uid: int | None = None,
         gid: int | None = None,
+        stager: StageRequests | None = None,
     ) -> None:
         self._ns = namespace
         self._catalogue = catalogue
         self._content = content
+        self._stager = stager
         self._control = control_files
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
@@ -154,7 +158,7 @@ class Filesystem:
         node = self._ns.inodes.get(ino)
         if node.did is None:
             return []
-        return list(_DID_XATTRS + (_FILE_XATTRS if node.kind is NodeKind.FILE else ()))
+        return list(_DID_XATTRS + (_FILE_XATTRS if node.kind is NodeKind.FILE else _COLLECTION_XATTRS))
 
     async def getxattr(self, ino: int, name: str) -> bytes:
         node = self._ns.inodes.get(ino)
@@ -190,12 +194,15 @@ class Filesystem:
     # -- writes (read-only outside the outbox) ---------------------------------------------
 
     async def setxattr(self, ino: int, name: str, value: bytes) -> None:
-        """Only one: ``CLEAR_CACHE_XATTR`` on the control directory clears the block cache; else EROFS."""
+        """Requests, not writes: ``user.datalakefs.stage`` on a DID stages it by rule, and
+        ``CLEAR_CACHE_XATTR`` on the control directory clears the block cache; anything else is EROFS."""
         node = self._ns.inodes.get(ino)
         if node.kind is NodeKind.CONTROL_DIR and name == CLEAR_CACHE_XATTR:
             await self._content.clear()
-            return
-        self.refuse_write("setxattr")
+        elif name == STAGE_XATTR and self._stager is not None and node.info is not None:
+            await self._stager.stage(node.info, value)
+        else:
+            self.refuse_write("setxattr")
 
     def refuse_write(self, what: str) -> NoReturn:
         raise ReadOnlyError(f"{what}: the lake is read-only outside .outbox")

@@ -41,3 +41,8 @@ class FileContent(Protocol):
     async def clear(self) -> None:
         """Drop everything in the local block cache (``datalakefs cache clear``)."""
         ...
+
+class StageRequests(Protocol):
+    async def stage(self, info: DIDInfo, value: bytes) -> None:
+        """``setxattr user.datalakefs.stage``: stage a file or a whole collection with one rule."""
+        ...

@@ -711,6 +711,10 @@ class StreamContent:
 
         return self._running().open(info, locate)
 
+    def open_replicas(self, file: FileReplicas) -> StreamReader:
+        """A reader of ``file`` from exactly the replicas given (rule staging: the staged one)."""
+        return self._running().open(file.info, known_replicas(file))
+
     def cached_bytes(self, info: DIDInfo) -> int:
         return self._service.cached_bytes(info) if self._service is not None else 0
 
