@@ -25,6 +25,7 @@ import trio
 
 from datalakefs.cache.store import BlockCache
 from datalakefs.cli.common import load_config, with_config
+from datalakefs.cli.progress import human_bytes
 from datalakefs.config import Config
 from datalakefs.errors import ConfigError
 from datalakefs.fs.filesystem import CLEAR_CACHE_XATTR
@@ -56,14 +57,6 @@ def _offline_cache(config: Config) -> BlockCache:
     return cache
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
     config = load_config(args)
     mountpoint = _running_mount(config, args.mountpoint)
@@ -82,14 +75,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return 0
     cache_stats = report["cache"]
     print(f"cache of {report['source']}")
-    print(f"  used       {_human(cache_stats['used_bytes'])} of {_human(cache_stats['capacity'])} "
+    print(f"  used       {human_bytes(cache_stats['used_bytes'])} of {human_bytes(cache_stats['capacity'])} "
           f"({cache_stats['files']} files, {cache_stats['blocks']} blocks)")
-    print(f"  evicted    {_human(cache_stats['evicted_bytes'])} ({cache_stats['evictions']} evictions)")
+    print(f"  evicted    {human_bytes(cache_stats['evicted_bytes'])} ({cache_stats['evictions']} evictions)")
     print(f"  corrupt    {cache_stats['corrupt_blocks']} blocks dropped, "
           f"{cache_stats['checksum_mismatches']} whole-file checksum mismatches")
     if "hits" in report:
         print(f"  reads      {report['hits']} hits, {report['misses']} misses (hit rate {report['hit_rate']:.1%})")
-        print(f"  fetched    {_human(report['bytes_fetched'])} in {report['requests']} requests "
+        print(f"  fetched    {human_bytes(report['bytes_fetched'])} in {report['requests']} requests "
               f"({report['failed_requests']} failed)")
     return 0
 
