@@ -6,6 +6,7 @@ FUSE session). Services that run in the background start in one nursery owned he
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,17 +20,22 @@ import trio
 from datalakefs import __version__
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.catalogue.rucio import RucioCatalogue
+from datalakefs.catalogue.rucio_upload import RucioUploader
 from datalakefs.config import Config
 from datalakefs.fs.filesystem import Filesystem
-from datalakefs.fuse.operations import FuseOperations
+from datalakefs.fs.outbox import OutboxTree
+from datalakefs.fuse.operations import FuseOperations, invalidate_entry
 from datalakefs.fuse.session import prepare_mountpoint, serve
 from datalakefs.namespace.inodes import InodeTable
 from datalakefs.namespace.tree import Namespace
+from datalakefs.outbox.journal import Journal
+from datalakefs.outbox.service import Outbox
 from datalakefs.staging.stream import StreamContent
 
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
+OUTBOX_FILE = "outbox.json"
 
 
 class Daemon:
@@ -39,12 +45,26 @@ class Daemon:
         self.config = config
         self.mountpoint = os.path.abspath(mountpoint)
         self.started = time.time()
-        self.catalogue = CachedCatalogue(RucioCatalogue(config), config)
+        rucio = RucioCatalogue(config)
+        self.catalogue = CachedCatalogue(rucio, config)
         self.content = StreamContent(config, self.catalogue)
-        control = {STATUS_FILE: self.render_status}
+        # The outbox belongs to the mount point: another mount with the same state_dir must neither
+        # upload nor clean this one's spool.
+        mount_key = hashlib.sha256(self.mountpoint.encode()).hexdigest()[:16]
+        self.outbox = Outbox(
+            Journal(config.state_dir / "outbox" / mount_key / "journal.sqlite"),
+            RucioUploader(rucio, config),
+            self.catalogue,
+            (config.spool_dir or config.state_dir / "outbox") / mount_key / "spool",
+            concurrency=config.upload_concurrency,
+            reserve=config.spool_reserve,
+        )
+        control = {STATUS_FILE: self.render_status, OUTBOX_FILE: self.render_outbox}
         namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
                               listing_ttl=config.catalogue_ttl, times_limit=config.listing_times_limit)
-        self.filesystem = Filesystem(namespace, self.catalogue, self.content, control)
+        outbox_tree = OutboxTree(self.outbox, namespace, self._visible_scopes, os.getuid(), os.getgid())
+        outbox_tree.invalidate_entry = invalidate_entry
+        self.filesystem = Filesystem(namespace, self.catalogue, self.content, control, outbox=outbox_tree)
         self.operations = FuseOperations(self.filesystem, config.entry_timeout, config.attr_timeout,
                                          config.xattrs)
 
@@ -56,10 +76,19 @@ class Daemon:
             "uptime_s": round(time.time() - self.started, 3),
             "catalogue": self.catalogue.statistics().as_dict(),
             "content": self.content.statistics().as_dict(),
+            "outbox": self.outbox.summary(),
         }
 
     def render_status(self) -> bytes:
         return (json.dumps(self.status(), indent=1, sort_keys=True) + "\n").encode()
+
+    def render_outbox(self) -> bytes:
+        document = {"summary": self.outbox.summary(), "files": self.outbox.listing()}
+        return (json.dumps(document, indent=1, sort_keys=True) + "\n").encode()
+
+    async def _visible_scopes(self) -> list[str]:
+        scopes = await self.catalogue.list_scopes()
+        return [s for s in scopes if s in self.config.scopes] if self.config.scopes else scopes
 
     def fuse_options(self) -> set[str]:
         options = {"fsname=datalakefs", "subtype=datalakefs", "default_permissions"}
@@ -75,6 +104,7 @@ class Daemon:
         target = prepare_mountpoint(self.mountpoint)
         async with trio.open_nursery() as services:
             await services.start(self.content.run)
+            await services.start(self.outbox.run)
             await serve(self.operations, self.operations.initialized, target, self.fuse_options(),
                         self.config.read_ahead_kb, ready)
             services.cancel_scope.cancel()

@@ -42,7 +42,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Final, NoReturn
 
 import requests
@@ -253,6 +253,11 @@ class RucioCatalogue:
         with self._client() as client:
             rows = client.list_dids(scope, parsed, did_type="all", long=True)
             return _listing_of_scope(client, scope, rows)
+
+    def borrow(self) -> AbstractContextManager[Client]:
+        """A pooled client for calls this class does not wrap (the uploader's); failures raised in
+        the ``with`` body are translated like those of the catalogue calls."""
+        return self._client()
 
     # -- internals -------------------------------------------------------------------------------
 
