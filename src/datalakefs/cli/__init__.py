@@ -7,11 +7,11 @@ import argparse
 import sys
 
 from datalakefs import __version__
-from datalakefs.cli import demo, mounting, status
+from datalakefs.cli import demo, mounting, outbox, status
 from datalakefs.cli.mounting import mount_helper_main
 from datalakefs.errors import DatalakeError
 
-COMMAND_MODULES = (mounting, status, demo)
+COMMAND_MODULES = (mounting, status, outbox, demo)
 
 __all__ = ["main", "mount_helper_main"]
 
