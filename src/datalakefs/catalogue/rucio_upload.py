@@ -32,7 +32,7 @@ from rucio.common import exception as rucio_exc
 from zlib_ng import zlib_ng
 
 from datalakefs.catalogue.rucio import RucioCatalogue
-from datalakefs.catalogue.upload import StepHook, UploadConflictError, UploadJob
+from datalakefs.catalogue.upload import SpoolChangedError, StepHook, UploadConflictError, UploadJob
 from datalakefs.config import Config
 from datalakefs.errors import InvalidNameError, TransferError
 
@@ -60,11 +60,7 @@ class RucioUploader:
         self._timeout = config.http_timeout
 
     def check_name(self, name: str) -> None:
-        if len(name) > _NAME_LENGTH or not _NAME.match(name):
-            raise InvalidNameError(
-                f"{name!r} is not a valid Rucio DID name (letters, digits, '.', '-', '_', at most "
-                f"{_NAME_LENGTH} characters, starting with a letter or digit)"
-            )
+        check_did_name(name)
 
     def upload(self, job: UploadJob, step: StepHook) -> bool:
         if self._rse is None:
@@ -120,7 +116,7 @@ class RucioUploader:
         if answer.status_code not in (200, 201, 204):
             raise TransferError(f"PUT {_where(pfn)}: HTTP {answer.status_code} {answer.reason}")
         if body.sent != job.size or body.adler32 != job.adler32:
-            raise TransferError(
+            raise SpoolChangedError(
                 f"the spool file of {job.scope}:{job.name} changed under the upload "
                 f"({body.sent} bytes, adler32 {body.adler32}; journal {job.size}, {job.adler32})"
             )
@@ -160,6 +156,15 @@ class RucioUploader:
             for rse in dict.fromkeys(r for r in (self._rse, self._rule_rse) if r):
                 with contextlib.suppress(rucio_exc.DuplicateRule):
                     client.add_replication_rule(file_did, 1, rse)
+
+
+def check_did_name(name: str) -> None:
+    """``InvalidNameError`` unless Rucio's generic schema accepts ``name`` as a DID name."""
+    if len(name) > _NAME_LENGTH or not _NAME.match(name):
+        raise InvalidNameError(
+            f"{name!r} is not a valid Rucio DID name (letters, digits, '.', '-', '_', at most "
+            f"{_NAME_LENGTH} characters, starting with a letter or digit)"
+        )
 
 
 def _where(pfn: str) -> str:

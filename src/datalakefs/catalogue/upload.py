@@ -15,13 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from datalakefs.errors import DatalakeError
+from datalakefs.errors import DatalakeError, TransferError
 
 
 class UploadConflictError(DatalakeError):
     """The DID already exists with different content: an upload never overwrites."""
 
     errno = errno.EEXIST
+
+
+class SpoolChangedError(TransferError):
+    """The bytes sent differ from the journal's size or adler32 (the spool file was rewritten after
+    its commit, before a crash): the checksum must be computed again from the file."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -264,7 +264,7 @@ class Filesystem:
         and requests to change them are accepted without effect, as on many network filesystems."""
         outbox, node = self._outbox_node(ino, "setattr")
         if size is not None:
-            outbox.truncate(node, size)
+            await outbox.truncate(node, size)
         return self.attributes(node)
 
     async def setxattr(self, ino: int, name: str, value: bytes) -> None:

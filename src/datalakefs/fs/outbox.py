@@ -185,8 +185,8 @@ class OutboxTree:
         if handle.write:
             self._outbox.close_for_writing(handle.file)
 
-    def truncate(self, node: Node, size: int) -> None:
-        self._outbox.truncate(self.outbox_file(node), size)
+    async def truncate(self, node: Node, size: int) -> None:
+        await self._outbox.truncate(self.outbox_file(node), size)
 
     async def unlink(self, parent: Node, name: str) -> None:
         if parent.kind is not NodeKind.OUTBOX_DATASET:

@@ -17,14 +17,17 @@ Blocking (fsync): the service calls it from worker threads, one call at a time.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from datalakefs.errors import SpoolFullError
 
 _SCHEMA = """
 create table if not exists uploads (
@@ -76,6 +79,16 @@ class Record:
     updated: float
 
 
+@contextlib.contextmanager
+def _disk_full_as_enospc() -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "full" in str(exc):
+            raise SpoolFullError(f"outbox journal: {exc}") from exc
+        raise
+
+
 #: Test hook: ``DATALAKEFS_TEST_KILL_AT=<transition>`` SIGKILLs the process right after that journal
 #: transition was committed (the crash tests use it to kill at each transition once).
 KILL_AT_ENV = "DATALAKEFS_TEST_KILL_AT"
@@ -109,9 +122,10 @@ class Journal:
     # -- uploads -----------------------------------------------------------------------------------
 
     def commit(self, scope: str, dataset: str, name: str, spool: str, size: int, adler32: str | None) -> int:
-        """Record (or update) the durable intent to upload ``spool`` as ``scope:name``; returns its id."""
+        """Record (or update) the durable intent to upload ``spool`` as ``scope:name``; returns its id.
+        A full disk raises :class:`SpoolFullError` (the caller's close() then fails with ENOSPC)."""
         now = self._clock()
-        with self._lock:
+        with self._lock, _disk_full_as_enospc():
             row = self._db.execute(
                 "insert into uploads (scope, dataset, name, spool, size, adler32, state, created, updated)"
                 " values (?, ?, ?, ?, ?, ?, ?, ?, ?)"

@@ -32,7 +32,7 @@ from typing import Any, Final
 import trio
 
 from datalakefs.catalogue.cached import CachedCatalogue
-from datalakefs.catalogue.upload import UploadConflictError, Uploader, UploadJob
+from datalakefs.catalogue.upload import SpoolChangedError, UploadConflictError, Uploader, UploadJob
 from datalakefs.errors import (
     AlreadyExistsError,
     BusyError,
@@ -140,8 +140,10 @@ class Outbox:
         for record in records:
             spool = SpoolFile(self._spool_dir / record.spool, self._reserve)
             state = record.state.value
+            # a file reopened and being rewritten at the crash differs from its last commit
+            adler32 = record.adler32 if spool.size == record.size else None
             self._files[(record.scope, record.name)] = OutboxFile(
-                record.scope, record.dataset, record.name, spool, record.id, record.adler32, state,
+                record.scope, record.dataset, record.name, spool, record.id, adler32, state,
                 record.error, record.attempts, dirty=False, mtime=record.updated,
             )
             self._datasets.add((record.scope, record.dataset))
@@ -225,13 +227,18 @@ class Outbox:
         file.mtime = time.time()
         return written
 
-    def truncate(self, file: OutboxFile, size: int) -> None:
+    async def truncate(self, file: OutboxFile, size: int) -> None:
+        """``truncate``/``ftruncate``; without an open writer (truncate(2) of a path) nothing else
+        would commit the change, so it is committed at once."""
         self._check_changeable(file)
         if size != file.size:
             file.spool.truncate(size)
             file.dirty = True
             file.version += 1
             file.mtime = time.time()
+        if file.writers == 0:
+            await self.commit(file)
+            file.spool.close()
 
     async def commit(self, file: OutboxFile) -> None:
         """Make the file's current bytes and its upload intent durable (close/fsync)."""
@@ -346,8 +353,13 @@ class Outbox:
             stored = await trio.to_thread.run_sync(self._uploader.upload, job, _step_hook, abandon_on_cancel=True)
         except (UploadConflictError, InvalidNameError) as exc:
             await self._fail(file, str(exc))
+        except SpoolChangedError as exc:
+            file.adler32 = None
+            await self._requeue(file, str(exc))
         except DatalakeError as exc:
             await self._requeue(file, str(exc))
+        except OSError as exc:  # the spool file itself (HTTP errors arrive as DatalakeErrors)
+            await self._fail(file, f"spool file {file.spool.path} unreadable: {exc.strerror or exc}")
         except Exception as exc:
             log.exception("event=upload-bug did=%s", file.did)
             await self._requeue(file, f"{type(exc).__name__}: {exc}")

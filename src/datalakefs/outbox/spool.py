@@ -48,6 +48,7 @@ class SpoolFile:
         self.path = path
         self._reserve = reserve
         self._fd: int | None = None
+        self._entry_durable = path.exists()
         self.size = path.stat().st_size if path.exists() else 0
         # the running adler32 covers bytes [0, _hashed); valid only while writes were sequential
         self._adler = 1
@@ -61,6 +62,7 @@ class SpoolFile:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         spool = cls(path, reserve)
         spool._fd = fd
+        spool._entry_durable = False
         return spool
 
     @property
@@ -92,7 +94,8 @@ class SpoolFile:
             self._hashed += written
         else:
             self._sequential = False
-        self.size = max(self.size, offset + written)
+        if written:
+            self.size = max(self.size, offset + written)
         return written
 
     def read(self, offset: int, size: int) -> bytes:
@@ -107,9 +110,17 @@ class SpoolFile:
         self.size = size
 
     def durable(self) -> None:
-        """fsync the file (blocking: call from a worker thread). ENOSPC/EIO surface here too."""
+        """fsync the file, and the first time its directory entry too (blocking: call from a worker
+        thread). ENOSPC/EIO surface here too."""
         try:
             os.fsync(self._handle())
+            if not self._entry_durable:
+                directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+                self._entry_durable = True
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFullError(f"spool disk full flushing {self.path.name}") from exc
