@@ -64,6 +64,13 @@ def dataset(outbox_mount: Mount, lake: LakeStatus) -> tuple[Path, str, str]:
     return path, scope, name
 
 
+def fill(path: Path, size: int) -> None:
+    with open(path, "wb") as fh:
+        for _ in range(size >> 20):
+            fh.write(os.urandom(1 << 20))
+            fh.flush()
+
+
 def uploaded(rucio_client: Any, scope: str, name: str) -> dict[str, Any] | None:
     from rucio.common.exception import DataIdentifierNotFound
 
@@ -241,10 +248,8 @@ def test_full_spool_gives_enospc_and_keeps_what_was_committed(
         small, big = unique("small"), unique("big")
         data = os.urandom(1 << 20)
         (path / small).write_bytes(data)
-        with pytest.raises(OSError) as raised, open(path / big, "wb") as fh:
-            for _ in range(16):
-                fh.write(os.urandom(1 << 20))
-                fh.flush()
+        with pytest.raises(OSError) as raised:
+            fill(path / big, 16 << 20)
         assert raised.value.errno == errno.ENOSPC
         wait_until(lambda: not (path / small).exists(), what="the committed file's upload")
         check_in_lake(rucio_client, lake, scope, ds, small, data)

@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 import requests
+from tests.fuse.mounting import Mount
 
 from datalakefs.demo.status import LakeStatus
 from datalakefs.outbox.journal import KILL_AT_ENV
-from tests.fuse.mounting import Mount
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
 

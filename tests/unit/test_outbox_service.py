@@ -99,8 +99,9 @@ async def _write(outbox: Outbox, name: str, data: bytes, dataset: str = "ds") ->
 
 
 async def _until(condition: Callable[[], bool]) -> None:
+    """Poll: the states under test change in worker threads and in the uploader's tasks."""
     with trio.fail_after(20):
-        while not condition():
+        while not condition():  # noqa: ASYNC110
             await trio.sleep(0.01)
 
 
