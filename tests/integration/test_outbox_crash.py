@@ -148,6 +148,9 @@ def test_kills_lose_nothing_and_duplicate_nothing(lake: LakeStatus, tmp_path: Pa
                 _wait_dead(pid)
             kills += 1
             current = mount()
+            if SOAK and rounds % 50 == 0:
+                print(f"[outbox soak] kills={kills} attempted={len(ledger.attempted)} acked={len(ledger.acked)}",
+                      flush=True)
         # the last daemon finishes everything
         deadline = time.monotonic() + 600
         while not _outbox_empty(current):

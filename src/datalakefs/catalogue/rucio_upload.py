@@ -58,6 +58,8 @@ class RucioUploader:
         self._rule_rse = config.upload_rule_rse
         self._verify: bool | str = config.storage_ca_bundle or True
         self._timeout = config.http_timeout
+        # datasets this uploader created or found: one add_dataset call per dataset, not per file
+        self._datasets: set[tuple[str, str]] = set()
 
     def check_name(self, name: str) -> None:
         check_did_name(name)
@@ -148,11 +150,19 @@ class RucioUploader:
 
     def _attach(self, job: UploadJob) -> None:
         file_did = [{"scope": job.scope, "name": job.name}]
+        dataset = (job.scope, job.dataset)
         with self._catalogue.borrow() as client:
-            with contextlib.suppress(rucio_exc.DataIdentifierAlreadyExists):
-                client.add_dataset(job.scope, job.dataset)
-            with contextlib.suppress(*_ATTACHED):
+            if dataset not in self._datasets:
+                with contextlib.suppress(rucio_exc.DataIdentifierAlreadyExists):
+                    client.add_dataset(job.scope, job.dataset)
+                self._datasets.add(dataset)
+            try:
                 client.attach_dids(job.scope, job.dataset, file_did)
+            except _ATTACHED:
+                pass
+            except rucio_exc.DataIdentifierNotFound:
+                self._datasets.discard(dataset)  # deleted meanwhile: created again on the retry
+                raise
             for rse in dict.fromkeys(r for r in (self._rse, self._rule_rse) if r):
                 with contextlib.suppress(rucio_exc.DuplicateRule):
                     client.add_replication_rule(file_did, 1, rse)
