@@ -64,6 +64,20 @@ def dataset(outbox_mount: Mount, lake: LakeStatus) -> tuple[Path, str, str]:
     return path, scope, name
 
 
+def cancel_between_attempts(act: Callable[[], Any]) -> None:
+    """``rm`` (or ``outbox cancel``) of a file whose upload keeps failing: EBUSY while an attempt is in
+    flight (documented), success once it is back in its backoff."""
+    for _ in range(100):
+        try:
+            act()
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+        time.sleep(0.1)
+    raise AssertionError("the upload never left its attempt")
+
+
 def fill(path: Path, size: int) -> None:
     with open(path, "wb") as fh:
         for _ in range(size >> 20):
@@ -201,7 +215,7 @@ def test_storage_down_retries_then_resumes_after_remount(
     (path / keep).write_bytes(b"keep me")
     (path / cancel).write_bytes(b"cancel me")
     wait_until(lambda: "attempt" in os.getxattr(path / keep, STATE).decode(), what="a retry")
-    os.unlink(path / cancel)
+    cancel_between_attempts(lambda: os.unlink(path / cancel))
     listed = datalakefs("outbox", "list", str(broken.mountpoint))
     assert keep in listed.stdout and cancel not in listed.stdout
     down = datalakefs("umount", str(broken.mountpoint), "--config", str(broken.config), *[
@@ -226,8 +240,14 @@ def test_cli_retry_and_cancel(new_mount: Callable[..., Mount], lake: LakeStatus)
     wait_until(lambda: "attempt" in os.getxattr(target, STATE).decode(), what="a retry")
     retried = datalakefs("outbox", "retry", str(target))
     assert retried.returncode == 0, retried.stderr
-    cancelled = datalakefs("outbox", "cancel", str(target))
-    assert cancelled.returncode == 0, cancelled.stderr
+    wait_until(lambda: "attempt" in os.getxattr(target, STATE).decode(), what="the retried attempt")
+
+    def cancel() -> None:
+        done = datalakefs("outbox", "cancel", str(target))
+        if done.returncode != 0:
+            raise OSError(errno.EBUSY if "busy" in done.stderr else errno.EIO, done.stderr)
+
+    cancel_between_attempts(cancel)
     assert not target.exists()
     assert json.loads((mount.mountpoint / ".datalakefs" / "outbox.json").read_text())["files"] == []
 
