@@ -108,6 +108,7 @@ class Daemon:
             await serve(self.operations, self.operations.initialized, target, self.fuse_options(),
                         self.config.read_ahead_kb, ready)
             services.cancel_scope.cancel()
+        self.outbox.close()
 
 
 def _notify_systemd(message: str) -> None:

@@ -24,7 +24,7 @@ from datalakefs.errors import (
     NotEmptyError,
     NotFoundError,
 )
-from datalakefs.outbox.journal import Journal
+from datalakefs.outbox.journal import Journal, JournalInUseError
 from datalakefs.outbox.service import Outbox, OutboxFile
 
 
@@ -194,7 +194,9 @@ async def test_a_restart_resumes_committed_files_and_forgets_the_rest(
     unfinished = first.create("user.x", "ds", "i.dat")
     first.open_for_writing(unfinished)
     first.write(unfinished, 0, b"never closed")
-    # the process dies here: a new service over the same journal and spool
+    with pytest.raises(JournalInUseError):
+        make()  # a second daemon for the same mount point is refused while the first lives
+    first.close()  # the process dies here: a new service over the same journal and spool
     second = make()
     assert [f["name"] for f in second.listing()] == ["h.dat"]
     assert not unfinished.spool.path.exists()

@@ -12,6 +12,10 @@ and is removed at start. A finished upload deletes its row (:meth:`Journal.finis
 absence of the row, and a kill between the catalogue registration and that delete is harmless
 because the uploader recognises an already registered identical file.
 
+One daemon per journal: an exclusive ``flock`` on ``<journal>.lock``, held while the journal is open
+(the kernel drops it when the process dies), keeps a second daemon for the same mount point from
+requeueing the first one's uploads or removing its spool files.
+
 Blocking (fsync): the service calls it from worker threads, one call at a time.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import os
 import sqlite3
 import threading
@@ -27,7 +32,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from datalakefs.errors import SpoolFullError
+from datalakefs.errors import BusyError, SpoolFullError
+
+
+class JournalInUseError(BusyError):
+    """Another daemon holds this outbox journal (the same mount point is mounted)."""
 
 _SCHEMA = """
 create table if not exists uploads (
@@ -105,6 +114,12 @@ class Journal:
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise JournalInUseError(f"outbox journal {path} is in use by another datalakefs daemon") from None
         self._clock = clock
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -118,6 +133,7 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            os.close(self._lock_fd)
 
     # -- uploads -----------------------------------------------------------------------------------
 

@@ -155,6 +155,10 @@ class Outbox:
         if records:
             log.info("event=outbox-resume uploads=%d", len(records))
 
+    def close(self) -> None:
+        """Release the journal (the daemon is ending; in-flight uploads resume at the next start)."""
+        self._journal.close()
+
     def add_listener(self, listener: UploadListener) -> None:
         """``listener(file)`` runs on the trio thread after ``file`` was uploaded and left the outbox."""
         self._listeners.append(listener)
