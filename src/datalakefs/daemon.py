@@ -41,9 +41,12 @@ OUTBOX_FILE = "outbox.json"
 class Daemon:
     """One mount: catalogue, namespace, content service and the FUSE session."""
 
-    def __init__(self, config: Config, mountpoint: str) -> None:
+    def __init__(self, config: Config, mountpoint: str, target: str) -> None:
+        """``target``: the mount point as :func:`prepare_mountpoint` checked it (before the outbox
+        journal is opened, so that a second mount of the same place is refused for that reason)."""
         self.config = config
         self.mountpoint = os.path.abspath(mountpoint)
+        self.target = target
         self.started = time.time()
         rucio = RucioCatalogue(config)
         self.catalogue = CachedCatalogue(rucio, config)
@@ -101,7 +104,7 @@ class Daemon:
             _notify_systemd("READY=1")
             on_ready()
 
-        target = prepare_mountpoint(self.mountpoint)
+        target = self.target
         async with trio.open_nursery() as services:
             await services.start(self.content.run)
             await services.start(self.outbox.run)
@@ -125,5 +128,5 @@ def _notify_systemd(message: str) -> None:
 
 def run(config: Config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     """Run the daemon in this process until the mount ends."""
-    daemon = Daemon(config, mountpoint)
+    daemon = Daemon(config, mountpoint, prepare_mountpoint(os.path.abspath(mountpoint)))
     trio.run(daemon.run, on_ready)
