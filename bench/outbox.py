@@ -115,7 +115,9 @@ def run(state_dir: Path, port_base: int, big_mib: int, small_count: int) -> dict
                 _copy(src, dst)
             results["small_datalakefs_s"] = _wait_gone(targets) - start
             lfns = [f"{scope}:curl_small_{tag}_{i:05d}" for i in range(small_count)]
-            pfns = client.lfns2pfns(rse, lfns, operation="write", scheme="https")
+            pfns: dict[str, str] = {}
+            for start in range(0, len(lfns), 20):  # the LFNs travel in the URL
+                pfns.update(client.lfns2pfns(rse, lfns[start : start + 20], operation="write", scheme="https"))
             results["small_curl_s"] = _curl_put([(s, pfns[lfn]) for s, lfn in zip(sources, lfns, strict=True)],
                                                 ca, PARALLEL)
         finally:
