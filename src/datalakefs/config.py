@@ -67,6 +67,8 @@ class Config:
     upload_rse: str | None = None
     upload_rule_rse: str | None = None
     spool_reserve: int = 64 << 20
+    spool_dir: Path | None = None
+    storage_ca_bundle: str | None = None
     upload_concurrency: int = 4
     entry_timeout: float = 3600.0
     attr_timeout: float = 3600.0

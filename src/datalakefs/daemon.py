@@ -21,14 +21,18 @@ import trio
 from datalakefs import __version__
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.catalogue.rucio import RucioCatalogue
+from datalakefs.catalogue.rucio_upload import RucioUploader
 from datalakefs.config import Config
 from datalakefs.fs.filesystem import Filesystem
-from datalakefs.fuse.operations import FuseOperations
+from datalakefs.fs.outbox import OutboxTree
+from datalakefs.fuse.operations import FuseOperations, invalidate_entry
 from datalakefs.fuse.session import prepare_mountpoint, serve
 from datalakefs.namespace.inodes import InodeTable
 from datalakefs.namespace.tree import Namespace
 from datalakefs.ops.metrics import MetricsEndpoint
 from datalakefs.ops.rates import RateMeter
+from datalakefs.outbox.journal import Journal
+from datalakefs.outbox.service import Outbox
 from datalakefs.redaction import redact_text
 from datalakefs.staging.policy import StagingContent
 from datalakefs.staging.rule import RuleStager
@@ -38,25 +42,44 @@ from datalakefs.transport.tokens import StorageAuth
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
+OUTBOX_FILE = "outbox.json"
 
 
 class Daemon:
     """One mount: catalogue, namespace, content service and the FUSE session."""
 
-    def __init__(self, config: Config, mountpoint: str) -> None:
+    def __init__(self, config: Config, mountpoint: str, target: str) -> None:
+        """``target``: the mount point as :func:`prepare_mountpoint` checked it (before the outbox
+        journal is opened, so that a second mount of the same place is refused for that reason)."""
         self.config = config
         self.mountpoint = os.path.abspath(mountpoint)
+        self.target = target
         self.started = time.time()
-        self.catalogue = CachedCatalogue(RucioCatalogue(config, token_dir=str(self.private_dir() / "rucio")), config)
+        rucio = RucioCatalogue(config, token_dir=str(self.private_dir() / "rucio"))
+        self.catalogue = CachedCatalogue(rucio, config)
         self.storage_auth = StorageAuth()
         self.storage_auth.check()
         self.content = StreamContent(config, self.catalogue, self.storage_auth)
         self.stager = RuleStager(config, self.catalogue)
         self.staging = StagingContent(config, self.content, self.stager, self.catalogue)
-        control = {STATUS_FILE: self.render_status}
+        # The outbox belongs to the mount point: another mount with the same state_dir must neither
+        # upload nor clean this one's spool.
+        mount_key = self.private_dir().name
+        self.outbox = Outbox(
+            Journal(config.state_dir / "outbox" / mount_key / "journal.sqlite"),
+            RucioUploader(rucio, config),
+            self.catalogue,
+            (config.spool_dir or config.state_dir / "outbox") / mount_key / "spool",
+            concurrency=config.upload_concurrency,
+            reserve=config.spool_reserve,
+        )
+        control = {STATUS_FILE: self.render_status, OUTBOX_FILE: self.render_outbox}
         namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
                               listing_ttl=config.catalogue_ttl, times_limit=config.listing_times_limit)
-        self.filesystem = Filesystem(namespace, self.catalogue, self.staging, control, stager=self.staging)
+        outbox_tree = OutboxTree(self.outbox, namespace, self._visible_scopes, os.getuid(), os.getgid())
+        outbox_tree.invalidate_entry = invalidate_entry
+        self.filesystem = Filesystem(namespace, self.catalogue, self.staging, control, stager=self.staging,
+                                     outbox=outbox_tree)
         self.meter = RateMeter(self._counters)
         self.metrics_url: str | None = None
         self.operations = FuseOperations(self.filesystem, config.entry_timeout, config.attr_timeout,
@@ -84,10 +107,19 @@ class Daemon:
             "content": self.content.statistics().as_dict(),
             "storage_auth": self.storage_auth.describe(),
             "staging": self.staging.status(),
+            "outbox": self.outbox.summary(),
         }
 
     def render_status(self) -> bytes:
         return (redact_text(json.dumps(self.status(), indent=1, sort_keys=True)) + "\n").encode()
+
+    def render_outbox(self) -> bytes:
+        document = {"summary": self.outbox.summary(), "files": self.outbox.listing()}
+        return (redact_text(json.dumps(document, indent=1, sort_keys=True)) + "\n").encode()
+
+    async def _visible_scopes(self) -> list[str]:
+        scopes = await self.catalogue.list_scopes()
+        return [s for s in scopes if s in self.config.scopes] if self.config.scopes else scopes
 
     def fuse_options(self) -> set[str]:
         options = {"fsname=datalakefs", "subtype=datalakefs", "default_permissions"}
@@ -100,20 +132,21 @@ class Daemon:
             _notify_systemd("READY=1")
             on_ready()
 
-        target = prepare_mountpoint(self.mountpoint)
         port = self.config.metrics_port
         metrics = await MetricsEndpoint.open(port) if port is not None else None
         async with trio.open_nursery() as services:
             await services.start(self.content.run)
             await services.start(self.stager.run)
+            await services.start(self.outbox.run)
             services.start_soon(self.meter.run)
             if metrics is not None:
                 services.start_soon(metrics.serve, self.status)
                 self.metrics_url = metrics.url
-            await serve(self.operations, self.operations.initialized, target, self.fuse_options(),
+            await serve(self.operations, self.operations.initialized, self.target, self.fuse_options(),
                         self.config.read_ahead_kb, ready)
             _notify_systemd("STOPPING=1")
             services.cancel_scope.cancel()
+        self.outbox.close()
 
 
 def _notify_systemd(message: str) -> None:
@@ -130,5 +163,5 @@ def _notify_systemd(message: str) -> None:
 
 def run(config: Config, mountpoint: str, on_ready: Callable[[], None]) -> None:
     """Run the daemon in this process until the mount ends."""
-    daemon = Daemon(config, mountpoint)
+    daemon = Daemon(config, mountpoint, prepare_mountpoint(os.path.abspath(mountpoint)))
     trio.run(daemon.run, on_ready)

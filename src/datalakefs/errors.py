@@ -79,3 +79,27 @@ class ConfigError(DatalakeError):
     """The configuration is invalid; the message names the option."""
 
     errno = errno.EINVAL
+
+
+class SpoolFullError(DatalakeError):
+    """The outbox spool disk is full (or below ``spool_reserve``): the write was not stored."""
+
+    errno = errno.ENOSPC
+
+
+class BusyError(DatalakeError):
+    """The outbox file is being uploaded and cannot change now."""
+
+    errno = errno.EBUSY
+
+
+class AlreadyExistsError(DatalakeError):
+    """The name is taken (an outbox file of the same DID name, an existing directory)."""
+
+    errno = errno.EEXIST
+
+
+class NotEmptyError(DatalakeError):
+    """An outbox directory that still holds files."""
+
+    errno = errno.ENOTEMPTY

@@ -42,7 +42,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Final, NoReturn
 
 import requests
@@ -359,6 +359,11 @@ class RucioCatalogue:
             did = DID(str(row["scope"]), str(row["name"]))
             locks.append(Lock(did, str(row.get("rse") or ""), _lock_state(row.get("state")), sizes.get(did, 0)))
         return locks
+
+    def borrow(self) -> AbstractContextManager[Client]:
+        """A pooled client for calls this class does not wrap (the uploader's); failures raised in
+        the ``with`` body are translated like those of the catalogue calls."""
+        return self._client()
 
     # -- internals -------------------------------------------------------------------------------
 

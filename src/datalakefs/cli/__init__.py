@@ -7,11 +7,11 @@ import argparse
 import sys
 
 from datalakefs import __version__
-from datalakefs.cli import cache, demo, mounting, stage, status
+from datalakefs.cli import cache, demo, mounting, outbox, stage, status
 from datalakefs.cli.mounting import mount_helper_main
 from datalakefs.errors import DatalakeError
 
-COMMAND_MODULES = (mounting, status, stage, cache, demo)
+COMMAND_MODULES = (mounting, status, stage, outbox, cache, demo)
 
 __all__ = ["main", "mount_helper_main"]
 

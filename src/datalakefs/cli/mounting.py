@@ -14,9 +14,11 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from datalakefs import config as configuration
 from datalakefs.cli.common import load_config, registry_file, setup_logging, with_config
+from datalakefs.cli.outbox import pending_warning
 from datalakefs.errors import DatalakeError
 
 log = logging.getLogger("datalakefs")
@@ -93,6 +95,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     registry = registry_file(config.state_dir, mountpoint)
     pid = json.loads(registry.read_text())["pid"] if registry.exists() else None
+    warning = None if is_stale(mountpoint) else pending_warning(Path(mountpoint))
+    if warning:
+        print(warning, file=sys.stderr)
     try:
         unmount(mountpoint, lazy=is_stale(mountpoint))
     except MountError as exc:

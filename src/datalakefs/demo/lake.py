@@ -1050,6 +1050,7 @@ class Lake:
             'xcache_mode = "swap"',
             f"staging_rse = {_toml_str(SCRATCH_RSE)}",
             f"upload_rse = {_toml_str(SCRATCH_RSE)}",
+            f"storage_ca_bundle = {_toml_str(str(layout.etc / 'dav.crt'))}",
             "staging_local_paths = [" + ", ".join(_toml_str(x) for x in local) + "]",
             f"cache_dir = {_toml_str(str(layout.mount_cache))}",
             f"state_dir = {_toml_str(str(layout.mount_state))}",

@@ -26,6 +26,8 @@ class Attributes:
     nlink: int
     uid: int
     gid: int
+    #: the kernel must not cache these attributes (outbox files change size and disappear)
+    volatile: bool = False
 
     @property
     def is_dir(self) -> bool:

@@ -6,7 +6,8 @@ Contracts the FUSE layer relies on:
 * Errors are :class:`~datalakefs.errors.DatalakeError` subclasses carrying the errno.
 * Catalogue calls happen only on cache misses of the cached catalogue; ``getxattr`` of a name we do
   not define is answered without any call.
-* Anything that would change the lake outside the outbox raises ``ReadOnlyError`` (EROFS).
+* Anything that would change the lake outside the outbox raises ``ReadOnlyError`` (EROFS); the
+  ``/.outbox`` subtree and its write calls are :class:`~datalakefs.fs.outbox.OutboxTree`'s.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import NoReturn
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.errors import NoAttributeError, NotFoundError, NotSupportedError, ReadOnlyError
 from datalakefs.fs.attributes import Attributes, attributes_of
+from datalakefs.fs.outbox import OUTBOX_DIR, OutboxHandle, OutboxTree
 from datalakefs.fs.ports import FileContent, OpenFile, StageRequests
 from datalakefs.model import DIDInfo
-from datalakefs.namespace.inodes import Node, NodeKind
+from datalakefs.namespace.inodes import ROOT_INODE, Node, NodeKind
 from datalakefs.namespace.tree import Namespace
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class Filesystem:
         uid: int | None = None,
         gid: int | None = None,
         stager: StageRequests | None = None,
+        outbox: OutboxTree | None = None,
     ) -> None:
         self._ns = namespace
         self._catalogue = catalogue
@@ -81,18 +84,29 @@ class Filesystem:
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
         self._start = time.time()
-        self._handles: dict[int, _DirHandle | _ControlHandle | OpenFile] = {}
+        self._outbox = outbox
+        self._handles: dict[int, _DirHandle | _ControlHandle | OutboxHandle | OpenFile] = {}
         self._next_fh = itertools.count(1)
 
     # -- names and attributes -------------------------------------------------------------
 
     def attributes(self, node: Node) -> Attributes:
+        if self._outbox is not None and self._outbox.owns(node):
+            return self._outbox.attributes(node)
         return attributes_of(node, self._uid, self._gid, self._start)
 
     async def lookup(self, parent_ino: int, name: str) -> Attributes:
         if name in (".", ".."):
             raise NotFoundError(name)
-        node = await self._ns.lookup(self._ns.inodes.get(parent_ino), name)
+        parent = self._ns.inodes.get(parent_ino)
+        if self._outbox is None:
+            node = await self._ns.lookup(parent, name)
+        elif parent_ino == ROOT_INODE and name == OUTBOX_DIR:
+            node = self._outbox.root()
+        elif self._outbox.owns(parent):
+            node = await self._outbox.lookup(parent, name)
+        else:
+            node = await self._ns.lookup(parent, name)
         self._ns.inodes.remember(node.ino)
         return self.attributes(node)
 
@@ -109,7 +123,12 @@ class Filesystem:
 
     async def opendir(self, ino: int) -> int:
         node = self._ns.inodes.get(ino)
-        entries = await self._ns.list_dir(node)
+        if self._outbox is not None and self._outbox.owns(node):
+            entries = await self._outbox.list_dir(node)
+        else:
+            entries = await self._ns.list_dir(node)
+            if ino == ROOT_INODE and self._outbox is not None:
+                entries.insert(0, (OUTBOX_DIR, self._outbox.root()))
         return self._new_handle(_DirHandle(entries))
 
     def readdir(self, fh: int, start: int) -> Iterator[tuple[int, Entry]]:
@@ -127,6 +146,8 @@ class Filesystem:
     async def open(self, ino: int, write: bool, nonblocking: bool) -> tuple[int, bool, bool]:
         """Open a file; returns (handle, keep_cache, direct_io)."""
         node = self._ns.inodes.get(ino)
+        if self._outbox is not None and self._outbox.owns(node):
+            return self._new_handle(self._outbox.open(node, write)), False, False
         if write:
             raise ReadOnlyError(f"{node.label or node.did} is read-only (write only into .outbox)")
         if node.kind is NodeKind.CONTROL_FILE:
@@ -141,12 +162,16 @@ class Filesystem:
         handle = self._handles[fh]
         if isinstance(handle, _ControlHandle):
             return handle.content[offset : offset + size]
+        if isinstance(handle, OutboxHandle):
+            return self._outbox_tree().read(handle, offset, size)
         assert not isinstance(handle, _DirHandle)
         return await handle.read(offset, size)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
-        if handle is not None and not isinstance(handle, _DirHandle | _ControlHandle):
+        if isinstance(handle, OutboxHandle):
+            self._outbox_tree().release(handle)
+        elif handle is not None and not isinstance(handle, _DirHandle | _ControlHandle):
             await handle.close()
 
     def releasedir(self, fh: int) -> None:
@@ -156,12 +181,16 @@ class Filesystem:
 
     def listxattr(self, ino: int) -> list[str]:
         node = self._ns.inodes.get(ino)
+        if self._outbox is not None and self._outbox.owns(node):
+            return self._outbox.listxattr(node)
         if node.did is None:
             return []
         return list(_DID_XATTRS + (_FILE_XATTRS if node.kind is NodeKind.FILE else _COLLECTION_XATTRS))
 
     async def getxattr(self, ino: int, name: str) -> bytes:
         node = self._ns.inodes.get(ino)
+        if self._outbox is not None and self._outbox.owns(node):
+            return self._outbox.getxattr(node, name)
         if not name.startswith(_USER_NAMESPACE):
             # Security labels and POSIX ACLs do not exist here. EOPNOTSUPP (not ENODATA) lets `ls -l`
             # remember that for the whole mount after one call instead of asking twice per file.
@@ -191,13 +220,16 @@ class Filesystem:
             return str(self._content.cached_bytes(info))
         return self._content.state(info)
 
-    # -- writes (read-only outside the outbox) ---------------------------------------------
+    # -- writes (the outbox; read-only elsewhere) ---------------------------------------------
 
     async def setxattr(self, ino: int, name: str, value: bytes) -> None:
         """Requests, not writes: ``user.datalakefs.stage`` on a DID stages it by rule, and
-        ``CLEAR_CACHE_XATTR`` on the control directory clears the block cache; anything else is EROFS."""
+        ``CLEAR_CACHE_XATTR`` on the control directory clears the block cache; in the outbox, the
+        outbox's own (retry, cancel); anything else is EROFS."""
         node = self._ns.inodes.get(ino)
-        if node.kind is NodeKind.CONTROL_DIR and name == CLEAR_CACHE_XATTR:
+        if self._outbox is not None and self._outbox.owns(node):
+            await self._outbox.setxattr(node, name, value)
+        elif node.kind is NodeKind.CONTROL_DIR and name == CLEAR_CACHE_XATTR:
             await self._content.clear()
         elif name == STAGE_XATTR and self._stager is not None and node.info is not None:
             await self._stager.stage(node.info, value)
@@ -207,7 +239,61 @@ class Filesystem:
     def refuse_write(self, what: str) -> NoReturn:
         raise ReadOnlyError(f"{what}: the lake is read-only outside .outbox")
 
-    def _new_handle(self, handle: _DirHandle | _ControlHandle | OpenFile) -> int:
+    def _outbox_tree(self) -> OutboxTree:
+        if self._outbox is None:
+            self.refuse_write("write")
+        return self._outbox
+
+    def _outbox_node(self, ino: int, what: str) -> tuple[OutboxTree, Node]:
+        node = self._ns.inodes.get(ino)
+        if self._outbox is None or not self._outbox.owns(node):
+            self.refuse_write(what)
+        return self._outbox, node
+
+    async def mkdir(self, parent_ino: int, name: str) -> Attributes:
+        outbox, parent = self._outbox_node(parent_ino, "mkdir")
+        node = await outbox.mkdir(parent, name)
+        self._ns.inodes.remember(node.ino)
+        return self.attributes(node)
+
+    async def rmdir(self, parent_ino: int, name: str) -> None:
+        outbox, parent = self._outbox_node(parent_ino, "rmdir")
+        await outbox.rmdir(parent, name)
+
+    async def create(self, parent_ino: int, name: str) -> tuple[int, Attributes]:
+        outbox, parent = self._outbox_node(parent_ino, "create")
+        node, handle = outbox.create(parent, name)
+        self._ns.inodes.remember(node.ino)
+        return self._new_handle(handle), self.attributes(node)
+
+    async def unlink(self, parent_ino: int, name: str) -> None:
+        outbox, parent = self._outbox_node(parent_ino, "unlink")
+        await outbox.unlink(parent, name)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._handles[fh]
+        if not isinstance(handle, OutboxHandle) or not handle.write:
+            self.refuse_write("write")
+        return self._outbox_tree().write(handle, offset, data)
+
+    async def flush(self, fh: int) -> None:
+        """Every close() of a descriptor; for outbox files it commits (see fs/outbox.py)."""
+        handle = self._handles.get(fh)
+        if isinstance(handle, OutboxHandle):
+            await self._outbox_tree().flush(handle)
+
+    async def fsync(self, fh: int) -> None:
+        await self.flush(fh)
+
+    async def setattr(self, ino: int, size: int | None) -> Attributes:
+        """Only the size of outbox files can change (truncate); their other attributes are fixed
+        and requests to change them are accepted without effect, as on many network filesystems."""
+        outbox, node = self._outbox_node(ino, "setattr")
+        if size is not None:
+            await outbox.truncate(node, size)
+        return self.attributes(node)
+
+    def _new_handle(self, handle: _DirHandle | _ControlHandle | OutboxHandle | OpenFile) -> int:
         fh = next(self._next_fh)
         self._handles[fh] = handle
         return fh

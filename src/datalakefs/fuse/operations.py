@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.EOPNOTSUPP, errno.EROFS, errno.EAGAIN})
 
 
+def invalidate_entry(parent_ino: int, name: str) -> None:
+    """Tell the kernel that ``name`` left directory ``parent_ino`` (safe inside request handlers:
+    pyfuse3 queues it to its own thread)."""
+    pyfuse3.invalidate_entry_async(pyfuse3.InodeT(parent_ino), os.fsencode(name), ignore_enoent=True)
+
+
 @contextlib.contextmanager
 def _errors_as_errno(operation: str) -> Iterator[None]:
     try:
@@ -66,8 +72,8 @@ class FuseOperations(pyfuse3.Operations):
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = pyfuse3.InodeT(attrs.ino)
         entry.generation = 0
-        entry.entry_timeout = self._entry_timeout
-        entry.attr_timeout = self._attr_timeout
+        entry.entry_timeout = 0 if attrs.volatile else self._entry_timeout
+        entry.attr_timeout = 0 if attrs.volatile else self._attr_timeout
         entry.st_mode = pyfuse3.ModeT(attrs.mode)
         entry.st_nlink = attrs.nlink
         entry.st_uid = attrs.uid
@@ -125,6 +131,18 @@ class FuseOperations(pyfuse3.Operations):
         with _errors_as_errno("release"):
             await self._fs.release(fh)
 
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+        with _errors_as_errno("write"):
+            return self._fs.write(fh, off, buf)
+
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+        with _errors_as_errno("flush"):
+            await self._fs.flush(fh)
+
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+        with _errors_as_errno("fsync"):
+            await self._fs.fsync(fh)
+
     async def getxattr(
         self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
     ) -> bytes:
@@ -147,7 +165,7 @@ class FuseOperations(pyfuse3.Operations):
         stats.f_namemax = 255
         return stats
 
-    # Everything below would change the lake outside the outbox.
+    # Calls that change things: the filesystem allows them in the outbox only (EROFS elsewhere).
 
     async def setattr(
         self,
@@ -157,7 +175,8 @@ class FuseOperations(pyfuse3.Operations):
         fh: pyfuse3.FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        self._refuse("setattr")
+        with _errors_as_errno("setattr"):
+            return self._entry(await self._fs.setattr(inode, attr.st_size if fields.update_size else None))
 
     def _refuse(self, what: str) -> NoReturn:
         try:
@@ -171,20 +190,25 @@ class FuseOperations(pyfuse3.Operations):
 
     async def mkdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self._refuse("mkdir")
+        with _errors_as_errno("mkdir"):
+            return self._entry(await self._fs.mkdir(parent_inode, os.fsdecode(name)))
 
     async def create(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT,
                      flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        self._refuse("create")
+        with _errors_as_errno("create"):
+            fh, attrs = await self._fs.create(parent_inode, os.fsdecode(name))
+            return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh)), self._entry(attrs)
 
     async def unlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                      ctx: pyfuse3.RequestContext) -> None:
-        self._refuse("unlink")
+        with _errors_as_errno("unlink"):
+            await self._fs.unlink(parent_inode, os.fsdecode(name))
 
     async def rmdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                     ctx: pyfuse3.RequestContext) -> None:
-        self._refuse("rmdir")
+        with _errors_as_errno("rmdir"):
+            await self._fs.rmdir(parent_inode, os.fsdecode(name))
 
     async def rename(self, parent_inode_old: pyfuse3.InodeT, name_old: pyfuse3.FileNameT,
                      parent_inode_new: pyfuse3.InodeT, name_new: pyfuse3.FileNameT, flags: pyfuse3.FlagT,

@@ -32,10 +32,14 @@ class NodeKind(enum.Enum):
     QUERY_ROOT = "query-root"
     QUERY_SCOPE = "query-scope"
     QUERY_RESULT = "query-result"
+    OUTBOX_ROOT = "outbox-root"
+    OUTBOX_SCOPE = "outbox-scope"
+    OUTBOX_DATASET = "outbox-dataset"
+    OUTBOX_FILE = "outbox-file"
 
     @property
     def is_dir(self) -> bool:
-        return self not in (NodeKind.FILE, NodeKind.CONTROL_FILE)
+        return self not in (NodeKind.FILE, NodeKind.CONTROL_FILE, NodeKind.OUTBOX_FILE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -167,6 +167,11 @@ class Namespace:
         for key in [k for k in self._listings if k[1] == did]:
             self._listings.pop(key, None)
 
+    def forget_scope_listing(self, scope: str) -> None:
+        """Drop the cached list of ``scope``'s collections (the daemon created a dataset in it)."""
+        for key in [k for k in self._listings if k[0] is NodeKind.SCOPE and k[2] == scope]:
+            self._listings.pop(key, None)
+
     async def _query_node(self, parent: Node, component: str) -> Node:
         assert parent.scope is not None
         await self._catalogue.query(parent.scope, component)

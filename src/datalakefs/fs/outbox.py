@@ -1,0 +1,227 @@
+"""The ``/.outbox`` subtree as a filesystem: the one writable part of the mount (SPEC §5).
+
+Layout::
+
+    /.outbox/                      every visible scope of the lake
+    /.outbox/<scope>/              the datasets being filled (``mkdir`` creates one)
+    /.outbox/<scope>/<dataset>/    files being written or waiting for their upload
+
+Files are 0644 and directories 0755; attributes are never cached by the kernel (``volatile``): a
+file's size changes while it is written, and it leaves the outbox when its upload is done, which is
+also pushed to the kernel through the ``invalidate_entry`` callback the FUSE layer provides.
+
+Write calls: ``create``, ``write``, ``truncate``, ``flush`` (every ``close()``) and ``fsync`` commit
+the file durably (see outbox/service.py); ``unlink`` cancels its upload; ``rmdir`` removes an empty
+dataset directory. ``user.datalakefs.state`` reads the upload state, and writing ``retry`` or
+``cancel`` into it acts on the upload (what ``datalakefs outbox retry|cancel`` does).
+"""
+
+from __future__ import annotations
+
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from datalakefs.errors import AlreadyExistsError, InvalidNameError, NoAttributeError, NotFoundError, ReadOnlyError
+from datalakefs.fs.attributes import Attributes
+from datalakefs.model import DID
+from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
+from datalakefs.namespace.tree import Namespace
+from datalakefs.outbox.service import Outbox, OutboxFile
+
+OUTBOX_DIR = ".outbox"
+STATE_XATTR = "user.datalakefs.state"
+_DIR_MODE = stat.S_IFDIR | 0o755
+_FILE_MODE = stat.S_IFREG | 0o644
+
+#: ``invalidate_entry(parent_ino, name)``: tell the kernel a name is gone (set by the FUSE layer).
+EntryInvalidator = Callable[[int, str], None]
+
+
+@dataclass(slots=True)
+class OutboxHandle:
+    """An open outbox file."""
+
+    file: OutboxFile
+    write: bool
+
+
+class OutboxTree:
+    """Nodes and calls of ``/.outbox`` over the :class:`Outbox` service."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        namespace: Namespace,
+        visible_scopes: Callable[[], Awaitable[list[str]]],
+        uid: int,
+        gid: int,
+    ) -> None:
+        self._outbox = outbox
+        self._ns = namespace
+        self._visible_scopes = visible_scopes
+        self._uid = uid
+        self._gid = gid
+        self._start = time.time()
+        self.invalidate_entry: EntryInvalidator = lambda parent, name: None
+        outbox.add_listener(self._uploaded)
+
+    @property
+    def _inodes(self) -> InodeTable:
+        return self._ns.inodes
+
+    @staticmethod
+    def owns(node: Node) -> bool:
+        return node.kind in (NodeKind.OUTBOX_ROOT, NodeKind.OUTBOX_SCOPE, NodeKind.OUTBOX_DATASET,
+                             NodeKind.OUTBOX_FILE)
+
+    # -- nodes -------------------------------------------------------------------------------------
+
+    def root(self) -> Node:
+        return self._node(NodeKind.OUTBOX_ROOT, ROOT_INODE, OUTBOX_DIR)
+
+    def _scope(self, scope: str) -> Node:
+        return self._node(NodeKind.OUTBOX_SCOPE, self.root().ino, scope, scope)
+
+    def _dataset(self, scope: str, dataset: str) -> Node:
+        return self._node(NodeKind.OUTBOX_DATASET, self._scope(scope).ino, dataset, scope)
+
+    def _file(self, file: OutboxFile) -> Node:
+        parent = self._dataset(file.scope, file.dataset)
+        return self._node(NodeKind.OUTBOX_FILE, parent.ino, f"{file.dataset}/{file.name}", file.scope)
+
+    def _node(self, kind: NodeKind, parent: int, label: str, scope: str | None = None) -> Node:
+        return self._inodes.intern((kind, scope, label),
+                                   lambda ino: Node(ino, kind, parent, scope=scope, label=label))
+
+    def outbox_file(self, node: Node) -> OutboxFile:
+        if node.kind is not NodeKind.OUTBOX_FILE:
+            raise NotFoundError(f"inode {node.ino} is not an outbox file")
+        assert node.scope is not None
+        dataset, _, name = node.label.partition("/")
+        return self._outbox.file(node.scope, dataset, name)
+
+    def attributes(self, node: Node) -> Attributes:
+        if node.kind is NodeKind.OUTBOX_FILE:
+            file = self.outbox_file(node)
+            return Attributes(node.ino, _FILE_MODE, file.size, file.mtime, file.mtime, 1, self._uid, self._gid,
+                              volatile=True)
+        return Attributes(node.ino, _DIR_MODE, 0, self._start, self._start, 2, self._uid, self._gid, volatile=True)
+
+    # -- names -------------------------------------------------------------------------------------
+
+    async def lookup(self, parent: Node, name: str) -> Node:
+        if parent.kind is NodeKind.OUTBOX_ROOT:
+            if name in await self._visible_scopes():
+                return self._scope(name)
+        elif parent.kind is NodeKind.OUTBOX_SCOPE:
+            assert parent.scope is not None
+            if self._outbox.has_dataset(parent.scope, name):
+                return self._dataset(parent.scope, name)
+        elif parent.kind is NodeKind.OUTBOX_DATASET:
+            assert parent.scope is not None
+            return self._file(self._outbox.file(parent.scope, parent.label, name))
+        raise NotFoundError(f"{OUTBOX_DIR}: no {name!r} in {parent.label}")
+
+    async def list_dir(self, node: Node) -> list[tuple[str, Node]]:
+        if node.kind is NodeKind.OUTBOX_ROOT:
+            return [(scope, self._scope(scope)) for scope in await self._visible_scopes()]
+        assert node.scope is not None
+        if node.kind is NodeKind.OUTBOX_SCOPE:
+            return [(d, self._dataset(node.scope, d)) for d in self._outbox.datasets(node.scope)]
+        if node.kind is NodeKind.OUTBOX_DATASET:
+            return [(f.name, self._file(f)) for f in self._outbox.files(node.scope, node.label)]
+        raise NotFoundError(f"inode {node.ino} is not a directory")
+
+    # -- directories -------------------------------------------------------------------------------
+
+    async def mkdir(self, parent: Node, name: str) -> Node:
+        if parent.kind is NodeKind.OUTBOX_ROOT:
+            if name in await self._visible_scopes():
+                raise AlreadyExistsError(f"{OUTBOX_DIR}/{name}")
+            raise NotFoundError(f"{OUTBOX_DIR}/{name}: there is no scope {name!r} in the lake (scopes are made "
+                                "by the Rucio admins; datasets are made here, as .outbox/<scope>/<dataset>)")
+        if parent.kind is not NodeKind.OUTBOX_SCOPE:
+            raise InvalidNameError(f"{OUTBOX_DIR}: directories are .outbox/<scope>/<dataset>, no deeper")
+        assert parent.scope is not None
+        await self._outbox.make_dataset(parent.scope, name)
+        return self._dataset(parent.scope, name)
+
+    async def rmdir(self, parent: Node, name: str) -> None:
+        if parent.kind is not NodeKind.OUTBOX_SCOPE:
+            raise ReadOnlyError(f"{OUTBOX_DIR}: only dataset directories can be removed")
+        assert parent.scope is not None
+        await self._outbox.remove_dataset(parent.scope, name)
+
+    # -- files -------------------------------------------------------------------------------------
+
+    def create(self, parent: Node, name: str) -> tuple[Node, OutboxHandle]:
+        if parent.kind is not NodeKind.OUTBOX_DATASET:
+            raise ReadOnlyError(f"{OUTBOX_DIR}: files go into .outbox/<scope>/<dataset>/")
+        assert parent.scope is not None
+        file = self._outbox.create(parent.scope, parent.label, name)
+        self._outbox.open_for_writing(file)
+        return self._file(file), OutboxHandle(file, write=True)
+
+    def open(self, node: Node, write: bool) -> OutboxHandle:
+        file = self.outbox_file(node)
+        if write:
+            self._outbox.open_for_writing(file)
+        return OutboxHandle(file, write)
+
+    def write(self, handle: OutboxHandle, offset: int, data: bytes) -> int:
+        return self._outbox.write(handle.file, offset, data)
+
+    def read(self, handle: OutboxHandle, offset: int, size: int) -> bytes:
+        return self._outbox.read(handle.file, offset, size)
+
+    async def flush(self, handle: OutboxHandle) -> None:
+        """Every ``close()`` (and ``fsync()``): the bytes so far become durable and queued."""
+        if handle.write:
+            await self._outbox.commit(handle.file)
+
+    def release(self, handle: OutboxHandle) -> None:
+        if handle.write:
+            self._outbox.close_for_writing(handle.file)
+
+    async def truncate(self, node: Node, size: int) -> None:
+        await self._outbox.truncate(self.outbox_file(node), size)
+
+    async def unlink(self, parent: Node, name: str) -> None:
+        if parent.kind is not NodeKind.OUTBOX_DATASET:
+            raise ReadOnlyError(f"{OUTBOX_DIR}: only files in .outbox/<scope>/<dataset>/ can be removed")
+        assert parent.scope is not None
+        await self._outbox.cancel(self._outbox.file(parent.scope, parent.label, name))
+
+    # -- extended attributes -----------------------------------------------------------------------
+
+    def listxattr(self, node: Node) -> list[str]:
+        return [STATE_XATTR] if node.kind is NodeKind.OUTBOX_FILE else []
+
+    def getxattr(self, node: Node, name: str) -> bytes:
+        if name not in self.listxattr(node):
+            raise NoAttributeError(name)
+        return self.outbox_file(node).describe().encode()
+
+    async def setxattr(self, node: Node, name: str, value: bytes) -> None:
+        """``user.datalakefs.state`` = ``retry`` or ``cancel``: the control of ``datalakefs outbox``."""
+        if name != STATE_XATTR or node.kind is not NodeKind.OUTBOX_FILE:
+            raise ReadOnlyError(f"{name}: only {STATE_XATTR} of outbox files can be set")
+        file = self.outbox_file(node)
+        command = value.decode(errors="replace").strip()
+        if command == "retry":
+            await self._outbox.retry(file)
+        elif command == "cancel":
+            await self._outbox.cancel(file)
+            self.invalidate_entry(self._dataset(file.scope, file.dataset).ino, file.name)
+        else:
+            raise InvalidNameError(f"{STATE_XATTR}: write 'retry' or 'cancel', not {command!r}")
+
+    # -- after an upload ---------------------------------------------------------------------------
+
+    def _uploaded(self, file: OutboxFile) -> None:
+        """The file is in the lake now: drop the listings that miss it, and its outbox entry."""
+        self._ns.forget_listing(DID(file.scope, file.dataset))
+        self._ns.forget_scope_listing(file.scope)
+        self.invalidate_entry(self._dataset(file.scope, file.dataset).ino, file.name)

@@ -1,0 +1,417 @@
+"""The outbox service: files being written, their durable upload intents, and the uploader.
+
+Life of an outbox file (SPEC §5)::
+
+    create ──► writing ──close()/fsync()──► queued ──► uploading ──► done (leaves the outbox)
+                  ▲                           │  ▲          │
+                  └────── reopened ───────────┘  └─ retry ◄─┴──► failed: reason (stays visible)
+
+* ``writing`` lives in memory only: a file becomes an upload intent when a ``close()`` or ``fsync()``
+  made it durable (:meth:`Outbox.commit`: fsync of the spool file, then a journal commit). Only then
+  does the call return success.
+* The uploader runs at most ``upload_concurrency`` uploads, never one of a file that is open for
+  writing. A failure worth a retry (server, storage, credentials, quota) requeues the file with
+  exponential backoff and the reason visible; a conflict (the DID exists with other content) or a
+  name the catalogue refuses fails it until ``retry``.
+* After a restart every journal row is queued again; the uploader's steps are idempotent
+  (catalogue/rucio_upload.py), so a resumed upload neither duplicates nor overwrites.
+
+Everything here runs on the trio thread; fsyncs, journal commits, checksum passes and the upload
+itself run in worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from datalakefs.catalogue.cached import CachedCatalogue
+from datalakefs.catalogue.upload import SpoolChangedError, UploadConflictError, Uploader, UploadJob
+from datalakefs.errors import (
+    AlreadyExistsError,
+    BusyError,
+    DatalakeError,
+    InvalidNameError,
+    NotEmptyError,
+    NotFoundError,
+)
+from datalakefs.model import DID
+from datalakefs.outbox.journal import Journal, Record, State, transition_hook
+from datalakefs.outbox.spool import SpoolFile, file_adler32
+
+log = logging.getLogger(__name__)
+
+#: Retry delays: 1 s, 2 s, 4 s ... capped at 5 minutes.
+BACKOFF_BASE: Final = 1.0
+BACKOFF_CAP: Final = 300.0
+
+WRITING: Final = "writing"
+DONE: Final = "done"
+
+
+@dataclass(eq=False)
+class OutboxFile:
+    """One file of the outbox, as the filesystem and the uploader see it."""
+
+    scope: str
+    dataset: str
+    name: str
+    spool: SpoolFile
+    upload_id: int | None = None
+    adler32: str | None = None
+    state: str = WRITING
+    error: str = ""
+    attempts: int = 0
+    writers: int = 0
+    dirty: bool = True
+    version: int = 0
+    mtime: float = field(default_factory=time.time)
+    next_try: float = 0.0
+    removed: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.spool.size
+
+    @property
+    def did(self) -> DID:
+        return DID(self.scope, self.name)
+
+    def describe(self) -> str:
+        """``user.datalakefs.state``: queued, uploading, done, failed: reason (and the last error)."""
+        if self.state == State.FAILED.value:
+            return f"failed: {self.error}"
+        if self.state == State.QUEUED.value and self.error:
+            return f"queued (attempt {self.attempts + 1} after: {self.error})"
+        return self.state
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "dataset": self.dataset,
+            "name": self.name,
+            "path": f"{self.scope}/{self.dataset}/{self.name}",
+            "size": self.size,
+            "state": self.state,
+            "error": self.error,
+            "attempts": self.attempts,
+        }
+
+
+UploadListener = Callable[[OutboxFile], None]
+
+
+class Outbox:
+    """The outbox of one mount (see the module doc). Used from the trio thread only."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        uploader: Uploader,
+        catalogue: CachedCatalogue,
+        spool_dir: Path,
+        *,
+        concurrency: int = 4,
+        reserve: int = 0,
+    ) -> None:
+        self._journal = journal
+        self._uploader = uploader
+        self._catalogue = catalogue
+        self._spool_dir = spool_dir
+        self._concurrency = max(1, concurrency)
+        self._reserve = reserve
+        self._files: dict[tuple[str, str], OutboxFile] = {}  # (scope, name) → file
+        self._datasets: set[tuple[str, str]] = set(journal.datasets())
+        self._listeners: list[UploadListener] = []
+        self._in_flight = 0
+        self._uploaded = 0
+        self._wake = trio.Event()
+        self._resume(journal.uploads())
+
+    def _resume(self, records: list[Record]) -> None:
+        """Queue every journal row again and drop spool files that were never committed."""
+        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        for record in records:
+            spool = SpoolFile(self._spool_dir / record.spool, self._reserve)
+            state = record.state.value
+            # a file reopened and being rewritten at the crash differs from its last commit
+            adler32 = record.adler32 if spool.size == record.size else None
+            self._files[(record.scope, record.name)] = OutboxFile(
+                record.scope, record.dataset, record.name, spool, record.id, adler32, state,
+                record.error, record.attempts, dirty=False, mtime=record.updated,
+            )
+            self._datasets.add((record.scope, record.dataset))
+        known = {f.spool.name for f in self._files.values()}
+        for path in self._spool_dir.glob("*.spool"):
+            if path.name not in known:
+                log.info("event=outbox-orphan-removed spool=%s reason=never-committed", path.name)
+                path.unlink()
+        if records:
+            log.info("event=outbox-resume uploads=%d", len(records))
+
+    def close(self) -> None:
+        """Release the journal (the daemon is ending; in-flight uploads resume at the next start)."""
+        self._journal.close()
+
+    def add_listener(self, listener: UploadListener) -> None:
+        """``listener(file)`` runs on the trio thread after ``file`` was uploaded and left the outbox."""
+        self._listeners.append(listener)
+
+    # -- the tree ----------------------------------------------------------------------------------
+
+    def scopes(self) -> list[str]:
+        return sorted({scope for scope, _ in self._datasets})
+
+    def datasets(self, scope: str) -> list[str]:
+        return sorted(dataset for s, dataset in self._datasets if s == scope)
+
+    def has_dataset(self, scope: str, dataset: str) -> bool:
+        return (scope, dataset) in self._datasets
+
+    def files(self, scope: str, dataset: str) -> list[OutboxFile]:
+        return sorted((f for f in self._files.values() if f.scope == scope and f.dataset == dataset),
+                      key=lambda f: f.name)
+
+    def file(self, scope: str, dataset: str, name: str) -> OutboxFile:
+        found = self._files.get((scope, name))
+        if found is None or found.dataset != dataset:
+            raise NotFoundError(f".outbox/{scope}/{dataset}/{name}")
+        return found
+
+    async def make_dataset(self, scope: str, dataset: str) -> None:
+        """mkdir ``.outbox/<scope>/<dataset>``: the scope must exist, the name must be valid."""
+        if (scope, dataset) in self._datasets:
+            raise AlreadyExistsError(f".outbox/{scope}/{dataset}")
+        self._uploader.check_name(dataset)
+        if scope not in await self._catalogue.list_scopes():
+            raise NotFoundError(f"scope {scope!r} does not exist in the catalogue: ask its admin to add it")
+        await trio.to_thread.run_sync(self._journal.add_dataset, scope, dataset)
+        self._datasets.add((scope, dataset))
+
+    async def remove_dataset(self, scope: str, dataset: str) -> None:
+        if (scope, dataset) not in self._datasets:
+            raise NotFoundError(f".outbox/{scope}/{dataset}")
+        if self.files(scope, dataset):
+            raise NotEmptyError(f".outbox/{scope}/{dataset} still holds files waiting for upload")
+        await trio.to_thread.run_sync(self._journal.remove_dataset, scope, dataset)
+        self._datasets.discard((scope, dataset))
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def create(self, scope: str, dataset: str, name: str) -> OutboxFile:
+        """A new, empty file being written (not yet an upload intent)."""
+        if (scope, dataset) not in self._datasets:
+            raise NotFoundError(f".outbox/{scope}/{dataset}")
+        self._uploader.check_name(name)
+        other = self._files.get((scope, name))
+        if other is not None:
+            raise AlreadyExistsError(
+                f"{scope}:{name} is already waiting in .outbox/{scope}/{other.dataset}: one DID, one file"
+            )
+        created = OutboxFile(scope, dataset, name, SpoolFile.create(self._spool_dir, self._reserve))
+        self._files[(scope, name)] = created
+        return created
+
+    def open_for_writing(self, file: OutboxFile) -> None:
+        if file.state == State.UPLOADING.value:
+            raise BusyError(f"{file.scope}:{file.name} is being uploaded")
+        file.writers += 1
+
+    def write(self, file: OutboxFile, offset: int, data: bytes) -> int:
+        self._check_changeable(file)
+        written = file.spool.write(offset, data)
+        file.dirty = True
+        file.version += 1
+        file.mtime = time.time()
+        return written
+
+    async def truncate(self, file: OutboxFile, size: int) -> None:
+        """``truncate``/``ftruncate``; without an open writer (truncate(2) of a path) nothing else
+        would commit the change, so it is committed at once."""
+        self._check_changeable(file)
+        if size != file.size:
+            file.spool.truncate(size)
+            file.dirty = True
+            file.version += 1
+            file.mtime = time.time()
+        if file.writers == 0:
+            await self.commit(file)
+            file.spool.close()
+
+    async def commit(self, file: OutboxFile) -> None:
+        """Make the file's current bytes and its upload intent durable (close/fsync)."""
+        if file.removed or not file.dirty:
+            return
+        size, adler32, version = file.size, file.spool.adler32, file.version
+        await trio.to_thread.run_sync(file.spool.durable)
+        upload_id = await trio.to_thread.run_sync(
+            self._journal.commit, file.scope, file.dataset, file.name, file.spool.name, size, adler32
+        )
+        if file.removed:  # removed while the commit ran: the intent goes too
+            await trio.to_thread.run_sync(self._journal.remove, upload_id)
+            return
+        file.upload_id, file.adler32 = upload_id, adler32
+        file.dirty = file.version != version  # written again while the commit ran
+        file.state, file.error, file.attempts, file.next_try = State.QUEUED.value, "", 0, 0.0
+        self._wake.set()
+
+    def close_for_writing(self, file: OutboxFile) -> None:
+        file.writers -= 1
+        if file.writers == 0:
+            file.spool.close()
+            if file.removed:
+                file.spool.delete()
+            elif file.upload_id is None:
+                # every close() commits, so an uncommitted file here had its flush fail: it was never
+                # acknowledged, and without a writer nothing will ever commit it
+                self._drop(file)
+            self._wake.set()
+
+    def read(self, file: OutboxFile, offset: int, size: int) -> bytes:
+        return file.spool.read(offset, size)
+
+    def _check_changeable(self, file: OutboxFile) -> None:
+        if file.state == State.UPLOADING.value:
+            raise BusyError(f"{file.scope}:{file.name} is being uploaded")
+
+    # -- control -----------------------------------------------------------------------------------
+
+    async def cancel(self, file: OutboxFile) -> None:
+        """``rm`` of an outbox file: a queued, failed or unfinished upload is dropped with its bytes."""
+        self._check_changeable(file)
+        if file.upload_id is not None:
+            await trio.to_thread.run_sync(self._journal.remove, file.upload_id)
+        self._drop(file)
+        log.info("event=outbox-cancelled did=%s", file.did)
+
+    async def retry(self, file: OutboxFile) -> None:
+        """Queue a failed (or backing-off) upload again now."""
+        if file.upload_id is None or file.state == State.UPLOADING.value:
+            return
+        await trio.to_thread.run_sync(self._journal.set_state, file.upload_id, State.QUEUED)
+        file.state, file.error, file.attempts, file.next_try = State.QUEUED.value, "", 0, 0.0
+        self._wake.set()
+
+    def _drop(self, file: OutboxFile) -> None:
+        file.removed = True
+        if self._files.get((file.scope, file.name)) is file:
+            del self._files[(file.scope, file.name)]
+        if file.writers == 0:
+            file.spool.delete()
+
+    # -- visibility --------------------------------------------------------------------------------
+
+    def listing(self) -> list[dict[str, Any]]:
+        return [f.as_dict() for f in sorted(self._files.values(), key=lambda f: (f.scope, f.dataset, f.name))]
+
+    def summary(self) -> dict[str, int]:
+        counts = {WRITING: 0, State.QUEUED.value: 0, State.UPLOADING.value: 0, State.FAILED.value: 0}
+        pending_bytes = 0
+        for f in self._files.values():
+            counts[f.state] += 1
+            pending_bytes += f.size
+        return {**counts, "pending_bytes": pending_bytes, "uploaded": self._uploaded}
+
+    def pending(self) -> int:
+        """Committed uploads that have not finished."""
+        return sum(1 for f in self._files.values() if f.upload_id is not None)
+
+    # -- the uploader ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as uploads:
+            task_status.started()
+            while True:
+                self._wake = trio.Event()
+                now = trio.current_time()
+                for file in self._ready(now):
+                    if self._in_flight >= self._concurrency:
+                        break
+                    file.state = State.UPLOADING.value
+                    self._in_flight += 1
+                    uploads.start_soon(self._upload, file)
+                with trio.move_on_at(self._next_retry(now)):
+                    await self._wake.wait()
+
+    def _ready(self, now: float) -> list[OutboxFile]:
+        return [f for f in self._files.values()
+                if f.state == State.QUEUED.value and f.writers == 0 and f.next_try <= now and not f.dirty]
+
+    def _next_retry(self, now: float) -> float:
+        waiting = [f.next_try for f in self._files.values() if f.state == State.QUEUED.value and f.next_try > now]
+        return min(waiting, default=now + 3600.0)
+
+    async def _upload(self, file: OutboxFile) -> None:
+        assert file.upload_id is not None
+        try:
+            adler32 = await self._checksum(file)
+            await trio.to_thread.run_sync(self._journal.set_state, file.upload_id, State.UPLOADING, "", adler32)
+            job = UploadJob(file.scope, file.dataset, file.name, file.spool.path, file.size, adler32)
+            log.info("event=upload-start did=%s dataset=%s bytes=%d", file.did, file.dataset, file.size)
+            stored = await trio.to_thread.run_sync(self._uploader.upload, job, _step_hook, abandon_on_cancel=True)
+        except (UploadConflictError, InvalidNameError) as exc:
+            await self._fail(file, str(exc))
+        except SpoolChangedError as exc:
+            file.adler32 = None
+            await self._requeue(file, str(exc))
+        except DatalakeError as exc:
+            await self._requeue(file, str(exc))
+        except OSError as exc:  # the spool file itself (HTTP errors arrive as DatalakeErrors)
+            await self._fail(file, f"spool file {file.spool.path} unreadable: {exc.strerror or exc}")
+        except Exception as exc:
+            log.exception("event=upload-bug did=%s", file.did)
+            await self._requeue(file, f"{type(exc).__name__}: {exc}")
+        else:
+            await trio.to_thread.run_sync(self._journal.finish, file.upload_id)
+            self._finished(file, stored)
+        finally:
+            self._in_flight -= 1
+            self._wake.set()
+
+    async def _checksum(self, file: OutboxFile) -> str:
+        """The journal's adler32, or one pass over the spool file when writes were not sequential."""
+        if file.adler32:
+            return file.adler32
+        size, adler32 = await trio.to_thread.run_sync(file_adler32, file.spool.path)
+        if size != file.size:
+            raise DatalakeError(f"spool file of {file.did} has {size} bytes, the journal says {file.size}")
+        file.adler32 = adler32
+        return adler32
+
+    async def _fail(self, file: OutboxFile, reason: str) -> None:
+        assert file.upload_id is not None
+        log.warning("event=upload-failed did=%s reason=%s", file.did, reason)
+        await trio.to_thread.run_sync(self._journal.set_state, file.upload_id, State.FAILED, reason)
+        file.state, file.error = State.FAILED.value, reason
+
+    async def _requeue(self, file: OutboxFile, reason: str) -> None:
+        assert file.upload_id is not None
+        file.attempts += 1
+        delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (file.attempts - 1))
+        log.warning("event=upload-retry did=%s attempt=%d in_s=%.0f reason=%s", file.did, file.attempts, delay,
+                    reason)
+        await trio.to_thread.run_sync(self._journal.set_state, file.upload_id, State.QUEUED, reason)
+        file.state, file.error, file.next_try = State.QUEUED.value, reason, trio.current_time() + delay
+
+    def _finished(self, file: OutboxFile, stored: bool) -> None:
+        log.info("event=upload-done did=%s dataset=%s bytes=%d transferred=%s", file.did, file.dataset,
+                 file.size, stored)
+        file.state, file.error = DONE, ""
+        self._uploaded += 1
+        del self._files[(file.scope, file.name)]
+        file.removed = True
+        file.spool.delete()
+        self._catalogue.invalidate(file.did)
+        self._catalogue.invalidate_collection(DID(file.scope, file.dataset))
+        for listener in self._listeners:
+            listener(file)
+
+
+def _step_hook(step: str) -> None:
+    transition_hook(f"upload-{step}")

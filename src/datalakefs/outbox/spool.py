@@ -1,0 +1,146 @@
+"""Spool files: the local copies of outbox files, written by the kernel's WRITE requests.
+
+A spool file is a plain file in the spool directory, named by a random token (the DID name lives in
+the journal). Writes are ``pwrite`` on the trio thread, like cache hits are served with ``pread``:
+local disk, no network. While a file is written strictly sequentially its adler32 is kept running
+(zlib-ng: ~30 µs per MiB), so a sequentially written file needs no second pass before its upload;
+any other write (a hole, an overwrite, a truncate) drops the running checksum and the uploader
+computes it from the spool file in a worker thread.
+
+``durable()`` fsyncs the file; the caller then commits the intent to the journal. ``ENOSPC`` (a full
+disk, or less than ``reserve`` bytes left) is raised as :class:`SpoolFullError` before any byte is
+written, so a writer never believes bytes were stored that were not.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from pathlib import Path
+
+from zlib_ng import zlib_ng
+
+from datalakefs.errors import SpoolFullError
+
+_READ_CHUNK = 4 << 20
+
+
+def adler32_hex(value: int) -> str:
+    return f"{value & 0xFFFFFFFF:08x}"
+
+
+def file_adler32(path: Path) -> tuple[int, str]:
+    """Size and adler32 of a file, read in large chunks (blocking: worker threads)."""
+    value = 1
+    size = 0
+    with open(path, "rb", buffering=0) as fh:
+        while chunk := fh.read(_READ_CHUNK):
+            value = zlib_ng.adler32(chunk, value)
+            size += len(chunk)
+    return size, adler32_hex(value)
+
+
+class SpoolFile:
+    """One spool file and its running checksum. Used from the trio thread only."""
+
+    def __init__(self, path: Path, reserve: int) -> None:
+        self.path = path
+        self._reserve = reserve
+        self._fd: int | None = None
+        self._entry_durable = path.exists()
+        self.size = path.stat().st_size if path.exists() else 0
+        # the running adler32 covers bytes [0, _hashed); valid only while writes were sequential
+        self._adler = 1
+        self._hashed = 0
+        self._sequential = self.size == 0
+
+    @classmethod
+    def create(cls, directory: Path, reserve: int) -> SpoolFile:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{secrets.token_hex(12)}.spool"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        spool = cls(path, reserve)
+        spool._fd = fd
+        spool._entry_durable = False
+        return spool
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def adler32(self) -> str | None:
+        """The file's adler32 when the running checksum covers the whole file."""
+        if self._sequential and self._hashed == self.size:
+            return adler32_hex(self._adler)
+        return None
+
+    def _handle(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR)
+        return self._fd
+
+    def write(self, offset: int, data: bytes) -> int:
+        self._check_space(offset, len(data))
+        try:
+            written = os.pwrite(self._handle(), data, offset)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFullError(f"spool disk full writing {self.path.name}") from exc
+            raise
+        if self._sequential and offset == self._hashed:
+            self._adler = zlib_ng.adler32(data[:written], self._adler)
+            self._hashed += written
+        else:
+            self._sequential = False
+        if written:
+            self.size = max(self.size, offset + written)
+        return written
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self._handle(), size, offset)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self._handle(), size)
+        if size == 0:
+            self._adler, self._hashed, self._sequential = 1, 0, True
+        elif size != self._hashed:
+            self._sequential = False
+        self.size = size
+
+    def durable(self) -> None:
+        """fsync the file, and the first time its directory entry too (blocking: call from a worker
+        thread). ENOSPC/EIO surface here too."""
+        try:
+            os.fsync(self._handle())
+            if not self._entry_durable:
+                directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+                self._entry_durable = True
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFullError(f"spool disk full flushing {self.path.name}") from exc
+            raise
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def delete(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+    def _check_space(self, offset: int, length: int) -> None:
+        growth = offset + length - self.size
+        if growth <= 0:
+            return
+        stats = os.statvfs(self.path.parent)
+        if stats.f_bavail * stats.f_frsize - growth < self._reserve:
+            raise SpoolFullError(
+                f"spool disk {self.path.parent} has less than spool_reserve={self._reserve} bytes free"
+            )

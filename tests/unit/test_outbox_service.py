@@ -1,0 +1,229 @@
+"""The outbox service over a fake uploader: commit, upload, retries, failures, cancel, resume."""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from datalakefs.catalogue.cached import CachedCatalogue
+from datalakefs.catalogue.fake import FakeCatalogue
+from datalakefs.catalogue.rucio_upload import check_did_name
+from datalakefs.catalogue.upload import StepHook, UploadConflictError, UploadJob
+from datalakefs.config import Config
+from datalakefs.errors import (
+    AlreadyExistsError,
+    BusyError,
+    CatalogueUnavailableError,
+    DatalakeError,
+    InvalidNameError,
+    NotEmptyError,
+    NotFoundError,
+)
+from datalakefs.outbox.journal import Journal, JournalInUseError
+from datalakefs.outbox.service import Outbox, OutboxFile
+
+
+def _adler(data: bytes) -> str:
+    return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
+
+
+class FakeUploader:
+    """Stores uploads in a dict; can fail the next calls or hold them until released."""
+
+    def __init__(self) -> None:
+        self.lake: dict[tuple[str, str], tuple[str, bytes]] = {}
+        self.failures: list[DatalakeError] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls = 0
+
+    def check_name(self, name: str) -> None:
+        check_did_name(name)
+
+    def upload(self, job: UploadJob, step: StepHook) -> bool:
+        self.calls += 1
+        self.gate.wait(30)
+        if self.failures:
+            raise self.failures.pop(0)
+        data = job.path.read_bytes()
+        assert (len(data), _adler(data)) == (job.size, job.adler32)
+        existing = self.lake.get((job.scope, job.name))
+        if existing is not None and existing[1] != data:
+            raise UploadConflictError(f"{job.scope}:{job.name} exists with other content")
+        self.lake[(job.scope, job.name)] = (job.dataset, data)
+        return existing is None
+
+
+@pytest.fixture
+def catalogue() -> CachedCatalogue:
+    fake = FakeCatalogue()
+    fake.add_scope("user.x")
+    return CachedCatalogue(fake, Config())
+
+
+@pytest.fixture
+def uploader() -> FakeUploader:
+    return FakeUploader()
+
+
+@pytest.fixture
+def make(tmp_path: Path, catalogue: CachedCatalogue, uploader: FakeUploader) -> Callable[[], Outbox]:
+    def build() -> Outbox:
+        return Outbox(Journal(tmp_path / "journal.sqlite"), uploader, catalogue, tmp_path / "spool", concurrency=2)
+    return build
+
+
+@pytest.fixture
+async def running(make: Callable[[], Outbox]) -> AsyncIterator[Outbox]:
+    outbox = make()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        yield outbox
+        nursery.cancel_scope.cancel()
+
+
+async def _write(outbox: Outbox, name: str, data: bytes, dataset: str = "ds") -> OutboxFile:
+    if not outbox.has_dataset("user.x", dataset):
+        await outbox.make_dataset("user.x", dataset)
+    file = outbox.create("user.x", dataset, name)
+    outbox.open_for_writing(file)
+    outbox.write(file, 0, data)
+    await outbox.commit(file)
+    outbox.close_for_writing(file)
+    return file
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll: the states under test change in worker threads and in the uploader's tasks."""
+    with trio.fail_after(20):
+        while not condition():  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+async def test_a_closed_file_is_uploaded_and_leaves_the_outbox(running: Outbox, uploader: FakeUploader) -> None:
+    left: list[OutboxFile] = []
+    running.add_listener(left.append)
+    file = await _write(running, "a.dat", b"hello")
+    await _until(lambda: bool(left))
+    assert left == [file] and file.describe() == "done"
+    assert uploader.lake[("user.x", "a.dat")] == ("ds", b"hello")
+    assert running.files("user.x", "ds") == [] and not file.spool.path.exists()
+    assert running.summary()["uploaded"] == 1
+
+
+async def test_no_upload_while_a_writer_has_it_open(running: Outbox, uploader: FakeUploader) -> None:
+    await running.make_dataset("user.x", "ds")
+    file = running.create("user.x", "ds", "b.dat")
+    running.open_for_writing(file)
+    running.write(file, 0, b"part one")
+    await running.commit(file)  # fsync: durable and queued, but still open
+    assert file.state == "queued"
+    await trio.sleep(0.2)
+    assert uploader.calls == 0
+    running.write(file, 8, b", part two")
+    await running.commit(file)
+    running.close_for_writing(file)
+    await _until(lambda: ("user.x", "b.dat") in uploader.lake)
+    assert uploader.lake[("user.x", "b.dat")][1] == b"part one, part two"
+
+
+async def test_random_writes_get_their_checksum_computed(running: Outbox, uploader: FakeUploader) -> None:
+    await running.make_dataset("user.x", "ds")
+    file = running.create("user.x", "ds", "c.dat")
+    running.open_for_writing(file)
+    running.write(file, 100, b"tail")
+    running.write(file, 0, b"head")
+    await running.truncate(file, 50)
+    await running.commit(file)
+    running.close_for_writing(file)
+    await _until(lambda: ("user.x", "c.dat") in uploader.lake)
+    assert uploader.lake[("user.x", "c.dat")][1] == b"head" + b"\0" * 46
+
+
+async def test_a_transient_failure_is_retried_with_the_reason_visible(running: Outbox, uploader: FakeUploader) -> None:
+    uploader.failures.append(CatalogueUnavailableError("rucio server down"))
+    file = await _write(running, "d.dat", b"x")
+    await _until(lambda: file.error != "")
+    assert file.describe() == "queued (attempt 2 after: rucio server down)"
+    await _until(lambda: ("user.x", "d.dat") in uploader.lake)
+
+
+async def test_a_conflict_fails_visibly_until_retried(running: Outbox, uploader: FakeUploader) -> None:
+    uploader.lake[("user.x", "e.dat")] = ("other", b"theirs")
+    file = await _write(running, "e.dat", b"ours")
+    await _until(lambda: file.state == "failed")
+    assert file.describe().startswith("failed: user.x:e.dat exists")
+    assert running.summary()["failed"] == 1
+    del uploader.lake[("user.x", "e.dat")]
+    await running.retry(file)
+    await _until(lambda: ("user.x", "e.dat") in uploader.lake)
+
+
+async def test_cancel_drops_the_intent_and_the_bytes(running: Outbox, uploader: FakeUploader) -> None:
+    uploader.failures.extend([CatalogueUnavailableError("down")] * 3)
+    file = await _write(running, "f.dat", b"x")
+    await _until(lambda: file.error != "")
+    await running.cancel(file)
+    assert not file.spool.path.exists() and running.listing() == []
+    await trio.sleep(1.5)
+    assert ("user.x", "f.dat") not in uploader.lake
+
+
+async def test_busy_while_uploading(running: Outbox, uploader: FakeUploader) -> None:
+    uploader.gate.clear()
+    file = await _write(running, "g.dat", b"x")
+    await _until(lambda: file.state == "uploading")
+    with pytest.raises(BusyError):
+        running.open_for_writing(file)
+    with pytest.raises(BusyError):
+        await running.cancel(file)
+    uploader.gate.set()
+    await _until(lambda: file.state == "done")
+
+
+async def test_a_restart_resumes_committed_files_and_forgets_the_rest(
+    make: Callable[[], Outbox], uploader: FakeUploader, tmp_path: Path
+) -> None:
+    first = make()
+    await _write(first, "h.dat", b"committed")
+    unfinished = first.create("user.x", "ds", "i.dat")
+    first.open_for_writing(unfinished)
+    first.write(unfinished, 0, b"never closed")
+    with pytest.raises(JournalInUseError):
+        make()  # a second daemon for the same mount point is refused while the first lives
+    first.close()  # the process dies here: a new service over the same journal and spool
+    second = make()
+    assert [f["name"] for f in second.listing()] == ["h.dat"]
+    assert not unfinished.spool.path.exists()
+    assert second.datasets("user.x") == ["ds"]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.run)
+        await _until(lambda: ("user.x", "h.dat") in uploader.lake)
+        nursery.cancel_scope.cancel()
+    assert ("user.x", "i.dat") not in uploader.lake
+
+
+async def test_names_scopes_and_directories(running: Outbox) -> None:
+    with pytest.raises(NotFoundError):
+        await running.make_dataset("no.such.scope", "ds")
+    with pytest.raises(InvalidNameError):
+        await running.make_dataset("user.x", "bad name")
+    await _write(running, "j.dat", b"x", dataset="ds1")
+    await running.make_dataset("user.x", "ds2")
+    with pytest.raises(AlreadyExistsError):
+        await running.make_dataset("user.x", "ds2")
+    for bad in (".hidden", "a b", "x" * 251):
+        with pytest.raises(InvalidNameError):
+            running.create("user.x", "ds2", bad)
+    with pytest.raises(AlreadyExistsError):
+        running.create("user.x", "ds2", "j.dat")  # one DID, one outbox file
+    await _until(lambda: running.files("user.x", "ds1") == [])
+    await running.remove_dataset("user.x", "ds1")
+    running.create("user.x", "ds2", "k.dat")
+    with pytest.raises(NotEmptyError):
+        await running.remove_dataset("user.x", "ds2")

@@ -1,0 +1,86 @@
+"""Spool files: fsx-style random writes and truncates against an in-memory model; checksums; ENOSPC."""
+
+from __future__ import annotations
+
+import random
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from datalakefs.errors import SpoolFullError
+from datalakefs.outbox.spool import SpoolFile, file_adler32
+
+
+def _adler(data: bytes) -> str:
+    return f"{zlib.adler32(data) & 0xFFFFFFFF:08x}"
+
+
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("write"), st.integers(0, 3 << 20), st.integers(0, 300_000)),
+        st.tuples(st.just("append"), st.just(0), st.integers(0, 1 << 20)),
+        st.tuples(st.just("truncate"), st.integers(0, 3 << 20), st.just(0)),
+        st.tuples(st.just("read"), st.integers(0, 3 << 20), st.integers(0, 1 << 20)),
+        st.tuples(st.just("reopen"), st.just(0), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(operations=OPERATIONS, seed=st.integers(0, 2**32))
+def test_random_operations_match_a_model(tmp_path_factory: pytest.TempPathFactory,
+                                         operations: list[tuple[str, int, int]], seed: int) -> None:
+    rng = random.Random(seed)
+    spool = SpoolFile.create(tmp_path_factory.mktemp("spool"), reserve=0)
+    model = bytearray()
+    for kind, offset, size in operations:
+        if kind in ("write", "append"):
+            start = len(model) if kind == "append" else offset
+            data = rng.randbytes(size)
+            assert spool.write(start, data) == size
+            if size:  # an empty write does not extend a file
+                model.extend(b"\0" * max(0, start + size - len(model)))
+                model[start : start + size] = data
+        elif kind == "truncate":
+            spool.truncate(offset)
+            del model[offset:]
+            model.extend(b"\0" * (offset - len(model)))
+        elif kind == "read":
+            assert spool.read(offset, size) == bytes(model[offset : offset + size])
+        else:
+            spool.durable()
+            spool.close()
+        assert spool.size == len(model)
+        if spool.adler32 is not None:  # when known, the running checksum is right
+            assert spool.adler32 == _adler(bytes(model))
+    spool.close()
+    assert spool.path.read_bytes() == bytes(model)
+    assert file_adler32(spool.path) == (len(model), _adler(bytes(model)))
+
+
+def test_sequential_writes_keep_a_running_checksum(tmp_path: Path) -> None:
+    spool = SpoolFile.create(tmp_path, reserve=0)
+    data = random.Random(1).randbytes(3_000_001)
+    for start in range(0, len(data), 131072):
+        spool.write(start, data[start : start + 131072])
+    assert spool.adler32 == _adler(data)
+    spool.write(10, b"x")  # an overwrite: the running checksum no longer covers the file
+    assert spool.adler32 is None
+    spool.truncate(0)
+    spool.write(0, b"abc")
+    assert spool.adler32 == _adler(b"abc")
+    spool.delete()
+    assert not spool.path.exists()
+
+
+def test_below_the_reserve_a_write_is_refused_before_any_byte_lands(tmp_path: Path) -> None:
+    spool = SpoolFile.create(tmp_path, reserve=1 << 62)
+    with pytest.raises(SpoolFullError) as raised:
+        spool.write(0, b"data")
+    assert raised.value.errno == 28
+    assert spool.size == 0 and spool.path.stat().st_size == 0
+    spool.delete()

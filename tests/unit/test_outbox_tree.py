@@ -1,0 +1,131 @@
+"""The /.outbox subtree through the Filesystem (no mount): names, attributes, write calls, xattrs."""
+
+from __future__ import annotations
+
+import errno
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+
+from datalakefs.catalogue.cached import CachedCatalogue
+from datalakefs.catalogue.fake import FakeCatalogue
+from datalakefs.catalogue.rucio_upload import check_did_name
+from datalakefs.catalogue.upload import StepHook, UploadJob
+from datalakefs.config import Config
+from datalakefs.errors import DatalakeError
+from datalakefs.fs.filesystem import Filesystem
+from datalakefs.fs.outbox import OutboxTree
+from datalakefs.namespace.inodes import ROOT_INODE, InodeTable
+from datalakefs.namespace.tree import Namespace
+from datalakefs.outbox.journal import Journal
+from datalakefs.outbox.service import Outbox
+
+
+class Uploader:
+    def __init__(self) -> None:
+        self.jobs: list[UploadJob] = []
+
+    def check_name(self, name: str) -> None:
+        check_did_name(name)
+
+    def upload(self, job: UploadJob, step: StepHook) -> bool:
+        self.jobs.append(job)
+        return True
+
+
+class _NoContent:
+    async def open(self, info: object, nonblocking: bool) -> None:
+        raise AssertionError("not read here")
+
+    def cached_bytes(self, info: object) -> int:
+        return 0
+
+    def state(self, info: object) -> str:
+        return ""
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]:
+    fake = FakeCatalogue()
+    fake.add_scope("user.x")
+    fake.add_scope("phys")
+    catalogue = CachedCatalogue(fake, Config())
+    uploader = Uploader()
+    outbox = Outbox(Journal(tmp_path / "journal.sqlite"), uploader, catalogue, tmp_path / "spool")
+    namespace = Namespace(catalogue, InodeTable())
+    tree = OutboxTree(outbox, namespace, catalogue.list_scopes, 1000, 1000)
+    invalidated: list[tuple[int, str]] = []
+    tree.invalidate_entry = lambda parent, name: invalidated.append((parent, name))
+    fs = Filesystem(namespace, catalogue, _NoContent(), {}, 1000, 1000, outbox=tree)  # type: ignore[arg-type]
+    return fs, outbox, uploader, invalidated
+
+
+async def _names(fs: Filesystem, ino: int) -> list[str]:
+    fh = await fs.opendir(ino)
+    try:
+        return [entry.name for _, entry in fs.readdir(fh, 0)]
+    finally:
+        fs.releasedir(fh)
+
+
+async def test_write_close_upload_and_leave(parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]) -> None:
+    fs, outbox, uploader, invalidated = parts
+    assert (await _names(fs, ROOT_INODE))[0] == ".outbox"
+    top = await fs.lookup(ROOT_INODE, ".outbox")
+    assert await _names(fs, top.ino) == ["phys", "user.x"]
+    scope = await fs.lookup(top.ino, "user.x")
+    dataset = await fs.mkdir(scope.ino, "ds")
+    assert stat.S_IMODE(dataset.mode) == 0o755 and dataset.volatile
+    fh, attrs = await fs.create(dataset.ino, "f.dat")
+    assert stat.S_IMODE(attrs.mode) == 0o644
+    assert fs.write(fh, 0, b"hello") == 5
+    assert (await fs.getattr(attrs.ino)).size == 5
+    assert await fs.read(fh, 1, 3) == b"ell"
+    assert await fs.getxattr(attrs.ino, "user.datalakefs.state") == b"writing"
+    await fs.flush(fh)
+    assert await fs.getxattr(attrs.ino, "user.datalakefs.state") == b"queued"
+    await fs.release(fh)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        with trio.fail_after(10):
+            while not invalidated:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert invalidated == [(dataset.ino, "f.dat")]
+    assert [job.name for job in uploader.jobs] == ["f.dat"]
+    assert await _names(fs, dataset.ino) == []
+
+
+async def test_truncate_unlink_and_refusals(parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]) -> None:
+    fs, outbox, _, _ = parts
+    top = await fs.lookup(ROOT_INODE, ".outbox")
+    scope = await fs.lookup(top.ino, "user.x")
+    dataset = await fs.mkdir(scope.ino, "ds")
+    fh, attrs = await fs.create(dataset.ino, "g.dat")
+    fs.write(fh, 0, b"0123456789")
+    assert (await fs.setattr(attrs.ino, 4)).size == 4
+    await fs.flush(fh)
+    await fs.release(fh)
+    await fs.setxattr(attrs.ino, "user.datalakefs.state", b"cancel")
+    assert await _names(fs, dataset.ino) == []
+    fh, attrs = await fs.create(dataset.ino, "h.dat")
+    await fs.release(fh)
+    assert await _names(fs, dataset.ino) == []  # a file whose close() never committed is dropped
+    expected = [
+        (fs.create(scope.ino, "direct.dat"), errno.EROFS),
+        (fs.mkdir(top.ino, "no.such.scope"), errno.ENOENT),
+        (fs.mkdir(top.ino, "phys"), errno.EEXIST),
+        (fs.mkdir(dataset.ino, "deeper"), errno.EINVAL),
+        (fs.create(dataset.ino, ".hidden"), errno.EINVAL),
+        (fs.mkdir(ROOT_INODE, "new"), errno.EROFS),
+        (fs.setxattr(dataset.ino, "user.datalakefs.state", b"retry"), errno.EROFS),
+    ]
+    for call, code in expected:
+        with pytest.raises(DatalakeError) as raised:
+            await call
+        assert raised.value.errno == code
+    await fs.rmdir(scope.ino, "ds")
+    assert await _names(fs, scope.ino) == []
+    assert outbox.listing() == []
