@@ -40,7 +40,8 @@ def test_status_table_json_and_metrics(lake: LakeStatus, new_mount: Callable[...
     assert mine["pid"] == mount.pid
     content = mine["status"]["content"]
     assert content["cache"]["used_bytes"] >= 1048577 and content["bytes_fetched"] >= 1048577
-    table = datalakefs("status", "--config", str(mount.config), "-o", state)
+    # only this mount: other sessions' mounts (a killed daemon's, say) must not decide the exit code
+    table = datalakefs("status", "--config", str(mount.config), "-o", state, str(mount.mountpoint))
     assert table.returncode == 0, table.stderr
     block = table.stdout.split(str(mount.mountpoint), 1)[1].split("\n\n")[0]
     assert f"pid {mount.pid}  up" in block

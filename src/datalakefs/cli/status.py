@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -217,6 +218,9 @@ def render_mount(record: Mapping[str, Any]) -> list[str]:
 def cmd_status(args: argparse.Namespace) -> int:
     config = load_config(args)
     mounts = collect(config.state_dir)
+    if args.mountpoints:
+        wanted = {os.path.abspath(m) for m in args.mountpoints}
+        mounts = [r for r in mounts if os.path.abspath(str(r["mountpoint"])) in wanted]
     if args.json:
         print(json.dumps({"mounts": mounts}, indent=1, sort_keys=True))
         return 0
@@ -231,5 +235,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     status = with_config(sub.add_parser("status", help="show the running mounts: cache, transfers, queues"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("mountpoints", nargs="*", metavar="MOUNTPOINT", help="only these mounts (default: all)")
     status.set_defaults(handler=cmd_status)
 
