@@ -1,5 +1,6 @@
-"""What the suites share: the demo lake (found through the project's own demo tooling), timing,
-page-cache dropping, and per-process CPU and memory from /proc.
+"""What the suites share: the demo lake (found through the project's own demo tooling) and its Rucio
+client, timing, counts and sizes overridable by environment variables, page-cache dropping, and
+per-process CPU and memory from /proc.
 
 The lake is the one of ``$BENCH_DEMO_STATE`` (default ``.demo`` in the repository), brought up with
 ``datalakefs demo up --state-dir .demo [--with-100k]``. Benchmarks never hard-code a DID, port or path:
@@ -109,6 +110,17 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, value
 
 
+def first_byte(path: Path, nbytes: int = 4096) -> float:
+    """Seconds of ``open()`` plus the first read (``nbytes`` at offset 0) of ``path``."""
+    start = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.pread(fd, nbytes, 0)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - start
+
+
 def run_timed(argv: list[str], **kwargs: Any) -> float:
     """Seconds a command takes; raises with its stderr when it fails."""
     start = time.perf_counter()
@@ -124,9 +136,23 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def setting(variable: str, default: int) -> int:
+    """A count or size of a suite, overridable by the environment variable ``variable`` (at least 1), so
+    that a quick smoke run is possible; the names are listed in the README's benchmark paragraph."""
+    return max(1, int(os.environ.get(variable, str(default))))
+
+
 def runs() -> int:
     """Repetitions per measurement (``BENCH_RUNS``, default 3)."""
-    return max(1, int(os.environ.get("BENCH_RUNS", "3")))
+    return setting("BENCH_RUNS", 3)
+
+
+def rucio_client() -> Any:
+    """A rucio-clients ``Client`` of the lake (rucio reads ``RUCIO_CONFIG`` once: the lake's env is set first)."""
+    os.environ.update(lake().status.env)
+    from rucio.client import Client
+
+    return Client()
 
 
 @contextmanager

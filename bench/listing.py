@@ -24,17 +24,26 @@ import subprocess
 from pathlib import Path
 
 from bench import mounts
-from bench.env import WORK, BenchError, Lake, collection_path, lake, median, rss_bytes, run_timed, runs, timed
+from bench.env import (
+    WORK,
+    BenchError,
+    Lake,
+    collection_path,
+    lake,
+    median,
+    rss_bytes,
+    rucio_client,
+    run_timed,
+    runs,
+    timed,
+)
 from bench.report import Goal, Row, SuiteResult, context, write_suite
 
 NAME = "listing"
 
 
-def _raw_listings(lk: Lake, dataset: str, n: int) -> dict[str, float]:
-    os.environ.update(lk.status.env)
-    from rucio.client import Client  # after RUCIO_CONFIG is set: rucio reads it once
-
-    client = Client()
+def _raw_listings(dataset: str, n: int) -> dict[str, float]:
+    client = rucio_client()
     client.whoami()  # authenticate outside the timing
     scope, name = dataset.split(":", 1)
     result = {}
@@ -87,7 +96,7 @@ def run() -> SuiteResult:
 
     raw: dict[str, dict[str, float]] = {}
     for label, did, _ in datasets:
-        raw[label] = r = _raw_listings(lk, did, n)
+        raw[label] = r = _raw_listings(did, n)
         for call in ("list_content", "list_files"):
             result.rows.append(Row(f"list {label}", f"rucio-clients {call}", "-", r[call], runs=n,
                                    extra={"entries": int(r[f"{call}_entries"])}))

@@ -47,6 +47,7 @@ from bench.env import (
     cpu_seconds,
     drop_caches,
     file_path,
+    first_byte,
     lake,
     median,
     runs,
@@ -95,16 +96,6 @@ def read_random(path: Path, where: list[int]) -> float:
         for offset in where:
             if len(os.pread(fd, PAGE, offset)) != PAGE:
                 raise BenchError(f"short read at {offset} of {path}")
-    finally:
-        os.close(fd)
-    return time.perf_counter() - begin
-
-
-def first_byte(path: Path) -> float:
-    begin = time.perf_counter()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.pread(fd, PAGE, 0)
     finally:
         os.close(fd)
     return time.perf_counter() - begin

@@ -1,83 +1,53 @@
-"""Rule staging and the hybrid read path, measured on a running demo lake.
+"""Staging benchmark (issue 6): rule staging and the hybrid read path, measured on the demo lake.
 
 1. **Rule mode**: time from ``open()`` to the first byte of a file that is not staged yet, against the
    time the rule itself took (created → OK, seen by polling the rule every 50 ms from outside). The
-   overhead goal is at most one poll interval of the daemon.
+   overhead goal is at most one poll interval of the daemon: the interval its back-off schedule
+   (``poll_min`` doubling up to ``poll_max``) had reached when the rule turned OK.
 2. **Hybrid vs stream**: first-byte latency (``open`` + 1-byte ``read``) of a cold file in ``auto`` mode
    while a rule (slowed by the FTS shim's delay knob) still replicates it, against a cold file in
-   ``stream`` mode. Goal: equal.
-
-3. With ``--with-10k``: ``datalakefs stage <dataset_10k> --wait``, the wall time until every lock is
-   OK (once per lake: a staged dataset stays staged; about half an hour on a 2-core machine).
+   ``stream`` mode. Goal: equal (the hybrid path no slower than stream mode).
+3. With ``BENCH_STAGING_10K=1``: ``datalakefs stage <dataset_10k> --wait``, the wall time until every
+   lock is OK (once per lake: a staged dataset stays staged; about half an hour on a 2-core machine).
 
 Every run of 1. and 2. uses files made for it (only on LAKE-ORIGIN), so nothing is cached or staged
-before. Run: ``python -m bench.staging --state-dir DIR [--runs N] [--with-10k]`` with the lake up
-(``datalakefs demo up``).
-Writes ``bench/results/<date>/staging.md`` and ``.json``.
+before. ``BENCH_RUNS`` runs of each; ``python -m bench.staging`` runs this suite alone.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
-import statistics
+import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
+from bench import mounts
+from bench.env import WORK, Lake, file_path, first_byte, lake, median, rucio_client, runs
+from bench.report import Goal, Row, SuiteResult, context, write_suite
 from datalakefs.demo import seed
-from datalakefs.demo.lake import Lake
-from datalakefs.demo.status import Knobs, LakeStatus
+from datalakefs.demo.lake import Lake as DemoLake
+from datalakefs.demo.status import Knobs
 from datalakefs.staging.rule import RuleStager
 
-RESULTS = Path(__file__).parent / "results"
+NAME = "staging"
+MIB = 1 << 20
+RULE_FILE_BYTES = MIB
+HYBRID_FILE_BYTES = 8 * MIB
+SHIM_DELAY = 10.0  # seconds the FTS shim waits before each copy: the rule still replicates at the first byte
+POLL_DEFAULTS: dict[str, float] = RuleStager.__init__.__kwdefaults__ or {}
 
 
-def fresh_file(lake: LakeStatus, client: Any, size: int) -> seed.FileSpec:
-    assert lake.seed is not None
-    scope = lake.seed.upload_scope
+def fresh_file(lk: Lake, client: Any, size: int) -> tuple[str, seed.FileSpec]:
+    """A new dataset of one file, only on LAKE-ORIGIN: its DID and the file."""
+    scope = lk.seed.upload_scope
     name = f"bench_staging_{uuid.uuid4().hex[:10]}"
     spec = seed.FileSpec(scope, f"{name}.bin", size)
-    seed.add_origin_dataset(client, Lake(lake.state_dir), seed.DatasetPlan(scope, name, (spec,)))
-    return spec
-
-
-class Mounted:
-    def __init__(self, lake: LakeStatus, base: Path, *options: str) -> None:
-        self.point = base / f"mnt_{uuid.uuid4().hex[:6]}"
-        self.point.mkdir()
-        opts = [f"cache_dir={base / 'cache' / self.point.name}", f"state_dir={base / 'state'}", *options]
-        self.argv = ["--config", str(lake.datalakefs_config)] + [a for o in opts for a in ("-o", o)]
-
-    def __enter__(self) -> Path:
-        subprocess.run([sys.executable, "-m", "datalakefs", "mount", str(self.point), *self.argv], check=True,
-                       capture_output=True)
-        return self.point
-
-    def __exit__(self, *exc: object) -> None:
-        subprocess.run([sys.executable, "-m", "datalakefs", "umount", str(self.point), *self.argv],
-                       check=False, capture_output=True)
-
-
-def path_in(point: Path, spec: seed.FileSpec) -> Path:
-    return point / spec.scope / spec.name.removesuffix(".bin") / spec.name
-
-
-def first_byte(path: Path) -> float:
-    started = time.perf_counter()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.read(fd, 1)
-    finally:
-        os.close(fd)
-    return time.perf_counter() - started
+    seed.add_origin_dataset(client, DemoLake(lk.status.state_dir), seed.DatasetPlan(scope, name, (spec,)))
+    return f"{scope}:{name}", spec
 
 
 def rule_ok_watch(client: Any, spec: seed.FileSpec, rse: str, found: dict[str, float]) -> threading.Thread:
@@ -101,112 +71,110 @@ def rule_ok_watch(client: Any, spec: seed.FileSpec, rse: str, found: dict[str, f
     return thread
 
 
-def bench_rule_mode(lake: LakeStatus, client: Any, base: Path, runs: int) -> list[dict[str, float]]:
-    assert lake.seed is not None
+def poll_interval_at(elapsed: float, poll_min: float, poll_max: float) -> float:
+    """The daemon's poll interval ``elapsed`` seconds after its poller started: it sleeps ``poll_min``,
+    then twice as long each time, up to ``poll_max``."""
+    interval = end = poll_min
+    while end < elapsed:
+        interval = min(interval * 2, poll_max)
+        end += interval
+    return interval
+
+
+def bench_rule_mode(lk: Lake, client: Any, n: int) -> list[dict[str, float]]:
     rows = []
-    with Mounted(lake, base, "staging=rule", "staging_timeout=300") as point:
-        for _ in range(runs):
-            spec = fresh_file(lake, client, 1 << 20)
+    work = WORK / NAME
+    with mounts.datalakefs(work / "mnt-rule", work / "cache-rule", "staging=rule", "staging_timeout=300") as m:
+        for _ in range(n):
+            dataset, spec = fresh_file(lk, client, RULE_FILE_BYTES)
             seen: dict[str, float] = {}
             started = time.time()
-            watcher = rule_ok_watch(client, spec, lake.seed.scratch_rse, seen)
-            latency = first_byte(path_in(point, spec))
+            watcher = rule_ok_watch(client, spec, lk.seed.scratch_rse, seen)
+            latency = first_byte(file_path(m.mountpoint, dataset, spec.did), 1)
             watcher.join(timeout=60)
             rule_s = seen["ok"] - seen["created"]
             rows.append({"open_to_first_byte_s": latency, "rule_s": rule_s,
-                         "overhead_s": started + latency - seen["ok"]})
+                         "overhead_s": started + latency - seen["ok"],
+                         "poll_interval_s": poll_interval_at(rule_s, POLL_DEFAULTS["poll_min"],
+                                                             POLL_DEFAULTS["poll_max"])})
     return rows
 
 
-def bench_first_byte(lake: LakeStatus, client: Any, base: Path, runs: int) -> dict[str, list[float]]:
-    assert lake.seed is not None
-    control = Lake(lake.state_dir)
+def bench_first_byte(lk: Lake, client: Any, n: int) -> dict[str, list[float]]:
+    control = DemoLake(lk.status.state_dir)
     knobs = control.read_knobs()
     results: dict[str, list[float]] = {"stream": [], "hybrid": []}
+    work = WORK / NAME
     try:
-        control.write_knobs(Knobs(delay=10.0))
-        with Mounted(lake, base, "staging=stream") as stream_point, Mounted(lake, base, "staging=auto") as auto_point:
-            for _ in range(runs):
-                plain = fresh_file(lake, client, 8 << 20)
-                results["stream"].append(first_byte(path_in(stream_point, plain)))
-                staged = fresh_file(lake, client, 8 << 20)
-                client.add_replication_rule([{"scope": staged.scope, "name": staged.name}], 1,
-                                            lake.seed.scratch_rse, lifetime=3600)
-                results["hybrid"].append(first_byte(path_in(auto_point, staged)))
+        control.write_knobs(Knobs(delay=SHIM_DELAY))
+        with mounts.datalakefs(work / "mnt-stream", work / "cache-stream", "staging=stream") as stream, \
+                mounts.datalakefs(work / "mnt-auto", work / "cache-auto", "staging=auto") as auto:
+            for _ in range(n):
+                dataset, plain = fresh_file(lk, client, HYBRID_FILE_BYTES)
+                results["stream"].append(first_byte(file_path(stream.mountpoint, dataset, plain.did), 1))
+                dataset, staged = fresh_file(lk, client, HYBRID_FILE_BYTES)
+                client.add_replication_rule([staged.as_ref()], 1, lk.seed.scratch_rse, lifetime=3600)
+                results["hybrid"].append(first_byte(file_path(auto.mountpoint, dataset, staged.did), 1))
     finally:
         control.write_knobs(knobs)
     return results
 
 
-def bench_prefetch_10k(lake: LakeStatus) -> dict[str, Any]:
-    assert lake.seed is not None
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "datalakefs", "stage", "--config", str(lake.datalakefs_config),
-                           lake.seed.dataset_10k, "--wait"], capture_output=True, text=True, check=False)
-    return {"dataset": lake.seed.dataset_10k, "seconds": round(time.monotonic() - started, 1),
-            "exit_status": done.returncode, "result": (done.stdout.strip().splitlines() or [""])[-1]}
+def bench_prefetch_10k(lk: Lake) -> Row:
+    argv = [sys.executable, "-m", "datalakefs", "stage", "--config", str(lk.status.datalakefs_config),
+            lk.seed.dataset_10k, "--wait"]
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, env=lk.client_env(), check=False)
+    return Row(f"prefetch {lk.seed.dataset_10k}", "datalakefs stage --wait", "not staged",
+               time.perf_counter() - started, extra={"exit_status": done.returncode},
+               note=(done.stdout.strip().splitlines() or [""])[-1])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--state-dir", default=".demo", help="state dir of the running demo lake")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--with-10k", action="store_true", help="also prefetch the 10,000-file dataset")
-    args = parser.parse_args()
-    lake = Lake(Path(args.state_dir)).status()
-    if not lake.healthy or lake.seed is None:
-        print(f"the lake in {args.state_dir} is not up: datalakefs demo up --state-dir {args.state_dir}")
-        return 2
-    os.environ.update(lake.env)
-    from rucio.client import Client
+def run() -> SuiteResult:
+    lk = lake()
+    n = runs()
+    result = SuiteResult(NAME, context=context())
+    shutil.rmtree(WORK / NAME, ignore_errors=True)
+    (WORK / NAME).mkdir(parents=True)
+    client = rucio_client()
+    rule = bench_rule_mode(lk, client, n)
+    first = bench_first_byte(lk, client, n)
+    shutil.rmtree(WORK / NAME, ignore_errors=True)
 
-    client = Client()
-    with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="bench-staging-") as tmp:
-        rule_rows = bench_rule_mode(lake, client, Path(tmp), args.runs)
-        first = bench_first_byte(lake, client, Path(tmp), args.runs)
-    prefetch = bench_prefetch_10k(lake) if args.with_10k else None
+    def med(key: str) -> float:
+        return median([r[key] for r in rule])
 
-    median = statistics.median
-    poll = RuleStager.__init__.__kwdefaults__ or {}
-    summary = {
-        "runs": args.runs,
-        "poll_min_s": poll.get("poll_min"),
-        "poll_max_s": poll.get("poll_max"),
-        "rule_mode": {
-            "open_to_first_byte_s": round(median(r["open_to_first_byte_s"] for r in rule_rows), 3),
-            "rule_s": round(median(r["rule_s"] for r in rule_rows), 3),
-            "overhead_s": round(median(r["overhead_s"] for r in rule_rows), 3),
-            "overhead_max_s": round(max(r["overhead_s"] for r in rule_rows), 3),
-        },
-        "first_byte": {
-            "stream_s": round(median(first["stream"]), 4),
-            "hybrid_while_replicating_s": round(median(first["hybrid"]), 4),
-        },
-    }
-    ratio = summary["first_byte"]["hybrid_while_replicating_s"] / max(summary["first_byte"]["stream_s"], 1e-9)
-    summary["first_byte"]["hybrid_over_stream"] = round(ratio, 2)
-    if prefetch is not None:
-        summary["prefetch_10k"] = prefetch
-    table = "\n".join([
-        f"# staging benchmark ({datetime.date.today()}, {args.runs} runs, medians)",
-        "",
-        "| measure | datalakefs | reference | ratio |",
-        "|---|---|---|---|",
-        f"| rule mode: open() to first byte vs the rule's own time | {summary['rule_mode']['open_to_first_byte_s']} s"
-        f" | {summary['rule_mode']['rule_s']} s | overhead {summary['rule_mode']['overhead_s']} s "
-        f"(max {summary['rule_mode']['overhead_max_s']} s) |",
-        f"| first byte: hybrid (rule replicating) vs stream mode"
-        f" | {summary['first_byte']['hybrid_while_replicating_s']} s"
-        f" | {summary['first_byte']['stream_s']} s | {ratio:.2f} |",
-    ] + ([f"| `datalakefs stage {prefetch['dataset']} --wait` | {prefetch['seconds']} s | | "
-          f"{prefetch['result']} |"] if prefetch else []))
-    print(table)
-    out = RESULTS / str(datetime.date.today())
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "staging.md").write_text(table + "\n")
-    (out / "staging.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return 0
+    overhead_max = max(r["overhead_s"] for r in rule)
+    result.rows += [
+        Row(f"open → first byte, {RULE_FILE_BYTES // MIB} MiB not staged", "datalakefs staging=rule", "cold",
+            med("open_to_first_byte_s"), runs=n,
+            extra={"overhead_s": round(med("overhead_s"), 3), "overhead_max_s": round(overhead_max, 3),
+                   "poll_interval_s": med("poll_interval_s")}),
+        Row(f"open → first byte, {RULE_FILE_BYTES // MIB} MiB not staged", "the rule itself (created → OK)", "-",
+            med("rule_s"), runs=n, note="seen by polling the rule every 50 ms from outside"),
+        Row(f"first byte, {HYBRID_FILE_BYTES // MIB} MiB", "datalakefs staging=stream", "cold",
+            median(first["stream"]), runs=n),
+        Row(f"first byte, {HYBRID_FILE_BYTES // MIB} MiB", "datalakefs staging=auto (hybrid)", "rule replicating",
+            median(first["hybrid"]), runs=n, note=f"FTS shim delay {SHIM_DELAY:g} s"),
+    ]
+    stream, hybrid = median(first["stream"]), median(first["hybrid"])
+    result.goals += [
+        Goal("rule mode: overhead ≤ one poll interval (in intervals)",
+             median([r["overhead_s"] / r["poll_interval_s"] for r in rule]), 1.0, "<=",
+             f"overhead {med('overhead_s'):.3f} s (max {overhead_max:.3f} s), interval in effect when the rule "
+             f"turned OK {med('poll_interval_s'):g} s"),
+        Goal("hybrid first byte = stream first byte (hybrid / stream)", hybrid / stream, 1.0, "<=",
+             f"{hybrid:.4f} vs {stream:.4f} s"),
+    ]
+    if os.environ.get("BENCH_STAGING_10K") == "1":
+        result.rows.append(bench_prefetch_10k(lk))
+    result.notes.append(
+        f"command: `python -m bench.staging` (BENCH_RUNS={n}); medians of {n} runs; each run stages files made "
+        f"for it; daemon polls rules after {POLL_DEFAULTS['poll_min']:g} s, doubling up to "
+        f"{POLL_DEFAULTS['poll_max']:g} s; overhead = first byte − the rule's OK, seen from outside")
+    write_suite(result)
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
