@@ -239,6 +239,14 @@ def cmd_tour(lake: Lake, args: argparse.Namespace) -> int:
         (f"dd if={path(seed.big_file)} of=/dev/null bs=1M count=64", "range reads through XCache"),
         (f"ls {path(seed.dataset_10k)} | wc -l", "a 10,000-file dataset"),
         (f"ls {m}/.query/{meta.scope}/{shlex.quote(meta.filter)}/", "a metadata query as a directory"),
+        (f"datalakefs stage {path(seed.stage_dataset)} --wait", "one replication rule to SCRATCH, with progress"),
+        (f"getfattr -n user.datalakefs.state {path(seed.stage_dataset)}", "the rule's state and locks"),
+        (f"mkdir -p {m}/.outbox/{seed.upload_scope}/my_results", "a dataset to upload into"),
+        (f"cp /etc/hostname {m}/.outbox/{seed.upload_scope}/my_results/",
+         "close() = durable; then uploaded to SCRATCH"),
+        ("datalakefs outbox list", "what waits for upload, and why"),
+        (f"ls {m}/{seed.upload_scope}/my_results/", "the uploaded file, once done"),
+        (f"datalakefs status {m}", "cache, transfers, rules, outbox queue"),
         (f"cat {m}/.datalakefs/status.json", "the daemon's state as JSON"),
     ]
     width = max(len(cmd) for cmd, _ in steps)
