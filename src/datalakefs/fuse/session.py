@@ -13,7 +13,9 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -27,17 +29,56 @@ class MountError(DatalakeError):
     """The mount point cannot be used; the message says why."""
 
 
-def is_stale(mountpoint: str) -> bool:
-    """A mount whose daemon died answers ENOTCONN (ECONNABORTED for the first call after the death).
+HUNG_AFTER_S = 10.0
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def is_stale(mountpoint: str, hung_after: float = HUNG_AFTER_S) -> bool:
+    """True for a mount whose daemon is gone: it answers ENOTCONN (ECONNABORTED for the first call
+    after the death), or it does not answer at all and is aborted here.
 
     statfs, unlike stat, is never answered from the kernel's attribute cache, so it reaches the
-    (dead) daemon even when the root's attributes are cached for an hour.
+    (dead) daemon even when the root's attributes are cached for an hour. A daemon killed while one
+    of its threads was pushing an entry invalidation into the kernel can leave that thread stuck on a
+    directory lock held by a request only the dead daemon could answer: the device is never closed,
+    and every call on the mount waits forever. A mount that does not answer statfs within
+    ``hung_after`` seconds is treated as that case and its connection aborted through fusectl.
     """
+    answer: list[OSError | None] = []
+
+    def ask() -> None:
+        try:
+            os.statvfs(mountpoint)
+            answer.append(None)
+        except OSError as exc:
+            answer.append(exc)
+
+    # a thread, because a call into a hung mount cannot be interrupted; the abort releases it
+    probe = threading.Thread(target=ask, name="statfs-probe", daemon=True)
+    probe.start()
+    probe.join(hung_after)
+    if not answer:
+        log.warning("event=hung-mount mountpoint=%s waited_s=%g action=abort-connection", mountpoint, hung_after)
+        abort_connection(os.path.realpath(mountpoint))
+        return True
+    error = answer[0]
+    return error is not None and error.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def abort_connection(target: str) -> None:
+    """Abort the FUSE connection of the mount at ``target`` (fusectl's ``abort``): every waiting and
+    later call fails with ENOTCONN, so the mount can be unmounted. Mounts fusectl when needed."""
+    fields = _mountinfo_fields(target)
+    if fields is None:
+        raise MountError(f"{target} is not mounted")
+    connection = FUSECTL / fields[2].split(":")[1]
+    if not connection.exists():
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)], capture_output=True, check=False)
     try:
-        os.statvfs(mountpoint)
+        (connection / "abort").write_text("1")
     except OSError as exc:
-        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
-    return False
+        raise MountError(f"{target} does not answer and its FUSE connection cannot be aborted "
+                         f"({exc.strerror}): as root, `echo 1 > {connection}/abort`") from None
 
 
 def _mountinfo_fields(target: str) -> list[str] | None:
