@@ -25,6 +25,18 @@ def datalakefs(*args: str, timeout: float = 180, env: dict[str, str] | None = No
                           timeout=timeout, check=False, env=env)
 
 
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """True once process ``pid`` no longer exists; False if it still does after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
 class Mount:
     def __init__(self, mountpoint: Path, config: Path, *options: str, env: dict[str, str] | None = None) -> None:
         self.mountpoint = mountpoint
@@ -64,16 +76,8 @@ class Mount:
             datalakefs("umount", str(self.mountpoint), *self._args(), env=self.env)
         if self.is_mounted():
             subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False, capture_output=True)
-        if pid is not None:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-            else:
-                os.kill(pid, signal.SIGKILL)
+        if pid is not None and not wait_gone(pid, timeout=10):
+            os.kill(pid, signal.SIGKILL)
 
     def __enter__(self) -> Mount:
         self.start()

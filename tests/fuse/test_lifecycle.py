@@ -15,21 +15,12 @@ from pathlib import Path
 import pytest
 
 from datalakefs.demo.status import LakeStatus
-from tests.fuse.mounting import Mount
+from tests.fuse.mounting import Mount, wait_gone
 from tests.fuse.tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
 
 
-def _wait_gone(pid: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_umount_ends_the_daemon(lake: LakeStatus, new_mount: Callable[..., Mount]) -> None:
@@ -39,7 +30,7 @@ def test_umount_ends_the_daemon(lake: LakeStatus, new_mount: Callable[..., Mount
     pid = mount.pid
     mount.stop()
     assert not mount.is_mounted()
-    assert _wait_gone(pid)
+    assert wait_gone(pid, timeout=10)
 
 
 def test_sigterm_unmounts_cleanly(new_mount: Callable[..., Mount]) -> None:
@@ -47,7 +38,7 @@ def test_sigterm_unmounts_cleanly(new_mount: Callable[..., Mount]) -> None:
     mount.start()
     pid = mount.pid
     os.kill(pid, signal.SIGTERM)
-    assert _wait_gone(pid)
+    assert wait_gone(pid, timeout=10)
     assert not mount.is_mounted()
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import requests
-from tests.fuse.mounting import Mount
+from tests.fuse.mounting import Mount, wait_gone
 
 from datalakefs.cli.common import registry_file
 from datalakefs.demo.status import LakeStatus
@@ -82,15 +82,6 @@ def _daemon_pid(state_dir: Path, mountpoint: Path) -> int:
     return int(json.loads(registry_file(state_dir, str(mountpoint)).read_text())["pid"])
 
 
-def _wait_dead(pid: int, timeout: float = 120.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @contextlib.contextmanager
@@ -145,7 +136,7 @@ def test_kills_lose_nothing_and_duplicate_nothing(lake: LakeStatus, tmp_path: Pa
             else:
                 pid = _daemon_pid(tmp_path / "state", mountpoint)
                 with _writer(directory, ledger, rng, big_every=0):
-                    assert _wait_dead(pid), f"the daemon never reached {transition}"
+                    assert wait_gone(pid, timeout=120), f"the daemon never reached {transition}"
             kills += 1
             current = mount()
         rounds = 0
@@ -155,7 +146,7 @@ def test_kills_lose_nothing_and_duplicate_nothing(lake: LakeStatus, tmp_path: Pa
             with _writer(directory, ledger, rng, big_every=0 if SOAK and rounds % 20 else 3):
                 time.sleep(rng.uniform(0.05, 0.6 if SOAK else 2.0))
                 os.kill(pid, signal.SIGKILL)
-                _wait_dead(pid)
+                wait_gone(pid, timeout=120)
             kills += 1
             current = mount()
             if SOAK and rounds % 50 == 0:
