@@ -87,7 +87,7 @@ def fs(fake: FakeCatalogue, content: _NoContent) -> Filesystem:
     return Filesystem(namespace, catalogue, content, {"status.json": lambda: b'{"ok": 1}\n'}, 1000, 1000)
 
 
-async def _names(fs: Filesystem, ino: int) -> list[str]:
+async def listed_names(fs: Filesystem, ino: int) -> list[str]:
     fh = await fs.opendir(ino)
     try:
         return [entry.name for _, entry in fs.readdir(fh, 0)]
@@ -103,12 +103,12 @@ async def _path(fs: Filesystem, *parts: str) -> int:
 
 
 async def test_tree(fs: Filesystem) -> None:
-    assert await _names(fs, ROOT_INODE) == [".datalakefs", ".query", "calib", "phys", "user.jdoe"]
+    assert await listed_names(fs, ROOT_INODE) == [".datalakefs", ".query", "calib", "phys", "user.jdoe"]
     phys = await _path(fs, "phys")
-    assert await _names(fs, phys) == ["run2024", "raw", "reco"]
+    assert await listed_names(fs, phys) == ["run2024", "raw", "reco"]
     raw = await _path(fs, "phys", "raw")
-    assert await _names(fs, raw) == ["f1.root", "calib:const.db", "a%2Fb%2Fc.dat"]
-    assert await _names(fs, await _path(fs, "phys", "run2024")) == ["raw", "reco"]
+    assert await listed_names(fs, raw) == ["f1.root", "calib:const.db", "a%2Fb%2Fc.dat"]
+    assert await listed_names(fs, await _path(fs, "phys", "run2024")) == ["raw", "reco"]
 
 
 async def test_attributes(fs: Filesystem) -> None:
@@ -145,9 +145,9 @@ async def test_escaped_name_resolves(fs: Filesystem) -> None:
 
 async def test_query_directory(fs: Filesystem) -> None:
     result = await _path(fs, ".query", "phys", "datatype=RAW")
-    assert await _names(fs, result) == ["raw"]
+    assert await listed_names(fs, result) == ["raw"]
     wildcard = await _path(fs, ".query", "phys", "f*")
-    assert await _names(fs, wildcard) == ["f1.root"]
+    assert await listed_names(fs, wildcard) == ["f1.root"]
 
 
 async def test_xattrs(fs: Filesystem, fake: FakeCatalogue) -> None:

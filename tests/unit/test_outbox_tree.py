@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from tests.unit.test_filesystem import listed_names
 
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.catalogue.fake import FakeCatalogue
@@ -62,19 +63,13 @@ def parts(tmp_path: Path) -> tuple[Filesystem, Outbox, Uploader, list[tuple[int,
     return fs, outbox, uploader, invalidated
 
 
-async def _names(fs: Filesystem, ino: int) -> list[str]:
-    fh = await fs.opendir(ino)
-    try:
-        return [entry.name for _, entry in fs.readdir(fh, 0)]
-    finally:
-        fs.releasedir(fh)
 
 
 async def test_write_close_upload_and_leave(parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]) -> None:
     fs, outbox, uploader, invalidated = parts
-    assert (await _names(fs, ROOT_INODE))[0] == ".outbox"
+    assert (await listed_names(fs, ROOT_INODE))[0] == ".outbox"
     top = await fs.lookup(ROOT_INODE, ".outbox")
-    assert await _names(fs, top.ino) == ["phys", "user.x"]
+    assert await listed_names(fs, top.ino) == ["phys", "user.x"]
     scope = await fs.lookup(top.ino, "user.x")
     dataset = await fs.mkdir(scope.ino, "ds")
     assert stat.S_IMODE(dataset.mode) == 0o755 and dataset.volatile
@@ -95,7 +90,7 @@ async def test_write_close_upload_and_leave(parts: tuple[Filesystem, Outbox, Upl
         nursery.cancel_scope.cancel()
     assert invalidated == [(dataset.ino, "f.dat")]
     assert [job.name for job in uploader.jobs] == ["f.dat"]
-    assert await _names(fs, dataset.ino) == []
+    assert await listed_names(fs, dataset.ino) == []
 
 
 async def test_truncate_unlink_and_refusals(parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]) -> None:
@@ -109,10 +104,10 @@ async def test_truncate_unlink_and_refusals(parts: tuple[Filesystem, Outbox, Upl
     await fs.flush(fh)
     await fs.release(fh)
     await fs.setxattr(attrs.ino, "user.datalakefs.state", b"cancel")
-    assert await _names(fs, dataset.ino) == []
+    assert await listed_names(fs, dataset.ino) == []
     fh, attrs = await fs.create(dataset.ino, "h.dat")
     await fs.release(fh)
-    assert await _names(fs, dataset.ino) == []  # a file whose close() never committed is dropped
+    assert await listed_names(fs, dataset.ino) == []  # a file whose close() never committed is dropped
     expected = [
         (fs.create(scope.ino, "direct.dat"), errno.EROFS),
         (fs.mkdir(top.ino, "no.such.scope"), errno.ENOENT),
@@ -127,5 +122,5 @@ async def test_truncate_unlink_and_refusals(parts: tuple[Filesystem, Outbox, Upl
             await call
         assert raised.value.errno == code
     await fs.rmdir(scope.ino, "ds")
-    assert await _names(fs, scope.ino) == []
+    assert await listed_names(fs, scope.ino) == []
     assert outbox.listing() == []
