@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import trio
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.catalogue.fake import FakeCatalogue
 from datalakefs.catalogue.rucio_upload import check_did_name
-from datalakefs.catalogue.upload import StepHook, UploadConflictError, UploadJob
+from datalakefs.catalogue.upload import Registration, StepHook, UploadConflictError, UploadJob
 from datalakefs.config import Config
 from datalakefs.errors import (
     AlreadyExistsError,
@@ -41,22 +42,43 @@ class FakeUploader:
         self.gate = threading.Event()
         self.gate.set()
         self.calls = 0
+        self.stored: dict[str, bytes] = {}
+        self.located: list[int] = []  # files per locate call
+        self.registered: list[int] = []  # files per register call
+        self.register_seconds = 0.0  # a catalogue round trip
 
     def check_name(self, name: str) -> None:
         check_did_name(name)
 
-    def upload(self, job: UploadJob, step: StepHook) -> bool:
-        self.calls += 1
-        self.gate.wait(30)
+    def locate(self, jobs: Sequence[UploadJob]) -> list[str | Exception | None]:
+        self.calls += len(jobs)
+        self.located.append(len(jobs))
         if self.failures:
             raise self.failures.pop(0)
+        return [self._located(job) for job in jobs]
+
+    def _located(self, job: UploadJob) -> str | Exception | None:
+        existing = self.lake.get((job.scope, job.name))
+        if existing is None:
+            return f"fake://{job.scope}/{job.name}"
+        if existing[1] != job.path.read_bytes():
+            return UploadConflictError(f"{job.scope}:{job.name} exists with other content")
+        return None
+
+    def store(self, job: UploadJob, url: str) -> None:
+        self.gate.wait(30)
         data = job.path.read_bytes()
         assert (len(data), _adler(data)) == (job.size, job.adler32)
-        existing = self.lake.get((job.scope, job.name))
-        if existing is not None and existing[1] != data:
-            raise UploadConflictError(f"{job.scope}:{job.name} exists with other content")
-        self.lake[(job.scope, job.name)] = (job.dataset, data)
-        return existing is None
+        self.stored[url] = data
+
+    def register(self, registrations: Sequence[Registration], step: StepHook) -> list[Exception | None]:
+        self.registered.append(len(registrations))
+        time.sleep(self.register_seconds)
+        for registration in registrations:
+            job = registration.job
+            if registration.stored:
+                self.lake[(job.scope, job.name)] = (job.dataset, self.stored.pop(f"fake://{job.scope}/{job.name}"))
+        return [None] * len(registrations)
 
 
 @pytest.fixture
@@ -184,6 +206,42 @@ async def test_busy_while_uploading(running: Outbox, uploader: FakeUploader) -> 
         await running.cancel(file)
     uploader.gate.set()
     await _until(lambda: file.state == "done")
+
+
+async def test_files_ready_together_share_their_catalogue_calls(
+    make: Callable[[], Outbox], uploader: FakeUploader
+) -> None:
+    uploader.register_seconds = 0.05  # transfers finish while a registration is under way
+    outbox = make()
+    for n in range(30):
+        await _write(outbox, f"batch{n}.dat", f"payload {n}".encode())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        await _until(lambda: outbox.pending() == 0)
+        nursery.cancel_scope.cancel()
+    assert len(uploader.lake) == 30 and sum(uploader.located) == sum(uploader.registered) == 30
+    assert len(uploader.located) <= 3 and len(uploader.registered) <= 10
+
+
+async def test_a_file_changed_while_waiting_for_a_transfer_slot_uploads_its_new_bytes(
+    running: Outbox, uploader: FakeUploader
+) -> None:
+    uploader.gate.clear()  # both transfer slots (concurrency=2) stay busy
+    busy = [await _write(running, f"slot{n}.dat", b"x") for n in range(2)]
+    await _until(lambda: all(f.state == "uploading" for f in busy))
+    rewritten = await _write(running, "rewritten.dat", b"old bytes")
+    cancelled = await _write(running, "cancelled.dat", b"unwanted")
+    await _until(lambda: sum(uploader.located) == 4)  # located, and waiting for a slot
+    assert rewritten.state == cancelled.state == "queued"
+    running.open_for_writing(rewritten)
+    running.write(rewritten, 0, b"new bytes")
+    await running.commit(rewritten)
+    running.close_for_writing(rewritten)
+    await running.cancel(cancelled)
+    uploader.gate.set()
+    await _until(lambda: running.pending() == 0)
+    assert uploader.lake[("user.x", "rewritten.dat")] == ("ds", b"new bytes")
+    assert ("user.x", "cancelled.dat") not in uploader.lake
 
 
 async def test_a_restart_resumes_committed_files_and_forgets_the_rest(

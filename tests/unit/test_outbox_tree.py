@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from tests.unit.test_filesystem import listed_names
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.catalogue.fake import FakeCatalogue
 from datalakefs.catalogue.rucio_upload import check_did_name
-from datalakefs.catalogue.upload import StepHook, UploadJob
+from datalakefs.catalogue.upload import Registration, StepHook, UploadJob
 from datalakefs.config import Config
 from datalakefs.errors import DatalakeError
 from datalakefs.fs.filesystem import Filesystem
@@ -31,9 +32,14 @@ class Uploader:
     def check_name(self, name: str) -> None:
         check_did_name(name)
 
-    def upload(self, job: UploadJob, step: StepHook) -> bool:
+    def locate(self, jobs: Sequence[UploadJob]) -> list[str | Exception | None]:
+        return [f"fake://{job.name}" for job in jobs]
+
+    def store(self, job: UploadJob, url: str) -> None:
         self.jobs.append(job)
-        return True
+
+    def register(self, registrations: Sequence[Registration], step: StepHook) -> list[Exception | None]:
+        return [None] * len(registrations)
 
 
 class _NoContent:

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from rucio.common import exception as rucio_exc
 
 from datalakefs.catalogue.rucio import RucioCatalogue
 from datalakefs.catalogue.rucio_upload import RucioUploader, check_did_name
-from datalakefs.catalogue.upload import SpoolChangedError, UploadConflictError, UploadJob
+from datalakefs.catalogue.upload import Registration, SpoolChangedError, StepHook, UploadConflictError, UploadJob
 from datalakefs.config import Config
-from datalakefs.errors import InvalidNameError, TransferError
+from datalakefs.errors import CatalogueUnavailableError, InvalidNameError, TransferError
 
 
 class Storage(ThreadingHTTPServer):
@@ -72,10 +73,11 @@ class Client:
         self.base = base
         self.dids: dict[tuple[str, str], dict[str, Any]] = {}
         self.replicas: list[tuple[str, dict[str, Any]]] = []
-        self.attached: list[tuple[str, str, list[dict[str, str]]]] = []
+        self.attached: list[tuple[str, str, dict[str, str]]] = []
         self.rules: list[tuple[str, str]] = []
         self.calls: list[str] = []
         self.lose_add_replicas_answer = False
+        self.down = False
         self.session = type("S", (), {"close": lambda self: None})()
 
     def get_metadata(self, scope: str, name: str) -> dict[str, Any]:
@@ -85,6 +87,13 @@ class Client:
         except KeyError:
             raise rucio_exc.DataIdentifierNotFound() from None
 
+    def get_metadata_bulk(self, dids: list[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        self.calls.append("get_metadata_bulk")
+        self._fail_if_down()
+        for did in dids:
+            if (did["scope"], did["name"]) in self.dids:
+                yield {**did, **self.dids[(did["scope"], did["name"])]}
+
     def lfns2pfns(self, rse: str, lfns: list[str], operation: str, scheme: str) -> dict[str, str]:
         self.calls.append("lfns2pfns")
         if scheme != "http":
@@ -92,13 +101,17 @@ class Client:
         return {lfn: f"{self.base}/{rse}/{lfn.replace(':', '/')}" for lfn in lfns}
 
     def add_replicas(self, rse: str, files: list[dict[str, Any]]) -> None:
+        """One transaction, like Rucio's: any existing replica refuses the whole call."""
         self.calls.append("add_replicas")
+        self._fail_if_down()
+        if any((f["scope"], f["name"]) in self.dids for f in files):
+            raise rucio_exc.FileReplicaAlreadyExists()
         for f in files:
             self.dids[(f["scope"], f["name"])] = {"did_type": "FILE", "bytes": f["bytes"], "adler32": f["adler32"]}
             self.replicas.append((rse, f))
         if self.lose_add_replicas_answer:
             self.lose_add_replicas_answer = False
-            raise rucio_exc.FileReplicaAlreadyExists()
+            raise requests.ConnectionError("connection reset")
 
     def add_dataset(self, scope: str, name: str) -> None:
         self.calls.append("add_dataset")
@@ -106,17 +119,24 @@ class Client:
             raise rucio_exc.DataIdentifierAlreadyExists()
         self.dids[(scope, name)] = {"did_type": "DATASET"}
 
-    def attach_dids(self, scope: str, name: str, dids: list[dict[str, str]]) -> None:
-        self.calls.append("attach_dids")
-        if any(a[2] == dids and a[:2] == (scope, name) for a in self.attached):
-            raise rucio_exc.FileAlreadyExists()
-        self.attached.append((scope, name, dids))
+    def attach_dids_to_dids(self, attachments: list[dict[str, Any]], ignore_duplicate: bool) -> None:
+        self.calls.append("attach_dids_to_dids")
+        assert ignore_duplicate
+        for attachment in attachments:
+            for did in attachment["dids"]:
+                if (attachment["scope"], attachment["name"], did) not in self.attached:
+                    self.attached.append((attachment["scope"], attachment["name"], did))
 
     def add_replication_rule(self, dids: list[dict[str, str]], copies: int, rse: str) -> None:
+        """One transaction: a file that has its rule already refuses the whole call."""
         self.calls.append("add_replication_rule")
-        if (dids[0]["name"], rse) in self.rules:
+        if any((did["name"], rse) in self.rules for did in dids):
             raise rucio_exc.DuplicateRule()
-        self.rules.append((dids[0]["name"], rse))
+        self.rules.extend((did["name"], rse) for did in dids)
+
+    def _fail_if_down(self) -> None:
+        if self.down:
+            raise requests.ConnectionError("connection refused")
 
 
 @pytest.fixture
@@ -135,16 +155,30 @@ def job(tmp_path: Path, data: bytes, name: str = "f.dat") -> UploadJob:
     return UploadJob("user.x", "ds", name, path, len(data), f"{zlib.adler32(data) & 0xFFFFFFFF:08x}")
 
 
+def upload(up: RucioUploader, work: UploadJob, step: StepHook = lambda step: None) -> bool:
+    """The outbox's sequence for one file; True when its bytes were stored by this call."""
+    (url,) = up.locate([work])
+    if isinstance(url, Exception):
+        raise url
+    if url is not None:
+        up.store(work, url)
+        step("stored")
+    (error,) = up.register([Registration(work, stored=url is not None)], step)
+    if error is not None:
+        raise error
+    return url is not None
+
+
 def test_a_new_file_is_stored_verified_then_registered_available_and_attached(
     client: Client, storage: Storage, tmp_path: Path
 ) -> None:
     steps: list[str] = []
-    assert uploader(client, upload_rule_rse="TAPE").upload(job(tmp_path, b"payload"), steps.append) is True
+    assert upload(uploader(client, upload_rule_rse="TAPE"), job(tmp_path, b"payload"), steps.append) is True
     assert storage.files == {"/SCRATCH/user.x/f.dat": b"payload"}
     assert steps == ["stored", "registered", "attached"]
     assert client.replicas[0][1]["state"] == "A"
     assert client.calls.index("add_replicas") > client.calls.index("lfns2pfns")
-    assert client.attached == [("user.x", "ds", [{"scope": "user.x", "name": "f.dat"}])]
+    assert client.attached == [("user.x", "ds", {"scope": "user.x", "name": "f.dat"})]
     assert client.rules == [("f.dat", "SCRATCH"), ("f.dat", "TAPE")]
 
 
@@ -153,9 +187,9 @@ def test_a_rerun_after_registration_transfers_nothing_and_duplicates_nothing(
 ) -> None:
     work = job(tmp_path, b"payload")
     up = uploader(client)
-    up.upload(work, lambda step: None)
+    upload(up, work)
     storage.files.clear()
-    assert up.upload(work, lambda step: None) is False
+    assert upload(up, work) is False
     assert storage.files == {} and len(client.replicas) == 1 and len(client.attached) == 1 and len(client.rules) == 1
 
 
@@ -164,14 +198,27 @@ def test_other_content_under_the_name_is_a_conflict_and_nothing_is_written(
 ) -> None:
     client.dids[("user.x", "f.dat")] = {"did_type": "FILE", "bytes": 3, "adler32": "01234567"}
     with pytest.raises(UploadConflictError, match="other content"):
-        uploader(client).upload(job(tmp_path, b"payload"), lambda step: None)
+        upload(uploader(client), job(tmp_path, b"payload"))
     assert storage.files == {} and client.replicas == []
 
 
 def test_a_lost_add_replicas_answer_is_recognised_by_content(client: Client, tmp_path: Path) -> None:
     client.lose_add_replicas_answer = True
-    assert uploader(client).upload(job(tmp_path, b"payload"), lambda step: None) is False
+    up, work = uploader(client), job(tmp_path, b"payload")
+    with pytest.raises(CatalogueUnavailableError):
+        upload(up, work)
+    assert upload(up, work) is False  # the retry finds the DID registered with our content
     assert len(client.replicas) == 1 and len(client.attached) == 1
+
+
+def test_a_replica_registered_meanwhile_with_our_content_is_accepted(client: Client, tmp_path: Path) -> None:
+    up, work = uploader(client), job(tmp_path, b"payload")
+    (url,) = up.locate([work])
+    assert isinstance(url, str)
+    up.store(work, url)
+    client.dids[("user.x", "f.dat")] = {"did_type": "FILE", "bytes": work.size, "adler32": work.adler32}
+    assert up.register([Registration(work, stored=True)], lambda step: None) == [None]
+    assert len(client.attached) == 1
 
 
 @pytest.mark.parametrize("fault", ["put-500", "short-on-storage", "bad-digest"])
@@ -183,7 +230,7 @@ def test_storage_failures_register_nothing(client: Client, storage: Storage, tmp
     else:
         storage.digest = "00000000"
     with pytest.raises(TransferError):
-        uploader(client).upload(job(tmp_path, b"payload"), lambda step: None)
+        upload(uploader(client), job(tmp_path, b"payload"))
     assert client.replicas == [] and "add_replicas" not in client.calls
 
 
@@ -191,8 +238,61 @@ def test_a_spool_file_that_changed_since_its_commit_is_detected(client: Client, 
     work = job(tmp_path, b"payload")
     work.path.write_bytes(b"PAYLOAD")
     with pytest.raises(SpoolChangedError):
-        uploader(client).upload(work, lambda step: None)
+        upload(uploader(client), work)
     assert client.replicas == []
+
+
+def test_a_batch_costs_one_call_per_step(client: Client, storage: Storage, tmp_path: Path) -> None:
+    up = uploader(client)
+    jobs = [job(tmp_path, f"payload {n}".encode(), f"f{n}.dat") for n in range(30)]
+    up.locate(jobs[:1])  # finds the RSE's write scheme (http here, after https and davs)
+    client.calls.clear()
+    urls = up.locate(jobs)
+    for work, url in zip(jobs, urls, strict=True):
+        assert isinstance(url, str)
+        up.store(work, url)
+    assert up.register([Registration(work, stored=True) for work in jobs], lambda step: None) == [None] * 30
+    assert client.calls.count("get_metadata_bulk") == 1 and client.calls.count("lfns2pfns") == 1
+    assert client.calls.count("add_replicas") == 1 and client.calls.count("attach_dids_to_dids") == 1
+    assert client.calls.count("add_replication_rule") == 1
+    assert len(storage.files) == len(client.replicas) == len(client.attached) == len(client.rules) == 30
+
+
+def test_a_batch_answers_each_file_in_its_place(client: Client, storage: Storage, tmp_path: Path) -> None:
+    up = uploader(client)
+    clash, fresh, done = (job(tmp_path, b"ours", "clash.dat"), job(tmp_path, b"new", "fresh.dat"),
+                          job(tmp_path, b"done", "done.dat"))
+    client.dids[("user.x", "clash.dat")] = {"did_type": "FILE", "bytes": 5, "adler32": "01234567"}
+    client.dids[("user.x", "done.dat")] = {"did_type": "FILE", "bytes": done.size, "adler32": done.adler32}
+    client.rules.append(("done.dat", "SCRATCH"))  # an earlier run got this far
+    conflict, url, registered = up.locate([clash, fresh, done])
+    assert isinstance(conflict, UploadConflictError) and isinstance(url, str) and registered is None
+    up.store(fresh, url)
+    assert up.register([Registration(fresh, True), Registration(done, False)], lambda step: None) == [None, None]
+    assert sorted(client.rules) == [("done.dat", "SCRATCH"), ("fresh.dat", "SCRATCH")]
+    assert len(client.attached) == 2
+
+
+def test_a_batch_refused_as_a_whole_is_asked_again_file_by_file(client: Client, tmp_path: Path) -> None:
+    up = uploader(client)
+    jobs = [job(tmp_path, f"payload {n}".encode(), f"f{n}.dat") for n in range(3)]
+    for work, url in zip(jobs, up.locate(jobs), strict=True):
+        assert isinstance(url, str)
+        up.store(work, url)
+    taken = jobs[1]  # someone registered the same content meanwhile: the batch is rolled back
+    client.dids[("user.x", taken.name)] = {"did_type": "FILE", "bytes": taken.size, "adler32": taken.adler32}
+    assert up.register([Registration(work, True) for work in jobs], lambda step: None) == [None] * 3
+    assert client.calls.count("add_replicas") == 4
+    assert sorted(f["name"] for _, f in client.replicas) == ["f0.dat", "f2.dat"]
+
+
+def test_an_unreachable_server_fails_the_batch_without_asking_file_by_file(client: Client, tmp_path: Path) -> None:
+    up = uploader(client)
+    jobs = [job(tmp_path, f"payload {n}".encode(), f"f{n}.dat") for n in range(5)]
+    client.down = True
+    errors = up.register([Registration(work, True) for work in jobs], lambda step: None)
+    assert all(isinstance(error, CatalogueUnavailableError) for error in errors)
+    assert client.calls.count("add_replicas") == 1
 
 
 def test_did_names_follow_rucios_schema() -> None:
@@ -206,5 +306,4 @@ def test_did_names_follow_rucios_schema() -> None:
 def test_without_an_upload_rse_nothing_happens(client: Client, tmp_path: Path) -> None:
     config = Config()
     with pytest.raises(TransferError, match="upload_rse"):
-        RucioUploader(RucioCatalogue(config, client_factory=lambda: client), config).upload(
-            job(tmp_path, b"x"), lambda step: None)
+        upload(RucioUploader(RucioCatalogue(config, client_factory=lambda: client), config), job(tmp_path, b"x"))

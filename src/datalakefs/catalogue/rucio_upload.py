@@ -5,19 +5,28 @@ when a re-run finds the file already on the RSE; and a WebDAV 409 (a missing par
 reported as ``FileReplicaAlreadyExists``. Neither is safe to resume after a crash, so the steps are
 done here, in an order where a kill at any instant leaves the lake correct:
 
-1. ``get_metadata(scope, name)``: the DID exists with the same size and adler32 → the bytes were
-   stored and registered by an earlier run (or by someone else: identical content), skip to step 5;
-   with other content → :class:`UploadConflictError`, never an overwrite.
-2. The PFN from the RSE's deterministic ``lfns2pfns`` (operation ``write``).
-3. ``PUT`` the spool file to the PFN, computing adler32 of the bytes as they are sent. No replica is
-   registered yet, so whatever an interrupted earlier attempt left at the PFN is overwritten.
-4. ``HEAD`` the PFN: the stored size must match (and the adler32, when the server sends a
-   ``Digest``). Only then ``add_replicas`` with state AVAILABLE, which creates the file DID and its
-   replica in one call. So no replica is ever COPYING, and none is registered without its bytes.
-5. Create ``scope:dataset`` when missing, attach the file, add a rule on the upload RSE (it keeps the
-   replica from the reaper) and the optional extra rule. Each tolerates "already done".
+1. :meth:`~RucioUploader.locate`, for a batch of files: ``get_metadata_bulk``. A DID that exists
+   with the same size and adler32 was stored and registered by an earlier run (or by someone else:
+   identical content), so it skips to step 4; with other content it is an
+   :class:`UploadConflictError`, never an overwrite. The others get their PFN from the RSE's
+   deterministic ``lfns2pfns`` (operation ``write``).
+2. :meth:`~RucioUploader.store`, one file: ``PUT`` the spool file to the PFN, computing adler32 of
+   the bytes as they are sent. No replica is registered yet, so whatever an interrupted earlier
+   attempt left at the PFN is overwritten. Then ``HEAD`` the PFN: the stored size must match (and the
+   adler32, when the server sends a ``Digest``).
+3. :meth:`~RucioUploader.register`, for a batch: only now ``add_replicas`` with state AVAILABLE,
+   which creates the file DIDs and their replicas in one call. So no replica is ever COPYING, and
+   none is registered without its bytes.
+4. Create each ``scope:dataset`` when missing, attach the files (duplicates ignored), add a rule on
+   the upload RSE (it keeps the replica from the reaper) and the optional extra rule. Each tolerates
+   "already done".
 
-Blocking: call from worker threads. One rucio client per call, borrowed from the catalogue's pool.
+A batch call the server refuses as a whole (Rucio runs each in one transaction) is made again file
+by file, so that each file gets its own answer; unless the server is unreachable or refuses our
+credentials, which every file would meet alike.
+
+Blocking: call from worker threads. One rucio client per call, borrowed from the catalogue's pool;
+one keep-alive HTTP session per worker thread for the PUTs.
 """
 
 from __future__ import annotations
@@ -25,16 +34,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from typing import BinaryIO, Final
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, BinaryIO, Final
 
 import requests
 from rucio.common import exception as rucio_exc
 from zlib_ng import zlib_ng
 
 from datalakefs.catalogue.rucio import RucioCatalogue
-from datalakefs.catalogue.upload import SpoolChangedError, StepHook, UploadConflictError, UploadJob
+from datalakefs.catalogue.upload import Registration, SpoolChangedError, StepHook, UploadConflictError, UploadJob
 from datalakefs.config import Config
-from datalakefs.errors import InvalidNameError, TransferError
+from datalakefs.errors import AccessDeniedError, DatalakeError, InvalidNameError, TransferError
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +55,12 @@ _NAME: Final = re.compile(r"^[/A-Za-z0-9][/A-Za-z0-9.\-_]*$")
 _NAME_LENGTH: Final = 250
 #: bytes per read of the PUT body (http.client asks for 8 KiB; larger reads cost fewer Python calls)
 _PUT_CHUNK: Final = 1 << 20
+#: LFNs per ``lfns2pfns`` call: they travel in the URL
+_LFNS_PER_CALL: Final = 50
 _WEBDAV_SCHEMES: Final = ("https", "davs", "http", "dav")
 _ALREADY: Final = (rucio_exc.FileReplicaAlreadyExists, rucio_exc.DataIdentifierAlreadyExists, rucio_exc.Duplicate)
-_ATTACHED: Final = (rucio_exc.FileAlreadyExists, rucio_exc.DuplicateContent, rucio_exc.Duplicate)
+#: failures of a batch call that every file of it would meet alike: no point asking file by file
+_SHARED_CAUSES: Final = (requests.ConnectionError, requests.Timeout, rucio_exc.ServerConnectionException)
 
 
 class RucioUploader:
@@ -60,59 +74,145 @@ class RucioUploader:
         self._timeout = config.http_timeout
         # datasets this uploader created or found: one add_dataset call per dataset, not per file
         self._datasets: set[tuple[str, str]] = set()
+        self._scheme: str | None = None  # the RSE's WebDAV scheme for writing, once found
+        self._http = threading.local()
 
     def check_name(self, name: str) -> None:
         check_did_name(name)
 
-    def upload(self, job: UploadJob, step: StepHook) -> bool:
+    # -- the steps (see the module doc) -------------------------------------------------------------
+
+    def locate(self, jobs: Sequence[UploadJob]) -> list[str | Exception | None]:
+        rse = self._upload_rse()
+        registered = self._registered(jobs)
+        pfns = self._pfns(rse, [job for job in jobs if _key(job) not in registered])
+        return [_conflict(job, registered[_key(job)]) if _key(job) in registered else pfns[_lfn(job)]
+                for job in jobs]
+
+    def store(self, job: UploadJob, url: str) -> None:
+        self._put(job, url)
+        self._verify_stored(job, url)
+
+    def register(self, registrations: Sequence[Registration], step: StepHook) -> list[Exception | None]:
+        self._upload_rse()
+        errors: dict[UploadJob, Exception] = {}
+        stored = [r.job for r in registrations if r.stored]
+        if stored:
+            errors.update(self._by_batch_or_each(stored, self._add_replicas))
+            step("registered")
+        errors.update(self._by_batch_or_each([r.job for r in registrations if r.job not in errors], self._attach))
+        step("attached")
+        return [errors.get(r.job) for r in registrations]
+
+    # -- catalogue calls --------------------------------------------------------------------------
+
+    def _upload_rse(self) -> str:
         if self._rse is None:
             raise TransferError("no upload_rse is configured: outbox files wait until one is")
-        stored = False
-        if not self._already_registered(job):
-            pfn = self._pfn(job)
-            self._put(job, pfn)
-            self._verify_stored(job, pfn)
-            step("stored")
-            stored = self._register(job)
-            step("registered")
-        self._attach(job)
-        step("attached")
-        return stored
+        return self._rse
 
-    # -- steps ------------------------------------------------------------------------------------
-
-    def _already_registered(self, job: UploadJob) -> bool:
+    def _registered(self, jobs: Sequence[UploadJob]) -> dict[tuple[str, str], Mapping[str, Any]]:
+        """The catalogue metadata of those of ``jobs`` whose DID exists."""
         with self._catalogue.borrow() as client:
             try:
-                meta = client.get_metadata(job.scope, job.name)
+                rows = list(client.get_metadata_bulk([{"scope": job.scope, "name": job.name} for job in jobs]))
             except rucio_exc.DataIdentifierNotFound:
-                return False
-        size = meta.get("bytes")
-        adler32 = meta.get("adler32")
-        if str(meta.get("did_type", "")).rsplit(".", 1)[-1] != "FILE" or size != job.size or adler32 != job.adler32:
-            raise UploadConflictError(
-                f"{job.scope}:{job.name} already exists in the catalogue with other content "
-                f"(size {size}, adler32 {adler32}; ours {job.size}, {job.adler32}): not overwritten"
-            )
-        return True
+                rows = []
+        return {(str(row["scope"]), str(row["name"])): row for row in rows}
 
-    def _pfn(self, job: UploadJob) -> str:
-        lfn = f"{job.scope}:{job.name}"
+    def _pfns(self, rse: str, jobs: Sequence[UploadJob]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        lfns = [_lfn(job) for job in jobs]
         with self._catalogue.borrow() as client:
-            for scheme in _WEBDAV_SCHEMES:
+            for start in range(0, len(lfns), _LFNS_PER_CALL):
+                found.update(self._write_pfns(client, rse, lfns[start : start + _LFNS_PER_CALL]))
+        return found
+
+    def _write_pfns(self, client: Any, rse: str, lfns: list[str]) -> dict[str, str]:
+        for scheme in sorted(_WEBDAV_SCHEMES, key=lambda known: known != self._scheme):
+            try:
+                pfns = client.lfns2pfns(rse, lfns, operation="write", scheme=scheme)
+            except (rucio_exc.RSEProtocolNotSupported, rucio_exc.RSEOperationNotSupported):
+                continue
+            self._scheme = scheme
+            return {lfn: str(pfns[lfn]) for lfn in lfns}
+        raise TransferError(f"RSE {rse} has no WebDAV protocol for writing")
+
+    def _add_replicas(self, jobs: Sequence[UploadJob]) -> None:
+        replicas = [{"scope": job.scope, "name": job.name, "bytes": job.size, "adler32": job.adler32, "state": "A"}
+                    for job in jobs]
+        with self._catalogue.borrow() as client:
+            try:
+                client.add_replicas(self._rse, replicas)
+            except _ALREADY:
+                if len(jobs) > 1:
+                    raise  # the whole batch was rolled back: it is asked again file by file
+                # registered concurrently, or the answer to our own earlier call was lost: same
+                # content is fine
+                conflict = _conflict(jobs[0], client.get_metadata(jobs[0].scope, jobs[0].name))
+                if conflict is not None:
+                    raise conflict from None
+
+    def _attach(self, jobs: Sequence[UploadJob]) -> None:
+        by_dataset: dict[tuple[str, str], list[dict[str, str]]] = {}
+        for job in jobs:
+            by_dataset.setdefault((job.scope, job.dataset), []).append({"scope": job.scope, "name": job.name})
+        files = [did for dids in by_dataset.values() for did in dids]
+        with self._catalogue.borrow() as client:
+            for scope, dataset in by_dataset.keys() - self._datasets:
+                with contextlib.suppress(rucio_exc.DataIdentifierAlreadyExists):
+                    client.add_dataset(scope, dataset)
+                self._datasets.add((scope, dataset))
+            attachments = [{"scope": scope, "name": dataset, "dids": dids}
+                           for (scope, dataset), dids in by_dataset.items()]
+            try:
+                client.attach_dids_to_dids(attachments, ignore_duplicate=True)
+            except rucio_exc.DataIdentifierNotFound:
+                self._datasets.difference_update(by_dataset)  # deleted meanwhile: created again on the retry
+                raise
+            for rse in dict.fromkeys(r for r in (self._rse, self._rule_rse) if r):
                 try:
-                    pfns = client.lfns2pfns(self._rse, [lfn], operation="write", scheme=scheme)
-                except (rucio_exc.RSEProtocolNotSupported, rucio_exc.RSEOperationNotSupported):
-                    continue
-                return str(pfns[lfn])
-        raise TransferError(f"RSE {self._rse} has no WebDAV protocol for writing")
+                    client.add_replication_rule(files, 1, rse)
+                except rucio_exc.DuplicateRule:
+                    # some file already has its rule (an earlier run): the batch was rolled back
+                    for did in files:
+                        with contextlib.suppress(rucio_exc.DuplicateRule):
+                            client.add_replication_rule([did], 1, rse)
+
+    @staticmethod
+    def _by_batch_or_each(
+        jobs: Sequence[UploadJob], call: Callable[[Sequence[UploadJob]], None]
+    ) -> dict[UploadJob, Exception]:
+        """``call`` over all ``jobs`` at once; if the server refuses that, over each job alone, so
+        that every job gets its own error (see the module doc)."""
+        try:
+            call(jobs)
+            return {}
+        except DatalakeError as exc:
+            if len(jobs) == 1 or isinstance(exc, AccessDeniedError) or isinstance(exc.__cause__, _SHARED_CAUSES):
+                return dict.fromkeys(jobs, exc)
+        errors: dict[UploadJob, Exception] = {}
+        for job in jobs:
+            try:
+                call([job])
+            except DatalakeError as exc:
+                errors[job] = exc
+        return errors
+
+    # -- storage calls ----------------------------------------------------------------------------
+
+    def _session(self) -> requests.Session:
+        session: requests.Session | None = getattr(self._http, "session", None)
+        if session is None:
+            session = self._http.session = requests.Session()
+        return session
 
     def _put(self, job: UploadJob, pfn: str) -> None:
         with open(job.path, "rb", buffering=0) as fh:
             body = Adler32Reader(fh, job.size)
             try:
-                answer = requests.put(pfn, data=body, verify=self._verify, timeout=self._timeout,
-                                      headers={"Content-Length": str(job.size)})
+                answer = self._session().put(pfn, data=body, verify=self._verify, timeout=self._timeout,
+                                             headers={"Content-Length": str(job.size)})
             except requests.RequestException as exc:
                 raise TransferError(f"PUT {_where(pfn)} failed: {exc}") from exc
         if answer.status_code not in (200, 201, 204):
@@ -125,8 +225,8 @@ class RucioUploader:
 
     def _verify_stored(self, job: UploadJob, pfn: str) -> None:
         try:
-            answer = requests.head(pfn, verify=self._verify, timeout=self._timeout,
-                                   headers={"Want-Digest": "adler32"})
+            answer = self._session().head(pfn, verify=self._verify, timeout=self._timeout,
+                                          headers={"Want-Digest": "adler32"})
         except requests.RequestException as exc:
             raise TransferError(f"HEAD {_where(pfn)} failed: {exc}") from exc
         if answer.status_code != 200:
@@ -138,34 +238,25 @@ class RucioUploader:
         if digest is not None and digest != job.adler32:
             raise TransferError(f"{_where(pfn)} has adler32 {digest} after the PUT, not {job.adler32}")
 
-    def _register(self, job: UploadJob) -> bool:
-        replica = {"scope": job.scope, "name": job.name, "bytes": job.size, "adler32": job.adler32, "state": "A"}
-        with self._catalogue.borrow() as client:
-            try:
-                client.add_replicas(self._rse, [replica])
-            except _ALREADY:
-                # registered concurrently (or the answer to our own call was lost): same content is fine
-                return not self._already_registered(job)
-        return True
 
-    def _attach(self, job: UploadJob) -> None:
-        file_did = [{"scope": job.scope, "name": job.name}]
-        dataset = (job.scope, job.dataset)
-        with self._catalogue.borrow() as client:
-            if dataset not in self._datasets:
-                with contextlib.suppress(rucio_exc.DataIdentifierAlreadyExists):
-                    client.add_dataset(job.scope, job.dataset)
-                self._datasets.add(dataset)
-            try:
-                client.attach_dids(job.scope, job.dataset, file_did)
-            except _ATTACHED:
-                pass
-            except rucio_exc.DataIdentifierNotFound:
-                self._datasets.discard(dataset)  # deleted meanwhile: created again on the retry
-                raise
-            for rse in dict.fromkeys(r for r in (self._rse, self._rule_rse) if r):
-                with contextlib.suppress(rucio_exc.DuplicateRule):
-                    client.add_replication_rule(file_did, 1, rse)
+def _key(job: UploadJob) -> tuple[str, str]:
+    return job.scope, job.name
+
+
+def _lfn(job: UploadJob) -> str:
+    return f"{job.scope}:{job.name}"
+
+
+def _conflict(job: UploadJob, meta: Mapping[str, Any]) -> UploadConflictError | None:
+    """None when the registered DID ``meta`` is ``job``'s file with the same content."""
+    size = meta.get("bytes")
+    adler32 = meta.get("adler32")
+    if str(meta.get("did_type", "")).rsplit(".", 1)[-1] == "FILE" and size == job.size and adler32 == job.adler32:
+        return None
+    return UploadConflictError(
+        f"{job.scope}:{job.name} already exists in the catalogue with other content "
+        f"(size {size}, adler32 {adler32}; ours {job.size}, {job.adler32}): not overwritten"
+    )
 
 
 def check_did_name(name: str) -> None:

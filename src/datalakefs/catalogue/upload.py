@@ -1,16 +1,23 @@
 """What the outbox needs from the lake to upload a file, in datalakefs' own types.
 
-Implementations block (HTTP and catalogue calls): the outbox calls them from worker threads.
-:meth:`Uploader.upload` must be idempotent: the outbox calls it again after a crash at any instant,
-and it must then neither register a second copy nor overwrite a different file. Errors: a DID that
-exists with other content raises :class:`UploadConflictError`; a name the catalogue's schema refuses
-``InvalidNameError``; everything else (server, storage, credentials, quota) is worth a retry.
+An upload is three steps, and the outbox runs them in this order for each file: :meth:`Uploader.locate`
+(is the DID already there, and where do its bytes go), :meth:`Uploader.store` (the bytes, verified),
+:meth:`Uploader.register` (replica, dataset attachment, rules). ``locate`` and ``register`` take many
+files at once: the outbox batches the files that reach the same step together, so that a thousand
+small files cost a few catalogue round trips per batch, not several per file.
+
+Implementations block (HTTP and catalogue calls): the outbox calls them from worker threads. Every
+step must be idempotent: the outbox runs them all again after a crash at any instant, and they must
+then neither register a second copy nor overwrite a different file. Errors: a DID that exists with
+other content is an :class:`UploadConflictError`; a name the catalogue's schema refuses an
+``InvalidNameError``; everything else (server, storage, credentials, quota) is worth a retry. The
+batch steps answer each file's error in its place, so one bad file never fails its neighbours.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -41,6 +48,15 @@ class UploadJob:
     adler32: str
 
 
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """Register ``job`` in the catalogue; ``stored`` when this attempt stored its bytes (its replica
+    is new), False when :meth:`Uploader.locate` found the DID already registered."""
+
+    job: UploadJob
+    stored: bool
+
+
 #: Called with the name of each step as it completes ("stored", "registered", "attached"); the crash
 #: tests kill the daemon there.
 StepHook = Callable[[str], None]
@@ -51,7 +67,15 @@ class Uploader(Protocol):
         """Raise ``InvalidNameError`` unless the catalogue accepts ``name`` as a DID name (no I/O)."""
         ...
 
-    def upload(self, job: UploadJob, step: StepHook) -> bool:
-        """Make ``job`` true in the lake; returns False when the file was already there (nothing
-        was transferred), True when its bytes were stored by this call."""
+    def locate(self, jobs: Sequence[UploadJob]) -> Sequence[str | Exception | None]:
+        """Per job: the URL to store its bytes at; None when its DID is already registered with the
+        same content (nothing to store); or its error (:class:`UploadConflictError` ...)."""
+        ...
+
+    def store(self, job: UploadJob, url: str) -> None:
+        """Send the bytes of ``job`` to ``url`` and verify what arrived (size, adler32)."""
+        ...
+
+    def register(self, registrations: Sequence[Registration], step: StepHook) -> Sequence[Exception | None]:
+        """Per registration: None once its replica is AVAILABLE, attached and ruled, else its error."""
         ...

@@ -9,10 +9,13 @@ Life of an outbox file (SPEC §5)::
 * ``writing`` lives in memory only: a file becomes an upload intent when a ``close()`` or ``fsync()``
   made it durable (:meth:`Outbox.commit`: fsync of the spool file, then a journal commit). Only then
   does the call return success.
-* The uploader runs at most ``upload_concurrency`` uploads, never one of a file that is open for
-  writing. A failure worth a retry (server, storage, credentials, quota) requeues the file with
-  exponential backoff and the reason visible; a conflict (the DID exists with other content) or a
-  name the catalogue refuses fails it until ``retry``.
+* The uploader moves the bytes of at most ``upload_concurrency`` files at once, never of a file that
+  is open for writing. The catalogue steps before and after (is the DID there, where do the bytes
+  go; register, attach, rule) are batched across files (outbox/batcher.py): a file is located
+  while still queued, and becomes ``uploading`` (unchangeable) when it gets a transfer slot.
+* A failure worth a retry (server, storage, credentials, quota) requeues the file with exponential
+  backoff and the reason visible; a conflict (the DID exists with other content) or a name the
+  catalogue refuses fails it until ``retry``.
 * After a restart every journal row is queued again; the uploader's steps are idempotent
   (catalogue/rucio_upload.py), so a resumed upload neither duplicates nor overwrites.
 
@@ -32,7 +35,7 @@ from typing import Any, Final
 import trio
 
 from datalakefs.catalogue.cached import CachedCatalogue
-from datalakefs.catalogue.upload import SpoolChangedError, UploadConflictError, Uploader, UploadJob
+from datalakefs.catalogue.upload import Registration, SpoolChangedError, UploadConflictError, Uploader, UploadJob
 from datalakefs.errors import (
     AlreadyExistsError,
     BusyError,
@@ -42,6 +45,7 @@ from datalakefs.errors import (
     NotFoundError,
 )
 from datalakefs.model import DID
+from datalakefs.outbox.batcher import Batcher
 from datalakefs.outbox.journal import Journal, Record, State, transition_hook
 from datalakefs.outbox.spool import SpoolFile, file_adler32
 
@@ -50,6 +54,11 @@ log = logging.getLogger(__name__)
 #: Retry delays: 1 s, 2 s, 4 s ... capped at 5 minutes.
 BACKOFF_BASE: Final = 1.0
 BACKOFF_CAP: Final = 300.0
+
+#: Seconds a "not registered yet" answer is trusted before a file's bytes are stored.
+LOCATION_FRESH: Final = 10.0
+#: Most files per catalogue call of the uploader's batch steps (locate, register).
+BATCH_LIMIT: Final = 200
 
 WRITING: Final = "writing"
 DONE: Final = "done"
@@ -124,14 +133,20 @@ class Outbox:
         self._uploader = uploader
         self._catalogue = catalogue
         self._spool_dir = spool_dir
-        self._concurrency = max(1, concurrency)
+        self._transfer_slots = trio.Semaphore(max(1, concurrency))
+        # files between queued and done; more than the transfer slots, so that locating them batches
+        self._pipeline: set[OutboxFile] = set()
+        self._pipeline_limit = max(1, concurrency) + BATCH_LIMIT
         self._reserve = reserve
         self._files: dict[tuple[str, str], OutboxFile] = {}  # (scope, name) → file
         self._datasets: set[tuple[str, str]] = set(journal.datasets())
         self._listeners: list[UploadListener] = []
-        self._in_flight = 0
         self._uploaded = 0
         self._wake = trio.Event()
+        self._locator: Batcher[UploadJob, str | None] = Batcher(uploader.locate, BATCH_LIMIT)
+        self._registrar: Batcher[Registration, None] = Batcher(
+            lambda registrations: uploader.register(registrations, _step_hook), BATCH_LIMIT
+        )
         self._resume(journal.uploads())
 
     def _resume(self, records: list[Record]) -> None:
@@ -326,53 +341,80 @@ class Outbox:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as uploads:
+            await uploads.start(self._locator.run)
+            await uploads.start(self._registrar.run)
             task_status.started()
             while True:
                 self._wake = trio.Event()
                 now = trio.current_time()
-                for file in self._ready(now):
-                    if self._in_flight >= self._concurrency:
-                        break
-                    file.state = State.UPLOADING.value
-                    self._in_flight += 1
+                for file in self._ready(now)[: self._pipeline_limit - len(self._pipeline)]:
+                    self._pipeline.add(file)
                     uploads.start_soon(self._upload, file)
                 with trio.move_on_at(self._next_retry(now)):
                     await self._wake.wait()
 
     def _ready(self, now: float) -> list[OutboxFile]:
         return [f for f in self._files.values()
-                if f.state == State.QUEUED.value and f.writers == 0 and f.next_try <= now and not f.dirty]
+                if f.state == State.QUEUED.value and f.writers == 0 and f.next_try <= now and not f.dirty
+                and f not in self._pipeline]
 
     def _next_retry(self, now: float) -> float:
         waiting = [f.next_try for f in self._files.values() if f.state == State.QUEUED.value and f.next_try > now]
         return min(waiting, default=now + 3600.0)
 
     async def _upload(self, file: OutboxFile) -> None:
+        """One file through the uploader's steps.
+
+        It is located while still queued, together with the other files ready then; a write or an
+        ``rm`` meanwhile makes this attempt moot (the next commit queues the file again). It becomes
+        ``uploading``, and unchangeable, only once it holds one of the ``concurrency`` transfer slots;
+        it gives the slot back when its bytes are stored, and its registration waits for the next
+        batch.
+        """
         assert file.upload_id is not None
+        version, stored = file.version, False
         try:
             adler32 = await self._checksum(file)
-            await trio.to_thread.run_sync(self._journal.set_state, file.upload_id, State.UPLOADING, "", adler32)
             job = UploadJob(file.scope, file.dataset, file.name, file.spool.path, file.size, adler32)
-            log.info("event=upload-start did=%s dataset=%s bytes=%d", file.did, file.dataset, file.size)
-            stored = await trio.to_thread.run_sync(self._uploader.upload, job, _step_hook, abandon_on_cancel=True)
+            url, located = await self._locator.submit(job), trio.current_time()
+            async with self._transfer_slots:
+                if not self._unchanged(file, version):
+                    return
+                file.state = State.UPLOADING.value
+                await trio.to_thread.run_sync(self._journal.set_state, file.upload_id, State.UPLOADING, "", adler32)
+                log.info("event=upload-start did=%s dataset=%s bytes=%d", file.did, file.dataset, file.size)
+                if trio.current_time() - located > LOCATION_FRESH:
+                    # the name may have been registered since (with other bytes at the same PFN, which
+                    # a PUT would overwrite): ask again, unless the answer is recent
+                    url = await self._locator.submit(job)
+                if url is not None:
+                    await trio.to_thread.run_sync(self._uploader.store, job, url, abandon_on_cancel=True)
+                    stored = True
+                    _step_hook("stored")
+            await self._registrar.submit(Registration(job, stored))
         except (UploadConflictError, InvalidNameError) as exc:
-            await self._fail(file, str(exc))
+            await self._fail(file, version, str(exc))
         except SpoolChangedError as exc:
             file.adler32 = None
-            await self._requeue(file, str(exc))
+            await self._requeue(file, version, str(exc))
         except DatalakeError as exc:
-            await self._requeue(file, str(exc))
+            await self._requeue(file, version, str(exc))
         except OSError as exc:  # the spool file itself (HTTP errors arrive as DatalakeErrors)
-            await self._fail(file, f"spool file {file.spool.path} unreadable: {exc.strerror or exc}")
+            await self._fail(file, version, f"spool file {file.spool.path} unreadable: {exc.strerror or exc}")
         except Exception as exc:
             log.exception("event=upload-bug did=%s", file.did)
-            await self._requeue(file, f"{type(exc).__name__}: {exc}")
+            await self._requeue(file, version, f"{type(exc).__name__}: {exc}")
         else:
             await trio.to_thread.run_sync(self._journal.finish, file.upload_id)
             self._finished(file, stored)
         finally:
-            self._in_flight -= 1
+            self._pipeline.discard(file)
             self._wake.set()
+
+    @staticmethod
+    def _unchanged(file: OutboxFile, version: int) -> bool:
+        """``file`` still holds the bytes an upload attempt started with, and nobody is writing it."""
+        return not file.removed and file.version == version and file.writers == 0 and file.state != WRITING
 
     async def _checksum(self, file: OutboxFile) -> str:
         """The journal's adler32, or one pass over the spool file when writes were not sequential."""
@@ -384,14 +426,18 @@ class Outbox:
         file.adler32 = adler32
         return adler32
 
-    async def _fail(self, file: OutboxFile, reason: str) -> None:
+    async def _fail(self, file: OutboxFile, version: int, reason: str) -> None:
         assert file.upload_id is not None
+        if not self._unchanged(file, version):
+            return  # the failure was of bytes that are gone: the new ones get their own attempt
         log.warning("event=upload-failed did=%s reason=%s", file.did, reason)
         await trio.to_thread.run_sync(self._journal.set_state, file.upload_id, State.FAILED, reason)
         file.state, file.error = State.FAILED.value, reason
 
-    async def _requeue(self, file: OutboxFile, reason: str) -> None:
+    async def _requeue(self, file: OutboxFile, version: int, reason: str) -> None:
         assert file.upload_id is not None
+        if not self._unchanged(file, version):
+            return
         file.attempts += 1
         delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (file.attempts - 1))
         log.warning("event=upload-retry did=%s attempt=%d in_s=%.0f reason=%s", file.did, file.attempts, delay,
