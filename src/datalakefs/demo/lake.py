@@ -10,6 +10,9 @@ listens on ``*`` and accepts loopback clients only, ``xrd.allow host localhost``
        2    fts               fts         FTS3-REST test shim, http
        3    dav_http          dav         the same nginx, plain http
        4    postgres          postgres    PostgreSQL (private cluster)
+       5    rucio_https       rucio-tls   the Rucio server app again, https (a second gunicorn): it
+                                          verifies client certificates and proxies against the demo
+                                          CA, for rucio's x509 and x509_proxy auth
       10    origin_root       origin      XRootD origin of LAKE-ORIGIN, root://
       11    origin_http       origin      the same origin, http (XrdHttp)
       12    xcache_root       xcache      XCache in front of the origin (fixed origin), root://
@@ -48,6 +51,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import string
 import subprocess
@@ -61,7 +65,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
-from datalakefs.demo.status import Knobs, LakeStatus, Seed, ServiceStatus
+from datalakefs.demo.status import Knobs, LakeStatus, Seed, ServiceStatus, X509Access
+from datalakefs.demo.x509 import USER_DN, X509Error, X509Files, ensure_credentials
 
 DEFAULT_STATE_DIR: Final = ".demo"
 DEFAULT_PORT_BASE: Final = 38000
@@ -74,6 +79,7 @@ PORT_OFFSETS: Final[Mapping[str, int]] = MappingProxyType(
         "fts": 2,
         "dav_http": 3,
         "postgres": 4,
+        "rucio_https": 5,
         "origin_root": 10,
         "origin_http": 11,
         "xcache_root": 12,
@@ -135,6 +141,10 @@ SERVICES: Final[tuple[ServiceSpec, ...]] = (
     ServiceSpec("dav", "nginx WebDAV (SCRATCH, LAKE-ORIGIN https)", ("dav_https", "dav_http")),
     ServiceSpec("fts", "FTS3-REST test shim", ("fts",), http_path="/"),
     ServiceSpec("rucio", "Rucio REST server (gunicorn)", ("rucio",), http_path="/ping", depends_on=("postgres",)),
+    ServiceSpec(
+        "rucio-tls", "Rucio REST server, https with client certificates (x509 auth)", ("rucio_https",),
+        depends_on=("postgres",),
+    ),
     ServiceSpec(
         "daemons",
         "Rucio daemons loop (conveyor, judge, reaper)",
@@ -235,6 +245,11 @@ class Layout:
     @property
     def x509_proxy(self) -> Path:
         return self.etc / "x509up"
+
+    @property
+    def x509(self) -> X509Files:
+        """The demo CA, the TLS front's certificate, the user certificate and its RFC 3820 proxy."""
+        return X509Files(self.etc / "x509")
 
     @property
     def datalakefs_config(self) -> Path:
@@ -631,6 +646,7 @@ class Lake:
             "token_http": f"http://127.0.0.1:{p['token_http']}",
             "guard_http": f"http://127.0.0.1:{p['guard_http']}",
             "postgres": f"postgresql://rucio@127.0.0.1:{p['postgres']}/rucio",
+            "rucio_https": f"https://127.0.0.1:{p['rucio_https']}",
         }
 
     def scratch_pfn_prefixes(self) -> tuple[str, ...]:
@@ -720,6 +736,19 @@ class Lake:
             seed=self.read_seed(),
             env=self.client_env(),
             token_command=self.token_command(),
+            x509=self.x509_access(),
+        )
+
+    def x509_access(self) -> X509Access:
+        """What a rucio client needs for x509 / x509_proxy authentication at the TLS front."""
+        files = self.layout.x509
+        return X509Access(
+            auth_host=self.urls()["rucio_https"],
+            ca_cert=files.ca_cert,
+            user_cert=files.user_cert,
+            user_key=files.user_key,
+            proxy=files.proxy,
+            dn=USER_DN,
         )
 
     # ------------------------------------------------------------------------------------------- up
@@ -812,7 +841,8 @@ class Lake:
             _chown(path, self.run_as.xrootd)
         layout.pg.mkdir(parents=True, exist_ok=True)
         _chown(layout.pg, self.run_as.postgres)
-        for asset in ("daemons.py", "fts_shim.py", "bootstrap.py", "token_kit.py"):
+        for asset in ("daemons.py", "fts_shim.py", "bootstrap.py", "token_kit.py", "rucio_x509_front.py",
+                      "rucio_tls_gunicorn.py"):
             shutil.copyfile(ASSETS / asset, layout.lib / asset)
 
     @staticmethod
@@ -978,6 +1008,7 @@ class Lake:
                 ),
             )
         self._write_token_configs()
+        self._ensure_x509()
         if not layout.knobs.exists():
             self.write_knobs(Knobs())
         self.write_datalakefs_config()
@@ -1021,6 +1052,14 @@ class Lake:
         )
         for path in (keycache.parent, keycache):
             _chown(path, self.run_as.xrootd)
+
+    def _ensure_x509(self) -> None:
+        """The demo CA, the TLS front's certificate, the user certificate and its proxy (made once)."""
+        files = self.layout.x509
+        try:
+            ensure_credentials(files, _require("openssl"))
+        except X509Error as exc:
+            raise DemoError(f"could not make the demo X.509 credentials in {files.directory}: {exc}") from None
 
     def token_command(self) -> tuple[str, ...]:
         """argv that prints a valid bearer token for the token origin and the guard; append
@@ -1244,6 +1283,44 @@ class Lake:
                  "-c", str(layout.etc / "nginx-guard.conf")],
                 cwd=layout.run,
                 env=_clean_env(),
+            )
+        elif spec.name == "rucio-tls":
+            x509 = layout.x509
+            self._spawn(
+                "rucio-tls",
+                [
+                    str(layout.venv / "bin" / "gunicorn"),
+                    "--config",
+                    str(layout.lib / "rucio_tls_gunicorn.py"),
+                    "--pythonpath",
+                    str(layout.lib),
+                    "--bind",
+                    f"127.0.0.1:{p['rucio_https']}",
+                    "--certfile",
+                    str(x509.host_cert),
+                    "--keyfile",
+                    str(x509.host_key),
+                    "--ca-certs",
+                    str(x509.ca_cert),
+                    "--cert-reqs",
+                    str(int(ssl.CERT_OPTIONAL)),
+                    "--workers",
+                    "1",
+                    "--threads",
+                    "4",
+                    "--timeout",
+                    "300",
+                    "--graceful-timeout",
+                    "3",
+                    "--no-control-socket",
+                    "--access-logfile",
+                    str(layout.log / "rucio-tls-access.log"),
+                    "--error-logfile",
+                    str(layout.log / "rucio-tls-server.log"),
+                    "rucio_x509_front:application",
+                ],
+                cwd=layout.run,
+                env=server_env,
             )
         elif spec.name == "dav":
             self._spawn(
