@@ -112,6 +112,7 @@ def test_status_of_a_lake_that_is_not_up(demo_cli: Demo) -> None:
         "dav",
         "fts",
         "rucio",
+        "rucio-tls",
         "daemons",
     }
     assert all(not s.healthy and s.pid is None for s in status.services.values())

@@ -40,9 +40,11 @@ the PostgreSQL cluster, the RSE trees and the XCache disks. Invariants:
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import pwd
@@ -664,6 +666,28 @@ class Lake:
             "DATALAKEFS_CONFIG": str(self.layout.datalakefs_config),
             STATE_ENV: str(self.layout.root),
         }
+
+    def x509_rucio_config(self, *, proxy: bool) -> str:
+        """The lake's rucio.cfg for ``x509`` auth (user certificate and key), or ``x509_proxy`` auth
+        (the RFC 3820 proxy) when ``proxy``: authentication at the TLS front, the API at plain http."""
+        access = self.x509_access()
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(self.layout.client_config)
+        client = parser["client"]
+        for key in ("username", "password", "auth_token_file_path"):  # the token file holds userpass's token
+            client.pop(key, None)
+        client["auth_host"] = access.auth_host
+        client["ca_cert"] = str(access.ca_cert)
+        if proxy:
+            client["auth_type"] = "x509_proxy"
+            client["client_x509_proxy"] = str(access.proxy)
+        else:
+            client["auth_type"] = "x509"
+            client["client_cert"] = str(access.user_cert)
+            client["client_key"] = str(access.user_key)
+        text = io.StringIO()
+        parser.write(text)
+        return f"# rucio.cfg for {client['auth_type']} auth at the demo lake's TLS front\n{text.getvalue()}"
 
     def read_knobs(self) -> Knobs:
         try:
