@@ -127,6 +127,8 @@ def _render_status(st: LakeStatus) -> str:
         lines.append(f"  {svc.name:<11} {'ok  ' if svc.healthy else 'DOWN'} pid {pid!s:<8} {ports}")
     lines.append(f"  rucio config      {st.rucio_config}")
     lines.append(f"  datalakefs config {st.datalakefs_config}")
+    if st.x509 is not None:
+        lines.append(f"  x509 auth         {st.x509.auth_host} (datalakefs demo rucio-cfg --x509|--x509-proxy)")
     mount = "-" if st.mountpoint is None else f"{st.mountpoint} ({'mounted' if st.mounted else 'not mounted'})"
     lines.append(f"  mount             {mount}")
     knobs = st.knobs

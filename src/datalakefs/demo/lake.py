@@ -145,7 +145,7 @@ SERVICES: Final[tuple[ServiceSpec, ...]] = (
     ServiceSpec("rucio", "Rucio REST server (gunicorn)", ("rucio",), http_path="/ping", depends_on=("postgres",)),
     ServiceSpec(
         "rucio-tls", "Rucio REST server, https with client certificates (x509 auth)", ("rucio_https",),
-        depends_on=("postgres",),
+        http_path="/ping", depends_on=("postgres",),
     ),
     ServiceSpec(
         "daemons",
@@ -462,9 +462,15 @@ def _tcp_open(port: int, timeout: float = 0.5) -> bool:
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _http_ok(url: str, timeout: float = 3.0) -> bool:
+def _http_ok(url: str, timeout: float = 3.0, ca_file: Path | None = None) -> bool:
+    """True when ``url`` answers below 500; https is verified against ``ca_file``."""
+    opener = _DIRECT
+    if ca_file is not None:
+        context = ssl.create_default_context(cafile=str(ca_file))
+        tls = urllib.request.HTTPSHandler(context=context)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), tls)
     try:
-        with _DIRECT.open(url, timeout=timeout) as resp:
+        with opener.open(url, timeout=timeout) as resp:
             return bool(resp.status < 500)
     except urllib.error.HTTPError as err:
         return err.code < 500
@@ -623,7 +629,8 @@ class Lake:
         if not all(_tcp_open(port) for port in ports.values()):
             return False
         if spec.http_path is not None:
-            return _http_ok(f"http://127.0.0.1:{self.ports[spec.ports[0]]}{spec.http_path}")
+            url = self.urls()[spec.ports[0]] + spec.http_path
+            return _http_ok(url, ca_file=self.layout.x509.ca_cert if url.startswith("https:") else None)
         if spec.heartbeat:
             try:
                 return time.time() - self.layout.heartbeat.stat().st_mtime < HEARTBEAT_MAX_AGE
