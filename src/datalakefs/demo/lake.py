@@ -1317,42 +1317,16 @@ class Lake:
             )
         elif spec.name == "rucio-tls":
             x509 = layout.x509
-            self._spawn(
-                "rucio-tls",
-                [
-                    str(layout.venv / "bin" / "gunicorn"),
-                    "--config",
-                    str(layout.lib / "rucio_tls_gunicorn.py"),
-                    "--pythonpath",
-                    str(layout.lib),
-                    "--bind",
-                    f"127.0.0.1:{p['rucio_https']}",
-                    "--certfile",
-                    str(x509.host_cert),
-                    "--keyfile",
-                    str(x509.host_key),
-                    "--ca-certs",
-                    str(x509.ca_cert),
-                    "--cert-reqs",
-                    str(int(ssl.CERT_OPTIONAL)),
-                    "--workers",
-                    "1",
-                    "--threads",
-                    "4",
-                    "--timeout",
-                    "300",
-                    "--graceful-timeout",
-                    "3",
-                    "--no-control-socket",
-                    "--access-logfile",
-                    str(layout.log / "rucio-tls-access.log"),
-                    "--error-logfile",
-                    str(layout.log / "rucio-tls-server.log"),
-                    "rucio_x509_front:application",
-                ],
-                cwd=layout.run,
-                env=server_env,
-            )
+            tls = [
+                "--config", str(layout.lib / "rucio_tls_gunicorn.py"),
+                "--pythonpath", str(layout.lib),
+                "--certfile", str(x509.host_cert),
+                "--keyfile", str(x509.host_key),
+                "--ca-certs", str(x509.ca_cert),
+                "--cert-reqs", str(int(ssl.CERT_OPTIONAL)),
+            ]
+            argv = self._gunicorn("rucio-tls", "rucio_https", "rucio_x509_front:application", workers=1, extra=tls)
+            self._spawn("rucio-tls", argv, cwd=layout.run, env=server_env)
         elif spec.name == "dav":
             self._spawn(
                 "dav",
@@ -1387,30 +1361,8 @@ class Lake:
                 env=_clean_env(),
             )
         elif spec.name == "rucio":
-            self._spawn(
-                "rucio",
-                [
-                    str(layout.venv / "bin" / "gunicorn"),
-                    "--bind",
-                    f"127.0.0.1:{p['rucio']}",
-                    "--workers",
-                    "2",
-                    "--threads",
-                    "4",
-                    "--timeout",
-                    "300",
-                    "--graceful-timeout",
-                    "3",
-                    "--no-control-socket",
-                    "--access-logfile",
-                    str(layout.log / "rucio-access.log"),
-                    "--error-logfile",
-                    str(layout.log / "rucio-server.log"),
-                    "rucio.web.rest.flaskapi.v1.main:application",
-                ],
-                cwd=layout.run,
-                env=server_env,
-            )
+            argv = self._gunicorn("rucio", "rucio", "rucio.web.rest.flaskapi.v1.main:application", workers=2)
+            self._spawn("rucio", argv, cwd=layout.run, env=server_env)
         elif spec.name == "daemons":
             layout.heartbeat.unlink(missing_ok=True)
             self._spawn(
@@ -1428,6 +1380,25 @@ class Lake:
             )
         else:
             raise AssertionError(f"no command for service {spec.name}")
+
+    def _gunicorn(
+        self, name: str, port_key: str, app: str, *, workers: int, extra: Sequence[str] = ()
+    ) -> list[str]:
+        """argv of a gunicorn serving ``app`` on ``port_key``, logging to log/<name>-{access,server}.log."""
+        log = self.layout.log
+        return [
+            str(self.layout.venv / "bin" / "gunicorn"),
+            *extra,
+            "--bind", f"127.0.0.1:{self.ports[port_key]}",
+            "--workers", str(workers),
+            "--threads", "4",
+            "--timeout", "300",
+            "--graceful-timeout", "3",
+            "--no-control-socket",
+            "--access-logfile", str(log / f"{name}-access.log"),
+            "--error-logfile", str(log / f"{name}-server.log"),
+            app,
+        ]
 
     def _wait_healthy(self, started: Sequence[str], step: ProgressFn, timeout: float = 120) -> None:
         """Wait until every service is healthy; the ones in ``started`` are announced when they are."""
