@@ -390,8 +390,9 @@ def test_only_a_verified_certificate_names_the_x509_client(lake: LakeStatus) -> 
     for url, tls in ((f"{lake.urls['rucio']}/auth/x509", None), (f"{lake.x509.auth_host}/auth/x509", context)):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(urllib.request.Request(url, headers=forged), timeout=30, context=tls)
-        assert refused.value.code == 401
-        assert refused.value.headers["ExceptionMessage"] == "Cannot get DN"
+        with refused.value as answer:  # closes its connection
+            assert answer.code == 401
+            assert answer.headers["ExceptionMessage"] == "Cannot get DN"
     context.load_cert_chain(str(lake.x509.user_cert), str(lake.x509.user_key))
     with urllib.request.urlopen(f"{lake.x509.auth_host}/auth/x509", timeout=30, context=context) as granted:
         assert granted.headers["X-Rucio-Auth-Account"] == "root"

@@ -473,7 +473,8 @@ def _http_ok(url: str, timeout: float = 3.0, ca_file: Path | None = None) -> boo
         with opener.open(url, timeout=timeout) as resp:
             return bool(resp.status < 500)
     except urllib.error.HTTPError as err:
-        return err.code < 500
+        with err:  # closes its connection
+            return err.code < 500
     except (OSError, ValueError):
         return False
 
