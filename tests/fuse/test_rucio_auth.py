@@ -142,7 +142,7 @@ def test_x509_proxy_from_the_demo_rucio_cfg(
     mount = new_mount(f"rucio_config={config}")
     mount.start()
     assert set(lake.seed.scopes) <= set(os.listdir(mount.mountpoint))
-    assert front_log(lake).count('"GET /auth/x509_proxy HTTP/1.1" 200') == granted_before + 1
+    assert front_log(lake).count('"GET /auth/x509_proxy HTTP/1.1" 200') >= granted_before + 1
     assert (private_dir(mount) / "rucio" / "auth_token_for_account_root").is_file()
 
 
