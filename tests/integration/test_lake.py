@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
@@ -112,6 +113,7 @@ def test_status_of_a_lake_that_is_not_up(demo_cli: Demo) -> None:
         "dav",
         "fts",
         "rucio",
+        "rucio-tls",
         "daemons",
     }
     assert all(not s.healthy and s.pid is None for s in status.services.values())
@@ -377,6 +379,23 @@ def test_delay_knob_holds_a_transfer_while_the_lake_runs(
     assert time.monotonic() - started >= delay
     cleared = demo_cli("knobs", "--clear", port_base=None)
     assert json.loads(cleared.stdout) == {"delay": 0.0, "fail": None}
+
+
+@pytest.mark.lake
+def test_only_a_verified_certificate_names_the_x509_client(lake: LakeStatus) -> None:
+    """Rucio takes the x509 DN from the TLS front's verified certificate, never from a header."""
+    assert lake.x509 is not None
+    forged = {"X-SSL-Client-S-DN": lake.x509.dn, "SSL-Client-S-DN": lake.x509.dn, "SSL_CLIENT_S_DN": lake.x509.dn}
+    context = ssl.create_default_context(cafile=str(lake.x509.ca_cert))
+    for url, tls in ((f"{lake.urls['rucio']}/auth/x509", None), (f"{lake.x509.auth_host}/auth/x509", context)):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(url, headers=forged), timeout=30, context=tls)
+        with refused.value as answer:  # closes its connection
+            assert answer.code == 401
+            assert answer.headers["ExceptionMessage"] == "Cannot get DN"
+    context.load_cert_chain(str(lake.x509.user_cert), str(lake.x509.user_key))
+    with urllib.request.urlopen(f"{lake.x509.auth_host}/auth/x509", timeout=30, context=context) as granted:
+        assert granted.headers["X-Rucio-Auth-Account"] == "root"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -251,6 +251,11 @@ def test_bad_query_filters(text: str) -> None:
         ),
         (rucio_exc.DatabaseException("db gone"), CatalogueUnavailableError, "db gone"),
         (requests.ConnectionError("Connection refused"), CatalogueUnavailableError, "cannot be reached"),
+        (
+            requests.exceptions.SSLError("[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca"),
+            AccessDeniedError,
+            "a certificate was not accepted: [SSL: TLSV1_ALERT_UNKNOWN_CA]",
+        ),
         (requests.ReadTimeout("read timed out"), CatalogueUnavailableError, "did not answer in time"),
         (
             requests.exceptions.ChunkedEncodingError("broken stream"),

@@ -2,7 +2,8 @@
 
 It implements :class:`~datalakefs.catalogue.base.Catalogue` on top of rucio's ``Client``, turns
 rucio's dicts into our frozen types right here, and translates every failure at this boundary:
-unknown DIDs or scopes raise ``NotFoundError``; refused credentials ``AccessDeniedError``; a server
+unknown DIDs or scopes raise ``NotFoundError``; refused credentials (also a TLS handshake that
+fails over a certificate) ``AccessDeniedError``; a server
 that cannot be reached, times out or fails ``CatalogueUnavailableError``; a filter or name that the
 server's schema refuses ``InvalidNameError``; an unusable rucio configuration ``ConfigError``. Error
 texts name the server and the reason, never a token.
@@ -459,6 +460,10 @@ def translate_error(exc: BaseException, server: str, secrets: Sequence[str] = ()
         return InvalidNameError(f"{server} refused the request: {reason}")
     if isinstance(exc, _CONFIG):
         return ConfigError(f"rucio client configuration: {reason}")
+    if isinstance(exc, requests.exceptions.SSLError):
+        # a certificate problem, not an outage: our client certificate or proxy was not accepted by
+        # the server (x509 auth), or the server's was not trusted by ``ca_cert``; retrying cannot help
+        return AccessDeniedError(f"{server}: TLS handshake failed, a certificate was not accepted: {reason}")
     if isinstance(exc, requests.Timeout):
         return CatalogueUnavailableError(f"{server} did not answer in time: {reason}")
     if isinstance(exc, requests.ConnectionError | rucio_exc.ServerConnectionException):

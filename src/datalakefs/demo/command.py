@@ -4,6 +4,7 @@
     down                             unmount, stop every process by PID, check no port is left open
     status [--json]                  services (pid, port, healthy), config paths, mount, seed roles
     env                              shell exports to use the lake with the rucio CLI
+    rucio-cfg --x509 | --x509-proxy  a rucio.cfg for certificate (or proxy) auth at the TLS front
     knobs [--delay S] [--fail RE | --clear]   FTS shim test knobs, changed while the lake runs
     token [--expired | --wrong-key] [--lifetime S]   a bearer token for the token-protected storage
     mount MOUNTPOINT                 datalakefs mount --config <state>/etc/datalakefs.toml MOUNTPOINT
@@ -72,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="report services, paths and seed roles")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("env", parents=[common], help="print shell exports for the rucio CLI")
+    rucio_cfg = sub.add_parser("rucio-cfg", parents=[common], help="print a rucio.cfg for x509 or x509_proxy auth")
+    auth = rucio_cfg.add_mutually_exclusive_group(required=True)
+    auth.add_argument("--x509", action="store_true", help="the demo user certificate and key")
+    auth.add_argument("--x509-proxy", action="store_true", help="an RFC 3820 proxy of the demo user certificate")
     knobs = sub.add_parser("knobs", parents=[common], help="show or set the FTS shim's test knobs")
     knobs.add_argument("--delay", type=float, default=None, help="seconds to wait before each file copy")
     which = knobs.add_mutually_exclusive_group()
@@ -122,6 +127,8 @@ def _render_status(st: LakeStatus) -> str:
         lines.append(f"  {svc.name:<11} {'ok  ' if svc.healthy else 'DOWN'} pid {pid!s:<8} {ports}")
     lines.append(f"  rucio config      {st.rucio_config}")
     lines.append(f"  datalakefs config {st.datalakefs_config}")
+    if st.x509 is not None:
+        lines.append(f"  x509 auth         {st.x509.auth_host} (datalakefs demo rucio-cfg --x509|--x509-proxy)")
     mount = "-" if st.mountpoint is None else f"{st.mountpoint} ({'mounted' if st.mounted else 'not mounted'})"
     lines.append(f"  mount             {mount}")
     knobs = st.knobs
@@ -158,6 +165,13 @@ def cmd_status(lake: Lake, args: argparse.Namespace) -> int:
 def cmd_env(lake: Lake, _args: argparse.Namespace) -> int:
     for key, value in lake.client_env().items():
         print(f"export {key}={shlex.quote(value)}")
+    return 0
+
+
+def cmd_rucio_cfg(lake: Lake, args: argparse.Namespace) -> int:
+    if not lake.layout.x509.proxy.exists():
+        raise DemoError("the lake has no X.509 credentials yet: run `datalakefs demo up` first")
+    print(lake.x509_rucio_config(proxy=args.x509_proxy), end="")
     return 0
 
 
@@ -259,6 +273,7 @@ COMMANDS = {
     "down": cmd_down,
     "status": cmd_status,
     "env": cmd_env,
+    "rucio-cfg": cmd_rucio_cfg,
     "knobs": cmd_knobs,
     "token": cmd_token,
     "mount": cmd_mount,

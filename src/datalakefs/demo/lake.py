@@ -10,6 +10,9 @@ listens on ``*`` and accepts loopback clients only, ``xrd.allow host localhost``
        2    fts               fts         FTS3-REST test shim, http
        3    dav_http          dav         the same nginx, plain http
        4    postgres          postgres    PostgreSQL (private cluster)
+       5    rucio_https       rucio-tls   the Rucio server app again, https (a second gunicorn): it
+                                          verifies client certificates and proxies against the demo
+                                          CA, for rucio's x509 and x509_proxy auth
       10    origin_root       origin      XRootD origin of LAKE-ORIGIN, root://
       11    origin_http       origin      the same origin, http (XrdHttp)
       12    xcache_root       xcache      XCache in front of the origin (fixed origin), root://
@@ -37,9 +40,11 @@ the PostgreSQL cluster, the RSE trees and the XCache disks. Invariants:
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import pwd
@@ -48,6 +53,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import string
 import subprocess
@@ -61,7 +67,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
-from datalakefs.demo.status import Knobs, LakeStatus, Seed, ServiceStatus
+from datalakefs.demo.status import Knobs, LakeStatus, Seed, ServiceStatus, X509Access
+from datalakefs.demo.x509 import USER_DN, X509Error, X509Files, ensure_credentials
 
 DEFAULT_STATE_DIR: Final = ".demo"
 DEFAULT_PORT_BASE: Final = 38000
@@ -74,6 +81,7 @@ PORT_OFFSETS: Final[Mapping[str, int]] = MappingProxyType(
         "fts": 2,
         "dav_http": 3,
         "postgres": 4,
+        "rucio_https": 5,
         "origin_root": 10,
         "origin_http": 11,
         "xcache_root": 12,
@@ -135,6 +143,10 @@ SERVICES: Final[tuple[ServiceSpec, ...]] = (
     ServiceSpec("dav", "nginx WebDAV (SCRATCH, LAKE-ORIGIN https)", ("dav_https", "dav_http")),
     ServiceSpec("fts", "FTS3-REST test shim", ("fts",), http_path="/"),
     ServiceSpec("rucio", "Rucio REST server (gunicorn)", ("rucio",), http_path="/ping", depends_on=("postgres",)),
+    ServiceSpec(
+        "rucio-tls", "Rucio REST server, https with client certificates (x509 auth)", ("rucio_https",),
+        http_path="/ping", depends_on=("postgres",),
+    ),
     ServiceSpec(
         "daemons",
         "Rucio daemons loop (conveyor, judge, reaper)",
@@ -235,6 +247,11 @@ class Layout:
     @property
     def x509_proxy(self) -> Path:
         return self.etc / "x509up"
+
+    @property
+    def x509(self) -> X509Files:
+        """The demo CA, the TLS front's certificate, the user certificate and its RFC 3820 proxy."""
+        return X509Files(self.etc / "x509")
 
     @property
     def datalakefs_config(self) -> Path:
@@ -445,12 +462,19 @@ def _tcp_open(port: int, timeout: float = 0.5) -> bool:
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _http_ok(url: str, timeout: float = 3.0) -> bool:
+def _http_ok(url: str, timeout: float = 3.0, ca_file: Path | None = None) -> bool:
+    """True when ``url`` answers below 500; https is verified against ``ca_file``."""
+    opener = _DIRECT
+    if ca_file is not None:
+        context = ssl.create_default_context(cafile=str(ca_file))
+        tls = urllib.request.HTTPSHandler(context=context)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), tls)
     try:
-        with _DIRECT.open(url, timeout=timeout) as resp:
+        with opener.open(url, timeout=timeout) as resp:
             return bool(resp.status < 500)
     except urllib.error.HTTPError as err:
-        return err.code < 500
+        with err:  # closes its connection
+            return err.code < 500
     except (OSError, ValueError):
         return False
 
@@ -606,7 +630,8 @@ class Lake:
         if not all(_tcp_open(port) for port in ports.values()):
             return False
         if spec.http_path is not None:
-            return _http_ok(f"http://127.0.0.1:{self.ports[spec.ports[0]]}{spec.http_path}")
+            url = self.urls()[spec.ports[0]] + spec.http_path
+            return _http_ok(url, ca_file=self.layout.x509.ca_cert if url.startswith("https:") else None)
         if spec.heartbeat:
             try:
                 return time.time() - self.layout.heartbeat.stat().st_mtime < HEARTBEAT_MAX_AGE
@@ -631,6 +656,7 @@ class Lake:
             "token_http": f"http://127.0.0.1:{p['token_http']}",
             "guard_http": f"http://127.0.0.1:{p['guard_http']}",
             "postgres": f"postgresql://rucio@127.0.0.1:{p['postgres']}/rucio",
+            "rucio_https": f"https://127.0.0.1:{p['rucio_https']}",
         }
 
     def scratch_pfn_prefixes(self) -> tuple[str, ...]:
@@ -648,6 +674,28 @@ class Lake:
             "DATALAKEFS_CONFIG": str(self.layout.datalakefs_config),
             STATE_ENV: str(self.layout.root),
         }
+
+    def x509_rucio_config(self, *, proxy: bool) -> str:
+        """The lake's rucio.cfg for ``x509`` auth (user certificate and key), or ``x509_proxy`` auth
+        (the RFC 3820 proxy) when ``proxy``: authentication at the TLS front, the API at plain http."""
+        access = self.x509_access()
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(self.layout.client_config)
+        client = parser["client"]
+        for key in ("username", "password", "auth_token_file_path"):  # the token file holds userpass's token
+            client.pop(key, None)
+        client["auth_host"] = access.auth_host
+        client["ca_cert"] = str(access.ca_cert)
+        if proxy:
+            client["auth_type"] = "x509_proxy"
+            client["client_x509_proxy"] = str(access.proxy)
+        else:
+            client["auth_type"] = "x509"
+            client["client_cert"] = str(access.user_cert)
+            client["client_key"] = str(access.user_key)
+        text = io.StringIO()
+        parser.write(text)
+        return f"# rucio.cfg for {client['auth_type']} auth at the demo lake's TLS front\n{text.getvalue()}"
 
     def read_knobs(self) -> Knobs:
         try:
@@ -720,6 +768,19 @@ class Lake:
             seed=self.read_seed(),
             env=self.client_env(),
             token_command=self.token_command(),
+            x509=self.x509_access(),
+        )
+
+    def x509_access(self) -> X509Access:
+        """What a rucio client needs for x509 / x509_proxy authentication at the TLS front."""
+        files = self.layout.x509
+        return X509Access(
+            auth_host=self.urls()["rucio_https"],
+            ca_cert=files.ca_cert,
+            user_cert=files.user_cert,
+            user_key=files.user_key,
+            proxy=files.proxy,
+            dn=USER_DN,
         )
 
     # ------------------------------------------------------------------------------------------- up
@@ -812,7 +873,8 @@ class Lake:
             _chown(path, self.run_as.xrootd)
         layout.pg.mkdir(parents=True, exist_ok=True)
         _chown(layout.pg, self.run_as.postgres)
-        for asset in ("daemons.py", "fts_shim.py", "bootstrap.py", "token_kit.py"):
+        for asset in ("daemons.py", "fts_shim.py", "bootstrap.py", "token_kit.py", "rucio_x509_front.py",
+                      "rucio_tls_gunicorn.py"):
             shutil.copyfile(ASSETS / asset, layout.lib / asset)
 
     @staticmethod
@@ -978,6 +1040,7 @@ class Lake:
                 ),
             )
         self._write_token_configs()
+        self._ensure_x509()
         if not layout.knobs.exists():
             self.write_knobs(Knobs())
         self.write_datalakefs_config()
@@ -1021,6 +1084,14 @@ class Lake:
         )
         for path in (keycache.parent, keycache):
             _chown(path, self.run_as.xrootd)
+
+    def _ensure_x509(self) -> None:
+        """The demo CA, the TLS front's certificate, the user certificate and its proxy (made once)."""
+        files = self.layout.x509
+        try:
+            ensure_credentials(files, _require("openssl"))
+        except X509Error as exc:
+            raise DemoError(f"could not make the demo X.509 credentials in {files.directory}: {exc}") from None
 
     def token_command(self) -> tuple[str, ...]:
         """argv that prints a valid bearer token for the token origin and the guard; append
@@ -1245,6 +1316,18 @@ class Lake:
                 cwd=layout.run,
                 env=_clean_env(),
             )
+        elif spec.name == "rucio-tls":
+            x509 = layout.x509
+            tls = [
+                "--config", str(layout.lib / "rucio_tls_gunicorn.py"),
+                "--pythonpath", str(layout.lib),
+                "--certfile", str(x509.host_cert),
+                "--keyfile", str(x509.host_key),
+                "--ca-certs", str(x509.ca_cert),
+                "--cert-reqs", str(int(ssl.CERT_OPTIONAL)),
+            ]
+            argv = self._gunicorn("rucio-tls", "rucio_https", "rucio_x509_front:application", workers=1, extra=tls)
+            self._spawn("rucio-tls", argv, cwd=layout.run, env=server_env)
         elif spec.name == "dav":
             self._spawn(
                 "dav",
@@ -1279,30 +1362,8 @@ class Lake:
                 env=_clean_env(),
             )
         elif spec.name == "rucio":
-            self._spawn(
-                "rucio",
-                [
-                    str(layout.venv / "bin" / "gunicorn"),
-                    "--bind",
-                    f"127.0.0.1:{p['rucio']}",
-                    "--workers",
-                    "2",
-                    "--threads",
-                    "4",
-                    "--timeout",
-                    "300",
-                    "--graceful-timeout",
-                    "3",
-                    "--no-control-socket",
-                    "--access-logfile",
-                    str(layout.log / "rucio-access.log"),
-                    "--error-logfile",
-                    str(layout.log / "rucio-server.log"),
-                    "rucio.web.rest.flaskapi.v1.main:application",
-                ],
-                cwd=layout.run,
-                env=server_env,
-            )
+            argv = self._gunicorn("rucio", "rucio", "rucio.web.rest.flaskapi.v1.main:application", workers=2)
+            self._spawn("rucio", argv, cwd=layout.run, env=server_env)
         elif spec.name == "daemons":
             layout.heartbeat.unlink(missing_ok=True)
             self._spawn(
@@ -1320,6 +1381,25 @@ class Lake:
             )
         else:
             raise AssertionError(f"no command for service {spec.name}")
+
+    def _gunicorn(
+        self, name: str, port_key: str, app: str, *, workers: int, extra: Sequence[str] = ()
+    ) -> list[str]:
+        """argv of a gunicorn serving ``app`` on ``port_key``, logging to log/<name>-{access,server}.log."""
+        log = self.layout.log
+        return [
+            str(self.layout.venv / "bin" / "gunicorn"),
+            *extra,
+            "--bind", f"127.0.0.1:{self.ports[port_key]}",
+            "--workers", str(workers),
+            "--threads", "4",
+            "--timeout", "300",
+            "--graceful-timeout", "3",
+            "--no-control-socket",
+            "--access-logfile", str(log / f"{name}-access.log"),
+            "--error-logfile", str(log / f"{name}-server.log"),
+            app,
+        ]
 
     def _wait_healthy(self, started: Sequence[str], step: ProgressFn, timeout: float = 120) -> None:
         """Wait until every service is healthy; the ones in ``started`` are announced when they are."""

@@ -39,6 +39,7 @@ from rucio.common.exception import (
 
 from datalakefs.demo.lake import ORIGIN_RSE, SCRATCH_RSE, SEED_FILE_VERSION, Lake
 from datalakefs.demo.status import MetadataDataset, MetadataQuery, Seed
+from datalakefs.demo.x509 import IDENTITY_EMAIL, USER_DN
 
 SEED_VERSION: Final = 1
 CONTENT_KEY: Final = "datalakefs-demo-1"
@@ -374,6 +375,13 @@ def configure_rses(client: Client, lake: Lake) -> None:
     client.set_config_option("root-proxy-internal", PROXY_CLIENT_SITE, f"127.0.0.1:{lake.ports['xcache_fwd_root']}")
 
 
+def register_x509_identity(client: Client) -> None:
+    """The demo user's DN as an X509 identity of root, for x509 / x509_proxy auth at the TLS front."""
+    known = {(row["type"], row["identity"]) for row in client.list_identities("root")}
+    if ("X509", USER_DN) not in known:
+        client.add_identity("root", USER_DN, authtype="X509", email=IDENTITY_EMAIL)
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -430,6 +438,7 @@ def run(lake: Lake, *, with_100k: bool, progress: ProgressFn) -> Seed:
 
     client = Client()
     configure_rses(client, lake)
+    register_x509_identity(client)
     state = _read_state(lake)
     parts = set(state.get("parts", [])) if state.get("version") == SEED_VERSION else set()
     wanted = {"base", "100k"} if with_100k else {"base"}

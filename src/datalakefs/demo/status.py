@@ -226,6 +226,46 @@ class ServiceStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class X509Access:
+    """What a rucio client needs for ``x509`` / ``x509_proxy`` auth at the lake's TLS front.
+
+    auth_host   https URL of the TLS front (rucio.cfg ``auth_host``; ``rucio_host`` may stay http)
+    ca_cert     the demo CA: it issued the front's server certificate and the user certificate
+    user_cert   the user certificate (``client_cert``), its key ``user_key`` (``client_key``)
+    proxy       an RFC 3820 proxy of the user certificate, cert+key+chain (``client_x509_proxy``)
+    dn          the user's DN, an X509 identity of the account root
+    """
+
+    auth_host: str
+    ca_cert: Path
+    user_cert: Path
+    user_key: Path
+    proxy: Path
+    dn: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "auth_host": self.auth_host,
+            "ca_cert": str(self.ca_cert),
+            "user_cert": str(self.user_cert),
+            "user_key": str(self.user_key),
+            "proxy": str(self.proxy),
+            "dn": self.dn,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> X509Access:
+        return cls(
+            auth_host=data["auth_host"],
+            ca_cert=Path(data["ca_cert"]),
+            user_cert=Path(data["user_cert"]),
+            user_key=Path(data["user_key"]),
+            proxy=Path(data["proxy"]),
+            dn=data["dn"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class LakeStatus:
     """Everything a client of the lake needs, as reported by `datalakefs demo status --json`."""
 
@@ -245,6 +285,7 @@ class LakeStatus:
     seed: Seed | None
     env: Mapping[str, str] = field(default_factory=dict)
     token_command: tuple[str, ...] = ()  # prints a valid bearer token; add --expired or --wrong-key
+    x509: X509Access | None = None  # rucio x509 / x509_proxy auth at the TLS front
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -264,6 +305,7 @@ class LakeStatus:
             "seed": None if self.seed is None else self.seed.to_json(),
             "env": dict(self.env),
             "token_command": list(self.token_command),
+            "x509": None if self.x509 is None else self.x509.to_json(),
         }
 
     @classmethod
@@ -285,4 +327,5 @@ class LakeStatus:
             seed=None if data.get("seed") is None else Seed.from_json(data["seed"]),
             env=dict(data.get("env") or {}),
             token_command=tuple(data.get("token_command") or ()),
+            x509=None if data.get("x509") is None else X509Access.from_json(data["x509"]),
         )
