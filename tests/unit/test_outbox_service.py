@@ -266,7 +266,8 @@ async def test_a_restart_resumes_committed_files_and_forgets_the_rest(
     assert ("user.x", "i.dat") not in uploader.lake
 
 
-async def test_names_scopes_and_directories(running: Outbox) -> None:
+async def test_names_scopes_and_directories(running: Outbox, uploader: FakeUploader) -> None:
+    uploader.gate.clear()  # j.dat stays in the outbox until the name checks below are done
     with pytest.raises(NotFoundError):
         await running.make_dataset("no.such.scope", "ds")
     with pytest.raises(InvalidNameError):
@@ -280,6 +281,7 @@ async def test_names_scopes_and_directories(running: Outbox) -> None:
             running.create("user.x", "ds2", bad)
     with pytest.raises(AlreadyExistsError):
         running.create("user.x", "ds2", "j.dat")  # one DID, one outbox file
+    uploader.gate.set()
     await _until(lambda: running.files("user.x", "ds1") == [])
     await running.remove_dataset("user.x", "ds1")
     running.create("user.x", "ds2", "k.dat")
