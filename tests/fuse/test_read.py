@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,16 @@ def _expected(lake: LakeStatus, did: str, size: int, offset: int = 0, length: in
 def _content_stats(mount: Mount) -> dict[str, Any]:
     stats: dict[str, Any] = mount.status()["content"]
     return stats
+
+
+def _settled_cached_bytes(path: Path) -> int:
+    """``user.datalakefs.cached`` once it stopped growing for half a second."""
+    deadline = time.monotonic() + 30
+    last = -1
+    while (cached := int(os.getxattr(path, "user.datalakefs.cached"))) != last and time.monotonic() < deadline:
+        last = cached
+        time.sleep(0.5)
+    return cached
 
 
 def _evict_pages(path: Path) -> None:
@@ -93,7 +104,7 @@ def test_cached_bytes_and_status_grow_as_the_file_is_read(lake: LakeStatus, new_
     before = _content_stats(mount)
     with open(path, "rb") as fh:
         assert fh.read(8 * MIB) == _expected(lake, did, SIZE, 0, 8 * MIB)
-    cached = int(os.getxattr(path, "user.datalakefs.cached"))
+    cached = _settled_cached_bytes(path)  # read-ahead may still be filling blocks after read() returned
     assert 8 * MIB <= cached <= SIZE
     after = _content_stats(mount)
     assert after["misses"] > before["misses"]
