@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.env import BenchError, lake
-from datalakefs.fuse.session import mounted_fstype
+from datalakefs.fuse.session import mounted_fstype, wait_gone
 
 
 def _is_mounted(mountpoint: Path) -> bool:
@@ -39,15 +39,9 @@ def _unmount(mountpoint: Path) -> None:
 
 
 def _wait_gone(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    if not wait_gone(pid, timeout):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @dataclass

@@ -53,6 +53,7 @@ from bench.env import (
     runs,
 )
 from bench.report import Goal, Row, SuiteResult, context, write_suite
+from datalakefs.fuse.session import wait_gone
 
 NAME = "read"
 MIB = 1 << 20
@@ -195,13 +196,9 @@ def restart_xcache(lk: Lake) -> None:
     """Stop the lake's XCache by its PID, empty its disk, and bring it back with ``demo up``."""
     status = lk.status.services["xcache"]
     if status.pid:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(status.pid, signal.SIGTERM)
-            for _ in range(100):
-                os.kill(status.pid, 0)
-                time.sleep(0.1)
-        except ProcessLookupError:
-            pass
+            wait_gone(status.pid, 10.0)
     cache = Path(lk.status.paths["xcache"])
     for child in cache.iterdir():
         shutil.rmtree(child) if child.is_dir() else child.unlink()

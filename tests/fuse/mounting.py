@@ -12,12 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from datalakefs.fuse.session import is_stale, mounted_fstype
+from datalakefs.fuse.session import is_stale, mounted_fstype, wait_gone
 
 
 def datalakefs(*args: str, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -25,17 +24,6 @@ def datalakefs(*args: str, timeout: float = 180, env: dict[str, str] | None = No
                           timeout=timeout, check=False, env=env)
 
 
-
-def wait_gone(pid: int, timeout: float) -> bool:
-    """True once process ``pid`` no longer exists; False if it still does after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
 
 class Mount:
     def __init__(self, mountpoint: Path, config: Path, *options: str, env: dict[str, str] | None = None) -> None:

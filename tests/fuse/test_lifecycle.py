@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from datalakefs.demo.status import LakeStatus
-from tests.fuse.mounting import Mount, wait_gone
+from datalakefs.fuse.session import wait_gone
+from tests.fuse.mounting import Mount
 from tests.fuse.tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]

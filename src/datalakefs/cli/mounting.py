@@ -111,16 +111,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def _wait_for_exit(pid: int, timeout: float) -> None:
     from datalakefs.cli.progress import Progress
+    from datalakefs.fuse.session import wait_gone
 
-    deadline = time.monotonic() + timeout
     with Progress(f"waiting for the daemon (pid {pid}) to finish", unit="") as progress:
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-            progress.update(0)
+        wait_gone(pid, timeout, tick=lambda: progress.update(0))
 
 
 def mount_helper_main(argv: list[str] | None = None) -> int:

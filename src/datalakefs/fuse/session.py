@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,6 +119,21 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
     done = subprocess.run(args, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise MountError(f"cannot unmount {mountpoint}: {done.stderr.strip() or done.returncode}")
+
+
+def wait_gone(pid: int, timeout: float, tick: Callable[[], None] | None = None) -> bool:
+    """True once process ``pid`` (a daemon after its unmount) no longer exists; False if it still
+    does after ``timeout`` seconds. ``tick`` runs at every poll (a progress display)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+        if tick is not None:
+            tick()
+    return False
 
 
 def prepare_mountpoint(mountpoint: str) -> str:
