@@ -10,7 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from datalakefs.outbox.journal import Journal, State
+from datalakefs.outbox.journal import Intent, Journal, State
 
 NAMES = st.sampled_from(["a", "b", "c.root", "d_1", "e-2"])
 DATASETS = st.sampled_from(["ds1", "ds2"])
@@ -37,7 +37,7 @@ class JournalMachine(RuleBasedStateMachine):
           adler32=st.none() | st.sampled_from(["00000001", "deadbeef"]))
     def commit(self, name: str, dataset: str, size: int, adler32: str | None) -> tuple[str, str]:
         key = ("user.x", name)
-        upload_id = self.journal.commit("user.x", dataset, name, f"{name}.spool", size, adler32)
+        (upload_id,) = self.journal.commit([Intent("user.x", dataset, name, f"{name}.spool", size, adler32)])
         previous = self.rows.get(key)
         if previous is not None:
             assert upload_id == previous["id"]  # a recommit updates the same intent
@@ -60,7 +60,7 @@ class JournalMachine(RuleBasedStateMachine):
     def finish(self, key: tuple[str, str]) -> None:
         row = self.rows.pop(key, None)
         if row is not None:
-            self.journal.finish(int(str(row["id"])))
+            self.journal.finish([int(str(row["id"]))])
 
     @rule(dataset=DATASETS, add=st.booleans())
     def dataset_change(self, dataset: str, add: bool) -> None:

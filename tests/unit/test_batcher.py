@@ -43,10 +43,7 @@ async def _gather(batcher: Batcher[int, int], items: list[int]) -> dict[int, int
 async def test_each_submitter_gets_its_own_result_or_error() -> None:
     call = Doubler()
     batcher = Batcher(call, max_batch=100)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(batcher.run)
-        answers = await _gather(batcher, [1, -2, 3])
-        nursery.cancel_scope.cancel()
+    answers = await _gather(batcher, [1, -2, 3])
     assert answers == {1: 2, -2: "negative -2", 3: 6}
 
 
@@ -54,7 +51,6 @@ async def test_items_submitted_while_a_call_runs_share_the_next_call() -> None:
     call = Doubler()
     batcher = Batcher(call, max_batch=4)
     async with trio.open_nursery() as nursery:
-        await nursery.start(batcher.run)
         call.gate.clear()
         first = trio.Event()
 
@@ -83,18 +79,58 @@ async def test_a_failing_call_fails_every_item_of_its_batch() -> None:
         raise ConnectionError("server down")
 
     batcher: Batcher[int, int] = Batcher(broken, max_batch=10)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(batcher.run)
-        for n in range(3):
-            with pytest.raises(ConnectionError, match="server down"):
-                await batcher.submit(n)
-        nursery.cancel_scope.cancel()
+    for n in range(3):
+        with pytest.raises(ConnectionError, match="server down"):
+            await batcher.submit(n)
 
 
 async def test_a_call_answering_the_wrong_number_of_results_fails_its_items() -> None:
     batcher: Batcher[int, int] = Batcher(lambda items: [], max_batch=10)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(batcher.run)
-        with pytest.raises(RuntimeError, match="0 results for 1 items"):
-            await batcher.submit(1)
-        nursery.cancel_scope.cancel()
+    with pytest.raises(RuntimeError, match="0 results for 1 items"):
+        await batcher.submit(1)
+
+
+async def test_items_of_a_cancelled_turn_are_asked_again_by_the_next() -> None:
+    """The task whose turn it is gets cancelled while its call runs (the call is abandoned in its
+    thread): the other submitters of that batch are not stranded, the next turn asks again."""
+    batches: list[list[int]] = []
+    gates = {1: threading.Event(), 2: threading.Event()}  # holds the first and second calls
+
+    def held(items: Sequence[int]) -> list[int | Exception]:
+        batches.append(list(items))
+        gate = gates.get(len(batches))
+        if gate is not None:
+            gate.wait(10)
+        return [2 * n for n in items]
+
+    async def calls_made(count: int) -> None:
+        with trio.fail_after(10):
+            while len(batches) < count:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
+    batcher = Batcher(held, max_batch=10)
+    answers: dict[int, int] = {}
+    cut_short = trio.CancelScope()
+
+    async def one(n: int) -> None:
+        answers[n] = await batcher.submit(n)
+
+    async def cancelled_one(n: int) -> None:
+        with cut_short:
+            await one(n)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, 0)
+            await calls_made(1)  # item 0's turn holds the first call: 1 and 2 queue behind it
+            nursery.start_soon(cancelled_one, 1)
+            await trio.sleep(0.01)
+            nursery.start_soon(one, 2)
+            await trio.sleep(0.01)
+            gates[1].set()
+            await calls_made(2)  # item 1's turn: one call for 1 and 2, held
+            cut_short.cancel()
+            await calls_made(3)
+    gates[2].set()
+    assert answers == {0: 0, 2: 4}
+    assert batches == [[0], [1, 2], [1, 2]]

@@ -52,7 +52,7 @@ def test_random_operations_match_a_model(tmp_path_factory: pytest.TempPathFactor
         elif kind == "read":
             assert spool.read(offset, size) == bytes(model[offset : offset + size])
         else:
-            spool.durable()
+            spool.sync()
             spool.close()
         assert spool.size == len(model)
         if spool.adler32 is not None:  # when known, the running checksum is right

@@ -79,7 +79,7 @@ async def test_write_close_upload_and_leave(parts: tuple[Filesystem, Outbox, Upl
     scope = await fs.lookup(top.ino, "user.x")
     dataset = await fs.mkdir(scope.ino, "ds")
     assert stat.S_IMODE(dataset.mode) == 0o755 and dataset.volatile
-    fh, attrs = await fs.create(dataset.ino, "f.dat")
+    fh, attrs, _ = await fs.create(dataset.ino, "f.dat")
     assert stat.S_IMODE(attrs.mode) == 0o644
     assert fs.write(fh, 0, b"hello") == 5
     assert (await fs.getattr(attrs.ino)).size == 5
@@ -99,19 +99,34 @@ async def test_write_close_upload_and_leave(parts: tuple[Filesystem, Outbox, Upl
     assert await listed_names(fs, dataset.ino) == []
 
 
+async def test_write_only_handles_bypass_the_page_cache(
+    parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]
+) -> None:
+    fs, _, _, _ = parts
+    scope = await fs.lookup((await fs.lookup(ROOT_INODE, ".outbox")).ino, "user.x")
+    dataset = await fs.mkdir(scope.ino, "ds")
+    _, attrs, direct_io = await fs.create(dataset.ino, "w.dat", readable=False)
+    assert direct_io
+    _, _, direct_io = await fs.create(dataset.ino, "rw.dat", readable=True)
+    assert not direct_io  # shared mmap needs the page cache
+    assert (await fs.open(attrs.ino, write=True, nonblocking=False, readable=False))[2]
+    assert not (await fs.open(attrs.ino, write=False, nonblocking=False))[2]
+    assert not (await fs.open(attrs.ino, write=True, nonblocking=False, readable=True))[2]
+
+
 async def test_truncate_unlink_and_refusals(parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]) -> None:
     fs, outbox, _, _ = parts
     top = await fs.lookup(ROOT_INODE, ".outbox")
     scope = await fs.lookup(top.ino, "user.x")
     dataset = await fs.mkdir(scope.ino, "ds")
-    fh, attrs = await fs.create(dataset.ino, "g.dat")
+    fh, attrs, _ = await fs.create(dataset.ino, "g.dat")
     fs.write(fh, 0, b"0123456789")
     assert (await fs.setattr(attrs.ino, 4)).size == 4
     await fs.flush(fh)
     await fs.release(fh)
     await fs.setxattr(attrs.ino, "user.datalakefs.state", b"cancel")
     assert await listed_names(fs, dataset.ino) == []
-    fh, attrs = await fs.create(dataset.ino, "h.dat")
+    fh, attrs, _ = await fs.create(dataset.ino, "h.dat")
     await fs.release(fh)
     assert await listed_names(fs, dataset.ino) == []  # a file whose close() never committed is dropped
     expected = [

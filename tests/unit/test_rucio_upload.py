@@ -68,13 +68,15 @@ class Client:
     """The rucio calls the uploader makes, against an in-memory catalogue."""
 
     host = "http://rucio.test"
+    account = "jdoe"
 
     def __init__(self, base: str) -> None:
         self.base = base
         self.dids: dict[tuple[str, str], dict[str, Any]] = {}
         self.replicas: list[tuple[str, dict[str, Any]]] = []
         self.attached: list[tuple[str, str, dict[str, str]]] = []
-        self.rules: list[tuple[str, str]] = []
+        self.rules: list[tuple[str, str]] = []  # (DID name, RSE expression)
+        self.rule_expiry: dict[tuple[str, str], str] = {}
         self.calls: list[str] = []
         self.lose_add_replicas_answer = False
         self.down = False
@@ -113,11 +115,20 @@ class Client:
             self.lose_add_replicas_answer = False
             raise requests.ConnectionError("connection reset")
 
-    def add_dataset(self, scope: str, name: str) -> None:
+    def add_dataset(self, scope: str, name: str, rules: list[dict[str, Any]] | None = None) -> None:
+        """The dataset and its rules, in one transaction."""
         self.calls.append("add_dataset")
         if (scope, name) in self.dids:
             raise rucio_exc.DataIdentifierAlreadyExists()
+        assert all(rule["account"] == self.account and rule["grouping"] == "DATASET" for rule in rules or [])
         self.dids[(scope, name)] = {"did_type": "DATASET"}
+        self.rules.extend((name, rule["rse_expression"]) for rule in rules or [])
+
+    def list_did_rules(self, scope: str, name: str) -> Iterator[dict[str, Any]]:
+        self.calls.append("list_did_rules")
+        for did, rse in self.rules:
+            if did == name:
+                yield {"rse_expression": rse, "expires_at": self.rule_expiry.get((did, rse))}
 
     def attach_dids_to_dids(self, attachments: list[dict[str, Any]], ignore_duplicate: bool) -> None:
         self.calls.append("attach_dids_to_dids")
@@ -179,7 +190,9 @@ def test_a_new_file_is_stored_verified_then_registered_available_and_attached(
     assert client.replicas[0][1]["state"] == "A"
     assert client.calls.index("add_replicas") > client.calls.index("lfns2pfns")
     assert client.attached == [("user.x", "ds", {"scope": "user.x", "name": "f.dat"})]
-    assert client.rules == [("f.dat", "SCRATCH"), ("f.dat", "TAPE")]
+    # the dataset was created with both rules, which cover its files
+    assert client.rules == [("ds", "SCRATCH"), ("ds", "TAPE")]
+    assert "add_replication_rule" not in client.calls
 
 
 def test_a_rerun_after_registration_transfers_nothing_and_duplicates_nothing(
@@ -254,8 +267,9 @@ def test_a_batch_costs_one_call_per_step(client: Client, storage: Storage, tmp_p
     assert up.register([Registration(work, stored=True) for work in jobs], lambda step: None) == [None] * 30
     assert client.calls.count("get_metadata_bulk") == 1 and client.calls.count("lfns2pfns") == 1
     assert client.calls.count("add_replicas") == 1 and client.calls.count("attach_dids_to_dids") == 1
-    assert client.calls.count("add_replication_rule") == 1
-    assert len(storage.files) == len(client.replicas) == len(client.attached) == len(client.rules) == 30
+    assert client.calls.count("add_dataset") == 1 and "add_replication_rule" not in client.calls
+    assert len(storage.files) == len(client.replicas) == len(client.attached) == 30
+    assert client.rules == [("ds", "SCRATCH")]
 
 
 def test_a_batch_answers_each_file_in_its_place(client: Client, storage: Storage, tmp_path: Path) -> None:
@@ -269,8 +283,35 @@ def test_a_batch_answers_each_file_in_its_place(client: Client, storage: Storage
     assert isinstance(conflict, UploadConflictError) and isinstance(url, str) and registered is None
     up.store(fresh, url)
     assert up.register([Registration(fresh, True), Registration(done, False)], lambda step: None) == [None, None]
-    assert sorted(client.rules) == [("done.dat", "SCRATCH"), ("fresh.dat", "SCRATCH")]
+    assert sorted(client.rules) == [("done.dat", "SCRATCH"), ("ds", "SCRATCH")]
     assert len(client.attached) == 2
+
+
+@pytest.mark.parametrize("existing_rule", [None, "SCRATCH", "SCRATCH with a lifetime", "TAPE"])
+def test_files_of_a_dataset_without_our_rule_get_rules_of_their_own(
+    client: Client, storage: Storage, tmp_path: Path, existing_rule: str | None
+) -> None:
+    """A dataset made elsewhere: its own rule on the upload RSE covers the files; otherwise (none,
+    one that ends, one elsewhere) each file gets a rule, in one call per batch."""
+    client.dids[("user.x", "ds")] = {"did_type": "DATASET"}
+    if existing_rule is not None:
+        rse = existing_rule.split()[0]
+        client.rules.append(("ds", rse))
+        if "lifetime" in existing_rule:
+            client.rule_expiry[("ds", rse)] = "2027-01-01T00:00:00"
+    up = uploader(client)
+    jobs = [job(tmp_path, f"payload {n}".encode(), f"f{n}.dat") for n in range(3)]
+    for work, url in zip(jobs, up.locate(jobs), strict=True):
+        assert isinstance(url, str)
+        up.store(work, url)
+    assert up.register([Registration(work, True) for work in jobs], lambda step: None) == [None] * 3
+    file_rules = sorted(rule for rule in client.rules if rule[0] != "ds")
+    if existing_rule == "SCRATCH":
+        assert file_rules == [] and "add_replication_rule" not in client.calls
+    else:
+        assert file_rules == [(f"f{n}.dat", "SCRATCH") for n in range(3)]
+        assert client.calls.count("add_replication_rule") == 1
+    assert client.calls.count("list_did_rules") == 1
 
 
 def test_a_batch_refused_as_a_whole_is_asked_again_file_by_file(client: Client, tmp_path: Path) -> None:

@@ -32,6 +32,10 @@ def invalidate_entry(parent_ino: int, name: str) -> None:
     pyfuse3.invalidate_entry_async(pyfuse3.InodeT(parent_ino), os.fsencode(name), ignore_enoent=True)
 
 
+def _readable(flags: int) -> bool:
+    return flags & os.O_ACCMODE != os.O_WRONLY
+
+
 @contextlib.contextmanager
 def _errors_as_errno(operation: str) -> Iterator[None]:
     try:
@@ -120,7 +124,8 @@ class FuseOperations(pyfuse3.Operations):
     ) -> pyfuse3.FileInfo:
         with _errors_as_errno("open"):
             write = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
-            fh, keep_cache, direct_io = await self._fs.open(inode, write, bool(flags & os.O_NONBLOCK))
+            fh, keep_cache, direct_io = await self._fs.open(inode, write, bool(flags & os.O_NONBLOCK),
+                                                            readable=_readable(flags))
             return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache, direct_io=direct_io)
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
@@ -197,8 +202,8 @@ class FuseOperations(pyfuse3.Operations):
                      flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         with _errors_as_errno("create"):
-            fh, attrs = await self._fs.create(parent_inode, os.fsdecode(name))
-            return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh)), self._entry(attrs)
+            fh, attrs, direct_io = await self._fs.create(parent_inode, os.fsdecode(name), readable=_readable(flags))
+            return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), direct_io=direct_io), self._entry(attrs)
 
     async def unlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                      ctx: pyfuse3.RequestContext) -> None:

@@ -1,10 +1,15 @@
 """Group commit for blocking batch calls: concurrent requests share one call per batch.
 
-Each Rucio call costs a round trip of 50–150 ms whatever it carries, so uploads that are ready at
-the same time register together: a task ``submit``s its item and sleeps; :meth:`Batcher.run` takes
-everything submitted meanwhile (up to ``max_batch``), makes one blocking call in a worker thread and
-wakes each task with its own result. While a call runs, new items gather for the next one, so under
-load the batches grow by themselves and an idle uploader still answers a single item at once.
+Each Rucio call costs a round trip of 50–150 ms whatever it carries, and each journal commit an
+fsync, so uploads that are ready at the same time (and files closed at the same time) share one
+call. Whoever submits queues its item and then waits for the batcher's turn; the task that gets the
+turn makes one blocking call in a worker thread for everything queued (up to ``max_batch``, its own
+item included) and wakes each submitter with its own result. While a call runs, new items gather for
+the next one, so under load the batches grow by themselves and a lone item is answered at once.
+
+No background task drives it: a submitter whose item an earlier turn already answered just returns.
+A turn cut short (its task cancelled while the call runs) puts its unanswered items back at the head
+of the queue, so the next turn asks again; batch calls must therefore be idempotent.
 """
 
 from __future__ import annotations
@@ -25,43 +30,42 @@ BatchCall = Callable[[Sequence[Item]], Sequence[Result | Exception]]
 @dataclass(eq=False)
 class _Waiter(Generic[Item, Result]):
     item: Item
-    done: trio.Event = field(default_factory=trio.Event)
+    answered: bool = False
     outcome: Result | Exception | None = None
 
 
+@dataclass(eq=False)
 class Batcher(Generic[Item, Result]):
     """One batch call at a time over everything submitted (see the module doc)."""
 
-    def __init__(self, call: BatchCall[Item, Result], max_batch: int) -> None:
-        self._call = call
-        self._max_batch = max(1, max_batch)
-        self._waiting: list[_Waiter[Item, Result]] = []
-        self._wake = trio.Event()
+    call: BatchCall[Item, Result]
+    max_batch: int
+    _waiting: list[_Waiter[Item, Result]] = field(default_factory=list)
+    _turn: trio.Lock = field(default_factory=trio.Lock)
 
     async def submit(self, item: Item) -> Result:
-        """The result of ``item``'s part of the next batch call (its exception is raised here)."""
+        """The result of ``item``'s part of a batch call (its exception is raised here)."""
         waiter: _Waiter[Item, Result] = _Waiter(item)
         self._waiting.append(waiter)
-        self._wake.set()
-        await waiter.done.wait()
+        while not waiter.answered:
+            async with self._turn:
+                if not waiter.answered:
+                    await self._one_call()
         if isinstance(waiter.outcome, Exception):
             raise waiter.outcome
         return cast(Result, waiter.outcome)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            if not self._waiting:
-                self._wake = trio.Event()
-                await self._wake.wait()
-            batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
-            items = [waiter.item for waiter in batch]
+    async def _one_call(self) -> None:
+        size = max(1, self.max_batch)
+        batch, self._waiting = self._waiting[:size], self._waiting[size:]
+        try:
             try:
-                outcomes = await trio.to_thread.run_sync(self._call, items, abandon_on_cancel=True)
+                outcomes = await trio.to_thread.run_sync(self.call, [w.item for w in batch], abandon_on_cancel=True)
                 if len(outcomes) != len(batch):
                     raise RuntimeError(f"a batch call answered {len(outcomes)} results for {len(batch)} items")
             except Exception as exc:  # the whole call failed: every item shares its error
                 outcomes = [exc] * len(batch)
             for waiter, outcome in zip(batch, outcomes, strict=True):
-                waiter.outcome = outcome
-                waiter.done.set()
+                waiter.outcome, waiter.answered = outcome, True
+        finally:
+            self._waiting[:0] = [w for w in batch if not w.answered]

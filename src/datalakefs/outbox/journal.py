@@ -8,9 +8,15 @@ and survives a kill at any instant by its own recovery.
 
 Rows exist only for *committed* files: a file enters the journal when a ``close()`` or ``fsync()``
 made its bytes durable (:meth:`Journal.commit`). A spool file without a row was never acknowledged
-and is removed at start. A finished upload deletes its row (:meth:`Journal.finish`): "done" is the
-absence of the row, and a kill between the catalogue registration and that delete is harmless
-because the uploader recognises an already registered identical file.
+and is removed at start. A finished upload deletes its row (:meth:`Journal.finish`, one transaction
+for every upload of a registration batch): "done" is the absence of the row, and a kill between the
+catalogue registration and that delete is harmless because the uploader recognises an already
+registered identical file.
+
+Only the ``uploading`` mark is written without an fsync (``synchronous=normal`` for that one
+transaction): it informs ``outbox list`` while the daemon runs, and a reopened journal turns it back
+into ``queued`` anyway, so losing it to a power cut changes nothing. The WAL keeps the order of
+transactions, so the next durable commit carries it to disk with its own.
 
 One daemon per journal: an exclusive ``flock`` on ``<journal>.lock``, held while the journal is open
 (the kernel drops it when the process dies), keeps a second daemon for the same mount point from
@@ -28,7 +34,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +74,18 @@ class State(enum.Enum):
     QUEUED = "queued"
     UPLOADING = "uploading"
     FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """What a commit records: upload spool file ``spool`` (``size`` bytes) as ``scope:name``."""
+
+    scope: str
+    dataset: str
+    name: str
+    spool: str
+    size: int
+    adler32: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,36 +155,50 @@ class Journal:
 
     # -- uploads -----------------------------------------------------------------------------------
 
-    def commit(self, scope: str, dataset: str, name: str, spool: str, size: int, adler32: str | None) -> int:
-        """Record (or update) the durable intent to upload ``spool`` as ``scope:name``; returns its id.
-        A full disk raises :class:`SpoolFullError` (the caller's close() then fails with ENOSPC)."""
+    def commit(self, intents: Sequence[Intent]) -> list[int]:
+        """Record (or update) the durable intents to upload each ``spool`` as ``scope:name``, in one
+        transaction; returns their ids. A full disk raises :class:`SpoolFullError` (the callers'
+        close() then fails with ENOSPC)."""
         now = self._clock()
+        ids = []
         with self._lock, _disk_full_as_enospc():
-            row = self._db.execute(
-                "insert into uploads (scope, dataset, name, spool, size, adler32, state, created, updated)"
-                " values (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " on conflict (scope, name) do update set dataset = excluded.dataset, spool = excluded.spool,"
-                " size = excluded.size, adler32 = excluded.adler32, state = excluded.state, error = '',"
-                " updated = excluded.updated returning id",
-                (scope, dataset, name, spool, size, adler32, State.QUEUED.value, now, now),
-            ).fetchone()
+            self._db.execute("begin immediate")
+            try:
+                for intent in intents:
+                    row = self._db.execute(
+                        "insert into uploads (scope, dataset, name, spool, size, adler32, state, created, updated)"
+                        " values (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                        " on conflict (scope, name) do update set dataset = excluded.dataset,"
+                        " spool = excluded.spool, size = excluded.size, adler32 = excluded.adler32,"
+                        " state = excluded.state, error = '', updated = excluded.updated returning id",
+                        (intent.scope, intent.dataset, intent.name, intent.spool, intent.size, intent.adler32,
+                         State.QUEUED.value, now, now),
+                    ).fetchone()
+                    ids.append(int(row[0]))
+                self._db.execute("commit")
+            except BaseException:
+                self._db.execute("rollback")
+                raise
         transition_hook("commit")
-        return int(row[0])
+        return ids
 
     def set_state(self, upload_id: int, state: State, error: str = "", adler32: str | None = None) -> None:
-        """Move an upload to ``state``; ``failed`` and a retried ``queued`` carry the reason."""
-        attempts = 1 if state is State.UPLOADING else 0
-        with self._lock:
+        """Move an upload to ``state``; ``failed`` and a retried ``queued`` carry the reason.
+        ``uploading`` is not fsynced (see the module doc)."""
+        uploading = state is State.UPLOADING
+        with self._lock, self._without_fsync() if uploading else contextlib.nullcontext():
             self._db.execute(
                 "update uploads set state = ?, error = ?, attempts = attempts + ?, updated = ?,"
                 " adler32 = coalesce(?, adler32) where id = ?",
-                (state.value, error, attempts, self._clock(), adler32, upload_id),
+                (state.value, error, int(uploading), self._clock(), adler32, upload_id),
             )
         transition_hook(state.value)
 
-    def finish(self, upload_id: int) -> None:
-        """The upload is registered and attached: forget it."""
-        self.remove(upload_id)
+    def finish(self, upload_ids: Sequence[int]) -> None:
+        """These uploads are registered and attached: forget them, in one transaction."""
+        with self._lock:
+            self._db.execute(f"delete from uploads where id in ({','.join('?' * len(upload_ids))})",
+                             tuple(upload_ids))
         transition_hook("done")
 
     def remove(self, upload_id: int) -> None:
@@ -199,3 +231,12 @@ class Journal:
     def datasets(self) -> list[tuple[str, str]]:
         with self._lock:
             return [(str(s), str(d)) for s, d in self._db.execute("select scope, dataset from datasets")]
+
+    @contextlib.contextmanager
+    def _without_fsync(self) -> Iterator[None]:
+        """Transactions inside commit at ``synchronous=normal`` (see the module doc)."""
+        self._db.execute("pragma synchronous=normal")
+        try:
+            yield
+        finally:
+            self._db.execute("pragma synchronous=full")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -46,8 +46,8 @@ from datalakefs.errors import (
 )
 from datalakefs.model import DID
 from datalakefs.outbox.batcher import Batcher
-from datalakefs.outbox.journal import Journal, Record, State, transition_hook
-from datalakefs.outbox.spool import SpoolFile, file_adler32
+from datalakefs.outbox.journal import Intent, Journal, Record, State, transition_hook
+from datalakefs.outbox.spool import SpoolFile, file_adler32, sync_directory
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,8 @@ class Outbox:
         self._registrar: Batcher[Registration, None] = Batcher(
             lambda registrations: uploader.register(registrations, _step_hook), BATCH_LIMIT
         )
+        self._committer: Batcher[tuple[SpoolFile, Intent], int] = Batcher(self._commit_group, BATCH_LIMIT)
+        self._finisher: Batcher[tuple[int, Path], None] = Batcher(self._forget, BATCH_LIMIT)
         self._resume(journal.uploads())
 
     def _resume(self, records: list[Record]) -> None:
@@ -260,13 +262,13 @@ class Outbox:
             file.spool.close()
 
     async def commit(self, file: OutboxFile) -> None:
-        """Make the file's current bytes and its upload intent durable (close/fsync)."""
+        """Make the file's current bytes and its upload intent durable (close/fsync). The closes that
+        arrive together share one directory fsync and one journal transaction (:meth:`_commit_group`)."""
         if file.removed or not file.dirty:
             return
         size, adler32, version = file.size, file.spool.adler32, file.version
-        await trio.to_thread.run_sync(file.spool.durable)
-        upload_id = await trio.to_thread.run_sync(
-            self._journal.commit, file.scope, file.dataset, file.name, file.spool.name, size, adler32
+        upload_id = await self._committer.submit(
+            (file.spool, Intent(file.scope, file.dataset, file.name, file.spool.name, size, adler32))
         )
         if file.removed:  # removed while the commit ran: the intent goes too
             await trio.to_thread.run_sync(self._journal.remove, upload_id)
@@ -341,8 +343,6 @@ class Outbox:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as uploads:
-            await uploads.start(self._locator.run)
-            await uploads.start(self._registrar.run)
             task_status.started()
             while True:
                 self._wake = trio.Event()
@@ -405,7 +405,8 @@ class Outbox:
             log.exception("event=upload-bug did=%s", file.did)
             await self._requeue(file, version, f"{type(exc).__name__}: {exc}")
         else:
-            await trio.to_thread.run_sync(self._journal.finish, file.upload_id)
+            file.spool.close()  # here: its pages are freed by the unlink, in the worker thread
+            await self._finisher.submit((file.upload_id, file.spool.path))
             self._finished(file, stored)
         finally:
             self._pipeline.discard(file)
@@ -445,6 +446,38 @@ class Outbox:
         await trio.to_thread.run_sync(self._journal.set_state, file.upload_id, State.QUEUED, reason)
         file.state, file.error, file.next_try = State.QUEUED.value, reason, trio.current_time() + delay
 
+    def _commit_group(self, group: Sequence[tuple[SpoolFile, Intent]]) -> list[int | Exception]:
+        """Worker thread: fsync each spool file, then (once) their directory, then record every
+        intent whose bytes are durable in one journal transaction."""
+        synced: dict[int, tuple[SpoolFile, Intent]] = {}
+        outcomes: list[int | Exception] = []
+        for index, (spool, intent) in enumerate(group):
+            try:
+                spool.sync()
+            except (OSError, DatalakeError) as exc:
+                outcomes.append(exc)
+            else:
+                synced[index] = (spool, intent)
+                outcomes.append(-1)
+        if not synced:
+            return outcomes
+        if not all(spool.entry_durable for spool, _ in synced.values()):
+            sync_directory(self._spool_dir)
+            for spool, _ in synced.values():
+                spool.entry_synced()
+        ids = self._journal.commit([intent for _, intent in synced.values()])
+        for index, upload_id in zip(synced, ids, strict=True):
+            outcomes[index] = upload_id
+        return outcomes
+
+    def _forget(self, finished: Sequence[tuple[int, Path]]) -> list[None]:
+        """Worker thread: the finished uploads of a batch leave the journal in one transaction, then
+        their spool files go (a kill in between leaves spool files without a row: removed at start)."""
+        self._journal.finish([upload_id for upload_id, _ in finished])
+        for _, spool in finished:
+            spool.unlink(missing_ok=True)
+        return [None] * len(finished)
+
     def _finished(self, file: OutboxFile, stored: bool) -> None:
         log.info("event=upload-done did=%s dataset=%s bytes=%d transferred=%s", file.did, file.dataset,
                  file.size, stored)
@@ -452,7 +485,6 @@ class Outbox:
         self._uploaded += 1
         del self._files[(file.scope, file.name)]
         file.removed = True
-        file.spool.delete()
         self._catalogue.invalidate(file.did)
         self._catalogue.invalidate_collection(DID(file.scope, file.dataset))
         for listener in self._listeners:

@@ -7,7 +7,8 @@ local disk, no network. While a file is written strictly sequentially its adler3
 any other write (a hole, an overwrite, a truncate) drops the running checksum and the uploader
 computes it from the spool file in a worker thread.
 
-``durable()`` fsyncs the file; the caller then commits the intent to the journal. ``ENOSPC`` (a full
+``sync()`` fsyncs the file, :func:`sync_directory` its name; the caller then commits the intent to
+the journal. ``ENOSPC`` (a full
 disk, or less than ``reserve`` bytes left) is raised as :class:`SpoolFullError` before any byte is
 written, so a writer never believes bytes were stored that were not.
 """
@@ -39,6 +40,15 @@ def file_adler32(path: Path) -> tuple[int, str]:
             value = zlib_ng.adler32(chunk, value)
             size += len(chunk)
     return size, adler32_hex(value)
+
+
+def sync_directory(directory: Path) -> None:
+    """fsync a directory: the names created in it survive a crash (blocking: worker threads)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class SpoolFile:
@@ -109,22 +119,23 @@ class SpoolFile:
             self._sequential = False
         self.size = size
 
-    def durable(self) -> None:
-        """fsync the file, and the first time its directory entry too (blocking: call from a worker
-        thread). ENOSPC/EIO surface here too."""
+    def sync(self) -> None:
+        """fsync the file's bytes (blocking: call from a worker thread); ENOSPC/EIO surface here too.
+        Its directory entry is durable once :func:`sync_directory` ran after this (the outbox does it
+        once per group of commits) and :meth:`entry_synced` was called."""
         try:
             os.fsync(self._handle())
-            if not self._entry_durable:
-                directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(directory)
-                finally:
-                    os.close(directory)
-                self._entry_durable = True
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFullError(f"spool disk full flushing {self.path.name}") from exc
             raise
+
+    @property
+    def entry_durable(self) -> bool:
+        return self._entry_durable
+
+    def entry_synced(self) -> None:
+        self._entry_durable = True
 
     def close(self) -> None:
         if self._fd is not None:
