@@ -24,6 +24,7 @@ from datalakefs.errors import (
     InvalidNameError,
     NotEmptyError,
     NotFoundError,
+    SpoolFullError,
 )
 from datalakefs.outbox.journal import Journal, JournalInUseError
 from datalakefs.outbox.service import Outbox, OutboxFile
@@ -287,3 +288,38 @@ async def test_names_scopes_and_directories(running: Outbox, uploader: FakeUploa
     running.create("user.x", "ds2", "k.dat")
     with pytest.raises(NotEmptyError):
         await running.remove_dataset("user.x", "ds2")
+
+
+async def test_closes_at_the_same_time_share_one_journal_commit_and_fail_alone(
+    make: Callable[[], Outbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: the files closed together get one journal transaction; a spool file whose fsync
+    fails (a full disk) fails only its own close(), and its intent is not recorded."""
+    outbox = make()  # no uploader running: the commits stay queued
+    await outbox.make_dataset("user.x", "ds")
+    files = [outbox.create("user.x", "ds", f"g{n}.dat") for n in range(5)]
+    for file in files:
+        outbox.open_for_writing(file)
+        outbox.write(file, 0, file.name.encode())
+    broken = files[2].spool
+    monkeypatch.setattr(broken, "sync", lambda: (_ for _ in ()).throw(SpoolFullError("spool disk full")))
+    transactions: list[int] = []
+    commit = outbox._journal.commit
+    monkeypatch.setattr(outbox._journal, "commit", lambda intents: transactions.append(len(intents)) or commit(intents))
+    failed: list[str] = []
+
+    async def close(file: OutboxFile) -> None:
+        try:
+            await outbox.commit(file)
+        except SpoolFullError:
+            failed.append(file.name)
+
+    async with trio.open_nursery() as nursery:
+        for file in files:
+            nursery.start_soon(close, file)
+    assert failed == ["g2.dat"]
+    assert sum(transactions) == 4 and len(transactions) <= 2  # the first close alone, then the rest
+    assert sorted(f["name"] for f in outbox.listing() if f["state"] == "queued") == ["g0.dat", "g1.dat", "g3.dat",
+                                                                                      "g4.dat"]
+    assert sorted(r.name for r in outbox._journal.uploads()) == ["g0.dat", "g1.dat", "g3.dat", "g4.dat"]
+    outbox.close()
