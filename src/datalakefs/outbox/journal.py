@@ -89,16 +89,10 @@ class Intent:
 
 
 @dataclass(frozen=True, slots=True)
-class Record:
-    """One journal row."""
+class Record(Intent):
+    """One journal row: a committed intent and where its upload stands."""
 
     id: int
-    scope: str
-    dataset: str
-    name: str
-    spool: str
-    size: int
-    adler32: str | None
     state: State
     error: str
     attempts: int
