@@ -25,7 +25,7 @@ StagingPolicy = Literal["stream", "rule", "auto"]
 XCacheMode = Literal["swap", "rucio"]
 
 _SIZE_SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_KEYS = frozenset({"cache_size", "block_size", "prefetch_max", "spool_reserve"})
+_SIZE_KEYS = frozenset({"cache_size", "block_size", "prefetch_max", "spool_reserve", "upload_while_writing"})
 
 
 def _default_cache_dir() -> Path:
@@ -70,6 +70,7 @@ class Config:
     spool_dir: Path | None = None
     storage_ca_bundle: str | None = None
     upload_concurrency: int = 4
+    upload_while_writing: int = 64 << 20
     entry_timeout: float = 3600.0
     attr_timeout: float = 3600.0
     catalogue_ttl: float = 300.0

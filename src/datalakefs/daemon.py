@@ -72,6 +72,7 @@ class Daemon:
             (config.spool_dir or config.state_dir / "outbox") / mount_key / "spool",
             concurrency=config.upload_concurrency,
             reserve=config.spool_reserve,
+            upload_while_writing=config.upload_while_writing,
         )
         control = {STATUS_FILE: self.render_status, OUTBOX_FILE: self.render_outbox}
         namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),

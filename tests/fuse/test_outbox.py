@@ -127,6 +127,29 @@ def test_sequential_file_is_uploaded_and_appears_in_its_dataset(
     check_in_lake(rucio_client, lake, scope, ds, target.name, data)
 
 
+def test_a_large_file_is_sent_while_it_is_written(
+    new_mount: Callable[..., Mount], lake: LakeStatus, rucio_client: Any
+) -> None:
+    """upload_while_writing: the bytes go out as they are written; close() then only registers."""
+    assert lake.seed is not None
+    mount = new_mount(ca_option(lake), "upload_while_writing=2M")
+    mount.start()
+    scope, ds = lake.seed.upload_scope, unique("ds")
+    path = mount.mountpoint / ".outbox" / scope / ds
+    path.mkdir()
+    target = path / unique("early")
+    data = os.urandom(6 * (1 << 20) + 5)
+    with open(target, "wb") as fh:
+        for start in range(0, len(data), 1 << 20):
+            fh.write(data[start : start + (1 << 20)])
+            fh.flush()
+            time.sleep(0.05)
+    wait_until(lambda: not target.exists(), what="the file to leave the outbox")
+    assert json.loads((mount.mountpoint / ".datalakefs" / "outbox.json").read_text())["summary"][
+        "uploaded_while_writing"] == 1
+    check_in_lake(rucio_client, lake, scope, ds, target.name, data)
+
+
 def test_shared_mmap_writes_are_uploaded(
     outbox_mount: Mount, dataset: tuple[Path, str, str], rucio_client: Any, lake: LakeStatus
 ) -> None:

@@ -44,7 +44,8 @@ BLOCK = 1 << 20
 SIZES = (0, 1, BLOCK - 1, BLOCK, BLOCK + 1)
 BIG = 24 << 20
 #: every named transition of journal.py and rucio_upload.py, each killed at once
-TRANSITIONS = ("commit", "uploading", "upload-stored", "upload-registered", "upload-attached", "done")
+TRANSITIONS = ("commit", "upload-streamed", "uploading", "upload-stored", "upload-registered", "upload-attached",
+               "done")
 
 
 @dataclass
@@ -111,7 +112,8 @@ def test_kills_lose_nothing_and_duplicate_nothing(lake: LakeStatus, tmp_path: Pa
     dataset = f"crash_{secrets.token_hex(6)}"
     ca_bundle = lake.datalakefs_config.parent / "dav.crt"
     options = (f"cache_dir={tmp_path / 'cache'}", f"state_dir={tmp_path / 'state'}",
-               f"storage_ca_bundle={ca_bundle}", "upload_concurrency=4")
+               f"storage_ca_bundle={ca_bundle}", "upload_concurrency=4",
+               "upload_while_writing=512K")  # files from 512 KiB on are sent while they are written
     mountpoint = tmp_path / "lake"
     rng = random.Random(int(os.environ.get("DATALAKEFS_CRASH_SEED", "7")))
     ledger = Ledger()

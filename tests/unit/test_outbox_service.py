@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 
 import pytest
@@ -47,6 +47,7 @@ class FakeUploader:
         self.located: list[int] = []  # files per locate call
         self.registered: list[int] = []  # files per register call
         self.register_seconds = 0.0  # a catalogue round trip
+        self.stores = 0  # store() calls: files sent after their close()
 
     def check_name(self, name: str) -> None:
         check_did_name(name)
@@ -71,6 +72,12 @@ class FakeUploader:
         data = job.path.read_bytes()
         assert (len(data), _adler(data)) == (job.size, job.adler32)
         self.stored[url] = data
+        self.stores += 1
+
+    def store_stream(self, url: str, chunks: Iterable[bytes]) -> tuple[int, str]:
+        data = b"".join(chunks)
+        self.stored[url] = data
+        return len(data), _adler(data)
 
     def register(self, registrations: Sequence[Registration], step: StepHook) -> list[Exception | None]:
         self.registered.append(len(registrations))
@@ -95,14 +102,15 @@ def uploader() -> FakeUploader:
 
 
 @pytest.fixture
-def make(tmp_path: Path, catalogue: CachedCatalogue, uploader: FakeUploader) -> Callable[[], Outbox]:
-    def build() -> Outbox:
-        return Outbox(Journal(tmp_path / "journal.sqlite"), uploader, catalogue, tmp_path / "spool", concurrency=2)
+def make(tmp_path: Path, catalogue: CachedCatalogue, uploader: FakeUploader) -> Callable[..., Outbox]:
+    def build(**options: int) -> Outbox:
+        return Outbox(Journal(tmp_path / "journal.sqlite"), uploader, catalogue, tmp_path / "spool", concurrency=2,
+                      **options)
     return build
 
 
 @pytest.fixture
-async def running(make: Callable[[], Outbox]) -> AsyncIterator[Outbox]:
+async def running(make: Callable[..., Outbox]) -> AsyncIterator[Outbox]:
     outbox = make()
     async with trio.open_nursery() as nursery:
         await nursery.start(outbox.run)
@@ -210,7 +218,7 @@ async def test_busy_while_uploading(running: Outbox, uploader: FakeUploader) -> 
 
 
 async def test_files_ready_together_share_their_catalogue_calls(
-    make: Callable[[], Outbox], uploader: FakeUploader
+    make: Callable[..., Outbox], uploader: FakeUploader
 ) -> None:
     uploader.register_seconds = 0.05  # transfers finish while a registration is under way
     outbox = make()
@@ -246,7 +254,7 @@ async def test_a_file_changed_while_waiting_for_a_transfer_slot_uploads_its_new_
 
 
 async def test_a_restart_resumes_committed_files_and_forgets_the_rest(
-    make: Callable[[], Outbox], uploader: FakeUploader, tmp_path: Path
+    make: Callable[..., Outbox], uploader: FakeUploader, tmp_path: Path
 ) -> None:
     first = make()
     await _write(first, "h.dat", b"committed")
@@ -291,7 +299,7 @@ async def test_names_scopes_and_directories(running: Outbox, uploader: FakeUploa
 
 
 async def test_closes_at_the_same_time_share_one_journal_commit_and_fail_alone(
-    make: Callable[[], Outbox], monkeypatch: pytest.MonkeyPatch
+    make: Callable[..., Outbox], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Group commit: the files closed together get one journal transaction; a spool file whose fsync
     fails (a full disk) fails only its own close(), and its intent is not recorded."""
@@ -323,3 +331,71 @@ async def test_closes_at_the_same_time_share_one_journal_commit_and_fail_alone(
                                                                                       "g4.dat"]
     assert sorted(r.name for r in outbox._journal.uploads()) == ["g0.dat", "g1.dat", "g3.dat", "g4.dat"]
     outbox.close()
+
+
+@pytest.fixture
+async def early(make: Callable[..., Outbox]) -> AsyncIterator[Outbox]:
+    """An outbox that starts uploading a sequentially written file once it holds 8 bytes."""
+    outbox = make(upload_while_writing=8)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        yield outbox
+        nursery.cancel_scope.cancel()
+
+
+async def _open_new(outbox: Outbox, name: str) -> OutboxFile:
+    if not outbox.has_dataset("user.x", "ds"):
+        await outbox.make_dataset("user.x", "ds")
+    file = outbox.create("user.x", "ds", name)
+    outbox.open_for_writing(file)
+    return file
+
+
+async def test_a_file_written_sequentially_is_sent_while_it_is_written(early: Outbox, uploader: FakeUploader) -> None:
+    file = await _open_new(early, "s.dat")
+    early.write(file, 0, b"0123456789")  # past the threshold: the transfer starts
+    await trio.sleep(0.05)
+    early.write(file, 10, b"abcdef")
+    await early.commit(file)
+    early.close_for_writing(file)
+    await _until(lambda: ("user.x", "s.dat") in uploader.lake)
+    assert uploader.lake[("user.x", "s.dat")] == ("ds", b"0123456789abcdef")
+    assert uploader.stores == 0 and early.summary()["uploaded_while_writing"] == 1
+
+
+@pytest.mark.parametrize("change", ["overwrite", "truncate", "second writer"])
+async def test_a_file_that_stops_being_sequential_is_sent_again_after_close(
+    early: Outbox, uploader: FakeUploader, change: str
+) -> None:
+    file = await _open_new(early, "r.dat")
+    early.write(file, 0, b"0123456789")
+    await trio.sleep(0.05)
+    if change == "overwrite":
+        early.write(file, 2, b"XY")
+        expected = b"01XY456789"
+    elif change == "truncate":
+        await early.truncate(file, 4)
+        expected = b"0123"
+    else:
+        early.open_for_writing(file)
+        early.write(file, 10, b"!")
+        early.close_for_writing(file)
+        expected = b"0123456789!"
+    await early.commit(file)
+    early.close_for_writing(file)
+    await _until(lambda: ("user.x", "r.dat") in uploader.lake)
+    assert uploader.lake[("user.x", "r.dat")] == ("ds", expected)
+    assert uploader.stores == 1 and early.summary()["uploaded_while_writing"] == 0
+
+
+async def test_a_file_removed_while_it_is_sent_is_not_uploaded(early: Outbox, uploader: FakeUploader) -> None:
+    file = await _open_new(early, "x.dat")
+    early.write(file, 0, b"0123456789")
+    await trio.sleep(0.05)
+    await early.cancel(file)
+    early.close_for_writing(file)
+    assert file.early is not None
+    with trio.fail_after(5):
+        await file.early.done.wait()
+    assert file.early.stored is None
+    assert ("user.x", "x.dat") not in uploader.lake and early.pending() == 0

@@ -39,7 +39,7 @@ import contextlib
 import logging
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO, Final
 
 import requests
@@ -96,7 +96,15 @@ class RucioUploader:
 
     def store(self, job: UploadJob, url: str) -> None:
         self._put(job, url)
-        self._verify_stored(job, url)
+        self._verify_stored(url, job.size, job.adler32)
+
+    def store_stream(self, url: str, chunks: Iterable[bytes]) -> tuple[int, str]:
+        """The PUT goes out with chunked transfer encoding; nothing is registered, so an abandoned
+        one leaves at most a partial object at the PFN, which the next PUT overwrites."""
+        body = Adler32Chunks(chunks)
+        self._send(url, iter(body), {})
+        self._verify_stored(url, body.sent, body.adler32)
+        return body.sent, body.adler32
 
     def register(self, registrations: Sequence[Registration], step: StepHook) -> list[Exception | None]:
         self._upload_rse()
@@ -225,20 +233,22 @@ class RucioUploader:
     def _put(self, job: UploadJob, pfn: str) -> None:
         with open(job.path, "rb", buffering=0) as fh:
             body = Adler32Reader(fh, job.size)
-            try:
-                answer = self._session().put(pfn, data=body, verify=self._verify, timeout=self._timeout,
-                                             headers={"Content-Length": str(job.size)})
-            except requests.RequestException as exc:
-                raise TransferError(f"PUT {_where(pfn)} failed: {exc}") from exc
-        if answer.status_code not in (200, 201, 204):
-            raise TransferError(f"PUT {_where(pfn)}: HTTP {answer.status_code} {answer.reason}")
+            self._send(pfn, body, {"Content-Length": str(job.size)})
         if body.sent != job.size or body.adler32 != job.adler32:
             raise SpoolChangedError(
                 f"the spool file of {job.scope}:{job.name} changed under the upload "
                 f"({body.sent} bytes, adler32 {body.adler32}; journal {job.size}, {job.adler32})"
             )
 
-    def _verify_stored(self, job: UploadJob, pfn: str) -> None:
+    def _send(self, pfn: str, body: Any, headers: dict[str, str]) -> None:
+        try:
+            answer = self._session().put(pfn, data=body, verify=self._verify, timeout=self._timeout, headers=headers)
+        except requests.RequestException as exc:
+            raise TransferError(f"PUT {_where(pfn)} failed: {exc}") from exc
+        if answer.status_code not in (200, 201, 204):
+            raise TransferError(f"PUT {_where(pfn)}: HTTP {answer.status_code} {answer.reason}")
+
+    def _verify_stored(self, pfn: str, size: int, adler32: str) -> None:
         try:
             answer = self._session().head(pfn, verify=self._verify, timeout=self._timeout,
                                           headers={"Want-Digest": "adler32"})
@@ -246,12 +256,12 @@ class RucioUploader:
             raise TransferError(f"HEAD {_where(pfn)} failed: {exc}") from exc
         if answer.status_code != 200:
             raise TransferError(f"HEAD {_where(pfn)} after the PUT: HTTP {answer.status_code}")
-        size = int(answer.headers.get("Content-Length", -1))
-        if size != job.size:
-            raise TransferError(f"{_where(pfn)} holds {size} bytes after the PUT, not {job.size}")
+        stored = int(answer.headers.get("Content-Length", -1))
+        if stored != size:
+            raise TransferError(f"{_where(pfn)} holds {stored} bytes after the PUT, not {size}")
         digest = _adler32_digest(answer.headers.get("Digest", ""))
-        if digest is not None and digest != job.adler32:
-            raise TransferError(f"{_where(pfn)} has adler32 {digest} after the PUT, not {job.adler32}")
+        if digest is not None and digest != adler32:
+            raise TransferError(f"{_where(pfn)} has adler32 {digest} after the PUT, not {adler32}")
 
 
 def _add_file_rules(client: Any, files: list[dict[str, str]], rse: str) -> None:
@@ -305,6 +315,25 @@ def _adler32_digest(header: str) -> str | None:
         if algorithm.lower() == "adler32" and value:
             return value.lower().zfill(8)
     return None
+
+
+class Adler32Chunks:
+    """Chunks as a PUT body, counting them and keeping their adler32."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = chunks
+        self._adler = 1
+        self.sent = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            self._adler = zlib_ng.adler32(chunk, self._adler)
+            self.sent += len(chunk)
+            yield chunk
+
+    @property
+    def adler32(self) -> str:
+        return f"{self._adler & 0xFFFFFFFF:08x}"
 
 
 class Adler32Reader:

@@ -17,7 +17,7 @@ batch steps answer each file's error in its place, so one bad file never fails i
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -74,6 +74,13 @@ class Uploader(Protocol):
 
     def store(self, job: UploadJob, url: str) -> None:
         """Send the bytes of ``job`` to ``url`` and verify what arrived (size, adler32)."""
+        ...
+
+    def store_stream(self, url: str, chunks: Iterable[bytes]) -> tuple[int, str]:
+        """Send ``chunks`` to ``url`` as they come (the file is still being written; its size is not
+        known yet), verify the size that arrived, and return (bytes sent, their adler32) for the
+        caller to compare with the file's committed size and checksum. An exception raised by
+        ``chunks`` aborts the transfer and is raised here."""
         ...
 
     def register(self, registrations: Sequence[Registration], step: StepHook) -> Sequence[Exception | None]:

@@ -47,7 +47,7 @@ from datalakefs.errors import (
 from datalakefs.model import DID
 from datalakefs.outbox.batcher import Batcher
 from datalakefs.outbox.journal import Intent, Journal, Record, State, transition_hook
-from datalakefs.outbox.spool import SpoolFile, file_adler32, sync_directory
+from datalakefs.outbox.spool import GrowingSpool, SpoolFile, StreamAbandonedError, file_adler32, sync_directory
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,16 @@ BATCH_LIMIT: Final = 200
 
 WRITING: Final = "writing"
 DONE: Final = "done"
+
+
+@dataclass(eq=False)
+class EarlyUpload:
+    """The upload of a file that started while it was still being written sequentially."""
+
+    body: GrowingSpool
+    done: trio.Event = field(default_factory=trio.Event)
+    #: (url, bytes sent, their adler32) once the bytes were PUT and verified there
+    stored: tuple[str, int, str] | None = None
 
 
 @dataclass(eq=False)
@@ -83,6 +93,7 @@ class OutboxFile:
     mtime: float = field(default_factory=time.time)
     next_try: float = 0.0
     removed: bool = False
+    early: EarlyUpload | None = None
 
     @property
     def size(self) -> int:
@@ -128,6 +139,7 @@ class Outbox:
         *,
         concurrency: int = 4,
         reserve: int = 0,
+        upload_while_writing: int = 0,
     ) -> None:
         self._journal = journal
         self._uploader = uploader
@@ -138,6 +150,9 @@ class Outbox:
         self._pipeline: set[OutboxFile] = set()
         self._pipeline_limit = max(1, concurrency) + BATCH_LIMIT
         self._reserve = reserve
+        self._early_after = upload_while_writing
+        self._uploads: trio.Nursery | None = None  # the uploader's, while it runs
+        self._uploaded_early = 0
         self._files: dict[tuple[str, str], OutboxFile] = {}  # (scope, name) → file
         self._datasets: set[tuple[str, str]] = set(journal.datasets())
         self._listeners: list[UploadListener] = []
@@ -239,6 +254,8 @@ class Outbox:
         if file.state == State.UPLOADING.value:
             raise BusyError(f"{file.scope}:{file.name} is being uploaded")
         file.writers += 1
+        if file.writers > 1:
+            _abandon_early(file)  # two writers: no longer a plain sequential stream
 
     def write(self, file: OutboxFile, offset: int, data: bytes) -> int:
         self._check_changeable(file)
@@ -246,13 +263,30 @@ class Outbox:
         file.dirty = True
         file.version += 1
         file.mtime = time.time()
+        self._follow_write(file)
         return written
+
+    def _follow_write(self, file: OutboxFile) -> None:
+        """Feed the file's early upload, or abandon it when the write was not sequential; start one
+        once a file written sequentially by one writer holds ``upload_while_writing`` bytes."""
+        sequential = file.spool.adler32 is not None
+        if file.early is not None:
+            if sequential:
+                file.early.body.grown(file.size)
+            else:
+                file.early.body.abandon()
+        elif (sequential and self._early_after and file.size >= self._early_after and file.writers == 1
+              and self._uploads is not None):
+            file.early = EarlyUpload(GrowingSpool(file.spool.path))
+            file.early.body.grown(file.size)
+            self._uploads.start_soon(self._upload_early, file, file.early)
 
     async def truncate(self, file: OutboxFile, size: int) -> None:
         """``truncate``/``ftruncate``; without an open writer (truncate(2) of a path) nothing else
         would commit the change, so it is committed at once."""
         self._check_changeable(file)
         if size != file.size:
+            _abandon_early(file)
             file.spool.truncate(size)
             file.dirty = True
             file.version += 1
@@ -282,6 +316,10 @@ class Outbox:
         file.writers -= 1
         if file.writers == 0:
             file.spool.close()
+            if file.early is not None and file.upload_id is not None and not file.dirty and not file.removed:
+                file.early.body.end(file.size)  # committed and closed: the early upload can finish
+            else:
+                _abandon_early(file)
             if file.removed:
                 file.spool.delete()
             elif file.upload_id is None:
@@ -317,6 +355,7 @@ class Outbox:
 
     def _drop(self, file: OutboxFile) -> None:
         file.removed = True
+        _abandon_early(file)
         if self._files.get((file.scope, file.name)) is file:
             del self._files[(file.scope, file.name)]
         if file.writers == 0:
@@ -333,7 +372,8 @@ class Outbox:
         for f in self._files.values():
             counts[f.state] += 1
             pending_bytes += f.size
-        return {**counts, "pending_bytes": pending_bytes, "uploaded": self._uploaded}
+        return {**counts, "pending_bytes": pending_bytes, "uploaded": self._uploaded,
+                "uploaded_while_writing": self._uploaded_early}
 
     def pending(self) -> int:
         """Committed uploads that have not finished."""
@@ -343,6 +383,7 @@ class Outbox:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as uploads:
+            self._uploads = uploads
             task_status.started()
             while True:
                 self._wake = trio.Event()
@@ -377,6 +418,8 @@ class Outbox:
             adler32 = await self._checksum(file)
             job = UploadJob(file.scope, file.dataset, file.name, file.spool.path, file.size, adler32)
             url, located = await self._locator.submit(job), trio.current_time()
+            if file.early is not None:
+                await file.early.done.wait()
             async with self._transfer_slots:
                 if not self._unchanged(file, version):
                     return
@@ -387,7 +430,10 @@ class Outbox:
                     # the name may have been registered since (with other bytes at the same PFN, which
                     # a PUT would overwrite): ask again, unless the answer is recent
                     url = await self._locator.submit(job)
-                if url is not None:
+                if url is not None and file.early is not None and file.early.stored == (url, job.size, adler32):
+                    stored = True  # sent while it was written: the same bytes are at the URL
+                    self._uploaded_early += 1
+                elif url is not None:
                     await trio.to_thread.run_sync(self._uploader.store, job, url, abandon_on_cancel=True)
                     stored = True
                     _step_hook("stored")
@@ -411,6 +457,34 @@ class Outbox:
         finally:
             self._pipeline.discard(file)
             self._wake.set()
+
+    async def _upload_early(self, file: OutboxFile, early: EarlyUpload) -> None:
+        """Send a file's bytes while it is still written (see ``upload_while_writing``), if a transfer
+        slot is free now. It only puts bytes at the URL: :meth:`_upload` uses them once the file is
+        committed and closed with exactly those bytes, else it stores the file as usual. A kill
+        meanwhile leaves at most a partial object at the PFN, registered nowhere."""
+        try:
+            self._transfer_slots.acquire_nowait()
+        except trio.WouldBlock:
+            early.body.abandon()
+            early.done.set()
+            return
+        try:
+            # size 0: a DID of this name that exists already is a conflict here, and the usual upload
+            # after close() tells whether it holds the same bytes
+            url = await self._locator.submit(UploadJob(file.scope, file.dataset, file.name, file.spool.path, 0, ""))
+            if url is not None:
+                log.info("event=upload-early-start did=%s bytes_so_far=%d", file.did, file.size)
+                sent, adler32 = await trio.to_thread.run_sync(self._uploader.store_stream, url, early.body,
+                                                              abandon_on_cancel=True)
+                early.stored = (url, sent, adler32)
+                _step_hook("streamed")
+        except (DatalakeError, StreamAbandonedError) as exc:
+            log.info("event=upload-early-abandoned did=%s reason=%s", file.did, exc)
+        finally:
+            self._transfer_slots.release()
+            early.body.abandon()  # wakes a transfer thread that was left behind by a cancellation
+            early.done.set()
 
     @staticmethod
     def _unchanged(file: OutboxFile, version: int) -> bool:
@@ -489,6 +563,11 @@ class Outbox:
         self._catalogue.invalidate_collection(DID(file.scope, file.dataset))
         for listener in self._listeners:
             listener(file)
+
+
+def _abandon_early(file: OutboxFile) -> None:
+    if file.early is not None:
+        file.early.body.abandon()
 
 
 def _step_hook(step: str) -> None:

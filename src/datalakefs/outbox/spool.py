@@ -18,6 +18,8 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from zlib_ng import zlib_ng
@@ -155,3 +157,58 @@ class SpoolFile:
             raise SpoolFullError(
                 f"spool disk {self.path.parent} has less than spool_reserve={self._reserve} bytes free"
             )
+
+
+class StreamAbandonedError(Exception):
+    """The file stopped being written sequentially (or was removed): its early upload is void."""
+
+
+class GrowingSpool:
+    """The bytes of a spool file as they are written, for an upload that starts before ``close()``.
+
+    The trio thread reports each sequential write (:meth:`grown`), then either the end (:meth:`end`,
+    once the file is committed and closed) or :meth:`abandon`. Iterating, in a worker thread, yields
+    the file's bytes in order as they arrive and stops at the end; after ``abandon`` it raises
+    :class:`StreamAbandonedError`. The uploader checks what was sent against the committed size and
+    adler32, so a rewrite it raced with is caught there too.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._ready = threading.Condition()
+        self._size = 0
+        self._ended = False
+        self._abandoned = False
+
+    def grown(self, size: int) -> None:
+        with self._ready:
+            self._size = size
+            self._ready.notify()
+
+    def end(self, size: int) -> None:
+        with self._ready:
+            self._size, self._ended = size, True
+            self._ready.notify()
+
+    def abandon(self) -> None:
+        with self._ready:
+            self._abandoned = True
+            self._ready.notify()
+
+    def __iter__(self) -> Iterator[bytes]:
+        sent = 0
+        with open(self._path, "rb", buffering=0) as fh:
+            while True:
+                with self._ready:
+                    while not (self._abandoned or self._ended or self._size > sent):
+                        self._ready.wait()
+                    if self._abandoned:
+                        raise StreamAbandonedError(f"{self._path.name} is no longer written sequentially")
+                    available, ended = self._size - sent, self._ended
+                if available <= 0 and ended:
+                    return
+                chunk = os.pread(fh.fileno(), min(available, _READ_CHUNK), sent)
+                if not chunk:
+                    raise StreamAbandonedError(f"{self._path.name} is shorter than its writes said")
+                sent += len(chunk)
+                yield chunk
