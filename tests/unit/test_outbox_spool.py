@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import zlib
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datalakefs.errors import SpoolFullError
-from datalakefs.outbox.spool import SpoolFile, file_adler32
+from datalakefs.outbox.spool import GrowingSpool, SpoolFile, StreamAbandonedError, file_adler32
 
 
 def _adler(data: bytes) -> str:
@@ -84,3 +85,45 @@ def test_below_the_reserve_a_write_is_refused_before_any_byte_lands(tmp_path: Pa
     assert raised.value.errno == 28
     assert spool.size == 0 and spool.path.stat().st_size == 0
     spool.delete()
+
+
+def _consume(growing: GrowingSpool, into: list[bytes | Exception]) -> threading.Thread:
+    def run() -> None:
+        try:
+            into.append(b"".join(growing))
+        except StreamAbandonedError as exc:
+            into.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@given(pieces=st.lists(st.binary(min_size=0, max_size=300_000), max_size=12))
+@settings(max_examples=25, deadline=None)
+def test_a_growing_spool_yields_every_byte_written_in_order(tmp_path_factory: pytest.TempPathFactory,
+                                                             pieces: list[bytes]) -> None:
+    spool = SpoolFile.create(tmp_path_factory.mktemp("grow"), reserve=0)
+    growing = GrowingSpool(spool.path)
+    result: list[bytes | Exception] = []
+    reader = _consume(growing, result)
+    for piece in pieces:
+        spool.write(spool.size, piece)
+        growing.grown(spool.size)
+    growing.end(spool.size)
+    reader.join(10)
+    spool.close()
+    assert result == [b"".join(pieces)]
+
+
+def test_an_abandoned_growing_spool_stops_its_reader(tmp_path: Path) -> None:
+    spool = SpoolFile.create(tmp_path, reserve=0)
+    growing = GrowingSpool(spool.path)
+    result: list[bytes | Exception] = []
+    reader = _consume(growing, result)
+    spool.write(0, b"abc")
+    growing.grown(3)
+    growing.abandon()  # e.g. a write went back into the file
+    reader.join(10)
+    spool.close()
+    assert not reader.is_alive() and isinstance(result[0], StreamAbandonedError)
