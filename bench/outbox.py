@@ -2,7 +2,8 @@
 
 1. One big file (1 GiB): time until ``close()`` returns when copied into the outbox, and until the
    upload is done (replica AVAILABLE, attached: the file left the outbox), against one
-   ``curl -T`` of the same file to the same RSE's WebDAV door (goal: ≤ 1.1×).
+   ``curl -T`` of the same file to the same RSE's WebDAV door (goal: ≤ 1.1×); and once more on a
+   mount with ``upload_while_writing=0`` (sent only after ``close()``).
 2. Many 1 MiB files (1,000), copied in by as many writers as the uploader's ``upload_concurrency``:
    aggregate rate from the first write until the last one is uploaded, against ``curl`` PUTs of the
    same files with the same parallelism (goal ≥ 0.8×).
@@ -93,8 +94,19 @@ def run() -> SuiteResult:
         _write_random(path, CHUNK)
 
     times: dict[str, list[float]] = {
-        key: [] for key in ("close", "available", "curl", "small", "small_closed", "small_curl")
+        key: [] for key in ("close", "available", "curl", "small", "small_closed", "small_curl", "after_close")
     }
+    # the big file once more with upload_while_writing=0: what sending it while it is written saves
+    with mounts.datalakefs(work / "mnt-after-close", work / "cache-after-close", f"storage_ca_bundle={ca}",
+                           "upload_while_writing=0") as m:
+        for _ in range(n):
+            tag = secrets.token_hex(4)
+            dataset = m.mountpoint / ".outbox" / scope / f"bench_{tag}"
+            dataset.mkdir()
+            target = dataset / f"big_after_close_{tag}.bin"
+            start = time.monotonic()
+            _copy(source, target)
+            times["after_close"].append(_uploaded([target]) - start)
     with mounts.datalakefs(work / "mnt", work / "cache", f"storage_ca_bundle={ca}",
                            f"upload_concurrency={PARALLEL}") as m:
         for _ in range(n):
@@ -130,6 +142,8 @@ def run() -> SuiteResult:
         Row(big, "datalakefs outbox", "close() returned", close, big_bytes / close / 1e6, runs=n),
         Row(big, "datalakefs outbox", "uploaded (AVAILABLE, attached)", available, big_bytes / available / 1e6,
             runs=n),
+        Row(big, "datalakefs outbox, upload_while_writing=0", "uploaded (AVAILABLE, attached)",
+            median(times["after_close"]), big_bytes / median(times["after_close"]) / 1e6, runs=n),
         Row(big, "curl PUT, same RSE", "-", curl, big_bytes / curl / 1e6, runs=n),
         Row(many, f"datalakefs outbox ({PARALLEL} writers, upload_concurrency={PARALLEL})", "all uploaded", small,
             small_bytes / small / 1e6, runs=n, note=f"last close() after {median(times['small_closed']):.2f} s"),

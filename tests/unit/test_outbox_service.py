@@ -104,8 +104,8 @@ def uploader() -> FakeUploader:
 @pytest.fixture
 def make(tmp_path: Path, catalogue: CachedCatalogue, uploader: FakeUploader) -> Callable[..., Outbox]:
     def build(**options: int) -> Outbox:
-        return Outbox(Journal(tmp_path / "journal.sqlite"), uploader, catalogue, tmp_path / "spool", concurrency=2,
-                      **options)
+        return Outbox(Journal(tmp_path / "journal.sqlite"), uploader, catalogue, tmp_path / "spool",
+                      **{"concurrency": 2, **options})
     return build
 
 
@@ -399,3 +399,18 @@ async def test_a_file_removed_while_it_is_sent_is_not_uploaded(early: Outbox, up
         await file.early.done.wait()
     assert file.early.stored is None
     assert ("user.x", "x.dat") not in uploader.lake and early.pending() == 0
+
+
+async def test_the_last_transfer_slot_is_never_taken_while_writing(
+    make: Callable[..., Outbox], uploader: FakeUploader
+) -> None:
+    outbox = make(upload_while_writing=8, concurrency=1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        file = await _open_new(outbox, "one.dat")
+        outbox.write(file, 0, b"0123456789")
+        await outbox.commit(file)
+        outbox.close_for_writing(file)
+        await _until(lambda: ("user.x", "one.dat") in uploader.lake)
+        nursery.cancel_scope.cancel()
+    assert uploader.stores == 1 and outbox.summary()["uploaded_while_writing"] == 0

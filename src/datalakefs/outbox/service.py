@@ -460,15 +460,17 @@ class Outbox:
 
     async def _upload_early(self, file: OutboxFile, early: EarlyUpload) -> None:
         """Send a file's bytes while it is still written (see ``upload_while_writing``), if a transfer
-        slot is free now. It only puts bytes at the URL: :meth:`_upload` uses them once the file is
-        committed and closed with exactly those bytes, else it stores the file as usual. A kill
-        meanwhile leaves at most a partial object at the PFN, registered nowhere."""
-        try:
-            self._transfer_slots.acquire_nowait()
-        except trio.WouldBlock:
+        slot is free now and it is not the last one. It only puts bytes at the URL: :meth:`_upload`
+        uses them once the file is committed and closed with exactly those bytes, else it stores the
+        file as usual. A kill meanwhile leaves at most a partial object at the PFN, registered
+        nowhere."""
+        # a slow writer may hold its slot for long: never take the last one, so that files already
+        # closed keep moving
+        if self._transfer_slots.value < 2:
             early.body.abandon()
             early.done.set()
             return
+        self._transfer_slots.acquire_nowait()
         try:
             # size 0: a DID of this name that exists already is a conflict here, and the usual upload
             # after close() tells whether it holds the same bytes
