@@ -68,6 +68,20 @@ def _curl_put(lk: Lake, files: list[tuple[Path, str]], ca: Path, parallel: int) 
     return time.monotonic() - start
 
 
+def _delete(lk: Lake, urls: list[str], ca: Path) -> None:
+    """Remove what the curl side PUT: it is registered nowhere, so nothing else ever would."""
+    for url in urls:
+        subprocess.run(["curl", "-sS", "--cacert", str(ca), "-X", "DELETE", url, "-o", "/dev/null"],
+                       env=lk.client_env(), check=False)
+
+
+def _purge(client: Any, scope: str, datasets: list[str]) -> None:
+    """Hand the uploaded bytes to Rucio's reaper: the bench writes gigabytes per run."""
+    for dataset in datasets:
+        for rule in client.list_did_rules(scope, dataset):
+            client.delete_replication_rule(rule["id"], purge_replicas=True)
+
+
 def _write_pfns(client: Any, rse: str, lfns: list[str]) -> dict[str, str]:
     pfns: dict[str, str] = {}
     for start in range(0, len(lfns), PFNS_PER_CALL):
@@ -96,6 +110,8 @@ def run() -> SuiteResult:
     times: dict[str, list[float]] = {
         key: [] for key in ("close", "available", "curl", "small", "small_closed", "small_curl", "after_close")
     }
+    datasets: list[str] = []  # what the runs uploaded, and the curl side's URLs: removed at the end
+    curl_urls: list[str] = []
     # the big file once more with upload_while_writing=0: what sending it while it is written saves
     with mounts.datalakefs(work / "mnt-after-close", work / "cache-after-close", f"storage_ca_bundle={ca}",
                            "upload_while_writing=0") as m:
@@ -103,6 +119,7 @@ def run() -> SuiteResult:
             tag = secrets.token_hex(4)
             dataset = m.mountpoint / ".outbox" / scope / f"bench_{tag}"
             dataset.mkdir()
+            datasets.append(dataset.name)
             target = dataset / f"big_after_close_{tag}.bin"
             start = time.monotonic()
             _copy(source, target)
@@ -113,13 +130,15 @@ def run() -> SuiteResult:
             tag = secrets.token_hex(4)
             dataset = m.mountpoint / ".outbox" / scope / f"bench_{tag}"
             dataset.mkdir()
+            datasets.append(dataset.name)
             target = dataset / f"big_{tag}.bin"
             start = time.monotonic()
             _copy(source, target)
             times["close"].append(time.monotonic() - start)
             times["available"].append(_uploaded([target]) - start)
-            big_lfn = f"{scope}:curl_big_{tag}.bin"
-            times["curl"].append(_curl_put(lk, [(source, _write_pfns(client, rse, [big_lfn])[big_lfn])], ca, 1))
+            big_url = _write_pfns(client, rse, [f"{scope}:curl_big_{tag}.bin"])[f"{scope}:curl_big_{tag}.bin"]
+            curl_urls.append(big_url)
+            times["curl"].append(_curl_put(lk, [(source, big_url)], ca, 1))
 
             targets = [dataset / f"small_{tag}_{i:05d}" for i in range(small_count)]
             start = time.monotonic()
@@ -129,9 +148,12 @@ def run() -> SuiteResult:
             times["small"].append(_uploaded(targets) - start)
             lfns = [f"{scope}:curl_small_{tag}_{i:05d}" for i in range(small_count)]
             pfns = _write_pfns(client, rse, lfns)
+            curl_urls += pfns.values()
             times["small_curl"].append(_curl_put(lk, [(s, pfns[lfn]) for s, lfn in zip(sources, lfns, strict=True)],
                                                  ca, PARALLEL))
     shutil.rmtree(work, ignore_errors=True)
+    _delete(lk, curl_urls, ca)
+    _purge(client, scope, datasets)
 
     close, available, curl = median(times["close"]), median(times["available"]), median(times["curl"])
     small, small_curl = median(times["small"]), median(times["small_curl"])
