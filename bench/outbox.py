@@ -68,6 +68,15 @@ def _curl_put(lk: Lake, files: list[tuple[Path, str]], ca: Path, parallel: int) 
     return time.monotonic() - start
 
 
+def _new_dataset(mountpoint: Path, scope: str, made: list[str]) -> tuple[str, Path]:
+    """A new outbox dataset directory (its name goes into ``made``): (tag, path)."""
+    tag = secrets.token_hex(4)
+    dataset = mountpoint / ".outbox" / scope / f"bench_{tag}"
+    dataset.mkdir()
+    made.append(dataset.name)
+    return tag, dataset
+
+
 def _delete(lk: Lake, urls: list[str], ca: Path) -> None:
     """Remove what the curl side PUT: it is registered nowhere, so nothing else ever would."""
     for url in urls:
@@ -116,10 +125,7 @@ def run() -> SuiteResult:
     with mounts.datalakefs(work / "mnt-after-close", work / "cache-after-close", f"storage_ca_bundle={ca}",
                            "upload_while_writing=0") as m:
         for _ in range(n):
-            tag = secrets.token_hex(4)
-            dataset = m.mountpoint / ".outbox" / scope / f"bench_{tag}"
-            dataset.mkdir()
-            datasets.append(dataset.name)
+            tag, dataset = _new_dataset(m.mountpoint, scope, datasets)
             target = dataset / f"big_after_close_{tag}.bin"
             start = time.monotonic()
             _copy(source, target)
@@ -127,10 +133,7 @@ def run() -> SuiteResult:
     with mounts.datalakefs(work / "mnt", work / "cache", f"storage_ca_bundle={ca}",
                            f"upload_concurrency={PARALLEL}") as m:
         for _ in range(n):
-            tag = secrets.token_hex(4)
-            dataset = m.mountpoint / ".outbox" / scope / f"bench_{tag}"
-            dataset.mkdir()
-            datasets.append(dataset.name)
+            tag, dataset = _new_dataset(m.mountpoint, scope, datasets)
             target = dataset / f"big_{tag}.bin"
             start = time.monotonic()
             _copy(source, target)

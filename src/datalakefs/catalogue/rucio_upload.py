@@ -317,39 +317,14 @@ def _adler32_digest(header: str) -> str | None:
     return None
 
 
-class Adler32Chunks:
-    """Chunks as a PUT body, counting them and keeping their adler32."""
+class _Adler32Count:
+    """The count and adler32 of the bytes handed out so far."""
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
-        self._chunks = chunks
+    def __init__(self) -> None:
         self._adler = 1
         self.sent = 0
 
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in self._chunks:
-            self._adler = zlib_ng.adler32(chunk, self._adler)
-            self.sent += len(chunk)
-            yield chunk
-
-    @property
-    def adler32(self) -> str:
-        return f"{self._adler & 0xFFFFFFFF:08x}"
-
-
-class Adler32Reader:
-    """A file as a PUT body: ``read`` hands out the bytes and keeps their adler32 and count."""
-
-    def __init__(self, fh: BinaryIO, size: int) -> None:
-        self._fh = fh
-        self._size = size
-        self._adler = 1
-        self.sent = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self._fh.read(max(size, _PUT_CHUNK))
+    def _count(self, chunk: bytes) -> bytes:
         self._adler = zlib_ng.adler32(chunk, self._adler)
         self.sent += len(chunk)
         return chunk
@@ -357,3 +332,29 @@ class Adler32Reader:
     @property
     def adler32(self) -> str:
         return f"{self._adler & 0xFFFFFFFF:08x}"
+
+
+class Adler32Chunks(_Adler32Count):
+    """Chunks as a PUT body (chunked transfer encoding), counted."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        super().__init__()
+        self._chunks = chunks
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (self._count(chunk) for chunk in self._chunks)
+
+
+class Adler32Reader(_Adler32Count):
+    """A file as a PUT body: ``read`` hands out the bytes, counted."""
+
+    def __init__(self, fh: BinaryIO, size: int) -> None:
+        super().__init__()
+        self._fh = fh
+        self._size = size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, size: int = -1) -> bytes:
+        return self._count(self._fh.read(max(size, _PUT_CHUNK)))
