@@ -190,14 +190,13 @@ class Journal:
 
     def finish(self, upload_ids: Sequence[int]) -> None:
         """These uploads are registered and attached: forget them, in one transaction."""
+        self.remove(upload_ids)
+        transition_hook("done")
+
+    def remove(self, upload_ids: Sequence[int]) -> None:
         with self._lock:
             self._db.execute(f"delete from uploads where id in ({','.join('?' * len(upload_ids))})",
                              tuple(upload_ids))
-        transition_hook("done")
-
-    def remove(self, upload_id: int) -> None:
-        with self._lock:
-            self._db.execute("delete from uploads where id = ?", (upload_id,))
 
     def uploads(self) -> list[Record]:
         with self._lock:

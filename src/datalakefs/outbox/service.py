@@ -269,8 +269,10 @@ class Outbox:
     def _follow_write(self, file: OutboxFile) -> None:
         """Feed the file's early upload, or abandon it when the write was not sequential; start one
         once a file written sequentially by one writer holds ``upload_while_writing`` bytes."""
-        sequential = file.spool.adler32 is not None
+        sequential = file.spool.sequential
         if file.early is not None:
+            if file.early.done.is_set():
+                return  # over (abandoned or sent): nothing listens any more
             if sequential:
                 file.early.body.grown(file.size)
             else:
@@ -305,7 +307,7 @@ class Outbox:
             (file.spool, Intent(file.scope, file.dataset, file.name, file.spool.name, size, adler32))
         )
         if file.removed:  # removed while the commit ran: the intent goes too
-            await trio.to_thread.run_sync(self._journal.remove, upload_id)
+            await trio.to_thread.run_sync(self._journal.remove, [upload_id])
             return
         file.upload_id, file.adler32 = upload_id, adler32
         file.dirty = file.version != version  # written again while the commit ran
@@ -341,7 +343,7 @@ class Outbox:
         """``rm`` of an outbox file: a queued, failed or unfinished upload is dropped with its bytes."""
         self._check_changeable(file)
         if file.upload_id is not None:
-            await trio.to_thread.run_sync(self._journal.remove, file.upload_id)
+            await trio.to_thread.run_sync(self._journal.remove, [file.upload_id])
         self._drop(file)
         log.info("event=outbox-cancelled did=%s", file.did)
 
@@ -525,26 +527,19 @@ class Outbox:
     def _commit_group(self, group: Sequence[tuple[SpoolFile, Intent]]) -> list[int | Exception]:
         """Worker thread: fsync each spool file, then (once) their directory, then record every
         intent whose bytes are durable in one journal transaction."""
-        synced: dict[int, tuple[SpoolFile, Intent]] = {}
-        outcomes: list[int | Exception] = []
-        for index, (spool, intent) in enumerate(group):
+        failed: dict[int, Exception] = {}
+        for index, (spool, _) in enumerate(group):
             try:
                 spool.sync()
             except (OSError, DatalakeError) as exc:
-                outcomes.append(exc)
-            else:
-                synced[index] = (spool, intent)
-                outcomes.append(-1)
-        if not synced:
-            return outcomes
-        if not all(spool.entry_durable for spool, _ in synced.values()):
+                failed[index] = exc
+        synced = [member for index, member in enumerate(group) if index not in failed]
+        if any(not spool.entry_durable for spool, _ in synced):
             sync_directory(self._spool_dir)
-            for spool, _ in synced.values():
-                spool.entry_synced()
-        ids = self._journal.commit([intent for _, intent in synced.values()])
-        for index, upload_id in zip(synced, ids, strict=True):
-            outcomes[index] = upload_id
-        return outcomes
+            for spool, _ in synced:
+                spool.entry_durable = True
+        ids = iter(self._journal.commit([intent for _, intent in synced]) if synced else [])
+        return [failed[index] if index in failed else next(ids) for index in range(len(group))]
 
     def _forget(self, finished: Sequence[tuple[int, Path]]) -> list[None]:
         """Worker thread: the finished uploads of a batch leave the journal in one transaction, then

@@ -60,7 +60,8 @@ class SpoolFile:
         self.path = path
         self._reserve = reserve
         self._fd: int | None = None
-        self._entry_durable = path.exists()
+        #: its directory entry survives a crash (set by whoever ran :func:`sync_directory` after it)
+        self.entry_durable = path.exists()
         self.size = path.stat().st_size if path.exists() else 0
         # the running adler32 covers bytes [0, _hashed); valid only while writes were sequential
         self._adler = 1
@@ -74,7 +75,7 @@ class SpoolFile:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         spool = cls(path, reserve)
         spool._fd = fd
-        spool._entry_durable = False
+        spool.entry_durable = False
         return spool
 
     @property
@@ -82,11 +83,14 @@ class SpoolFile:
         return self.path.name
 
     @property
+    def sequential(self) -> bool:
+        """Written front to back so far: the running checksum covers the whole file."""
+        return self._sequential and self._hashed == self.size
+
+    @property
     def adler32(self) -> str | None:
         """The file's adler32 when the running checksum covers the whole file."""
-        if self._sequential and self._hashed == self.size:
-            return adler32_hex(self._adler)
-        return None
+        return adler32_hex(self._adler) if self.sequential else None
 
     def _handle(self) -> int:
         if self._fd is None:
@@ -124,20 +128,13 @@ class SpoolFile:
     def sync(self) -> None:
         """fsync the file's bytes (blocking: call from a worker thread); ENOSPC/EIO surface here too.
         Its directory entry is durable once :func:`sync_directory` ran after this (the outbox does it
-        once per group of commits) and :meth:`entry_synced` was called."""
+        once per group of commits, and then sets :attr:`entry_durable`)."""
         try:
             os.fsync(self._handle())
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SpoolFullError(f"spool disk full flushing {self.path.name}") from exc
             raise
-
-    @property
-    def entry_durable(self) -> bool:
-        return self._entry_durable
-
-    def entry_synced(self) -> None:
-        self._entry_durable = True
 
     def close(self) -> None:
         if self._fd is not None:
