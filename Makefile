@@ -30,7 +30,7 @@ down: venv
 	$(BIN)/datalakefs demo down --state-dir $(DEMO_STATE)
 
 lint: venv
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check datalakefs tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

@@ -36,6 +36,40 @@ TEST_PORT_BASE = int(os.environ.get("DATALAKEFS_TEST_PORT_BASE") or 39000)
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "lake_down: stops and restarts the session lake; runs after every other test")
+    problem = installed_package_problem(Path(str(config.rootpath)))
+    if problem:
+        raise pytest.UsageError(problem)
+
+
+def installed_package_problem(checkout: Path) -> str | None:
+    """Why the ``datalakefs`` that tests import is not the installed package of this checkout, or None.
+
+    The package sits at the repository root, which pytest puts on ``sys.path`` (``tests`` is a
+    package). So an ``import datalakefs`` could succeed from the working directory alone, with no
+    install, no entry points (``datalakefs``, ``mount.datalakefs``) and no package data, or come
+    from another checkout's editable install. The tests run only when the imported package is the
+    one the installed distribution provides, and an editable install points at this checkout.
+    """
+    import importlib.metadata
+    from urllib.parse import unquote, urlparse
+
+    import datalakefs
+
+    imported = Path(datalakefs.__file__).resolve().parent
+    try:
+        dist = importlib.metadata.distribution("datalakefs")
+    except importlib.metadata.PackageNotFoundError:
+        return f"datalakefs is not installed in {sys.prefix}: run `make venv` (it imports from {imported})"
+    direct_url = json.loads(dist.read_text("direct_url.json") or "{}")
+    if direct_url.get("dir_info", {}).get("editable"):
+        provided = Path(unquote(urlparse(direct_url["url"]).path)).resolve() / "datalakefs"
+        if provided != (checkout / "datalakefs").resolve():
+            return f"the editable install in {sys.prefix} is of {provided.parent}, not of this checkout {checkout}"
+    else:
+        provided = Path(str(dist.locate_file("datalakefs"))).resolve()
+    if imported != provided:
+        return f"tests import datalakefs from {imported}, but the installed package is {provided}"
+    return None
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -27,12 +27,12 @@ from typing import Any
 
 import pytest
 import requests
-from tests.fuse.mounting import Mount
 
 from datalakefs.cli.common import registry_file
 from datalakefs.demo.status import LakeStatus
 from datalakefs.fuse.session import is_stale, unmount, wait_gone
 from datalakefs.outbox.journal import KILL_AT_ENV
+from tests.fuse.mounting import Mount
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
 

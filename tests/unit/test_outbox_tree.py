@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from tests.unit.test_filesystem import listed_names
 
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.catalogue.fake import FakeCatalogue
@@ -23,6 +22,7 @@ from datalakefs.namespace.inodes import ROOT_INODE, InodeTable
 from datalakefs.namespace.tree import Namespace
 from datalakefs.outbox.journal import Journal
 from datalakefs.outbox.service import Outbox
+from tests.unit.test_filesystem import listed_names
 
 
 class Uploader:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import trio
-from tests.faults.harness import BS, info_of, open_reader, payload, ranges, read_all, running
-from tests.faults.origin import FaultyOrigin
 
 from datalakefs.config import Config
 from datalakefs.errors import AccessDeniedError, TransferError
 from datalakefs.model import DID, FileReplicas, Replica
 from datalakefs.staging.stream import PIECE_ALIGN, SEQUENTIAL_SLACK, StreamContent
+from tests.faults.harness import BS, info_of, open_reader, payload, ranges, read_all, running
+from tests.faults.origin import FaultyOrigin
 
 DATA = payload(40 * BS + 777, seed=1)
 INFO = info_of("big", DATA)

@@ -7,11 +7,11 @@ import random
 from pathlib import Path
 
 import trio
-from tests.faults.harness import BS, info_of, open_reader, payload, read_all, running
-from tests.faults.origin import FaultyOrigin
 
 from datalakefs.cache.layout import PAGE_SIZE, FileKey
 from datalakefs.staging.stream import StreamReader, StreamService
+from tests.faults.harness import BS, info_of, open_reader, payload, read_all, running
+from tests.faults.origin import FaultyOrigin
 
 FILES = {"a": payload(9 * BS + 1, seed=11), "b": payload(6 * BS + 333, seed=12), "c": payload(3 * BS, seed=13)}
 INFOS = {name: info_of(name, data) for name, data in FILES.items()}

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+
 from tests.faults.harness import BS, info_of, open_reader, payload, read_all, running
 from tests.faults.xrootd import XrootdOrigin
 

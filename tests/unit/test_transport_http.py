@@ -6,10 +6,10 @@ import random
 from collections.abc import Iterator, Mapping
 
 import pytest
-from tests.faults.origin import FaultyOrigin
 
 from datalakefs.transport.aio_bridge import AioBridge
 from datalakefs.transport.http import FailureKind, HttpTransport, NoAuth, RangeReadError, redact_url
+from tests.faults.origin import FaultyOrigin
 
 DATA = random.Random(7).randbytes(3 * 1024 * 1024 + 17)
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import trio
-from tests.faults.origin import FaultyOrigin
-from tests.unit.test_transport_http import DATA, Auth, Sink, origin
 
 from datalakefs.transport.http import FailureKind, RangeReadError
 from datalakefs.transport.trio_http import TrioRangeClient
+from tests.faults.origin import FaultyOrigin
+from tests.unit.test_transport_http import DATA, Auth, Sink, origin
 
 
 @pytest.mark.parametrize(("start", "length"), [(0, len(DATA)), (0, 1), (12345, 1 << 20), (len(DATA) - 5, 5)])
