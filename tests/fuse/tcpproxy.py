@@ -9,7 +9,8 @@ import threading
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to ``target``. ``cut()`` drops every connection and refuses new ones
-    until ``restore()``; the listening port stays the same throughout."""
+    until ``restore()``; the listening port stays the same throughout. ``answered`` counts the bytes
+    that came back from the target: proof that the traffic went this way."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self._target = target
@@ -20,6 +21,7 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._stopped = False
+        self.answered = 0
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
@@ -39,14 +41,16 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns += [client, upstream]
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            for source, sink, answers in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(source, sink, answers), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 sink.sendall(data)
+                if answers:
+                    with self._lock:
+                        self.answered += len(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
 

@@ -6,9 +6,11 @@ import json
 import os
 import random
 import time
+import tomllib
 import zlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -16,6 +18,7 @@ from datalakefs.demo.seed import content
 from datalakefs.demo.status import LakeStatus
 from tests.faults.origin import FaultyOrigin
 from tests.fuse.mounting import Mount, datalakefs
+from tests.fuse.tcpproxy import TcpProxy
 from tests.fuse.test_browse import path_of
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
@@ -114,10 +117,20 @@ def test_cached_bytes_and_status_grow_as_the_file_is_read(lake: LakeStatus, new_
 
 
 def test_reads_go_through_the_xcache(lake: LakeStatus, new_mount: Any) -> None:
-    mount = new_mount()  # the lake's config reads through its XCache
-    mount.start()
-    did, path = _file(lake, mount, MIB + 1)
-    assert _read_all(path) == _expected(lake, did, MIB + 1)
+    """The lake's XCache keeps what it cached across sessions, so its disk proves nothing about this
+    read: the mount reaches that XCache through a proxy here, which sees the file's bytes pass."""
+    xcache = urlsplit(tomllib.loads(lake.datalakefs_config.read_text())["xcache"])
+    proxy = TcpProxy((xcache.hostname or "127.0.0.1", xcache.port or 80))
+    try:
+        mount = new_mount(f"xcache=http://127.0.0.1:{proxy.port}")
+        mount.start()
+        did, path = _file(lake, mount, MIB + 1)
+        assert _read_all(path) == _expected(lake, did, MIB + 1)
+        stats = _content_stats(mount)
+    finally:
+        proxy.close()
+    assert proxy.answered >= MIB + 1  # the bytes came back through the XCache...
+    assert stats["failed_requests"] == 0  # ...and not from a fallback to the replica
     scope, name = did.split(":", 1)
     from datalakefs.demo.seed import rse_file
 
