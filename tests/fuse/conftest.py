@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from datalakefs.demo.status import LakeStatus
 from tests.fuse.mounting import Mount
+from tests.fuse.tcpproxy import TcpProxy
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +38,15 @@ def new_mount(lake: LakeStatus, tmp_path: Path) -> Iterator[Callable[..., Mount]
     yield make
     for mount in mounts:
         mount.stop()
+
+
+@pytest.fixture
+def proxied_rucio_config(lake: LakeStatus, tmp_path: Path) -> Iterator[tuple[Path, TcpProxy]]:
+    """A copy of the lake's rucio.cfg whose server is reached through a proxy the test can cut."""
+    text = lake.rucio_config.read_text()
+    port = int(re.search(r"rucio_host\s*=\s*https?://[^:]+:(\d+)", text).group(1))  # type: ignore[union-attr]
+    proxy = TcpProxy(("127.0.0.1", port))
+    config = tmp_path / "rucio-proxied.cfg"
+    config.write_text(text.replace(f":{port}", f":{proxy.port}"))
+    yield config, proxy
+    proxy.close()

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -76,18 +76,6 @@ def test_fstab_helper_mounts(lake: LakeStatus, tmp_path: Path) -> None:
         assert set(lake.seed.scopes) <= set(os.listdir(mountpoint))
     finally:
         mount.stop()
-
-
-@pytest.fixture
-def proxied_rucio_config(lake: LakeStatus, tmp_path: Path) -> Iterator[tuple[Path, TcpProxy]]:
-    """A copy of the lake's rucio.cfg whose server is reached through a proxy the test can cut."""
-    text = lake.rucio_config.read_text()
-    port = int(re.search(r"rucio_host\s*=\s*https?://[^:]+:(\d+)", text).group(1))  # type: ignore[union-attr]
-    proxy = TcpProxy(("127.0.0.1", port))
-    config = tmp_path / "rucio-proxied.cfg"
-    config.write_text(text.replace(f":{port}", f":{proxy.port}"))
-    yield config, proxy
-    proxy.close()
 
 
 def test_catalogue_outage_gives_eio_and_recovers(lake: LakeStatus, new_mount: Callable[..., Mount],

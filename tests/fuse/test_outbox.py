@@ -18,6 +18,7 @@ import pytest
 
 from datalakefs.demo.status import LakeStatus
 from tests.fuse.mounting import Mount, datalakefs
+from tests.fuse.waiting import wait_until
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
 
@@ -34,16 +35,6 @@ def adler32(data: bytes) -> str:
 
 def ca_option(lake: LakeStatus) -> str:
     return f"storage_ca_bundle={lake.datalakefs_config.parent / 'dav.crt'}"
-
-
-def wait_until(condition: Callable[[], Any], timeout: float = 120.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +111,6 @@ def test_sequential_file_is_uploaded_and_appears_in_its_dataset(
     data = os.urandom(3 * (1 << 20) + 17)
     target = path / unique("seq")
     target.write_bytes(data)
-    assert os.getxattr(target, STATE).decode() in ("queued", "uploading", "done")
     wait_until(lambda: not target.exists(), what="the file to leave the outbox")
     in_lake = outbox_mount.mountpoint / scope / ds / target.name
     assert in_lake.read_bytes() == data
@@ -212,7 +202,8 @@ def test_writes_outside_the_outbox_are_refused(outbox_mount: Mount, lake: LakeSt
                  lambda: (outbox_mount.mountpoint / ".outbox" / "file").write_bytes(b"x")):
         with pytest.raises(OSError) as raised:
             call()
-        assert raised.value.errno in (errno.EROFS, errno.EACCES)
+        # as root the kernel lets the call through and the daemon refuses it; others stop at 0555
+        assert raised.value.errno == (errno.EROFS if os.getuid() == 0 else errno.EACCES)
 
 
 def test_bad_scope_and_bad_names(outbox_mount: Mount, dataset: tuple[Path, str, str]) -> None:
@@ -288,10 +279,11 @@ def test_cli_retry_and_cancel(new_mount: Callable[..., Mount], lake: LakeStatus)
     path.mkdir()
     target = path / unique("f")
     target.write_bytes(b"data")
-    wait_until(lambda: "attempt" in os.getxattr(target, STATE).decode(), what="a retry")
+    wait_until(lambda: "(attempt 3 after:" in os.getxattr(target, STATE).decode(), what="a second retry")
     retried = datalakefs("outbox", "retry", str(target))
     assert retried.returncode == 0, retried.stderr
-    wait_until(lambda: "attempt" in os.getxattr(target, STATE).decode(), what="the retried attempt")
+    # the retry starts the count again: only it can bring "attempt 3" back to "attempt 2"
+    wait_until(lambda: "(attempt 2 after:" in os.getxattr(target, STATE).decode(), what="the retried attempt")
 
     def cancel() -> None:
         done = datalakefs("outbox", "cancel", str(target))
