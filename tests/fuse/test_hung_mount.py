@@ -36,6 +36,3 @@ def test_a_mount_that_never_answers_is_aborted_and_can_be_unmounted(tmp_path: Pa
         if mounted_fstype(str(mountpoint)) is not None:
             unmount(str(mountpoint), lazy=True)
 
-
-def test_a_live_mount_is_not_stale(tmp_path: Path) -> None:
-    assert not is_stale(str(tmp_path), hung_after=5.0)

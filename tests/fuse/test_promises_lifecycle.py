@@ -1,0 +1,191 @@
+"""Mount lifecycle promises of docs/SEMANTICS.md through real mounts: the ways to unmount, a dead and
+a wedged mount, who may use a mount, statfs, and a re-read the daemon never sees."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from datalakefs.demo.status import LakeStatus
+from datalakefs.fuse.session import mounted_fstype, unmount, wait_gone
+from tests.fuse.mounting import Mount, datalakefs
+from tests.fuse.test_browse import path_of
+from tests.fuse.test_outbox import ca_option, check_in_lake, unique
+from tests.fuse.waiting import wait_until
+
+pytestmark = [pytest.mark.lake, pytest.mark.fuse]
+
+NOBODY = 65534
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "fusermount3 -u"])
+def test_sigint_and_fusermount_unmount_cleanly(
+    lake: LakeStatus, new_mount: Callable[..., Mount], stop: str
+) -> None:
+    mount = new_mount()
+    mount.start()
+    pid = mount.pid
+    if stop == "SIGINT":
+        os.kill(pid, signal.SIGINT)
+    else:
+        done = subprocess.run(["fusermount3", "-u", str(mount.mountpoint)], capture_output=True, text=True,
+                              check=False)
+        assert done.returncode == 0, done.stderr
+    assert wait_gone(pid, timeout=60), "the daemon did not exit"
+    assert not mount.is_mounted()
+    log = daemon_log(mount)
+    assert "event=unmounted" in log and "Traceback" not in log
+
+
+def daemon_log(mount: Mount) -> str:
+    state_dir = next(o.partition("=")[2] for o in mount.options if o.startswith("state_dir="))
+    return "".join(log.read_text() for log in (Path(state_dir) / "logs").glob("*.log"))
+
+
+def test_uploads_stay_resumable_after_sigterm(
+    lake: LakeStatus, new_mount: Callable[..., Mount], rucio_client: Any
+) -> None:
+    assert lake.seed is not None
+    broken = new_mount(ca_option(lake), "upload_rse=NO_SUCH_RSE")
+    broken.start()
+    scope, ds, name = lake.seed.upload_scope, unique("ds"), unique("f")
+    target = broken.mountpoint / ".outbox" / scope / ds / name
+    target.parent.mkdir()
+    target.write_bytes(b"survives SIGTERM")
+    wait_until(lambda: "attempt" in os.getxattr(target, "user.datalakefs.state").decode(), what="a failed attempt")
+    pid = broken.pid
+    os.kill(pid, signal.SIGTERM)
+    assert wait_gone(pid, timeout=60)
+    assert not broken.is_mounted()
+    fixed = Mount(broken.mountpoint, broken.config, *[o for o in broken.options if not o.startswith("upload_rse")])
+    with fixed:
+        wait_until(lambda: not (fixed.mountpoint / ".outbox" / scope / ds / name).exists(), what="the resumed upload")
+    check_in_lake(rucio_client, lake, scope, ds, name, b"survives SIGTERM")
+
+
+def test_status_exits_1_for_a_dead_mount(new_mount: Callable[..., Mount]) -> None:
+    mount = new_mount()
+    mount.start()
+    cli = ["--config", str(mount.config), *(arg for option in mount.options for arg in ("-o", option))]
+    alive = datalakefs("status", str(mount.mountpoint), *cli)
+    assert alive.returncode == 0, alive.stderr
+    pid = mount.pid
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone(pid, timeout=30)
+    dead = datalakefs("status", str(mount.mountpoint), *cli)
+    assert dead.returncode == 1, dead.stdout + dead.stderr
+
+
+@pytest.fixture
+def hung_mount(tmp_path: Path) -> Iterator[Path]:
+    """A FUSE mount whose daemon never answers statfs (tests/fuse/hung_fs.py)."""
+    mountpoint = tmp_path / "hung"
+    mountpoint.mkdir()
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("hung_fs.py")), str(mountpoint)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        yield mountpoint
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+        if server.stdout is not None:
+            server.stdout.close()
+        if mounted_fstype(str(mountpoint)) is not None:
+            unmount(str(mountpoint), lazy=True)
+
+
+def test_umount_aborts_a_wedged_mount(lake: LakeStatus, hung_mount: Path) -> None:
+    done = datalakefs("umount", str(hung_mount), "--config", str(lake.datalakefs_config), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert mounted_fstype(str(hung_mount)) is None
+
+
+def test_mount_replaces_a_wedged_mount(lake: LakeStatus, hung_mount: Path, tmp_path: Path) -> None:
+    options = [f"cache_dir={tmp_path / 'cache'}", f"state_dir={tmp_path / 'state'}"]
+    started = datalakefs("mount", str(hung_mount), "--config", str(lake.datalakefs_config),
+                         *(arg for option in options for arg in ("-o", option)), timeout=120)
+    mount = Mount(hung_mount, lake.datalakefs_config, *options)  # made after: the wedged mount answers no stat
+    try:
+        assert started.returncode == 0, started.stderr
+        assert mounted_fstype(str(hung_mount)) == "fuse.datalakefs"
+        assert set(lake.seed.scopes) <= set(os.listdir(hung_mount))
+        assert "event=hung-mount" in started.stderr + daemon_log(mount)
+    finally:
+        mount.stop()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user can reach (pytest's tmp_path is private to root), for mount points."""
+    path = Path(tempfile.mkdtemp(prefix="datalakefs-users-"))
+    path.chmod(0o755)
+    yield path
+    for child in path.iterdir():
+        child.rmdir()
+    path.rmdir()
+
+
+def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=False, timeout=60,
+                          user=NOBODY, group=NOBODY, extra_groups=[])
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching to another user needs root")
+def test_other_users_are_refused_without_allow_other(
+    lake: LakeStatus, shared_dir: Path, tmp_path: Path
+) -> None:
+    private = Mount(shared_dir / "private", lake.datalakefs_config, f"cache_dir={tmp_path / 'c1'}",
+                    f"state_dir={tmp_path / 's1'}")
+    shared = Mount(shared_dir / "shared", lake.datalakefs_config, f"cache_dir={tmp_path / 'c2'}",
+                   f"state_dir={tmp_path / 's2'}", "allow_other=true")
+    try:
+        private.start()
+        shared.start()
+        assert set(lake.seed.scopes) <= set(os.listdir(private.mountpoint))  # its owner gets in
+        refused = as_nobody("ls", str(private.mountpoint))
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr, refused
+        allowed = as_nobody("ls", str(shared.mountpoint))
+        assert allowed.returncode == 0, allowed.stderr
+        assert set(lake.seed.scopes) <= set(allowed.stdout.split())
+    finally:
+        private.stop()
+        shared.stop()
+
+
+def test_statfs(lake_mount: Mount) -> None:
+    stats = os.statvfs(lake_mount.mountpoint)
+    assert stats.f_bsize == 1 << 20
+    assert stats.f_namemax == 255
+
+
+def test_a_re_read_does_not_reach_the_daemon(lake: LakeStatus, new_mount: Callable[..., Mount]) -> None:
+    mount = new_mount("xcache=none")
+    mount.start()
+    path = path_of(mount, lake.seed.sized_files[(1 << 20) + 1], lake.seed.sized_dataset)
+
+    def blocks_read() -> int:
+        content = mount.status()["content"]
+        return int(content["hits"]) + int(content["misses"])
+
+    first = path.read_bytes()
+    after_first = blocks_read()
+    assert after_first > 0
+    assert path.read_bytes() == first
+    assert blocks_read() == after_first  # served by the kernel's page cache
+
+
+def test_a_live_mount_is_not_stale(lake_mount: Mount) -> None:
+    from datalakefs.fuse.session import is_stale
+
+    assert lake_mount.is_mounted()
+    assert not is_stale(str(lake_mount.mountpoint), hung_after=5.0)
+
