@@ -96,9 +96,7 @@ def seeded(lake: LakeStatus) -> Seed:
 
 def test_status_of_a_lake_that_is_not_up(demo_cli: Demo) -> None:
     with tempfile.TemporaryDirectory(dir="/var/tmp") as state:
-        started = time.monotonic()
         result = demo_cli("status", "--json", state_dir=Path(state), port_base=None)
-        elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     status = LakeStatus.from_json(json.loads(result.stdout))
     assert not status.healthy
@@ -118,7 +116,6 @@ def test_status_of_a_lake_that_is_not_up(demo_cli: Demo) -> None:
     }
     assert all(not s.healthy and s.pid is None for s in status.services.values())
     assert status.services["rucio"].port == DEFAULT_PORT_BASE + PORT_OFFSETS["rucio"]
-    assert elapsed < 5
 
 
 def test_a_taken_port_is_named(demo_cli: Demo) -> None:
@@ -128,15 +125,12 @@ def test_a_taken_port_is_named(demo_cli: Demo) -> None:
         os.chmod(state, 0o755)
         blocker.bind(("127.0.0.1", taken))
         blocker.listen()
-        started = time.monotonic()
         result = demo_cli("up", state_dir=Path(state), port_base=base)
-        elapsed = time.monotonic() - started
         assert result.returncode == 1
         assert f"port {taken}" in result.stderr
         # refused before anything was built or started
         assert not (Path(state) / "venv").exists()
         assert not list(Path(state).glob("run/*.pid"))
-    assert elapsed < 10
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the lake to the postgres and xrootd users")
@@ -404,14 +398,11 @@ def test_only_a_verified_certificate_names_the_x509_client(lake: LakeStatus) -> 
 
 @pytest.mark.lake
 def test_up_again_keeps_the_running_lake(lake: LakeStatus, demo_cli: Demo) -> None:
-    started = time.monotonic()
     result = demo_cli("up")
-    elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     after = Lake(lake.state_dir).status()
     assert after.healthy
     assert {n: s.pid for n, s in after.services.items()} == {n: s.pid for n, s in lake.services.items()}
-    assert elapsed < 30
 
 
 @pytest.mark.lake
@@ -422,9 +413,7 @@ def test_down_leaves_nothing_running_and_up_comes_back_warm(lake: LakeStatus, de
     assert all(rec is not None and is_alive(rec) for rec in records.values())
     ports = sorted({port for svc in lake.services.values() for port in svc.ports.values()})
 
-    started = time.monotonic()
     down = demo_cli("down", port_base=None)
-    down_seconds = time.monotonic() - started
     assert down.returncode == 0, down.stderr
     assert [name for name, rec in records.items() if rec is not None and is_alive(rec)] == []
     assert [port for port in ports if port_in_use(port)] == []
@@ -434,10 +423,8 @@ def test_down_leaves_nothing_running_and_up_comes_back_warm(lake: LakeStatus, de
     status = Lake(lake.state_dir).status()
     assert not any(s.healthy or s.pid is not None for s in status.services.values())
 
-    started = time.monotonic()
     up = demo_cli("up")
-    up_seconds = time.monotonic() - started
     assert up.returncode == 0, up.stderr
     assert Lake(lake.state_dir).status().healthy
-    print(f"\ndown {down_seconds:.1f} s, warm up {up_seconds:.1f} s")
-    assert up_seconds < 60
+    # warm: what the first up built is reused, not built again
+    assert "creating the Rucio server venv" not in up.stderr and "PostgreSQL cluster created" not in up.stderr

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 import trio
+import trio.testing
 
 from datalakefs.outbox.batcher import Batcher
 
@@ -59,10 +60,10 @@ async def test_items_submitted_while_a_call_runs_share_the_next_call() -> None:
             first.set()
 
         nursery.start_soon(lone)
-        await trio.sleep(0.05)  # the call for item 0 is now held in its worker thread
+        await trio.testing.wait_all_tasks_blocked()  # item 0's call is taken, held in its worker thread
 
         async def release() -> None:
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # items 1 to 10 are all queued behind it
             call.gate.set()
 
         nursery.start_soon(release)
@@ -124,9 +125,9 @@ async def test_items_of_a_cancelled_turn_are_asked_again_by_the_next() -> None:
             nursery.start_soon(one, 0)
             await calls_made(1)  # item 0's turn holds the first call: 1 and 2 queue behind it
             nursery.start_soon(cancelled_one, 1)
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()  # item 1 queued before item 2
             nursery.start_soon(one, 2)
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
             gates[1].set()
             await calls_made(2)  # item 1's turn: one call for 1 and 2, held
             cut_short.cancel()

@@ -48,6 +48,7 @@ class FakeUploader:
         self.registered: list[int] = []  # files per register call
         self.register_seconds = 0.0  # a catalogue round trip
         self.stores = 0  # store() calls: files sent after their close()
+        self.streams = 0  # store_stream() calls begun: files sent while they are written
 
     def check_name(self, name: str) -> None:
         check_did_name(name)
@@ -75,6 +76,7 @@ class FakeUploader:
         self.stores += 1
 
     def store_stream(self, url: str, chunks: Iterable[bytes]) -> tuple[int, str]:
+        self.streams += 1
         data = b"".join(chunks)
         self.stored[url] = data
         return len(data), _adler(data)
@@ -154,8 +156,9 @@ async def test_no_upload_while_a_writer_has_it_open(running: Outbox, uploader: F
     running.write(file, 0, b"part one")
     await running.commit(file)  # fsync: durable and queued, but still open
     assert file.state == "queued"
-    await trio.sleep(0.2)
-    assert uploader.calls == 0
+    await _write(running, "probe.dat", b"closed after b.dat was committed")
+    await _until(lambda: ("user.x", "probe.dat") in uploader.lake)
+    assert uploader.calls == 1  # the probe was located, b.dat (queued before it) was not
     running.write(file, 8, b", part two")
     await running.commit(file)
     running.close_for_writing(file)
@@ -201,7 +204,9 @@ async def test_cancel_drops_the_intent_and_the_bytes(running: Outbox, uploader: 
     await _until(lambda: file.error != "")
     await running.cancel(file)
     assert not file.spool.path.exists() and running.listing() == []
-    await trio.sleep(1.5)
+    uploader.failures.pop()  # one failure left: the probe retries once, 1 s after f.dat would have
+    await _write(running, "probe.dat", b"y")
+    await _until(lambda: ("user.x", "probe.dat") in uploader.lake)
     assert ("user.x", "f.dat") not in uploader.lake
 
 
@@ -354,7 +359,7 @@ async def _open_new(outbox: Outbox, name: str) -> OutboxFile:
 async def test_a_file_written_sequentially_is_sent_while_it_is_written(early: Outbox, uploader: FakeUploader) -> None:
     file = await _open_new(early, "s.dat")
     early.write(file, 0, b"0123456789")  # past the threshold: the transfer starts
-    await trio.sleep(0.05)
+    await _until(lambda: uploader.streams == 1)
     early.write(file, 10, b"abcdef")
     await early.commit(file)
     early.close_for_writing(file)
@@ -369,7 +374,7 @@ async def test_a_file_that_stops_being_sequential_is_sent_again_after_close(
 ) -> None:
     file = await _open_new(early, "r.dat")
     early.write(file, 0, b"0123456789")
-    await trio.sleep(0.05)
+    await _until(lambda: uploader.streams == 1)
     if change == "overwrite":
         early.write(file, 2, b"XY")
         expected = b"01XY456789"
@@ -391,7 +396,7 @@ async def test_a_file_that_stops_being_sequential_is_sent_again_after_close(
 async def test_a_file_removed_while_it_is_sent_is_not_uploaded(early: Outbox, uploader: FakeUploader) -> None:
     file = await _open_new(early, "x.dat")
     early.write(file, 0, b"0123456789")
-    await trio.sleep(0.05)
+    await _until(lambda: uploader.streams == 1)
     await early.cancel(file)
     early.close_for_writing(file)
     assert file.early is not None

@@ -365,6 +365,7 @@ class _Failing503(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        self.server.refused += 1  # type: ignore[attr-defined]
         body = b"Service Unavailable"
         self.send_response(503)
         self.send_header("Content-Length", str(len(body)))
@@ -376,17 +377,22 @@ class _Failing503(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def port_503() -> Iterator[int]:
+def server_503() -> Iterator[http.server.ThreadingHTTPServer]:
+    """A server answering 503; its ``refused`` counts the requests it refused."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing503)
+    server.refused = 0  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield int(server.server_address[1])
+    yield server
     server.shutdown()
     server.server_close()
 
 
+TIMEOUT = 1.0
+
+
 def scopes_failure(tmp_path: Path, port: int) -> tuple[CatalogueUnavailableError, float]:
-    catalogue = RucioCatalogue(Config(rucio_config=str(rucio_cfg(tmp_path, port)), catalogue_timeout=1.0))
+    catalogue = RucioCatalogue(Config(rucio_config=str(rucio_cfg(tmp_path, port)), catalogue_timeout=TIMEOUT))
     started = time.monotonic()
     try:
         with pytest.raises(CatalogueUnavailableError) as caught:
@@ -396,25 +402,24 @@ def scopes_failure(tmp_path: Path, port: int) -> tuple[CatalogueUnavailableError
     return caught.value, time.monotonic() - started
 
 
-def test_refused_connection_is_seen_at_once(tmp_path: Path, refusing_port: int) -> None:
-    error, elapsed = scopes_failure(tmp_path, refusing_port)
+def test_refused_connection_is_reported_as_unreachable(tmp_path: Path, refusing_port: int) -> None:
+    error, _ = scopes_failure(tmp_path, refusing_port)
     assert f"127.0.0.1:{refusing_port}" in str(error)
     assert "cannot be reached" in str(error)
-    assert elapsed < 2
 
 
 def test_silent_server_times_out(tmp_path: Path, silent_port: int) -> None:
     error, elapsed = scopes_failure(tmp_path, silent_port)
     assert "did not answer in time" in str(error)
     assert f"127.0.0.1:{silent_port}" in str(error)
-    assert elapsed < 4
+    assert elapsed < 20 * TIMEOUT  # the configured timeout fired (with ample slack), not the socket's default
 
 
-def test_server_errors_are_retried_briefly(tmp_path: Path, port_503: int) -> None:
-    error, elapsed = scopes_failure(tmp_path, port_503)
+def test_server_errors_are_retried_a_few_times(tmp_path: Path, server_503: http.server.ThreadingHTTPServer) -> None:
+    error, _ = scopes_failure(tmp_path, int(server_503.server_address[1]))
     assert "503" in str(error)
     assert TOKEN not in str(error)
-    assert 1.5 < elapsed < 5  # rucio's own back-off: 0.25 + 0.5 + 1 s
+    assert server_503.refused == 3  # type: ignore[attr-defined]  # rucio's own retries, then it gives up
 
 
 def test_one_rucio_config_per_process(
