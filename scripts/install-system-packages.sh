@@ -9,6 +9,7 @@ packages=(
   nginx libnginx-mod-http-dav-ext
   xrootd-server xrootd-server-plugins xrootd-client xrootd-client-plugins xrootd-scitokens-plugins xrootd-fuse
   rclone openssl curl iproute2 procps
+  systemd strace  # the tests: systemd-analyze/systemd-escape check the units, strace counts xattr calls
 )
 missing=()
 for p in "${packages[@]}"; do

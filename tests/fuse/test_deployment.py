@@ -41,8 +41,7 @@ def directives(unit: Path, key: str) -> list[str]:
 def escape_path(path: str) -> str:
     """``systemd-escape --path``: the instance name of a mount point."""
     tool = shutil.which("systemd-escape")
-    if tool is None:
-        pytest.skip("systemd-escape is not installed here")
+    assert tool is not None, "systemd-escape is missing: `make sysdeps` installs it"
     return subprocess.run([tool, "--path", path], capture_output=True, text=True, check=True).stdout.strip()
 
 
@@ -65,7 +64,6 @@ def expand(command: str, specifiers: dict[str, str], environment: dict[str, str]
     return DATALAKEFS + words[1:] if words[0] == "datalakefs" else words
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
 @pytest.mark.parametrize(("unit", "name", "user"), [(SYSTEM_UNIT, "datalakefs@lake.service", False),
                                                     (USER_UNIT, "datalakefs.service", True)])
 def test_units_pass_systemd_analyze_verify(tmp_path: Path, unit: Path, name: str, user: bool) -> None:
@@ -75,6 +73,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path, unit: Path, name: str
     copy.write_text(unit.read_text().replace("ExecStart=datalakefs ", f"ExecStart={datalakefs} "))
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
+    assert shutil.which("systemd-analyze"), "systemd-analyze is missing: `make sysdeps` installs it"
     argv = ["systemd-analyze", *(["--user"] if user else []), "verify", str(copy)]
     done = subprocess.run(argv, capture_output=True, text=True, check=False,
                           env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
