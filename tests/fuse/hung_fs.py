@@ -1,11 +1,14 @@
-"""``python hung_fs.py MOUNTPOINT``: a FUSE filesystem whose statfs never answers (a wedged daemon).
+"""``python hung_fs.py [--ignore-sigterm] [...] MOUNTPOINT``: a FUSE filesystem whose statfs never
+answers (a wedged daemon).
 
 Prints ``ready`` once mounted. Used to check that a mount that does not answer is recognised and
-aborted instead of hanging whoever asks it.
+aborted instead of hanging whoever asks it. With ``--ignore-sigterm`` it also stands in for a daemon
+that does not stop (arguments other than the last are ignored, so it can replace ``datalakefs``).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import pyfuse3
@@ -28,4 +31,6 @@ def main(mountpoint: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if "--ignore-sigterm" in sys.argv:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    main(sys.argv[-1])

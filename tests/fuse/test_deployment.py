@@ -21,7 +21,7 @@ import pytest
 
 from datalakefs.demo.seed import rse_file
 from datalakefs.demo.status import LakeStatus
-from datalakefs.fuse.session import mounted_fstype
+from datalakefs.fuse.session import mounted_fstype, wait_gone
 from datalakefs.model import DID
 from tests.fuse.mounting import Mount
 
@@ -158,8 +158,9 @@ def test_sidecar_entrypoint_cleans_a_stale_mount_and_unmounts_on_sigterm(lake: L
     crashed = Mount(mountpoint, lake.datalakefs_config, f"cache_dir={tmp_path / 'c0'}",
                     f"state_dir={tmp_path / 's0'}")
     crashed.start()
-    os.kill(crashed.pid, signal.SIGKILL)  # a crashed daemon leaves a stale mount behind
-    time.sleep(0.5)
+    crashed_pid = crashed.pid
+    os.kill(crashed_pid, signal.SIGKILL)  # a crashed daemon leaves a stale mount behind
+    assert wait_gone(crashed_pid, timeout=30)
     assert mounted_fstype(str(mountpoint)) is not None
     env = {**os.environ, "DATALAKEFS_MOUNTPOINT": str(mountpoint), "DATALAKEFS": shlex.join(DATALAKEFS),
            "DATALAKEFS_STOP_TIMEOUT": "30", "BEARER_TOKEN_FILE": str(token)}

@@ -24,6 +24,7 @@ from tests.fuse.waiting import wait_until
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
 
 NOBODY = 65534
+ENTRYPOINT = Path(__file__).parents[2] / "docker" / "entrypoint.sh"
 
 
 @pytest.mark.parametrize("stop", ["SIGINT", "fusermount3 -u"])
@@ -189,3 +190,28 @@ def test_a_live_mount_is_not_stale(lake_mount: Mount) -> None:
     assert lake_mount.is_mounted()
     assert not is_stale(str(lake_mount.mountpoint), hung_after=5.0)
 
+
+
+def test_the_sidecar_detaches_lazily_when_the_daemon_does_not_stop(tmp_path: Path) -> None:
+    """The sidecar entrypoint passes SIGTERM on; a daemon still running after DATALAKEFS_STOP_TIMEOUT
+    gets its mount detached lazily and is killed, so the notebook container never keeps a dead mount."""
+    mountpoint = tmp_path / "lake"
+    stubborn = f"{sys.executable} {Path(__file__).with_name('hung_fs.py')} --ignore-sigterm"
+    env = {**os.environ, "DATALAKEFS_MOUNTPOINT": str(mountpoint), "DATALAKEFS": stubborn,
+           "DATALAKEFS_STOP_TIMEOUT": "2"}
+    log_path = tmp_path / "sidecar.log"
+    with open(log_path, "wb") as stderr:
+        process = subprocess.Popen(["sh", str(ENTRYPOINT)], env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        wait_until(lambda: mounted_fstype(str(mountpoint)) is not None, timeout=60, what="the sidecar's mount")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGKILL, log_path.read_text()
+        log = log_path.read_text()
+        assert "event=stop " in log and "event=stop-timeout" in log and "action=lazy-unmount" in log
+        assert mounted_fstype(str(mountpoint)) is None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        if mounted_fstype(str(mountpoint)) is not None:
+            unmount(str(mountpoint), lazy=True)
