@@ -3,20 +3,24 @@ backoff between attempts, and the calls that change nothing or commit at once.""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
 import re
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from datalakefs.demo import seed
 from datalakefs.demo.status import LakeStatus
+from datalakefs.fuse.session import wait_gone
 from tests.fuse.mounting import Mount, datalakefs
 from tests.fuse.tcpproxy import TcpProxy
-from tests.fuse.test_outbox import STATE, ca_option, check_in_lake, unique
+from tests.fuse.test_outbox import STATE, ca_option, check_in_lake, unique, uploaded
 from tests.fuse.waiting import wait_until
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
@@ -176,3 +180,34 @@ def test_mmap_needs_a_readable_handle_and_a_read_write_one_is_not_direct_io(
     finally:
         os.close(fd)
     assert target.read_bytes()[:5] == b"mmap!"
+
+
+def test_a_kill_during_an_early_upload_leaves_nothing_registered(
+    lake: LakeStatus, new_mount: Callable[..., Mount], rucio_client: Any
+) -> None:
+    """A file sent while it is written, its daemon killed before close(): at most a partial object
+    at the file's storage path, registered nowhere, then or after the next mount."""
+    assert lake.seed is not None
+    mount = new_mount(ca_option(lake), "upload_while_writing=1M")
+    mount.start()
+    scope, ds, name = lake.seed.upload_scope, unique("ds"), unique("early")
+    target = mount.mountpoint / ".outbox" / scope / ds / name
+    target.parent.mkdir()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for _ in range(4):
+            os.write(fd, os.urandom(1 << 20))
+        wait_until(lambda: f"event=upload-early-start did={scope}:{name}" in daemon_log(mount),
+                   what="the early upload to start")
+        pid = mount.pid
+        os.kill(pid, signal.SIGKILL)
+        assert wait_gone(pid, timeout=30)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    assert uploaded(rucio_client, scope, name) is None
+    mount.start()  # the same mount point: whatever the journal holds resumes
+    assert mount.status()["outbox"]["queued"] == 0 and not target.exists()  # never committed
+    assert uploaded(rucio_client, scope, name) is None
+    partial = seed.rse_file(Path(lake.paths["scratch"]), scope, name)
+    assert not partial.exists() or partial.stat().st_size <= 4 << 20
