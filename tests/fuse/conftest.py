@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from datalakefs.demo.status import LakeStatus
+from datalakefs.fuse.session import mounted_fstype, unmount
 from tests.fuse.mounting import Mount
 from tests.fuse.tcpproxy import TcpProxy
 
@@ -50,3 +53,22 @@ def proxied_rucio_config(lake: LakeStatus, tmp_path: Path) -> Iterator[tuple[Pat
     config.write_text(text.replace(f":{port}", f":{proxy.port}"))
     yield config, proxy
     proxy.close()
+
+
+@pytest.fixture
+def hung_mount(tmp_path: Path) -> Iterator[Path]:
+    """A FUSE mount whose daemon never answers statfs (tests/fuse/hung_fs.py)."""
+    mountpoint = tmp_path / "hung"
+    mountpoint.mkdir()
+    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("hung_fs.py")), str(mountpoint)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        yield mountpoint
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+        if server.stdout is not None:
+            server.stdout.close()
+        if mounted_fstype(str(mountpoint)) is not None:
+            unmount(str(mountpoint), lazy=True)

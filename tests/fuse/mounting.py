@@ -53,6 +53,11 @@ class Mount:
     def pid(self) -> int:
         return int(self.status()["pid"])
 
+    def daemon_log(self) -> str:
+        """What the daemons of this mount's state_dir logged."""
+        state_dir = next(o.partition("=")[2] for o in self.options if o.startswith("state_dir="))
+        return "".join(log.read_text() for log in sorted((Path(state_dir) / "logs").glob("*.log")))
+
     def is_mounted(self) -> bool:
         return mounted_fstype(os.path.abspath(self.mountpoint)) is not None
 

@@ -18,7 +18,8 @@ from datalakefs.demo.status import LakeStatus
 from datalakefs.fuse.session import mounted_fstype, unmount, wait_gone
 from tests.fuse.mounting import Mount, datalakefs
 from tests.fuse.test_browse import path_of
-from tests.fuse.test_outbox import ca_option, check_in_lake, unique
+from tests.fuse.test_outbox import check_in_lake
+from tests.fuse.test_promises_outbox import resume_with_a_working_rse, waiting_file
 from tests.fuse.waiting import wait_until
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
@@ -42,34 +43,21 @@ def test_sigint_and_fusermount_unmount_cleanly(
         assert done.returncode == 0, done.stderr
     assert wait_gone(pid, timeout=60), "the daemon did not exit"
     assert not mount.is_mounted()
-    log = daemon_log(mount)
+    log = mount.daemon_log()
     assert "event=unmounted" in log and "Traceback" not in log
-
-
-def daemon_log(mount: Mount) -> str:
-    state_dir = next(o.partition("=")[2] for o in mount.options if o.startswith("state_dir="))
-    return "".join(log.read_text() for log in (Path(state_dir) / "logs").glob("*.log"))
 
 
 def test_uploads_stay_resumable_after_sigterm(
     lake: LakeStatus, new_mount: Callable[..., Mount], rucio_client: Any
 ) -> None:
-    assert lake.seed is not None
-    broken = new_mount(ca_option(lake), "upload_rse=NO_SUCH_RSE")
-    broken.start()
-    scope, ds, name = lake.seed.upload_scope, unique("ds"), unique("f")
-    target = broken.mountpoint / ".outbox" / scope / ds / name
-    target.parent.mkdir()
-    target.write_bytes(b"survives SIGTERM")
+    broken, target = waiting_file(lake, new_mount, b"survives SIGTERM")
     wait_until(lambda: "attempt" in os.getxattr(target, "user.datalakefs.state").decode(), what="a failed attempt")
     pid = broken.pid
     os.kill(pid, signal.SIGTERM)
     assert wait_gone(pid, timeout=60)
     assert not broken.is_mounted()
-    fixed = Mount(broken.mountpoint, broken.config, *[o for o in broken.options if not o.startswith("upload_rse")])
-    with fixed:
-        wait_until(lambda: not (fixed.mountpoint / ".outbox" / scope / ds / name).exists(), what="the resumed upload")
-    check_in_lake(rucio_client, lake, scope, ds, name, b"survives SIGTERM")
+    resume_with_a_working_rse(broken, target)
+    check_in_lake(rucio_client, lake, target.parent.parent.name, target.parent.name, target.name, b"survives SIGTERM")
 
 
 def test_status_exits_1_for_a_dead_mount(new_mount: Callable[..., Mount]) -> None:
@@ -83,25 +71,6 @@ def test_status_exits_1_for_a_dead_mount(new_mount: Callable[..., Mount]) -> Non
     assert wait_gone(pid, timeout=30)
     dead = datalakefs("status", str(mount.mountpoint), *cli)
     assert dead.returncode == 1, dead.stdout + dead.stderr
-
-
-@pytest.fixture
-def hung_mount(tmp_path: Path) -> Iterator[Path]:
-    """A FUSE mount whose daemon never answers statfs (tests/fuse/hung_fs.py)."""
-    mountpoint = tmp_path / "hung"
-    mountpoint.mkdir()
-    server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("hung_fs.py")), str(mountpoint)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        yield mountpoint
-    finally:
-        server.kill()
-        server.wait(timeout=30)
-        if server.stdout is not None:
-            server.stdout.close()
-        if mounted_fstype(str(mountpoint)) is not None:
-            unmount(str(mountpoint), lazy=True)
 
 
 def test_umount_aborts_a_wedged_mount(lake: LakeStatus, hung_mount: Path) -> None:
@@ -119,7 +88,7 @@ def test_mount_replaces_a_wedged_mount(lake: LakeStatus, hung_mount: Path, tmp_p
         assert started.returncode == 0, started.stderr
         assert mounted_fstype(str(hung_mount)) == "fuse.datalakefs"
         assert set(lake.seed.scopes) <= set(os.listdir(hung_mount))
-        assert "event=hung-mount" in started.stderr + daemon_log(mount)
+        assert "event=hung-mount" in started.stderr + mount.daemon_log()
     finally:
         mount.stop()
 

@@ -30,11 +30,6 @@ def state(path: Path) -> str:
     return os.getxattr(path, STATE).decode()
 
 
-def daemon_log(mount: Mount) -> str:
-    state_dir = next(o.partition("=")[2] for o in mount.options if o.startswith("state_dir="))
-    return "".join(log.read_text() for log in (Path(state_dir) / "logs").glob("*.log"))
-
-
 def test_a_failed_upload_waits_for_outbox_retry_and_then_uploads(
     lake: LakeStatus, new_mount: Callable[..., Mount], proxied_rucio_config: tuple[Path, TcpProxy],
     rucio_client: Any, tmp_path: Path,
@@ -57,7 +52,7 @@ def test_a_failed_upload_waits_for_outbox_retry_and_then_uploads(
     first, second = files
     did = f"{scope}:{first}"
     retries = re.compile(rf"event=upload-retry did={re.escape(did)} attempt=(\d+) in_s=(\d+)")
-    backoff = wait_until(lambda: len(found := retries.findall(daemon_log(mount))) >= 2 and found,
+    backoff = wait_until(lambda: len(found := retries.findall(mount.daemon_log())) >= 2 and found,
                          what="two failed attempts")
     assert [(int(a), int(s)) for a, s in backoff[:2]] == [(1, 1), (2, 2)]  # 1 s, doubling
     assert state(path / first).startswith("queued (attempt ")
@@ -87,18 +82,33 @@ def test_a_failed_upload_waits_for_outbox_retry_and_then_uploads(
     check_in_lake(rucio_client, lake, scope, ds, second, files[second])
 
 
+def waiting_file(lake: LakeStatus, new_mount: Callable[..., Mount], data: bytes) -> tuple[Mount, Path]:
+    """A mount whose uploads wait (its upload RSE does not exist), and a file of ``data`` in a new
+    dataset of its outbox."""
+    assert lake.seed is not None
+    mount = new_mount(ca_option(lake), "upload_rse=NO_SUCH_RSE")
+    mount.start()
+    target = mount.mountpoint / ".outbox" / lake.seed.upload_scope / unique("ds") / unique("f")
+    target.parent.mkdir()
+    target.write_bytes(data)
+    return mount, target
+
+
+def resume_with_a_working_rse(broken: Mount, target: Path) -> None:
+    """Mount ``broken``'s mount point again with the lake's upload RSE; wait until ``target`` left."""
+    fixed = Mount(broken.mountpoint, broken.config, *[o for o in broken.options if not o.startswith("upload_rse")])
+    with fixed:
+        wait_until(lambda: not target.exists(), what="the resumed upload")
+
+
 def test_rename_link_and_symlink_are_refused_in_and_outside_the_outbox(
     lake: LakeStatus, lake_mount: Mount, new_mount: Callable[..., Mount]
 ) -> None:
     assert lake.seed is not None
     dataset = lake_mount.mountpoint / lake.seed.sized_dataset.replace(":", "/", 1)
     existing = next(dataset.iterdir())
-    mount = new_mount(ca_option(lake), "upload_rse=NO_SUCH_RSE")
-    mount.start()
-    outbox = mount.mountpoint / ".outbox" / lake.seed.upload_scope / unique("ds")
-    outbox.mkdir()
-    waiting = outbox / unique("f")
-    waiting.write_bytes(b"x")
+    _, waiting = waiting_file(lake, new_mount, b"x")
+    outbox = waiting.parent
     for source, directory in ((existing, dataset), (waiting, outbox)):
         calls = [(os.rename, source, directory / "renamed"), (os.link, source, directory / "linked"),
                  (os.symlink, source.name, directory / "symlinked")]
@@ -112,13 +122,7 @@ def test_rename_link_and_symlink_are_refused_in_and_outside_the_outbox(
 def test_chmod_chown_and_utime_in_the_outbox_are_accepted_without_effect(
     lake: LakeStatus, new_mount: Callable[..., Mount]
 ) -> None:
-    assert lake.seed is not None
-    mount = new_mount(ca_option(lake), "upload_rse=NO_SUCH_RSE")
-    mount.start()
-    outbox = mount.mountpoint / ".outbox" / lake.seed.upload_scope / unique("ds")
-    outbox.mkdir()
-    target = outbox / unique("f")
-    target.write_bytes(b"data")
+    _, target = waiting_file(lake, new_mount, b"data")
     before = os.stat(target)
     os.chmod(target, 0o600)
     os.utime(target, (1_000_000, 1_000_000))
@@ -136,21 +140,13 @@ def test_truncate_of_a_path_commits_at_once(
 ) -> None:
     """No handle is open around truncate(2): the new size is committed by the call itself, so the
     upload that resumes at the next mount (with a working RSE) sends the truncated bytes."""
-    assert lake.seed is not None
-    broken = new_mount(ca_option(lake), "upload_rse=NO_SUCH_RSE")
-    broken.start()
-    scope, ds = lake.seed.upload_scope, unique("ds")
-    target = broken.mountpoint / ".outbox" / scope / ds / unique("f")
-    target.parent.mkdir()
-    target.write_bytes(b"hello, world")
+    broken, target = waiting_file(lake, new_mount, b"hello, world")
+    scope, ds = target.parent.parent.name, target.parent.name
     os.truncate(target, 5)
     assert os.stat(target).st_size == 5 and not state(target).startswith("writing")
     done = broken.umount()
     assert done.returncode == 0, done.stderr
-    fixed = Mount(broken.mountpoint, broken.config, *[o for o in broken.options if not o.startswith("upload_rse")])
-    with fixed:
-        wait_until(lambda: not (fixed.mountpoint / ".outbox" / scope / ds / target.name).exists(),
-                   what="the resumed upload")
+    resume_with_a_working_rse(broken, target)
     check_in_lake(rucio_client, lake, scope, ds, target.name, b"hello")
 
 
@@ -160,12 +156,8 @@ def test_mmap_needs_a_readable_handle_and_a_read_write_one_is_not_direct_io(
     """A write-only handle bypasses the page cache, but mmap never meets it: the kernel refuses any
     mapping of a handle that cannot read (EACCES, as on every filesystem). A read-write handle keeps
     the page cache, so its shared writable mapping works."""
-    assert lake.seed is not None
-    mount = new_mount(ca_option(lake), "upload_rse=NO_SUCH_RSE")
-    mount.start()
-    target = mount.mountpoint / ".outbox" / lake.seed.upload_scope / unique("ds") / unique("f")
-    target.parent.mkdir()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
+    _, target = waiting_file(lake, new_mount, b"")
+    fd = os.open(target, os.O_WRONLY)
     try:
         os.ftruncate(fd, 4096)
         with pytest.raises(OSError) as refused:
@@ -197,7 +189,7 @@ def test_a_kill_during_an_early_upload_leaves_nothing_registered(
     try:
         for _ in range(4):
             os.write(fd, os.urandom(1 << 20))
-        wait_until(lambda: f"event=upload-early-start did={scope}:{name}" in daemon_log(mount),
+        wait_until(lambda: f"event=upload-early-start did={scope}:{name}" in mount.daemon_log(),
                    what="the early upload to start")
         pid = mount.pid
         os.kill(pid, signal.SIGKILL)

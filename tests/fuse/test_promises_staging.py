@@ -16,7 +16,6 @@ import pytest
 
 from datalakefs.demo import seed
 from datalakefs.demo.status import LakeStatus
-from tests.fuse.mounting import Mount
 from tests.fuse.test_staging import NewMount, SetKnobs, expected, fresh_dataset, path_of, rules_on, state_of
 from tests.fuse.waiting import wait_until
 
@@ -26,11 +25,6 @@ pytestmark = [pytest.mark.lake, pytest.mark.fuse]
 def remove_rule(client: Any, rule_id: str) -> None:
     """Expire the rule now: Rucio's judge-cleaner then removes it (a `delete-rule` waits an hour)."""
     client.update_replication_rule(rule_id, {"lifetime": 0})
-
-
-def daemon_log(mount: Mount) -> str:
-    state_dir = next(o.partition("=")[2] for o in mount.options if o.startswith("state_dir="))
-    return "".join(log.read_text() for log in (Path(state_dir) / "logs").glob("*.log"))
 
 
 def nonblocking_open_state(path: Path) -> str:
@@ -178,7 +172,7 @@ def test_a_local_replica_of_the_wrong_size_is_read_over_http(
     reads = mount.status()["staging"]["reads"]
     assert reads.get("local_opens", 0) == 0 and reads["staged_http_opens"] == 1
     assert mount.status()["content"]["bytes_fetched"] == spec.size
-    assert f"{wrong} has the wrong size" in daemon_log(mount)
+    assert f"{wrong} has the wrong size" in mount.daemon_log()
 
 
 def test_auto_mode_stages_by_rule_when_no_replica_streams(
