@@ -9,7 +9,7 @@ import mmap
 import os
 import re
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +203,39 @@ def test_a_kill_during_an_early_upload_leaves_nothing_registered(
     assert uploaded(rucio_client, scope, name) is None
     partial = seed.rse_file(Path(lake.paths["scratch"]), scope, name)
     assert not partial.exists() or partial.stat().st_size <= 4 << 20
+
+
+@pytest.fixture
+def no_room_on_the_upload_rse(lake: LakeStatus, rucio_client: Any) -> Iterator[Callable[[], None]]:
+    """The account's limit on the upload RSE set to 0 bytes; yields what gives the room back (the
+    teardown does too)."""
+    assert lake.seed is not None
+    account, rse = rucio_client.account, lake.seed.scratch_rse
+    before = rucio_client.get_local_account_limits(account)[rse]
+    rucio_client.set_local_account_limit(account, rse, 0)
+
+    def restore() -> None:
+        rucio_client.set_local_account_limit(account, rse, before)
+
+    yield restore
+    restore()
+
+
+def test_an_upload_over_quota_is_retried_and_goes_in_once_there_is_room(
+    lake: LakeStatus, new_mount: Callable[..., Mount], rucio_client: Any,
+    no_room_on_the_upload_rse: Callable[[], None],
+) -> None:
+    assert lake.seed is not None
+    mount = new_mount(ca_option(lake))
+    mount.start()
+    scope, ds, name = lake.seed.upload_scope, unique("ds"), unique("f")
+    target = mount.mountpoint / ".outbox" / scope / ds / name
+    target.parent.mkdir()
+    target.write_bytes(b"over quota")
+    refused = wait_until(lambda: "(attempt 2 after:" in (text := state(target)) and text, what="a refused attempt")
+    assert "InsufficientAccountLimit" in refused, refused  # Rucio refused the rule: over quota
+    no_room_on_the_upload_rse()
+    retried = datalakefs("outbox", "retry", str(target))
+    assert retried.returncode == 0, retried.stderr
+    wait_until(lambda: not target.exists(), what="the upload once there is room")
+    check_in_lake(rucio_client, lake, scope, ds, name, b"over quota")
