@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from datalakefs.catalogue.cached import CachedCatalogue
-from datalakefs.errors import NoAttributeError, NotFoundError, NotSupportedError, ReadOnlyError
+from datalakefs.errors import (
+    BadHandleError,
+    InvalidArgumentError,
+    NoAttributeError,
+    NotFoundError,
+    NotSupportedError,
+    ReadOnlyError,
+)
 from datalakefs.fs.attributes import Attributes, attributes_of
 from datalakefs.fs.outbox import OUTBOX_DIR, OutboxHandle, OutboxTree
 from datalakefs.fs.ports import FileContent, OpenFile, StageRequests
@@ -135,7 +142,7 @@ class Filesystem:
         """Entries from position ``start``; each item carries the position to resume after it.
 
         The caller must ``remember`` each entry it hands to the kernel."""
-        handle = self._handles[fh]
+        handle = self._handle(fh)
         assert isinstance(handle, _DirHandle)
         for index in range(start, len(handle.entries)):
             name, node = handle.entries[index]
@@ -143,11 +150,13 @@ class Filesystem:
 
     # -- files -------------------------------------------------------------------------------
 
-    async def open(self, ino: int, write: bool, nonblocking: bool, readable: bool = True) -> tuple[int, bool, bool]:
-        """Open a file; returns (handle, keep_cache, direct_io)."""
+    async def open(self, ino: int, write: bool, nonblocking: bool, readable: bool = True,
+                   truncate: bool = False) -> tuple[int, bool, bool]:
+        """Open a file (``truncate``: ``O_TRUNC``); returns (handle, keep_cache, direct_io)."""
         node = self._ns.inodes.get(ino)
         if self._outbox is not None and self._outbox.owns(node):
-            return self._new_handle(self._outbox.open(node, write)), False, _outbox_direct_io(write, readable)
+            handle = await self._outbox.open(node, write, truncate)
+            return self._new_handle(handle), False, _outbox_direct_io(write, readable)
         if write:
             raise ReadOnlyError(f"{node.label or node.did} is read-only (write only into .outbox)")
         if node.kind is NodeKind.CONTROL_FILE:
@@ -158,8 +167,14 @@ class Filesystem:
         opened = await self._content.open(node.info, nonblocking)
         return self._new_handle(opened), opened.keep_cache, False
 
+    def _handle(self, fh: int) -> _DirHandle | _ControlHandle | OutboxHandle | OpenFile:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise BadHandleError(f"file handle {fh} is not open") from None
+
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        handle = self._handles[fh]
+        handle = self._handle(fh)
         if isinstance(handle, _ControlHandle):
             return handle.content[offset : offset + size]
         if isinstance(handle, OutboxHandle):
@@ -170,7 +185,7 @@ class Filesystem:
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if isinstance(handle, OutboxHandle):
-            self._outbox_tree().release(handle)
+            await self._outbox_tree().release(handle)
         elif handle is not None and not isinstance(handle, _DirHandle | _ControlHandle):
             await handle.close()
 
@@ -263,7 +278,7 @@ class Filesystem:
     async def create(self, parent_ino: int, name: str, readable: bool = True) -> tuple[int, Attributes, bool]:
         """Create an outbox file; returns (handle, attributes, direct_io)."""
         outbox, parent = self._outbox_node(parent_ino, "create")
-        node, handle = outbox.create(parent, name)
+        node, handle = await outbox.create(parent, name)
         self._ns.inodes.remember(node.ino)
         return self._new_handle(handle), self.attributes(node), _outbox_direct_io(True, readable)
 
@@ -271,11 +286,25 @@ class Filesystem:
         outbox, parent = self._outbox_node(parent_ino, "unlink")
         await outbox.unlink(parent, name)
 
-    def write(self, fh: int, offset: int, data: bytes) -> int:
-        handle = self._handles[fh]
+    async def rename(self, parent_ino: int, name: str, new_parent_ino: int, new_name: str, *,
+                     replace: bool = True, exchange: bool = False) -> None:
+        """Within the outbox only (fs/outbox.py); ``RENAME_EXCHANGE`` is not supported."""
+        outbox, parent = self._outbox_node(parent_ino, "rename")
+        _, new_parent = self._outbox_node(new_parent_ino, "rename")
+        if exchange:
+            raise InvalidArgumentError("rename: RENAME_EXCHANGE is not supported")
+        await outbox.rename(parent, name, new_parent, new_name, replace)
+
+    def refuse_link(self, parent_ino: int, what: str) -> NoReturn:
+        """``link``, ``symlink``, ``mknod``: EPERM in the outbox (not supported), EROFS elsewhere."""
+        outbox, _ = self._outbox_node(parent_ino, what)
+        outbox.refuse_link(what)
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        handle = self._handle(fh)
         if not isinstance(handle, OutboxHandle) or not handle.write:
             self.refuse_write("write")
-        return self._outbox_tree().write(handle, offset, data)
+        return await self._outbox_tree().write(handle, offset, data)
 
     async def flush(self, fh: int) -> None:
         """Every close() of a descriptor; for outbox files it commits (see fs/outbox.py)."""

@@ -10,10 +10,14 @@ Files are 0644 and directories 0755; attributes are never cached by the kernel (
 file's size changes while it is written, and it leaves the outbox when its upload is done, which is
 also pushed to the kernel through the ``invalidate_entry`` callback the FUSE layer provides.
 
-Write calls: ``create``, ``write``, ``truncate``, ``flush`` (every ``close()``) and ``fsync`` commit
-the file durably (see outbox/service.py); ``unlink`` cancels its upload; ``rmdir`` removes an empty
-dataset directory. ``user.datalakefs.state`` reads the upload state, and writing ``retry`` or
-``cancel`` into it acts on the upload (what ``datalakefs outbox retry|cancel`` does).
+Write calls: ``create``, ``open`` (``O_TRUNC`` empties the file), ``write``, ``truncate``; ``flush``
+(every ``close()``), ``fsync`` and the last ``release`` commit the file durably (see
+outbox/service.py); ``rename`` within a dataset directory renames it; ``unlink`` cancels its upload;
+``rmdir`` removes an empty dataset directory; hard links and symlinks are ``EPERM``.
+``user.datalakefs.state`` reads the upload state, and writing ``retry`` or ``cancel`` into it acts on
+the upload (what ``datalakefs outbox retry|cancel`` does).
+
+A file's inode is keyed by the file, not by its name, so that it keeps its inode across a rename.
 """
 
 from __future__ import annotations
@@ -22,13 +26,23 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
-from datalakefs.errors import AlreadyExistsError, InvalidNameError, NoAttributeError, NotFoundError, ReadOnlyError
+from datalakefs.errors import (
+    AlreadyExistsError,
+    CrossDeviceError,
+    InvalidNameError,
+    NoAttributeError,
+    NotFoundError,
+    NotPermittedError,
+    ReadOnlyError,
+)
 from datalakefs.fs.attributes import Attributes
 from datalakefs.model import DID
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
 from datalakefs.namespace.tree import Namespace
-from datalakefs.outbox.service import Outbox, OutboxFile
+from datalakefs.outbox.files import OutboxFile
+from datalakefs.outbox.service import Outbox
 
 OUTBOX_DIR = ".outbox"
 STATE_XATTR = "user.datalakefs.state"
@@ -89,7 +103,7 @@ class OutboxTree:
 
     def _file(self, file: OutboxFile) -> Node:
         parent = self._dataset(file.scope, file.dataset)
-        return self._node(NodeKind.OUTBOX_FILE, parent.ino, f"{file.dataset}/{file.name}", file.scope)
+        return self._node(NodeKind.OUTBOX_FILE, parent.ino, str(file.serial), file.scope)
 
     def _node(self, kind: NodeKind, parent: int, label: str, scope: str | None = None) -> Node:
         return self._inodes.intern((kind, scope, label),
@@ -98,9 +112,7 @@ class OutboxTree:
     def outbox_file(self, node: Node) -> OutboxFile:
         if node.kind is not NodeKind.OUTBOX_FILE:
             raise NotFoundError(f"inode {node.ino} is not an outbox file")
-        assert node.scope is not None
-        dataset, _, name = node.label.partition("/")
-        return self._outbox.file(node.scope, dataset, name)
+        return self._outbox.file_by_serial(int(node.label))
 
     def attributes(self, node: Node) -> Attributes:
         if node.kind is NodeKind.OUTBOX_FILE:
@@ -156,22 +168,22 @@ class OutboxTree:
 
     # -- files -------------------------------------------------------------------------------------
 
-    def create(self, parent: Node, name: str) -> tuple[Node, OutboxHandle]:
+    async def create(self, parent: Node, name: str) -> tuple[Node, OutboxHandle]:
         if parent.kind is not NodeKind.OUTBOX_DATASET:
             raise ReadOnlyError(f"{OUTBOX_DIR}: files go into .outbox/<scope>/<dataset>/")
         assert parent.scope is not None
         file = self._outbox.create(parent.scope, parent.label, name)
-        self._outbox.open_for_writing(file)
+        await self._outbox.open_for_writing(file)
         return self._file(file), OutboxHandle(file, write=True)
 
-    def open(self, node: Node, write: bool) -> OutboxHandle:
+    async def open(self, node: Node, write: bool, truncate: bool = False) -> OutboxHandle:
         file = self.outbox_file(node)
         if write:
-            self._outbox.open_for_writing(file)
+            await self._outbox.open_for_writing(file, truncate)
         return OutboxHandle(file, write)
 
-    def write(self, handle: OutboxHandle, offset: int, data: bytes) -> int:
-        return self._outbox.write(handle.file, offset, data)
+    async def write(self, handle: OutboxHandle, offset: int, data: bytes) -> int:
+        return await self._outbox.write(handle.file, offset, data)
 
     def read(self, handle: OutboxHandle, offset: int, size: int) -> bytes:
         return self._outbox.read(handle.file, offset, size)
@@ -181,9 +193,9 @@ class OutboxTree:
         if handle.write:
             await self._outbox.commit(handle.file)
 
-    def release(self, handle: OutboxHandle) -> None:
+    async def release(self, handle: OutboxHandle) -> None:
         if handle.write:
-            self._outbox.close_for_writing(handle.file)
+            await self._outbox.close_for_writing(handle.file)
 
     async def truncate(self, node: Node, size: int) -> None:
         await self._outbox.truncate(self.outbox_file(node), size)
@@ -193,6 +205,18 @@ class OutboxTree:
             raise ReadOnlyError(f"{OUTBOX_DIR}: only files in .outbox/<scope>/<dataset>/ can be removed")
         assert parent.scope is not None
         await self._outbox.cancel(self._outbox.file(parent.scope, parent.label, name))
+
+    async def rename(self, parent: Node, name: str, new_parent: Node, new_name: str, replace: bool) -> None:
+        """Files within one dataset directory (rsync's, editors' and writers' temporary names);
+        anything else is ``EXDEV``, so that ``mv`` copies instead."""
+        if parent.kind is not NodeKind.OUTBOX_DATASET or new_parent.ino != parent.ino:
+            raise CrossDeviceError(f"{OUTBOX_DIR}: files are renamed within their dataset directory only")
+        assert parent.scope is not None
+        await self._outbox.rename(self._outbox.file(parent.scope, parent.label, name), new_name, replace=replace)
+
+    @staticmethod
+    def refuse_link(what: str) -> NoReturn:
+        raise NotPermittedError(f"{OUTBOX_DIR}: {what} is not supported (an upload is one regular file)")
 
     # -- extended attributes -----------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ import trio
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.catalogue.fake import FakeCatalogue
 from datalakefs.catalogue.rucio_upload import check_did_name
-from datalakefs.catalogue.upload import Registration, StepHook, UploadConflictError, UploadJob
+from datalakefs.catalogue.upload import Registration, SpoolChangedError, UploadConflictError, UploadJob
 from datalakefs.config import Config
 from datalakefs.errors import (
     AlreadyExistsError,
@@ -26,8 +26,9 @@ from datalakefs.errors import (
     NotFoundError,
     SpoolFullError,
 )
-from datalakefs.outbox.journal import Journal, JournalInUseError
-from datalakefs.outbox.service import Outbox, OutboxFile
+from datalakefs.outbox.journal import FileState, Journal, JournalInUseError
+from datalakefs.outbox.files import OutboxFile
+from datalakefs.outbox.service import Outbox
 
 
 def _adler(data: bytes) -> str:
@@ -48,6 +49,7 @@ class FakeUploader:
         self.registered: list[int] = []  # files per register call
         self.register_seconds = 0.0  # a catalogue round trip
         self.stores = 0  # store() calls: files sent after their close()
+        self.mismatches: list[str] = []  # stores whose bytes were not the committed ones
 
     def check_name(self, name: str) -> None:
         check_did_name(name)
@@ -70,7 +72,10 @@ class FakeUploader:
     def store(self, job: UploadJob, url: str) -> None:
         self.gate.wait(30)
         data = job.path.read_bytes()
-        assert (len(data), _adler(data)) == (job.size, job.adler32)
+        if (len(data), _adler(data)) != (job.size, job.adler32):
+            # recorded, not asserted: an exception here would be a retried upload, not a failed test
+            self.mismatches.append(f"{job.name}: {len(data)} bytes {_adler(data)}, job {job.size} {job.adler32}")
+            raise SpoolChangedError(f"{job.name} changed")
         self.stored[url] = data
         self.stores += 1
 
@@ -79,7 +84,7 @@ class FakeUploader:
         self.stored[url] = data
         return len(data), _adler(data)
 
-    def register(self, registrations: Sequence[Registration], step: StepHook) -> list[Exception | None]:
+    def register(self, registrations: Sequence[Registration]) -> list[Exception | None]:
         self.registered.append(len(registrations))
         time.sleep(self.register_seconds)
         for registration in registrations:
@@ -97,8 +102,10 @@ def catalogue() -> CachedCatalogue:
 
 
 @pytest.fixture
-def uploader() -> FakeUploader:
-    return FakeUploader()
+def uploader() -> Iterator[FakeUploader]:
+    fake = FakeUploader()
+    yield fake
+    assert fake.mismatches == [], "the outbox sent bytes that were not the committed ones"
 
 
 @pytest.fixture
@@ -122,10 +129,10 @@ async def _write(outbox: Outbox, name: str, data: bytes, dataset: str = "ds") ->
     if not outbox.has_dataset("user.x", dataset):
         await outbox.make_dataset("user.x", dataset)
     file = outbox.create("user.x", dataset, name)
-    outbox.open_for_writing(file)
-    outbox.write(file, 0, data)
+    await outbox.open_for_writing(file)
+    await outbox.write(file, 0, data)
     await outbox.commit(file)
-    outbox.close_for_writing(file)
+    await outbox.close_for_writing(file)
     return file
 
 
@@ -150,15 +157,15 @@ async def test_a_closed_file_is_uploaded_and_leaves_the_outbox(running: Outbox, 
 async def test_no_upload_while_a_writer_has_it_open(running: Outbox, uploader: FakeUploader) -> None:
     await running.make_dataset("user.x", "ds")
     file = running.create("user.x", "ds", "b.dat")
-    running.open_for_writing(file)
-    running.write(file, 0, b"part one")
+    await running.open_for_writing(file)
+    await running.write(file, 0, b"part one")
     await running.commit(file)  # fsync: durable and queued, but still open
-    assert file.state == "queued"
+    assert file.state is FileState.QUEUED
     await trio.sleep(0.2)
     assert uploader.calls == 0
-    running.write(file, 8, b", part two")
+    await running.write(file, 8, b", part two")
     await running.commit(file)
-    running.close_for_writing(file)
+    await running.close_for_writing(file)
     await _until(lambda: ("user.x", "b.dat") in uploader.lake)
     assert uploader.lake[("user.x", "b.dat")][1] == b"part one, part two"
 
@@ -166,12 +173,12 @@ async def test_no_upload_while_a_writer_has_it_open(running: Outbox, uploader: F
 async def test_random_writes_get_their_checksum_computed(running: Outbox, uploader: FakeUploader) -> None:
     await running.make_dataset("user.x", "ds")
     file = running.create("user.x", "ds", "c.dat")
-    running.open_for_writing(file)
-    running.write(file, 100, b"tail")
-    running.write(file, 0, b"head")
+    await running.open_for_writing(file)
+    await running.write(file, 100, b"tail")
+    await running.write(file, 0, b"head")
     await running.truncate(file, 50)
     await running.commit(file)
-    running.close_for_writing(file)
+    await running.close_for_writing(file)
     await _until(lambda: ("user.x", "c.dat") in uploader.lake)
     assert uploader.lake[("user.x", "c.dat")][1] == b"head" + b"\0" * 46
 
@@ -187,7 +194,7 @@ async def test_a_transient_failure_is_retried_with_the_reason_visible(running: O
 async def test_a_conflict_fails_visibly_until_retried(running: Outbox, uploader: FakeUploader) -> None:
     uploader.lake[("user.x", "e.dat")] = ("other", b"theirs")
     file = await _write(running, "e.dat", b"ours")
-    await _until(lambda: file.state == "failed")
+    await _until(lambda: file.state is FileState.FAILED)
     assert file.describe().startswith("failed: user.x:e.dat exists")
     assert running.summary()["failed"] == 1
     del uploader.lake[("user.x", "e.dat")]
@@ -208,13 +215,13 @@ async def test_cancel_drops_the_intent_and_the_bytes(running: Outbox, uploader: 
 async def test_busy_while_uploading(running: Outbox, uploader: FakeUploader) -> None:
     uploader.gate.clear()
     file = await _write(running, "g.dat", b"x")
-    await _until(lambda: file.state == "uploading")
+    await _until(lambda: file.state is FileState.UPLOADING)
     with pytest.raises(BusyError):
-        running.open_for_writing(file)
+        await running.open_for_writing(file)
     with pytest.raises(BusyError):
         await running.cancel(file)
     uploader.gate.set()
-    await _until(lambda: file.state == "done")
+    await _until(lambda: file.state is FileState.DONE)
 
 
 async def test_files_ready_together_share_their_catalogue_calls(
@@ -237,15 +244,15 @@ async def test_a_file_changed_while_waiting_for_a_transfer_slot_uploads_its_new_
 ) -> None:
     uploader.gate.clear()  # both transfer slots (concurrency=2) stay busy
     busy = [await _write(running, f"slot{n}.dat", b"x") for n in range(2)]
-    await _until(lambda: all(f.state == "uploading" for f in busy))
+    await _until(lambda: all(f.state is FileState.UPLOADING for f in busy))
     rewritten = await _write(running, "rewritten.dat", b"old bytes")
     cancelled = await _write(running, "cancelled.dat", b"unwanted")
     await _until(lambda: sum(uploader.located) == 4)  # located, and waiting for a slot
-    assert rewritten.state == cancelled.state == "queued"
-    running.open_for_writing(rewritten)
-    running.write(rewritten, 0, b"new bytes")
+    assert rewritten.state is cancelled.state is FileState.QUEUED
+    await running.open_for_writing(rewritten)
+    await running.write(rewritten, 0, b"new bytes")
     await running.commit(rewritten)
-    running.close_for_writing(rewritten)
+    await running.close_for_writing(rewritten)
     await running.cancel(cancelled)
     uploader.gate.set()
     await _until(lambda: running.pending() == 0)
@@ -259,8 +266,8 @@ async def test_a_restart_resumes_committed_files_and_forgets_the_rest(
     first = make()
     await _write(first, "h.dat", b"committed")
     unfinished = first.create("user.x", "ds", "i.dat")
-    first.open_for_writing(unfinished)
-    first.write(unfinished, 0, b"never closed")
+    await first.open_for_writing(unfinished)
+    await first.write(unfinished, 0, b"never closed")
     with pytest.raises(JournalInUseError):
         make()  # a second daemon for the same mount point is refused while the first lives
     first.close()  # the process dies here: a new service over the same journal and spool
@@ -285,7 +292,7 @@ async def test_names_scopes_and_directories(running: Outbox, uploader: FakeUploa
     await running.make_dataset("user.x", "ds2")
     with pytest.raises(AlreadyExistsError):
         await running.make_dataset("user.x", "ds2")
-    for bad in (".hidden", "a b", "x" * 251):
+    for bad in ("a b", "x" * 251, "." + "x" * 255):
         with pytest.raises(InvalidNameError):
             running.create("user.x", "ds2", bad)
     with pytest.raises(AlreadyExistsError):
@@ -307,8 +314,8 @@ async def test_closes_at_the_same_time_share_one_journal_commit_and_fail_alone(
     await outbox.make_dataset("user.x", "ds")
     files = [outbox.create("user.x", "ds", f"g{n}.dat") for n in range(5)]
     for file in files:
-        outbox.open_for_writing(file)
-        outbox.write(file, 0, file.name.encode())
+        await outbox.open_for_writing(file)
+        await outbox.write(file, 0, file.name.encode())
     broken = files[2].spool
     monkeypatch.setattr(broken, "sync", lambda: (_ for _ in ()).throw(SpoolFullError("spool disk full")))
     transactions: list[int] = []
@@ -347,17 +354,17 @@ async def _open_new(outbox: Outbox, name: str) -> OutboxFile:
     if not outbox.has_dataset("user.x", "ds"):
         await outbox.make_dataset("user.x", "ds")
     file = outbox.create("user.x", "ds", name)
-    outbox.open_for_writing(file)
+    await outbox.open_for_writing(file)
     return file
 
 
 async def test_a_file_written_sequentially_is_sent_while_it_is_written(early: Outbox, uploader: FakeUploader) -> None:
     file = await _open_new(early, "s.dat")
-    early.write(file, 0, b"0123456789")  # past the threshold: the transfer starts
+    await early.write(file, 0, b"0123456789")  # past the threshold: the transfer starts
     await trio.sleep(0.05)
-    early.write(file, 10, b"abcdef")
+    await early.write(file, 10, b"abcdef")
     await early.commit(file)
-    early.close_for_writing(file)
+    await early.close_for_writing(file)
     await _until(lambda: ("user.x", "s.dat") in uploader.lake)
     assert uploader.lake[("user.x", "s.dat")] == ("ds", b"0123456789abcdef")
     assert uploader.stores == 0 and early.summary()["uploaded_while_writing"] == 1
@@ -368,21 +375,21 @@ async def test_a_file_that_stops_being_sequential_is_sent_again_after_close(
     early: Outbox, uploader: FakeUploader, change: str
 ) -> None:
     file = await _open_new(early, "r.dat")
-    early.write(file, 0, b"0123456789")
+    await early.write(file, 0, b"0123456789")
     await trio.sleep(0.05)
     if change == "overwrite":
-        early.write(file, 2, b"XY")
+        await early.write(file, 2, b"XY")
         expected = b"01XY456789"
     elif change == "truncate":
         await early.truncate(file, 4)
         expected = b"0123"
     else:
-        early.open_for_writing(file)
-        early.write(file, 10, b"!")
-        early.close_for_writing(file)
+        await early.open_for_writing(file)
+        await early.write(file, 10, b"!")
+        await early.close_for_writing(file)
         expected = b"0123456789!"
     await early.commit(file)
-    early.close_for_writing(file)
+    await early.close_for_writing(file)
     await _until(lambda: ("user.x", "r.dat") in uploader.lake)
     assert uploader.lake[("user.x", "r.dat")] == ("ds", expected)
     assert uploader.stores == 1 and early.summary()["uploaded_while_writing"] == 0
@@ -390,10 +397,10 @@ async def test_a_file_that_stops_being_sequential_is_sent_again_after_close(
 
 async def test_a_file_removed_while_it_is_sent_is_not_uploaded(early: Outbox, uploader: FakeUploader) -> None:
     file = await _open_new(early, "x.dat")
-    early.write(file, 0, b"0123456789")
+    await early.write(file, 0, b"0123456789")
     await trio.sleep(0.05)
     await early.cancel(file)
-    early.close_for_writing(file)
+    await early.close_for_writing(file)
     assert file.early is not None
     with trio.fail_after(5):
         await file.early.done.wait()
@@ -408,9 +415,9 @@ async def test_the_last_transfer_slot_is_never_taken_while_writing(
     async with trio.open_nursery() as nursery:
         await nursery.start(outbox.run)
         file = await _open_new(outbox, "one.dat")
-        outbox.write(file, 0, b"0123456789")
+        await outbox.write(file, 0, b"0123456789")
         await outbox.commit(file)
-        outbox.close_for_writing(file)
+        await outbox.close_for_writing(file)
         await _until(lambda: ("user.x", "one.dat") in uploader.lake)
         nursery.cancel_scope.cancel()
     assert uploader.stores == 1 and outbox.summary()["uploaded_while_writing"] == 0
