@@ -26,8 +26,8 @@ from datalakefs.errors import (
     NotFoundError,
     SpoolFullError,
 )
-from datalakefs.outbox.journal import FileState, Journal, JournalInUseError
 from datalakefs.outbox.files import OutboxFile
+from datalakefs.outbox.journal import FileState, Journal, JournalInUseError
 from datalakefs.outbox.service import Outbox
 
 
