@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 import zlib
@@ -421,3 +422,185 @@ async def test_the_last_transfer_slot_is_never_taken_while_writing(
         await _until(lambda: ("user.x", "one.dat") in uploader.lake)
         nursery.cancel_scope.cancel()
     assert uploader.stores == 1 and outbox.summary()["uploaded_while_writing"] == 0
+
+
+# -- versions, restarts and races -------------------------------------------------------------------
+
+
+async def _rewrite(outbox: Outbox, file: OutboxFile, data: bytes, *, truncate: bool = True, offset: int = 0,
+                   commit: bool = True) -> None:
+    await outbox.open_for_writing(file, truncate=truncate)
+    await outbox.write(file, offset, data)
+    if commit:
+        await outbox.commit(file)
+        await outbox.close_for_writing(file)
+
+
+async def test_o_trunc_and_a_rewrite_of_a_queued_file_replace_it(
+    make: Callable[..., Outbox], uploader: FakeUploader
+) -> None:
+    outbox = make()
+    file = await _write(outbox, "t.dat", b"0123456789" * 1000)
+    first = file.committed
+    await _rewrite(outbox, file, b"hi\n")
+    assert outbox.read(file, 0, 100) == b"hi\n" and file.committed is not first
+    assert file.committed is not None and not first.spool.path.exists()  # the version it replaced is gone
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        await _until(lambda: outbox.pending() == 0)
+        nursery.cancel_scope.cancel()
+    assert uploader.lake[("user.x", "t.dat")] == ("ds", b"hi\n")
+
+
+async def test_a_kill_during_a_rewrite_uploads_the_committed_version(
+    make: Callable[..., Outbox], uploader: FakeUploader, tmp_path: Path
+) -> None:
+    """Copy-on-write: the committed bytes are untouched by a rewrite that was never committed; an
+    append in place is cut back at the restart."""
+    first = make()
+    rewritten = await _write(first, "r.dat", b"committed bytes")
+    appended = await _write(first, "a.dat", b"committed")
+    await _rewrite(first, rewritten, b"XX", truncate=False, commit=False)  # over committed bytes
+    await _rewrite(first, appended, b" and more", truncate=False, offset=9, commit=False)  # in place
+    assert first.read(appended, 0, 100) == b"committed and more"
+    first.close()  # killed here
+    second = make()
+    assert sorted(p.suffix for p in (tmp_path / "spool").iterdir()) == [".spool", ".spool"]  # the draft went
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.run)
+        await _until(lambda: second.pending() == 0)
+        nursery.cancel_scope.cancel()
+    assert uploader.lake[("user.x", "r.dat")] == ("ds", b"committed bytes")
+    assert uploader.lake[("user.x", "a.dat")] == ("ds", b"committed")
+
+
+async def test_a_spool_file_that_differs_from_its_commit_is_never_uploaded(
+    make: Callable[..., Outbox], uploader: FakeUploader
+) -> None:
+    first = make()
+    file = await _write(first, "c.dat", b"what was acknowledged")
+    path = file.spool.path
+    first.close()
+    path.write_bytes(b"what was acknowledgeX")  # same size, other bytes
+    second = make()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.run)
+        resumed = second.file("user.x", "ds", "c.dat")
+        await _until(lambda: resumed.state is FileState.FAILED)
+        nursery.cancel_scope.cancel()
+    assert "not the 21 bytes" in resumed.describe() and "not uploaded" in resumed.describe()
+    assert ("user.x", "c.dat") not in uploader.lake and uploader.stores == 0
+
+
+async def test_startup_deletes_only_what_its_journal_owns(make: Callable[..., Outbox], tmp_path: Path) -> None:
+    first = make()
+    await _write(first, "kept.dat", b"x")
+    draft = first.create("user.x", "ds", "never-closed.dat")
+    first.close()
+    spool = tmp_path / "spool"
+    foreign = spool / "someone-elses.draft"
+    foreign.write_bytes(b"not ours")
+    outside = tmp_path / "outside.draft"
+    outside.write_bytes(b"the target of a symlink")
+    (spool / f"{draft.spool.path.stem}-link.draft").symlink_to(outside)
+    lost = spool / f"{first._journal.id}-0123.spool"  # ours, but no row: a journal that lost its tail
+    lost.write_bytes(b"maybe acknowledged")
+    second = make()
+    assert [f["name"] for f in second.listing()] == ["kept.dat"]
+    assert not draft.spool.path.exists()
+    assert foreign.exists() and outside.exists() and lost.exists()
+    assert (spool / f"{draft.spool.path.stem}-link.draft").is_symlink()
+
+
+async def test_rm_while_the_uploader_picks_the_file_cancels_it(
+    running: Outbox, uploader: FakeUploader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The uploader reaches its transfer slot while `rm` is removing the file's intent from the
+    journal: the upload must not start (it did, and then a KeyError took the mount down)."""
+    located, release_locate = threading.Event(), threading.Event()
+    removing, release_remove = threading.Event(), threading.Event()
+    locate, remove = uploader.locate, running._journal.remove
+
+    def slow_locate(jobs: Sequence[UploadJob]) -> list[str | Exception | None]:
+        located.set()
+        release_locate.wait(10)
+        return locate(jobs)
+
+    def slow_remove(upload_ids: Sequence[int]) -> None:
+        removing.set()
+        release_remove.wait(10)
+        remove(upload_ids)
+
+    running.uploads._locator.call = slow_locate  # type: ignore[assignment]
+    monkeypatch.setattr(running._journal, "remove", slow_remove)
+    uploader.gate.clear()  # a transfer that starts waits here, visibly "uploading"
+    file = await _write(running, "rm.dat", b"unwanted")
+    await trio.to_thread.run_sync(located.wait, 10)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(running.cancel, file)
+        await trio.to_thread.run_sync(removing.wait, 10)
+        release_locate.set()
+        await _until(lambda: file not in running.uploads._pipeline)  # the attempt is over
+        assert file.state is not FileState.UPLOADING
+        release_remove.set()
+    uploader.gate.set()
+    assert file.removed and running.listing() == [] and uploader.stored == {}
+    running.uploads._locator.call = locate  # type: ignore[assignment]
+    await _write(running, "after.dat", b"the mount still works")
+    await _until(lambda: ("user.x", "after.dat") in uploader.lake)
+    assert ("user.x", "rm.dat") not in uploader.lake
+
+
+@pytest.mark.parametrize("error", [SpoolFullError("outbox journal: database or disk is full"),
+                                   sqlite3.OperationalError("disk I/O error")])
+async def test_a_journal_that_cannot_be_written_never_takes_the_mount_down(
+    running: Outbox, uploader: FakeUploader, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    """Outside any request: a full disk is retried with the reason visible; any other journal error
+    fails the file with its reason. The uploader keeps running either way."""
+    set_state = running._journal.set_state
+
+    def broken(upload_id: int, state: FileState, error_text: str = "") -> None:
+        if state is FileState.UPLOADING:
+            raise error
+        set_state(upload_id, state, error_text)
+
+    monkeypatch.setattr(running._journal, "set_state", broken)
+    file = await _write(running, "j.dat", b"x")
+    await _until(lambda: str(error) in file.describe())
+    assert file.describe().startswith("queued (attempt" if isinstance(error, SpoolFullError) else "failed:")
+    monkeypatch.setattr(running._journal, "set_state", set_state)
+    await running.retry(file)
+    await _until(lambda: ("user.x", "j.dat") in uploader.lake)
+
+
+async def test_rename_moves_the_intent_and_replaces_the_target(
+    make: Callable[..., Outbox], uploader: FakeUploader
+) -> None:
+    first = make()
+    await _write(first, "target.dat", b"replaced")
+    temporary = await _write(first, ".target.dat.tmp", b"final bytes")
+    assert temporary.describe().startswith("kept: a temporary name")
+    with pytest.raises(AlreadyExistsError):
+        await first.rename(temporary, "target.dat", replace=False)
+    await first.rename(temporary, "target.dat")
+    assert [f["name"] for f in first.listing()] == ["target.dat"]
+    first.close()
+    second = make()  # the rename survives a restart
+    async with trio.open_nursery() as nursery:
+        await nursery.start(second.run)
+        await _until(lambda: second.pending() == 0)
+        nursery.cancel_scope.cancel()
+    assert uploader.lake == {("user.x", "target.dat"): ("ds", b"final bytes")}
+
+
+async def test_writes_after_the_last_flush_are_committed_at_release(running: Outbox, uploader: FakeUploader) -> None:
+    await running.make_dataset("user.x", "ds")
+    file = running.create("user.x", "ds", "m.dat")
+    await running.open_for_writing(file)
+    await running.write(file, 0, b"\0\0\0\0")
+    await running.commit(file)  # close(fd) of an mmap'ed file
+    await running.write(file, 0, b"page")  # the mapping's pages, at munmap
+    await running.close_for_writing(file)
+    await _until(lambda: ("user.x", "m.dat") in uploader.lake)
+    assert uploader.lake[("user.x", "m.dat")] == ("ds", b"page")

@@ -148,3 +148,21 @@ async def test_truncate_unlink_and_refusals(parts: tuple[Filesystem, Outbox, Upl
     await fs.rmdir(scope.ino, "ds")
     assert await listed_names(fs, scope.ino) == []
     assert outbox.listing() == []
+
+
+async def test_unknown_handles_are_ebadf_and_links_eperm(
+    parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]
+) -> None:
+    fs, _, _, _ = parts
+    scope = await fs.lookup((await fs.lookup(ROOT_INODE, ".outbox")).ino, "user.x")
+    dataset = await fs.mkdir(scope.ino, "ds")
+    for call in (fs.read(999, 0, 1), fs.write(999, 0, b"x")):
+        with pytest.raises(DatalakeError) as raised:
+            await call
+        assert raised.value.errno == errno.EBADF
+    with pytest.raises(DatalakeError) as raised:
+        fs.refuse_link(dataset.ino, "link")
+    assert raised.value.errno == errno.EPERM
+    with pytest.raises(DatalakeError) as raised:
+        fs.refuse_link(ROOT_INODE, "symlink")
+    assert raised.value.errno == errno.EROFS
