@@ -16,6 +16,7 @@ from datalakefs.catalogue.rucio_upload import check_did_name
 from datalakefs.catalogue.upload import Registration, UploadJob
 from datalakefs.config import Config
 from datalakefs.errors import DatalakeError
+from datalakefs.fs.attributes import Attributes
 from datalakefs.fs.filesystem import Filesystem
 from datalakefs.fs.outbox import OutboxTree
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable
@@ -71,6 +72,12 @@ def parts(tmp_path: Path) -> tuple[Filesystem, Outbox, Uploader, list[tuple[int,
 
 
 
+async def _new_dataset(fs: Filesystem) -> Attributes:
+    """``.outbox/user.x/ds``, made through the filesystem."""
+    scope = await fs.lookup((await fs.lookup(ROOT_INODE, ".outbox")).ino, "user.x")
+    return await fs.mkdir(scope.ino, "ds")
+
+
 async def test_write_close_upload_and_leave(parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]) -> None:
     fs, outbox, uploader, invalidated = parts
     assert (await listed_names(fs, ROOT_INODE))[0] == ".outbox"
@@ -103,8 +110,7 @@ async def test_write_only_handles_bypass_the_page_cache(
     parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]
 ) -> None:
     fs, _, _, _ = parts
-    scope = await fs.lookup((await fs.lookup(ROOT_INODE, ".outbox")).ino, "user.x")
-    dataset = await fs.mkdir(scope.ino, "ds")
+    dataset = await _new_dataset(fs)
     _, attrs, direct_io = await fs.create(dataset.ino, "w.dat", readable=False)
     assert direct_io
     _, _, direct_io = await fs.create(dataset.ino, "rw.dat", readable=True)
@@ -154,8 +160,7 @@ async def test_unknown_handles_are_ebadf_and_links_eperm(
     parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]
 ) -> None:
     fs, _, _, _ = parts
-    scope = await fs.lookup((await fs.lookup(ROOT_INODE, ".outbox")).ino, "user.x")
-    dataset = await fs.mkdir(scope.ino, "ds")
+    dataset = await _new_dataset(fs)
     for call in (fs.read(999, 0, 1), fs.write(999, 0, b"x")):
         with pytest.raises(DatalakeError) as raised:
             await call
