@@ -270,8 +270,13 @@ class Outbox:
                 spool.truncate(size)
                 file.mtime = time.time()
         if file.writers == 0:
-            await self.commit(file)
-            file.spool.close()
+            try:
+                await self.commit(file)
+            except (OSError, DatalakeError) as exc:
+                await self._discard_changes(file, str(exc))
+                raise
+            finally:
+                file.spool.close()
 
     async def _changeable_bytes(self, file: OutboxFile, lowest: int, keep: int) -> SpoolFile:
         """The spool file to change from byte ``lowest`` on (the caller holds ``file.lock``): the
@@ -372,7 +377,7 @@ class Outbox:
             try:
                 await self.commit(file)
             except (OSError, DatalakeError) as exc:
-                await self._discard_changes(file, f"{exc}")
+                await self._discard_changes(file, str(exc))
         file.spool.close()
         if file.early is not None and not file.dirty and not file.removed:
             file.early.body.end(file.size)  # committed and closed: the early upload can finish

@@ -604,3 +604,17 @@ async def test_writes_after_the_last_flush_are_committed_at_release(running: Out
     await running.close_for_writing(file)
     await _until(lambda: ("user.x", "m.dat") in uploader.lake)
     assert uploader.lake[("user.x", "m.dat")] == ("ds", b"page")
+
+
+async def test_a_truncate_of_a_path_that_cannot_be_committed_changes_nothing(
+    make: Callable[..., Outbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """truncate(2) with no writer commits at once; when that fails (disk full) the file keeps the
+    version of its last close(), marked failed with the reason, instead of waiting for ever."""
+    outbox = make()
+    file = await _write(outbox, "t.dat", b"0123456789")
+    monkeypatch.setattr(outbox._journal, "commit", lambda intents: (_ for _ in ()).throw(SpoolFullError("full")))
+    with pytest.raises(SpoolFullError):
+        await outbox.truncate(file, 3)
+    assert outbox.read(file, 0, 100) == b"0123456789" and not file.dirty
+    assert file.describe().startswith("failed: the changes after its last close() could not be saved (full)")
