@@ -618,3 +618,24 @@ async def test_a_truncate_of_a_path_that_cannot_be_committed_changes_nothing(
         await outbox.truncate(file, 3)
     assert outbox.read(file, 0, 100) == b"0123456789" and not file.dirty
     assert file.describe().startswith("failed: the changes after its last close() could not be saved (full)")
+
+
+async def test_a_rename_while_the_uploader_locates_the_file_uploads_the_new_name(
+    running: Outbox, uploader: FakeUploader
+) -> None:
+    located, release = threading.Event(), threading.Event()
+    locate = uploader.locate
+
+    def slow_locate(jobs: Sequence[UploadJob]) -> list[str | Exception | None]:
+        located.set()
+        release.wait(10)
+        return locate(jobs)
+
+    running.uploads._locator.call = slow_locate  # type: ignore[assignment]
+    file = await _write(running, ".out.tmp1", b"x")  # temporary: never located
+    await running.rename(file, "old.dat")
+    await trio.to_thread.run_sync(located.wait, 10)
+    await running.rename(file, "new.dat")  # while the uploader asks where old.dat goes
+    release.set()
+    await _until(lambda: running.pending() == 0)
+    assert uploader.lake == {("user.x", "new.dat"): ("ds", b"x")}
