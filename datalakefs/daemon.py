@@ -25,6 +25,7 @@ from datalakefs.catalogue.rucio_upload import RucioUploader
 from datalakefs.catalogue.upload import KillAtTransition
 from datalakefs.config import Config
 from datalakefs.fs.filesystem import Filesystem
+from datalakefs.fs.lake import LakeTree
 from datalakefs.fs.outbox import OutboxTree
 from datalakefs.fuse.operations import FuseOperations, invalidate_entry
 from datalakefs.fuse.session import prepare_mountpoint, serve
@@ -82,8 +83,8 @@ class Daemon:
                               listing_ttl=config.catalogue_ttl, times_limit=config.listing_times_limit)
         outbox_tree = OutboxTree(self.outbox, namespace, self._visible_scopes, os.getuid(), os.getgid())
         outbox_tree.invalidate_entry = invalidate_entry
-        self.filesystem = Filesystem(namespace, self.catalogue, self.staging, control, stager=self.staging,
-                                     outbox=outbox_tree)
+        lake = LakeTree(namespace, self.catalogue, self.staging, control, stager=self.staging)
+        self.filesystem = Filesystem(namespace, lake, outbox=outbox_tree)
         self.meter = RateMeter(self._counters)
         self.metrics_url: str | None = None
         self.operations = FuseOperations(self.filesystem, config.entry_timeout, config.attr_timeout,

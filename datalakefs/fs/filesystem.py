@@ -12,26 +12,20 @@ Contracts the FUSE layer relies on:
 from __future__ import annotations
 
 import itertools
-import logging
-import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NoReturn
 
-from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.errors import BadHandleError, InvalidArgumentError, NotFoundError
 from datalakefs.fs.attributes import Attributes
-from datalakefs.fs.lake import CLEAR_CACHE_XATTR, STAGE_XATTR, ControlRenderer, LakeTree, refuse_write
+from datalakefs.fs.lake import CLEAR_CACHE_XATTR, LakeTree, refuse_write
 from datalakefs.fs.outbox import OUTBOX_DIR, OutboxTree
-from datalakefs.fs.ports import FileContent, StageRequests
 from datalakefs.fs.subtree import FileHandle, OpenMode, Subtree
 from datalakefs.namespace.inodes import ROOT_INODE, Node
 from datalakefs.namespace.tree import Namespace
 
-__all__ = ["CLEAR_CACHE_XATTR", "STAGE_XATTR", "ControlRenderer", "Entry", "Filesystem"]
-
-log = logging.getLogger(__name__)
+# cli/cache.py sets it on a mount (the name is the lake's: fs/lake.py)
+__all__ = ["CLEAR_CACHE_XATTR", "Entry", "Filesystem"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,20 +44,9 @@ class _DirHandle:
 class Filesystem:
     """The mount as a filesystem. One instance per mount, used from the trio thread only."""
 
-    def __init__(
-        self,
-        namespace: Namespace,
-        catalogue: CachedCatalogue,
-        content: FileContent,
-        control_files: dict[str, ControlRenderer],
-        uid: int | None = None,
-        gid: int | None = None,
-        stager: StageRequests | None = None,
-        outbox: OutboxTree | None = None,
-    ) -> None:
+    def __init__(self, namespace: Namespace, lake: LakeTree, outbox: OutboxTree | None = None) -> None:
         self._ns = namespace
-        self._lake = LakeTree(namespace, catalogue, content, control_files, os.getuid() if uid is None else uid,
-                              os.getgid() if gid is None else gid, time.time(), stager)
+        self._lake = lake
         self._outbox = outbox
         self._handles: dict[int, _DirHandle | FileHandle] = {}
         self._next_fh = itertools.count(1)

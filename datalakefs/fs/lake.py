@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
@@ -92,9 +94,8 @@ class LakeTree:
         catalogue: CachedCatalogue,
         content: FileContent,
         control_files: dict[str, ControlRenderer],
-        uid: int,
-        gid: int,
-        start: float,
+        uid: int | None = None,
+        gid: int | None = None,
         stager: StageRequests | None = None,
     ) -> None:
         self._ns = namespace
@@ -102,9 +103,9 @@ class LakeTree:
         self._content = content
         self._stager = stager
         self._control = control_files
-        self._uid = uid
-        self._gid = gid
-        self._start = start
+        self._uid = os.getuid() if uid is None else uid
+        self._gid = os.getgid() if gid is None else gid
+        self._start = time.time()
 
     def owns(self, node: Node) -> bool:
         return True

@@ -18,6 +18,7 @@ from datalakefs.config import Config
 from datalakefs.errors import DatalakeError
 from datalakefs.fs.attributes import Attributes
 from datalakefs.fs.filesystem import Filesystem
+from datalakefs.fs.lake import LakeTree
 from datalakefs.fs.outbox import OutboxTree
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable
 from datalakefs.namespace.tree import Namespace
@@ -66,7 +67,8 @@ def parts(tmp_path: Path) -> tuple[Filesystem, Outbox, Uploader, list[tuple[int,
     tree = OutboxTree(outbox, namespace, catalogue.list_scopes, 1000, 1000)
     invalidated: list[tuple[int, str]] = []
     tree.invalidate_entry = lambda parent, name: invalidated.append((parent, name))
-    fs = Filesystem(namespace, catalogue, _NoContent(), {}, 1000, 1000, outbox=tree)  # type: ignore[arg-type]
+    lake = LakeTree(namespace, catalogue, _NoContent(), {}, 1000, 1000)  # type: ignore[arg-type]
+    fs = Filesystem(namespace, lake, outbox=tree)
     return fs, outbox, uploader, invalidated
 
 
