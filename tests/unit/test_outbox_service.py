@@ -28,7 +28,7 @@ from datalakefs.errors import (
     SpoolFullError,
 )
 from datalakefs.outbox.files import OutboxFile
-from datalakefs.outbox.journal import FileState, Journal, JournalInUseError
+from datalakefs.outbox.journal import FileState, Intent, Journal, JournalInUseError
 from datalakefs.outbox.service import Outbox
 
 
@@ -639,3 +639,22 @@ async def test_a_rename_while_the_uploader_locates_the_file_uploads_the_new_name
     release.set()
     await _until(lambda: running.pending() == 0)
     assert uploader.lake == {("user.x", "new.dat"): ("ds", b"x")}
+
+
+async def test_a_row_of_an_earlier_version_without_its_checksum_is_uploaded(
+    make: Callable[..., Outbox], uploader: FakeUploader, tmp_path: Path
+) -> None:
+    """Earlier versions committed files written out of order without their adler32: such a row is
+    checked by size, and takes the checksum of its bytes."""
+    journal = Journal(tmp_path / "journal.sqlite")
+    journal.add_dataset("user.x", "ds")
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "0123abcd.spool").write_bytes(b"legacy")
+    journal.commit([Intent("user.x", "ds", "old.dat", "0123abcd.spool", 6, "")])
+    journal.close()
+    outbox = make()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(outbox.run)
+        await _until(lambda: outbox.pending() == 0)
+        nursery.cancel_scope.cancel()
+    assert uploader.lake[("user.x", "old.dat")] == ("ds", b"legacy")
