@@ -22,8 +22,10 @@ from datalakefs import __version__
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.catalogue.rucio import RucioCatalogue
 from datalakefs.catalogue.rucio_upload import RucioUploader
+from datalakefs.catalogue.upload import KillAtTransition
 from datalakefs.config import Config
 from datalakefs.fs.filesystem import Filesystem
+from datalakefs.fs.lake import LakeTree
 from datalakefs.fs.outbox import OutboxTree
 from datalakefs.fuse.operations import FuseOperations, invalidate_entry
 from datalakefs.fuse.session import prepare_mountpoint, serve
@@ -65,22 +67,24 @@ class Daemon:
         # The outbox belongs to the mount point: another mount with the same state_dir must neither
         # upload nor clean this one's spool.
         mount_key = self.private_dir().name
+        hooks = KillAtTransition.from_environment(os.environ)  # crash tests only
         self.outbox = Outbox(
             Journal(config.state_dir / "outbox" / mount_key / "journal.sqlite"),
-            RucioUploader(rucio, config),
+            RucioUploader(rucio, config, hooks),
             self.catalogue,
             (config.spool_dir or config.state_dir / "outbox") / mount_key / "spool",
             concurrency=config.upload_concurrency,
             reserve=config.spool_reserve,
             upload_while_writing=config.upload_while_writing,
+            hooks=hooks,
         )
         control = {STATUS_FILE: self.render_status, OUTBOX_FILE: self.render_outbox}
         namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
                               listing_ttl=config.catalogue_ttl, times_limit=config.listing_times_limit)
         outbox_tree = OutboxTree(self.outbox, namespace, self._visible_scopes, os.getuid(), os.getgid())
         outbox_tree.invalidate_entry = invalidate_entry
-        self.filesystem = Filesystem(namespace, self.catalogue, self.staging, control, stager=self.staging,
-                                     outbox=outbox_tree)
+        lake = LakeTree(namespace, self.catalogue, self.staging, control, stager=self.staging)
+        self.filesystem = Filesystem(namespace, lake, outbox=outbox_tree)
         self.meter = RateMeter(self._counters)
         self.metrics_url: str | None = None
         self.operations = FuseOperations(self.filesystem, config.entry_timeout, config.attr_timeout,

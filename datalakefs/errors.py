@@ -103,3 +103,27 @@ class NotEmptyError(DatalakeError):
     """An outbox directory that still holds files."""
 
     errno = errno.ENOTEMPTY
+
+
+class NotPermittedError(DatalakeError):
+    """An operation the outbox does not support at all (hard links, symlinks, special files)."""
+
+    errno = errno.EPERM
+
+
+class CrossDeviceError(DatalakeError):
+    """A rename the outbox cannot do in place (``mv`` then copies)."""
+
+    errno = errno.EXDEV
+
+
+class BadHandleError(DatalakeError):
+    """A file handle the filesystem never gave out, or already released."""
+
+    errno = errno.EBADF
+
+
+class InvalidArgumentError(DatalakeError):
+    """A call with a flag or argument the filesystem does not support (``EINVAL``)."""
+
+    errno = errno.EINVAL

@@ -8,7 +8,7 @@ packages=(
   postgresql
   nginx libnginx-mod-http-dav-ext
   xrootd-server xrootd-server-plugins xrootd-client xrootd-client-plugins xrootd-scitokens-plugins xrootd-fuse
-  rclone openssl curl iproute2 procps
+  rclone rsync openssl curl iproute2 procps
   systemd strace  # the tests: systemd-analyze/systemd-escape check the units, strace counts xattr calls
 )
 missing=()

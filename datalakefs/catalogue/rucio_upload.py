@@ -47,7 +47,13 @@ from rucio.common import exception as rucio_exc
 from zlib_ng import zlib_ng
 
 from datalakefs.catalogue.rucio import RucioCatalogue
-from datalakefs.catalogue.upload import Registration, SpoolChangedError, StepHook, UploadConflictError, UploadJob
+from datalakefs.catalogue.upload import (
+    Registration,
+    SpoolChangedError,
+    TransitionHooks,
+    UploadConflictError,
+    UploadJob,
+)
 from datalakefs.config import Config
 from datalakefs.errors import AccessDeniedError, DatalakeError, InvalidNameError, TransferError
 
@@ -70,8 +76,9 @@ _SHARED_CAUSES: Final = (requests.ConnectionError, requests.Timeout, rucio_exc.S
 class RucioUploader:
     """:class:`~datalakefs.catalogue.upload.Uploader` for ``upload_rse`` (see the module doc)."""
 
-    def __init__(self, catalogue: RucioCatalogue, config: Config) -> None:
+    def __init__(self, catalogue: RucioCatalogue, config: Config, hooks: TransitionHooks | None = None) -> None:
         self._catalogue = catalogue
+        self._hooks = hooks or TransitionHooks()
         self._rse = config.upload_rse
         self._rule_rse = config.upload_rule_rse
         self._verify: bool | str = config.storage_ca_bundle or True
@@ -106,15 +113,15 @@ class RucioUploader:
         self._verify_stored(url, body.sent, body.adler32)
         return body.sent, body.adler32
 
-    def register(self, registrations: Sequence[Registration], step: StepHook) -> list[Exception | None]:
+    def register(self, registrations: Sequence[Registration]) -> list[Exception | None]:
         self._upload_rse()
         errors: dict[UploadJob, Exception] = {}
         stored = [r.job for r in registrations if r.stored]
         if stored:
             errors.update(self._by_batch_or_each(stored, self._add_replicas))
-            step("registered")
+            self._hooks.reached("upload-registered")
         errors.update(self._by_batch_or_each([r.job for r in registrations if r.job not in errors], self._attach))
-        step("attached")
+        self._hooks.reached("upload-attached")
         return [errors.get(r.job) for r in registrations]
 
     # -- catalogue calls --------------------------------------------------------------------------

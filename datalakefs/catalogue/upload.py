@@ -17,7 +17,10 @@ batch steps answer each file's error in its place, so one bad file never fails i
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterable, Sequence
+import os
+import signal
+import threading
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -32,8 +35,8 @@ class UploadConflictError(DatalakeError):
 
 
 class SpoolChangedError(TransferError):
-    """The bytes sent differ from the journal's size or adler32 (the spool file was rewritten after
-    its commit, before a crash): the checksum must be computed again from the file."""
+    """The bytes sent differ from the journal's size or adler32: the spool file is not what was
+    committed, and is never uploaded as it is."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +60,50 @@ class Registration:
     stored: bool
 
 
-#: Called with the name of each step as it completes ("stored", "registered", "attached"); the crash
-#: tests kill the daemon there.
-StepHook = Callable[[str], None]
+#: ``DATALAKEFS_TEST_KILL_AT=<transition>[:<n>]`` makes the daemon SIGKILL itself at the n-th time
+#: (default the first) it reaches that transition; with ``DATALAKEFS_TEST_KILL_MARK=<file>`` it first
+#: writes the transition's name there, so that a crash test knows where the daemon died.
+KILL_AT_ENV = "DATALAKEFS_TEST_KILL_AT"
+KILL_MARK_ENV = "DATALAKEFS_TEST_KILL_MARK"
+
+
+class TransitionHooks:
+    """The points of the outbox where a crash test may kill the daemon: each journal transition and
+    upload step calls :meth:`reached` right after it completed. These hooks do nothing."""
+
+    def reached(self, transition: str) -> None:
+        """``transition`` just completed (any thread)."""
+
+
+class KillAtTransition(TransitionHooks):
+    """SIGKILL this process at the ``occurrence``-th time it reaches ``transition``."""
+
+    def __init__(self, transition: str, occurrence: int = 1, mark: Path | None = None) -> None:
+        self._transition = transition
+        self._left = occurrence
+        self._mark = mark
+        self._lock = threading.Lock()
+
+    def reached(self, transition: str) -> None:
+        if transition != self._transition:
+            return
+        with self._lock:
+            self._left -= 1
+            if self._left:
+                return
+            if self._mark is not None:
+                self._mark.write_text(transition)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str]) -> TransitionHooks:
+        """The hooks :data:`KILL_AT_ENV` asks for, or hooks that do nothing."""
+        wanted = environ.get(KILL_AT_ENV)
+        if not wanted:
+            return TransitionHooks()
+        transition, _, occurrence = wanted.partition(":")
+        mark = environ.get(KILL_MARK_ENV)
+        return cls(transition, int(occurrence or 1), Path(mark) if mark else None)
 
 
 class Uploader(Protocol):
@@ -83,6 +127,7 @@ class Uploader(Protocol):
         ``chunks`` aborts the transfer and is raised here."""
         ...
 
-    def register(self, registrations: Sequence[Registration], step: StepHook) -> Sequence[Exception | None]:
-        """Per registration: None once its replica is AVAILABLE, attached and ruled, else its error."""
+    def register(self, registrations: Sequence[Registration]) -> Sequence[Exception | None]:
+        """Per registration: None once its replica is AVAILABLE, attached and ruled, else its error.
+        It reaches (:class:`TransitionHooks`) ``upload-registered`` and ``upload-attached``."""
         ...

@@ -23,6 +23,10 @@ from datalakefs.fs.filesystem import Filesystem
 
 log = logging.getLogger(__name__)
 
+#: renameat2(2) flags (linux/fs.h)
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
 _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.EOPNOTSUPP, errno.EROFS, errno.EAGAIN})
 
 
@@ -124,8 +128,10 @@ class FuseOperations(pyfuse3.Operations):
     ) -> pyfuse3.FileInfo:
         with _errors_as_errno("open"):
             write = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND))
+            # libfuse hands O_TRUNC to open (atomic_o_trunc): the filesystem empties the file
             fh, keep_cache, direct_io = await self._fs.open(inode, write, bool(flags & os.O_NONBLOCK),
-                                                            readable=_readable(flags))
+                                                            readable=_readable(flags),
+                                                            truncate=bool(flags & os.O_TRUNC))
             return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache, direct_io=direct_io)
 
     async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
@@ -138,7 +144,7 @@ class FuseOperations(pyfuse3.Operations):
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         with _errors_as_errno("write"):
-            return self._fs.write(fh, off, buf)
+            return await self._fs.write(fh, off, buf)
 
     async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         with _errors_as_errno("flush"):
@@ -191,7 +197,8 @@ class FuseOperations(pyfuse3.Operations):
 
     async def mknod(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT,
                     rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self._refuse("mknod")
+        with _errors_as_errno("mknod"):
+            self._fs.refuse_link(parent_inode, "mknod")
 
     async def mkdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -218,15 +225,19 @@ class FuseOperations(pyfuse3.Operations):
     async def rename(self, parent_inode_old: pyfuse3.InodeT, name_old: pyfuse3.FileNameT,
                      parent_inode_new: pyfuse3.InodeT, name_new: pyfuse3.FileNameT, flags: pyfuse3.FlagT,
                      ctx: pyfuse3.RequestContext) -> None:
-        self._refuse("rename")
+        with _errors_as_errno("rename"):
+            await self._fs.rename(parent_inode_old, os.fsdecode(name_old), parent_inode_new, os.fsdecode(name_new),
+                                  replace=not flags & _RENAME_NOREPLACE, exchange=bool(flags & _RENAME_EXCHANGE))
 
     async def symlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
                       target: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self._refuse("symlink")
+        with _errors_as_errno("symlink"):
+            self._fs.refuse_link(parent_inode, "symlink")
 
     async def link(self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT,
                    new_name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self._refuse("link")
+        with _errors_as_errno("link"):
+            self._fs.refuse_link(new_parent_inode, "link")
 
     async def setxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:

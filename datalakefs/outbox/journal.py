@@ -7,11 +7,15 @@ costs two fsyncs per transition and a directory scan at start; SQLite costs one 
 and survives a kill at any instant by its own recovery.
 
 Rows exist only for *committed* files: a file enters the journal when a ``close()`` or ``fsync()``
-made its bytes durable (:meth:`Journal.commit`). A spool file without a row was never acknowledged
-and is removed at start. A finished upload deletes its row (:meth:`Journal.finish`, one transaction
-for every upload of a registration batch): "done" is the absence of the row, and a kill between the
-catalogue registration and that delete is harmless because the uploader recognises an already
-registered identical file.
+made its bytes durable (:meth:`Journal.commit`), with their size and adler32. A finished upload
+deletes its row (:meth:`Journal.remove`, one transaction for every upload of a registration batch):
+"done" is the absence of the row, and a kill between the catalogue registration and that delete is
+harmless because the uploader recognises an already registered identical file.
+
+What the outbox may delete at start is recorded here too, in the same transactions: a spool file
+that a commit superseded, or whose row was removed (done, cancelled, replaced by a rename), is named
+in ``garbage`` until it is gone. Spool files carry the journal's :attr:`Journal.id` in their names,
+so a spool directory shared with anything else loses nothing to this journal's clean-up.
 
 Only the ``uploading`` mark is written without an fsync (``synchronous=normal`` for that one
 transaction): it informs ``outbox list`` while the daemon runs, and a reopened journal turns it back
@@ -31,6 +35,7 @@ import contextlib
 import enum
 import fcntl
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -60,6 +65,13 @@ create table if not exists uploads (
     updated real not null,
     unique (scope, name)
 );
+create table if not exists garbage (
+    spool text primary key
+);
+create table if not exists meta (
+    key text primary key,
+    value text not null
+);
 create table if not exists datasets (
     scope text not null,
     dataset text not null,
@@ -68,12 +80,16 @@ create table if not exists datasets (
 """
 
 
-class State(enum.Enum):
-    """Where a committed upload stands. ``done`` is not stored: a finished upload has no row."""
+class FileState(enum.Enum):
+    """Where an outbox file stands. Only the states of committed files are stored (``queued``,
+    ``uploading``, ``failed``): a file being written has no row yet, and a finished upload none
+    any more."""
 
+    WRITING = "writing"
     QUEUED = "queued"
     UPLOADING = "uploading"
     FAILED = "failed"
+    DONE = "done"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +101,7 @@ class Intent:
     name: str
     spool: str
     size: int
-    adler32: str | None
+    adler32: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +109,7 @@ class Record(Intent):
     """One journal row: a committed intent and where its upload stands."""
 
     id: int
-    state: State
+    state: FileState
     error: str
     attempts: int
     created: float
@@ -108,17 +124,6 @@ def _disk_full_as_enospc() -> Iterator[None]:
         if "full" in str(exc):
             raise SpoolFullError(f"outbox journal: {exc}") from exc
         raise
-
-
-#: Test hook: ``DATALAKEFS_TEST_KILL_AT=<transition>`` SIGKILLs the process right after that journal
-#: transition was committed (the crash tests use it to kill at each transition once).
-KILL_AT_ENV = "DATALAKEFS_TEST_KILL_AT"
-
-
-def transition_hook(name: str) -> None:
-    """SIGKILL this process when the test hook names ``name`` (see :data:`KILL_AT_ENV`)."""
-    if os.environ.get(KILL_AT_ENV) == name:
-        os.kill(os.getpid(), 9)
 
 
 class Journal:
@@ -138,9 +143,13 @@ class Journal:
         self._db.execute("pragma journal_mode=wal")
         self._db.execute("pragma synchronous=full")
         self._db.executescript(_SCHEMA)
+        self._db.execute("insert or ignore into meta values ('id', ?)", (secrets.token_hex(4),))
+        #: this journal's identity: the prefix of the spool files it owns
+        self.id = str(self._db.execute("select value from meta where key = 'id'").fetchone()[0])
         # A crash while uploading leaves the row "uploading": it is simply queued again (the uploader
         # is idempotent, see catalogue/rucio_upload.py).
-        self._db.execute("update uploads set state = ? where state = ?", (State.QUEUED.value, State.UPLOADING.value))
+        self._db.execute("update uploads set state = ? where state = ?",
+                         (FileState.QUEUED.value, FileState.UPLOADING.value))
 
     def close(self) -> None:
         with self._lock:
@@ -151,14 +160,18 @@ class Journal:
 
     def commit(self, intents: Sequence[Intent]) -> list[int]:
         """Record (or update) the durable intents to upload each ``spool`` as ``scope:name``, in one
-        transaction; returns their ids. A full disk raises :class:`SpoolFullError` (the callers'
-        close() then fails with ENOSPC)."""
+        transaction; returns their ids. The spool file of an intent that a new one replaces becomes
+        garbage. A full disk raises :class:`SpoolFullError` (the callers' close() then fails with
+        ENOSPC)."""
         now = self._clock()
         ids = []
         with self._lock, _disk_full_as_enospc():
             self._db.execute("begin immediate")
             try:
                 for intent in intents:
+                    self._db.execute("insert or ignore into garbage select spool from uploads"
+                                     " where scope = ? and name = ? and spool != ?",
+                                     (intent.scope, intent.name, intent.spool))
                     row = self._db.execute(
                         "insert into uploads (scope, dataset, name, spool, size, adler32, state, created, updated)"
                         " values (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -166,37 +179,67 @@ class Journal:
                         " spool = excluded.spool, size = excluded.size, adler32 = excluded.adler32,"
                         " state = excluded.state, error = '', updated = excluded.updated returning id",
                         (intent.scope, intent.dataset, intent.name, intent.spool, intent.size, intent.adler32,
-                         State.QUEUED.value, now, now),
+                         FileState.QUEUED.value, now, now),
                     ).fetchone()
                     ids.append(int(row[0]))
                 self._db.execute("commit")
             except BaseException:
                 self._db.execute("rollback")
                 raise
-        transition_hook("commit")
         return ids
 
-    def set_state(self, upload_id: int, state: State, error: str = "", adler32: str | None = None) -> None:
+    def set_state(self, upload_id: int, state: FileState, error: str = "") -> None:
         """Move an upload to ``state``; ``failed`` and a retried ``queued`` carry the reason.
         ``uploading`` is not fsynced (see the module doc)."""
-        uploading = state is State.UPLOADING
-        with self._lock, self._without_fsync() if uploading else contextlib.nullcontext():
+        uploading = state is FileState.UPLOADING
+        with self._lock, _disk_full_as_enospc(), self._without_fsync() if uploading else contextlib.nullcontext():
             self._db.execute(
-                "update uploads set state = ?, error = ?, attempts = attempts + ?, updated = ?,"
-                " adler32 = coalesce(?, adler32) where id = ?",
-                (state.value, error, int(uploading), self._clock(), adler32, upload_id),
+                "update uploads set state = ?, error = ?, attempts = attempts + ?, updated = ? where id = ?",
+                (state.value, error, int(uploading), self._clock(), upload_id),
             )
-        transition_hook(state.value)
 
-    def finish(self, upload_ids: Sequence[int]) -> None:
-        """These uploads are registered and attached: forget them, in one transaction."""
-        self.remove(upload_ids)
-        transition_hook("done")
+    def rename(self, upload_id: int, dataset: str, name: str) -> None:
+        """The committed file ``upload_id`` is now ``dataset/name``; an intent that held that name
+        goes, its spool file to the garbage (rename(2) replaces its target)."""
+        with self._lock, _disk_full_as_enospc():
+            self._db.execute("begin immediate")
+            try:
+                self._db.execute("insert or ignore into garbage select spool from uploads"
+                                 " where scope = (select scope from uploads where id = ?) and name = ?",
+                                 (upload_id, name))
+                self._db.execute("delete from uploads where scope = (select scope from uploads where id = ?)"
+                                 " and name = ?", (upload_id, name))
+                self._db.execute("update uploads set dataset = ?, name = ?, updated = ? where id = ?",
+                                 (dataset, name, self._clock(), upload_id))
+                self._db.execute("commit")
+            except BaseException:
+                self._db.execute("rollback")
+                raise
 
     def remove(self, upload_ids: Sequence[int]) -> None:
+        """These uploads are done (registered and attached) or cancelled: forget them in one
+        transaction; their spool files become garbage."""
+        marks = ",".join("?" * len(upload_ids))
+        with self._lock, _disk_full_as_enospc():
+            self._db.execute("begin immediate")
+            try:
+                self._db.execute(f"insert or ignore into garbage select spool from uploads where id in ({marks})",
+                                 tuple(upload_ids))
+                self._db.execute(f"delete from uploads where id in ({marks})", tuple(upload_ids))
+                self._db.execute("commit")
+            except BaseException:
+                self._db.execute("rollback")
+                raise
+
+    def garbage(self) -> list[str]:
+        """Spool files nothing refers to any more (deleted, or to delete)."""
         with self._lock:
-            self._db.execute(f"delete from uploads where id in ({','.join('?' * len(upload_ids))})",
-                             tuple(upload_ids))
+            return [str(row[0]) for row in self._db.execute("select spool from garbage")]
+
+    def forget_garbage(self, spools: Sequence[str]) -> None:
+        """These spool files are gone. Not fsynced: deleting a missing file again is harmless."""
+        with self._lock, self._without_fsync():
+            self._db.executemany("delete from garbage where spool = ?", [(spool,) for spool in spools])
 
     def uploads(self) -> list[Record]:
         with self._lock:
@@ -206,8 +249,8 @@ class Journal:
             ).fetchall()
         return [
             Record(id=int(r[0]), scope=str(r[1]), dataset=str(r[2]), name=str(r[3]), spool=str(r[4]), size=int(r[5]),
-                   adler32=r[6], state=State(r[7]), error=str(r[8]), attempts=int(r[9]), created=float(r[10]),
-                   updated=float(r[11]))
+                   adler32=str(r[6] or ""), state=FileState(r[7]), error=str(r[8]), attempts=int(r[9]),
+                   created=float(r[10]), updated=float(r[11]))
             for r in rows
         ]
 

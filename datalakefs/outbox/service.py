@@ -1,41 +1,47 @@
-"""The outbox service: files being written, their durable upload intents, and the uploader.
+"""The outbox service: the files being written, their durable upload intents, and their uploader.
 
-Life of an outbox file (SPEC §5)::
+Life of an outbox file (SPEC §5; the rules are docs/SEMANTICS.md's table)::
 
     create ──► writing ──close()/fsync()──► queued ──► uploading ──► done (leaves the outbox)
                   ▲                           │  ▲          │
-                  └────── reopened ───────────┘  └─ retry ◄─┴──► failed: reason (stays visible)
+                  └────── changed again ──────┘  └─ retry ◄─┴──► failed: reason (stays visible)
 
-* ``writing`` lives in memory only: a file becomes an upload intent when a ``close()`` or ``fsync()``
-  made it durable (:meth:`Outbox.commit`: fsync of the spool file, then a journal commit). Only then
-  does the call return success.
-* The uploader moves the bytes of at most ``upload_concurrency`` files at once, never of a file that
-  is open for writing. The catalogue steps before and after (is the DID there, where do the bytes
-  go; register, attach, rule) are batched across files (outbox/batcher.py): a file is located
-  while still queued, and becomes ``uploading`` (unchangeable) when it gets a transfer slot.
-* A failure worth a retry (server, storage, credentials, quota) requeues the file with exponential
-  backoff and the reason visible; a conflict (the DID exists with other content) or a name the
-  catalogue refuses fails it until ``retry``.
-* After a restart every journal row is queued again; the uploader's steps are idempotent
-  (catalogue/rucio_upload.py), so a resumed upload neither duplicates nor overwrites.
+* What is uploaded is the content at the last successful ``close()`` or ``fsync()``
+  (:meth:`Outbox.commit`: fsync of the spool file, then a journal commit with its size and adler32).
+  Only then does the call return success. Writes after that go to the file's bytes, never into the
+  committed version (outbox/files.py), until the next commit replaces it; the last release of a
+  file commits what was written after its last ``close()`` (``mmap`` writes reach the daemon only
+  when the mapping goes).
+* ``O_TRUNC``, ``truncate`` and ``ftruncate`` change the size at once; a ``truncate(2)`` of a path
+  nobody has open is committed at once.
+* ``rename`` within a dataset directory moves the file and its intent (one journal transaction),
+  replacing a file of the target name; names starting with ``.`` are temporary: kept, never uploaded.
+* ``rm`` (and ``cancel``) of a file that is not ``uploading`` drops it and its intent; the uploader
+  never starts a file a request is changing (:attr:`OutboxFile.holds`), and an ``uploading`` file is
+  ``EBUSY`` to changes: an upload is either cancelled or completed, never both.
+* At start every journal row is queued again (its spool file checked against its size and adler32
+  before it is uploaded); only spool files this journal provably owns are deleted (outbox/journal.py).
 
-Everything here runs on the trio thread; fsyncs, journal commits, checksum passes and the upload
-itself run in worker threads.
+The uploader is outbox/uploads.py. Everything here runs on the trio thread; fsyncs, journal commits,
+copies and checksums run in worker threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import stat
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import trio
 
 from datalakefs.catalogue.cached import CachedCatalogue
-from datalakefs.catalogue.upload import Registration, SpoolChangedError, UploadConflictError, Uploader, UploadJob
+from datalakefs.catalogue.upload import TransitionHooks, Uploader
 from datalakefs.errors import (
     AlreadyExistsError,
     BusyError,
@@ -44,87 +50,25 @@ from datalakefs.errors import (
     NotEmptyError,
     NotFoundError,
 )
-from datalakefs.model import DID
 from datalakefs.outbox.batcher import Batcher
-from datalakefs.outbox.journal import Intent, Journal, Record, State, transition_hook
-from datalakefs.outbox.spool import GrowingSpool, SpoolFile, StreamAbandonedError, file_adler32, sync_directory
+from datalakefs.outbox.files import TEMPORARY_PREFIX, Committed, FileTable, OutboxFile
+from datalakefs.outbox.journal import FileState, Intent, Journal, Record
+from datalakefs.outbox.spool import DRAFT, SpoolFile, file_adler32, sync_directory
+from datalakefs.outbox.uploads import BATCH_LIMIT, UploadListener, UploadPipeline
 
 log = logging.getLogger(__name__)
 
-#: Retry delays: 1 s, 2 s, 4 s ... capped at 5 minutes.
-BACKOFF_BASE: Final = 1.0
-BACKOFF_CAP: Final = 300.0
-
-#: Seconds a "not registered yet" answer is trusted before a file's bytes are stored.
-LOCATION_FRESH: Final = 10.0
-#: Most files per catalogue call of the uploader's batch steps (locate, register).
-BATCH_LIMIT: Final = 200
-
-WRITING: Final = "writing"
-DONE: Final = "done"
+_NAME_MAX = 255
 
 
-@dataclass(eq=False)
-class EarlyUpload:
-    """The upload of a file that started while it was still being written sequentially."""
+@dataclass(frozen=True, slots=True)
+class _Commit:
+    """One file of a group commit: its bytes, and the checksum when it was kept while writing."""
 
-    body: GrowingSpool
-    done: trio.Event = field(default_factory=trio.Event)
-    #: (url, bytes sent, their adler32) once the bytes were PUT and verified there
-    stored: tuple[str, int, str] | None = None
-
-
-@dataclass(eq=False)
-class OutboxFile:
-    """One file of the outbox, as the filesystem and the uploader see it."""
-
-    scope: str
-    dataset: str
-    name: str
+    intent: Intent
     spool: SpoolFile
-    upload_id: int | None = None
-    adler32: str | None = None
-    state: str = WRITING
-    error: str = ""
-    attempts: int = 0
-    writers: int = 0
-    dirty: bool = True
-    version: int = 0
-    mtime: float = field(default_factory=time.time)
-    next_try: float = 0.0
-    removed: bool = False
-    early: EarlyUpload | None = None
-
-    @property
-    def size(self) -> int:
-        return self.spool.size
-
-    @property
-    def did(self) -> DID:
-        return DID(self.scope, self.name)
-
-    def describe(self) -> str:
-        """``user.datalakefs.state``: queued, uploading, done, failed: reason (and the last error)."""
-        if self.state == State.FAILED.value:
-            return f"failed: {self.error}"
-        if self.state == State.QUEUED.value and self.error:
-            return f"queued (attempt {self.attempts + 1} after: {self.error})"
-        return self.state
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "scope": self.scope,
-            "dataset": self.dataset,
-            "name": self.name,
-            "path": f"{self.scope}/{self.dataset}/{self.name}",
-            "size": self.size,
-            "state": self.state,
-            "error": self.error,
-            "attempts": self.attempts,
-        }
-
-
-UploadListener = Callable[[OutboxFile], None]
+    adler32: str | None
+    superseded: SpoolFile | None
 
 
 class Outbox:
@@ -140,60 +84,90 @@ class Outbox:
         concurrency: int = 4,
         reserve: int = 0,
         upload_while_writing: int = 0,
+        hooks: TransitionHooks | None = None,
     ) -> None:
         self._journal = journal
         self._uploader = uploader
         self._catalogue = catalogue
         self._spool_dir = spool_dir
-        self._transfer_slots = trio.Semaphore(max(1, concurrency))
-        # files between queued and done; more than the transfer slots, so that locating them batches
-        self._pipeline: set[OutboxFile] = set()
-        self._pipeline_limit = max(1, concurrency) + BATCH_LIMIT
         self._reserve = reserve
         self._early_after = upload_while_writing
-        self._uploads: trio.Nursery | None = None  # the uploader's, while it runs
-        self._uploaded_early = 0
-        self._files: dict[tuple[str, str], OutboxFile] = {}  # (scope, name) → file
+        self._hooks = hooks or TransitionHooks()
+        self._files = FileTable()
         self._datasets: set[tuple[str, str]] = set(journal.datasets())
-        self._listeners: list[UploadListener] = []
-        self._uploaded = 0
-        self._wake = trio.Event()
-        self._locator: Batcher[UploadJob, str | None] = Batcher(uploader.locate, BATCH_LIMIT)
-        self._registrar: Batcher[Registration, None] = Batcher(
-            lambda registrations: uploader.register(registrations, _step_hook), BATCH_LIMIT
-        )
-        self._committer: Batcher[tuple[SpoolFile, Intent], int] = Batcher(self._commit_group, BATCH_LIMIT)
-        self._finisher: Batcher[tuple[int, Path], None] = Batcher(self._forget, BATCH_LIMIT)
-        self._resume(journal.uploads())
+        self.uploads = UploadPipeline(journal, uploader, catalogue, self._files, self._hooks, concurrency=concurrency)
+        self._committer: Batcher[_Commit, tuple[int, str]] = Batcher(self._commit_group, BATCH_LIMIT)
+        self._resume()
 
-    def _resume(self, records: list[Record]) -> None:
-        """Queue every journal row again and drop spool files that were never committed."""
+    # -- start and end -----------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        """Queue every journal row again; delete the spool files this journal provably owns and no
+        longer needs (garbage it recorded, drafts it never committed), following no symlink."""
         self._spool_dir.mkdir(parents=True, exist_ok=True)
+        owned = f"{self._journal.id}-"
+        garbage = self._journal.garbage()
+        for name in garbage:
+            if name.startswith(owned):
+                _unlink_regular(self._spool_dir / name)
+        self._journal.forget_garbage(garbage)
+        records = self._journal.uploads()
         for record in records:
-            spool = SpoolFile(self._spool_dir / record.spool, self._reserve)
-            state = record.state.value
-            # a file reopened and being rewritten at the crash differs from its last commit
-            adler32 = record.adler32 if spool.size == record.size else None
-            self._files[(record.scope, record.name)] = OutboxFile(
-                record.scope, record.dataset, record.name, spool, record.id, adler32, state,
-                record.error, record.attempts, dirty=False, mtime=record.updated,
-            )
+            self._files.add(self._resumed(record))
             self._datasets.add((record.scope, record.dataset))
-        known = {f.spool.name for f in self._files.values()}
-        for path in self._spool_dir.glob("*.spool"):
-            if path.name not in known:
-                log.info("event=outbox-orphan-removed spool=%s reason=never-committed", path.name)
-                path.unlink()
+        committed = {record.spool for record in records}
+        with os.scandir(self._spool_dir) as entries:
+            for entry in entries:
+                if not entry.name.startswith(owned) or not entry.is_file(follow_symlinks=False):
+                    continue
+                if entry.name.endswith(DRAFT):
+                    log.info("event=outbox-orphan-removed spool=%s reason=never-committed", entry.name)
+                    _unlink_regular(Path(entry.path))
+                elif entry.name not in committed:
+                    log.warning("event=outbox-spool-unknown spool=%s reason=not-in-the-journal action=kept",
+                                entry.name)
         if records:
             log.info("event=outbox-resume uploads=%d", len(records))
+
+    def _resumed(self, record: Record) -> OutboxFile:
+        """The file of a journal row after a restart. Bytes appended after its last commit are cut
+        off; a spool file shorter than its commit (or missing) fails it; its checksum is checked
+        before its upload (:class:`UploadPipeline`)."""
+        path = self._spool_dir / record.spool
+        size, problem = -1, ""
+        try:
+            if not _is_regular(path) and _is_regular(path.with_suffix(DRAFT)):
+                os.rename(path.with_suffix(DRAFT), path)  # killed between its commit and its publication
+            if _is_regular(path):
+                size = os.lstat(path).st_size
+                if size > record.size:
+                    os.truncate(path, record.size)
+                    size = record.size
+        except OSError as exc:
+            problem = f"spool file {record.spool} unusable: {exc.strerror or exc}"
+        if size < record.size and not problem:
+            problem = (f"spool file {record.spool} is missing or shorter ({max(size, 0)} bytes) than its last "
+                       f"close() ({record.size} bytes): not uploaded")
+        spool = SpoolFile(path, self._reserve, max(size, 0))
+        file = OutboxFile(record.scope, record.dataset, record.name, spool, state=record.state, error=record.error,
+                          attempts=record.attempts, mtime=record.updated)
+        file.committed = Committed(record.id, spool, record.size, record.adler32, verified=False)
+        file.committed_changes = file.changes
+        if problem:
+            log.warning("event=outbox-spool-bad did=%s:%s reason=%s", record.scope, record.name, problem)
+            file.state, file.error = FileState.FAILED, problem
+        return file
 
     def close(self) -> None:
         """Release the journal (the daemon is ending; in-flight uploads resume at the next start)."""
         self._journal.close()
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The uploader (outbox/uploads.py), until cancelled."""
+        await self.uploads.run(task_status=task_status)
+
     def add_listener(self, listener: UploadListener) -> None:
-        """``listener(file)`` runs on the trio thread after ``file`` was uploaded and left the outbox."""
-        self._listeners.append(listener)
+        self.uploads.add_listener(listener)
 
     # -- the tree ----------------------------------------------------------------------------------
 
@@ -207,13 +181,18 @@ class Outbox:
         return (scope, dataset) in self._datasets
 
     def files(self, scope: str, dataset: str) -> list[OutboxFile]:
-        return sorted((f for f in self._files.values() if f.scope == scope and f.dataset == dataset),
-                      key=lambda f: f.name)
+        return sorted((f for f in self._files if f.scope == scope and f.dataset == dataset), key=lambda f: f.name)
 
     def file(self, scope: str, dataset: str, name: str) -> OutboxFile:
-        found = self._files.get((scope, name))
+        found = self._files.get(scope, name)
         if found is None or found.dataset != dataset:
             raise NotFoundError(f".outbox/{scope}/{dataset}/{name}")
+        return found
+
+    def file_by_serial(self, serial: int) -> OutboxFile:
+        found = self._files.by_serial(serial)
+        if found is None:
+            raise NotFoundError(f"outbox file #{serial} is gone")
         return found
 
     async def make_dataset(self, scope: str, dataset: str) -> None:
@@ -236,35 +215,89 @@ class Outbox:
 
     # -- writing -----------------------------------------------------------------------------------
 
+    def check_name(self, name: str) -> None:
+        """A valid DID name, or a temporary one (``.`` first: never uploaded under that name)."""
+        if name.startswith(TEMPORARY_PREFIX):
+            if name in (".", "..") or len(os.fsencode(name)) > _NAME_MAX:
+                raise InvalidNameError(f"{name!r} is not a valid file name")
+        else:
+            self._uploader.check_name(name)
+
     def create(self, scope: str, dataset: str, name: str) -> OutboxFile:
         """A new, empty file being written (not yet an upload intent)."""
         if (scope, dataset) not in self._datasets:
             raise NotFoundError(f".outbox/{scope}/{dataset}")
-        self._uploader.check_name(name)
-        other = self._files.get((scope, name))
+        self.check_name(name)
+        other = self._files.get(scope, name)
         if other is not None:
             raise AlreadyExistsError(
                 f"{scope}:{name} is already waiting in .outbox/{scope}/{other.dataset}: one DID, one file"
             )
-        created = OutboxFile(scope, dataset, name, SpoolFile.create(self._spool_dir, self._reserve))
-        self._files[(scope, name)] = created
+        created = OutboxFile(scope, dataset, name, SpoolFile.create(self._spool_dir, self._journal.id, self._reserve))
+        self._files.add(created)
         return created
 
-    def open_for_writing(self, file: OutboxFile) -> None:
-        if file.state == State.UPLOADING.value:
-            raise BusyError(f"{file.scope}:{file.name} is being uploaded")
+    async def open_for_writing(self, file: OutboxFile, truncate: bool = False) -> None:
+        """A writer opens ``file`` (``O_TRUNC``: empty it now)."""
+        self._check_changeable(file)
         file.writers += 1
         if file.writers > 1:
             _abandon_early(file)  # two writers: no longer a plain sequential stream
+        if truncate:
+            try:
+                await self.truncate(file, 0)
+            except BaseException:
+                await self.close_for_writing(file)
+                raise
 
-    def write(self, file: OutboxFile, offset: int, data: bytes) -> int:
+    async def write(self, file: OutboxFile, offset: int, data: bytes) -> int:
         self._check_changeable(file)
-        written = file.spool.write(offset, data)
-        file.dirty = True
-        file.version += 1
+        async with file.lock:
+            spool = await self._changeable_bytes(file, offset, file.size)
+            written = spool.write(offset, data)
         file.mtime = time.time()
         self._follow_write(file)
         return written
+
+    async def truncate(self, file: OutboxFile, size: int) -> None:
+        """``truncate``/``ftruncate``/``O_TRUNC``; without an open writer (truncate(2) of a path)
+        nothing else would commit the change, so it is committed at once."""
+        self._check_changeable(file)
+        async with file.lock:
+            if size != file.size:
+                spool = await self._changeable_bytes(file, min(size, file.size), size)
+                _abandon_early(file)
+                spool.truncate(size)
+                file.mtime = time.time()
+        if file.writers == 0:
+            try:
+                await self.commit(file)
+            except (OSError, DatalakeError) as exc:
+                await self._discard_changes(file, str(exc))
+                raise
+            finally:
+                file.spool.close()
+
+    async def _changeable_bytes(self, file: OutboxFile, lowest: int, keep: int) -> SpoolFile:
+        """The spool file to change from byte ``lowest`` on (the caller holds ``file.lock``): the
+        file's own while the change leaves its committed bytes as they are, else a new draft with its
+        first ``keep`` bytes (outbox/files.py)."""
+        self._check_changeable(file)
+        file.changes += 1  # from here on it is dirty: the uploader leaves it alone
+        committed = file.committed
+        if committed is None or file.spool is not committed.spool or lowest >= committed.size:
+            return file.spool
+        _abandon_early(file)
+        length = min(keep, file.size)
+        if length:
+            draft = await trio.to_thread.run_sync(SpoolFile.copy_of, file.spool, length, self._journal.id)
+        else:
+            draft = SpoolFile.create(self._spool_dir, self._journal.id, self._reserve)
+        if file.removed:  # cancelled while the copy ran
+            draft.delete()
+        else:
+            file.spool = draft
+        return file.spool
 
     def _follow_write(self, file: OutboxFile) -> None:
         """Feed the file's early upload, or abandon it when the write was not sequential; start one
@@ -277,289 +310,212 @@ class Outbox:
                 file.early.body.grown(file.size)
             else:
                 file.early.body.abandon()
-        elif (sequential and self._early_after and file.size >= self._early_after and file.writers == 1
-              and self._uploads is not None):
-            file.early = EarlyUpload(GrowingSpool(file.spool.path))
-            file.early.body.grown(file.size)
-            self._uploads.start_soon(self._upload_early, file, file.early)
-
-    async def truncate(self, file: OutboxFile, size: int) -> None:
-        """``truncate``/``ftruncate``; without an open writer (truncate(2) of a path) nothing else
-        would commit the change, so it is committed at once."""
-        self._check_changeable(file)
-        if size != file.size:
-            _abandon_early(file)
-            file.spool.truncate(size)
-            file.dirty = True
-            file.version += 1
-            file.mtime = time.time()
-        if file.writers == 0:
-            await self.commit(file)
-            file.spool.close()
+        elif sequential and self._early_after and file.size >= self._early_after and file.writers == 1:
+            self.uploads.start_early(file)
 
     async def commit(self, file: OutboxFile) -> None:
-        """Make the file's current bytes and its upload intent durable (close/fsync). The closes that
-        arrive together share one directory fsync and one journal transaction (:meth:`_commit_group`)."""
-        if file.removed or not file.dirty:
-            return
-        size, adler32, version = file.size, file.spool.adler32, file.version
-        upload_id = await self._committer.submit(
-            (file.spool, Intent(file.scope, file.dataset, file.name, file.spool.name, size, adler32))
-        )
-        if file.removed:  # removed while the commit ran: the intent goes too
-            await trio.to_thread.run_sync(self._journal.remove, [upload_id])
-            return
-        file.upload_id, file.adler32 = upload_id, adler32
-        file.dirty = file.version != version  # written again while the commit ran
-        file.state, file.error, file.attempts, file.next_try = State.QUEUED.value, "", 0, 0.0
-        self._wake.set()
+        """Make the file's current bytes and its upload intent durable (close/fsync). Writes wait
+        meanwhile. The closes that arrive together share one directory fsync and one journal
+        transaction (:meth:`_commit_group`)."""
+        async with file.lock:
+            if file.removed or not file.dirty:
+                return
+            spool, changes = file.spool, file.changes
+            previous = file.committed
+            superseded = previous.spool if previous is not None and previous.spool is not spool else None
+            intent = Intent(file.scope, file.dataset, file.name, spool.name, spool.size, "")
+            upload_id, adler32 = await self._committer.submit(_Commit(intent, spool, spool.adler32, superseded))
+            spool.rebase(intent.size, adler32)
+            file.committed = Committed(upload_id, spool, intent.size, adler32)
+            file.committed_changes = changes
+            file.state, file.error, file.attempts, file.next_try = FileState.QUEUED, "", 0, 0.0
+        self.uploads.wake()
 
-    def close_for_writing(self, file: OutboxFile) -> None:
+    def _commit_group(self, group: Sequence[_Commit]) -> list[tuple[int, str] | Exception]:
+        """Worker thread: fsync each spool file (and checksum those written out of order), then (once)
+        their directory; record every intent whose bytes are durable in one journal transaction;
+        then publish the drafts and delete the versions they superseded (journal.py's garbage)."""
+        failed: dict[int, Exception] = {}
+        checksums: dict[int, str] = {}
+        for index, member in enumerate(group):
+            try:
+                member.spool.sync()
+                checksums[index] = member.adler32 or file_adler32(member.spool.path)[1]
+            except (OSError, DatalakeError) as exc:
+                failed[index] = exc
+        synced = [index for index in range(len(group)) if index not in failed]
+        if any(not group[index].spool.entry_durable for index in synced):
+            sync_directory(self._spool_dir)
+            for index in synced:
+                group[index].spool.entry_durable = True
+        intents = [_with_adler32(group[index].intent, checksums[index]) for index in synced]
+        ids = dict(zip(synced, self._journal.commit(intents) if intents else [], strict=True))
+        self._hooks.reached("commit")
+        gone = []
+        for index in synced:
+            try:
+                group[index].spool.publish()
+                superseded = group[index].superseded
+                if superseded is not None:
+                    superseded.delete()
+                    gone.append(superseded.name)
+            except OSError as exc:  # the restart finishes it (outbox/journal.py's garbage, _resumed)
+                log.warning("event=outbox-publish-failed spool=%s reason=%s", group[index].spool.name, exc)
+        self._hooks.reached("published")
+        if gone:
+            self._journal.forget_garbage(gone)
+        return [failed[index] if index in failed else (ids[index], checksums[index]) for index in range(len(group))]
+
+    async def close_for_writing(self, file: OutboxFile) -> None:
+        """The last release of a writer commits what was written since the last close() (mmap
+        writes arrive between the two); when that fails, those changes are dropped and the file
+        fails with the reason (the version of its last close() stays)."""
         file.writers -= 1
-        if file.writers == 0:
-            file.spool.close()
-            if file.early is not None and file.upload_id is not None and not file.dirty and not file.removed:
-                file.early.body.end(file.size)  # committed and closed: the early upload can finish
-            else:
-                _abandon_early(file)
-            if file.removed:
-                file.spool.delete()
-            elif file.upload_id is None:
-                # every close() commits, so an uncommitted file here had its flush fail: it was never
-                # acknowledged, and without a writer nothing will ever commit it
-                self._drop(file)
-            self._wake.set()
+        if file.writers:
+            return
+        if file.dirty and not file.removed:
+            try:
+                await self.commit(file)
+            except (OSError, DatalakeError) as exc:
+                await self._discard_changes(file, str(exc))
+        file.spool.close()
+        if file.early is not None and not file.dirty and not file.removed:
+            file.early.body.end(file.size)  # committed and closed: the early upload can finish
+        else:
+            _abandon_early(file)
+        if file.removed:
+            _delete_spools(file)
+        self.uploads.wake()
+
+    async def _discard_changes(self, file: OutboxFile, reason: str) -> None:
+        committed = file.committed
+        if committed is None:
+            log.warning("event=outbox-dropped did=%s reason=%s", file.did, reason)
+            self._drop(file)
+            return
+        if file.spool is not committed.spool:
+            file.spool.delete()
+            file.spool = committed.spool
+        else:
+            file.spool.truncate(committed.size)  # what was appended in place since the commit
+            file.spool.rebase(committed.size, committed.adler32)
+        file.committed_changes = file.changes
+        file.state = FileState.FAILED
+        file.error = (f"the changes after its last close() could not be saved ({reason}); "
+                      "`retry` uploads the version of that close()")
+        log.warning("event=outbox-changes-lost did=%s reason=%s", file.did, reason)
+        try:
+            await trio.to_thread.run_sync(self._journal.set_state, committed.upload_id, FileState.FAILED, file.error)
+        except DatalakeError as exc:
+            log.warning("event=outbox-journal-error did=%s reason=%s", file.did, exc)
 
     def read(self, file: OutboxFile, offset: int, size: int) -> bytes:
         return file.spool.read(offset, size)
 
-    def _check_changeable(self, file: OutboxFile) -> None:
-        if file.state == State.UPLOADING.value:
+    @staticmethod
+    def _check_changeable(file: OutboxFile) -> None:
+        if file.state is FileState.UPLOADING:
             raise BusyError(f"{file.scope}:{file.name} is being uploaded")
+
+    # -- names -------------------------------------------------------------------------------------
+
+    async def rename(self, file: OutboxFile, name: str, *, replace: bool = True) -> None:
+        """rename(2) within the file's dataset directory: the file and its upload intent take
+        ``name``, replacing a file of that name (one journal transaction)."""
+        if name == file.name:
+            return
+        self.check_name(name)
+        target = self._files.get(file.scope, name)
+        async with contextlib.AsyncExitStack() as locks:
+            for locked in sorted((f for f in (file, target) if f is not None), key=lambda f: f.serial):
+                await locks.enter_async_context(locked.lock)
+            if file.removed or self._files.get(file.scope, name) is not target:
+                raise BusyError(f"{file.scope}:{file.name} changed during the rename: try again")
+            self._check_changeable(file)
+            if target is not None:
+                if not replace:
+                    raise AlreadyExistsError(f"{file.scope}:{name} exists")
+                if target.dataset != file.dataset:
+                    raise AlreadyExistsError(f"{file.scope}:{name} is already waiting in .outbox/{file.scope}/"
+                                             f"{target.dataset}: one DID, one file")
+                self._check_changeable(target)
+            await self._renamed_in_journal(file, target, name)
+            if target is not None:
+                self._drop(target)
+            _abandon_early(file)
+            self._files.rename(file, name)
+        log.info("event=outbox-renamed did=%s", file.did)
+        self.uploads.wake()
+
+    async def _renamed_in_journal(self, file: OutboxFile, target: OutboxFile | None, name: str) -> None:
+        """The journal's part of a rename; the uploader leaves both files alone meanwhile."""
+        held = [f for f in (file, target) if f is not None]
+        for f in held:
+            f.holds += 1
+        try:
+            if file.committed is not None:
+                await trio.to_thread.run_sync(self._journal.rename, file.committed.upload_id, file.dataset, name)
+            elif target is not None and target.committed is not None:
+                await trio.to_thread.run_sync(self._journal.remove, [target.committed.upload_id])
+        finally:
+            for f in held:
+                f.holds -= 1
 
     # -- control -----------------------------------------------------------------------------------
 
     async def cancel(self, file: OutboxFile) -> None:
-        """``rm`` of an outbox file: a queued, failed or unfinished upload is dropped with its bytes."""
-        self._check_changeable(file)
-        if file.upload_id is not None:
-            await trio.to_thread.run_sync(self._journal.remove, [file.upload_id])
-        self._drop(file)
+        """``rm`` of an outbox file: a queued, failed or unfinished upload is dropped with its bytes.
+        The uploader leaves the file alone while its intent is removed."""
+        async with file.lock:
+            if file.removed:
+                return
+            self._check_changeable(file)
+            file.holds += 1
+            try:
+                if file.committed is not None:
+                    await trio.to_thread.run_sync(self._journal.remove, [file.committed.upload_id])
+            finally:
+                file.holds -= 1
+            self._drop(file)
         log.info("event=outbox-cancelled did=%s", file.did)
 
     async def retry(self, file: OutboxFile) -> None:
         """Queue a failed (or backing-off) upload again now."""
-        if file.upload_id is None or file.state == State.UPLOADING.value:
+        if file.committed is None or file.state is FileState.UPLOADING or file.removed:
             return
-        await trio.to_thread.run_sync(self._journal.set_state, file.upload_id, State.QUEUED)
-        file.state, file.error, file.attempts, file.next_try = State.QUEUED.value, "", 0, 0.0
-        self._wake.set()
+        await trio.to_thread.run_sync(self._journal.set_state, file.committed.upload_id, FileState.QUEUED)
+        file.state, file.error, file.attempts, file.next_try = FileState.QUEUED, "", 0, 0.0
+        self.uploads.wake()
 
     def _drop(self, file: OutboxFile) -> None:
         file.removed = True
         _abandon_early(file)
-        if self._files.get((file.scope, file.name)) is file:
-            del self._files[(file.scope, file.name)]
+        self._files.discard(file)
         if file.writers == 0:
-            file.spool.delete()
+            _delete_spools(file)
 
     # -- visibility --------------------------------------------------------------------------------
 
     def listing(self) -> list[dict[str, Any]]:
-        return [f.as_dict() for f in sorted(self._files.values(), key=lambda f: (f.scope, f.dataset, f.name))]
+        return [f.as_dict() for f in sorted(self._files, key=lambda f: (f.scope, f.dataset, f.name))]
 
     def summary(self) -> dict[str, int]:
-        counts = {WRITING: 0, State.QUEUED.value: 0, State.UPLOADING.value: 0, State.FAILED.value: 0}
+        states = (FileState.WRITING, FileState.QUEUED, FileState.UPLOADING, FileState.FAILED)
+        counts = dict.fromkeys((state.value for state in states), 0)
         pending_bytes = 0
-        for f in self._files.values():
-            counts[f.state] += 1
+        for f in self._files:
+            counts[f.as_dict()["state"]] += 1
             pending_bytes += f.size
-        return {**counts, "pending_bytes": pending_bytes, "uploaded": self._uploaded,
-                "uploaded_while_writing": self._uploaded_early}
+        return {**counts, "pending_bytes": pending_bytes, "uploaded": self.uploads.uploaded,
+                "uploaded_while_writing": self.uploads.uploaded_early}
 
     def pending(self) -> int:
         """Committed uploads that have not finished."""
-        return sum(1 for f in self._files.values() if f.upload_id is not None)
+        return sum(1 for f in self._files if f.committed is not None)
 
-    # -- the uploader ------------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as uploads:
-            self._uploads = uploads
-            task_status.started()
-            while True:
-                self._wake = trio.Event()
-                now = trio.current_time()
-                for file in self._ready(now)[: self._pipeline_limit - len(self._pipeline)]:
-                    self._pipeline.add(file)
-                    uploads.start_soon(self._upload, file)
-                with trio.move_on_at(self._next_retry(now)):
-                    await self._wake.wait()
-
-    def _ready(self, now: float) -> list[OutboxFile]:
-        return [f for f in self._files.values()
-                if f.state == State.QUEUED.value and f.writers == 0 and f.next_try <= now and not f.dirty
-                and f not in self._pipeline]
-
-    def _next_retry(self, now: float) -> float:
-        waiting = [f.next_try for f in self._files.values() if f.state == State.QUEUED.value and f.next_try > now]
-        return min(waiting, default=now + 3600.0)
-
-    async def _upload(self, file: OutboxFile) -> None:
-        """One file through the uploader's steps.
-
-        It is located while still queued, together with the other files ready then; a write or an
-        ``rm`` meanwhile makes this attempt moot (the next commit queues the file again). It becomes
-        ``uploading``, and unchangeable, only once it holds one of the ``concurrency`` transfer slots;
-        it gives the slot back when its bytes are stored, and its registration waits for the next
-        batch.
-        """
-        assert file.upload_id is not None
-        version, stored = file.version, False
-        try:
-            adler32 = await self._checksum(file)
-            job = UploadJob(file.scope, file.dataset, file.name, file.spool.path, file.size, adler32)
-            url, located = await self._locator.submit(job), trio.current_time()
-            if file.early is not None:
-                await file.early.done.wait()
-            async with self._transfer_slots:
-                if not self._unchanged(file, version):
-                    return
-                file.state = State.UPLOADING.value
-                await trio.to_thread.run_sync(self._journal.set_state, file.upload_id, State.UPLOADING, "", adler32)
-                log.info("event=upload-start did=%s dataset=%s bytes=%d", file.did, file.dataset, file.size)
-                if trio.current_time() - located > LOCATION_FRESH:
-                    # the name may have been registered since (with other bytes at the same PFN, which
-                    # a PUT would overwrite): ask again, unless the answer is recent
-                    url = await self._locator.submit(job)
-                if url is not None and file.early is not None and file.early.stored == (url, job.size, adler32):
-                    stored = True  # sent while it was written: the same bytes are at the URL
-                    self._uploaded_early += 1
-                elif url is not None:
-                    await trio.to_thread.run_sync(self._uploader.store, job, url, abandon_on_cancel=True)
-                    stored = True
-                    _step_hook("stored")
-            await self._registrar.submit(Registration(job, stored))
-        except (UploadConflictError, InvalidNameError) as exc:
-            await self._fail(file, version, str(exc))
-        except SpoolChangedError as exc:
-            file.adler32 = None
-            await self._requeue(file, version, str(exc))
-        except DatalakeError as exc:
-            await self._requeue(file, version, str(exc))
-        except OSError as exc:  # the spool file itself (HTTP errors arrive as DatalakeErrors)
-            await self._fail(file, version, f"spool file {file.spool.path} unreadable: {exc.strerror or exc}")
-        except Exception as exc:
-            log.exception("event=upload-bug did=%s", file.did)
-            await self._requeue(file, version, f"{type(exc).__name__}: {exc}")
-        else:
-            file.spool.close()  # here: its pages are freed by the unlink, in the worker thread
-            await self._finisher.submit((file.upload_id, file.spool.path))
-            self._finished(file, stored)
-        finally:
-            self._pipeline.discard(file)
-            self._wake.set()
-
-    async def _upload_early(self, file: OutboxFile, early: EarlyUpload) -> None:
-        """Send a file's bytes while it is still written (see ``upload_while_writing``), if a transfer
-        slot is free now and it is not the last one. It only puts bytes at the URL: :meth:`_upload`
-        uses them once the file is committed and closed with exactly those bytes, else it stores the
-        file as usual. A kill meanwhile leaves at most a partial object at the PFN, registered
-        nowhere."""
-        # a slow writer may hold its slot for long: never take the last one, so that files already
-        # closed keep moving
-        if self._transfer_slots.value < 2:
-            early.body.abandon()
-            early.done.set()
-            return
-        self._transfer_slots.acquire_nowait()
-        try:
-            # size 0: a DID of this name that exists already is a conflict here, and the usual upload
-            # after close() tells whether it holds the same bytes
-            url = await self._locator.submit(UploadJob(file.scope, file.dataset, file.name, file.spool.path, 0, ""))
-            if url is not None:
-                log.info("event=upload-early-start did=%s bytes_so_far=%d", file.did, file.size)
-                sent, adler32 = await trio.to_thread.run_sync(self._uploader.store_stream, url, early.body,
-                                                              abandon_on_cancel=True)
-                early.stored = (url, sent, adler32)
-                _step_hook("streamed")
-        except (DatalakeError, StreamAbandonedError) as exc:
-            log.info("event=upload-early-abandoned did=%s reason=%s", file.did, exc)
-        finally:
-            self._transfer_slots.release()
-            early.body.abandon()  # wakes a transfer thread that was left behind by a cancellation
-            early.done.set()
-
-    @staticmethod
-    def _unchanged(file: OutboxFile, version: int) -> bool:
-        """``file`` still holds the bytes an upload attempt started with, and nobody is writing it."""
-        return not file.removed and file.version == version and file.writers == 0 and file.state != WRITING
-
-    async def _checksum(self, file: OutboxFile) -> str:
-        """The journal's adler32, or one pass over the spool file when writes were not sequential."""
-        if file.adler32:
-            return file.adler32
-        size, adler32 = await trio.to_thread.run_sync(file_adler32, file.spool.path)
-        if size != file.size:
-            raise DatalakeError(f"spool file of {file.did} has {size} bytes, the journal says {file.size}")
-        file.adler32 = adler32
-        return adler32
-
-    async def _fail(self, file: OutboxFile, version: int, reason: str) -> None:
-        assert file.upload_id is not None
-        if not self._unchanged(file, version):
-            return  # the failure was of bytes that are gone: the new ones get their own attempt
-        log.warning("event=upload-failed did=%s reason=%s", file.did, reason)
-        await trio.to_thread.run_sync(self._journal.set_state, file.upload_id, State.FAILED, reason)
-        file.state, file.error = State.FAILED.value, reason
-
-    async def _requeue(self, file: OutboxFile, version: int, reason: str) -> None:
-        assert file.upload_id is not None
-        if not self._unchanged(file, version):
-            return
-        file.attempts += 1
-        delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (file.attempts - 1))
-        log.warning("event=upload-retry did=%s attempt=%d in_s=%.0f reason=%s", file.did, file.attempts, delay,
-                    reason)
-        await trio.to_thread.run_sync(self._journal.set_state, file.upload_id, State.QUEUED, reason)
-        file.state, file.error, file.next_try = State.QUEUED.value, reason, trio.current_time() + delay
-
-    def _commit_group(self, group: Sequence[tuple[SpoolFile, Intent]]) -> list[int | Exception]:
-        """Worker thread: fsync each spool file, then (once) their directory, then record every
-        intent whose bytes are durable in one journal transaction."""
-        failed: dict[int, Exception] = {}
-        for index, (spool, _) in enumerate(group):
-            try:
-                spool.sync()
-            except (OSError, DatalakeError) as exc:
-                failed[index] = exc
-        synced = [member for index, member in enumerate(group) if index not in failed]
-        if any(not spool.entry_durable for spool, _ in synced):
-            sync_directory(self._spool_dir)
-            for spool, _ in synced:
-                spool.entry_durable = True
-        ids = iter(self._journal.commit([intent for _, intent in synced]) if synced else [])
-        return [failed[index] if index in failed else next(ids) for index in range(len(group))]
-
-    def _forget(self, finished: Sequence[tuple[int, Path]]) -> list[None]:
-        """Worker thread: the finished uploads of a batch leave the journal in one transaction, then
-        their spool files go (a kill in between leaves spool files without a row: removed at start)."""
-        self._journal.finish([upload_id for upload_id, _ in finished])
-        for _, spool in finished:
-            spool.unlink(missing_ok=True)
-        return [None] * len(finished)
-
-    def _finished(self, file: OutboxFile, stored: bool) -> None:
-        log.info("event=upload-done did=%s dataset=%s bytes=%d transferred=%s", file.did, file.dataset,
-                 file.size, stored)
-        file.state, file.error = DONE, ""
-        self._uploaded += 1
-        del self._files[(file.scope, file.name)]
-        file.removed = True
-        self._catalogue.invalidate(file.did)
-        self._catalogue.invalidate_collection(DID(file.scope, file.dataset))
-        for listener in self._listeners:
-            listener(file)
+def _with_adler32(intent: Intent, adler32: str) -> Intent:
+    return Intent(intent.scope, intent.dataset, intent.name, intent.spool, intent.size, adler32)
 
 
 def _abandon_early(file: OutboxFile) -> None:
@@ -567,5 +523,20 @@ def _abandon_early(file: OutboxFile) -> None:
         file.early.body.abandon()
 
 
-def _step_hook(step: str) -> None:
-    transition_hook(f"upload-{step}")
+def _delete_spools(file: OutboxFile) -> None:
+    file.spool.delete()
+    if file.committed is not None and file.committed.spool is not file.spool:
+        file.committed.spool.delete()
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _unlink_regular(path: Path) -> None:
+    """Delete ``path`` if it is a regular file (a symlink or anything else is left alone)."""
+    if _is_regular(path):
+        path.unlink(missing_ok=True)

@@ -1,8 +1,11 @@
 """Spool files: the local copies of outbox files, written by the kernel's WRITE requests.
 
-A spool file is a plain file in the spool directory, named by a random token (the DID name lives in
-the journal). Writes are ``pwrite`` on the trio thread, like cache hits are served with ``pread``:
-local disk, no network. While a file is written strictly sequentially its adler32 is kept running
+A spool file is a plain file in the spool directory, named ``<journal id>-<random token>`` (the
+DID name lives in the journal): ``.draft`` while it holds bytes nobody committed, ``.spool`` once a
+commit recorded it (:meth:`SpoolFile.publish`, right after the journal transaction). So a ``.draft``
+without a journal row was provably never acknowledged, and the journal id tells this outbox's files
+from anything else in the directory. Writes are ``pwrite`` on the trio thread, like cache hits are
+served with ``pread``: local disk, no network. While a file is written strictly sequentially its adler32 is kept running
 (zlib-ng: ~30 µs per MiB), so a sequentially written file needs no second pass before its upload;
 any other write (a hole, an overwrite, a truncate) drops the running checksum and the uploader
 computes it from the spool file in a worker thread.
@@ -27,18 +30,21 @@ from zlib_ng import zlib_ng
 from datalakefs.errors import SpoolFullError
 
 _READ_CHUNK = 4 << 20
+DRAFT = ".draft"
+PUBLISHED = ".spool"
 
 
 def adler32_hex(value: int) -> str:
     return f"{value & 0xFFFFFFFF:08x}"
 
 
-def file_adler32(path: Path) -> tuple[int, str]:
-    """Size and adler32 of a file, read in large chunks (blocking: worker threads)."""
+def file_adler32(path: Path, limit: int | None = None) -> tuple[int, str]:
+    """Size and adler32 of a file (of its first ``limit`` bytes), read in large chunks (blocking:
+    worker threads); a symlink is not followed."""
     value = 1
     size = 0
-    with open(path, "rb", buffering=0) as fh:
-        while chunk := fh.read(_READ_CHUNK):
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb", buffering=0) as fh:
+        while chunk := fh.read(_READ_CHUNK if limit is None else min(_READ_CHUNK, limit - size)):
             value = zlib_ng.adler32(chunk, value)
             size += len(chunk)
     return size, adler32_hex(value)
@@ -56,31 +62,76 @@ def sync_directory(directory: Path) -> None:
 class SpoolFile:
     """One spool file and its running checksum. Used from the trio thread only."""
 
-    def __init__(self, path: Path, reserve: int) -> None:
+    def __init__(self, path: Path, reserve: int, size: int = 0) -> None:
         self.path = path
         self._reserve = reserve
         self._fd: int | None = None
         #: its directory entry survives a crash (set by whoever ran :func:`sync_directory` after it)
-        self.entry_durable = path.exists()
-        self.size = path.stat().st_size if path.exists() else 0
+        self.entry_durable = True
+        self.size = size
         # the running adler32 covers bytes [0, _hashed); valid only while writes were sequential
         self._adler = 1
         self._hashed = 0
-        self._sequential = self.size == 0
+        self._sequential = size == 0
 
     @classmethod
-    def create(cls, directory: Path, reserve: int) -> SpoolFile:
+    def create(cls, directory: Path, owner: str, reserve: int) -> SpoolFile:
+        """A new, empty draft of the journal ``owner``."""
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{secrets.token_hex(12)}.spool"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        path = directory / f"{owner}-{secrets.token_hex(12)}{DRAFT}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         spool = cls(path, reserve)
         spool._fd = fd
         spool.entry_durable = False
         return spool
 
+    @classmethod
+    def copy_of(cls, source: SpoolFile, length: int, owner: str) -> SpoolFile:
+        """A new draft holding the first ``length`` bytes of ``source`` (blocking: worker threads;
+        ``copy_file_range`` lets the filesystem share the blocks where it can)."""
+        spool = cls.create(source.path.parent, owner, source._reserve)
+        try:
+            spool._check_space(0, length)
+            with open(source.path, "rb", buffering=0) as src:
+                copied = 0
+                while copied < length:
+                    step = os.copy_file_range(src.fileno(), spool._handle(), length - copied, copied, copied)
+                    if step == 0:
+                        break
+                    copied += step
+        except OSError as exc:
+            spool.delete()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolFullError(f"spool disk full copying {source.path.name}") from exc
+            raise
+        except BaseException:
+            spool.delete()
+            raise
+        spool.size = copied
+        spool._sequential = copied == 0
+        return spool
+
     @property
     def name(self) -> str:
-        return self.path.name
+        """The name the journal records: the published one."""
+        return self.path.with_suffix(PUBLISHED).name
+
+    @property
+    def published(self) -> bool:
+        return self.path.suffix == PUBLISHED
+
+    def publish(self) -> None:
+        """Rename the draft to its published name (blocking; after its journal commit)."""
+        if not self.published:
+            target = self.path.with_suffix(PUBLISHED)
+            os.rename(self.path, target)
+            self.path = target
+
+    def rebase(self, size: int, adler32: str) -> None:
+        """The file holds ``size`` bytes with ``adler32`` (computed by a pass over it): appends from
+        here on keep a running checksum again."""
+        if size == self.size:
+            self._adler, self._hashed, self._sequential = int(adler32, 16), size, True
 
     @property
     def sequential(self) -> bool:
@@ -94,8 +145,12 @@ class SpoolFile:
 
     def _handle(self) -> int:
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW)
         return self._fd
+
+    def duplicate_handle(self) -> int:
+        """A descriptor of its own for a reader in another thread (the file may be renamed)."""
+        return os.dup(self._handle())
 
     def write(self, offset: int, data: bytes) -> int:
         self._check_space(offset, len(data))
@@ -170,8 +225,9 @@ class GrowingSpool:
     adler32, so a rewrite it raced with is caught there too.
     """
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
+    def __init__(self, spool: SpoolFile) -> None:
+        self._name = spool.path.name
+        self._fd = spool.duplicate_handle()
         self._ready = threading.Condition()
         self._size = 0
         self._ended = False
@@ -192,20 +248,26 @@ class GrowingSpool:
             self._abandoned = True
             self._ready.notify()
 
+    def close(self) -> None:
+        """Release its descriptor (after the transfer thread is done with it)."""
+        with self._ready:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
     def __iter__(self) -> Iterator[bytes]:
         sent = 0
-        with open(self._path, "rb", buffering=0) as fh:
-            while True:
-                with self._ready:
-                    while not (self._abandoned or self._ended or self._size > sent):
-                        self._ready.wait()
-                    if self._abandoned:
-                        raise StreamAbandonedError(f"{self._path.name} is no longer written sequentially")
-                    available, ended = self._size - sent, self._ended
+        while True:
+            with self._ready:  # held while reading: close() never pulls the descriptor from under a read
+                while not (self._abandoned or self._ended or self._size > sent):
+                    self._ready.wait()
+                if self._abandoned or self._fd < 0:
+                    raise StreamAbandonedError(f"{self._name} is no longer written sequentially")
+                available, ended = self._size - sent, self._ended
                 if available <= 0 and ended:
                     return
-                chunk = os.pread(fh.fileno(), min(available, _READ_CHUNK), sent)
-                if not chunk:
-                    raise StreamAbandonedError(f"{self._path.name} is shorter than its writes said")
-                sent += len(chunk)
-                yield chunk
+                chunk = os.pread(self._fd, min(available, _READ_CHUNK), sent)
+            if not chunk:
+                raise StreamAbandonedError(f"{self._name} is shorter than its writes said")
+            sent += len(chunk)
+            yield chunk

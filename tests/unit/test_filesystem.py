@@ -17,6 +17,7 @@ from datalakefs.errors import (
     ReadOnlyError,
 )
 from datalakefs.fs.filesystem import CLEAR_CACHE_XATTR, Filesystem
+from datalakefs.fs.lake import LakeTree
 from datalakefs.model import DIDInfo
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable
 from datalakefs.namespace.tree import Namespace
@@ -84,7 +85,8 @@ def fs(fake: FakeCatalogue, content: _NoContent) -> Filesystem:
     config = Config()
     catalogue = CachedCatalogue(fake, config)
     namespace = Namespace(catalogue, InodeTable(), control_files=("status.json",))
-    return Filesystem(namespace, catalogue, content, {"status.json": lambda: b'{"ok": 1}\n'}, 1000, 1000)
+    return Filesystem(namespace, LakeTree(namespace, catalogue, content, {"status.json": lambda: b'{"ok": 1}\n'},
+                                          1000, 1000))
 
 
 async def listed_names(fs: Filesystem, ino: int) -> list[str]:
@@ -227,7 +229,8 @@ async def test_stage_xattr_goes_to_the_stager_and_other_xattrs_are_read_only(fak
     config = Config()
     catalogue = CachedCatalogue(fake, config)
     stager = _Stager()
-    fs = Filesystem(Namespace(catalogue, InodeTable()), catalogue, _NoContent(), {}, 1000, 1000, stager=stager)
+    namespace = Namespace(catalogue, InodeTable())
+    fs = Filesystem(namespace, LakeTree(namespace, catalogue, _NoContent(), {}, 1000, 1000, stager=stager))
     raw = await _path(fs, "phys", "raw")
     assert fs.listxattr(raw)[-1] == "user.datalakefs.state"
     assert await fs.getxattr(raw, "user.datalakefs.state") == b"streaming"

@@ -36,7 +36,7 @@ OPERATIONS = st.lists(
 def test_random_operations_match_a_model(tmp_path_factory: pytest.TempPathFactory,
                                          operations: list[tuple[str, int, int]], seed: int) -> None:
     rng = random.Random(seed)
-    spool = SpoolFile.create(tmp_path_factory.mktemp("spool"), reserve=0)
+    spool = SpoolFile.create(tmp_path_factory.mktemp("spool"), "journal", reserve=0)
     model = bytearray()
     for kind, offset, size in operations:
         if kind in ("write", "append"):
@@ -64,7 +64,7 @@ def test_random_operations_match_a_model(tmp_path_factory: pytest.TempPathFactor
 
 
 def test_sequential_writes_keep_a_running_checksum(tmp_path: Path) -> None:
-    spool = SpoolFile.create(tmp_path, reserve=0)
+    spool = SpoolFile.create(tmp_path, "journal", reserve=0)
     data = random.Random(1).randbytes(3_000_001)
     for start in range(0, len(data), 131072):
         spool.write(start, data[start : start + 131072])
@@ -79,7 +79,7 @@ def test_sequential_writes_keep_a_running_checksum(tmp_path: Path) -> None:
 
 
 def test_below_the_reserve_a_write_is_refused_before_any_byte_lands(tmp_path: Path) -> None:
-    spool = SpoolFile.create(tmp_path, reserve=1 << 62)
+    spool = SpoolFile.create(tmp_path, "journal", reserve=1 << 62)
     with pytest.raises(SpoolFullError) as raised:
         spool.write(0, b"data")
     assert raised.value.errno == 28
@@ -103,8 +103,8 @@ def _consume(growing: GrowingSpool, into: list[bytes | Exception]) -> threading.
 @settings(max_examples=25, deadline=None)
 def test_a_growing_spool_yields_every_byte_written_in_order(tmp_path_factory: pytest.TempPathFactory,
                                                              pieces: list[bytes]) -> None:
-    spool = SpoolFile.create(tmp_path_factory.mktemp("grow"), reserve=0)
-    growing = GrowingSpool(spool.path)
+    spool = SpoolFile.create(tmp_path_factory.mktemp("grow"), "journal", reserve=0)
+    growing = GrowingSpool(spool)
     result: list[bytes | Exception] = []
     reader = _consume(growing, result)
     for piece in pieces:
@@ -117,8 +117,8 @@ def test_a_growing_spool_yields_every_byte_written_in_order(tmp_path_factory: py
 
 
 def test_an_abandoned_growing_spool_stops_its_reader(tmp_path: Path) -> None:
-    spool = SpoolFile.create(tmp_path, reserve=0)
-    growing = GrowingSpool(spool.path)
+    spool = SpoolFile.create(tmp_path, "journal", reserve=0)
+    growing = GrowingSpool(spool)
     result: list[bytes | Exception] = []
     reader = _consume(growing, result)
     spool.write(0, b"abc")

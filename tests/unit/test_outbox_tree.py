@@ -13,10 +13,12 @@ import trio
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.catalogue.fake import FakeCatalogue
 from datalakefs.catalogue.rucio_upload import check_did_name
-from datalakefs.catalogue.upload import Registration, StepHook, UploadJob
+from datalakefs.catalogue.upload import Registration, UploadJob
 from datalakefs.config import Config
 from datalakefs.errors import DatalakeError
+from datalakefs.fs.attributes import Attributes
 from datalakefs.fs.filesystem import Filesystem
+from datalakefs.fs.lake import LakeTree
 from datalakefs.fs.outbox import OutboxTree
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable
 from datalakefs.namespace.tree import Namespace
@@ -38,7 +40,7 @@ class Uploader:
     def store(self, job: UploadJob, url: str) -> None:
         self.jobs.append(job)
 
-    def register(self, registrations: Sequence[Registration], step: StepHook) -> list[Exception | None]:
+    def register(self, registrations: Sequence[Registration]) -> list[Exception | None]:
         return [None] * len(registrations)
 
 
@@ -65,10 +67,17 @@ def parts(tmp_path: Path) -> tuple[Filesystem, Outbox, Uploader, list[tuple[int,
     tree = OutboxTree(outbox, namespace, catalogue.list_scopes, 1000, 1000)
     invalidated: list[tuple[int, str]] = []
     tree.invalidate_entry = lambda parent, name: invalidated.append((parent, name))
-    fs = Filesystem(namespace, catalogue, _NoContent(), {}, 1000, 1000, outbox=tree)  # type: ignore[arg-type]
+    lake = LakeTree(namespace, catalogue, _NoContent(), {}, 1000, 1000)  # type: ignore[arg-type]
+    fs = Filesystem(namespace, lake, outbox=tree)
     return fs, outbox, uploader, invalidated
 
 
+
+
+async def _new_dataset(fs: Filesystem) -> Attributes:
+    """``.outbox/user.x/ds``, made through the filesystem."""
+    scope = await fs.lookup((await fs.lookup(ROOT_INODE, ".outbox")).ino, "user.x")
+    return await fs.mkdir(scope.ino, "ds")
 
 
 async def test_write_close_upload_and_leave(parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]) -> None:
@@ -81,7 +90,7 @@ async def test_write_close_upload_and_leave(parts: tuple[Filesystem, Outbox, Upl
     assert stat.S_IMODE(dataset.mode) == 0o755 and dataset.volatile
     fh, attrs, _ = await fs.create(dataset.ino, "f.dat")
     assert stat.S_IMODE(attrs.mode) == 0o644
-    assert fs.write(fh, 0, b"hello") == 5
+    assert await fs.write(fh, 0, b"hello") == 5
     assert (await fs.getattr(attrs.ino)).size == 5
     assert await fs.read(fh, 1, 3) == b"ell"
     assert await fs.getxattr(attrs.ino, "user.datalakefs.state") == b"writing"
@@ -103,8 +112,7 @@ async def test_write_only_handles_bypass_the_page_cache(
     parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]
 ) -> None:
     fs, _, _, _ = parts
-    scope = await fs.lookup((await fs.lookup(ROOT_INODE, ".outbox")).ino, "user.x")
-    dataset = await fs.mkdir(scope.ino, "ds")
+    dataset = await _new_dataset(fs)
     _, attrs, direct_io = await fs.create(dataset.ino, "w.dat", readable=False)
     assert direct_io
     _, _, direct_io = await fs.create(dataset.ino, "rw.dat", readable=True)
@@ -120,21 +128,24 @@ async def test_truncate_unlink_and_refusals(parts: tuple[Filesystem, Outbox, Upl
     scope = await fs.lookup(top.ino, "user.x")
     dataset = await fs.mkdir(scope.ino, "ds")
     fh, attrs, _ = await fs.create(dataset.ino, "g.dat")
-    fs.write(fh, 0, b"0123456789")
+    await fs.write(fh, 0, b"0123456789")
     assert (await fs.setattr(attrs.ino, 4)).size == 4
     await fs.flush(fh)
     await fs.release(fh)
     await fs.setxattr(attrs.ino, "user.datalakefs.state", b"cancel")
     assert await listed_names(fs, dataset.ino) == []
     fh, attrs, _ = await fs.create(dataset.ino, "h.dat")
-    await fs.release(fh)
-    assert await listed_names(fs, dataset.ino) == []  # a file whose close() never committed is dropped
+    await fs.write(fh, 0, b"mapped")  # mmap writes reach the daemon after the last flush
+    await fs.release(fh)  # the last release commits them
+    assert await fs.getxattr(attrs.ino, "user.datalakefs.state") == b"queued"
+    await fs.unlink(dataset.ino, "h.dat")
+    assert await listed_names(fs, dataset.ino) == []
     expected = [
         (fs.create(scope.ino, "direct.dat"), errno.EROFS),
         (fs.mkdir(top.ino, "no.such.scope"), errno.ENOENT),
         (fs.mkdir(top.ino, "phys"), errno.EEXIST),
         (fs.mkdir(dataset.ino, "deeper"), errno.EINVAL),
-        (fs.create(dataset.ino, ".hidden"), errno.EINVAL),
+        (fs.create(dataset.ino, "with space"), errno.EINVAL),
         (fs.mkdir(ROOT_INODE, "new"), errno.EROFS),
         (fs.setxattr(dataset.ino, "user.datalakefs.state", b"retry"), errno.EROFS),
     ]
@@ -145,3 +156,20 @@ async def test_truncate_unlink_and_refusals(parts: tuple[Filesystem, Outbox, Upl
     await fs.rmdir(scope.ino, "ds")
     assert await listed_names(fs, scope.ino) == []
     assert outbox.listing() == []
+
+
+async def test_unknown_handles_are_ebadf_and_links_eperm(
+    parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]
+) -> None:
+    fs, _, _, _ = parts
+    dataset = await _new_dataset(fs)
+    for call in (fs.read(999, 0, 1), fs.write(999, 0, b"x")):
+        with pytest.raises(DatalakeError) as raised:
+            await call
+        assert raised.value.errno == errno.EBADF
+    with pytest.raises(DatalakeError) as raised:
+        fs.refuse_link(dataset.ino, "link")
+    assert raised.value.errno == errno.EPERM
+    with pytest.raises(DatalakeError) as raised:
+        fs.refuse_link(ROOT_INODE, "symlink")
+    assert raised.value.errno == errno.EROFS

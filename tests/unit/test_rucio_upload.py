@@ -15,7 +15,13 @@ from rucio.common import exception as rucio_exc
 
 from datalakefs.catalogue.rucio import RucioCatalogue
 from datalakefs.catalogue.rucio_upload import RucioUploader, check_did_name
-from datalakefs.catalogue.upload import Registration, SpoolChangedError, StepHook, UploadConflictError, UploadJob
+from datalakefs.catalogue.upload import (
+    Registration,
+    SpoolChangedError,
+    TransitionHooks,
+    UploadConflictError,
+    UploadJob,
+)
 from datalakefs.config import Config
 from datalakefs.errors import CatalogueUnavailableError, InvalidNameError, TransferError
 
@@ -155,9 +161,19 @@ def client(storage: Storage) -> Client:
     return Client(f"http://127.0.0.1:{storage.server_address[1]}")
 
 
-def uploader(client: Client, **options: Any) -> RucioUploader:
+class Steps(TransitionHooks):
+    """The transitions the uploader reached, in order."""
+
+    def __init__(self) -> None:
+        self.reached_in_order: list[str] = []
+
+    def reached(self, transition: str) -> None:
+        self.reached_in_order.append(transition)
+
+
+def uploader(client: Client, hooks: TransitionHooks | None = None, **options: Any) -> RucioUploader:
     config = Config(upload_rse="SCRATCH", **options)
-    return RucioUploader(RucioCatalogue(config, client_factory=lambda: client), config)
+    return RucioUploader(RucioCatalogue(config, client_factory=lambda: client), config, hooks)
 
 
 def job(tmp_path: Path, data: bytes, name: str = "f.dat") -> UploadJob:
@@ -166,15 +182,14 @@ def job(tmp_path: Path, data: bytes, name: str = "f.dat") -> UploadJob:
     return UploadJob("user.x", "ds", name, path, len(data), f"{zlib.adler32(data) & 0xFFFFFFFF:08x}")
 
 
-def upload(up: RucioUploader, work: UploadJob, step: StepHook = lambda step: None) -> bool:
+def upload(up: RucioUploader, work: UploadJob) -> bool:
     """The outbox's sequence for one file; True when its bytes were stored by this call."""
     (url,) = up.locate([work])
     if isinstance(url, Exception):
         raise url
     if url is not None:
         up.store(work, url)
-        step("stored")
-    (error,) = up.register([Registration(work, stored=url is not None)], step)
+    (error,) = up.register([Registration(work, stored=url is not None)])
     if error is not None:
         raise error
     return url is not None
@@ -183,10 +198,10 @@ def upload(up: RucioUploader, work: UploadJob, step: StepHook = lambda step: Non
 def test_a_new_file_is_stored_verified_then_registered_available_and_attached(
     client: Client, storage: Storage, tmp_path: Path
 ) -> None:
-    steps: list[str] = []
-    assert upload(uploader(client, upload_rule_rse="TAPE"), job(tmp_path, b"payload"), steps.append) is True
+    steps = Steps()
+    assert upload(uploader(client, steps, upload_rule_rse="TAPE"), job(tmp_path, b"payload")) is True
     assert storage.files == {"/SCRATCH/user.x/f.dat": b"payload"}
-    assert steps == ["stored", "registered", "attached"]
+    assert steps.reached_in_order == ["upload-registered", "upload-attached"]
     assert client.replicas[0][1]["state"] == "A"
     assert client.calls.index("add_replicas") > client.calls.index("lfns2pfns")
     assert client.attached == [("user.x", "ds", {"scope": "user.x", "name": "f.dat"})]
@@ -230,7 +245,7 @@ def test_a_replica_registered_meanwhile_with_our_content_is_accepted(client: Cli
     assert isinstance(url, str)
     up.store(work, url)
     client.dids[("user.x", "f.dat")] = {"did_type": "FILE", "bytes": work.size, "adler32": work.adler32}
-    assert up.register([Registration(work, stored=True)], lambda step: None) == [None]
+    assert up.register([Registration(work, stored=True)]) == [None]
     assert len(client.attached) == 1
 
 
@@ -264,7 +279,7 @@ def test_a_batch_costs_one_call_per_step(client: Client, storage: Storage, tmp_p
     for work, url in zip(jobs, urls, strict=True):
         assert isinstance(url, str)
         up.store(work, url)
-    assert up.register([Registration(work, stored=True) for work in jobs], lambda step: None) == [None] * 30
+    assert up.register([Registration(work, stored=True) for work in jobs]) == [None] * 30
     assert client.calls.count("get_metadata_bulk") == 1 and client.calls.count("lfns2pfns") == 1
     assert client.calls.count("add_replicas") == 1 and client.calls.count("attach_dids_to_dids") == 1
     assert client.calls.count("add_dataset") == 1 and "add_replication_rule" not in client.calls
@@ -282,7 +297,7 @@ def test_a_batch_answers_each_file_in_its_place(client: Client, storage: Storage
     conflict, url, registered = up.locate([clash, fresh, done])
     assert isinstance(conflict, UploadConflictError) and isinstance(url, str) and registered is None
     up.store(fresh, url)
-    assert up.register([Registration(fresh, True), Registration(done, False)], lambda step: None) == [None, None]
+    assert up.register([Registration(fresh, True), Registration(done, False)]) == [None, None]
     assert sorted(client.rules) == [("done.dat", "SCRATCH"), ("ds", "SCRATCH")]
     assert len(client.attached) == 2
 
@@ -304,7 +319,7 @@ def test_files_of_a_dataset_without_our_rule_get_rules_of_their_own(
     for work, url in zip(jobs, up.locate(jobs), strict=True):
         assert isinstance(url, str)
         up.store(work, url)
-    assert up.register([Registration(work, True) for work in jobs], lambda step: None) == [None] * 3
+    assert up.register([Registration(work, True) for work in jobs]) == [None] * 3
     file_rules = sorted(rule for rule in client.rules if rule[0] != "ds")
     if existing_rule == "SCRATCH":
         assert file_rules == [] and "add_replication_rule" not in client.calls
@@ -322,7 +337,7 @@ def test_a_batch_refused_as_a_whole_is_asked_again_file_by_file(client: Client, 
         up.store(work, url)
     taken = jobs[1]  # someone registered the same content meanwhile: the batch is rolled back
     client.dids[("user.x", taken.name)] = {"did_type": "FILE", "bytes": taken.size, "adler32": taken.adler32}
-    assert up.register([Registration(work, True) for work in jobs], lambda step: None) == [None] * 3
+    assert up.register([Registration(work, True) for work in jobs]) == [None] * 3
     assert client.calls.count("add_replicas") == 4
     assert sorted(f["name"] for _, f in client.replicas) == ["f0.dat", "f2.dat"]
 
@@ -331,7 +346,7 @@ def test_an_unreachable_server_fails_the_batch_without_asking_file_by_file(clien
     up = uploader(client)
     jobs = [job(tmp_path, f"payload {n}".encode(), f"f{n}.dat") for n in range(5)]
     client.down = True
-    errors = up.register([Registration(work, True) for work in jobs], lambda step: None)
+    errors = up.register([Registration(work, True) for work in jobs])
     assert all(isinstance(error, CatalogueUnavailableError) for error in errors)
     assert client.calls.count("add_replicas") == 1
 

@@ -1,0 +1,202 @@
+"""The lake as a subtree of the mount: every POSIX call on the catalogue's DIDs, read-only.
+
+* Catalogue calls happen only on cache misses of the cached catalogue; ``getxattr`` of a name we do
+  not define is answered without any call.
+* Anything that would change the lake raises ``ReadOnlyError`` (EROFS); only the outbox is
+  writable (fs/outbox.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn
+
+from datalakefs.catalogue.cached import CachedCatalogue
+from datalakefs.errors import NoAttributeError, NotFoundError, NotSupportedError, ReadOnlyError
+from datalakefs.fs.attributes import Attributes, attributes_of
+from datalakefs.fs.ports import FileContent, OpenFile, StageRequests
+from datalakefs.fs.subtree import FileHandle, OpenMode
+from datalakefs.model import DIDInfo
+from datalakefs.namespace.inodes import Node, NodeKind
+from datalakefs.namespace.tree import Namespace
+
+ControlRenderer = Callable[[], bytes]
+
+_USER_NAMESPACE = "user."
+# Set (any value) on /<mount>/.datalakefs to drop every cached block: how `datalakefs cache clear`
+# reaches a running daemon.
+CLEAR_CACHE_XATTR = "user.datalakefs.cache.clear"
+_DID_XATTRS = ("user.rucio.scope", "user.rucio.name", "user.rucio.did_type")
+_FILE_XATTRS = ("user.rucio.adler32", "user.rucio.md5", "user.rucio.replicas",
+                "user.datalakefs.cached", "user.datalakefs.state")
+_COLLECTION_XATTRS = ("user.datalakefs.state",)
+STAGE_XATTR = "user.datalakefs.stage"
+
+
+def refuse_write(what: str) -> NoReturn:
+    raise ReadOnlyError(f"{what}: the lake is read-only outside .outbox")
+
+
+@dataclass(slots=True)
+class _ControlHandle:
+    """A control file (status.json ...): its content as rendered at open, read with direct I/O."""
+
+    content: bytes
+    keep_cache: bool = False
+    direct_io: bool = True
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return self.content[offset : offset + size]
+
+    async def write(self, offset: int, data: bytes) -> int:
+        refuse_write("write")
+
+    async def flush(self) -> None:
+        pass
+
+    async def release(self) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class _LakeFileHandle:
+    """A file of the lake, read through the content service."""
+
+    opened: OpenFile
+    direct_io: bool = False
+
+    @property
+    def keep_cache(self) -> bool:
+        return self.opened.keep_cache
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return await self.opened.read(offset, size)
+
+    async def write(self, offset: int, data: bytes) -> int:
+        refuse_write("write")
+
+    async def flush(self) -> None:
+        pass
+
+    async def release(self) -> None:
+        await self.opened.close()
+
+
+class LakeTree:
+    """The read-only part of the mount: scopes, collections, files, queries, control files."""
+
+    def __init__(
+        self,
+        namespace: Namespace,
+        catalogue: CachedCatalogue,
+        content: FileContent,
+        control_files: dict[str, ControlRenderer],
+        uid: int | None = None,
+        gid: int | None = None,
+        stager: StageRequests | None = None,
+    ) -> None:
+        self._ns = namespace
+        self._catalogue = catalogue
+        self._content = content
+        self._stager = stager
+        self._control = control_files
+        self._uid = os.getuid() if uid is None else uid
+        self._gid = os.getgid() if gid is None else gid
+        self._start = time.time()
+
+    def owns(self, node: Node) -> bool:
+        return True
+
+    def attributes(self, node: Node) -> Attributes:
+        return attributes_of(node, self._uid, self._gid, self._start)
+
+    async def lookup(self, parent: Node, name: str) -> Node:
+        return await self._ns.lookup(parent, name)
+
+    async def list_dir(self, node: Node) -> list[tuple[str, Node]]:
+        return await self._ns.list_dir(node)
+
+    # -- files -------------------------------------------------------------------------------
+
+    async def open(self, node: Node, mode: OpenMode) -> FileHandle:
+        if mode.write:
+            raise ReadOnlyError(f"{node.label or node.did} is read-only (write only into .outbox)")
+        if node.kind is NodeKind.CONTROL_FILE:
+            return _ControlHandle(self._control[node.label]())
+        if node.kind is not NodeKind.FILE or node.info is None:
+            raise NotFoundError(f"inode {node.ino} is not a file")
+        return _LakeFileHandle(await self._content.open(node.info, mode.nonblocking))
+
+    # -- extended attributes ---------------------------------------------------------------
+
+    def listxattr(self, node: Node) -> list[str]:
+        if node.did is None:
+            return []
+        return list(_DID_XATTRS + (_FILE_XATTRS if node.kind is NodeKind.FILE else _COLLECTION_XATTRS))
+
+    async def getxattr(self, node: Node, name: str) -> bytes:
+        if not name.startswith(_USER_NAMESPACE):
+            # Security labels and POSIX ACLs do not exist here. EOPNOTSUPP (not ENODATA) lets `ls -l`
+            # remember that for the whole mount after one call instead of asking twice per file.
+            raise NotSupportedError(name)
+        if name not in self.listxattr(node):
+            raise NoAttributeError(name)
+        assert node.info is not None
+        value = await self._xattr_value(node.info, name)
+        return value.encode()
+
+    async def _xattr_value(self, info: DIDInfo, name: str) -> str:
+        if name == "user.rucio.scope":
+            return info.did.scope
+        if name == "user.rucio.name":
+            return info.did.name
+        if name == "user.rucio.did_type":
+            return info.type.value
+        if name == "user.rucio.adler32":
+            return info.adler32 or ""
+        if name == "user.rucio.md5":
+            return info.md5 or ""
+        if name == "user.rucio.replicas":
+            replicas = await self._catalogue.list_replicas([info.did])
+            rses = [r.rse for found in replicas for r in found.replicas]
+            return ",".join(dict.fromkeys(rses))
+        if name == "user.datalakefs.cached":
+            return str(self._content.cached_bytes(info))
+        return self._content.state(info)
+
+    async def setxattr(self, node: Node, name: str, value: bytes) -> None:
+        """Requests, not writes: ``user.datalakefs.stage`` on a DID stages it by rule, and
+        ``CLEAR_CACHE_XATTR`` on the control directory clears the block cache; anything else is
+        EROFS."""
+        if node.kind is NodeKind.CONTROL_DIR and name == CLEAR_CACHE_XATTR:
+            await self._content.clear()
+        elif name == STAGE_XATTR and self._stager is not None and node.info is not None:
+            await self._stager.stage(node.info, value)
+        else:
+            refuse_write("setxattr")
+
+    # -- changes: refused ---------------------------------------------------------------------
+
+    async def create(self, parent: Node, name: str, mode: OpenMode) -> tuple[Node, FileHandle]:
+        refuse_write("create")
+
+    async def setattr(self, node: Node, size: int | None) -> None:
+        refuse_write("setattr")
+
+    async def mkdir(self, parent: Node, name: str) -> Node:
+        refuse_write("mkdir")
+
+    async def rmdir(self, parent: Node, name: str) -> None:
+        refuse_write("rmdir")
+
+    async def unlink(self, parent: Node, name: str) -> None:
+        refuse_write("unlink")
+
+    async def rename(self, parent: Node, name: str, new_parent: Node, new_name: str, replace: bool) -> None:
+        refuse_write("rename")
+
+    def refuse_link(self, what: str) -> NoReturn:
+        refuse_write(what)
