@@ -28,14 +28,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from datalakefs.demo.lake import (
-    DEFAULT_PORT_BASE,
-    STATE_ENV,
-    DemoError,
-    Lake,
+from datalakefs.demo.lake import Lake
+from datalakefs.demo.layout import DEFAULT_PORT_BASE, STATE_ENV, DemoError, default_state_dir
+from datalakefs.demo.processes import (
     ProcessRecord,
     datalakefs_executable,
-    default_state_dir,
     is_mounted,
     mount_answers,
     start_time_of,

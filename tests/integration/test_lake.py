@@ -27,7 +27,10 @@ import pytest
 
 from datalakefs import config as dlconfig
 from datalakefs.demo import seed
-from datalakefs.demo.lake import DEFAULT_PORT_BASE, PORT_OFFSETS, Lake, is_alive, is_mounted, port_in_use, read_record
+from datalakefs.demo.lake import Lake
+from datalakefs.demo.layout import DEFAULT_PORT_BASE, PORT_OFFSETS
+from datalakefs.demo.probes import port_in_use
+from datalakefs.demo.processes import is_alive, is_mounted, read_record
 from datalakefs.demo.status import LakeStatus, Seed
 
 Demo = Callable[..., subprocess.CompletedProcess[str]]
