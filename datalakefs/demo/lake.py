@@ -28,6 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
+from datalakefs.demo import tokens
 from datalakefs.demo.layout import (
     ASSETS,
     DEFAULT_PORT_BASE,
@@ -36,8 +37,6 @@ from datalakefs.demo.layout import (
     SCRATCH_RSE,
     SEED_FILE_VERSION,
     STATE_ENV,
-    TOKEN_AUDIENCE,
-    TOKEN_ISSUER,
     DemoError,
     Layout,
     ProgressFn,
@@ -76,7 +75,9 @@ SERVICES: Final[tuple[ServiceSpec, ...]] = (
     xrootd.XCACHE_FWD,
     xrootd.TOKEN_ORIGIN,
     nginx.GUARD,
+    nginx.AUTHORISER,
     nginx.DAV,
+    nginx.TLS_FRONT,
     fts.SERVICE,
     rucio.SERVER,
     rucio.TLS_FRONT,
@@ -353,7 +354,7 @@ class Lake:
         layout.pg.mkdir(parents=True, exist_ok=True)
         chown(layout.pg, self.run_as.postgres)
         for asset in ("daemons.py", "fts_shim.py", "bootstrap.py", "token_kit.py", "rucio_x509_front.py",
-                      "rucio_tls_gunicorn.py"):
+                      "rucio_tls_gunicorn.py", "dav_auth.py", "dav_tls_front.py"):
             shutil.copyfile(ASSETS / asset, layout.lib / asset)
 
     @staticmethod
@@ -366,6 +367,8 @@ class Lake:
         rucio.write_configs(self.site)
         nginx.write_configs(self.site)
         xrootd.write_configs(self.site)
+        tokens.init_issuer(self.layout, self.run_as.xrootd)
+        tokens.write_service_token(self.layout)
         self._ensure_x509()
         if not self.layout.knobs.exists():
             self.write_knobs(Knobs())
@@ -380,20 +383,8 @@ class Lake:
             raise DemoError(f"could not make the demo X.509 credentials in {files.directory}: {exc}") from None
 
     def token_command(self) -> tuple[str, ...]:
-        """argv that prints a valid bearer token for the token origin and the guard; append
-        ``--expired``, ``--wrong-key``, ``--lifetime N`` or ``--scope S`` for other tokens."""
-        layout = self.layout
-        return (
-            str(layout.venv / "bin" / "python"),
-            str(layout.lib / "token_kit.py"),
-            "mint",
-            "--key",
-            str(layout.token_key),
-            "--issuer",
-            TOKEN_ISSUER,
-            "--audience",
-            TOKEN_AUDIENCE,
-        )
+        """argv that prints a bearer token of the lake's issuer (see :func:`tokens.token_command`)."""
+        return tokens.token_command(self.layout)
 
     def write_datalakefs_config(self) -> None:
         """The datalakefs config to mount this lake (keys of datalakefs.config.Config)."""

@@ -6,13 +6,15 @@ listens on ``*`` and accepts loopback clients only, ``xrd.allow host localhost``
     offset  port key          service     what
     ------  ----------------  ----------  -------------------------------------------------------
        0    rucio             rucio       Rucio REST server (gunicorn), http
-       1    dav_https         dav         nginx WebDAV, https (SCRATCH; LAKE-ORIGIN's write door)
+       1    dav_https         dav-tls     the WebDAV https door (SCRATCH; LAKE-ORIGIN's write door): TLS
+                                          that verifies client certificates and proxies, then nginx
        2    fts               fts         FTS3-REST test shim, http
        3    dav_http          dav         the same nginx, plain http
        4    postgres          postgres    PostgreSQL (private cluster)
        5    rucio_https       rucio-tls   the Rucio server app again, https (a second gunicorn): it
                                           verifies client certificates and proxies against the demo
                                           CA, for rucio's x509 and x509_proxy auth
+       6    dav_auth          dav-auth    the WebDAV doors' write authoriser (token or certificate)
       10    origin_root       origin      XRootD origin of LAKE-ORIGIN, root://
       11    origin_http       origin      the same origin, http (XrdHttp)
       12    xcache_root       xcache      XCache in front of the origin (fixed origin), root://
@@ -51,6 +53,7 @@ PORT_OFFSETS: Final[Mapping[str, int]] = MappingProxyType(
         "dav_http": 3,
         "postgres": 4,
         "rucio_https": 5,
+        "dav_auth": 6,
         "origin_root": 10,
         "origin_http": 11,
         "xcache_root": 12,
@@ -169,7 +172,23 @@ class Layout:
 
     @property
     def x509_proxy(self) -> Path:
-        return self.etc / "x509up"
+        """The demo user's RFC 3820 proxy: what the lake's clients present to the WebDAV doors."""
+        return self.x509.proxy
+
+    @property
+    def dav_front(self) -> Path:
+        """nginx's socket behind the https door, in a directory only the lake's owner enters."""
+        return self.run / "dav-front" / "nginx.sock"
+
+    @property
+    def user_token(self) -> Path:
+        """The bearer token `datalakefs demo mount` presents (read everything, write SCRATCH)."""
+        return self.etc / "bt_demo"
+
+    @property
+    def service_token(self) -> Path:
+        """A bearer token the FTS shim sends to the storage (read, create, modify all of it)."""
+        return self.etc / "fts-token"
 
     @property
     def x509(self) -> X509Files:

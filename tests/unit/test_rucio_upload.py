@@ -18,6 +18,9 @@ from datalakefs.catalogue.rucio_upload import RucioUploader, check_did_name
 from datalakefs.catalogue.upload import Registration, SpoolChangedError, StepHook, UploadConflictError, UploadJob
 from datalakefs.config import Config
 from datalakefs.errors import CatalogueUnavailableError, InvalidNameError, TransferError
+from datalakefs.transport.deadlines import Deadline
+from datalakefs.transport.http import NoAuth
+from datalakefs.transport.storage import StorageClient
 
 
 class Storage(ThreadingHTTPServer):
@@ -29,6 +32,8 @@ class Storage(ThreadingHTTPServer):
         self.put_status = 201
         self.head_size_delta = 0
         self.digest: str | None = None
+        self.ignore_if_none_match = False  # a server that overwrites whatever the request says
+        self.deleted: list[str] = []
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -36,9 +41,21 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        create_only = self.headers.get("If-None-Match") == "*" and not self.server.ignore_if_none_match
+        if create_only and self.path in self.server.files:
+            self.send_response(412)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.server.put_status < 300:
             self.server.files[self.path] = body
         self.send_response(self.server.put_status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_DELETE(self) -> None:
+        self.server.deleted.append(self.path)
+        self.send_response(204 if self.server.files.pop(self.path, None) is not None else 404)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -155,9 +172,13 @@ def client(storage: Storage) -> Client:
     return Client(f"http://127.0.0.1:{storage.server_address[1]}")
 
 
+def storage_client() -> StorageClient:
+    return StorageClient(NoAuth(), Deadline(base=10, min_rate=1 << 20), stall=10)
+
+
 def uploader(client: Client, **options: Any) -> RucioUploader:
     config = Config(upload_rse="SCRATCH", **options)
-    return RucioUploader(RucioCatalogue(config, client_factory=lambda: client), config)
+    return RucioUploader(RucioCatalogue(config, client_factory=lambda: client), config, storage_client())
 
 
 def job(tmp_path: Path, data: bytes, name: str = "f.dat") -> UploadJob:
@@ -245,6 +266,57 @@ def test_storage_failures_register_nothing(client: Client, storage: Storage, tmp
     with pytest.raises(TransferError):
         upload(uploader(client), job(tmp_path, b"payload"))
     assert client.replicas == [] and "add_replicas" not in client.calls
+
+
+def test_a_leftover_of_an_interrupted_attempt_is_deleted_then_stored(
+    client: Client, storage: Storage, tmp_path: Path
+) -> None:
+    work = job(tmp_path, b"payload")
+    (url,) = uploader(client).locate([work])
+    assert isinstance(url, str)
+    path = url.removeprefix(client.base)
+    storage.files[path] = b"pay"  # a kill in the middle of the PUT; nothing was registered
+    assert upload(uploader(client), work)
+    assert storage.deleted == [path] and storage.files[path] == b"payload"
+
+
+@pytest.mark.parametrize("server", ["honours If-None-Match", "ignores If-None-Match"])
+def test_bytes_someone_else_registered_meanwhile_are_never_overwritten(
+    client: Client, storage: Storage, tmp_path: Path, server: str
+) -> None:
+    """Between locate and store another client stores and registers other bytes under the name."""
+    storage.ignore_if_none_match = server.startswith("ignores")
+    work = job(tmp_path, b"payload")
+    up = uploader(client)
+    (url,) = up.locate([work])
+    assert isinstance(url, str)
+    path = url.removeprefix(client.base)
+    storage.files[path] = b"theirs!"
+    client.dids[("user.x", "f.dat")] = {"did_type": "FILE", "bytes": 7, "adler32": "0badc0de"}
+    with pytest.raises(UploadConflictError, match="other content"):
+        up.store(work, url)
+    assert storage.files[path] == b"theirs!" and storage.deleted == []
+
+
+def test_a_put_refused_as_a_conflict_fails_the_file_with_its_reason(
+    client: Client, storage: Storage, tmp_path: Path
+) -> None:
+    """The object appears between our HEAD and our conditional PUT: the server's 412 is a conflict."""
+    work = job(tmp_path, b"payload")
+    up = uploader(client)
+    (url,) = up.locate([work])
+    assert isinstance(url, str)
+    path = url.removeprefix(client.base)
+    storage_client_put = up._storage.put  # type: ignore[attr-defined]
+
+    def racing_put(*args: Any) -> None:
+        storage.files[path] = b"theirs!"
+        storage_client_put(*args)
+
+    up._storage.put = racing_put  # type: ignore[attr-defined]
+    with pytest.raises(UploadConflictError, match="did not write"):
+        up.store(work, url)
+    assert storage.files[path] == b"theirs!"
 
 
 def test_a_spool_file_that_changed_since_its_commit_is_detected(client: Client, tmp_path: Path) -> None:
@@ -347,4 +419,5 @@ def test_did_names_follow_rucios_schema() -> None:
 def test_without_an_upload_rse_nothing_happens(client: Client, tmp_path: Path) -> None:
     config = Config()
     with pytest.raises(TransferError, match="upload_rse"):
-        upload(RucioUploader(RucioCatalogue(config, client_factory=lambda: client), config), job(tmp_path, b"x"))
+        upload(RucioUploader(RucioCatalogue(config, client_factory=lambda: client), config, storage_client()),
+               job(tmp_path, b"x"))

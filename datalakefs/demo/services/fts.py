@@ -1,5 +1,7 @@
 """The FTS3-REST test shim: Rucio's conveyor submits rule transfers to it and it copies the bytes.
 
+It writes to the protected WebDAV doors with its own bearer token (``etc/fts-token``, minted at
+every ``up`` by the lake's issuer), as a real FTS writes with the credential delegated to it.
 Its knobs (a delay before each copy, a URL pattern to fail) live in a JSON file that the running
 shim re-reads, so tests change them without a restart.
 """
@@ -41,6 +43,8 @@ def _start(site: Site, _step: ProgressFn) -> None:
             str(layout.run / "fts-jobs.json"),
             "--log",
             str(layout.log / "fts-shim.log"),
+            "--token-file",
+            str(layout.service_token),
         ],
         cwd=layout.run,
         env=clean_env(),

@@ -1,8 +1,14 @@
-"""nginx: the WebDAV doors of the RSE tree (https and http) and the bearer-token guard of the XCache.
+"""nginx: the WebDAV doors of the RSE tree (https and http), their write authoriser, and the
+bearer-token guard of the XCache.
 
 The WebDAV server is the https door of SCRATCH and LAKE-ORIGIN (uploads, deletions, third-party
-copies) with a plain http twin. The guard checks each request by a HEAD of the same path at the
-token origin, then proxies it to the XCache without the token.
+copies) with a plain http twin. Reads are anonymous; every change is first put to the authoriser
+(``assets/dav_auth.py``), which accepts a WLCG token with ``storage.create``/``storage.modify``
+for the path or a client certificate of the demo CA, and answers 401 without a credential. The
+https door's TLS is ``assets/dav_tls_front.py`` (nginx cannot verify RFC 3820 proxies): it verifies
+the client certificate and passes each request on to nginx's internal socket with the subject. The
+guard checks each request by a HEAD of the same path at the token origin, then proxies it to the
+XCache without the token.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from datalakefs.demo.layout import ProgressFn
+from datalakefs.demo.layout import TOKEN_AUDIENCE, TOKEN_ISSUER, ProgressFn
 from datalakefs.demo.processes import ServiceSpec, Site, clean_env, render, require, write_atomic
 
 
@@ -44,13 +50,6 @@ def write_configs(site: Site) -> None:
             capture_output=True,
             check=True,
         )
-    # rucio's webdav protocol refuses to work without an X509 proxy file and presents it as TLS
-    # client certificate; nginx never asks for one, so any well-formed cert+key PEM will do.
-    write_atomic(
-        layout.x509_proxy,
-        (layout.etc / "dav.crt").read_text() + (layout.etc / "dav.key").read_text(),
-        0o600,
-    )
     write_atomic(
         layout.etc / "nginx.conf",
         render(
@@ -62,6 +61,8 @@ def write_configs(site: Site) -> None:
             rse=layout.rse,
             dav_https=p["dav_https"],
             dav_http=p["dav_http"],
+            dav_front=layout.dav_front,
+            dav_auth=p["dav_auth"],
         ),
     )
     write_atomic(
@@ -88,7 +89,46 @@ def _start(site: Site, name: str, config: str, error_log: str) -> None:
     )
 
 
+def _start_authoriser(site: Site, _step: ProgressFn) -> None:
+    layout = site.layout
+    site.spawn(
+        "dav-auth",
+        [
+            str(layout.venv / "bin" / "python"),
+            str(layout.lib / "dav_auth.py"),
+            "--port", str(site.ports["dav_auth"]),
+            "--key", str(layout.token_key),
+            "--issuer", TOKEN_ISSUER,
+            "--audience", TOKEN_AUDIENCE,
+            "--log", str(layout.log / "dav-auth.log"),
+        ],
+        cwd=layout.run,
+        env=clean_env(),
+    )
+
+
+def _start_tls_front(site: Site, _step: ProgressFn) -> None:
+    layout = site.layout
+    site.spawn(
+        "dav-tls",
+        [
+            str(layout.venv / "bin" / "python"),
+            str(layout.lib / "dav_tls_front.py"),
+            "--port", str(site.ports["dav_https"]),
+            "--backend", str(layout.dav_front),
+            "--cert", str(layout.etc / "dav.crt"),
+            "--key", str(layout.etc / "dav.key"),
+            "--ca", str(layout.x509.ca_cert),
+            "--log", str(layout.log / "dav-tls.log"),
+        ],
+        cwd=layout.run,
+        env=clean_env(),
+    )
+
+
 def _start_dav(site: Site, _step: ProgressFn) -> None:
+    site.layout.dav_front.parent.mkdir(mode=0o700, exist_ok=True)
+    site.layout.dav_front.unlink(missing_ok=True)  # left by an nginx that was killed
     _start(site, "dav", "nginx.conf", "nginx-error.log")
 
 
@@ -103,4 +143,20 @@ GUARD = ServiceSpec(
     _start_guard,
     depends_on=("origin-token",),
 )
-DAV = ServiceSpec("dav", "nginx WebDAV (SCRATCH, LAKE-ORIGIN https)", ("dav_https", "dav_http"), _start_dav)
+AUTHORISER = ServiceSpec(
+    "dav-auth", "WebDAV write authoriser (WLCG token or demo certificate)", ("dav_auth",), _start_authoriser
+)
+DAV = ServiceSpec(
+    "dav",
+    "nginx WebDAV (SCRATCH, LAKE-ORIGIN); changes need a credential",
+    ("dav_http",),
+    _start_dav,
+    depends_on=("dav-auth",),
+)
+TLS_FRONT = ServiceSpec(
+    "dav-tls",
+    "WebDAV https door: verifies client certificates and proxies, then nginx",
+    ("dav_https",),
+    _start_tls_front,
+    depends_on=("dav",),
+)

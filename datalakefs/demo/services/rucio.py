@@ -26,7 +26,7 @@ from datalakefs.demo.status import X509Access
 RUCIO_USER: Final = "ddmlab"
 RUCIO_PASSWORD: Final = "secret"
 # the processes that run from the server venv: it cannot be rebuilt under them
-VENV_USERS: Final = frozenset({"rucio", "daemons", "fts"})
+VENV_USERS: Final = frozenset({"rucio", "rucio-tls", "daemons", "fts", "dav-auth", "dav-tls"})
 
 
 def server_env(layout: Layout) -> dict[str, str]:

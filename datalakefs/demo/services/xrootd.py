@@ -7,15 +7,14 @@ scitokens-cpp's key cache.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Callable
 
 from datalakefs.demo.layout import TOKEN_AUDIENCE, TOKEN_ISSUER, ProgressFn
-from datalakefs.demo.processes import ServiceSpec, Site, chown, clean_env, render, require, write_atomic
+from datalakefs.demo.processes import ServiceSpec, Site, clean_env, render, require, write_atomic
 
 
 def write_configs(site: Site) -> None:
-    """Configs of the origin, of both XCaches and of the token origin, and the token key cache."""
+    """Configs of the origin, of both XCaches and of the token origin."""
     layout, p = site.layout, site.ports
     write_atomic(
         layout.etc / "xrootd-origin.cfg",
@@ -56,16 +55,6 @@ def write_configs(site: Site) -> None:
             scitokens_cfg=layout.etc / "scitokens.cfg",
         ),
     )
-    keycache = layout.token_cache / "scitokens" / "scitokens_cpp.sqllite"
-    subprocess.run(
-        [str(layout.venv / "bin" / "python"), str(layout.lib / "token_kit.py"), "init",
-         "--key", str(layout.token_key), "--keycache", str(keycache), "--issuer", TOKEN_ISSUER],
-        capture_output=True,
-        check=True,
-        env=clean_env(),
-    )
-    for path in (keycache.parent, keycache):
-        chown(path, site.run_as.xrootd)
 
 
 def _start(site: Site, name: str, env: dict[str, str]) -> None:
