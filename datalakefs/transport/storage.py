@@ -196,8 +196,9 @@ class StorageClient:
                     connection.send(b"0\r\n\r\n")
             _arm(connection, self._stall, expires)
             response = connection.getresponse()
-            while response.read(64 << 10):  # a short answer: drain it, within the deadline
+            while response.read1(64 << 10):  # a short answer: drain it, within the deadline
                 _arm(connection, self._stall, expires)
+            response.read()  # nothing left: marks the response done, so the connection can be reused
             clean = not response.will_close
             return Reply(response.status, response.reason, {k: v for k, v in response.getheaders()})
         finally:
