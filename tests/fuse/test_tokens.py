@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import socket
+import stat
 import subprocess
 import threading
 import urllib.request
@@ -29,6 +30,7 @@ from tests.faults.origin import FaultyOrigin
 from tests.fuse.mounting import Mount, datalakefs
 from tests.fuse.test_browse import path_of
 from tests.fuse.test_outbox import STATE, unique, wait_until
+from tests.fuse.test_rucio_auth import rucio_cfg
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
 
@@ -321,3 +323,39 @@ def test_a_trickling_server_times_out_clearly_and_the_next_transfer_proceeds(
     mount.stop()
     logs = "".join(log.read_text() for log in (Path(mount.options[1].partition("=")[2]) / "logs").glob("*.log"))
     assert "minimum rate" in logs
+
+
+def test_what_a_mount_writes_is_its_users_alone(
+    lake: LakeStatus, new_mount: Callable[..., Mount], tmp_path: Path
+) -> None:
+    """Journal, logs, rucio's token cache and the mount records are 0600 in 0700 directories, also
+    when an earlier version left them open."""
+    state = tmp_path / "state-private"
+    (state / "logs").mkdir(parents=True, mode=0o755)
+    (state / "logs").chmod(0o755)
+    old_log = state / "logs" / "old.log"
+    old_log.write_text("from before\n")
+    old_log.chmod(0o644)
+    elsewhere = tmp_path / "not-ours"
+    elsewhere.mkdir(mode=0o755)
+    elsewhere.chmod(0o755)
+    (state / "logs" / "link").symlink_to(elsewhere)
+    config = rucio_cfg(lake, tmp_path / "rucio.cfg", auth_token_file_path=None)  # the token cached per mount
+    mount = new_mount(f"state_dir={state}", f"rucio_config={config}")
+    mount.start()
+    target = write_outbox_file(lake, mount, b"journaled")
+    wait_until(lambda: not target.exists(), what="the upload")
+    assert path_of(mount, lake.seed.sized_files[1]).read_bytes()  # rucio's token cache is written
+    modes = {}
+    for directory, _dirs, files in os.walk(state):
+        if directory == str(state):
+            continue  # the test made it; the mount's own subdirectories are what it keeps private
+        modes[directory] = os.lstat(directory).st_mode
+        for name in files:
+            modes[os.path.join(directory, name)] = os.lstat(os.path.join(directory, name)).st_mode
+    names = " ".join(modes)
+    for written in ("journal.sqlite", ".log", "/rucio/auth_token", "/mounts/"):
+        assert written in names
+    loose = {path: oct(mode) for path, mode in modes.items() if not stat.S_ISLNK(mode) and mode & 0o077}
+    assert loose == {}
+    assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o755  # a link is never followed
