@@ -63,6 +63,20 @@ class Site:
         write_atomic(self.layout.pid_file(name), json.dumps(rec.to_json()) + "\n")
         return rec
 
+    def spawn_script(
+        self, name: str, script: str, env: Mapping[str, str] | None = None, **options: object
+    ) -> None:
+        """Start ``script`` of the lake's lib/ with the server venv's Python, in run/; each of
+        ``options`` becomes ``--name value`` (``_`` in the name as ``-``)."""
+        layout = self.layout
+        args = [part for key, value in options.items() for part in (f"--{key.replace('_', '-')}", str(value))]
+        argv = [str(layout.venv / "bin" / "python"), str(layout.lib / script), *args]
+        self.spawn(name, argv, cwd=layout.run, env=clean_env() if env is None else env)
+
+    def configure(self, name: str, template: str, **values: object) -> None:
+        """Write etc/``name`` from the asset ``template`` with ``values`` filled in."""
+        write_atomic(self.layout.etc / name, render(template, **values))
+
 
 @dataclass(frozen=True, slots=True)
 class ServiceSpec:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 import zlib
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,64 +19,13 @@ from datalakefs.errors import CatalogueUnavailableError, InvalidNameError, Trans
 from datalakefs.transport.deadlines import Deadline
 from datalakefs.transport.http import NoAuth
 from datalakefs.transport.storage import StorageClient
-
-
-class Storage(ThreadingHTTPServer):
-    """A WebDAV-ish server: PUT stores, HEAD answers the size (and a Digest when asked to)."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.files: dict[str, bytes] = {}
-        self.put_status = 201
-        self.head_size_delta = 0
-        self.digest: str | None = None
-        self.ignore_if_none_match = False  # a server that overwrites whatever the request says
-        self.deleted: list[str] = []
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: Storage
-
-    def do_PUT(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        create_only = self.headers.get("If-None-Match") == "*" and not self.server.ignore_if_none_match
-        if create_only and self.path in self.server.files:
-            self.send_response(412)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        if self.server.put_status < 300:
-            self.server.files[self.path] = body
-        self.send_response(self.server.put_status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def do_DELETE(self) -> None:
-        self.server.deleted.append(self.path)
-        self.send_response(204 if self.server.files.pop(self.path, None) is not None else 404)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def do_HEAD(self) -> None:
-        body = self.server.files.get(self.path)
-        self.send_response(404 if body is None else 200)
-        self.send_header("Content-Length", str(len(body or b"") + self.server.head_size_delta))
-        if self.server.digest:
-            self.send_header("Digest", f"adler32={self.server.digest}")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        return None
+from tests.faults.storage import Store, running_store
 
 
 @pytest.fixture
-def storage() -> Iterator[Storage]:
-    server = Storage()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def storage() -> Iterator[Store]:
+    with running_store() as server:
+        yield server
 
 
 class Client:
@@ -168,12 +115,25 @@ class Client:
 
 
 @pytest.fixture
-def client(storage: Storage) -> Client:
+def client(storage: Store) -> Client:
     return Client(f"http://127.0.0.1:{storage.server_address[1]}")
 
 
+_CLIENTS: list[StorageClient] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_storage_clients() -> Iterator[None]:
+    """The storage transport keeps connections alive for the thread's next upload: closed here."""
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
+
+
 def storage_client() -> StorageClient:
-    return StorageClient(NoAuth(), Deadline(base=10, min_rate=1 << 20), stall=10)
+    made = StorageClient(NoAuth(), Deadline(base=10, min_rate=1 << 20), stall=10)
+    _CLIENTS.append(made)
+    return made
 
 
 def uploader(client: Client, **options: Any) -> RucioUploader:
@@ -202,7 +162,7 @@ def upload(up: RucioUploader, work: UploadJob, step: StepHook = lambda step: Non
 
 
 def test_a_new_file_is_stored_verified_then_registered_available_and_attached(
-    client: Client, storage: Storage, tmp_path: Path
+    client: Client, storage: Store, tmp_path: Path
 ) -> None:
     steps: list[str] = []
     assert upload(uploader(client, upload_rule_rse="TAPE"), job(tmp_path, b"payload"), steps.append) is True
@@ -217,7 +177,7 @@ def test_a_new_file_is_stored_verified_then_registered_available_and_attached(
 
 
 def test_a_rerun_after_registration_transfers_nothing_and_duplicates_nothing(
-    client: Client, storage: Storage, tmp_path: Path
+    client: Client, storage: Store, tmp_path: Path
 ) -> None:
     work = job(tmp_path, b"payload")
     up = uploader(client)
@@ -228,7 +188,7 @@ def test_a_rerun_after_registration_transfers_nothing_and_duplicates_nothing(
 
 
 def test_other_content_under_the_name_is_a_conflict_and_nothing_is_written(
-    client: Client, storage: Storage, tmp_path: Path
+    client: Client, storage: Store, tmp_path: Path
 ) -> None:
     client.dids[("user.x", "f.dat")] = {"did_type": "FILE", "bytes": 3, "adler32": "01234567"}
     with pytest.raises(UploadConflictError, match="other content"):
@@ -256,7 +216,7 @@ def test_a_replica_registered_meanwhile_with_our_content_is_accepted(client: Cli
 
 
 @pytest.mark.parametrize("fault", ["put-500", "short-on-storage", "bad-digest"])
-def test_storage_failures_register_nothing(client: Client, storage: Storage, tmp_path: Path, fault: str) -> None:
+def test_storage_failures_register_nothing(client: Client, storage: Store, tmp_path: Path, fault: str) -> None:
     if fault == "put-500":
         storage.put_status = 500
     elif fault == "short-on-storage":
@@ -269,7 +229,7 @@ def test_storage_failures_register_nothing(client: Client, storage: Storage, tmp
 
 
 def test_a_leftover_of_an_interrupted_attempt_is_deleted_then_stored(
-    client: Client, storage: Storage, tmp_path: Path
+    client: Client, storage: Store, tmp_path: Path
 ) -> None:
     work = job(tmp_path, b"payload")
     (url,) = uploader(client).locate([work])
@@ -282,7 +242,7 @@ def test_a_leftover_of_an_interrupted_attempt_is_deleted_then_stored(
 
 @pytest.mark.parametrize("server", ["honours If-None-Match", "ignores If-None-Match"])
 def test_bytes_someone_else_registered_meanwhile_are_never_overwritten(
-    client: Client, storage: Storage, tmp_path: Path, server: str
+    client: Client, storage: Store, tmp_path: Path, server: str
 ) -> None:
     """Between locate and store another client stores and registers other bytes under the name."""
     storage.ignore_if_none_match = server.startswith("ignores")
@@ -299,7 +259,7 @@ def test_bytes_someone_else_registered_meanwhile_are_never_overwritten(
 
 
 def test_a_put_refused_as_a_conflict_fails_the_file_with_its_reason(
-    client: Client, storage: Storage, tmp_path: Path
+    client: Client, storage: Store, tmp_path: Path
 ) -> None:
     """The object appears between our HEAD and our conditional PUT: the server's 412 is a conflict."""
     work = job(tmp_path, b"payload")
@@ -327,7 +287,7 @@ def test_a_spool_file_that_changed_since_its_commit_is_detected(client: Client, 
     assert client.replicas == []
 
 
-def test_a_batch_costs_one_call_per_step(client: Client, storage: Storage, tmp_path: Path) -> None:
+def test_a_batch_costs_one_call_per_step(client: Client, storage: Store, tmp_path: Path) -> None:
     up = uploader(client)
     jobs = [job(tmp_path, f"payload {n}".encode(), f"f{n}.dat") for n in range(30)]
     up.locate(jobs[:1])  # finds the RSE's write scheme (http here, after https and davs)
@@ -344,7 +304,7 @@ def test_a_batch_costs_one_call_per_step(client: Client, storage: Storage, tmp_p
     assert client.rules == [("ds", "SCRATCH")]
 
 
-def test_a_batch_answers_each_file_in_its_place(client: Client, storage: Storage, tmp_path: Path) -> None:
+def test_a_batch_answers_each_file_in_its_place(client: Client, storage: Store, tmp_path: Path) -> None:
     up = uploader(client)
     clash, fresh, done = (job(tmp_path, b"ours", "clash.dat"), job(tmp_path, b"new", "fresh.dat"),
                           job(tmp_path, b"done", "done.dat"))
@@ -361,7 +321,7 @@ def test_a_batch_answers_each_file_in_its_place(client: Client, storage: Storage
 
 @pytest.mark.parametrize("existing_rule", [None, "SCRATCH", "SCRATCH with a lifetime", "TAPE"])
 def test_files_of_a_dataset_without_our_rule_get_rules_of_their_own(
-    client: Client, storage: Storage, tmp_path: Path, existing_rule: str | None
+    client: Client, storage: Store, tmp_path: Path, existing_rule: str | None
 ) -> None:
     """A dataset made elsewhere: its own rule on the upload RSE covers the files; otherwise (none,
     one that ends, one elsewhere) each file gets a rule, in one call per batch."""

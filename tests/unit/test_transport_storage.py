@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
-from collections.abc import Iterator, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,99 +16,14 @@ from datalakefs.transport.deadlines import Deadline, DeadlineExceededError
 from datalakefs.transport.http import NoAuth
 from datalakefs.transport.storage import StorageClient, StoredObject
 from datalakefs.transport.tokens import StorageAuth
+from tests.faults.storage import Store, running_store
 from tests.unit.test_transport_http import Auth
-
-
-class Store(ThreadingHTTPServer):
-    """WebDAV-ish: PUT honours If-None-Match, HEAD gives the size, DELETE removes; ``tokens``, when
-    set, are the bearer tokens it accepts (403 otherwise); ``read_delay`` slows its reading of PUT
-    bodies to a crawl."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.files: dict[str, bytes] = {}
-        self.tokens: set[str] | None = None
-        self.read_delay = 0.0
-        self.methods: list[str] = []
-        self.connections: set[int] = set()
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: Store
-    protocol_version = "HTTP/1.1"
-
-    def _answer(self, status: int, headers: Mapping[str, str] | None = None) -> None:
-        self.send_response(status)
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if "Content-Length" not in (headers or {}):
-            self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def _allowed(self) -> bool:
-        self.server.methods.append(self.command)
-        self.server.connections.add(id(self.connection))
-        presented = self.headers.get("Authorization", "").removeprefix("Bearer ")
-        return self.server.tokens is None or presented in self.server.tokens
-
-    def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding") == "chunked":
-            data = b""
-            while size := int(self.rfile.readline().strip(), 16):
-                data += self.rfile.read(size)
-                self.rfile.readline()
-            self.rfile.readline()
-            return data
-        length = int(self.headers["Content-Length"])
-        if self.server.read_delay:
-            data = b""
-            while len(data) < length and (chunk := self.rfile.read(min(1024, length - len(data)))):
-                data += chunk
-                time.sleep(self.server.read_delay)
-            return data
-        return self.rfile.read(length)
-
-    def do_PUT(self) -> None:
-        allowed = self._allowed()
-        body = self._body()
-        if not allowed:
-            self._answer(403)
-        elif self.headers.get("If-None-Match") == "*" and self.path in self.server.files:
-            self._answer(412)
-        else:
-            self.server.files[self.path] = body
-            self._answer(201)
-
-    def do_HEAD(self) -> None:
-        if not self._allowed():
-            self._answer(403)
-        elif self.path not in self.server.files:
-            self._answer(404)
-        else:
-            self._answer(200, {"Content-Length": str(len(self.server.files[self.path]))})
-
-    def do_DELETE(self) -> None:
-        if not self._allowed():
-            self._answer(403)
-        else:
-            self._answer(204 if self.server.files.pop(self.path, None) is not None else 404)
-
-    def log_message(self, *args: Any) -> None:
-        return None
 
 
 @pytest.fixture
 def store() -> Iterator[Store]:
-    server = Store()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with running_store() as server:
+        yield server
 
 
 def client(auth: Any = None, deadline: Deadline | None = None) -> StorageClient:

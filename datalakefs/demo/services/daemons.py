@@ -10,19 +10,7 @@ from datalakefs.demo.services.rucio import server_env
 def _start(site: Site, _step: ProgressFn) -> None:
     layout = site.layout
     layout.heartbeat.unlink(missing_ok=True)
-    site.spawn(
-        "daemons",
-        [
-            str(layout.venv / "bin" / "python"),
-            str(layout.lib / "daemons.py"),
-            "--interval",
-            "1",
-            "--heartbeat",
-            str(layout.heartbeat),
-        ],
-        cwd=layout.run,
-        env=server_env(layout),
-    )
+    site.spawn_script("daemons", "daemons.py", env=server_env(layout), interval=1, heartbeat=layout.heartbeat)
 
 
 SERVICE = ServiceSpec(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from datalakefs.demo.layout import Layout, ProgressFn
-from datalakefs.demo.processes import ServiceSpec, Site, clean_env, write_atomic
+from datalakefs.demo.processes import ServiceSpec, Site, write_atomic
 from datalakefs.demo.status import Knobs
 
 
@@ -30,25 +30,9 @@ def write_knobs(layout: Layout, knobs: Knobs) -> None:
 
 def _start(site: Site, _step: ProgressFn) -> None:
     layout = site.layout
-    site.spawn(
-        "fts",
-        [
-            str(layout.venv / "bin" / "python"),
-            str(layout.lib / "fts_shim.py"),
-            "--port",
-            str(site.ports["fts"]),
-            "--knobs",
-            str(layout.knobs),
-            "--state",
-            str(layout.run / "fts-jobs.json"),
-            "--log",
-            str(layout.log / "fts-shim.log"),
-            "--token-file",
-            str(layout.service_token),
-        ],
-        cwd=layout.run,
-        env=clean_env(),
-    )
+    site.spawn_script("fts", "fts_shim.py", port=site.ports["fts"], knobs=layout.knobs,
+                      state=layout.run / "fts-jobs.json", log=layout.log / "fts-shim.log",
+                      token_file=layout.service_token)
 
 
 SERVICE = ServiceSpec("fts", "FTS3-REST test shim", ("fts",), _start, http_path="/")

@@ -17,7 +17,7 @@ import os
 import subprocess
 
 from datalakefs.demo.layout import TOKEN_AUDIENCE, TOKEN_ISSUER, ProgressFn
-from datalakefs.demo.processes import ServiceSpec, Site, clean_env, render, require, write_atomic
+from datalakefs.demo.processes import ServiceSpec, Site, clean_env, require
 
 
 def _user_directive() -> str:
@@ -50,33 +50,11 @@ def write_configs(site: Site) -> None:
             capture_output=True,
             check=True,
         )
-    write_atomic(
-        layout.etc / "nginx.conf",
-        render(
-            "nginx.conf.in",
-            user_directive=_user_directive(),
-            run=layout.run,
-            log=layout.log,
-            etc=layout.etc,
-            rse=layout.rse,
-            dav_https=p["dav_https"],
-            dav_http=p["dav_http"],
-            dav_front=layout.dav_front,
-            dav_auth=p["dav_auth"],
-        ),
-    )
-    write_atomic(
-        layout.etc / "nginx-guard.conf",
-        render(
-            "nginx-guard.conf.in",
-            user_directive=_user_directive(),
-            run=layout.run,
-            log=layout.log,
-            guard_http=p["guard_http"],
-            token_http=p["token_http"],
-            xcache_http=p["xcache_http"],
-        ),
-    )
+    common = {"user_directive": _user_directive(), "run": layout.run, "log": layout.log}
+    site.configure("nginx.conf", "nginx.conf.in", **common, rse=layout.rse, dav_http=p["dav_http"],
+                   dav_front=layout.dav_front, dav_auth=p["dav_auth"])
+    site.configure("nginx-guard.conf", "nginx-guard.conf.in", **common, guard_http=p["guard_http"],
+                   token_http=p["token_http"], xcache_http=p["xcache_http"])
 
 
 def _start(site: Site, name: str, config: str, error_log: str) -> None:
@@ -91,39 +69,15 @@ def _start(site: Site, name: str, config: str, error_log: str) -> None:
 
 def _start_authoriser(site: Site, _step: ProgressFn) -> None:
     layout = site.layout
-    site.spawn(
-        "dav-auth",
-        [
-            str(layout.venv / "bin" / "python"),
-            str(layout.lib / "dav_auth.py"),
-            "--port", str(site.ports["dav_auth"]),
-            "--key", str(layout.token_key),
-            "--issuer", TOKEN_ISSUER,
-            "--audience", TOKEN_AUDIENCE,
-            "--log", str(layout.log / "dav-auth.log"),
-        ],
-        cwd=layout.run,
-        env=clean_env(),
-    )
+    site.spawn_script("dav-auth", "dav_auth.py", port=site.ports["dav_auth"], key=layout.token_key,
+                      issuer=TOKEN_ISSUER, audience=TOKEN_AUDIENCE, log=layout.log / "dav-auth.log")
 
 
 def _start_tls_front(site: Site, _step: ProgressFn) -> None:
     layout = site.layout
-    site.spawn(
-        "dav-tls",
-        [
-            str(layout.venv / "bin" / "python"),
-            str(layout.lib / "dav_tls_front.py"),
-            "--port", str(site.ports["dav_https"]),
-            "--backend", str(layout.dav_front),
-            "--cert", str(layout.etc / "dav.crt"),
-            "--key", str(layout.etc / "dav.key"),
-            "--ca", str(layout.x509.ca_cert),
-            "--log", str(layout.log / "dav-tls.log"),
-        ],
-        cwd=layout.run,
-        env=clean_env(),
-    )
+    site.spawn_script("dav-tls", "dav_tls_front.py", port=site.ports["dav_https"], backend=layout.dav_front,
+                      cert=layout.etc / "dav.crt", key=layout.etc / "dav.key", ca=layout.x509.ca_cert,
+                      log=layout.log / "dav-tls.log")
 
 
 def _start_dav(site: Site, _step: ProgressFn) -> None:

@@ -10,51 +10,23 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from datalakefs.demo.layout import TOKEN_AUDIENCE, TOKEN_ISSUER, ProgressFn
-from datalakefs.demo.processes import ServiceSpec, Site, clean_env, render, require, write_atomic
+from datalakefs.demo.processes import ServiceSpec, Site, clean_env, require
 
 
 def write_configs(site: Site) -> None:
     """Configs of the origin, of both XCaches and of the token origin."""
     layout, p = site.layout, site.ports
-    write_atomic(
-        layout.etc / "xrootd-origin.cfg",
-        render(
-            "xrootd-origin.cfg.in",
-            rse=layout.rse,
-            admin=layout.xrd_run,
-            root_port=p["origin_root"],
-            http_port=p["origin_http"],
-        ),
-    )
+    site.configure("xrootd-origin.cfg", "xrootd-origin.cfg.in", rse=layout.rse, admin=layout.xrd_run,
+                   root_port=p["origin_root"], http_port=p["origin_http"])
     for name, cache_dir, origin, root_key, http_key in (
         ("xcache", layout.xcache, f"localhost:{p['origin_root']}", "xcache_root", "xcache_http"),
         ("xcache-fwd", layout.xcache_fwd, "=", "xcache_fwd_root", "xcache_fwd_http"),
     ):
-        write_atomic(
-            layout.etc / f"xrootd-{name}.cfg",
-            render(
-                "xrootd-xcache.cfg.in",
-                admin=layout.xrd_run,
-                root_port=p[root_key],
-                http_port=p[http_key],
-                origin=origin,
-                cache_dir=cache_dir,
-            ),
-        )
-    write_atomic(
-        layout.etc / "scitokens.cfg", render("scitokens.cfg.in", audience=TOKEN_AUDIENCE, issuer=TOKEN_ISSUER)
-    )
-    write_atomic(
-        layout.etc / "xrootd-origin-token.cfg",
-        render(
-            "xrootd-token.cfg.in",
-            rse=layout.rse,
-            admin=layout.xrd_run,
-            root_port=p["token_root"],
-            http_port=p["token_http"],
-            scitokens_cfg=layout.etc / "scitokens.cfg",
-        ),
-    )
+        site.configure(f"xrootd-{name}.cfg", "xrootd-xcache.cfg.in", admin=layout.xrd_run, root_port=p[root_key],
+                       http_port=p[http_key], origin=origin, cache_dir=cache_dir)
+    site.configure("scitokens.cfg", "scitokens.cfg.in", audience=TOKEN_AUDIENCE, issuer=TOKEN_ISSUER)
+    site.configure("xrootd-origin-token.cfg", "xrootd-token.cfg.in", rse=layout.rse, admin=layout.xrd_run,
+                   root_port=p["token_root"], http_port=p["token_http"], scitokens_cfg=layout.etc / "scitokens.cfg")
 
 
 def _start(site: Site, name: str, env: dict[str, str]) -> None:
