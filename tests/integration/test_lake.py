@@ -417,7 +417,9 @@ def dav(url: str, method: str, *, data: bytes | None = None, headers: dict[str, 
 
 
 @pytest.mark.lake
-def test_the_doors_refuse_anonymous_changes_and_take_a_token_or_the_proxy(lake: LakeStatus, seeded: Seed) -> None:
+def test_the_doors_refuse_anonymous_changes_and_take_a_token_or_the_proxy(
+    lake: LakeStatus, seeded: Seed, demo_cli: Demo
+) -> None:
     assert lake.x509 is not None
     tls = ssl.create_default_context(cafile=str(lake.datalakefs_config.parent / "dav.crt"))
     with_proxy = ssl.create_default_context(cafile=str(lake.datalakefs_config.parent / "dav.crt"))
@@ -429,10 +431,10 @@ def test_the_doors_refuse_anonymous_changes_and_take_a_token_or_the_proxy(lake: 
                               ("MOVE", {"headers": {"Destination": base + ".moved"}})):
             assert dav(base + ".f", method, context=context, **extra) == 401, (door, method)
         assert not list(Path(lake.paths["scratch"]).glob(f"doors/{name}*"))
-    token = subprocess.run([*lake.token_command, "--scope", "storage.create:/SCRATCH storage.modify:/SCRATCH"],
-                           capture_output=True, text=True, check=True).stdout.strip()
-    reader = subprocess.run([*lake.token_command, "--scope", "storage.read:/"],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    minted = demo_cli("token", "--scope", "storage.create:/SCRATCH storage.modify:/SCRATCH")
+    assert minted.returncode == 0, minted.stderr
+    token = minted.stdout.strip()
+    reader = demo_cli("token", "--scope", "storage.read:/").stdout.strip()
     url = f"{lake.urls['dav_http']}/{seeded.scratch_rse}/doors/{name}.token"
     assert dav(url, "PUT", data=b"x", headers={"Authorization": f"Bearer {reader}"}) == 403
     assert dav(url, "PUT", data=b"token", headers={"Authorization": f"Bearer {token}"}) == 201
