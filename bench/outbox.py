@@ -61,7 +61,9 @@ def _uploaded(paths: list[Path], timeout: float = 3600.0) -> float:
 def _curl_put(lk: Lake, files: list[tuple[Path, str]], ca: Path, parallel: int) -> float:
     """Seconds for PUTting every (file, url) with ``parallel`` curls at once."""
     lines = "".join(f"{path}\t{url}\n" for path, url in files)
-    script = f'IFS=$\'\\t\' read -r f u <<< "$1"; curl -sS -f --cacert {ca} -T "$f" "$u" -o /dev/null'
+    # the lake's doors refuse anonymous PUTs: curl presents the demo proxy, as the mounts do
+    script = (f'IFS=$\'\\t\' read -r f u <<< "$1"; '
+              f'curl -sS -f --cacert {ca} --cert {lk.layout.x509_proxy} -T "$f" "$u" -o /dev/null')
     start = time.monotonic()
     subprocess.run(["xargs", "-d", "\n", "-P", str(parallel), "-I{}", "bash", "-c", script, "_", "{}"],
                    input=lines, text=True, env=lk.client_env(), check=True)
@@ -80,7 +82,8 @@ def _new_dataset(mountpoint: Path, scope: str, made: list[str]) -> tuple[str, Pa
 def _delete(lk: Lake, urls: list[str], ca: Path) -> None:
     """Remove what the curl side PUT: it is registered nowhere, so nothing else ever would."""
     for url in urls:
-        subprocess.run(["curl", "-sS", "--cacert", str(ca), "-X", "DELETE", url, "-o", "/dev/null"],
+        subprocess.run(["curl", "-sS", "--cacert", str(ca), "--cert", str(lk.layout.x509_proxy), "-X", "DELETE", url,
+                        "-o", "/dev/null"],
                        env=lk.client_env(), check=False)
 
 

@@ -25,7 +25,9 @@ StagingPolicy = Literal["stream", "rule", "auto"]
 XCacheMode = Literal["swap", "rucio"]
 
 _SIZE_SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_KEYS = frozenset({"cache_size", "block_size", "prefetch_max", "spool_reserve", "upload_while_writing"})
+_SIZE_KEYS = frozenset(
+    {"cache_size", "block_size", "prefetch_max", "spool_reserve", "upload_while_writing", "transfer_min_rate"}
+)
 
 
 def _default_cache_dir() -> Path:
@@ -56,6 +58,7 @@ class Config:
     rse_preference: tuple[str, ...] = ()
     read_schemes: tuple[str, ...] = ("http", "https", "root")
     http_timeout: float = 30.0
+    transfer_min_rate: int = 256 << 10
     http_retries: int = 2
     staging: StagingPolicy = "stream"
     staging_rse: str | None = None
@@ -69,6 +72,7 @@ class Config:
     spool_reserve: int = 64 << 20
     spool_dir: Path | None = None
     storage_ca_bundle: str | None = None
+    allow_token_over_http: bool = False
     upload_concurrency: int = 4
     upload_while_writing: int = 64 << 20
     entry_timeout: float = 3600.0

@@ -39,6 +39,8 @@ from datalakefs.redaction import redact_text
 from datalakefs.staging.policy import StagingContent
 from datalakefs.staging.rule import RuleStager
 from datalakefs.staging.stream import StreamContent
+from datalakefs.transport.deadlines import Deadline
+from datalakefs.transport.storage import StorageClient
 from datalakefs.transport.tokens import StorageAuth
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,10 @@ class Daemon:
         self.started = time.time()
         rucio = RucioCatalogue(config, token_dir=str(self.private_dir() / "rucio"))
         self.catalogue = CachedCatalogue(rucio, config)
-        self.storage_auth = StorageAuth()
+        self.storage_auth = StorageAuth(ca_bundle=config.storage_ca_bundle,
+                                        allow_token_over_http=config.allow_token_over_http)
         self.storage_auth.check()
+        deadline = Deadline(base=config.http_timeout, min_rate=config.transfer_min_rate)
         self.content = StreamContent(config, self.catalogue, self.storage_auth)
         self.stager = RuleStager(config, self.catalogue)
         self.staging = StagingContent(config, self.content, self.stager, self.catalogue)
@@ -70,7 +74,9 @@ class Daemon:
         hooks = KillAtTransition.from_environment(os.environ)  # crash tests only
         self.outbox = Outbox(
             Journal(config.state_dir / "outbox" / mount_key / "journal.sqlite"),
-            RucioUploader(rucio, config, hooks),
+            RucioUploader(
+                rucio, config, StorageClient(self.storage_auth, deadline, stall=config.http_timeout), hooks
+            ),
             self.catalogue,
             (config.spool_dir or config.state_dir / "outbox") / mount_key / "spool",
             concurrency=config.upload_concurrency,

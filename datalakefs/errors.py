@@ -99,6 +99,10 @@ class AlreadyExistsError(DatalakeError):
     errno = errno.EEXIST
 
 
+class StorageConflictError(AlreadyExistsError):
+    """The storage already holds an object at the URL, which this PUT did not write."""
+
+
 class NotEmptyError(DatalakeError):
     """An outbox directory that still holds files."""
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 
-from datalakefs.demo.lake import Lake, ProcessRecord, is_alive, read_record, start_time_of
+from datalakefs.demo.lake import Lake
+from datalakefs.demo.processes import ProcessRecord, is_alive, read_record, start_time_of
 from datalakefs.demo.status import Knobs, LakeStatus
 
 TEST_STATE_DIR = Path(os.environ.get("DATALAKEFS_TEST_STATE") or "/var/tmp/datalakefs-test-lake")

@@ -37,6 +37,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -143,6 +144,26 @@ def page_count(length: int) -> int:
 
 def file_directory(root: str, digest: str) -> str:
     return os.path.join(root, digest[:2], digest)
+
+
+_PREFIX_NAME = re.compile(r"[0-9a-f]{2}")
+_DIGEST_NAME = re.compile(r"[0-9a-f]{64}")
+_ENTRY_NAME = re.compile(rf"{DATA_NAME}|{INDEX_NAME}|\.{INDEX_NAME}\.[0-9a-f]+\.tmp")
+
+
+def is_prefix_name(name: str) -> bool:
+    """Whether ``name`` is one the cache gives a directory under its root (so it may delete it)."""
+    return _PREFIX_NAME.fullmatch(name) is not None
+
+
+def is_file_directory_name(prefix: str, name: str) -> bool:
+    """Whether ``name`` is one the cache gives a file's directory under ``prefix``."""
+    return _DIGEST_NAME.fullmatch(name) is not None and name.startswith(prefix)
+
+
+def is_entry_name(name: str) -> bool:
+    """Whether ``name`` is one the cache gives an entry of a file's directory."""
+    return _ENTRY_NAME.fullmatch(name) is not None
 
 
 def make_private_dirs(root: str, directory: str) -> None:

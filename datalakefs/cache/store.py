@@ -61,6 +61,9 @@ from datalakefs.cache.layout import (
     drop_record,
     file_directory,
     file_record,
+    is_entry_name,
+    is_file_directory_name,
+    is_prefix_name,
     parse_block_record,
     parse_drop_record,
     parse_file_record,
@@ -168,11 +171,14 @@ class BlockCache:
         found = []
         for prefix in os.listdir(self._root):
             prefix_dir = os.path.join(self._root, prefix)
-            if len(prefix) != 2 or not os.path.isdir(prefix_dir):
-                _remove(prefix_dir)
+            if not is_prefix_name(prefix) or not _is_real_directory(prefix_dir):
+                log.warning("cache: %s is not the cache's; left alone", prefix_dir)
                 continue
             for digest in os.listdir(prefix_dir):
                 directory = os.path.join(prefix_dir, digest)
+                if not is_file_directory_name(prefix, digest) or not _is_real_directory(directory):
+                    log.warning("cache: %s is not the cache's; left alone", directory)
+                    continue
                 loaded = self._load_file(directory, digest)
                 if loaded is None:
                     _remove(directory)
@@ -191,15 +197,24 @@ class BlockCache:
         await trio.to_thread.run_sync(self.load)
 
     def _prepare_root(self) -> None:
+        """The root exists, is a real directory (never followed through a symbolic link: what the cache
+        evicts is deleted), ours and private."""
         parent = os.path.dirname(self._root)
         os.makedirs(parent, mode=0o700, exist_ok=True)
         for name in os.listdir(parent):
-            if name.startswith(_TRASH_PREFIX):
+            if name.startswith(_TRASH_PREFIX) and _is_real_directory(os.path.join(parent, name)):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
         try:
             os.mkdir(self._root, 0o700)
         except FileExistsError:
-            st = os.stat(self._root)
+            st = os.lstat(self._root)
+            if stat.S_ISLNK(st.st_mode):
+                raise ConfigError(
+                    f"cache directory {self._root} is a symbolic link: the cache deletes what it evicts and "
+                    "never follows one; set cache_dir to the real place"
+                ) from None
+            if not stat.S_ISDIR(st.st_mode):
+                raise ConfigError(f"cache directory {self._root} is not a directory") from None
             if st.st_uid != os.geteuid():
                 raise ConfigError(f"cache directory {self._root} belongs to another user") from None
             if stat.S_IMODE(st.st_mode) != 0o700:
@@ -247,8 +262,8 @@ class BlockCache:
         for index in [i for i, r in blocks.items() if i * self.block_size + r.length > data.st_size]:
             del blocks[index]  # past the end of a truncated data file
         for entry in os.scandir(directory):
-            if entry.name not in (DATA_NAME, INDEX_NAME):
-                _remove(entry.path)
+            if entry.name not in (DATA_NAME, INDEX_NAME) and is_entry_name(entry.name):
+                _remove(entry.path)  # a temporary file of an interrupted compaction
         if not blocks:
             return None
         file.verified = file.verified and len(blocks) == file.n_blocks
@@ -632,6 +647,14 @@ def _write_all(fd: int, data: bytes) -> None:
         if written <= 0:
             raise OSError("short write")
         view = view[written:]
+
+
+def _is_real_directory(path: str) -> bool:
+    """A directory, not a symbolic link to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _remove(path: str) -> None:

@@ -11,9 +11,12 @@ done here, in an order where a kill at any instant leaves the lake correct:
    :class:`UploadConflictError`, never an overwrite. The others get their PFN from the RSE's
    deterministic ``lfns2pfns`` (operation ``write``).
 2. :meth:`~RucioUploader.store`, one file: ``PUT`` the spool file to the PFN, computing adler32 of
-   the bytes as they are sent. No replica is registered yet, so whatever an interrupted earlier
-   attempt left at the PFN is overwritten. Then ``HEAD`` the PFN: the stored size must match (and the
-   adler32, when the server sends a ``Digest``).
+   the bytes as they are sent. No replica is registered yet, so an object already at the PFN is what
+   an interrupted earlier attempt left there: it is deleted first, unless the DID was registered
+   meanwhile (by another client: same content skips the PUT, other content is an
+   :class:`UploadConflictError`). The PUT itself is conditional (``If-None-Match: *``), so a server
+   that honours that never lets it overwrite what someone else stored in between. Then ``HEAD`` the
+   PFN: the stored size must match (and the adler32, when the server sends a ``Digest``).
 3. :meth:`~RucioUploader.register`, for a batch: only now ``add_replicas`` with state AVAILABLE,
    which creates the file DIDs and their replicas in one call. So no replica is ever COPYING, and
    none is registered without its bytes.
@@ -29,8 +32,10 @@ A batch call the server refuses as a whole (Rucio runs each in one transaction) 
 by file, so that each file gets its own answer; unless the server is unreachable or refuses our
 credentials, which every file would meet alike.
 
-Blocking: call from worker threads. One rucio client per call, borrowed from the catalogue's pool;
-one keep-alive HTTP session per worker thread for the PUTs.
+Blocking: call from worker threads. One rucio client per call, borrowed from the catalogue's pool.
+The storage requests (PUT, HEAD, DELETE) go through the mount's one storage transport
+(:class:`~datalakefs.transport.storage.StorageClient`: its credentials, CA policy and deadlines);
+this module makes only catalogue calls.
 """
 
 from __future__ import annotations
@@ -38,9 +43,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, BinaryIO, Final
+from typing import Any, Final
 
 import requests
 from rucio.common import exception as rucio_exc
@@ -48,6 +52,7 @@ from zlib_ng import zlib_ng
 
 from datalakefs.catalogue.rucio import RucioCatalogue
 from datalakefs.catalogue.upload import (
+    ObjectStore,
     Registration,
     SpoolChangedError,
     TransitionHooks,
@@ -55,7 +60,7 @@ from datalakefs.catalogue.upload import (
     UploadJob,
 )
 from datalakefs.config import Config
-from datalakefs.errors import AccessDeniedError, DatalakeError, InvalidNameError, TransferError
+from datalakefs.errors import AccessDeniedError, DatalakeError, InvalidNameError, StorageConflictError, TransferError
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +81,18 @@ _SHARED_CAUSES: Final = (requests.ConnectionError, requests.Timeout, rucio_exc.S
 class RucioUploader:
     """:class:`~datalakefs.catalogue.upload.Uploader` for ``upload_rse`` (see the module doc)."""
 
-    def __init__(self, catalogue: RucioCatalogue, config: Config, hooks: TransitionHooks | None = None) -> None:
+    def __init__(
+        self, catalogue: RucioCatalogue, config: Config, storage: ObjectStore, hooks: TransitionHooks | None = None
+    ) -> None:
         self._catalogue = catalogue
         self._hooks = hooks or TransitionHooks()
         self._rse = config.upload_rse
         self._rule_rse = config.upload_rule_rse
-        self._verify: bool | str = config.storage_ca_bundle or True
-        self._timeout = config.http_timeout
+        self._storage = storage
         # per dataset this uploader created or found, the rule expressions it carries: one
         # add_dataset (or list_did_rules) call per dataset, not per file
         self._datasets: dict[tuple[str, str], frozenset[str]] = {}
         self._scheme: str | None = None  # the RSE's WebDAV scheme for writing, once found
-        self._http = threading.local()
 
     def check_name(self, name: str) -> None:
         check_did_name(name)
@@ -102,14 +107,17 @@ class RucioUploader:
                 for job in jobs]
 
     def store(self, job: UploadJob, url: str) -> None:
-        self._put(job, url)
+        if self._make_room(url, job):
+            self._put(job, url)
         self._verify_stored(url, job.size, job.adler32)
 
     def store_stream(self, url: str, chunks: Iterable[bytes]) -> tuple[int, str]:
-        """The PUT goes out with chunked transfer encoding; nothing is registered, so an abandoned
-        one leaves at most a partial object at the PFN, which the next PUT overwrites."""
+        """The PUT goes out with chunked transfer encoding; nothing is registered (``locate`` found
+        no DID), so an abandoned one leaves at most a partial object at the PFN, which the next
+        attempt deletes before its own PUT."""
+        self._make_room(url, None)
         body = Adler32Chunks(chunks)
-        self._send(url, iter(body), {})
+        self._put_checked(url, iter(body), None)
         self._verify_stored(url, body.sent, body.adler32)
         return body.sent, body.adler32
 
@@ -229,46 +237,64 @@ class RucioUploader:
                 errors[job] = exc
         return errors
 
-    # -- storage calls ----------------------------------------------------------------------------
+    # -- storage calls, through the storage transport -------------------------------------------------
 
-    def _session(self) -> requests.Session:
-        session: requests.Session | None = getattr(self._http, "session", None)
-        if session is None:
-            session = self._http.session = requests.Session()
-        return session
+    def _make_room(self, url: str, job: UploadJob | None) -> bool:
+        """Whether ``job``'s bytes must still be PUT to ``url``: an object already there is deleted when
+        it is an unregistered leftover; a DID registered meanwhile is a conflict, or, with the same
+        content, means the bytes are there."""
+        if self._storage.head(url) is None:
+            return True
+        if job is not None:
+            with self._catalogue.borrow() as client:
+                try:
+                    meta = client.get_metadata(job.scope, job.name)
+                except rucio_exc.DataIdentifierNotFound:
+                    meta = None
+            if meta is not None:
+                conflict = _conflict(job, meta)
+                if conflict is not None:
+                    raise conflict
+                return False
+        log.info("event=upload-leftover-deleted url=%s", _where(url))
+        self._storage.delete(url)
+        return True
 
     def _put(self, job: UploadJob, pfn: str) -> None:
-        with open(job.path, "rb", buffering=0) as fh:
-            body = Adler32Reader(fh, job.size)
-            self._send(pfn, body, {"Content-Length": str(job.size)})
-        if body.sent != job.size or body.adler32 != job.adler32:
+        bodies: list[_Adler32Count] = []
+
+        def body() -> Iterator[bytes]:  # called again when the PUT is repeated with renewed credentials
+            counted = _Adler32Count()
+            bodies.append(counted)
+            left = job.size
+            with open(job.path, "rb", buffering=0) as fh:
+                while left > 0 and (chunk := fh.read(min(_PUT_CHUNK, left))):
+                    left -= len(chunk)
+                    yield counted.count(chunk)
+
+        self._put_checked(pfn, body, job.size)
+        sent = bodies[-1]
+        if sent.sent != job.size or sent.adler32 != job.adler32:
             raise SpoolChangedError(
                 f"the spool file of {job.scope}:{job.name} changed under the upload "
-                f"({body.sent} bytes, adler32 {body.adler32}; journal {job.size}, {job.adler32})"
+                f"({sent.sent} bytes, adler32 {sent.adler32}; journal {job.size}, {job.adler32})"
             )
 
-    def _send(self, pfn: str, body: Any, headers: dict[str, str]) -> None:
+    def _put_checked(self, pfn: str, body: Callable[[], Iterable[bytes]] | Iterable[bytes], size: int | None) -> None:
         try:
-            answer = self._session().put(pfn, data=body, verify=self._verify, timeout=self._timeout, headers=headers)
-        except requests.RequestException as exc:
-            raise TransferError(f"PUT {_where(pfn)} failed: {exc}") from exc
-        if answer.status_code not in (200, 201, 204):
-            raise TransferError(f"PUT {_where(pfn)}: HTTP {answer.status_code} {answer.reason}")
+            self._storage.put(pfn, body, size)
+        except StorageConflictError as exc:
+            raise UploadConflictError(str(exc)) from None
 
     def _verify_stored(self, pfn: str, size: int, adler32: str) -> None:
-        try:
-            answer = self._session().head(pfn, verify=self._verify, timeout=self._timeout,
-                                          headers={"Want-Digest": "adler32"})
-        except requests.RequestException as exc:
-            raise TransferError(f"HEAD {_where(pfn)} failed: {exc}") from exc
-        if answer.status_code != 200:
-            raise TransferError(f"HEAD {_where(pfn)} after the PUT: HTTP {answer.status_code}")
-        stored = int(answer.headers.get("Content-Length", -1))
-        if stored != size:
-            raise TransferError(f"{_where(pfn)} holds {stored} bytes after the PUT, not {size}")
-        digest = _adler32_digest(answer.headers.get("Digest", ""))
-        if digest is not None and digest != adler32:
-            raise TransferError(f"{_where(pfn)} has adler32 {digest} after the PUT, not {adler32}")
+        stored = self._storage.head(pfn)
+        if stored is None:
+            raise TransferError(f"{_where(pfn)} is missing after the PUT")
+        stored_size, stored_adler32 = stored
+        if stored_size != size:
+            raise TransferError(f"{_where(pfn)} holds {stored_size} bytes after the PUT, not {size}")
+        if stored_adler32 is not None and stored_adler32 != adler32:
+            raise TransferError(f"{_where(pfn)} has adler32 {stored_adler32} after the PUT, not {adler32}")
 
 
 def _add_file_rules(client: Any, files: list[dict[str, str]], rse: str) -> None:
@@ -316,14 +342,6 @@ def _where(pfn: str) -> str:
     return pfn.split("?", 1)[0]
 
 
-def _adler32_digest(header: str) -> str | None:
-    for part in header.split(","):
-        algorithm, _, value = part.strip().partition("=")
-        if algorithm.lower() == "adler32" and value:
-            return value.lower().zfill(8)
-    return None
-
-
 class _Adler32Count:
     """The count and adler32 of the bytes handed out so far."""
 
@@ -331,7 +349,7 @@ class _Adler32Count:
         self._adler = 1
         self.sent = 0
 
-    def _count(self, chunk: bytes) -> bytes:
+    def count(self, chunk: bytes) -> bytes:
         self._adler = zlib_ng.adler32(chunk, self._adler)
         self.sent += len(chunk)
         return chunk
@@ -349,19 +367,4 @@ class Adler32Chunks(_Adler32Count):
         self._chunks = chunks
 
     def __iter__(self) -> Iterator[bytes]:
-        return (self._count(chunk) for chunk in self._chunks)
-
-
-class Adler32Reader(_Adler32Count):
-    """A file as a PUT body: ``read`` hands out the bytes, counted."""
-
-    def __init__(self, fh: BinaryIO, size: int) -> None:
-        super().__init__()
-        self._fh = fh
-        self._size = size
-
-    def __len__(self) -> int:
-        return self._size
-
-    def read(self, size: int = -1) -> bytes:
-        return self._count(self._fh.read(max(size, _PUT_CHUNK)))
+        return (self.count(chunk) for chunk in self._chunks)

@@ -20,7 +20,7 @@ import errno
 import os
 import signal
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -104,6 +104,26 @@ class KillAtTransition(TransitionHooks):
         transition, _, occurrence = wanted.partition(":")
         mark = environ.get(KILL_MARK_ENV)
         return cls(transition, int(occurrence or 1), Path(mark) if mark else None)
+
+
+class ObjectStore(Protocol):
+    """How an uploader moves bytes: the storage transport (``transport/storage.py``), blocking, from
+    worker threads, with the mount's credentials, CA policy and deadlines."""
+
+    def put(self, url: str, body: Callable[[], Iterable[bytes]] | Iterable[bytes], size: int | None) -> None:
+        """Store ``body`` (``size`` bytes, or chunked when None) at ``url``; an object already there is
+        a ``StorageConflictError``, never overwritten. A callable ``body`` yields the bytes from the
+        start each time it is called (a request refused for its credentials is sent again)."""
+        ...
+
+    def head(self, url: str) -> tuple[int, str | None] | None:
+        """(size, adler32 or None when the server sends no ``Digest``) of the object at ``url``, or None
+        when there is none."""
+        ...
+
+    def delete(self, url: str) -> None:
+        """Remove the object at ``url`` (none there is fine)."""
+        ...
 
 
 class Uploader(Protocol):

@@ -20,6 +20,7 @@ from datalakefs import config as configuration
 from datalakefs.cli.common import load_config, registry_file, setup_logging, with_config
 from datalakefs.cli.outbox import pending_warning
 from datalakefs.errors import DatalakeError
+from datalakefs.ops.private import keep_private
 
 log = logging.getLogger("datalakefs")
 
@@ -31,6 +32,7 @@ READY_TIMEOUT_S = 120.0
 
 def cmd_mount(args: argparse.Namespace) -> int:
     config = load_config(args)
+    keep_private(config.state_dir)
     mountpoint = os.path.abspath(args.mountpoint)
     if args.foreground:
         return _run_foreground(config, mountpoint, args.ready_fd)

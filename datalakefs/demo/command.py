@@ -6,7 +6,7 @@
     env                              shell exports to use the lake with the rucio CLI
     rucio-cfg --x509 | --x509-proxy  a rucio.cfg for certificate (or proxy) auth at the TLS front
     knobs [--delay S] [--fail RE | --clear]   FTS shim test knobs, changed while the lake runs
-    token [--expired | --wrong-key] [--lifetime S]   a bearer token for the token-protected storage
+    token [--scope S] [--expired | --wrong-key] [--lifetime S]   a bearer token of the lake's issuer
     mount MOUNTPOINT                 datalakefs mount --config <state>/etc/datalakefs.toml MOUNTPOINT
     tour MOUNTPOINT                  what to try on a mounted lake
 
@@ -22,25 +22,22 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from datalakefs.demo.lake import (
-    DEFAULT_PORT_BASE,
-    STATE_ENV,
-    DemoError,
-    Lake,
+from datalakefs.demo.lake import Lake
+from datalakefs.demo.layout import DEFAULT_PORT_BASE, STATE_ENV, DemoError, default_state_dir
+from datalakefs.demo.processes import (
     ProcessRecord,
     datalakefs_executable,
-    default_state_dir,
     is_mounted,
     mount_answers,
     start_time_of,
 )
 from datalakefs.demo.status import Knobs, LakeStatus
+from datalakefs.demo.tokens import DEFAULT_SCOPE, mint, write_user_token
 from datalakefs.errors import ConfigError
 
 
@@ -83,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--fail", default=None, metavar="REGEX", help="fail transfers whose URL matches")
     which.add_argument("--clear", action="store_true", help="no delay, no forced failure")
     token = sub.add_parser("token", parents=[common], help="print a bearer token for the protected storage")
+    token.add_argument(
+        "--scope",
+        default=DEFAULT_SCOPE,
+        help=f"WLCG scopes, space-separated, paths relative to the RSE tree (default {DEFAULT_SCOPE!r})",
+    )
     kind = token.add_mutually_exclusive_group()
     kind.add_argument("--expired", action="store_true", help="a token that expired an hour ago")
     kind.add_argument("--wrong-key", action="store_true", help="a token signed by an unknown key")
@@ -191,12 +193,9 @@ def cmd_knobs(lake: Lake, args: argparse.Namespace) -> int:
 
 
 def cmd_token(lake: Lake, args: argparse.Namespace) -> int:
-    extra = ["--lifetime", str(args.lifetime)]
+    extra = ["--scope", args.scope, "--lifetime", str(args.lifetime)]
     extra += ["--expired"] if args.expired else ["--wrong-key"] if args.wrong_key else []
-    done = subprocess.run([*lake.token_command(), *extra], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise DemoError(f"could not mint a token (is the lake up?): {done.stderr.strip()[-500:]}")
-    print(done.stdout.strip())
+    print(mint(lake.layout, *extra))
     return 0
 
 
@@ -207,7 +206,10 @@ def cmd_mount(lake: Lake, args: argparse.Namespace) -> int:
     if not lake.layout.datalakefs_config.exists():
         raise DemoError(f"{lake.layout.datalakefs_config} does not exist: run `datalakefs demo up` first")
     mountpoint.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **lake.client_env()}
+    # the mount presents a WLCG token (the demo proxy, in client_env, is its fallback): the doors
+    # of the lake refuse anonymous changes
+    write_user_token(lake.layout)
+    env = {**os.environ, **lake.client_env(), "BEARER_TOKEN_FILE": str(lake.layout.user_token)}
     exe = datalakefs_executable()
     if exe is None:
         raise DemoError("the datalakefs command is not installed (pip install -e . in the project venv)")

@@ -37,7 +37,8 @@ from rucio.common.exception import (
     RSEProtocolNotSupported,
 )
 
-from datalakefs.demo.lake import ORIGIN_RSE, SCRATCH_RSE, SEED_FILE_VERSION, Lake
+from datalakefs.demo.lake import Lake
+from datalakefs.demo.layout import ORIGIN_RSE, SCRATCH_RSE, SEED_FILE_VERSION
 from datalakefs.demo.status import MetadataDataset, MetadataQuery, Seed
 from datalakefs.demo.x509 import IDENTITY_EMAIL, USER_DN
 

@@ -74,6 +74,7 @@ from datalakefs.config import Config
 from datalakefs.errors import AccessDeniedError, DatalakeError, TransferError
 from datalakefs.model import DID, DIDInfo, FileReplicas
 from datalakefs.transport.aio_bridge import AioBridge
+from datalakefs.transport.deadlines import Deadline
 from datalakefs.transport.http import FailureKind, HttpTransport, RangeReadError, RangeSink, RequestAuth
 from datalakefs.transport.replicas import Candidate, candidates
 from datalakefs.transport.trio_http import TrioRangeClient
@@ -677,14 +678,16 @@ class StreamContent:
         await cache.open()
         bridge = AioBridge()
         await trio.to_thread.run_sync(bridge.start)
+        deadline = Deadline(base=config.http_timeout, min_rate=config.transfer_min_rate)
         pieces = TrioRangeClient(stall_timeout=config.http_timeout, connect_timeout=min(10.0, config.http_timeout),
-                                 auth=self._auth)
+                                 auth=self._auth, deadline=deadline)
         try:
             transport = HttpTransport(
                 bridge,
                 stall_timeout=config.http_timeout,
                 connect_timeout=min(10.0, config.http_timeout),
                 auth=self._auth,
+                deadline=deadline,
             )
             self._service = StreamService(cache, transport, config, piece_transport=pieces)
             await self._service.run(task_status=task_status)

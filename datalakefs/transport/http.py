@@ -13,7 +13,9 @@ Contract of one transfer, :meth:`HttpTransport.fetch` (url, start, length, total
   :meth:`HttpTransport.fetch` returns or raises (on the caller's thread instead when the transfer was
   cancelled before it started, so that nothing else can be touching the sink).
 * A transfer during which no byte arrives for ``stall_timeout`` seconds fails as a timeout; connecting
-  is bounded by ``connect_timeout``.
+  is bounded by ``connect_timeout``; with a ``deadline`` (:mod:`datalakefs.transport.deadlines`), a
+  transfer that is not done within ``deadline.seconds(length)`` fails as a timeout too, however
+  steadily its bytes trickle.
 * Failures raise :class:`RangeReadError` (a ``TransferError``, so EIO) carrying a :class:`FailureKind`
   and whether another attempt may succeed. Messages name the URL without query string or user info,
   which may carry credentials.
@@ -26,6 +28,7 @@ credentials the request is repeated once with them, else the refusal stands.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import re
 import ssl
@@ -37,6 +40,7 @@ import aiohttp
 from datalakefs.errors import TransferError
 from datalakefs.redaction import redact_text, redact_url
 from datalakefs.transport.aio_bridge import AioBridge
+from datalakefs.transport.deadlines import Deadline
 
 __all__ = ["FailureKind", "HttpTransport", "NoAuth", "RangeReadError", "RangeSink", "RequestAuth", "redact_url"]
 
@@ -119,8 +123,10 @@ class HttpTransport:
         stall_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         auth: RequestAuth | None = None,
+        deadline: Deadline | None = None,
     ) -> None:
         self._bridge = bridge
+        self._deadline = deadline
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=stall_timeout
         )
@@ -156,11 +162,15 @@ class HttpTransport:
             sink.close()
 
     async def _attempt(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
+        limit = asyncio.timeout(None if self._deadline is None else self._deadline.seconds(length))
         try:
-            await self._transfer(url, start, length, total, sink)
+            async with limit:
+                await self._transfer(url, start, length, total, sink)
         except RangeReadError:
             raise
         except TimeoutError as exc:
+            if limit.expired() and self._deadline is not None:
+                raise RangeReadError(FailureKind.TIMEOUT, url, self._deadline.explain(length)) from None
             raise RangeReadError(FailureKind.TIMEOUT, url, f"no data for a while ({exc!r})") from None
         except aiohttp.ClientPayloadError as exc:
             raise RangeReadError(FailureKind.SHORT_BODY, url, str(exc) or repr(exc)) from None

@@ -11,22 +11,29 @@ A token file is read again only when it changed: each lookup costs one ``stat`` 
 ns), so a token that another process rotates (a notebook pod's refresher, ``oidc-token`` in a cron job)
 is used from the next request on. Surrounding whitespace is stripped; an empty file means no token.
 
-**Safety.** A token file that its group or others may read or write is refused (never read): the lookup logs
-one clear error per file state and answers "no token", and :meth:`BearerToken.check` raises
-:class:`ConfigError` with the same text at mount time. Every token read is registered with
+**Safety.** A token file that its group or others may read or write, or that belongs to someone other than
+the mounting user or root, is refused (never read): the lookup logs one clear error per file state and
+answers "no token", and :meth:`BearerToken.check` raises :class:`ConfigError` with the same text at mount
+time. A token is never sent over plain ``http://`` to a host other than ``localhost`` or a loopback
+address, judged by the URL alone (a name that resolves to 127.0.0.1 counts as remote):
+:meth:`StorageAuth.headers` raises :class:`AccessDeniedError` instead, unless
+``allow_token_over_http`` says so. Every token read is registered with
 :func:`datalakefs.redaction.register_secret`, so it never shows up in a log line or error text.
 
 **Requests.** :meth:`StorageAuth.headers` gives ``Authorization: Bearer <token>`` for every HTTP data
 request (XCache included: it passes the header on to the origin). :meth:`StorageAuth.renew` re-reads the
 token unconditionally and says whether it changed: the transport calls it once after a 401 or 403
 (XRootD answers an expired token with 403) and repeats the request only then. Without a token, an X509
-proxy (``$X509_USER_PROXY``, else ``/tmp/x509up_u<uid>``) is presented as TLS client certificate.
+proxy (``$X509_USER_PROXY``, else ``/tmp/x509up_u<uid>``) is presented as TLS client certificate; its
+TLS context is rebuilt when the file changes (one ``stat`` per request), so a renewed proxy is used
+without a remount. Every https context trusts what :mod:`datalakefs.transport.tls` says.
 
 All methods are thread-safe and cheap; they run on the transport's asyncio thread.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import ssl
@@ -35,9 +42,11 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from datalakefs.errors import ConfigError
+from datalakefs.errors import AccessDeniedError, ConfigError
 from datalakefs.redaction import register_secret
+from datalakefs.transport.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,11 @@ class _FileState:
     size: int
     mtime_ns: int
     mode: int
+    owner: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> _FileState:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode, st.st_uid)
 
 
 def token_locations(environ: Mapping[str, str], uid: int) -> tuple[str, tuple[Path, ...]]:
@@ -65,9 +79,16 @@ def token_locations(environ: Mapping[str, str], uid: int) -> tuple[str, tuple[Pa
     return "file", tuple(found)
 
 
-def insecure_reason(path: Path, mode: int) -> str | None:
-    """Why a token file with ``mode`` must not be used, or None when only its owner can use it (a file
-    others can write is refused too: they could slip in a token of their own)."""
+def insecure_reason(path: Path, st: os.stat_result, uid: int) -> str | None:
+    """Why a token file must not be used, or None when only its owner can use it and that owner is the
+    mounting user ``uid`` or root (a file others can write is refused too: they could slip in a token
+    of their own)."""
+    if st.st_uid not in (uid, 0):
+        return (
+            f"bearer token file {path} belongs to uid {st.st_uid}, not to the mounting user (uid {uid}) "
+            f"or root; it was not used"
+        )
+    mode = st.st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         return (
             f"bearer token file {path} is readable or writable by its group or others "
@@ -110,7 +131,7 @@ class BearerToken:
         found = None if self._from_env else self._stat_first()
         if found is None:
             return
-        reason = insecure_reason(found[0], found[1].st_mode)
+        reason = insecure_reason(found[0], found[1], self._uid)
         if reason is not None:
             raise ConfigError(reason)
 
@@ -144,10 +165,10 @@ class BearerToken:
                 self._path, self._state, self._token = None, None, None
                 return None
             path, st = found
-            state = _FileState(st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+            state = _FileState.of(st)
             if not force and path == self._path and state == self._state:
                 return self._token
-            reason = insecure_reason(path, st.st_mode)
+            reason = insecure_reason(path, st, self._uid)
             if reason is not None:
                 if self._refused != (path, state):
                     self._refused = (path, state)
@@ -175,59 +196,110 @@ def x509_proxy_path(environ: Mapping[str, str], uid: int) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def x509_context(proxy: Path, environ: Mapping[str, str]) -> ssl.SSLContext:
-    """A TLS client context presenting ``proxy`` (certificate chain and key in one PEM file), trusting the
-    system CAs plus ``$X509_CERT_DIR`` (the grid CA directory) when set."""
-    context = ssl.create_default_context()
-    cert_dir = environ.get("X509_CERT_DIR")
-    if cert_dir and os.path.isdir(cert_dir):
-        context.load_verify_locations(capath=cert_dir)
+class X509Proxy:
+    """The X509 proxy file as a TLS client context, rebuilt when the file changes (a renewed proxy)."""
+
+    def __init__(self, path: Path, environ: Mapping[str, str], ca_bundle: str | None) -> None:
+        self.path = path
+        self._environ = environ
+        self._ca_bundle = ca_bundle
+        self._lock = threading.Lock()
+        self._state: _FileState | None = None
+        self._context: ssl.SSLContext | None = None
+
+    def context(self) -> ssl.SSLContext | None:
+        """The context presenting the proxy as it is now; None while the file is missing or unusable
+        (warned once per file state)."""
+        try:
+            state = _FileState.of(self.path.stat())
+        except OSError:
+            return None
+        with self._lock:
+            if state != self._state:
+                self._state = state
+                try:
+                    self._context = client_context(self._environ, self._ca_bundle, self.path)
+                except ConfigError as exc:  # the proxy may be meant for something else: reads still work
+                    log.warning("%s; HTTPS requests go without a client certificate", exc)
+                    self._context = None
+            return self._context
+
+
+def token_allowed(url: str) -> bool:
+    """Whether a bearer token may travel to ``url``: https, or plain http to localhost or a loopback
+    address written as such in the URL."""
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
     try:
-        context.load_cert_chain(str(proxy))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"X509 proxy {proxy} cannot be used as client certificate: {exc}") from None
-    return context
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class StorageAuth:
-    """What the HTTP transport sends with each data request: bearer token, else X509 proxy."""
+    """What every storage request presents: bearer token, else X509 proxy, and whom https trusts."""
 
-    def __init__(self, environ: Mapping[str, str] | None = None, uid: int | None = None) -> None:
+    def __init__(
+        self,
+        environ: Mapping[str, str] | None = None,
+        uid: int | None = None,
+        *,
+        ca_bundle: str | None = None,
+        allow_token_over_http: bool = False,
+    ) -> None:
         env = dict(os.environ if environ is None else environ)
         user = os.getuid() if uid is None else uid
         self.bearer = BearerToken(env, user)
+        self._trust = client_context(env, ca_bundle)
         proxy = x509_proxy_path(env, user)
-        self._proxy_context: ssl.SSLContext | None = None
-        if proxy is not None:
-            try:
-                self._proxy_context = x509_context(proxy, env)
-            except ConfigError as exc:  # the proxy may be meant for something else: reads still work
-                log.warning("%s; HTTPS reads go without a client certificate", exc)
-                proxy = None
-        self.proxy = proxy
+        self._proxy = None if proxy is None else X509Proxy(proxy, env, ca_bundle)
+        self._allow_http = allow_token_over_http
 
     def check(self) -> None:
         """Refuse an insecure token file before the mount starts (see :meth:`BearerToken.check`)."""
         self.bearer.check()
 
-    def headers(self, _url: str) -> Mapping[str, str]:
+    def headers(self, url: str) -> Mapping[str, str]:
         token = self.bearer.token()
-        return {"Authorization": f"Bearer {token}"} if token else {}
+        if not token:
+            return {}
+        if not self._allow_http and not token_allowed(url):
+            host = urlsplit(url).hostname
+            raise AccessDeniedError(
+                f"the bearer token was not sent to {host}: plain http:// to a host other than localhost "
+                "would expose it on the network; use https, or set allow_token_over_http = true"
+            )
+        return {"Authorization": f"Bearer {token}"}
 
     def ssl_context(self, url: str) -> ssl.SSLContext | None:
-        """The client-certificate context for ``url`` when no token is sent, else None (defaults)."""
-        if self._proxy_context is None or not url.startswith("https:") or self.bearer.token():
+        """The TLS context for ``url`` (None for plain http): the X509 proxy as client certificate when
+        no token is sent, trusting the CA policy's CAs either way."""
+        if not url.startswith("https:"):
             return None
-        return self._proxy_context
+        if self._proxy is not None and not self.bearer.token():
+            context = self._proxy.context()
+            if context is not None:
+                return context
+        return self._trust
 
     def renew(self) -> bool:
         return self.bearer.renew()
 
+    @property
+    def proxy(self) -> Path | None:
+        """The X509 proxy file when it is usable now."""
+        return None if self._proxy is None or self._proxy.context() is None else self._proxy.path
+
     def describe(self) -> dict[str, str | int | None]:
         """For the status file: where credentials come from (paths only) and how often the token file
         was read."""
+        proxy = self.proxy
         return {
             "bearer_token": self.bearer.describe(),
             "token_reads": self.bearer.reads,
-            "x509_proxy": None if self.proxy is None else str(self.proxy),
+            "x509_proxy": None if proxy is None else str(proxy),
         }

@@ -12,8 +12,9 @@ The contract of :meth:`TrioRangeClient.fetch` is :meth:`HttpTransport.fetch`'s: 
 range is sent; the reply head is checked by :func:`~datalakefs.transport.http.check_reply`; the body must
 have exactly ``Content-Length`` = ``length`` bytes (no chunked encoding); every byte goes to
 ``sink.write`` in order and ``sink.close`` is called once; no byte for ``stall_timeout`` seconds is a
-timeout; failures raise ``RangeReadError``. A connection goes back to the pool only after a complete,
-clean exchange; a pooled connection the server closed meanwhile is replaced once, transparently.
+timeout, and so is a fetch not done within its ``deadline``; failures raise ``RangeReadError``. A
+connection goes back to the pool only after a complete, clean exchange; a pooled connection the server
+closed meanwhile is replaced once, transparently.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 import trio
 from multidict import CIMultiDict
 
+from datalakefs.transport.deadlines import Deadline
 from datalakefs.transport.http import (
     FailureKind,
     NoAuth,
@@ -58,7 +60,9 @@ class TrioRangeClient:
         connect_timeout: float = 10.0,
         auth: RequestAuth | None = None,
         max_idle: int = 8,
+        deadline: Deadline | None = None,
     ) -> None:
+        self._deadline = deadline
         self._stall = stall_timeout
         self._connect = connect_timeout
         self._auth: RequestAuth = auth if auth is not None else NoAuth()
@@ -77,13 +81,16 @@ class TrioRangeClient:
                 raise ValueError(f"range {start}+{length} is not a closed range inside a {total}-byte file")
             if not self.supports(url):
                 raise ValueError(f"{url.split(':', 1)[0]}: URL not handled by the trio client")
-            try:
-                await self._get(url, start, length, total, sink)
-            except RangeReadError as exc:
-                # a refusal is detected before any byte reaches the sink, so the GET can be repeated
-                if exc.kind is not FailureKind.DENIED or not self._auth.renew():
-                    raise
-                await self._get(url, start, length, total, sink)
+            with trio.move_on_after(self._deadline.seconds(length) if self._deadline else float("inf")) as limit:
+                try:
+                    await self._get(url, start, length, total, sink)
+                except RangeReadError as exc:
+                    # a refusal is detected before any byte reaches the sink, so the GET can be repeated
+                    if exc.kind is not FailureKind.DENIED or not self._auth.renew():
+                        raise
+                    await self._get(url, start, length, total, sink)
+            if limit.cancelled_caught and self._deadline is not None:
+                raise RangeReadError(FailureKind.TIMEOUT, url, self._deadline.explain(length))
         finally:
             sink.close()
 

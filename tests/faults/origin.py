@@ -13,7 +13,9 @@
   - ``short``: full ``Content-Length`` announced, half the body, connection closed;
   - ``range``: ``Content-Range`` and body of the range shifted by one byte;
   - ``corrupt``: right headers, one body byte flipped (only the whole-file check can see it; not in
-    the default mix).
+    the default mix);
+  - ``trickle``: right headers, then the body one byte every ``trickle`` seconds, so that the client
+    never stalls and only a deadline stops it (not in the default mix).
 
   ``deny`` maps paths to a status (401, 403, 404...) answered to every GET of them.
 * ``bearer``: when set, the accepted tokens (a mutable set the test may change); a request without
@@ -98,6 +100,7 @@ class FaultyOrigin:
         faults: Iterable[str] = DEFAULT_FAULTS,
         seed: int = 0,
         stall: float = 10.0,
+        trickle: float = 1.0,
         latency: float = 0.0,
         deny: Mapping[str, int] | None = None,
         bearer: set[str] | None = None,
@@ -106,6 +109,7 @@ class FaultyOrigin:
         self.fault_rate = fault_rate
         self.faults = tuple(faults)
         self.stall = stall
+        self.trickle = trickle
         self.latency = latency
         self.deny = dict(deny or {})
         self.bearer = bearer
@@ -218,6 +222,15 @@ class FaultyOrigin:
             flip = self._rng.randrange(len(body))
             body = body[:flip] + bytes([body[flip] ^ 0x5A]) + body[flip + 1 :]
         headers = {"Content-Range": f"bytes {start}-{end}/{len(data)}"}
+        if fault == "trickle":
+            self._send_headers(handler, 206, headers, len(body))
+            handler.close_connection = True
+            for index in range(len(body)):
+                if self._stopping.wait(self.trickle):
+                    return
+                handler.wfile.write(body[index : index + 1])
+                handler.wfile.flush()
+            return
         if fault in ("stall", "reset", "short"):
             self._send_headers(handler, 206, headers, len(body))
             handler.wfile.write(body[: len(body) // 2])

@@ -27,7 +27,10 @@ import pytest
 
 from datalakefs import config as dlconfig
 from datalakefs.demo import seed
-from datalakefs.demo.lake import DEFAULT_PORT_BASE, PORT_OFFSETS, Lake, is_alive, is_mounted, port_in_use, read_record
+from datalakefs.demo.lake import Lake
+from datalakefs.demo.layout import DEFAULT_PORT_BASE, PORT_OFFSETS
+from datalakefs.demo.probes import port_in_use
+from datalakefs.demo.processes import is_alive, is_mounted, read_record
 from datalakefs.demo.status import LakeStatus, Seed
 
 Demo = Callable[..., subprocess.CompletedProcess[str]]
@@ -108,7 +111,9 @@ def test_status_of_a_lake_that_is_not_up(demo_cli: Demo) -> None:
         "xcache-fwd",
         "origin-token",
         "guard",
+        "dav-auth",
         "dav",
+        "dav-tls",
         "fts",
         "rucio",
         "rucio-tls",
@@ -390,6 +395,53 @@ def test_only_a_verified_certificate_names_the_x509_client(lake: LakeStatus) -> 
     context.load_cert_chain(str(lake.x509.user_cert), str(lake.x509.user_key))
     with urllib.request.urlopen(f"{lake.x509.auth_host}/auth/x509", timeout=30, context=context) as granted:
         assert granted.headers["X-Rucio-Auth-Account"] == "root"
+
+
+def dav(url: str, method: str, *, data: bytes | None = None, headers: dict[str, str] | None = None,
+        context: ssl.SSLContext | None = None) -> int:
+    """The status of one WebDAV request (an error status is an answer too)."""
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(request, timeout=30) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as refused:
+        with refused:
+            return refused.code
+
+
+@pytest.mark.lake
+def test_the_doors_refuse_anonymous_changes_and_take_a_token_or_the_proxy(
+    lake: LakeStatus, seeded: Seed, demo_cli: Demo
+) -> None:
+    assert lake.x509 is not None
+    tls = ssl.create_default_context(cafile=str(lake.datalakefs_config.parent / "dav.crt"))
+    with_proxy = ssl.create_default_context(cafile=str(lake.datalakefs_config.parent / "dav.crt"))
+    with_proxy.load_cert_chain(str(lake.x509.proxy))
+    name = unique("door")
+    for door, context in (("dav_http", None), ("dav_https", tls)):
+        base = f"{lake.urls[door]}/{seeded.scratch_rse}/doors/{name}-{door}"
+        for method, extra in (("PUT", {"data": b"anonymous"}), ("MKCOL", {}), ("DELETE", {}),
+                              ("MOVE", {"headers": {"Destination": base + ".moved"}})):
+            assert dav(base + ".f", method, context=context, **extra) == 401, (door, method)
+        assert not list(Path(lake.paths["scratch"]).glob(f"doors/{name}*"))
+    minted = demo_cli("token", "--scope", "storage.create:/SCRATCH storage.modify:/SCRATCH")
+    assert minted.returncode == 0, minted.stderr
+    token = minted.stdout.strip()
+    reader = demo_cli("token", "--scope", "storage.read:/").stdout.strip()
+    url = f"{lake.urls['dav_http']}/{seeded.scratch_rse}/doors/{name}.token"
+    assert dav(url, "PUT", data=b"x", headers={"Authorization": f"Bearer {reader}"}) == 403
+    assert dav(url, "PUT", data=b"token", headers={"Authorization": f"Bearer {token}"}) == 201
+    conditional = {"Authorization": f"Bearer {token}", "If-None-Match": "*"}
+    assert dav(url, "PUT", data=b"again", headers=conditional) == 412  # never overwritten
+    origin = f"{lake.urls['dav_http']}/{seeded.origin_rse}/doors/{name}.token"
+    assert dav(origin, "PUT", data=b"x", headers={"Authorization": f"Bearer {token}"}) == 403  # scope: SCRATCH only
+    proxied = f"{lake.urls['dav_https']}/{seeded.scratch_rse}/doors/{name}.proxy"
+    assert dav(proxied, "PUT", data=b"proxy", context=with_proxy) == 201
+    for stored, body in ((url, b"token"), (proxied, b"proxy")):  # reads stay anonymous
+        with urllib.request.urlopen(stored, timeout=30, context=tls) as answer:
+            assert answer.read() == body
+    assert dav(url, "DELETE", headers={"Authorization": f"Bearer {token}"}) == 204
 
 
 # --------------------------------------------------------------------------------------------------

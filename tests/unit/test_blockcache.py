@@ -228,7 +228,7 @@ def test_damage_is_detected_or_harmless_never_served(
     cache.close()
 
 
-def test_restart_rebuilds_accounting_and_drops_debris(tmp_path: Path) -> None:
+def test_restart_rebuilds_accounting_drops_its_debris_and_leaves_what_is_not_cache(tmp_path: Path) -> None:
     cache = new_cache(tmp_path)
     key, other, third = key_of(DATA), key_of(DATA, name="other"), key_of(DATA, name="third")
     put(cache, key, DATA, 0, 6)
@@ -250,13 +250,29 @@ def test_restart_rebuilds_accounting_and_drops_debris(tmp_path: Path) -> None:
     again = new_cache(tmp_path)
     stats = again.statistics()
     assert (stats.files, stats.blocks, stats.used_bytes) == (1, 6, len(DATA))
-    assert sorted(os.listdir(directory)) == ["data", "index"]
+    assert sorted(os.listdir(directory)) == ["data", "index", "junk"]  # not a name the cache gives
     assert not os.path.exists(again.directory(other)) and not os.path.exists(again.directory(third))
     assert sorted(os.listdir(tmp_path)) == ["v1"]
+    assert (tmp_path / "v1" / "zz-not-a-prefix").is_dir()
     assert again.read(key, 5, 0, len(DATA) % BS) == DATA[5 * BS :]
     journal = Path(again.index_path(key)).read_bytes()
     assert [kind for kind, _, _ in read_records(journal)] == [RecordType.FILE, *[RecordType.BLOCK] * 6]
     again.close()
+
+
+def test_a_cache_root_that_is_a_symbolic_link_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    precious = tmp_path / "home"
+    (precious / "ab").mkdir(parents=True)
+    (precious / "ab" / "thesis.tex").write_text("years of work")
+    (precious / "notes.txt").write_text("more")
+    precious.chmod(0o755)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "v1").symlink_to(precious)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        new_cache(tmp_path / "cache")
+    assert (precious / "ab" / "thesis.tex").read_text() == "years of work"
+    assert sorted(os.listdir(precious)) == ["ab", "notes.txt"]
+    assert stat.S_IMODE(precious.stat().st_mode) == 0o755  # not made private either
 
 
 def test_lru_eviction_between_watermarks_gives_space_back(tmp_path: Path) -> None:

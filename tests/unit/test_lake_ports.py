@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datalakefs.demo.lake import reserve_ports
+from datalakefs.demo.probes import reserve_ports
 
 
 def test_the_port_block_is_added_once_to_the_reserved_list(tmp_path: Path) -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 import zlib
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,50 +22,16 @@ from datalakefs.catalogue.upload import (
 )
 from datalakefs.config import Config
 from datalakefs.errors import CatalogueUnavailableError, InvalidNameError, TransferError
-
-
-class Storage(ThreadingHTTPServer):
-    """A WebDAV-ish server: PUT stores, HEAD answers the size (and a Digest when asked to)."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.files: dict[str, bytes] = {}
-        self.put_status = 201
-        self.head_size_delta = 0
-        self.digest: str | None = None
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: Storage
-
-    def do_PUT(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        if self.server.put_status < 300:
-            self.server.files[self.path] = body
-        self.send_response(self.server.put_status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def do_HEAD(self) -> None:
-        body = self.server.files.get(self.path)
-        self.send_response(404 if body is None else 200)
-        self.send_header("Content-Length", str(len(body or b"") + self.server.head_size_delta))
-        if self.server.digest:
-            self.send_header("Digest", f"adler32={self.server.digest}")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        return None
+from datalakefs.transport.deadlines import Deadline
+from datalakefs.transport.http import NoAuth
+from datalakefs.transport.storage import StorageClient
+from tests.faults.storage import Store, running_store
 
 
 @pytest.fixture
-def storage() -> Iterator[Storage]:
-    server = Storage()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def storage() -> Iterator[Store]:
+    with running_store() as server:
+        yield server
 
 
 class Client:
@@ -157,7 +121,7 @@ class Client:
 
 
 @pytest.fixture
-def client(storage: Storage) -> Client:
+def client(storage: Store) -> Client:
     return Client(f"http://127.0.0.1:{storage.server_address[1]}")
 
 
@@ -171,9 +135,26 @@ class Steps(TransitionHooks):
         self.reached_in_order.append(transition)
 
 
+_CLIENTS: list[StorageClient] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_storage_clients() -> Iterator[None]:
+    """The storage transport keeps connections alive for the thread's next upload: closed here."""
+    yield
+    while _CLIENTS:
+        _CLIENTS.pop().close()
+
+
+def storage_client() -> StorageClient:
+    made = StorageClient(NoAuth(), Deadline(base=10, min_rate=1 << 20), stall=10)
+    _CLIENTS.append(made)
+    return made
+
+
 def uploader(client: Client, hooks: TransitionHooks | None = None, **options: Any) -> RucioUploader:
     config = Config(upload_rse="SCRATCH", **options)
-    return RucioUploader(RucioCatalogue(config, client_factory=lambda: client), config, hooks)
+    return RucioUploader(RucioCatalogue(config, client_factory=lambda: client), config, storage_client(), hooks)
 
 
 def job(tmp_path: Path, data: bytes, name: str = "f.dat") -> UploadJob:
@@ -196,7 +177,7 @@ def upload(up: RucioUploader, work: UploadJob) -> bool:
 
 
 def test_a_new_file_is_stored_verified_then_registered_available_and_attached(
-    client: Client, storage: Storage, tmp_path: Path
+    client: Client, storage: Store, tmp_path: Path
 ) -> None:
     steps = Steps()
     assert upload(uploader(client, steps, upload_rule_rse="TAPE"), job(tmp_path, b"payload")) is True
@@ -211,7 +192,7 @@ def test_a_new_file_is_stored_verified_then_registered_available_and_attached(
 
 
 def test_a_rerun_after_registration_transfers_nothing_and_duplicates_nothing(
-    client: Client, storage: Storage, tmp_path: Path
+    client: Client, storage: Store, tmp_path: Path
 ) -> None:
     work = job(tmp_path, b"payload")
     up = uploader(client)
@@ -222,7 +203,7 @@ def test_a_rerun_after_registration_transfers_nothing_and_duplicates_nothing(
 
 
 def test_other_content_under_the_name_is_a_conflict_and_nothing_is_written(
-    client: Client, storage: Storage, tmp_path: Path
+    client: Client, storage: Store, tmp_path: Path
 ) -> None:
     client.dids[("user.x", "f.dat")] = {"did_type": "FILE", "bytes": 3, "adler32": "01234567"}
     with pytest.raises(UploadConflictError, match="other content"):
@@ -250,7 +231,7 @@ def test_a_replica_registered_meanwhile_with_our_content_is_accepted(client: Cli
 
 
 @pytest.mark.parametrize("fault", ["put-500", "short-on-storage", "bad-digest"])
-def test_storage_failures_register_nothing(client: Client, storage: Storage, tmp_path: Path, fault: str) -> None:
+def test_storage_failures_register_nothing(client: Client, storage: Store, tmp_path: Path, fault: str) -> None:
     if fault == "put-500":
         storage.put_status = 500
     elif fault == "short-on-storage":
@@ -262,6 +243,57 @@ def test_storage_failures_register_nothing(client: Client, storage: Storage, tmp
     assert client.replicas == [] and "add_replicas" not in client.calls
 
 
+def test_a_leftover_of_an_interrupted_attempt_is_deleted_then_stored(
+    client: Client, storage: Store, tmp_path: Path
+) -> None:
+    work = job(tmp_path, b"payload")
+    (url,) = uploader(client).locate([work])
+    assert isinstance(url, str)
+    path = url.removeprefix(client.base)
+    storage.files[path] = b"pay"  # a kill in the middle of the PUT; nothing was registered
+    assert upload(uploader(client), work)
+    assert storage.deleted == [path] and storage.files[path] == b"payload"
+
+
+@pytest.mark.parametrize("server", ["honours If-None-Match", "ignores If-None-Match"])
+def test_bytes_someone_else_registered_meanwhile_are_never_overwritten(
+    client: Client, storage: Store, tmp_path: Path, server: str
+) -> None:
+    """Between locate and store another client stores and registers other bytes under the name."""
+    storage.ignore_if_none_match = server.startswith("ignores")
+    work = job(tmp_path, b"payload")
+    up = uploader(client)
+    (url,) = up.locate([work])
+    assert isinstance(url, str)
+    path = url.removeprefix(client.base)
+    storage.files[path] = b"theirs!"
+    client.dids[("user.x", "f.dat")] = {"did_type": "FILE", "bytes": 7, "adler32": "0badc0de"}
+    with pytest.raises(UploadConflictError, match="other content"):
+        up.store(work, url)
+    assert storage.files[path] == b"theirs!" and storage.deleted == []
+
+
+def test_a_put_refused_as_a_conflict_fails_the_file_with_its_reason(
+    client: Client, storage: Store, tmp_path: Path
+) -> None:
+    """The object appears between our HEAD and our conditional PUT: the server's 412 is a conflict."""
+    work = job(tmp_path, b"payload")
+    up = uploader(client)
+    (url,) = up.locate([work])
+    assert isinstance(url, str)
+    path = url.removeprefix(client.base)
+    storage_client_put = up._storage.put  # type: ignore[attr-defined]
+
+    def racing_put(*args: Any) -> None:
+        storage.files[path] = b"theirs!"
+        storage_client_put(*args)
+
+    up._storage.put = racing_put  # type: ignore[attr-defined]
+    with pytest.raises(UploadConflictError, match="did not write"):
+        up.store(work, url)
+    assert storage.files[path] == b"theirs!"
+
+
 def test_a_spool_file_that_changed_since_its_commit_is_detected(client: Client, tmp_path: Path) -> None:
     work = job(tmp_path, b"payload")
     work.path.write_bytes(b"PAYLOAD")
@@ -270,7 +302,7 @@ def test_a_spool_file_that_changed_since_its_commit_is_detected(client: Client, 
     assert client.replicas == []
 
 
-def test_a_batch_costs_one_call_per_step(client: Client, storage: Storage, tmp_path: Path) -> None:
+def test_a_batch_costs_one_call_per_step(client: Client, storage: Store, tmp_path: Path) -> None:
     up = uploader(client)
     jobs = [job(tmp_path, f"payload {n}".encode(), f"f{n}.dat") for n in range(30)]
     up.locate(jobs[:1])  # finds the RSE's write scheme (http here, after https and davs)
@@ -287,7 +319,7 @@ def test_a_batch_costs_one_call_per_step(client: Client, storage: Storage, tmp_p
     assert client.rules == [("ds", "SCRATCH")]
 
 
-def test_a_batch_answers_each_file_in_its_place(client: Client, storage: Storage, tmp_path: Path) -> None:
+def test_a_batch_answers_each_file_in_its_place(client: Client, storage: Store, tmp_path: Path) -> None:
     up = uploader(client)
     clash, fresh, done = (job(tmp_path, b"ours", "clash.dat"), job(tmp_path, b"new", "fresh.dat"),
                           job(tmp_path, b"done", "done.dat"))
@@ -304,7 +336,7 @@ def test_a_batch_answers_each_file_in_its_place(client: Client, storage: Storage
 
 @pytest.mark.parametrize("existing_rule", [None, "SCRATCH", "SCRATCH with a lifetime", "TAPE"])
 def test_files_of_a_dataset_without_our_rule_get_rules_of_their_own(
-    client: Client, storage: Storage, tmp_path: Path, existing_rule: str | None
+    client: Client, storage: Store, tmp_path: Path, existing_rule: str | None
 ) -> None:
     """A dataset made elsewhere: its own rule on the upload RSE covers the files; otherwise (none,
     one that ends, one elsewhere) each file gets a rule, in one call per batch."""
@@ -362,4 +394,5 @@ def test_did_names_follow_rucios_schema() -> None:
 def test_without_an_upload_rse_nothing_happens(client: Client, tmp_path: Path) -> None:
     config = Config()
     with pytest.raises(TransferError, match="upload_rse"):
-        upload(RucioUploader(RucioCatalogue(config, client_factory=lambda: client), config), job(tmp_path, b"x"))
+        upload(RucioUploader(RucioCatalogue(config, client_factory=lambda: client), config, storage_client()),
+               job(tmp_path, b"x"))

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datalakefs.cli.logs import KeyValueFormatter, setup_logging
-from datalakefs.errors import ConfigError, TransferError
+from datalakefs.errors import AccessDeniedError, ConfigError, TransferError
 from datalakefs.redaction import redact_text, redact_url, register_secret
 from datalakefs.transport.tokens import BearerToken, StorageAuth, token_locations
 
@@ -98,8 +98,45 @@ def test_auth_headers_and_proxy_only_without_token(tmp_path: Path) -> None:
     put(path, "header-token-value")
     auth = StorageAuth({"BEARER_TOKEN_FILE": str(path), "X509_USER_PROXY": str(tmp_path / "absent")}, UID)
     assert auth.headers("https://h/f") == {"Authorization": "Bearer header-token-value"}
-    assert auth.ssl_context("https://h/f") is None
+    assert auth.ssl_context("https://h/f") is not None  # the CA policy's context, without a certificate
+    assert auth.ssl_context("http://h/f") is None
     assert auth.describe()["x509_proxy"] is None
+
+
+@pytest.mark.parametrize("url", ["http://localhost:8080/f", "http://127.0.0.1/f", "http://127.8.9.10/f",
+                                 "http://[::1]:1094/f", "https://storage.example/f"])
+def test_a_token_goes_over_https_or_to_loopback(tmp_path: Path, url: str) -> None:
+    put(tmp_path / "bt", "travelling-token")
+    assert StorageAuth({"BEARER_TOKEN_FILE": str(tmp_path / "bt")}, UID).headers(url) == {
+        "Authorization": "Bearer travelling-token"
+    }
+
+
+@pytest.mark.parametrize("url", ["http://storage.example/f", "http://localhost.example:80/f", "http://10.0.0.1/f",
+                                 "http://vm:1094/f"])
+def test_a_token_never_goes_over_plain_http_elsewhere_unless_allowed(tmp_path: Path, url: str) -> None:
+    env = {"BEARER_TOKEN_FILE": str(tmp_path / "bt")}
+    assert StorageAuth(env, UID).headers(url) == {}  # no token, nothing to protect
+    put(tmp_path / "bt", "stay-home-token")
+    with pytest.raises(AccessDeniedError, match="allow_token_over_http") as refused:
+        StorageAuth(env, UID).headers(url)
+    assert "stay-home-token" not in str(refused.value)
+    allowed = StorageAuth(env, UID, allow_token_over_http=True)
+    assert allowed.headers(url) == {"Authorization": "Bearer stay-home-token"}
+
+
+def test_a_token_file_of_another_user_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bt"
+    put(path, "someone-elses-token")
+    os.chown(path, UID + 1, -1)
+    bearer = BearerToken({"BEARER_TOKEN_FILE": str(path)}, UID)
+    assert bearer.token() is None
+    with pytest.raises(ConfigError, match=f"belongs to uid {UID + 1}"):
+        bearer.check()
+    os.chown(path, UID, -1)
+    assert bearer.token() == "someone-elses-token"
+    os.chown(path, 0, -1)  # root's file is the mounting user's to use
+    assert bearer.token() == "someone-elses-token"
 
 
 def test_redaction_of_urls_texts_and_registered_secrets() -> None:
@@ -155,12 +192,19 @@ def test_x509_proxy_is_the_client_certificate_only_without_a_token(tmp_path: Pat
     env = {"X509_USER_PROXY": str(proxy), "BEARER_TOKEN_FILE": str(tmp_path / "bt")}
     auth = StorageAuth(env, UID)
     assert auth.describe()["x509_proxy"] == str(proxy)
-    assert auth.ssl_context("https://storage.example/f") is not None
+    with_proxy = auth.ssl_context("https://storage.example/f")
+    assert with_proxy is not None and auth.ssl_context("https://storage.example/f") is with_proxy
     assert auth.ssl_context("http://storage.example/f") is None
     put(tmp_path / "bt", "now-there-is-a-token")
-    assert auth.ssl_context("https://storage.example/f") is None
+    trust_only = auth.ssl_context("https://storage.example/f")
+    assert trust_only is not None and trust_only is not with_proxy
+    (tmp_path / "bt").unlink()
+    os.utime(proxy, ns=(1, 1))  # a renewed proxy: its context is built again, without a remount
+    renewed = auth.ssl_context("https://storage.example/f")
+    assert renewed is not None and renewed is not with_proxy and renewed is not trust_only
     put(proxy, "not a certificate")
-    assert StorageAuth(env, UID).describe()["x509_proxy"] is None  # unusable: warned, reads go on
+    assert auth.describe()["x509_proxy"] is None  # unusable: warned, reads go on
+    assert auth.ssl_context("https://storage.example/f") is trust_only
 
 
 _TOKEN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/="

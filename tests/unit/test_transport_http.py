@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 import pytest
 
 from datalakefs.transport.aio_bridge import AioBridge
+from datalakefs.transport.deadlines import Deadline
 from datalakefs.transport.http import FailureKind, HttpTransport, NoAuth, RangeReadError, redact_url
 from tests.faults.origin import FaultyOrigin
 
@@ -172,3 +173,19 @@ async def test_a_refusal_without_new_credentials_is_not_repeated(bridge: AioBrid
     assert caught.value.kind is FailureKind.DENIED
     assert auth.renewed == 1 and transport.renewals == 0 and len(server.requests) == 1
     assert "wrong-token-value" not in str(caught.value)
+
+
+async def test_a_trickling_server_is_abandoned_at_the_deadline_and_the_next_transfer_proceeds(
+    bridge: AioBridge,
+) -> None:
+    """A byte every 50 ms never trips the stall timeout; the deadline (0.5 s + 1 KiB at 1 MiB/s) does."""
+    transport = HttpTransport(bridge, stall_timeout=5.0, deadline=Deadline(base=0.5, min_rate=1 << 20))
+    with origin(fault_rate=1.0, faults=["trickle"], trickle=0.05) as slow, origin() as good:
+        sink = Sink(0)
+        with pytest.raises(RangeReadError, match="minimum rate") as caught:
+            await transport.fetch(slow.url("f"), 0, 1024, len(DATA), sink)
+        assert caught.value.kind is FailureKind.TIMEOUT and caught.value.kind.retryable
+        assert sink.closed == 1 and bytes(sink.data) == DATA[: len(sink.data)]
+        after = Sink(0)
+        await transport.fetch(good.url("f"), 0, 1024, len(DATA), after)
+    assert bytes(after.data) == DATA[:1024]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+from datalakefs.transport.deadlines import Deadline
 from datalakefs.transport.http import FailureKind, RangeReadError
 from datalakefs.transport.trio_http import TrioRangeClient
 from tests.faults.origin import FaultyOrigin
@@ -136,3 +137,17 @@ async def test_a_refusal_renews_the_credentials_once_like_bulk_transfers() -> No
                                                                               "Bearer new-token"]
     assert len(server.requests) == 3  # the refused client did not repeat its request
     assert caught.value.kind is FailureKind.DENIED and "wrong-token-value" not in str(caught.value)
+
+
+async def test_a_trickling_server_is_abandoned_at_the_deadline_and_the_next_piece_proceeds() -> None:
+    client = TrioRangeClient(stall_timeout=5.0, deadline=Deadline(base=0.5, min_rate=1 << 20))
+    with origin(fault_rate=1.0, faults=["trickle"], trickle=0.05) as slow, origin() as good:
+        sink = Sink(0)
+        with pytest.raises(RangeReadError, match="minimum rate") as caught:
+            await client.fetch(slow.url("f"), 0, 1024, len(DATA), sink)
+        assert caught.value.kind is FailureKind.TIMEOUT
+        assert sink.closed == 1 and bytes(sink.data) == DATA[: len(sink.data)]
+        after = Sink(0)
+        await client.fetch(good.url("f"), 0, 1024, len(DATA), after)
+        await client.aclose()
+    assert bytes(after.data) == DATA[:1024]

@@ -13,7 +13,8 @@ fts3 transfertool uses when the RSE attribute `fts` is a plain http:// URL (no c
 
 Every file of a job is copied in a background thread, source URL -> destination URL, for file://,
 http(s):// and dav(s):// (dav[s] is spoken as http[s]); HTTP destinations are written with PUT,
-missing parent collections are created with MKCOL. The size is always verified, adler32/md5 when
+missing parent collections are created with MKCOL. Every HTTP request carries the bearer token of
+--token-file (re-read each time), as a real FTS presents the credential delegated to it. The size is always verified, adler32/md5 when
 rucio asks for it (verify_checksum); a mismatch fails the file with the reason FTS would give.
 
 Test knobs live in a JSON file ({"delay": seconds, "fail": regex or null}) that the shim re-reads
@@ -55,6 +56,7 @@ FINAL_JOB = {"FINISHED", "FINISHEDDIRTY", "FAILED", "CANCELED"}
 FORGET_AFTER = 3600.0
 TIMEOUT = 120
 CHUNK = 1 << 20
+TOKEN_FILE = None
 
 
 class Knobs:
@@ -124,6 +126,9 @@ def _request(method, url, data=None, length=None):
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     req = urllib.request.Request(url, data=data, method=method)
+    if TOKEN_FILE is not None:
+        with open(TOKEN_FILE) as fh:
+            req.add_header("Authorization", "Bearer " + fh.read().strip())
     if length is not None:
         req.add_header("Content-Length", str(length))
     try:
@@ -462,7 +467,10 @@ def main():
     parser.add_argument("--knobs", required=True, help="JSON knob file, re-read when it changes")
     parser.add_argument("--state", default=None, help="JSON file the jobs are saved to")
     parser.add_argument("--log", default=None)
+    parser.add_argument("--token-file", default=None, help="bearer token sent with every storage request")
     args = parser.parse_args()
+    global TOKEN_FILE
+    TOKEN_FILE = args.token_file
     logging.basicConfig(level=logging.INFO, filename=args.log, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     KNOBS.path = args.knobs
     LOG.info("knobs at start: %s", KNOBS.current())

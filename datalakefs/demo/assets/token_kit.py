@@ -8,6 +8,9 @@
                        [--expired] [--wrong-key]
         prints a WLCG-profile JWT (ES256, kid); --expired: expired an hour ago; --wrong-key: signed
         by a key the issuer never published (the origin must refuse both)
+
+``verify`` checks such a token as a storage server does (signature, issuer, audience, time); the
+WebDAV doors' authoriser (``dav_auth.py``) uses it.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import sys
 import time
 import uuid
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 KID = "demo-lake-key-1"
 
@@ -99,6 +103,41 @@ def mint(key_path: str, issuer: str, audience: str, scope: str, lifetime: int, e
     signing_input = _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(claims).encode())
     r, s = decode_dss_signature(key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
     return signing_input + "." + _b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+
+
+class InvalidToken(Exception):
+    """The token is not one this issuer signed for this audience, or not now; the message says why."""
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def verify(token: str, public_key: ec.EllipticCurvePublicKey, issuer: str, audience: str, now: float) -> dict:
+    """The claims of ``token`` once its ES256 signature, issuer, audience, nbf and exp are good."""
+    try:
+        header_b64, claims_b64, signature_b64 = token.split(".")
+        header = json.loads(_unb64(header_b64))
+        claims = json.loads(_unb64(claims_b64))
+        signature = _unb64(signature_b64)
+    except ValueError:
+        raise InvalidToken("not a JWT") from None
+    if header.get("alg") != "ES256" or len(signature) != 64:
+        raise InvalidToken(f"algorithm {header.get('alg')!r} is not accepted")
+    der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+    try:
+        public_key.verify(der, f"{header_b64}.{claims_b64}".encode(), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise InvalidToken("bad signature") from None
+    if claims.get("iss") != issuer:
+        raise InvalidToken(f"issuer {claims.get('iss')!r} is not trusted")
+    audiences = claims.get("aud")
+    audiences = audiences if isinstance(audiences, list) else [audiences]
+    if audience not in audiences and "https://wlcg.cern.ch/jwt/v1/any" not in audiences:
+        raise InvalidToken(f"audience {claims.get('aud')!r} is not this storage")
+    if not claims.get("nbf", 0) <= now < claims.get("exp", 0):
+        raise InvalidToken("expired or not yet valid")
+    return claims
 
 
 def main() -> int:

@@ -1,0 +1,1 @@
+"""The demo lake's services, one module each: how each is configured, started and probed."""
