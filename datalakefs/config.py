@@ -81,6 +81,10 @@ class Config:
     read_ahead_kb: int = 1024
     xattrs: bool = True
     allow_other: bool = False
+    uid: int | None = None
+    gid: int | None = None
+    umask: int = 0o022
+    ro: bool = False
     log_level: str = "INFO"
     metrics_port: int | None = None
 
@@ -100,6 +104,17 @@ def _parse_size(key: str, text: str) -> int:
     if value < 0:
         raise ConfigError(f"option {key}: a size cannot be negative")
     return value
+
+
+def _parse_umask(value: Any) -> int:
+    """An octal string (``022``, ``0o022``, as mount(8) and rclone write it) or a TOML integer."""
+    try:
+        mask = value if isinstance(value, int) else int(str(value).strip().removeprefix("0o"), 8)
+    except ValueError:
+        raise ConfigError(f"option umask: {value!r} is not an octal mask (e.g. 022)") from None
+    if not 0 <= mask <= 0o777:
+        raise ConfigError(f"option umask: {value!r} is outside 000..777")
+    return mask
 
 
 def _convert(key: str, hint: Any, value: Any) -> Any:
@@ -128,6 +143,8 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
         raise ConfigError(f"option {key}: {value!r} is not a boolean")
     if hint is int and key in _SIZE_KEYS and isinstance(value, str):
         return _parse_size(key, value)
+    if key == "umask":
+        return _parse_umask(value)
     if hint is Path:
         return Path(os.path.expanduser(str(value)))
     try:

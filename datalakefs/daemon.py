@@ -23,6 +23,8 @@ from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.catalogue.rucio import RucioCatalogue
 from datalakefs.catalogue.rucio_upload import RucioUploader
 from datalakefs.config import Config
+from datalakefs.errors import CatalogueUnavailableError
+from datalakefs.fs.attributes import Ownership
 from datalakefs.fs.filesystem import Filesystem
 from datalakefs.fs.outbox import OutboxTree
 from datalakefs.fuse.operations import FuseOperations, invalidate_entry
@@ -55,7 +57,7 @@ class Daemon:
         self.mountpoint = os.path.abspath(mountpoint)
         self.target = target
         self.started = time.time()
-        rucio = RucioCatalogue(config, token_dir=str(self.private_dir() / "rucio"))
+        self.rucio = rucio = RucioCatalogue(config, token_dir=str(self.private_dir() / "rucio"))
         self.catalogue = CachedCatalogue(rucio, config)
         self.storage_auth = StorageAuth()
         self.storage_auth.check()
@@ -77,9 +79,13 @@ class Daemon:
         control = {STATUS_FILE: self.render_status, OUTBOX_FILE: self.render_outbox}
         namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
                               listing_ttl=config.catalogue_ttl, times_limit=config.listing_times_limit)
-        outbox_tree = OutboxTree(self.outbox, namespace, self._visible_scopes, os.getuid(), os.getgid())
-        outbox_tree.invalidate_entry = invalidate_entry
-        self.filesystem = Filesystem(namespace, self.catalogue, self.staging, control, stager=self.staging,
+        owner = Ownership(os.getuid() if config.uid is None else config.uid,
+                          os.getgid() if config.gid is None else config.gid, config.umask, config.ro)
+        # a read-only mount has no outbox to write into (uploads a former mount committed still go on)
+        outbox_tree = None if config.ro else OutboxTree(self.outbox, namespace, self._visible_scopes, owner)
+        if outbox_tree is not None:
+            outbox_tree.invalidate_entry = invalidate_entry
+        self.filesystem = Filesystem(namespace, self.catalogue, self.staging, control, owner, stager=self.staging,
                                      outbox=outbox_tree)
         self.meter = RateMeter(self._counters)
         self.metrics_url: str | None = None
@@ -126,6 +132,8 @@ class Daemon:
         options = {"fsname=datalakefs", "subtype=datalakefs", "default_permissions"}
         if self.config.allow_other:
             options.add("allow_other")
+        if self.config.ro:
+            options.add("ro")
         return options
 
     async def run(self, on_ready: Callable[[], None]) -> None:
@@ -133,6 +141,7 @@ class Daemon:
             _notify_systemd("READY=1")
             on_ready()
 
+        await self._authenticate()
         port = self.config.metrics_port
         metrics = await MetricsEndpoint.open(port) if port is not None else None
         async with trio.open_nursery() as services:
@@ -148,6 +157,17 @@ class Daemon:
             _notify_systemd("STOPPING=1")
             services.cancel_scope.cancel()
         self.outbox.close()
+
+
+    async def _authenticate(self) -> None:
+        """Refused credentials stop the mount here, with the reason; an outage does not (the mount
+        answers EIO until the server is back, as it would for an outage later)."""
+        try:
+            account = await trio.to_thread.run_sync(self.rucio.authenticate)
+        except CatalogueUnavailableError as exc:
+            log.warning("event=catalogue-unavailable-at-mount reason=%s", exc)
+        else:
+            log.info("event=authenticated account=%s", account)
 
 
 def _notify_systemd(message: str) -> None:

@@ -12,8 +12,8 @@ from datalakefs.cli.logs import setup_logging
 
 __all__ = ["load_config", "registry_file", "setup_logging", "with_config"]
 
-# Options mount(8) passes to every helper; they mean nothing to datalakefs.
-_MOUNT8_OPTIONS = frozenset({"rw", "ro", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev",
+# Options mount(8) passes to every helper that mean nothing to datalakefs (`ro` does: see Config.ro).
+_MOUNT8_OPTIONS = frozenset({"rw", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev",
                              "nofail", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime",
                              "noatime", "relatime"})
 

@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.errors import NoAttributeError, NotFoundError, NotSupportedError, ReadOnlyError
-from datalakefs.fs.attributes import Attributes, attributes_of
+from datalakefs.fs.attributes import Attributes, Ownership, attributes_of
 from datalakefs.fs.outbox import OUTBOX_DIR, OutboxHandle, OutboxTree
 from datalakefs.fs.ports import FileContent, OpenFile, StageRequests
 from datalakefs.model import DIDInfo
@@ -71,8 +71,7 @@ class Filesystem:
         catalogue: CachedCatalogue,
         content: FileContent,
         control_files: dict[str, ControlRenderer],
-        uid: int | None = None,
-        gid: int | None = None,
+        owner: Ownership | None = None,
         stager: StageRequests | None = None,
         outbox: OutboxTree | None = None,
     ) -> None:
@@ -81,8 +80,7 @@ class Filesystem:
         self._content = content
         self._stager = stager
         self._control = control_files
-        self._uid = os.getuid() if uid is None else uid
-        self._gid = os.getgid() if gid is None else gid
+        self._owner = owner or Ownership(os.getuid(), os.getgid())
         self._start = time.time()
         self._outbox = outbox
         self._handles: dict[int, _DirHandle | _ControlHandle | OutboxHandle | OpenFile] = {}
@@ -93,7 +91,7 @@ class Filesystem:
     def attributes(self, node: Node) -> Attributes:
         if self._outbox is not None and self._outbox.owns(node):
             return self._outbox.attributes(node)
-        return attributes_of(node, self._uid, self._gid, self._start)
+        return attributes_of(node, self._owner, self._start)
 
     async def lookup(self, parent_ino: int, name: str) -> Attributes:
         if name in (".", ".."):

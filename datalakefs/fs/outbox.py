@@ -18,13 +18,12 @@ dataset directory. ``user.datalakefs.state`` reads the upload state, and writing
 
 from __future__ import annotations
 
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from datalakefs.errors import AlreadyExistsError, InvalidNameError, NoAttributeError, NotFoundError, ReadOnlyError
-from datalakefs.fs.attributes import Attributes
+from datalakefs.fs.attributes import Attributes, Ownership
 from datalakefs.model import DID
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
 from datalakefs.namespace.tree import Namespace
@@ -32,8 +31,6 @@ from datalakefs.outbox.service import Outbox, OutboxFile
 
 OUTBOX_DIR = ".outbox"
 STATE_XATTR = "user.datalakefs.state"
-_DIR_MODE = stat.S_IFDIR | 0o755
-_FILE_MODE = stat.S_IFREG | 0o644
 
 #: ``invalidate_entry(parent_ino, name)``: tell the kernel a name is gone (set by the FUSE layer).
 EntryInvalidator = Callable[[int, str], None]
@@ -55,14 +52,12 @@ class OutboxTree:
         outbox: Outbox,
         namespace: Namespace,
         visible_scopes: Callable[[], Awaitable[list[str]]],
-        uid: int,
-        gid: int,
+        owner: Ownership,
     ) -> None:
         self._outbox = outbox
         self._ns = namespace
         self._visible_scopes = visible_scopes
-        self._uid = uid
-        self._gid = gid
+        self._owner = owner
         self._start = time.time()
         self.invalidate_entry: EntryInvalidator = lambda parent, name: None
         outbox.add_listener(self._uploaded)
@@ -105,9 +100,10 @@ class OutboxTree:
     def attributes(self, node: Node) -> Attributes:
         if node.kind is NodeKind.OUTBOX_FILE:
             file = self.outbox_file(node)
-            return Attributes(node.ino, _FILE_MODE, file.size, file.mtime, file.mtime, 1, self._uid, self._gid,
-                              volatile=True)
-        return Attributes(node.ino, _DIR_MODE, 0, self._start, self._start, 2, self._uid, self._gid, volatile=True)
+            return Attributes(node.ino, self._owner.file_mode, file.size, file.mtime, file.mtime, 1, self._owner.uid,
+                              self._owner.gid, volatile=True)
+        return Attributes(node.ino, self._owner.dir_mode, 0, self._start, self._start, 2, self._owner.uid,
+                          self._owner.gid, volatile=True)
 
     # -- names -------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from datalakefs.demo.status import LakeStatus
 from tests.fuse.mounting import Mount
+from tests.fuse.users import TestUser, fuse_problem, unprivileged_user
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +38,14 @@ def new_mount(lake: LakeStatus, tmp_path: Path) -> Iterator[Callable[..., Mount]
     yield make
     for mount in mounts:
         mount.stop()
+
+
+@pytest.fixture(scope="session")
+def test_user() -> Iterator[TestUser]:
+    """An unprivileged account (see tests/fuse/users.py); fails, never skips, where users cannot mount."""
+    problem = fuse_problem()
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    user = unprivileged_user()
+    yield user
+    shutil.rmtree(user.home, ignore_errors=True)

@@ -17,21 +17,31 @@ from types import TracebackType
 from typing import Any
 
 from datalakefs.fuse.session import is_stale, mounted_fstype, wait_gone
+from tests.fuse.users import TestUser
 
 
-def datalakefs(*args: str, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "datalakefs", *args], capture_output=True, text=True,
-                          timeout=timeout, check=False, env=env)
+def datalakefs(*args: str, timeout: float = 180, env: dict[str, str] | None = None,
+               user: TestUser | None = None) -> subprocess.CompletedProcess[str]:
+    """``datalakefs ARGS``; as ``user`` when given (``env`` then adds to that user's environment)."""
+    argv = [sys.executable, "-m", "datalakefs", *args]
+    if user is not None:
+        return user.run(argv, env=env, timeout=timeout)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, env=env)
 
 
 
 class Mount:
-    def __init__(self, mountpoint: Path, config: Path, *options: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, mountpoint: Path, config: Path, *options: str, env: dict[str, str] | None = None,
+                 user: TestUser | None = None) -> None:
+        """``user``: mount (and umount, and read the status) as this unprivileged user."""
         self.mountpoint = mountpoint
         self.config = config
         self.options = options
         self.env = env
+        self.user = user
         mountpoint.mkdir(parents=True, exist_ok=True)
+        if user is not None:
+            user.give(mountpoint, 0o755)
 
     def _args(self) -> list[str]:
         args = ["--config", str(self.config)]
@@ -40,13 +50,16 @@ class Mount:
         return args
 
     def start(self) -> subprocess.CompletedProcess[str]:
-        done = datalakefs("mount", str(self.mountpoint), *self._args(), env=self.env)
+        done = datalakefs("mount", str(self.mountpoint), *self._args(), env=self.env, user=self.user)
         if done.returncode != 0:
             raise AssertionError(f"mount failed: {done.stdout}\n{done.stderr}")
         return done
 
     def status(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.mountpoint / ".datalakefs" / "status.json").read_text())
+        path = self.mountpoint / ".datalakefs" / "status.json"
+        # without allow_other, only the user who mounted may look into the mount (root neither)
+        text = path.read_text() if self.user is None else self.user.run(["cat", str(path)], check=True).stdout
+        data: dict[str, Any] = json.loads(text)
         return data
 
     @property
@@ -61,7 +74,7 @@ class Mount:
         with contextlib.suppress(Exception):
             pid = self.pid
         if self.is_mounted() and not is_stale(str(self.mountpoint)):
-            datalakefs("umount", str(self.mountpoint), *self._args(), env=self.env)
+            datalakefs("umount", str(self.mountpoint), *self._args(), env=self.env, user=self.user)
         if self.is_mounted():
             subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False, capture_output=True)
         if pid is not None and not wait_gone(pid, timeout=10):

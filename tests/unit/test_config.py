@@ -58,3 +58,19 @@ def test_broken_toml_is_an_error(tmp_path: Path) -> None:
     path.write_text("cache_size = = 3\n")
     with pytest.raises(ConfigError, match=str(path)):
         config.load(str(path))
+
+
+@pytest.mark.parametrize(("text", "mask"), [("022", 0o022), ("0o002", 0o002), ("077", 0o077), ("0", 0)])
+def test_umask_is_octal(text: str, mask: int) -> None:
+    assert config.load(None, {"umask": text}).umask == mask
+
+
+@pytest.mark.parametrize("text", ["9", "1000", "rwx"])
+def test_bad_umask_is_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="umask"):
+        config.load(None, {"umask": text})
+
+
+def test_ownership_options() -> None:
+    loaded = config.load(None, {"uid": "1000", "gid": "100", "ro": "true"})
+    assert (loaded.uid, loaded.gid, loaded.ro) == (1000, 100, True)
