@@ -49,12 +49,6 @@ def user_config(lake: LakeStatus, user: TestUser, token_file_line: str = "") -> 
     return config, {"X509_USER_PROXY": str(proxy)}
 
 
-def as_user(user: TestUser, *argv: str) -> str:
-    done = user.run(list(argv))
-    assert done.returncode == 0, f"{argv} as {user.name} failed: {done.stderr}"
-    return done.stdout
-
-
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 120) -> Any:
     deadline = time.monotonic() + timeout
     while not (value := check()):
@@ -82,8 +76,8 @@ def test_an_unprivileged_user_mounts_reads_writes_stages_and_unmounts(
         assert daemon_uid(mount.pid) == test_user.uid
 
         # browse
-        assert set(lake.seed.scopes) <= set(as_user(test_user, "ls", str(root)).split())
-        listing = as_user(test_user, "ls", "-ln", str(root / lake.seed.scopes[0]))
+        assert set(lake.seed.scopes) <= set(test_user.output("ls", str(root)).split())
+        listing = test_user.output("ls", "-ln", str(root / lake.seed.scopes[0]))
         assert f" {test_user.uid} {test_user.gid} " in listing  # the user's own files
 
         # read, checked against the seeded bytes
@@ -91,37 +85,37 @@ def test_an_unprivileged_user_mounts_reads_writes_stages_and_unmounts(
         scope, name = did.split(":")
         path = root / scope / lake.seed.sized_dataset.split(":")[1] / name
         expected = seed.content(lake.seed.content_key, did, 1 << 20)
-        assert as_user(test_user, "sha256sum", str(path)).split()[0] == hashlib.sha256(expected).hexdigest()
+        assert test_user.output("sha256sum", str(path)).split()[0] == hashlib.sha256(expected).hexdigest()
         assert mount.status()["content"]["cache"]["used_bytes"] >= len(expected)
 
         # the cache, cleared through the running mount
-        as_user(test_user, sys.executable, "-m", "datalakefs", "cache", "clear", str(root), *options)
+        test_user.output(sys.executable, "-m", "datalakefs", "cache", "clear", str(root), *options)
         assert mount.status()["content"]["cache"]["used_bytes"] == 0
 
         # the outbox: a file the user writes ends up in the lake
         dataset, name = f"nonroot_{uuid.uuid4().hex[:8]}", "result.txt"
         target = root / ".outbox" / lake.seed.upload_scope / dataset
-        as_user(test_user, "mkdir", str(target))
+        test_user.output("mkdir", str(target))
         source = test_user.home / name
         data = f"written by {test_user.name}\n".encode() * 1000
         source.write_bytes(data)
         test_user.give(source)
-        as_user(test_user, "cp", str(source), str(target / name))
+        test_user.output("cp", str(source), str(target / name))
         meta = wait_for(lambda: uploaded(rucio_client, lake.seed.upload_scope, name, dataset), "the upload")
         assert meta["bytes"] == len(data) and meta["adler32"] == f"{zlib.adler32(data):08x}"
 
         # staging by the xattr
         stage_path = root / "lake" / "stage_me"
-        as_user(test_user, "setfattr", "-n", "user.datalakefs.stage", "-v", "1", str(stage_path))
+        test_user.output("setfattr", "-n", "user.datalakefs.stage", "-v", "1", str(stage_path))
         wait_for(lambda: re.match(r"rule \w+ OK", _state(test_user, stage_path)), "the rule to be OK")
 
         # status, as the user, finds the mount through the user's state dir
-        status = as_user(test_user, sys.executable, "-m", "datalakefs", "status", *options)
+        status = test_user.output(sys.executable, "-m", "datalakefs", "status", *options)
         assert str(root) in status and "NOT ANSWERING" not in status
 
         # umount as the user: the mount and its daemon are gone
         pid = mount.pid
-        as_user(test_user, sys.executable, "-m", "datalakefs", "umount", str(root), *options)
+        test_user.output(sys.executable, "-m", "datalakefs", "umount", str(root), *options)
         assert not mount.is_mounted()
         assert not Path(f"/proc/{pid}").exists()
 
@@ -139,7 +133,7 @@ def uploaded(rucio_client: Any, scope: str, name: str, dataset: str) -> dict[str
 
 
 def _state(user: TestUser, path: Path) -> str:
-    return as_user(user, "getfattr", "--only-values", "-n", "user.datalakefs.state", str(path))
+    return user.output("getfattr", "--only-values", "-n", "user.datalakefs.state", str(path))
 
 
 def test_a_mount_that_cannot_authenticate_fails_at_mount_time(lake: LakeStatus, test_user: TestUser) -> None:

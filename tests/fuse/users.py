@@ -44,6 +44,12 @@ class TestUser:
                               user=self.uid if as_other else None, group=self.gid if as_other else None,
                               extra_groups=[] if as_other else None)
 
+    def output(self, *argv: str) -> str:
+        """The standard output of ``argv`` run as this user, which must succeed."""
+        done = self.run(list(argv))
+        assert done.returncode == 0, f"{argv} as {self.name} failed: {done.stderr}"
+        return done.stdout
+
     def give(self, path: Path, mode: int = 0o600) -> Path:
         """Make ``path`` (created by the test as root) this user's own, with ``mode``."""
         os.chown(path, self.uid, self.gid)
