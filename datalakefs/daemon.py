@@ -30,7 +30,7 @@ from datalakefs.fs.outbox import OutboxTree
 from datalakefs.fuse.operations import FuseOperations, invalidate_entry
 from datalakefs.fuse.session import prepare_mountpoint, serve
 from datalakefs.namespace.inodes import InodeTable
-from datalakefs.namespace.tree import Namespace
+from datalakefs.namespace.tree import CONFIG_FILE, Namespace
 from datalakefs.ops.metrics import MetricsEndpoint
 from datalakefs.ops.rates import RateMeter
 from datalakefs.outbox.journal import Journal
@@ -76,7 +76,7 @@ class Daemon:
             reserve=config.spool_reserve,
             upload_while_writing=config.upload_while_writing,
         )
-        control = {STATUS_FILE: self.render_status, OUTBOX_FILE: self.render_outbox}
+        control = {STATUS_FILE: self.render_status, OUTBOX_FILE: self.render_outbox, CONFIG_FILE: self.render_config}
         namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
                               listing_ttl=config.catalogue_ttl, times_limit=config.listing_times_limit)
         owner = Ownership(os.getuid() if config.uid is None else config.uid,
@@ -123,6 +123,11 @@ class Daemon:
     def render_outbox(self) -> bytes:
         document = {"summary": self.outbox.summary(), "files": self.outbox.listing()}
         return (redact_text(json.dumps(document, indent=1, sort_keys=True)) + "\n").encode()
+
+    def render_config(self) -> bytes:
+        """This mount's options, so that ``datalakefs stage|cache|outbox PATH`` act with the
+        configuration of the mount PATH is under (no option holds a credential)."""
+        return (json.dumps(self.config.as_dict(), indent=1, sort_keys=True) + "\n").encode()
 
     async def _visible_scopes(self) -> list[str]:
         scopes = await self.catalogue.list_scopes()

@@ -341,6 +341,10 @@ class RucioCatalogue:
         with self._client() as client:
             return [_rule(row) for row in client.list_associated_rules_for_file(did.scope, did.name)]
 
+    def did_rules(self, did: DID) -> list[Rule]:
+        with self._client() as client:
+            return [_rule(row) for row in client.list_did_rules(did.scope, did.name)]
+
     def add_rule(self, did: DID, rse: str, lifetime: int | None, activity: str | None,
                  account: str | None, asynchronous: bool = False) -> tuple[Rule, bool]:
         with self._client() as client:

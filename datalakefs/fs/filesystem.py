@@ -216,6 +216,8 @@ class Filesystem:
             return ",".join(dict.fromkeys(rses))
         if name == "user.datalakefs.cached":
             return str(self._content.cached_bytes(info))
+        if self._stager is not None:
+            await self._stager.look_up(info)
         return self._content.state(info)
 
     # -- writes (the outbox; read-only elsewhere) ---------------------------------------------

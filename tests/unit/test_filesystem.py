@@ -233,8 +233,13 @@ class _Stager:
     def __init__(self) -> None:
         self.staged: list[tuple[DIDInfo, bytes]] = []
 
+        self.looked_up: list[DIDInfo] = []
+
     async def stage(self, info: DIDInfo, value: bytes) -> None:
         self.staged.append((info, value))
+
+    async def look_up(self, info: DIDInfo) -> None:
+        self.looked_up.append(info)
 
 
 async def test_stage_xattr_goes_to_the_stager_and_other_xattrs_are_read_only(fake: FakeCatalogue) -> None:
@@ -246,6 +251,7 @@ async def test_stage_xattr_goes_to_the_stager_and_other_xattrs_are_read_only(fak
     raw = await _path(fs, "phys", "raw")
     assert fs.listxattr(raw)[-1] == "user.datalakefs.state"
     assert await fs.getxattr(raw, "user.datalakefs.state") == b"streaming"
+    assert [info.did.name for info in stager.looked_up] == ["raw"]  # rules made elsewhere are asked for first
     await fs.setxattr(raw, "user.datalakefs.stage", b"1")
     assert [(info.did.name, value) for info, value in stager.staged] == [("raw", b"1")]
     with pytest.raises(ReadOnlyError):
