@@ -14,7 +14,7 @@ sysdeps:
 $(BIN)/.installed: pyproject.toml | sysdeps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip wheel 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[fuse,test,dev]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import pyfuse3, trio, rucio.client, aiohttp"
 	touch $@
 

@@ -24,11 +24,12 @@ from typing import Any
 import trio
 
 from datalakefs.cache.store import BlockCache
-from datalakefs.cli.common import load_config, mount_of, with_config
+from datalakefs.cli.common import load_config, with_config
 from datalakefs.cli.progress import human_bytes
 from datalakefs.config import Config
 from datalakefs.errors import ConfigError
 from datalakefs.fs.filesystem import CLEAR_CACHE_XATTR
+from datalakefs.fuse.session import mount_of
 from datalakefs.namespace.tree import CONTROL_DIR
 
 STATUS_FILE = "status.json"

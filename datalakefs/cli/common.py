@@ -1,5 +1,5 @@
 """What every subcommand shares: configuration from --config/-o (or from the mount a path is under),
-logging, the mount registry and the running mounts."""
+logging, the mount registry."""
 
 from __future__ import annotations
 
@@ -12,12 +12,10 @@ from pathlib import Path
 from datalakefs import config as configuration
 from datalakefs.cli.logs import setup_logging
 from datalakefs.errors import ConfigError
-from datalakefs.fuse.session import mounts_of_type
+from datalakefs.fuse.session import mount_of
 from datalakefs.namespace.tree import CONFIG_FILE, CONTROL_DIR
 
-__all__ = ["load_config", "mount_of", "registry_file", "running_mounts", "setup_logging", "with_config"]
-
-FSTYPE = "fuse.datalakefs"
+__all__ = ["load_config", "mount_config", "registry_file", "setup_logging", "with_config"]
 
 # Options mount(8) passes to every helper that mean nothing to datalakefs (`ro` does: see Config.ro).
 _MOUNT8_OPTIONS = frozenset({"rw", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev",
@@ -49,16 +47,6 @@ def load_config(args: argparse.Namespace, under: str | None = None) -> configura
     return configuration.load(config_file, overrides, base=base)
 
 
-def mount_of(path: str) -> Path | None:
-    """The datalakefs mount ``path`` is under (the innermost one), from the kernel's mount table; None
-    when ``path`` is not under one."""
-    if not os.path.lexists(path):
-        return None
-    target = os.path.realpath(path)
-    under = [m for m in mounts_of_type(FSTYPE) if target == m or target.startswith(m.rstrip("/") + "/")]
-    return Path(max(under, key=len)) if under else None
-
-
 def mount_config(mountpoint: Path) -> configuration.Config:
     """The options a running mount was made with (its ``.datalakefs/config.json``)."""
     path = mountpoint / CONTROL_DIR / CONFIG_FILE
@@ -67,11 +55,6 @@ def mount_config(mountpoint: Path) -> configuration.Config:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{mountpoint}: cannot read the mount's configuration {path}: {exc}") from None
     return configuration.apply(configuration.Config(), values)
-
-
-def running_mounts() -> list[Path]:
-    """Every datalakefs mount in this mount namespace, whoever made it."""
-    return [Path(m) for m in sorted(mounts_of_type(FSTYPE))]
 
 
 def registry_file(state_dir: Path, mountpoint: str) -> Path:

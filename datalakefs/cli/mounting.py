@@ -15,13 +15,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from datalakefs import config as configuration
 from datalakefs.cli.common import load_config, registry_file, setup_logging, with_config
 from datalakefs.cli.logs import log_destination
 from datalakefs.cli.outbox import pending_warning
-from datalakefs.errors import DatalakeError
+from datalakefs.errors import ConfigError, DatalakeError
 
 log = logging.getLogger("datalakefs")
 
@@ -39,9 +40,19 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return _mount_detached(args, config, mountpoint)
 
 
-def _run_foreground(config: configuration.Config, mountpoint: str, ready_fd: int | None) -> int:
-    from datalakefs import daemon
+def _daemon_module() -> ModuleType:
+    """The daemon, which needs the FUSE binding (the ``fuse`` extra); its absence is a clear error."""
+    try:
+        from datalakefs import daemon
+    except ModuleNotFoundError as exc:
+        if exc.name != "pyfuse3":
+            raise
+        raise ConfigError("mounting needs pyfuse3, which is not installed: pip install 'datalakefs[fuse]' "
+                          "(it builds against libfuse3-dev)") from None
+    return daemon
 
+
+def _run_foreground(config: configuration.Config, mountpoint: str, ready_fd: int | None) -> int:
     registry = registry_file(config.state_dir, mountpoint)
 
     def on_ready() -> None:
@@ -54,7 +65,7 @@ def _run_foreground(config: configuration.Config, mountpoint: str, ready_fd: int
 
     try:
         setup_logging(config.log_level)
-        daemon.run(config, mountpoint, on_ready)
+        _daemon_module().run(config, mountpoint, on_ready)
     except DatalakeError as exc:
         log.error("event=mount-failed mountpoint=%s reason=%s", mountpoint, exc)
         if ready_fd is not None:

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from datalakefs.cli.common import mount_of, running_mounts, with_config
+from datalakefs.cli.common import with_config
 from datalakefs.errors import ConfigError
+from datalakefs.fuse.session import mount_of, running_mounts
 
 CONTROL = (".datalakefs", "outbox.json")
 OUTBOX = ".outbox"

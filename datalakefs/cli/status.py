@@ -21,9 +21,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from datalakefs.cli.common import load_config, mount_config, registry_file, running_mounts, with_config
+from datalakefs.cli.common import load_config, mount_config, registry_file, with_config
 from datalakefs.cli.progress import human_bytes, human_duration
 from datalakefs.errors import ConfigError
+from datalakefs.fuse.session import running_mounts
 
 READ_TIMEOUT_S = 5.0
 _KNOWN = ("version", "mountpoint", "pid", "uptime_s", "content", "rates", "catalogue", "storage_auth", "metrics")

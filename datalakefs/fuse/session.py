@@ -4,6 +4,10 @@ Order of events: clean a stale mount left by a killed daemon, ``pyfuse3.init`` (
 from here), run the request loop, and once the kernel's INIT has been answered raise the device's
 ``read_ahead_kb`` (written earlier, the INIT reply clamps it back to 128 KiB) and report readiness.
 SIGTERM and SIGINT end the loop; the mount is always removed on the way out.
+
+The mount-table helpers (:func:`mounts_of_type`, :func:`mount_of`, :func:`is_stale`, ...) serve the
+command line and the notebook API too, so ``pyfuse3`` is imported only where a session is served:
+everything else works where it is not installed (``pip install datalakefs`` without the ``fuse`` extra).
 """
 
 from __future__ import annotations
@@ -17,11 +21,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyfuse3
 import trio
 
 from datalakefs.errors import DatalakeError
+
+if TYPE_CHECKING:
+    import pyfuse3
+
+FSTYPE = "fuse.datalakefs"
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +118,21 @@ def mounts_of_type(fstype: str) -> list[str]:
     return [_unescape(fields[4]) for fields in rows if fields[fields.index("-") + 1] == fstype]
 
 
+def mount_of(path: str) -> Path | None:
+    """The datalakefs mount ``path`` is under (the innermost one), from the mount table; None when
+    ``path`` does not exist or is not under one."""
+    if not os.path.lexists(path):
+        return None
+    target = os.path.realpath(path)
+    under = [m for m in mounts_of_type(FSTYPE) if target == m or target.startswith(m.rstrip("/") + "/")]
+    return Path(max(under, key=len)) if under else None
+
+
+def running_mounts() -> list[Path]:
+    """Every datalakefs mount in this mount namespace, whoever made it."""
+    return [Path(m) for m in sorted(mounts_of_type(FSTYPE))]
+
+
 def _unescape(field: str) -> str:
     return field.encode().decode("unicode_escape") if "\\" in field else field
 
@@ -174,6 +198,8 @@ async def serve(
     """Mount at ``target`` (as returned by :func:`prepare_mountpoint`) and serve until unmounted or
     signalled. ``initialized`` is set by the operations' ``init`` callback, i.e. when the kernel's
     INIT request has been handled."""
+    import pyfuse3
+
     pyfuse3.init(operations, target, options)
     try:
         async with trio.open_nursery() as nursery:
@@ -195,6 +221,8 @@ async def serve(
 
 
 async def _stop_on_signal() -> None:
+    import pyfuse3
+
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("event=signal signal=%s action=unmount", signal.Signals(signum).name)

@@ -93,7 +93,8 @@ def test_an_unprivileged_user_mounts_reads_writes_stages_and_unmounts(
         assert mount.status()["content"]["cache"]["used_bytes"] == 0
 
         # the outbox: a file the user writes ends up in the lake
-        dataset, name = f"nonroot_{uuid.uuid4().hex[:8]}", "result.txt"
+        unique = uuid.uuid4().hex[:8]  # file names are unique per scope in Rucio
+        dataset, name = f"nonroot_{unique}", f"result_{unique}.txt"
         target = root / ".outbox" / lake.seed.upload_scope / dataset
         test_user.output("mkdir", str(target))
         source = test_user.home / name

@@ -74,7 +74,8 @@ def check_pod_user(lake: LakeStatus, test_user: TestUser, rucio_client: Any, roo
     assert test_user.output("wc", "-c", str(path)).split()[0] == "1"
 
     # ... and writes results back through the outbox
-    dataset, result = f"pod_{uuid.uuid4().hex[:8]}", "result.csv"
+    unique = uuid.uuid4().hex[:8]  # file names are unique per scope in Rucio
+    dataset, result = f"pod_{unique}", f"result_{unique}.csv"
     target = root / ".outbox" / lake.seed.upload_scope / dataset
     test_user.output("mkdir", str(target))
     test_user.output("sh", "-c", f"echo 'x,y' > {target / result}")

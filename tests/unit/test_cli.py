@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from datalakefs.cli import _parser, main
-from datalakefs.cli.common import load_config, mount_of
+from datalakefs.cli.common import load_config
 from datalakefs.cli.logs import KeyValueFormatter, log_destination, to_journal
+from datalakefs.fuse.session import mount_of
 
 
 def test_demo_help_is_the_demo_tooling_help(capsys: pytest.CaptureFixture[str]) -> None:
