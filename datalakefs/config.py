@@ -93,6 +93,7 @@ class Config:
     ro: bool = False
     log_level: str = "INFO"
     metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

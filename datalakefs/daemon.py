@@ -148,7 +148,7 @@ class Daemon:
 
         await self._authenticate()
         port = self.config.metrics_port
-        metrics = await MetricsEndpoint.open(port) if port is not None else None
+        metrics = await MetricsEndpoint.open(port, self.config.metrics_address) if port is not None else None
         async with trio.open_nursery() as services:
             await services.start(self.content.run)
             await services.start(self.stager.run)
