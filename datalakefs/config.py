@@ -34,14 +34,21 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
 
 
+def _systemd_directory(variable: str) -> Path | None:
+    """The directory systemd made for the unit (``CacheDirectory=`` gives ``$CACHE_DIRECTORY``, a
+    colon-separated list when several are named: the first is ours)."""
+    value = os.environ.get(variable, "").split(":")[0]
+    return Path(value) if value else None
+
+
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "datalakefs"
+    return _systemd_directory("CACHE_DIRECTORY") or Path(base) / "datalakefs"
 
 
 def _default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "datalakefs"
+    return _systemd_directory("STATE_DIRECTORY") or Path(base) / "datalakefs"
 
 
 @dataclass(frozen=True, slots=True)

@@ -98,3 +98,10 @@ def test_an_integer_duration_option_stays_an_integer() -> None:
 def test_bad_durations_are_refused_with_the_option_name(text: str) -> None:
     with pytest.raises(ConfigError, match=r"option staging_timeout: .* duration"):
         config.load(None, {"staging_timeout": text})
+
+
+def test_systemd_directories_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/datalakefs/lake")
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/datalakefs/lake:/var/cache/other")
+    defaults = config.Config()
+    assert (defaults.state_dir, defaults.cache_dir) == (Path("/var/lib/datalakefs/lake"), Path("/var/cache/datalakefs/lake"))
