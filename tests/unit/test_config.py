@@ -104,4 +104,5 @@ def test_systemd_directories_are_the_defaults(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/datalakefs/lake")
     monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/datalakefs/lake:/var/cache/other")
     defaults = config.Config()
-    assert (defaults.state_dir, defaults.cache_dir) == (Path("/var/lib/datalakefs/lake"), Path("/var/cache/datalakefs/lake"))
+    assert defaults.state_dir == Path("/var/lib/datalakefs/lake")
+    assert defaults.cache_dir == Path("/var/cache/datalakefs/lake")
