@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -28,6 +29,24 @@ def datalakefs(*args: str, timeout: float = 180, env: dict[str, str] | None = No
         return user.run(argv, env=env, timeout=timeout)
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, env=env)
 
+
+
+@contextlib.contextmanager
+def fstab_mounted(config: Path, base: Path, options: str) -> Iterator[Mount]:
+    """A mount made the way mount(8) makes one for the fstab line ``datalakefs <base>/fstab datalakefs
+    OPTIONS,config=CONFIG,...`` (through ``mount.datalakefs``), undone afterwards."""
+    mountpoint = base / "fstab"
+    mountpoint.mkdir()
+    helper = Path(sys.executable).with_name("mount.datalakefs")
+    done = subprocess.run([str(helper), "datalakefs", str(mountpoint), "-o",
+                           f"{options},config={config},cache_dir={base / 'c'},state_dir={base / 's'}"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    mount = Mount(mountpoint, config, f"state_dir={base / 's'}")
+    try:
+        assert done.returncode == 0, done.stderr
+        yield mount
+    finally:
+        mount.stop()
 
 
 class Mount:

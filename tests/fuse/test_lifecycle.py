@@ -6,8 +6,6 @@ import errno
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 
 from datalakefs.demo.status import LakeStatus
 from datalakefs.fuse.session import wait_gone
-from tests.fuse.mounting import Mount
+from tests.fuse.mounting import Mount, fstab_mounted
 from tests.fuse.tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
@@ -63,19 +61,8 @@ def test_mounting_twice_is_refused(new_mount: Callable[..., Mount]) -> None:
 
 
 def test_fstab_helper_mounts(lake: LakeStatus, tmp_path: Path) -> None:
-    mountpoint = tmp_path / "fstab"
-    mountpoint.mkdir()
-    helper = Path(sys.executable).with_name("mount.datalakefs")
-    done = subprocess.run(
-        [str(helper), "datalakefs", str(mountpoint), "-o",
-         f"rw,nodev,config={lake.datalakefs_config},cache_dir={tmp_path / 'c'},state_dir={tmp_path / 's'}"],
-        capture_output=True, text=True, timeout=120, check=False)
-    mount = Mount(mountpoint, lake.datalakefs_config, f"state_dir={tmp_path / 's'}")
-    try:
-        assert done.returncode == 0, done.stderr
-        assert set(lake.seed.scopes) <= set(os.listdir(mountpoint))
-    finally:
-        mount.stop()
+    with fstab_mounted(lake.datalakefs_config, tmp_path, "rw,nodev") as mount:
+        assert set(lake.seed.scopes) <= set(os.listdir(mount.mountpoint))
 
 
 @pytest.fixture

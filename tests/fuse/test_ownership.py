@@ -9,7 +9,6 @@ import os
 import re
 import stat
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 
 from datalakefs.demo.status import LakeStatus
-from tests.fuse.mounting import Mount
+from tests.fuse.mounting import Mount, fstab_mounted
 from tests.fuse.test_nonroot import uploaded, wait_for
 from tests.fuse.users import TestUser
 
@@ -114,19 +113,8 @@ def test_ro_mount_has_no_outbox_and_no_write_bit(lake: LakeStatus, new_mount: Ca
 
 
 def test_fstab_ro_is_kept(lake: LakeStatus, tmp_path: Path) -> None:
-    mountpoint = tmp_path / "fstab-ro"
-    mountpoint.mkdir()
-    helper = Path(sys.executable).with_name("mount.datalakefs")
-    done = subprocess.run(
-        [str(helper), "datalakefs", str(mountpoint), "-o",
-         f"ro,nodev,config={lake.datalakefs_config},cache_dir={tmp_path / 'c'},state_dir={tmp_path / 's'}"],
-        capture_output=True, text=True, timeout=120, check=False)
-    mount = Mount(mountpoint, lake.datalakefs_config, f"state_dir={tmp_path / 's'}")
-    try:
-        assert done.returncode == 0, done.stderr
-        assert_read_only(mountpoint, lake)
-    finally:
-        mount.stop()
+    with fstab_mounted(lake.datalakefs_config, tmp_path, "ro,nodev") as mount:
+        assert_read_only(mount.mountpoint, lake)
 
 
 def _mount_options(mountpoint: Path) -> str:
