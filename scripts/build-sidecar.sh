@@ -6,11 +6,14 @@
 #   IMAGE   the image to build (default localhost/datalakefs-sidecar:latest)
 #   BASE    the base image; made with debootstrap when missing (default localhost/debian:bookworm-debootstrap)
 #   MIRROR  the Debian mirror for debootstrap (default http://deb.debian.org/debian)
+#   ISOLATION  how buildah runs the RUN steps (default chroot: it needs no OCI runtime and no cgroup
+#           controllers; crun refuses to run inside a machine whose cgroups are in hybrid mode)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${IMAGE:-localhost/datalakefs-sidecar:latest}
 BASE=${BASE:-localhost/debian:bookworm-debootstrap}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
+ISOLATION=${ISOLATION:-chroot}
 PYTHON=${PYTHON:-.venv/bin/python}
 sudo=()
 [[ $(id -u) -eq 0 ]] || sudo=(sudo)
@@ -43,6 +46,6 @@ print("\n".join(project["dependencies"] + project["optional-dependencies"]["fuse
 "$PYTHON" -m pip download --quiet --disable-pip-version-check --dest docker/wheelhouse --no-binary pyfuse3 \
   $requirements setuptools setuptools_scm Cython wheel
 
-buildah bud --layers --build-arg BASE="$BASE" --build-arg PIP_OPTIONS=--no-index -f docker/Dockerfile \
+buildah bud --layers --isolation "$ISOLATION" --build-arg BASE="$BASE" --build-arg PIP_OPTIONS=--no-index -f docker/Dockerfile \
   -t "$IMAGE" .
 echo "built $IMAGE"

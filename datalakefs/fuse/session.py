@@ -92,17 +92,19 @@ def abort_connection(target: str) -> None:
 
 
 def _mountinfo_fields(target: str) -> list[str] | None:
-    """The /proc/self/mountinfo line of the mount at the absolute path ``target``.
+    """The /proc/self/mountinfo line of the mount at the absolute path ``target``: the last one, which
+    is the top of a stack (a FUSE mount over a container's volume).
 
     Reading mountinfo never touches the mount itself, which matters inside the daemon: a stat() of
     its own mount point would wait for a reply only this thread can give.
     """
+    found = None
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
             fields = line.split()
             if _unescape(fields[4]) == target:
-                return fields
-    return None
+                found = fields
+    return found
 
 
 def mounted_fstype(target: str) -> str | None:
@@ -161,13 +163,16 @@ def wait_gone(pid: int, timeout: float, tick: Callable[[], None] | None = None) 
 
 
 def prepare_mountpoint(mountpoint: str) -> str:
-    """Clean a stale mount, refuse a live one, check the directory; returns the resolved path."""
-    if is_stale(mountpoint):
+    """Clean a stale mount, refuse a live one, check the directory; returns the resolved path.
+
+    Another filesystem mounted there is no reason to refuse: a container's volume (the pod's shared
+    ``/lake``) is a bind mount, and the lake is mounted on top of it."""
+    if mounted_fstype(os.path.realpath(mountpoint)) == FSTYPE and is_stale(mountpoint):
         log.warning("event=stale-mount mountpoint=%s action=lazy-unmount", mountpoint)
         unmount(mountpoint, lazy=True)
     target = os.path.realpath(mountpoint)
-    if mounted_fstype(target) is not None:
-        raise MountError(f"{mountpoint} is already a mount point")
+    if mounted_fstype(target) == FSTYPE:
+        raise MountError(f"{mountpoint} is already a mount point (of datalakefs)")
     if not os.path.isdir(target):
         raise MountError(f"{mountpoint} is not a directory")
     return target

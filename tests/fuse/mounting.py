@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from datalakefs.fuse.session import is_stale, mounted_fstype, wait_gone
+from datalakefs.fuse.session import FSTYPE, is_stale, mounted_fstype, wait_gone
 from tests.fuse.users import TestUser
 
 
@@ -86,7 +86,8 @@ class Mount:
         return int(self.status()["pid"])
 
     def is_mounted(self) -> bool:
-        return mounted_fstype(os.path.abspath(self.mountpoint)) is not None
+        """Whether the lake is mounted here (not whatever it may sit on, such as a volume)."""
+        return mounted_fstype(os.path.abspath(self.mountpoint)) == FSTYPE
 
     def stop(self) -> None:
         pid = None

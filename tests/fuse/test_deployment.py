@@ -238,3 +238,31 @@ def no_dirs_config(lake: LakeStatus, tmp_path: Path) -> Path:
     config = tmp_path / "config.toml"
     config.write_text(text)
     return config
+
+
+def test_the_lake_mounts_over_a_volume_and_leaves_it_when_it_ends(lake: LakeStatus, tmp_path: Path) -> None:
+    """In a pod, the sidecar's /lake is itself a mount (the shared volume, a bind mount): the lake is
+    mounted on top of it, and the entrypoint's stale-mount check leaves the volume alone."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    subprocess.run(["mount", "--bind", str(volume), str(volume)], check=True)
+    try:
+        assert mounted_fstype(str(volume)) not in (None, "fuse.datalakefs")
+        check = subprocess.run(["sh", "-c", f". /dev/stdin; is_mounted {shlex.quote(str(volume))}"],
+                               input=is_mounted_function(), text=True, check=False)
+        assert check.returncode == 1, "the entrypoint would take the volume for a stale lake"
+        with Mount(volume, lake.datalakefs_config, f"cache_dir={tmp_path / 'c'}", f"state_dir={tmp_path / 's'}"):
+            assert mounted_fstype(str(volume)) == "fuse.datalakefs"
+            assert set(lake.seed.scopes) <= set(os.listdir(volume))
+            check = subprocess.run(["sh", "-c", f". /dev/stdin; is_mounted {shlex.quote(str(volume))}"],
+                                   input=is_mounted_function(), text=True, check=False)
+            assert check.returncode == 0
+        assert mounted_fstype(str(volume)) not in (None, "fuse.datalakefs")  # the volume is still there
+    finally:
+        subprocess.run(["umount", "-l", str(volume)], check=False)
+
+
+def is_mounted_function() -> str:
+    """The entrypoint's ``is_mounted`` shell function, on its own."""
+    text = ENTRYPOINT.read_text()
+    return text[text.index("is_mounted() {"):text.index("\n}\n", text.index("is_mounted() {")) + 3]
