@@ -19,7 +19,8 @@ sudo=()
 [[ $(id -u) -eq 0 ]] || sudo=(sudo)
 
 missing=()
-for tool in buildah debootstrap; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+# podman and runc run it (make sidecar-test)
+for tool in buildah debootstrap podman runc; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 if [[ ${#missing[@]} -gt 0 ]]; then
   echo "installing ${missing[*]}"
   "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"

@@ -24,6 +24,10 @@ from datalakefs.fuse.session import mounted_fstype
 from datalakefs.model import DID
 
 IMAGE = os.environ.get("IMAGE", "localhost/datalakefs-sidecar:latest")
+# How podman can run containers on these machines: crun refuses cgroups in hybrid mode, and the
+# container's rlimits may only be lowered (no CAP_SYS_RESOURCE to set podman's defaults).
+RUN_OPTIONS = os.environ.get("SIDECAR_RUN_OPTIONS",
+                             "--runtime runc --ulimit nofile=4096:4096 --ulimit nproc=4096:4096").split()
 pytestmark = [
     pytest.mark.lake,
     pytest.mark.fuse,
@@ -70,7 +74,7 @@ def test_the_sidecar_serves_the_notebook_side_and_unmounts_on_sigterm(
     state = tmp_path / "state-volume"
     state.mkdir()
     run = podman(
-        "run", "--detach", "--name", name, "--privileged", "--network", "host", "--device", "/dev/fuse",
+        "run", *RUN_OPTIONS, "--detach", "--name", name, "--privileged", "--network", "host", "--device", "/dev/fuse",
         "--volume", f"{shared_volume}:/lake:rshared",
         "--volume", f"{config}:/etc/datalakefs:ro",
         "--volume", f"{state}:/var/lib/datalakefs",
