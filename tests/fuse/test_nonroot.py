@@ -111,7 +111,7 @@ def test_an_unprivileged_user_mounts_reads_writes_stages_and_unmounts(
         wait_for(lambda: re.match(r"rule \w+ OK", _state(test_user, stage_path)), "the rule to be OK")
 
         # status, as the user, finds the mount through the user's state dir
-        status = test_user.output(sys.executable, "-m", "datalakefs", "status", *options)
+        status = test_user.output(sys.executable, "-m", "datalakefs", "status", *options, str(root))
         assert str(root) in status and "NOT ANSWERING" not in status
 
         # umount as the user: the mount and its daemon are gone
