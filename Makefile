@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DEMO_STATE ?= .demo
 MOUNTPOINT ?= lake
 
-.PHONY: demo down test lint unit bench soak sysdeps venv clean
+.PHONY: demo down test lint unit bench soak sysdeps venv clean sidecar sidecar-test
 
 sysdeps:
 	@scripts/install-system-packages.sh
@@ -14,7 +14,7 @@ sysdeps:
 $(BIN)/.installed: pyproject.toml | sysdeps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check --upgrade pip wheel 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[fuse,test,dev]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -c "import pyfuse3, trio, rucio.client, aiohttp"
 	touch $@
 
@@ -46,6 +46,14 @@ bench: sysdeps venv
 
 soak: sysdeps venv
 	DATALAKEFS_SOAK=1 $(BIN)/pytest -q tests/integration/test_outbox_crash.py
+
+# the sidecar image, built with buildah from a debootstrap base (no registry); not part of `make test`
+sidecar: venv
+	scripts/build-sidecar.sh
+
+# starts the image through its entrypoint against the test lake (slow: builds the image first)
+sidecar-test: sidecar
+	DATALAKEFS_SIDECAR=1 $(BIN)/pytest -q tests/sidecar
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -3,7 +3,8 @@
 Lookup order of the file: ``--config``, ``$DATALAKEFS_CONFIG``, ``~/.config/datalakefs/config.toml``
 (a missing default file is fine, a missing named file is an error). The Rucio side (server, account,
 auth) is never configured here: it comes from rucio's own ``rucio.cfg`` (``$RUCIO_CONFIG``).
-Sizes accept ``K``/``M``/``G``/``T`` suffixes (powers of 1024). An unknown key or a value that does
+Sizes accept ``K``/``M``/``G``/``T`` suffixes (powers of 1024); durations are seconds or take
+``ms``/``s``/``m``/``h``/``d`` suffixes, also combined (``5m``, ``2h``, ``1h30m``). An unknown key or a value that does
 not parse raises :class:`ConfigError` naming the key.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -28,16 +30,27 @@ _SIZE_SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_KEYS = frozenset(
     {"cache_size", "block_size", "prefetch_max", "spool_reserve", "upload_while_writing", "transfer_min_rate"}
 )
+_DURATION_KEYS = frozenset({"http_timeout", "staging_timeout", "entry_timeout", "attr_timeout", "catalogue_ttl",
+                            "negative_ttl", "catalogue_timeout", "rule_lifetime"})
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
+
+
+def _systemd_directory(variable: str) -> Path | None:
+    """The directory systemd made for the unit (``CacheDirectory=`` gives ``$CACHE_DIRECTORY``, a
+    colon-separated list when several are named: the first is ours)."""
+    value = os.environ.get(variable, "").split(":")[0]
+    return Path(value) if value else None
 
 
 def _default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "datalakefs"
+    return _systemd_directory("CACHE_DIRECTORY") or Path(base) / "datalakefs"
 
 
 def _default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "datalakefs"
+    return _systemd_directory("STATE_DIRECTORY") or Path(base) / "datalakefs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +98,29 @@ class Config:
     read_ahead_kb: int = 1024
     xattrs: bool = True
     allow_other: bool = False
+    uid: int | None = None
+    gid: int | None = None
+    umask: int = 0o022
+    ro: bool = False
     log_level: str = "INFO"
     metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every option as TOML/JSON values (paths as strings, tuples as lists): :func:`apply` of it
+        on a default ``Config`` gives this one back."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def _parse_size(key: str, text: str) -> int:
@@ -104,6 +135,32 @@ def _parse_size(key: str, text: str) -> int:
     if value < 0:
         raise ConfigError(f"option {key}: a size cannot be negative")
     return value
+
+
+def duration(text: str) -> float:
+    """Seconds from ``90``, ``1.5``, ``30s``, ``5m``, ``2h``, ``7d`` or ``1h30m``; ValueError otherwise."""
+    raw = text.strip().lower()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        parts = _DURATION_PART.findall(raw)
+        if not parts or "".join(number + unit for number, unit in parts) != raw:
+            raise ValueError(f"{text!r} is not a duration (e.g. 30, 30s, 5m, 2h, 1h30m)") from None
+        seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    if seconds < 0:
+        raise ValueError(f"{text!r}: a duration cannot be negative")
+    return seconds
+
+
+def _parse_umask(value: Any) -> int:
+    """An octal string (``022``, ``0o022``, as mount(8) and rclone write it) or a TOML integer."""
+    try:
+        mask = value if isinstance(value, int) else int(str(value).strip().removeprefix("0o"), 8)
+    except ValueError:
+        raise ConfigError(f"option umask: {value!r} is not an octal mask (e.g. 022)") from None
+    if not 0 <= mask <= 0o777:
+        raise ConfigError(f"option umask: {value!r} is outside 000..777")
+    return mask
 
 
 def _convert(key: str, hint: Any, value: Any) -> Any:
@@ -132,6 +189,13 @@ def _convert(key: str, hint: Any, value: Any) -> Any:
         raise ConfigError(f"option {key}: {value!r} is not a boolean")
     if hint is int and key in _SIZE_KEYS and isinstance(value, str):
         return _parse_size(key, value)
+    if key == "umask":
+        return _parse_umask(value)
+    if key in _DURATION_KEYS and isinstance(value, str):
+        try:
+            return hint(duration(value))
+        except ValueError as exc:
+            raise ConfigError(f"option {key}: {exc}") from None
     if hint is Path:
         return Path(os.path.expanduser(str(value)))
     try:
@@ -175,10 +239,12 @@ def config_file_path(explicit: str | None) -> Path | None:
     return default if default.exists() else None
 
 
-def load(explicit_file: str | None = None, overrides: Mapping[str, str] | None = None) -> Config:
-    """Build the configuration of one mount from the file and ``-o`` overrides."""
-    config = Config()
-    path = config_file_path(explicit_file)
+def load(explicit_file: str | None = None, overrides: Mapping[str, str] | None = None,
+         base: Config | None = None) -> Config:
+    """Build the configuration of one mount from the file and ``-o`` overrides; with ``base`` (a running
+    mount's configuration), the overrides apply to it and no file is read."""
+    config = base or Config()
+    path = None if base is not None else config_file_path(explicit_file)
     if path is not None:
         try:
             with open(path, "rb") as fh:

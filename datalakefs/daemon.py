@@ -24,13 +24,15 @@ from datalakefs.catalogue.rucio import RucioCatalogue
 from datalakefs.catalogue.rucio_upload import RucioUploader
 from datalakefs.catalogue.upload import KillAtTransition
 from datalakefs.config import Config
+from datalakefs.errors import CatalogueUnavailableError
+from datalakefs.fs.attributes import Ownership
 from datalakefs.fs.filesystem import Filesystem
 from datalakefs.fs.lake import LakeTree
 from datalakefs.fs.outbox import OutboxTree
 from datalakefs.fuse.operations import FuseOperations, invalidate_entry
 from datalakefs.fuse.session import prepare_mountpoint, serve
 from datalakefs.namespace.inodes import InodeTable
-from datalakefs.namespace.tree import Namespace
+from datalakefs.namespace.tree import CONFIG_FILE, Namespace
 from datalakefs.ops.metrics import MetricsEndpoint
 from datalakefs.ops.rates import RateMeter
 from datalakefs.outbox.journal import Journal
@@ -59,7 +61,7 @@ class Daemon:
         self.mountpoint = os.path.abspath(mountpoint)
         self.target = target
         self.started = time.time()
-        rucio = RucioCatalogue(config, token_dir=str(self.private_dir() / "rucio"))
+        self.rucio = rucio = RucioCatalogue(config, token_dir=str(self.private_dir() / "rucio"))
         self.catalogue = CachedCatalogue(rucio, config)
         self.storage_auth = StorageAuth(ca_bundle=config.storage_ca_bundle,
                                         allow_token_over_http=config.allow_token_over_http)
@@ -84,12 +86,16 @@ class Daemon:
             upload_while_writing=config.upload_while_writing,
             hooks=hooks,
         )
-        control = {STATUS_FILE: self.render_status, OUTBOX_FILE: self.render_outbox}
+        control = {STATUS_FILE: self.render_status, OUTBOX_FILE: self.render_outbox, CONFIG_FILE: self.render_config}
         namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
                               listing_ttl=config.catalogue_ttl, times_limit=config.listing_times_limit)
-        outbox_tree = OutboxTree(self.outbox, namespace, self._visible_scopes, os.getuid(), os.getgid())
-        outbox_tree.invalidate_entry = invalidate_entry
-        lake = LakeTree(namespace, self.catalogue, self.staging, control, stager=self.staging)
+        owner = Ownership(os.getuid() if config.uid is None else config.uid,
+                          os.getgid() if config.gid is None else config.gid, config.umask, config.ro)
+        # a read-only mount has no outbox to write into (uploads a former mount committed still go on)
+        outbox_tree = None if config.ro else OutboxTree(self.outbox, namespace, self._visible_scopes, owner)
+        if outbox_tree is not None:
+            outbox_tree.invalidate_entry = invalidate_entry
+        lake = LakeTree(namespace, self.catalogue, self.staging, control, owner, stager=self.staging)
         self.filesystem = Filesystem(namespace, lake, outbox=outbox_tree)
         self.meter = RateMeter(self._counters)
         self.metrics_url: str | None = None
@@ -128,6 +134,11 @@ class Daemon:
         document = {"summary": self.outbox.summary(), "files": self.outbox.listing()}
         return (redact_text(json.dumps(document, indent=1, sort_keys=True)) + "\n").encode()
 
+    def render_config(self) -> bytes:
+        """This mount's options, so that ``datalakefs stage|cache|outbox PATH`` act with the
+        configuration of the mount PATH is under (no option holds a credential)."""
+        return (json.dumps(self.config.as_dict(), indent=1, sort_keys=True) + "\n").encode()
+
     async def _visible_scopes(self) -> list[str]:
         scopes = await self.catalogue.list_scopes()
         return [s for s in scopes if s in self.config.scopes] if self.config.scopes else scopes
@@ -136,6 +147,8 @@ class Daemon:
         options = {"fsname=datalakefs", "subtype=datalakefs", "default_permissions"}
         if self.config.allow_other:
             options.add("allow_other")
+        if self.config.ro:
+            options.add("ro")
         return options
 
     async def run(self, on_ready: Callable[[], None]) -> None:
@@ -143,8 +156,9 @@ class Daemon:
             _notify_systemd("READY=1")
             on_ready()
 
+        await self._authenticate()
         port = self.config.metrics_port
-        metrics = await MetricsEndpoint.open(port) if port is not None else None
+        metrics = await MetricsEndpoint.open(port, self.config.metrics_address) if port is not None else None
         async with trio.open_nursery() as services:
             await services.start(self.content.run)
             await services.start(self.stager.run)
@@ -158,6 +172,17 @@ class Daemon:
             _notify_systemd("STOPPING=1")
             services.cancel_scope.cancel()
         self.outbox.close()
+
+
+    async def _authenticate(self) -> None:
+        """Refused credentials stop the mount here, with the reason; an outage does not (the mount
+        answers EIO until the server is back, as it would for an outage later)."""
+        try:
+            account = await trio.to_thread.run_sync(self.rucio.authenticate)
+        except CatalogueUnavailableError as exc:
+            log.warning("event=catalogue-unavailable-at-mount reason=%s", exc)
+        else:
+            log.info("event=authenticated account=%s", account)
 
 
 def _notify_systemd(message: str) -> None:

@@ -61,6 +61,10 @@ class Catalogue(Protocol):
         """Every rule that covers the file ``did``, directly or through a collection it is in."""
         ...
 
+    def did_rules(self, did: DID) -> list[Rule]:
+        """The rules made for ``did`` itself (a file, dataset or container), by any account."""
+        ...
+
     def add_rule(self, did: DID, rse: str, lifetime: int | None, activity: str | None,
                  account: str | None, asynchronous: bool = False) -> tuple[Rule, bool]:
         """A rule of one copy of ``did`` on ``rse``: a new one, or the account's existing rule for the

@@ -18,7 +18,7 @@
 * **Clock.** The caches use ``trio.current_time`` (``trio.testing.MockClock`` in tests), so every
   method, :meth:`statistics` and the invalidations included, must be called from the trio thread
   inside ``trio.run``. Only the backend calls leave that thread.
-* **Rule calls are not cached** (:meth:`replica_on`, :meth:`file_rules`, :meth:`add_rule`,
+* **Rule calls are not cached** (:meth:`replica_on`, :meth:`file_rules`, :meth:`did_rules`, :meth:`add_rule`,
   :meth:`get_rule`, :meth:`rule_locks`): rule staging polls them to see progress, so each call asks the
   server; they still run on worker threads under the limiter and are counted.
 * Answers are handed out as new lists (and dicts): callers may keep or change them freely.
@@ -166,6 +166,9 @@ class CachedCatalogue:
 
     async def file_rules(self, did: DID) -> list[Rule]:
         return list(await self._call("file_rules", self._backend.file_rules, did))
+
+    async def did_rules(self, did: DID) -> list[Rule]:
+        return list(await self._call("did_rules", self._backend.did_rules, did))
 
     async def add_rule(self, did: DID, rse: str, lifetime: int | None, activity: str | None,
                        account: str | None, asynchronous: bool = False) -> tuple[Rule, bool]:

@@ -282,6 +282,12 @@ class FakeCatalogue:
             self._entry(did)
             return [fake.rule for fake in self._rules.values() if did in fake.locks]
 
+    def did_rules(self, did: DID) -> list[Rule]:
+        self._enter("did_rules")
+        with self._lock:
+            self._entry(did)
+            return [fake.rule for fake in self._rules.values() if fake.rule.did == did]
+
     def add_rule(self, did: DID, rse: str, lifetime: int | None, activity: str | None,
                  account: str | None, asynchronous: bool = False) -> tuple[Rule, bool]:
         self._enter("add_rule")

@@ -237,6 +237,23 @@ class RucioCatalogue:
         if self._claimed is not None and not closed:
             _release_rucio_config(self._claimed)
 
+    def authenticate(self) -> str:
+        """The account the server knows us as: one authenticated call (``whoami``), made when a mount
+        starts so that credentials that cannot work stop the mount with a clear message instead of
+        giving a mount that answers every lookup with EIO.
+
+        rucio itself only prints "I/O error" when it cannot read or write its token file, and then sends
+        requests without a token ("Token must be set"); that case is reported as what it is.
+        """
+        try:
+            with self._client() as client:
+                return str(client.whoami()["account"])
+        except CatalogueUnavailableError as exc:
+            unusable = _unusable_token_file()
+            if unusable is None or "Token must be set" not in str(exc):
+                raise
+            raise AccessDeniedError(f"{self._server()}: cannot authenticate: {unusable}") from exc
+
     # -- the Catalogue protocol ------------------------------------------------------------------
 
     def list_scopes(self) -> list[str]:
@@ -323,6 +340,10 @@ class RucioCatalogue:
     def file_rules(self, did: DID) -> list[Rule]:
         with self._client() as client:
             return [_rule(row) for row in client.list_associated_rules_for_file(did.scope, did.name)]
+
+    def did_rules(self, did: DID) -> list[Rule]:
+        with self._client() as client:
+            return [_rule(row) for row in client.list_did_rules(did.scope, did.name)]
 
     def add_rule(self, did: DID, rse: str, lifetime: int | None, activity: str | None,
                  account: str | None, asynchronous: bool = False) -> tuple[Rule, bool]:
@@ -439,6 +460,22 @@ class RucioCatalogue:
             except Exception:  # an unreadable config: the error being translated says so
                 return "the rucio server"
         return f"rucio server {self._host}" if self._host else "the rucio server"
+
+
+def _unusable_token_file() -> str | None:
+    """Why rucio.cfg's ``auth_token_file_path`` cannot serve this user, or None."""
+    path = str(config_get("client", "auth_token_file_path", raise_exception=False, default="") or "")
+    if not path:
+        return None
+    directory = os.path.dirname(path) or "."
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        problem = "cannot be read and written"
+    elif not os.access(directory, os.W_OK | os.X_OK):
+        problem = f"cannot be created (its directory {directory} is not writable)"
+    else:
+        return None
+    return (f"rucio.cfg names auth_token_file_path = {path}, which {problem} by uid {os.getuid()}; remove "
+            "that line (datalakefs then keeps the token in its state directory) or name a file of this user")
 
 
 def translate_error(exc: BaseException, server: str, secrets: Sequence[str] = ()) -> DatalakeError:

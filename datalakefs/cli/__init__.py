@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from datalakefs import __version__
-from datalakefs.cli import cache, demo, mounting, outbox, stage, status
+from datalakefs.cli import cache, completion, demo, mounting, outbox, stage, status
 from datalakefs.cli.mounting import mount_helper_main
 from datalakefs.errors import DatalakeError
 
@@ -22,10 +22,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         module.register(sub)
+    completion.register(sub, _parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:  # the demo tooling parses its own arguments, --help included
+        return demo.run(argv[1:])
     args = _parser().parse_args(argv)
     try:
         code: int = args.handler(args)

@@ -1,7 +1,7 @@
 """``datalakefs cache stats|clear [MOUNTPOINT]``: the local block cache.
 
-Which cache: the mount given, else the one running mount recorded in this configuration's state
-directory, else (nothing mounted) the configuration's ``cache_dir`` itself.
+Which cache: the mount the path given is under, else the one running mount recorded in this
+configuration's state directory, else (nothing mounted) the configuration's ``cache_dir`` itself.
 
 * ``stats`` of a mount is what its daemon reports in ``.datalakefs/status.json`` (cache contents plus
   hits, misses, bytes fetched since the mount started); without a mount the cache directory is read
@@ -29,6 +29,7 @@ from datalakefs.cli.progress import human_bytes
 from datalakefs.config import Config
 from datalakefs.errors import ConfigError
 from datalakefs.fs.filesystem import CLEAR_CACHE_XATTR
+from datalakefs.fuse.session import mount_of
 from datalakefs.namespace.tree import CONTROL_DIR
 
 STATUS_FILE = "status.json"
@@ -37,10 +38,10 @@ STATUS_FILE = "status.json"
 def _running_mount(config: Config, given: str | None) -> Path | None:
     """The mount whose cache is meant, or None for the configuration's cache directory."""
     if given is not None:
-        control = Path(given) / CONTROL_DIR
-        if not (control / STATUS_FILE).is_file():
-            raise ConfigError(f"{given} is not a running datalakefs mount")
-        return Path(given)
+        mountpoint = mount_of(given)
+        if mountpoint is None:
+            raise ConfigError(f"{given} is not under a running datalakefs mount")
+        return mountpoint
     mounts = []
     for record in sorted((config.state_dir / "mounts").glob("*.json")):
         mountpoint = Path(json.loads(record.read_text())["mountpoint"])
@@ -107,9 +108,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cache = sub.add_parser("cache", help="show or clear the local block cache")
     actions = cache.add_subparsers(dest="action", required=True)
     stats = with_config(actions.add_parser("stats", help="what the cache holds and how it served reads"))
-    stats.add_argument("mountpoint", nargs="?", help="a running mount (default: this configuration's)")
+    stats.add_argument("mountpoint", nargs="?", metavar="PATH",
+                       help="a path under a running mount (default: this configuration's mount)")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.set_defaults(handler=cmd_stats)
     clear = with_config(actions.add_parser("clear", help="drop every cached block"))
-    clear.add_argument("mountpoint", nargs="?", help="a running mount (default: this configuration's)")
+    clear.add_argument("mountpoint", nargs="?", metavar="PATH",
+                       help="a path under a running mount (default: this configuration's mount)")
     clear.set_defaults(handler=cmd_clear)

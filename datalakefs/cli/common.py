@@ -1,19 +1,24 @@
-"""What every subcommand shares: configuration from --config/-o, logging, the mount registry."""
+"""What every subcommand shares: configuration from --config/-o (or from the mount a path is under),
+logging, the mount registry."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 from pathlib import Path
 
 from datalakefs import config as configuration
 from datalakefs.cli.logs import setup_logging
+from datalakefs.errors import ConfigError
+from datalakefs.fuse.session import mount_of
+from datalakefs.namespace.tree import CONFIG_FILE, CONTROL_DIR
 
-__all__ = ["load_config", "registry_file", "setup_logging", "with_config"]
+__all__ = ["load_config", "mount_config", "registry_file", "setup_logging", "with_config"]
 
-# Options mount(8) passes to every helper; they mean nothing to datalakefs.
-_MOUNT8_OPTIONS = frozenset({"rw", "ro", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev",
+# Options mount(8) passes to every helper that mean nothing to datalakefs (`ro` does: see Config.ro).
+_MOUNT8_OPTIONS = frozenset({"rw", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev",
                              "nofail", "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime",
                              "noatime", "relatime"})
 
@@ -27,7 +32,9 @@ def with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(args: argparse.Namespace) -> configuration.Config:
+def load_config(args: argparse.Namespace, under: str | None = None) -> configuration.Config:
+    """The configuration of ``--config``/``-o``; for a command on a path ``under`` a running mount
+    (and no ``--config``), that mount's own configuration, with ``-o`` applied on top."""
     overrides: dict[str, str] = {}
     for text in args.options or []:
         overrides.update(configuration.parse_mount_options(text))
@@ -35,7 +42,19 @@ def load_config(args: argparse.Namespace) -> configuration.Config:
         del overrides[key]
     # fstab lines cannot pass --config: `-o config=FILE` names the file instead.
     config_file = overrides.pop("config", None) or args.config
-    return configuration.load(config_file, overrides)
+    mount = mount_of(under) if under is not None and config_file is None else None
+    base = mount_config(mount) if mount is not None else None
+    return configuration.load(config_file, overrides, base=base)
+
+
+def mount_config(mountpoint: Path) -> configuration.Config:
+    """The options a running mount was made with (its ``.datalakefs/config.json``)."""
+    path = mountpoint / CONTROL_DIR / CONFIG_FILE
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{mountpoint}: cannot read the mount's configuration {path}: {exc}") from None
+    return configuration.apply(configuration.Config(), values)
 
 
 def registry_file(state_dir: Path, mountpoint: str) -> Path:

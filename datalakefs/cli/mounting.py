@@ -15,11 +15,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from datalakefs import config as configuration
 from datalakefs.cli.common import load_config, registry_file, setup_logging, with_config
+from datalakefs.cli.logs import log_destination
 from datalakefs.cli.outbox import pending_warning
-from datalakefs.errors import DatalakeError
+from datalakefs.errors import ConfigError, DatalakeError
 from datalakefs.ops.private import keep_private
 
 log = logging.getLogger("datalakefs")
@@ -39,21 +42,32 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return _mount_detached(args, config, mountpoint)
 
 
-def _run_foreground(config: configuration.Config, mountpoint: str, ready_fd: int | None) -> int:
-    from datalakefs import daemon
+def _daemon_module() -> ModuleType:
+    """The daemon, which needs the FUSE binding (the ``fuse`` extra); its absence is a clear error."""
+    try:
+        from datalakefs import daemon
+    except ModuleNotFoundError as exc:
+        if exc.name != "pyfuse3":
+            raise
+        raise ConfigError("mounting needs pyfuse3, which is not installed: pip install 'datalakefs[fuse]' "
+                          "(it builds against libfuse3-dev)") from None
+    return daemon
 
+
+def _run_foreground(config: configuration.Config, mountpoint: str, ready_fd: int | None) -> int:
     registry = registry_file(config.state_dir, mountpoint)
 
     def on_ready() -> None:
         registry.parent.mkdir(parents=True, exist_ok=True)
-        registry.write_text(json.dumps({"pid": os.getpid(), "mountpoint": mountpoint, "started": time.time()}))
+        registry.write_text(json.dumps({"pid": os.getpid(), "mountpoint": mountpoint, "started": time.time(),
+                                        "log": log_destination()}))
         if ready_fd is not None:
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
 
     try:
         setup_logging(config.log_level)
-        daemon.run(config, mountpoint, on_ready)
+        _daemon_module().run(config, mountpoint, on_ready)
     except DatalakeError as exc:
         log.error("event=mount-failed mountpoint=%s reason=%s", mountpoint, exc)
         if ready_fd is not None:
@@ -140,9 +154,40 @@ def mount_helper_main(argv: list[str] | None = None) -> int:
     return main(command)
 
 
+class _AsOption(argparse.Action):
+    """``--cache-dir DIR`` as ``-o cache_dir=DIR``: the flag forms rclone and mount-s3 users type."""
+
+    def __init__(self, option_strings: list[str], dest: str, key: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, "options", **kwargs)
+        self.key = key
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if "," in str(values):
+            parser.error(f"{option_string}: {values!r} contains a comma; set it in the --config file instead")
+        namespace.options = [*(namespace.options or []), f"{self.key}={values}"]
+
+
+def _mount_flags(mount: argparse.ArgumentParser) -> None:
+    flags = mount.add_argument_group("common options as flags (each is the same as its -o form)")
+    flags.add_argument("--read-only", dest="options", action="append_const", const="ro",
+                       help="a read-only mount, without .outbox (-o ro)")
+    flags.add_argument("--allow-other", dest="options", action="append_const", const="allow_other",
+                       help="let other users in; the kernel checks modes (-o allow_other)")
+    for flag, key, metavar, text in (
+        ("--cache-dir", "cache_dir", "DIR", "the block cache's directory"),
+        ("--cache-size", "cache_size", "SIZE", "the block cache's size, e.g. 20G"),
+        ("--uid", "uid", "UID", "owner of every file"),
+        ("--gid", "gid", "GID", "group of every file"),
+        ("--umask", "umask", "MASK", "permission bits to remove, octal (022)"),
+    ):
+        flags.add_argument(flag, action=_AsOption, key=key, metavar=metavar, help=f"{text} (-o {key}=...)")
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     mount = with_config(sub.add_parser("mount", help="mount the lake at MOUNTPOINT"))
     mount.add_argument("mountpoint")
+    _mount_flags(mount)
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(handler=cmd_mount)

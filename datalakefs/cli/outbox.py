@@ -2,7 +2,8 @@
 
 Talks to a daemon through its mount only: ``<mount>/.datalakefs/outbox.json`` for the list, and
 writing ``retry`` or ``cancel`` into a file's ``user.datalakefs.state`` attribute for the actions.
-Without a mount point, every mount in the registry (``<state_dir>/mounts/``) is listed.
+A PATH names the mount it is under; without one, every running mount (the kernel's mount table) this
+user can look into is listed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from datalakefs.cli.common import load_config, with_config
+from datalakefs.cli.common import with_config
+from datalakefs.errors import ConfigError
+from datalakefs.fuse.session import mount_of, running_mounts
 
 CONTROL = (".datalakefs", "outbox.json")
 OUTBOX = ".outbox"
@@ -44,12 +47,20 @@ def pending_warning(mountpoint: Path) -> str | None:
 
 def _mounts(args: argparse.Namespace) -> list[Path]:
     if args.mountpoint:
-        return [Path(os.path.abspath(args.mountpoint))]
-    config = load_config(args)
-    found = []
-    for entry in sorted((config.state_dir / "mounts").glob("*.json")):
-        found.append(Path(json.loads(entry.read_text())["mountpoint"]))
-    return found
+        mountpoint = mount_of(args.mountpoint)
+        if mountpoint is None:
+            raise ConfigError(f"{args.mountpoint} is not under a running datalakefs mount")
+        return [mountpoint]
+    return [m for m in running_mounts() if _may_enter(m)]
+
+
+def _may_enter(mountpoint: Path) -> bool:
+    """False for another user's mount (without allow_other, even root may not look in)."""
+    try:
+        os.stat(mountpoint)
+    except PermissionError:
+        return False
+    return True
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -92,12 +103,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     outbox = sub.add_parser("outbox", help="the upload queue: list, retry or cancel uploads")
     actions = outbox.add_subparsers(dest="action", required=True)
     listing = with_config(actions.add_parser("list", help="files waiting in the outbox and their state"))
-    listing.add_argument("mountpoint", nargs="?", help="one mount (default: every running mount)")
+    listing.add_argument("mountpoint", nargs="?", metavar="PATH",
+                         help="the mount PATH is under (default: every running mount)")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=cmd_list)
     for command, text in (("retry", "upload failed files again now"), ("cancel", "drop files from the outbox")):
         action = with_config(actions.add_parser(command, help=text))
         action.add_argument("paths", nargs="*", help="outbox files (<mount>/.outbox/<scope>/<dataset>/<name>)")
         action.add_argument("--all-failed", action="store_true", help="every failed upload")
-        action.add_argument("--mountpoint", help="with --all-failed: one mount (default: every running mount)")
+        action.add_argument("--mountpoint", metavar="PATH",
+                            help="with --all-failed: the mount PATH is under (default: every running mount)")
         action.set_defaults(handler=lambda args, command=command: _act(command, args))

@@ -2,7 +2,9 @@
 to the staging RSE, and (with ``--wait``) its progress until every lock is OK.
 
 A PATH under a datalakefs mount is resolved to its DID through the ``user.rucio.scope`` and
-``user.rucio.name`` attributes; anything else is read as ``scope:name``. The rule is made with the
+``user.rucio.name`` attributes, and the command uses that mount's configuration (``-o`` still applies on
+top; ``--config`` replaces it); anything else is read as ``scope:name`` with the configuration of
+``--config``/``$DATALAKEFS_CONFIG``. The rule is made with the
 rucio client of the configuration (``rucio_config``) and the staging options (``staging_rse``,
 ``rule_lifetime``, ``rule_activity``, ``rule_account``); the account's existing rule for the same DID
 and RSE is reused. In a terminal the progress is a bar (locks OK / total, bytes); otherwise one line
@@ -20,6 +22,7 @@ from typing import TextIO
 
 from datalakefs.catalogue.rucio import RucioCatalogue
 from datalakefs.cli.common import load_config, setup_logging, with_config
+from datalakefs.config import duration
 from datalakefs.errors import ConfigError, InvalidNameError, NotFoundError
 from datalakefs.model import DID, Lock, LockState, Rule, RuleState
 
@@ -91,7 +94,7 @@ def wait_for(catalogue: RucioCatalogue, rule: Rule, timeout: float | None, out: 
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    config = load_config(args)
+    config = load_config(args, under=args.target)
     setup_logging("WARNING")
     if not config.staging_rse:
         raise ConfigError("option staging_rse: `datalakefs stage` needs a staging RSE")
@@ -128,5 +131,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "stage", help="replicate a file, dataset or container to the staging RSE with one rule"))
     stage.add_argument("target", metavar="PATH|DID", help="a path under a mount, or scope:name")
     stage.add_argument("--wait", action="store_true", help="show progress until every lock is OK")
-    stage.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+    stage.add_argument("--timeout", type=duration, default=None,
+                       help="with --wait: give up after this long (seconds, or 30s, 5m, 2h)")
     stage.set_defaults(handler=cmd_stage)

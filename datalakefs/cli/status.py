@@ -13,6 +13,7 @@ that is missing or of an unexpected type is skipped, never an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import threading
@@ -20,9 +21,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from datalakefs.cli.common import load_config, with_config
+from datalakefs.cli.common import load_config, mount_config, registry_file, with_config
 from datalakefs.cli.progress import human_bytes, human_duration
-from datalakefs.fuse.session import mounts_of_type
+from datalakefs.errors import ConfigError
+from datalakefs.fuse.session import running_mounts
 
 READ_TIMEOUT_S = 5.0
 _KNOWN = ("version", "mountpoint", "pid", "uptime_s", "content", "rates", "catalogue", "storage_auth", "metrics")
@@ -47,24 +49,37 @@ def read_status(mountpoint: str, timeout: float = READ_TIMEOUT_S) -> dict[str, A
     return result
 
 
+def _registered(entry: Path) -> dict[str, Any] | None:
+    """A mount's registry record (``mountpoint``, ``pid``, ``log``), or None when unreadable."""
+    try:
+        record = json.loads(entry.read_text())
+        return {"mountpoint": str(record["mountpoint"]), "pid": record.get("pid"), "log": record.get("log")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def collect(state_dir: Path) -> list[dict[str, Any]]:
-    """One record per mount: ``mountpoint``, ``pid`` (when registered), ``status`` or ``error``."""
+    """One record per mount: ``mountpoint``, ``pid``, ``log`` (where its daemon logs), ``status`` or
+    ``error``. A mount of another state dir is found in the kernel's mount table; its registry record
+    (pid, log) then comes from the state dir of its own configuration."""
     records: dict[str, dict[str, Any]] = {}
     for entry in sorted((state_dir / "mounts").glob("*.json")):
-        try:
-            record = json.loads(entry.read_text())
-            records[str(record["mountpoint"])] = {"mountpoint": record["mountpoint"], "pid": record.get("pid")}
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    for mountpoint in mounts_of_type("fuse.datalakefs"):
-        records.setdefault(mountpoint, {"mountpoint": mountpoint, "pid": None})
+        record = _registered(entry)
+        if record is not None:
+            records[record["mountpoint"]] = record
+    for running in running_mounts():
+        records.setdefault(str(running), {"mountpoint": str(running), "pid": None, "log": None})
     for mountpoint, record in records.items():
         status = read_status(mountpoint)
         if "error" in status and len(status) == 1:
             record["error"] = status["error"]
-        else:
-            record["status"] = status
-            record["pid"] = record["pid"] or status.get("pid")
+            continue
+        record["status"] = status
+        if record["log"] is None:
+            with contextlib.suppress(ConfigError):
+                own = _registered(registry_file(mount_config(Path(mountpoint)).state_dir, mountpoint))
+                record.update(own or {})
+        record["pid"] = record["pid"] or status.get("pid")
     return sorted(records.values(), key=lambda r: str(r["mountpoint"]))
 
 
@@ -186,12 +201,13 @@ def render_mount(record: Mapping[str, Any]) -> list[str]:
         return [head + f"  NOT ANSWERING: {record['error']}"]
     status = record.get("status") or {}
     head += "  up"
+    log_line = [("log", [str(record["log"])])] if record.get("log") else []
     uptime = _num(status, "uptime_s")
     if uptime is not None:
         head += f" {human_duration(uptime)}"
     if status.get("version"):
         head += f"  datalakefs {status['version']}"
-    rows: list[tuple[str, list[str]]] = []
+    rows: list[tuple[str, list[str]]] = list(log_line)
     content = status.get("content")
     for label, line in (
         ("cache", _cache_line(content)),

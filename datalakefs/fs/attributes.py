@@ -1,8 +1,13 @@
 """Attributes of nodes as the kernel will see them (SPEC §2).
 
-Files are 0444, directories 0555, owned by the mounting user; size is the catalogue's ``bytes``;
-times are the DID's creation and update times. Control files report size 0 and are read with
-direct I/O, so their content may change from one open to the next.
+Every node has the mount's :class:`Ownership`: owned by the mounting user (or the ``uid``/``gid``
+options), files ``0666``, directories ``0777`` less the ``umask`` option (default 0644/0755), and no
+write bit anywhere on a read-only (``ro``) mount. The owner's write bit on the lake's files is not a
+promise that writes work (they get EROFS outside the outbox): under ``default_permissions`` the kernel
+lets only a writer set a ``user.*`` extended attribute, and ``user.datalakefs.stage`` is a request
+the owner must be able to make. Size is the catalogue's ``bytes``; times are the DID's creation and
+update times. Control files report size 0 and are read with direct I/O, so their content may change
+from one open to the next.
 """
 
 from __future__ import annotations
@@ -12,8 +17,27 @@ from dataclasses import dataclass
 
 from datalakefs.namespace.inodes import Node, NodeKind
 
-FILE_MODE = stat.S_IFREG | 0o444
-DIR_MODE = stat.S_IFDIR | 0o555
+
+@dataclass(frozen=True, slots=True)
+class Ownership:
+    """Owner, group and permission bits of every node of one mount (see the module docstring)."""
+
+    uid: int
+    gid: int
+    umask: int = 0o022
+    read_only: bool = False
+
+    @property
+    def file_mode(self) -> int:
+        return stat.S_IFREG | self._permissions(0o666)
+
+    @property
+    def dir_mode(self) -> int:
+        return stat.S_IFDIR | self._permissions(0o777)
+
+    def _permissions(self, full: int) -> int:
+        allowed = full & ~self.umask
+        return allowed & ~0o222 if self.read_only else allowed
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +58,7 @@ class Attributes:
         return stat.S_ISDIR(self.mode)
 
 
-def attributes_of(node: Node, uid: int, gid: int, start_time: float) -> Attributes:
+def attributes_of(node: Node, owner: Ownership, start_time: float) -> Attributes:
     """The attributes of ``node``; virtual nodes carry the mount's start time."""
     info = node.info
     mtime = (info.updated_at or info.created_at) if info else 0.0
@@ -42,6 +66,6 @@ def attributes_of(node: Node, uid: int, gid: int, start_time: float) -> Attribut
     if not mtime:
         mtime = ctime = start_time
     if node.kind.is_dir:
-        return Attributes(node.ino, DIR_MODE, 0, mtime, ctime, 2, uid, gid)
+        return Attributes(node.ino, owner.dir_mode, 0, mtime, ctime, 2, owner.uid, owner.gid)
     size = (info.size or 0) if node.kind is NodeKind.FILE and info is not None else 0
-    return Attributes(node.ino, FILE_MODE, size, mtime, ctime, 1, uid, gid)
+    return Attributes(node.ino, owner.file_mode, size, mtime, ctime, 1, owner.uid, owner.gid)

@@ -16,7 +16,7 @@ from typing import NoReturn
 
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.errors import NoAttributeError, NotFoundError, NotSupportedError, ReadOnlyError
-from datalakefs.fs.attributes import Attributes, attributes_of
+from datalakefs.fs.attributes import Attributes, Ownership, attributes_of
 from datalakefs.fs.ports import FileContent, OpenFile, StageRequests
 from datalakefs.fs.subtree import FileHandle, OpenMode
 from datalakefs.model import DIDInfo
@@ -94,8 +94,7 @@ class LakeTree:
         catalogue: CachedCatalogue,
         content: FileContent,
         control_files: dict[str, ControlRenderer],
-        uid: int | None = None,
-        gid: int | None = None,
+        owner: Ownership | None = None,
         stager: StageRequests | None = None,
     ) -> None:
         self._ns = namespace
@@ -103,15 +102,14 @@ class LakeTree:
         self._content = content
         self._stager = stager
         self._control = control_files
-        self._uid = os.getuid() if uid is None else uid
-        self._gid = os.getgid() if gid is None else gid
+        self._owner = owner or Ownership(os.getuid(), os.getgid())
         self._start = time.time()
 
     def owns(self, node: Node) -> bool:
         return True
 
     def attributes(self, node: Node) -> Attributes:
-        return attributes_of(node, self._uid, self._gid, self._start)
+        return attributes_of(node, self._owner, self._start)
 
     async def lookup(self, parent: Node, name: str) -> Node:
         return await self._ns.lookup(parent, name)
@@ -165,6 +163,8 @@ class LakeTree:
             return ",".join(dict.fromkeys(rses))
         if name == "user.datalakefs.cached":
             return str(self._content.cached_bytes(info))
+        if self._stager is not None:
+            await self._stager.look_up(info)
         return self._content.state(info)
 
     async def setxattr(self, node: Node, name: str, value: bytes) -> None:

@@ -22,7 +22,6 @@ A file's inode is keyed by the file, not by its name, so that it keeps its inode
 
 from __future__ import annotations
 
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from datalakefs.errors import (
     NotPermittedError,
     ReadOnlyError,
 )
-from datalakefs.fs.attributes import Attributes
+from datalakefs.fs.attributes import Attributes, Ownership
 from datalakefs.fs.subtree import OpenMode
 from datalakefs.model import DID
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
@@ -47,8 +46,6 @@ from datalakefs.outbox.service import Outbox
 
 OUTBOX_DIR = ".outbox"
 STATE_XATTR = "user.datalakefs.state"
-_DIR_MODE = stat.S_IFDIR | 0o755
-_FILE_MODE = stat.S_IFREG | 0o644
 
 #: ``invalidate_entry(parent_ino, name)``: tell the kernel a name is gone (set by the FUSE layer).
 EntryInvalidator = Callable[[int, str], None]
@@ -97,14 +94,12 @@ class OutboxTree:
         outbox: Outbox,
         namespace: Namespace,
         visible_scopes: Callable[[], Awaitable[list[str]]],
-        uid: int,
-        gid: int,
+        owner: Ownership,
     ) -> None:
         self._outbox = outbox
         self._ns = namespace
         self._visible_scopes = visible_scopes
-        self._uid = uid
-        self._gid = gid
+        self._owner = owner
         self._start = time.time()
         self.invalidate_entry: EntryInvalidator = lambda parent, name: None
         outbox.add_listener(self._uploaded)
@@ -144,9 +139,10 @@ class OutboxTree:
     def attributes(self, node: Node) -> Attributes:
         if node.kind is NodeKind.OUTBOX_FILE:
             file = self.outbox_file(node)
-            return Attributes(node.ino, _FILE_MODE, file.size, file.mtime, file.mtime, 1, self._uid, self._gid,
-                              volatile=True)
-        return Attributes(node.ino, _DIR_MODE, 0, self._start, self._start, 2, self._uid, self._gid, volatile=True)
+            return Attributes(node.ino, self._owner.file_mode, file.size, file.mtime, file.mtime, 1, self._owner.uid,
+                              self._owner.gid, volatile=True)
+        return Attributes(node.ino, self._owner.dir_mode, 0, self._start, self._start, 2, self._owner.uid,
+                          self._owner.gid, volatile=True)
 
     # -- names -------------------------------------------------------------------------------------
 

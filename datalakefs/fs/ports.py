@@ -46,3 +46,7 @@ class StageRequests(Protocol):
     async def stage(self, info: DIDInfo, value: bytes) -> None:
         """``setxattr user.datalakefs.stage``: stage a file or a whole collection with one rule."""
         ...
+
+    async def look_up(self, info: DIDInfo) -> None:
+        """Learn the rules the lake already has for ``info`` (whoever made them) before its state is read."""
+        ...

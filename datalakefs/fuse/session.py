@@ -4,6 +4,10 @@ Order of events: clean a stale mount left by a killed daemon, ``pyfuse3.init`` (
 from here), run the request loop, and once the kernel's INIT has been answered raise the device's
 ``read_ahead_kb`` (written earlier, the INIT reply clamps it back to 128 KiB) and report readiness.
 SIGTERM and SIGINT end the loop; the mount is always removed on the way out.
+
+The mount-table helpers (:func:`mounts_of_type`, :func:`mount_of`, :func:`is_stale`, ...) serve the
+command line and the notebook API too, so ``pyfuse3`` is imported only where a session is served:
+everything else works where it is not installed (``pip install datalakefs`` without the ``fuse`` extra).
 """
 
 from __future__ import annotations
@@ -17,11 +21,16 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pyfuse3
 import trio
 
 from datalakefs.errors import DatalakeError
+
+if TYPE_CHECKING:
+    import pyfuse3
+
+FSTYPE = "fuse.datalakefs"
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +92,19 @@ def abort_connection(target: str) -> None:
 
 
 def _mountinfo_fields(target: str) -> list[str] | None:
-    """The /proc/self/mountinfo line of the mount at the absolute path ``target``.
+    """The /proc/self/mountinfo line of the mount at the absolute path ``target``: the last one, which
+    is the top of a stack (a FUSE mount over a container's volume).
 
     Reading mountinfo never touches the mount itself, which matters inside the daemon: a stat() of
     its own mount point would wait for a reply only this thread can give.
     """
+    found = None
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
             fields = line.split()
             if _unescape(fields[4]) == target:
-                return fields
-    return None
+                found = fields
+    return found
 
 
 def mounted_fstype(target: str) -> str | None:
@@ -107,6 +118,21 @@ def mounts_of_type(fstype: str) -> list[str]:
     with open("/proc/self/mountinfo") as fh:
         rows = [line.split() for line in fh]
     return [_unescape(fields[4]) for fields in rows if fields[fields.index("-") + 1] == fstype]
+
+
+def mount_of(path: str) -> Path | None:
+    """The datalakefs mount ``path`` is under (the innermost one), from the mount table; None when
+    ``path`` does not exist or is not under one."""
+    if not os.path.lexists(path):
+        return None
+    target = os.path.realpath(path)
+    under = [m for m in mounts_of_type(FSTYPE) if target == m or target.startswith(m.rstrip("/") + "/")]
+    return Path(max(under, key=len)) if under else None
+
+
+def running_mounts() -> list[Path]:
+    """Every datalakefs mount in this mount namespace, whoever made it."""
+    return [Path(m) for m in sorted(mounts_of_type(FSTYPE))]
 
 
 def _unescape(field: str) -> str:
@@ -137,13 +163,16 @@ def wait_gone(pid: int, timeout: float, tick: Callable[[], None] | None = None) 
 
 
 def prepare_mountpoint(mountpoint: str) -> str:
-    """Clean a stale mount, refuse a live one, check the directory; returns the resolved path."""
-    if is_stale(mountpoint):
+    """Clean a stale mount, refuse a live one, check the directory; returns the resolved path.
+
+    Another filesystem mounted there is no reason to refuse: a container's volume (the pod's shared
+    ``/lake``) is a bind mount, and the lake is mounted on top of it."""
+    if mounted_fstype(os.path.realpath(mountpoint)) == FSTYPE and is_stale(mountpoint):
         log.warning("event=stale-mount mountpoint=%s action=lazy-unmount", mountpoint)
         unmount(mountpoint, lazy=True)
     target = os.path.realpath(mountpoint)
-    if mounted_fstype(target) is not None:
-        raise MountError(f"{mountpoint} is already a mount point")
+    if mounted_fstype(target) == FSTYPE:
+        raise MountError(f"{mountpoint} is already a mount point (of datalakefs)")
     if not os.path.isdir(target):
         raise MountError(f"{mountpoint} is not a directory")
     return target
@@ -174,6 +203,8 @@ async def serve(
     """Mount at ``target`` (as returned by :func:`prepare_mountpoint`) and serve until unmounted or
     signalled. ``initialized`` is set by the operations' ``init`` callback, i.e. when the kernel's
     INIT request has been handled."""
+    import pyfuse3
+
     pyfuse3.init(operations, target, options)
     try:
         async with trio.open_nursery() as nursery:
@@ -195,6 +226,8 @@ async def serve(
 
 
 async def _stop_on_signal() -> None:
+    import pyfuse3
+
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("event=signal signal=%s action=unmount", signal.Signals(signum).name)

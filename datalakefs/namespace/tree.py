@@ -29,6 +29,8 @@ from datalakefs.namespace.escaping import component_for, component_for_scope, di
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
 
 CONTROL_DIR = ".datalakefs"
+#: the control file with the mount's options (the daemon renders it; the command line reads it)
+CONFIG_FILE = "config.json"
 QUERY_DIR = ".query"
 
 _LISTED_KINDS = frozenset({NodeKind.SCOPE, NodeKind.COLLECTION, NodeKind.QUERY_RESULT})

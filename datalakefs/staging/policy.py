@@ -186,6 +186,11 @@ class StagingContent:
         self.counters["stage_requests"] += 1
         await self.stager.stage(info)
 
+    async def look_up(self, info: DIDInfo) -> None:
+        """Before ``user.datalakefs.state`` is read: learn rules on the staging RSE made elsewhere."""
+        if self._config.staging_rse:
+            await self.stager.look_up(info)
+
     def cached_bytes(self, info: DIDInfo) -> int:
         return self._stream.cached_bytes(info)
 

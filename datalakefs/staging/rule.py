@@ -234,6 +234,30 @@ class RuleStager:
         self._start_polling(tracked)
         return tracked
 
+    async def look_up(self, info: DIDInfo) -> None:
+        """Follow a rule on the staging RSE that this daemon did not make (``datalakefs stage``, another
+        mount, the rucio CLI, another account), so that the state of the DID reports it. One look per
+        call while the DID has no rule here; a DID that has one is followed as any other."""
+        known = self._tracked.get(info.did)
+        if known is not None and (known.rule is not None or known.ready):
+            return
+        is_file = info.type is DIDType.FILE
+        if is_file:
+            rule = await self._covering(info.did)
+        else:
+            rules = [r for r in await self._catalogue.did_rules(info.did) if r.rse_expression == self.rse]
+            rules.sort(key=lambda r: r.state is RuleState.STUCK)
+            rule = rules[0] if rules else None
+        if rule is None:
+            return
+        tracked = self._tracked.setdefault(info.did, Staging(info.did, is_file=is_file))
+        tracked.rule = rule
+        if is_file:
+            await self.replica(info)
+        self.counters["rules_found"] += 1
+        tracked.polled_at = self._clock()
+        tracked.notify()
+
     def describe(self, did: DID) -> str | None:
         """The state line of a tracked DID, None when untracked. An answer older than ``poll_min`` of
         an unfinished rule that nobody polls gets one poll in the background, so that reading the

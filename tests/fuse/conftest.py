@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from datalakefs.demo.status import LakeStatus
 from datalakefs.fuse.session import mounted_fstype, unmount
 from tests.fuse.mounting import Mount
 from tests.fuse.tcpproxy import TcpProxy
+from tests.fuse.users import TestUser, fuse_problem, unprivileged_user
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +74,14 @@ def hung_mount(tmp_path: Path) -> Iterator[Path]:
             server.stdout.close()
         if mounted_fstype(str(mountpoint)) is not None:
             unmount(str(mountpoint), lazy=True)
+
+
+@pytest.fixture(scope="session")
+def test_user() -> Iterator[TestUser]:
+    """An unprivileged account (see tests/fuse/users.py); fails, never skips, where users cannot mount."""
+    problem = fuse_problem()
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    user = unprivileged_user()
+    yield user
+    shutil.rmtree(user.home, ignore_errors=True)

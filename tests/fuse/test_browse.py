@@ -55,11 +55,11 @@ def test_sizes_modes_and_owner(lake: LakeStatus, lake_mount: Mount) -> None:
     for size, did in lake.seed.sized_files.items():
         st = os.stat(path_of(lake_mount, did, lake.seed.sized_dataset))
         assert st.st_size == size
-        assert stat.S_IMODE(st.st_mode) == 0o444
+        assert stat.S_IMODE(st.st_mode) == 0o644
         assert st.st_uid == os.getuid()
     directory = os.stat(path_of(lake_mount, lake.seed.sized_dataset))
     assert stat.S_ISDIR(directory.st_mode)
-    assert stat.S_IMODE(directory.st_mode) == 0o555
+    assert stat.S_IMODE(directory.st_mode) == 0o755
 
 
 def test_file_in_two_datasets_has_one_inode(lake: LakeStatus, lake_mount: Mount) -> None:

@@ -193,3 +193,76 @@ def test_sidecar_entrypoint_cleans_a_stale_mount_and_unmounts_on_sigterm(lake: L
     finally:
         cleanup(mountpoint, process)
         crashed.stop()
+
+
+def test_system_unit_uses_its_state_and_cache_directories_and_journal_priorities(lake: LakeStatus,
+                                                                                tmp_path: Path) -> None:
+    """What systemd gives the unit's process: $STATE_DIRECTORY and $CACHE_DIRECTORY (from the unit's
+    StateDirectory=/CacheDirectory=, per instance) and a journal stream on stderr ($JOURNAL_STREAM)."""
+    assert directives(SYSTEM_UNIT, "StateDirectory") == ["datalakefs/%i"]
+    assert directives(SYSTEM_UNIT, "CacheDirectory") == ["datalakefs/%i"]
+    assert directives(USER_UNIT, "CacheDirectory") == ["datalakefs"]
+    mountpoint = tmp_path / "lake"
+    instance = escape_path(str(mountpoint))
+    state, cache = tmp_path / "var-lib" / instance, tmp_path / "var-cache" / instance
+    state.mkdir(parents=True)
+    cache.mkdir(parents=True)
+    environment = {"DATALAKEFS_OPTIONS": f"--config {no_dirs_config(lake, tmp_path)}"}
+    start = expand(directives(SYSTEM_UNIT, "ExecStart")[0], {"%f": str(mountpoint), "%i": instance}, environment)
+    mountpoint.mkdir()
+    journal = tmp_path / "journal"
+    process = None
+    with notify_socket(tmp_path / "notify") as sock, open(journal, "wb") as stderr:
+        stream = os.fstat(stderr.fileno())
+        env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify"), "STATE_DIRECTORY": str(state),
+               "CACHE_DIRECTORY": str(cache), "JOURNAL_STREAM": f"{stream.st_dev}:{stream.st_ino}"}
+        try:
+            process = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+            assert "READY=1" in receive(sock, "READY=1", 120), journal.read_text()
+            did = DID.parse(lake.seed.sized_files[1])
+            assert (mountpoint / did.scope / did.name).read_bytes()
+            assert list((state / "mounts").glob("*.json")), "the registry is not in $STATE_DIRECTORY"
+            assert any(cache.iterdir()), "the block cache is not in $CACHE_DIRECTORY"
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 0
+        finally:
+            cleanup(mountpoint, process)
+    lines = journal.read_text().splitlines()
+    assert lines and all(re.match(r"<[2-7]>ts=", line) for line in lines if "ts=" in line), lines[:5]
+    assert any(line.startswith("<6>ts=") and "event=mounted" in line for line in lines)
+
+
+def no_dirs_config(lake: LakeStatus, tmp_path: Path) -> Path:
+    """The lake's datalakefs.toml without its cache_dir and state_dir, as a system-wide config is."""
+    text = re.sub(r"(?m)^(cache_dir|state_dir)\s*=.*$", "", lake.datalakefs_config.read_text())
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    return config
+
+
+def test_the_lake_mounts_over_a_volume_and_leaves_it_when_it_ends(lake: LakeStatus, tmp_path: Path) -> None:
+    """In a pod, the sidecar's /lake is itself a mount (the shared volume, a bind mount): the lake is
+    mounted on top of it, and the entrypoint's stale-mount check leaves the volume alone."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    subprocess.run(["mount", "--bind", str(volume), str(volume)], check=True)
+    try:
+        assert mounted_fstype(str(volume)) not in (None, "fuse.datalakefs")
+        check = subprocess.run(["sh", "-c", f". /dev/stdin; is_mounted {shlex.quote(str(volume))}"],
+                               input=is_mounted_function(), text=True, check=False)
+        assert check.returncode == 1, "the entrypoint would take the volume for a stale lake"
+        with Mount(volume, lake.datalakefs_config, f"cache_dir={tmp_path / 'c'}", f"state_dir={tmp_path / 's'}"):
+            assert mounted_fstype(str(volume)) == "fuse.datalakefs"
+            assert set(lake.seed.scopes) <= set(os.listdir(volume))
+            check = subprocess.run(["sh", "-c", f". /dev/stdin; is_mounted {shlex.quote(str(volume))}"],
+                                   input=is_mounted_function(), text=True, check=False)
+            assert check.returncode == 0
+        assert mounted_fstype(str(volume)) not in (None, "fuse.datalakefs")  # the volume is still there
+    finally:
+        subprocess.run(["umount", "-l", str(volume)], check=False)
+
+
+def is_mounted_function() -> str:
+    """The entrypoint's ``is_mounted`` shell function, on its own."""
+    text = ENTRYPOINT.read_text()
+    return text[text.index("is_mounted() {"):text.index("\n}\n", text.index("is_mounted() {")) + 3]

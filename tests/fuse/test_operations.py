@@ -51,7 +51,7 @@ def test_status_table_json_and_metrics(lake: LakeStatus, new_mount: Callable[...
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(url, timeout=10) as reply:
         metrics = reply.read().decode()
-    line = next(x for x in metrics.splitlines() if x.startswith("datalakefs_content_bytes_fetched{"))
+    line = next(x for x in metrics.splitlines() if x.startswith("datalakefs_content_bytes_fetched_total{"))
     assert float(line.rsplit(" ", 1)[1]) >= 1048577
 
 

@@ -78,19 +78,18 @@ def test_oidc_with_a_token_file(
     assert not (private_dir(mount) / "rucio").exists()  # the configured token file is used as it is
 
 
-def test_refused_credentials_are_eacces_without_the_password_in_any_text(
+def test_refused_credentials_stop_the_mount_without_the_password_in_any_text(
     lake: LakeStatus, new_mount: Callable[..., Mount], tmp_path: Path
 ) -> None:
+    """Refused at mount time (issue 15: not a mount that answers every call with an error)."""
     config = rucio_cfg(lake, tmp_path / "rucio.cfg", auth_token_file_path=None, password="not-the-password-123")
     mount = new_mount(f"rucio_config={config}", "log_level=DEBUG")
-    mount.start()
-    with pytest.raises(PermissionError):
-        os.listdir(mount.mountpoint / lake.seed.scopes[0])
-    status = (mount.mountpoint / ".datalakefs" / "status.json").read_text()
-    mount.stop()
+    with pytest.raises(AssertionError) as refused:
+        mount.start()
+    assert not mount.is_mounted()
     logs = "".join(p.read_text() for p in (Path(mount.options[1].partition("=")[2]) / "logs").glob("*.log"))
-    assert "refused our credentials" in logs
-    assert "not-the-password-123" not in logs + status
+    assert "refused our credentials" in str(refused.value) and "refused our credentials" in logs
+    assert "not-the-password-123" not in logs + str(refused.value)
 
 
 def x509_cfg(lake: LakeStatus, path: Path, **client: str | None) -> Path:
@@ -146,7 +145,7 @@ def test_x509_proxy_from_the_demo_rucio_cfg(
     assert (private_dir(mount) / "rucio" / "auth_token_for_account_root").is_file()
 
 
-def test_a_certificate_the_lake_does_not_trust_is_eacces(
+def test_a_certificate_the_lake_does_not_trust_stops_the_mount(
     lake: LakeStatus, new_mount: Callable[..., Mount], tmp_path: Path
 ) -> None:
     assert lake.x509 is not None
@@ -156,9 +155,6 @@ def test_a_certificate_the_lake_does_not_trust_is_eacces(
     os.chmod(key, 0o600)
     config = x509_cfg(lake, tmp_path / "rucio.cfg", auth_type="x509", client_cert=str(cert), client_key=str(key))
     mount = new_mount(f"rucio_config={config}")
-    mount.start()
-    with pytest.raises(PermissionError):
-        os.listdir(mount.mountpoint / lake.seed.scopes[0])
-    mount.stop()
-    logs = "".join(p.read_text() for p in (Path(mount.options[1].partition("=")[2]) / "logs").glob("*.log"))
-    assert "TLS handshake failed, a certificate was not accepted" in logs
+    with pytest.raises(AssertionError, match="TLS handshake failed, a certificate was not accepted"):
+        mount.start()
+    assert not mount.is_mounted()

@@ -16,7 +16,9 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "CONFIGURATION.md"
 ROW = re.compile(r"^\| `([a-z_]+)` \| `([^`]*)` \|", re.MULTILINE)
 
 
-def rendered(value: Any) -> str:
+def rendered(name: str, value: Any) -> str:
+    if name == "umask":  # a mask is written in octal
+        return f"{value:03o}"
     if value is None:
         return "None"
     if isinstance(value, tuple):
@@ -31,7 +33,7 @@ def test_every_option_is_documented_with_its_default(monkeypatch: pytest.MonkeyP
         monkeypatch.delenv(name, raising=False)
     documented = dict(ROW.findall(DOC.read_text()))
     defaults = Config()
-    expected = {f.name: rendered(getattr(defaults, f.name)) for f in dataclasses.fields(Config)}
+    expected = {f.name: rendered(f.name, getattr(defaults, f.name)) for f in dataclasses.fields(Config)}
     assert sorted(set(expected) - set(documented)) == [], "options missing from docs/CONFIGURATION.md"
     assert sorted(set(documented) - set(expected)) == [], "documented options that config.py does not have"
     wrong = {name: (documented[name], default) for name, default in expected.items() if documented[name] != default}

@@ -16,6 +16,7 @@ from datalakefs.errors import (
     NotSupportedError,
     ReadOnlyError,
 )
+from datalakefs.fs.attributes import Ownership
 from datalakefs.fs.filesystem import CLEAR_CACHE_XATTR, Filesystem
 from datalakefs.fs.lake import LakeTree
 from datalakefs.model import DIDInfo
@@ -86,7 +87,7 @@ def fs(fake: FakeCatalogue, content: _NoContent) -> Filesystem:
     catalogue = CachedCatalogue(fake, config)
     namespace = Namespace(catalogue, InodeTable(), control_files=("status.json",))
     return Filesystem(namespace, LakeTree(namespace, catalogue, content, {"status.json": lambda: b'{"ok": 1}\n'},
-                                          1000, 1000))
+                                          Ownership(1000, 1000)))
 
 
 async def listed_names(fs: Filesystem, ino: int) -> list[str]:
@@ -116,13 +117,25 @@ async def test_tree(fs: Filesystem) -> None:
 async def test_attributes(fs: Filesystem) -> None:
     attrs = await fs.lookup(await _path(fs, "phys", "raw"), "f1.root")
     assert attrs.size == 100
-    assert stat.S_IMODE(attrs.mode) == 0o444
+    assert stat.S_IMODE(attrs.mode) == 0o644  # the owner's w bit: setting user.datalakefs.stage needs it
     assert stat.S_ISREG(attrs.mode)
     assert (attrs.uid, attrs.gid) == (1000, 1000)
     assert attrs.mtime > 1_600_000_000
     directory = await fs.getattr(await _path(fs, "phys", "raw"))
-    assert stat.S_IMODE(directory.mode) == 0o555
+    assert stat.S_IMODE(directory.mode) == 0o755
     assert directory.is_dir
+
+
+@pytest.mark.parametrize(("owner", "file_mode", "dir_mode"), [
+    (Ownership(1000, 100), 0o644, 0o755),
+    (Ownership(1000, 100, umask=0o002), 0o664, 0o775),
+    (Ownership(1000, 100, umask=0o077), 0o600, 0o700),
+    (Ownership(1000, 100, read_only=True), 0o444, 0o555),
+    (Ownership(1000, 100, umask=0o002, read_only=True), 0o444, 0o555),
+])
+def test_ownership_modes(owner: Ownership, file_mode: int, dir_mode: int) -> None:
+    assert owner.file_mode == stat.S_IFREG | file_mode
+    assert owner.dir_mode == stat.S_IFDIR | dir_mode
 
 
 async def test_file_in_two_datasets_is_one_inode(fs: Filesystem) -> None:
@@ -221,8 +234,13 @@ class _Stager:
     def __init__(self) -> None:
         self.staged: list[tuple[DIDInfo, bytes]] = []
 
+        self.looked_up: list[DIDInfo] = []
+
     async def stage(self, info: DIDInfo, value: bytes) -> None:
         self.staged.append((info, value))
+
+    async def look_up(self, info: DIDInfo) -> None:
+        self.looked_up.append(info)
 
 
 async def test_stage_xattr_goes_to_the_stager_and_other_xattrs_are_read_only(fake: FakeCatalogue) -> None:
@@ -230,10 +248,11 @@ async def test_stage_xattr_goes_to_the_stager_and_other_xattrs_are_read_only(fak
     catalogue = CachedCatalogue(fake, config)
     stager = _Stager()
     namespace = Namespace(catalogue, InodeTable())
-    fs = Filesystem(namespace, LakeTree(namespace, catalogue, _NoContent(), {}, 1000, 1000, stager=stager))
+    fs = Filesystem(namespace, LakeTree(namespace, catalogue, _NoContent(), {}, Ownership(1000, 1000), stager=stager))
     raw = await _path(fs, "phys", "raw")
     assert fs.listxattr(raw)[-1] == "user.datalakefs.state"
     assert await fs.getxattr(raw, "user.datalakefs.state") == b"streaming"
+    assert [info.did.name for info in stager.looked_up] == ["raw"]  # rules made elsewhere are asked for first
     await fs.setxattr(raw, "user.datalakefs.stage", b"1")
     assert [(info.did.name, value) for info, value in stager.staged] == [("raw", b"1")]
     with pytest.raises(ReadOnlyError):

@@ -11,7 +11,7 @@ import trio
 from datalakefs.cli.progress import Progress, human_bytes, human_duration
 from datalakefs.cli.status import render_mount
 from datalakefs.errors import ConfigError
-from datalakefs.ops.metrics import MetricsEndpoint, exposition
+from datalakefs.ops.metrics import MetricsEndpoint, exposition, registry_for
 from datalakefs.ops.rates import RateMeter
 
 STATUS: dict[str, Any] = {
@@ -75,15 +75,31 @@ def test_rates_over_the_window() -> None:
     assert meter.rates() == {"bytes_fetched": 100.0}
 
 
-def test_exposition_flattens_numbers_and_skips_text() -> None:
-    text = exposition({**STATUS, "outbox": {"queued": 4, "state": "ok", "paused": False}})
-    lines = text.splitlines()
-    assert 'datalakefs_content_cache_used_bytes{mountpoint="/lake"} 1073741824' in lines
-    assert 'datalakefs_catalogue_calls_list_scopes{mountpoint="/lake"} 3' in lines
-    assert 'datalakefs_outbox_queued{mountpoint="/lake"} 4' in lines
-    assert 'datalakefs_outbox_paused{mountpoint="/lake"} 0' in lines
-    assert "# TYPE datalakefs_rates_requests_per_s gauge" in lines
-    assert not any("state" in line or "bearer" in line or "_pid" in line for line in lines)
+def _exposed(status: dict[str, Any]) -> list[str]:
+    return exposition(registry_for(lambda: status)).decode().splitlines()
+
+
+def test_exposition_has_help_counters_labels_and_process_metrics() -> None:
+    lines = _exposed({**STATUS, "outbox": {"queued": 4, "uploaded": 9, "state": "ok", "paused": False},
+                      "staging": {"counters": {"rules_created": 2}}})
+    mp = 'mountpoint="/lake"'
+    assert f"datalakefs_content_cache_used_bytes{{{mp}}} 1.073741824e+09" in lines
+    assert "# HELP datalakefs_content_cache_used_bytes Bytes held in the block cache" in lines
+    # what only grows is a counter; per-method and per-event numbers are labels of one family
+    assert "# TYPE datalakefs_content_bytes_fetched_total counter" in lines
+    assert f"datalakefs_content_bytes_fetched_total{{{mp}}} 5.24288e+06" in lines
+    assert f'datalakefs_catalogue_calls_total{{method="list_scopes",{mp}}} 3.0' in lines
+    assert f'datalakefs_staging_events_total{{event="rules_created",{mp}}} 2.0' in lines
+    assert f'datalakefs_outbox_files{{{mp},state="queued"}} 4.0' in lines
+    assert f"datalakefs_outbox_uploaded_total{{{mp}}} 9.0" in lines
+    assert f"datalakefs_outbox_paused{{{mp}}} 0.0" in lines
+    # every family has a HELP line; rates and other derived numbers are left to Prometheus
+    families = {line.split()[2] for line in lines if line.startswith("# TYPE")}
+    helped = {line.split()[2] for line in lines if line.startswith("# HELP")}
+    assert families == helped
+    assert not any("rates" in line or "hit_rate" in line or "_pid" in line or "bearer" in line for line in lines)
+    assert any(line.startswith("process_cpu_seconds_total ") for line in lines)
+    assert any(line.startswith("python_info{") for line in lines)
 
 
 async def _get(port: int, path: str) -> bytes:
@@ -104,8 +120,20 @@ async def test_metrics_server_answers_get_metrics_only() -> None:
         ok = await _get(endpoint.port, "/metrics")
         missing = await _get(endpoint.port, "/")
         nursery.cancel_scope.cancel()
-    assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and b"datalakefs_content_hit_rate" in ok
+    assert ok.startswith(b"HTTP/1.1 200 OK\r\n") and b"datalakefs_content_bytes_fetched_total" in ok
     assert missing.startswith(b"HTTP/1.1 404")
+
+
+async def test_the_metrics_address_is_where_it_listens() -> None:
+    endpoint = await MetricsEndpoint.open(0, "127.0.0.2")
+    assert endpoint.url == f"http://127.0.0.2:{endpoint.port}/metrics"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(endpoint.serve, lambda: STATUS)
+        stream = await trio.open_tcp_stream("127.0.0.2", endpoint.port)
+        async with stream:
+            await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await stream.receive_some(64)).startswith(b"HTTP/1.1 200 OK")
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_busy_metrics_port_is_a_config_error() -> None:

@@ -16,7 +16,7 @@ from datalakefs.catalogue.rucio_upload import check_did_name
 from datalakefs.catalogue.upload import Registration, UploadJob
 from datalakefs.config import Config
 from datalakefs.errors import DatalakeError
-from datalakefs.fs.attributes import Attributes
+from datalakefs.fs.attributes import Attributes, Ownership
 from datalakefs.fs.filesystem import Filesystem
 from datalakefs.fs.lake import LakeTree
 from datalakefs.fs.outbox import OutboxTree
@@ -64,10 +64,10 @@ def parts(tmp_path: Path) -> tuple[Filesystem, Outbox, Uploader, list[tuple[int,
     uploader = Uploader()
     outbox = Outbox(Journal(tmp_path / "journal.sqlite"), uploader, catalogue, tmp_path / "spool")
     namespace = Namespace(catalogue, InodeTable())
-    tree = OutboxTree(outbox, namespace, catalogue.list_scopes, 1000, 1000)
+    tree = OutboxTree(outbox, namespace, catalogue.list_scopes, Ownership(1000, 1000))
     invalidated: list[tuple[int, str]] = []
     tree.invalidate_entry = lambda parent, name: invalidated.append((parent, name))
-    lake = LakeTree(namespace, catalogue, _NoContent(), {}, 1000, 1000)  # type: ignore[arg-type]
+    lake = LakeTree(namespace, catalogue, _NoContent(), {}, Ownership(1000, 1000))  # type: ignore[arg-type]
     fs = Filesystem(namespace, lake, outbox=tree)
     return fs, outbox, uploader, invalidated
 

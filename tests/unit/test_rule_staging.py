@@ -351,3 +351,36 @@ async def test_the_stage_xattr_takes_one_and_makes_one_rule(
     assert only_rule(fake)
     assert content.state(await info(fake, DS)).startswith("rule rule0001 REPLICATING: 0/3 locks OK")
     assert content.status()["collections"][0]["locks_total"] == 3
+
+
+async def test_the_state_reports_rules_made_elsewhere(
+    fake: FakeCatalogue, stager: RuleStager, clock: trio.testing.MockClock
+) -> None:
+    """A rule someone else made (``datalakefs stage``, the rucio CLI, another account) for the dataset:
+    its state and each file's report it, and the daemon follows it to OK."""
+    content = StagingContent(config(), None, stager, CachedCatalogue(fake, config()))  # type: ignore[arg-type]
+    dataset, file = await info(fake, DS), await info(fake, F1)
+    await content.look_up(dataset)
+    assert content.state(dataset) == "not staged"
+    rule, created = fake.add_rule(DS, RSE, None, None, "someone-else")
+    assert created
+    await content.look_up(dataset)
+    await content.look_up(file)
+    assert content.state(dataset).startswith(f"rule {rule.id} REPLICATING: 0/3 locks OK")
+    assert content.state(file).startswith(f"rule {rule.id} REPLICATING")
+    fake.complete_locks(rule.id)
+    await trio.sleep(POLL_MIN)
+    content.state(dataset)  # an old answer: one poll in the background
+    await trio.sleep(POLL_MIN)
+    assert content.state(dataset).startswith(f"rule {rule.id} OK: 3/3 locks OK")
+    assert stager.counters["rules_found"] == 2 and fake.rules() == [fake.get_rule(rule.id)]
+
+
+async def test_a_stuck_rule_elsewhere_is_reported_only_when_no_other_rule_is_there(
+    fake: FakeCatalogue, stager: RuleStager, clock: trio.testing.MockClock
+) -> None:
+    stuck, _ = fake.add_rule(DS, RSE, None, None, "one")
+    fake.set_rule_state(stuck.id, RuleState.STUCK)
+    fine, _ = fake.add_rule(DS, RSE, None, None, "two")
+    await stager.look_up(await info(fake, DS))
+    assert (stager.describe(DS) or "").startswith(f"rule {fine.id} REPLICATING")
