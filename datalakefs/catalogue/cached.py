@@ -10,6 +10,13 @@
   answers live ``negative_ttl`` seconds and are raised again from the cache. Other errors (outage,
   refused credentials) are never cached. Bulk calls (``get_infos``, ``list_replicas``) are cached per
   DID, so a later single lookup is served by an earlier bulk answer and only missing DIDs are fetched.
+* **Replicas per dataset, not per file.** :meth:`list_content` remembers which files a dataset
+  listed. A replica lookup of such a file that misses the cache resolves its
+  whole dataset at once: one ``list_replicas`` over the dataset DID (the server expands it, one
+  streamed answer) when the dataset has at most :data:`WHOLE_DATASET_FILES` files, else the aligned
+  batch of :data:`REPLICA_BATCH` listed files around it. Every file's answer is cached as if asked
+  for alone, so reading every file of a listed dataset costs one call, not one per open; concurrent
+  opens in one dataset share that call. Invalidating the dataset forgets its files' replicas too.
 * **Single flight.** Concurrent identical requests share one backend call. When the caller that made
   the call is cancelled before it ends, a waiting caller makes it again instead of failing.
 * **Explicit invalidation** (:meth:`invalidate`, :meth:`invalidate_collection`) for changes the
@@ -34,17 +41,25 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import trio
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from datalakefs.catalogue.base import Catalogue
 from datalakefs.config import Config
 from datalakefs.errors import DatalakeError, NotFoundError
-from datalakefs.model import DID, DIDInfo, FileReplicas, Lock, RSEReplica, Rule
+from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas, Lock, RSEReplica, Rule
 
 T = TypeVar("T")
 
 #: Entries per cache (positive and negative each): one per DID for facts and replicas, one per listing.
 DEFAULT_MAXSIZE: Final = 500_000
+
+#: A dataset of at most this many files has all its replicas resolved by one call over the dataset
+#: DID at the first open in it; a larger one in batches (first byte of one file must not wait for
+#: the replicas of 100,000).
+WHOLE_DATASET_FILES: Final = 20_000
+
+#: Files per replica batch of a larger dataset: the server's limit of DIDs per request.
+REPLICA_BATCH: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +130,12 @@ class CachedCatalogue:
         self._positive: TTLCache[Hashable, Any] = TTLCache(maxsize, config.catalogue_ttl, timer=timer)
         self._negative: TTLCache[Hashable, str] = TTLCache(maxsize, config.negative_ttl, timer=timer)
         self._flights: dict[Hashable, _Flight] = {}
+        # Each listed dataset's last listing, and where each file was last listed. They outlive the
+        # TTL (the kernel may open a file long after its listing expired) and are replaced when the
+        # dataset is listed again: a file added since is looked up alone until then, a file removed
+        # since is simply not in the dataset's answer.
+        self._members: LRUCache[DID, tuple[DIDInfo, ...]] = LRUCache(maxsize)
+        self._homes: LRUCache[DID, tuple[DID, int]] = LRUCache(maxsize)
         self._generation = 0
         self._calls: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
@@ -134,7 +155,10 @@ class CachedCatalogue:
         return list(await self._single(("list_collections", scope), self._backend.list_collections, scope))
 
     async def list_content(self, did: DID) -> list[DIDInfo]:
-        return list(await self._single(("list_content", did), self._backend.list_content, did))
+        content: Any = await self._single(("list_content", did), self._backend.list_content, did)
+        if self._members.get(did) is not content:  # the cache's own tuple: a new one is a new listing
+            self._remember_members(did, content)
+        return list(content)
 
     async def get_info(self, did: DID) -> DIDInfo:
         info: DIDInfo = await self._single(("get_info", did), self._backend.get_info, did)
@@ -153,7 +177,11 @@ class CachedCatalogue:
         return [found[did] for did in dict.fromkeys(dids) if did in found]
 
     async def list_replicas(self, dids: Sequence[DID]) -> list[FileReplicas]:
-        """Replicas of files (file DIDs only), cached per file like :meth:`get_infos`."""
+        """Replicas of files (file DIDs only), cached per file like :meth:`get_infos`; a file of a
+        listed dataset brings its dataset's replicas along (see the module docstring)."""
+        for did in dict.fromkeys(dids):
+            if ("list_replicas", did) not in self._positive and did in self._homes:
+                await self._resolve_dataset_replicas(did)
         found: dict[DID, FileReplicas] = await self._bulk(
             "list_replicas", "list_replicas", self._backend.list_replicas, dids
         )
@@ -183,7 +211,7 @@ class CachedCatalogue:
     def invalidate(self, did: DID) -> None:
         """The daemon changed or created ``did``: forget every answer about it (facts, metadata,
         replicas, its listing), "not found" answers included."""
-        self._forget([(method, did) for method in _PER_DID])
+        self._forget([*[(method, did) for method in _PER_DID], *self._forget_members(did)])
 
     def invalidate_collection(self, did: DID) -> None:
         """The daemon changed the content of collection ``did`` (attached to it, or created it):
@@ -192,7 +220,50 @@ class CachedCatalogue:
         queries = [key for key in self._positive if _is_query_of(key, did.scope)]
         queries += [key for key in self._negative if _is_query_of(key, did.scope)]
         keys: list[Hashable] = [(method, did) for method in _PER_DID]
-        self._forget([*keys, ("list_collections", did.scope), *queries])
+        self._forget([*keys, *self._forget_members(did), ("list_collections", did.scope), *queries])
+
+    # -- replicas per dataset ---------------------------------------------------------------------
+
+    def _remember_members(self, dataset: DID, content: tuple[DIDInfo, ...]) -> None:
+        self._members[dataset] = content
+        for position, info in enumerate(content):
+            if info.type is DIDType.FILE:
+                self._homes[info.did] = (dataset, position)
+
+    async def _resolve_dataset_replicas(self, did: DID) -> None:
+        """Cache the replicas of every file of ``did``'s dataset (or of its batch), in one call
+        shared by every concurrent opener in that dataset."""
+        dataset, position = self._homes[did]
+        content = self._members.get(dataset)
+        if content is None or position >= len(content) or content[position].did != did:
+            return  # the dataset was forgotten or listed anew without it: a per-file lookup follows
+        if len(content) <= WHOLE_DATASET_FILES:
+            key: Hashable = ("dataset_replicas", dataset)
+            batch = [info for info in content if info.type is DIDType.FILE]
+            asked = [dataset]
+        else:
+            first = position - position % REPLICA_BATCH
+            key = ("dataset_replicas", dataset, first)
+            batch = [info for info in content[first : first + REPLICA_BATCH] if info.type is DIDType.FILE]
+            asked = [info.did for info in batch]
+
+        async def fetch(generation: int) -> None:
+            answers = await self._call("list_replicas", self._backend.list_replicas, asked)
+            if generation != self._generation:
+                return
+            # a listed file the answer leaves out has no replica: cached as such, not asked again alone
+            replicas = {answer.info.did: answer for answer in answers}
+            for info in batch:
+                self._positive[("list_replicas", info.did)] = replicas.get(info.did) or FileReplicas(info, ())
+
+        await self._shared_flight(key, fetch)
+
+    def _forget_members(self, dataset: DID) -> list[Hashable]:
+        """The cache keys of a listed dataset's files' replicas, its listing record dropped."""
+        content = self._members.pop(dataset, ())
+        for info in content:
+            self._homes.pop(info.did, None)
+        return [("list_replicas", info.did) for info in content]
 
     # -- status ----------------------------------------------------------------------------------
 

@@ -289,3 +289,101 @@ async def test_statistics_are_an_immutable_json_ready_snapshot(
     document = json.loads(json.dumps(catalogue.statistics().as_dict()))
     assert document["calls"] == {"list_scopes": 1, "list_collections": 1}
     assert document["cached_entries"] == 2
+
+
+def many_files_dataset(fake: FakeCatalogue, name: str, count: int) -> tuple[DID, list[DID]]:
+    dataset = DID("data", name)
+    files = [DID("data", f"{name}.{index:05d}") for index in range(count)]
+    fake.add_dataset(dataset)
+    for did in files:
+        fake.add_file(did, 1)
+        fake.add_replica(did, "SITE-A", f"http://a/{did.name}")
+    fake.attach(dataset, *files)
+    return dataset, files
+
+
+async def test_opening_every_file_of_a_listed_dataset_costs_one_replica_call(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    dataset, files = many_files_dataset(fake, "run9", 50)
+    await catalogue.list_content(dataset)
+    for did in files:
+        [found] = await catalogue.list_replicas([did])
+        assert (found.info.did, [r.pfn for r in found.replicas]) == (did, [f"http://a/{did.name}"])
+    assert fake.calls["list_replicas"] == 1
+
+
+async def test_concurrent_opens_in_one_dataset_share_its_replica_call(fake: FakeCatalogue) -> None:
+    catalogue = cached(fake)
+    dataset, files = many_files_dataset(fake, "run9", 16)
+    await catalogue.list_content(dataset)
+    fake.pause()
+    async with trio.open_nursery() as nursery:
+        for did in files:
+            nursery.start_soon(catalogue.list_replicas, [did])
+        await trio.testing.wait_all_tasks_blocked()
+        fake.resume()
+    assert fake.calls["list_replicas"] == 1
+    assert catalogue.statistics().shared == 15
+
+
+async def test_a_large_dataset_resolves_replicas_in_batches_around_the_opened_file(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("datalakefs.catalogue.cached.WHOLE_DATASET_FILES", 10)
+    monkeypatch.setattr("datalakefs.catalogue.cached.REPLICA_BATCH", 4)
+    catalogue = cached(fake)
+    dataset, files = many_files_dataset(fake, "big", 11)
+    await catalogue.list_content(dataset)
+    await catalogue.list_replicas([files[5]])  # batch 4..7
+    for did in files[4:8]:
+        await catalogue.list_replicas([did])
+    assert fake.calls["list_replicas"] == 1
+    for did in files:
+        await catalogue.list_replicas([did])
+    assert fake.calls["list_replicas"] == 3  # batches 0..3 and 8..10
+
+
+async def test_dataset_replicas_change_is_seen_after_the_ttl(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    dataset, files = many_files_dataset(fake, "run9", 5)
+    await catalogue.list_content(dataset)
+    await catalogue.list_replicas([files[0]])
+    fake.add_replica(files[3], "SITE-B", "http://b/x")
+    [before] = await catalogue.list_replicas([files[3]])
+    assert [r.rse for r in before.replicas] == ["SITE-A"]
+    await trio.sleep(TTL + 1)  # the listing expired too, and is not asked for again
+    for did in files:
+        await catalogue.list_replicas([did])
+    [after] = await catalogue.list_replicas([files[3]])
+    assert [r.rse for r in after.replicas] == ["SITE-A", "SITE-B"]
+    assert fake.calls["list_replicas"] == 2
+    assert fake.calls["list_content"] == 1
+
+
+async def test_a_listed_file_without_replicas_is_not_asked_for_alone(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    await catalogue.list_content(RUN1)
+    [f2] = await catalogue.list_replicas([F2])
+    assert (f2.info.did, f2.replicas) == (F2, ())
+    await catalogue.list_replicas([F1])
+    assert fake.calls["list_replicas"] == 1
+
+
+async def test_invalidating_a_dataset_forgets_its_files_replicas(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    dataset, files = many_files_dataset(fake, "run9", 3)
+    await catalogue.list_content(dataset)
+    await catalogue.list_replicas([files[0]])
+    fake.add_replica(files[1], "SITE-B", "http://b/x")
+    catalogue.invalidate_collection(dataset)
+    [found] = await catalogue.list_replicas([files[1]])
+    assert [r.rse for r in found.replicas] == ["SITE-A", "SITE-B"]
+    assert fake.calls["list_replicas"] == 2
