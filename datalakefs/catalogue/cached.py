@@ -10,11 +10,11 @@
   answers live ``negative_ttl`` seconds and are raised again from the cache. Other errors (outage,
   refused credentials) are never cached. Bulk calls (``get_infos``, ``list_replicas``) are cached per
   DID, so a later single lookup is served by an earlier bulk answer and only missing DIDs are fetched.
-* **Replicas per dataset, not per file.** :meth:`list_content` remembers which files a dataset
-  listed. A replica lookup of such a file that misses the cache resolves its
-  whole dataset at once: one ``list_replicas`` over the dataset DID (the server expands it, one
-  streamed answer) when the dataset has at most :data:`WHOLE_DATASET_FILES` files, else the aligned
-  batch of :data:`REPLICA_BATCH` listed files around it. Every file's answer is cached as if asked
+* **Replicas per dataset, not per file.** :meth:`list_content` and :meth:`query` remember which
+  files they listed. A replica lookup of such a file that misses the cache resolves its whole listing
+  at once: one ``list_replicas`` over the dataset DID (the server expands it, one streamed answer)
+  when the dataset has at most :data:`WHOLE_DATASET_FILES` files, else (and for query results) the
+  aligned batch of :data:`REPLICA_BATCH` listed files around it. Every file's answer is cached as if asked
   for alone, so reading every file of a listed dataset costs one call, not one per open; concurrent
   opens in one dataset share that call. Invalidating the dataset forgets its files' replicas too.
 * **Single flight.** Concurrent identical requests share one backend call. When the caller that made
@@ -134,8 +134,9 @@ class CachedCatalogue:
         # TTL (the kernel may open a file long after its listing expired) and are replaced when the
         # dataset is listed again: a file added since is looked up alone until then, a file removed
         # since is simply not in the dataset's answer.
-        self._members: LRUCache[DID, tuple[DIDInfo, ...]] = LRUCache(maxsize)
-        self._homes: LRUCache[DID, tuple[DID, int]] = LRUCache(maxsize)
+        # A listing is a dataset's (keyed by its DID) or a query's (keyed like the query's answer).
+        self._members: LRUCache[Hashable, tuple[DIDInfo, ...]] = LRUCache(maxsize)
+        self._homes: LRUCache[DID, tuple[Hashable, int]] = LRUCache(maxsize)
         self._generation = 0
         self._calls: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
@@ -168,7 +169,11 @@ class CachedCatalogue:
         return dict(await self._single(("get_metadata", did), self._backend.get_metadata, did))
 
     async def query(self, scope: str, filters: str) -> list[DIDInfo]:
-        return list(await self._single(("query", scope, filters), self._backend.query, scope, filters))
+        key = ("query", scope, filters)
+        found: Any = await self._single(key, self._backend.query, scope, filters)
+        if self._members.get(key) is not found:
+            self._remember_members(key, found)
+        return list(found)
 
     async def get_infos(self, dids: Sequence[DID]) -> list[DIDInfo]:
         """Facts of many DIDs; cached ones are not asked again, the rest in one backend call.
@@ -220,30 +225,31 @@ class CachedCatalogue:
         queries = [key for key in self._positive if _is_query_of(key, did.scope)]
         queries += [key for key in self._negative if _is_query_of(key, did.scope)]
         keys: list[Hashable] = [(method, did) for method in _PER_DID]
-        self._forget([*keys, *self._forget_members(did), ("list_collections", did.scope), *queries])
+        members = [key for listing in [did, *queries] for key in self._forget_members(listing)]
+        self._forget([*keys, *members, ("list_collections", did.scope), *queries])
 
     # -- replicas per dataset ---------------------------------------------------------------------
 
-    def _remember_members(self, dataset: DID, content: tuple[DIDInfo, ...]) -> None:
-        self._members[dataset] = content
+    def _remember_members(self, listing: Hashable, content: tuple[DIDInfo, ...]) -> None:
+        self._members[listing] = content
         for position, info in enumerate(content):
             if info.type is DIDType.FILE:
-                self._homes[info.did] = (dataset, position)
+                self._homes[info.did] = (listing, position)
 
     async def _resolve_dataset_replicas(self, did: DID) -> None:
         """Cache the replicas of every file of ``did``'s dataset (or of its batch), in one call
         shared by every concurrent opener in that dataset."""
-        dataset, position = self._homes[did]
-        content = self._members.get(dataset)
+        listing, position = self._homes[did]
+        content = self._members.get(listing)
         if content is None or position >= len(content) or content[position].did != did:
-            return  # the dataset was forgotten or listed anew without it: a per-file lookup follows
-        if len(content) <= WHOLE_DATASET_FILES:
-            key: Hashable = ("dataset_replicas", dataset)
+            return  # the listing was forgotten or made anew without it: a per-file lookup follows
+        if isinstance(listing, DID) and len(content) <= WHOLE_DATASET_FILES:
+            key: Hashable = ("dataset_replicas", listing)
             batch = [info for info in content if info.type is DIDType.FILE]
-            asked = [dataset]
+            asked = [listing]
         else:
             first = position - position % REPLICA_BATCH
-            key = ("dataset_replicas", dataset, first)
+            key = ("dataset_replicas", listing, first)
             batch = [info for info in content[first : first + REPLICA_BATCH] if info.type is DIDType.FILE]
             asked = [info.did for info in batch]
 
@@ -258,9 +264,9 @@ class CachedCatalogue:
 
         await self._shared_flight(key, fetch)
 
-    def _forget_members(self, dataset: DID) -> list[Hashable]:
-        """The cache keys of a listed dataset's files' replicas, its listing record dropped."""
-        content = self._members.pop(dataset, ())
+    def _forget_members(self, listing: Hashable) -> list[Hashable]:
+        """The cache keys of a listing's files' replicas, its record dropped."""
+        content = self._members.pop(listing, ())
         for info in content:
             self._homes.pop(info.did, None)
         return [("list_replicas", info.did) for info in content]

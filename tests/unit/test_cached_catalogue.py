@@ -387,3 +387,19 @@ async def test_invalidating_a_dataset_forgets_its_files_replicas(
     [found] = await catalogue.list_replicas([files[1]])
     assert [r.rse for r in found.replicas] == ["SITE-A", "SITE-B"]
     assert fake.calls["list_replicas"] == 2
+
+
+async def test_files_of_a_query_result_are_resolved_in_one_batch(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    _, files = many_files_dataset(fake, "run9", 20)
+    listed = [info.did for info in await catalogue.query("data", "run9.*")]
+    assert listed == files
+    for did in files:
+        [found] = await catalogue.list_replicas([did])
+        assert [r.rse for r in found.replicas] == ["SITE-A"]
+    assert fake.calls["list_replicas"] == 1
+    catalogue.invalidate_collection(DID("data", "run9"))  # forgets the scope's query results too
+    await catalogue.list_replicas([files[0]])
+    assert fake.calls["list_replicas"] == 2
