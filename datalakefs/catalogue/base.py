@@ -41,8 +41,8 @@ class Catalogue(Protocol):
 
     def list_replicas(self, dids: Sequence[DID]) -> list[FileReplicas]:
         """Available replicas of the given files, each file's best first (configured preference, then
-        the server's sort). A file without a replica comes back with none; an unknown DID is left out;
-        a collection DID stands for every file in it (one streamed answer for a whole dataset)."""
+        the server's sort). Pass file DIDs: a file without a replica comes back with none; an unknown
+        DID is left out."""
         ...
 
     def query(self, scope: str, filters: str) -> list[DIDInfo]:

@@ -247,9 +247,9 @@ class FakeCatalogue:
     def list_replicas(self, dids: Sequence[DID]) -> list[FileReplicas]:
         self._enter("list_replicas")
         with self._lock:
-            files = [f for did in dict.fromkeys(dids) if did in self._dids for f in self._files_under(did)]
-            entries = [self._dids[f] for f in dict.fromkeys(files)]
-            return [FileReplicas(_listed(e.info), tuple(e.replicas)) for e in entries]
+            entries = [self._dids[did] for did in dict.fromkeys(dids) if did in self._dids]
+            files = [e for e in entries if e.info.type is DIDType.FILE]
+            return [FileReplicas(_listed(e.info), tuple(e.replicas)) for e in files]
 
     def query(self, scope: str, filters: str) -> list[DIDInfo]:
         self._enter("query")

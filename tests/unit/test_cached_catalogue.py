@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from datalakefs.catalogue.cached import CachedCatalogue
+from datalakefs.catalogue.cached import CachedCatalogue, replica_batch
 from datalakefs.catalogue.fake import FakeCatalogue
 from datalakefs.config import Config
 from datalakefs.errors import AccessDeniedError, CatalogueUnavailableError, NotFoundError
@@ -302,7 +302,7 @@ def many_files_dataset(fake: FakeCatalogue, name: str, count: int) -> tuple[DID,
     return dataset, files
 
 
-async def test_opening_every_file_of_a_listed_dataset_costs_one_replica_call(
+async def test_opening_every_file_of_a_small_listed_dataset_costs_one_replica_call(
     fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
 ) -> None:
     catalogue = cached(fake)
@@ -328,21 +328,27 @@ async def test_concurrent_opens_in_one_dataset_share_its_replica_call(fake: Fake
     assert catalogue.statistics().shared == 15
 
 
+def test_replica_batches_double_up_to_the_servers_limit() -> None:
+    assert [replica_batch(p) for p in (0, 99, 100, 299, 300, 699, 700, 1499, 1500, 2499, 2500)] == [
+        (0, 100), (0, 100), (100, 300), (100, 300), (300, 700), (300, 700),
+        (700, 1500), (700, 1500), (1500, 2500), (1500, 2500), (2500, 3500),
+    ]
+
+
 async def test_a_large_dataset_resolves_replicas_in_batches_around_the_opened_file(
-    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
 ) -> None:
-    monkeypatch.setattr("datalakefs.catalogue.cached.WHOLE_DATASET_FILES", 10)
-    monkeypatch.setattr("datalakefs.catalogue.cached.REPLICA_BATCH", 4)
     catalogue = cached(fake)
-    dataset, files = many_files_dataset(fake, "big", 11)
+    dataset, files = many_files_dataset(fake, "big", 1600)
     await catalogue.list_content(dataset)
-    await catalogue.list_replicas([files[5]])  # batch 4..7
-    for did in files[4:8]:
+    await catalogue.list_replicas([files[350]])  # batch 300..699
+    for did in files[300:700]:
         await catalogue.list_replicas([did])
     assert fake.calls["list_replicas"] == 1
     for did in files:
-        await catalogue.list_replicas([did])
-    assert fake.calls["list_replicas"] == 3  # batches 0..3 and 8..10
+        [found] = await catalogue.list_replicas([did])
+        assert found.info.did == did
+    assert fake.calls["list_replicas"] == 5  # 0..99, 100..299, 700..1499, 1500..1599
 
 
 async def test_dataset_replicas_change_is_seen_after_the_ttl(

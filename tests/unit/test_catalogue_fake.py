@@ -75,10 +75,10 @@ def test_metadata_holds_columns_and_custom_keys() -> None:
     assert "adler32" not in meta  # unset keys are left out
 
 
-def test_replicas_in_order_a_collection_standing_for_its_files() -> None:
+def test_replicas_in_order_files_only() -> None:
     fake = small_lake()
     replicas = fake.list_replicas([DID("data", "f1"), DID("data", "f2"), DID("data", "run1"), DID("x", "y")])
-    assert [str(r.info.did) for r in replicas] == ["data:f1", "data:f2", "mc:g1"]
+    assert [str(r.info.did) for r in replicas] == ["data:f1", "data:f2"]
     assert replicas[0].replicas == (Replica("SITE-A", "http://a/f1"), Replica("SITE-B", "root://b//f1"))
     assert replicas[1].replicas == ()
 
