@@ -302,12 +302,18 @@ def many_files_dataset(fake: FakeCatalogue, name: str, count: int) -> tuple[DID,
     return dataset, files
 
 
+async def listed_dataset(fake: FakeCatalogue, name: str, count: int) -> tuple[CachedCatalogue, DID, list[DID]]:
+    """A cached catalogue that has listed a new dataset of ``count`` files with one replica each."""
+    catalogue = cached(fake)
+    dataset, files = many_files_dataset(fake, name, count)
+    await catalogue.list_content(dataset)
+    return catalogue, dataset, files
+
+
 async def test_opening_every_file_of_a_small_listed_dataset_costs_one_replica_call(
     fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
 ) -> None:
-    catalogue = cached(fake)
-    dataset, files = many_files_dataset(fake, "run9", 50)
-    await catalogue.list_content(dataset)
+    catalogue, _, files = await listed_dataset(fake, "run9", 50)
     for did in files:
         [found] = await catalogue.list_replicas([did])
         assert (found.info.did, [r.pfn for r in found.replicas]) == (did, [f"http://a/{did.name}"])
@@ -315,9 +321,7 @@ async def test_opening_every_file_of_a_small_listed_dataset_costs_one_replica_ca
 
 
 async def test_concurrent_opens_in_one_dataset_share_its_replica_call(fake: FakeCatalogue) -> None:
-    catalogue = cached(fake)
-    dataset, files = many_files_dataset(fake, "run9", 16)
-    await catalogue.list_content(dataset)
+    catalogue, _, files = await listed_dataset(fake, "run9", 16)
     fake.pause()
     async with trio.open_nursery() as nursery:
         for did in files:
@@ -338,9 +342,7 @@ def test_replica_batches_double_up_to_the_servers_limit() -> None:
 async def test_a_large_dataset_resolves_replicas_in_batches_around_the_opened_file(
     fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
 ) -> None:
-    catalogue = cached(fake)
-    dataset, files = many_files_dataset(fake, "big", 1600)
-    await catalogue.list_content(dataset)
+    catalogue, _, files = await listed_dataset(fake, "big", 1600)
     await catalogue.list_replicas([files[350]])  # batch 300..699
     for did in files[300:700]:
         await catalogue.list_replicas([did])
@@ -351,23 +353,26 @@ async def test_a_large_dataset_resolves_replicas_in_batches_around_the_opened_fi
     assert fake.calls["list_replicas"] == 5  # 0..99, 100..299, 700..1499, 1500..1599
 
 
-async def test_dataset_replicas_change_is_seen_after_the_ttl(
-    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+@pytest.mark.parametrize("how", ["ttl", "invalidation"])
+async def test_a_datasets_new_replica_is_seen_after_the_ttl_or_at_once_when_invalidated(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock, how: str
 ) -> None:
-    catalogue = cached(fake)
-    dataset, files = many_files_dataset(fake, "run9", 5)
-    await catalogue.list_content(dataset)
+    catalogue, dataset, files = await listed_dataset(fake, "run9", 5)
     await catalogue.list_replicas([files[0]])
     fake.add_replica(files[3], "SITE-B", "http://b/x")
     [before] = await catalogue.list_replicas([files[3]])
     assert [r.rse for r in before.replicas] == ["SITE-A"]
-    await trio.sleep(TTL + 1)  # the listing expired too, and is not asked for again
+    if how == "ttl":
+        await trio.sleep(TTL + 1)  # the listing expired too, and is not asked for again
+    else:
+        catalogue.invalidate_collection(dataset)
+        await catalogue.list_content(dataset)
     for did in files:
         await catalogue.list_replicas([did])
     [after] = await catalogue.list_replicas([files[3]])
     assert [r.rse for r in after.replicas] == ["SITE-A", "SITE-B"]
     assert fake.calls["list_replicas"] == 2
-    assert fake.calls["list_content"] == 1
+    assert fake.calls["list_content"] == (1 if how == "ttl" else 2)
 
 
 async def test_a_listed_file_without_replicas_is_not_asked_for_alone(
@@ -379,20 +384,6 @@ async def test_a_listed_file_without_replicas_is_not_asked_for_alone(
     assert (f2.info.did, f2.replicas) == (F2, ())
     await catalogue.list_replicas([F1])
     assert fake.calls["list_replicas"] == 1
-
-
-async def test_invalidating_a_dataset_forgets_its_files_replicas(
-    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
-) -> None:
-    catalogue = cached(fake)
-    dataset, files = many_files_dataset(fake, "run9", 3)
-    await catalogue.list_content(dataset)
-    await catalogue.list_replicas([files[0]])
-    fake.add_replica(files[1], "SITE-B", "http://b/x")
-    catalogue.invalidate_collection(dataset)
-    [found] = await catalogue.list_replicas([files[1]])
-    assert [r.rse for r in found.replicas] == ["SITE-A", "SITE-B"]
-    assert fake.calls["list_replicas"] == 2
 
 
 async def test_files_of_a_query_result_are_resolved_in_one_batch(
