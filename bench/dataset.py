@@ -107,7 +107,7 @@ class Suite:
         if calls is not None:
             self.result.goals.append(Goal("catalogue calls for ls -l + every file, cold", calls, 5, "<="))
 
-    def run(self) -> SuiteResult:
+    def measure(self) -> SuiteResult:
         steps: list[tuple[str, Callable[[Path], None]]] = [("references", self.references),
                                                              ("datalakefs", self.datalakefs)]
         with workdir("dataset") as work:
@@ -123,12 +123,13 @@ class Suite:
             f"command: `python -m bench.dataset` (BENCH_RUNS={self.n}, BENCH_DATASET_FILES={self.limit}); "
             "medians; datalakefs with xcache=none; cold = fresh mount and cache, page cache dropped; warm = "
             "block cache filled by a first pass, page cache dropped")
-        write_suite(self.result)
         return self.result
 
 
 def run() -> SuiteResult:
-    return Suite().run()
+    result = Suite().measure()
+    write_suite(result)
+    return result
 
 
 if __name__ == "__main__":
