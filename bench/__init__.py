@@ -8,4 +8,4 @@ data) and prints its table; ``python -m bench`` also writes ``summary.md``, ``su
 ``summary.png`` for all suites of the run.
 """
 
-SUITES: tuple[str, ...] = ("bench.listing", "bench.read", "bench.staging", "bench.outbox")
+SUITES: tuple[str, ...] = ("bench.listing", "bench.read", "bench.dataset", "bench.staging", "bench.outbox")

@@ -10,6 +10,15 @@
   answers live ``negative_ttl`` seconds and are raised again from the cache. Other errors (outage,
   refused credentials) are never cached. Bulk calls (``get_infos``, ``list_replicas``) are cached per
   DID, so a later single lookup is served by an earlier bulk answer and only missing DIDs are fetched.
+* **Replicas per listing, not per file.** :meth:`list_content` and :meth:`query` remember which
+  files they listed, in order. A replica lookup of such a file that misses the cache resolves a batch
+  of the listing's files around it in one ``list_replicas`` call: the listing is cut into batches of
+  :data:`FIRST_REPLICA_BATCH` files, doubling up to :data:`REPLICA_BATCH` (the server's limit per
+  request), so the first open waits for a small batch and a reader going through the dataset pays one
+  call per thousand files. Every file's answer is cached as if asked for alone; concurrent opens in
+  one batch share its call. Invalidating the dataset forgets its files' replicas too.
+  (One call over the dataset DID was measured and rejected: the server's cost is per file, about
+  10 ms each on the demo lake, so a 10k dataset made the first read wait 112 s instead of 0.5 s.)
 * **Single flight.** Concurrent identical requests share one backend call. When the caller that made
   the call is cancelled before it ends, a waiting caller makes it again instead of failing.
 * **Explicit invalidation** (:meth:`invalidate`, :meth:`invalidate_collection`) for changes the
@@ -34,17 +43,23 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import trio
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
 from datalakefs.catalogue.base import Catalogue
 from datalakefs.config import Config
 from datalakefs.errors import DatalakeError, NotFoundError
-from datalakefs.model import DID, DIDInfo, FileReplicas, Lock, RSEReplica, Rule
+from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas, Lock, RSEReplica, Rule
 
 T = TypeVar("T")
 
 #: Entries per cache (positive and negative each): one per DID for facts and replicas, one per listing.
 DEFAULT_MAXSIZE: Final = 500_000
+
+#: Files in a listing's first replica batch: what the first open in a dataset waits for.
+FIRST_REPLICA_BATCH: Final = 100
+
+#: The largest replica batch: the server's limit of DIDs per request.
+REPLICA_BATCH: Final = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +130,13 @@ class CachedCatalogue:
         self._positive: TTLCache[Hashable, Any] = TTLCache(maxsize, config.catalogue_ttl, timer=timer)
         self._negative: TTLCache[Hashable, str] = TTLCache(maxsize, config.negative_ttl, timer=timer)
         self._flights: dict[Hashable, _Flight] = {}
+        # Each listed dataset's last listing, and where each file was last listed. They outlive the
+        # TTL (the kernel may open a file long after its listing expired) and are replaced when the
+        # dataset is listed again: a file added since is looked up alone until then, a file removed
+        # since is simply not in the dataset's answer.
+        # A listing is a dataset's (keyed by its DID) or a query's (keyed like the query's answer).
+        self._members: LRUCache[Hashable, tuple[DIDInfo, ...]] = LRUCache(maxsize)
+        self._homes: LRUCache[DID, tuple[Hashable, int]] = LRUCache(maxsize)
         self._generation = 0
         self._calls: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
@@ -134,7 +156,10 @@ class CachedCatalogue:
         return list(await self._single(("list_collections", scope), self._backend.list_collections, scope))
 
     async def list_content(self, did: DID) -> list[DIDInfo]:
-        return list(await self._single(("list_content", did), self._backend.list_content, did))
+        content: Any = await self._single(("list_content", did), self._backend.list_content, did)
+        if self._members.get(did) is not content:  # the cache's own tuple: a new one is a new listing
+            self._remember_members(did, content)
+        return list(content)
 
     async def get_info(self, did: DID) -> DIDInfo:
         info: DIDInfo = await self._single(("get_info", did), self._backend.get_info, did)
@@ -144,7 +169,11 @@ class CachedCatalogue:
         return dict(await self._single(("get_metadata", did), self._backend.get_metadata, did))
 
     async def query(self, scope: str, filters: str) -> list[DIDInfo]:
-        return list(await self._single(("query", scope, filters), self._backend.query, scope, filters))
+        key = ("query", scope, filters)
+        found: Any = await self._single(key, self._backend.query, scope, filters)
+        if self._members.get(key) is not found:
+            self._remember_members(key, found)
+        return list(found)
 
     async def get_infos(self, dids: Sequence[DID]) -> list[DIDInfo]:
         """Facts of many DIDs; cached ones are not asked again, the rest in one backend call.
@@ -153,7 +182,11 @@ class CachedCatalogue:
         return [found[did] for did in dict.fromkeys(dids) if did in found]
 
     async def list_replicas(self, dids: Sequence[DID]) -> list[FileReplicas]:
-        """Replicas of files (file DIDs only), cached per file like :meth:`get_infos`."""
+        """Replicas of files (file DIDs only), cached per file like :meth:`get_infos`; a file of a
+        listed dataset brings its dataset's replicas along (see the module docstring)."""
+        for did in dict.fromkeys(dids):
+            if ("list_replicas", did) not in self._positive and did in self._homes:
+                await self._resolve_listed_replicas(did)
         found: dict[DID, FileReplicas] = await self._bulk(
             "list_replicas", "list_replicas", self._backend.list_replicas, dids
         )
@@ -186,7 +219,7 @@ class CachedCatalogue:
     def invalidate(self, did: DID) -> None:
         """The daemon changed or created ``did``: forget every answer about it (facts, metadata,
         replicas, its listing), "not found" answers included."""
-        self._forget([(method, did) for method in _PER_DID])
+        self._forget([*[(method, did) for method in _PER_DID], *self._forget_members(did)])
 
     def invalidate_collection(self, did: DID) -> None:
         """The daemon changed the content of collection ``did`` (attached to it, or created it):
@@ -195,7 +228,46 @@ class CachedCatalogue:
         queries = [key for key in self._positive if _is_query_of(key, did.scope)]
         queries += [key for key in self._negative if _is_query_of(key, did.scope)]
         keys: list[Hashable] = [(method, did) for method in _PER_DID]
-        self._forget([*keys, ("list_collections", did.scope), *queries])
+        members = [key for listing in [did, *queries] for key in self._forget_members(listing)]
+        self._forget([*keys, *members, ("list_collections", did.scope), *queries])
+
+    # -- replicas per dataset ---------------------------------------------------------------------
+
+    def _remember_members(self, listing: Hashable, content: tuple[DIDInfo, ...]) -> None:
+        self._members[listing] = content
+        for position, info in enumerate(content):
+            if info.type is DIDType.FILE:
+                self._homes[info.did] = (listing, position)
+
+    async def _resolve_listed_replicas(self, did: DID) -> None:
+        """Cache the replicas of the batch of ``did``'s listing that holds it, in one call shared by
+        every concurrent opener in that batch."""
+        listing, position = self._homes[did]
+        content = self._members.get(listing)
+        if content is None or position >= len(content) or content[position].did != did:
+            return  # the listing was forgotten or made anew without it: a per-file lookup follows
+        first, end = replica_batch(position)
+        key = ("listed_replicas", listing, first)
+        batch = [info for info in content[first:end] if info.type is DIDType.FILE]
+        asked = [info.did for info in batch]
+
+        async def fetch(generation: int) -> None:
+            answers = await self._call("list_replicas", self._backend.list_replicas, asked)
+            if generation != self._generation:
+                return
+            # a listed file the answer leaves out has no replica: cached as such, not asked again alone
+            replicas = {answer.info.did: answer for answer in answers}
+            for info in batch:
+                self._positive[("list_replicas", info.did)] = replicas.get(info.did) or FileReplicas(info, ())
+
+        await self._shared_flight(key, fetch)
+
+    def _forget_members(self, listing: Hashable) -> list[Hashable]:
+        """The cache keys of a listing's files' replicas, its record dropped."""
+        content = self._members.pop(listing, ())
+        for info in content:
+            self._homes.pop(info.did, None)
+        return [("list_replicas", info.did) for info in content]
 
     # -- status ----------------------------------------------------------------------------------
 
@@ -325,6 +397,15 @@ class CachedCatalogue:
 
 
 _ABSENT: Final = object()
+
+
+def replica_batch(position: int) -> tuple[int, int]:
+    """The batch of a listing (start, end) that holds ``position``: the listing is cut into batches
+    of :data:`FIRST_REPLICA_BATCH` files, each twice the one before, up to :data:`REPLICA_BATCH`."""
+    start, size = 0, FIRST_REPLICA_BATCH
+    while start + size <= position:
+        start, size = start + size, min(size * 2, REPLICA_BATCH)
+    return start, start + size
 
 
 def _is_query_of(key: Hashable, scope: str) -> bool:

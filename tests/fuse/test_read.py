@@ -7,6 +7,7 @@ import os
 import random
 import time
 import tomllib
+import uuid
 import zlib
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,14 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from datalakefs.demo import seed
+from datalakefs.demo.lake import Lake
 from datalakefs.demo.seed import content
 from datalakefs.demo.status import LakeStatus
 from tests.faults.origin import FaultyOrigin
 from tests.fuse.mounting import Mount, datalakefs
 from tests.fuse.tcpproxy import TcpProxy
-from tests.fuse.test_browse import path_of
+from tests.fuse.test_browse import calls, path_of
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
 
@@ -201,3 +204,76 @@ def test_cache_stats_and_clear_through_a_mount_and_offline(lake: LakeStatus, new
     assert offline["cache"]["used_bytes"] == MIB + 1
     assert datalakefs("cache", "clear", *cli).returncode == 0
     assert json.loads(datalakefs("cache", "stats", "--json", *cli).stdout)["cache"]["used_bytes"] == 0
+
+
+def _replica_calls(mount: Mount) -> int:
+    return int(mount.status()["catalogue"]["calls"].get("list_replicas", 0))
+
+
+def _small_dataset(lake: LakeStatus, client: Any, count: int) -> seed.DatasetPlan:
+    assert lake.seed is not None
+    scope = lake.seed.upload_scope
+    name = f"per_dataset_{uuid.uuid4().hex[:10]}"
+    files = tuple(seed.FileSpec(scope, f"{name}.{index:03d}.txt", 100 + index) for index in range(count))
+    plan = seed.DatasetPlan(scope, name, files)
+    seed.add_origin_dataset(client, Lake(lake.state_dir), plan)
+    return plan
+
+
+def test_ls_l_and_reading_every_file_of_a_dataset_ask_the_catalogue_per_dataset(
+    lake: LakeStatus, new_mount: Any, rucio_client: Any
+) -> None:
+    plan = _small_dataset(lake, rucio_client, 40)
+    mount = new_mount()
+    mount.start()
+    before = calls(mount)
+    directory = mount.mountpoint / plan.scope / plan.name
+    entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    assert [(entry.name, entry.stat().st_size) for entry in entries] == [(f.name, f.size) for f in plan.files]
+    for spec, entry in zip(plan.files, entries, strict=True):
+        assert _read_all(Path(entry.path)) == _expected(lake, spec.did, spec.size)
+    assert _replica_calls(mount) == 1
+    assert calls(mount) - before <= 5  # scope and dataset lookups, the listing, its times, the replicas
+
+
+def test_reading_the_10k_dataset_in_order_costs_one_replica_call_per_batch(lake: LakeStatus, new_mount: Any) -> None:
+    assert lake.seed is not None
+    mount = new_mount()
+    mount.start()
+    directory = path_of(mount, lake.seed.dataset_10k)
+    names = sorted(os.listdir(directory))
+    assert len(names) == 10_000
+    for name in names[:300]:
+        assert len(_read_all(directory / name)) == (directory / name).stat().st_size
+    assert _replica_calls(mount) == 2  # the listing's first batches: files 0-99 and 100-299
+
+
+def test_a_datasets_new_replicas_are_seen_after_the_ttl(
+    lake: LakeStatus, new_mount: Any, rucio_client: Any
+) -> None:
+    assert lake.seed is not None
+    plan = _small_dataset(lake, rucio_client, 3)
+    mount = new_mount("catalogue_ttl=2")
+    mount.start()
+    paths = [mount.mountpoint / plan.scope / plan.name / spec.name for spec in plan.files]
+    os.listdir(paths[0].parent)
+
+    def rses(path: Path) -> set[str]:
+        return set(os.getxattr(path, "user.rucio.replicas").decode().split(","))
+
+    assert [rses(path) for path in paths] == [{lake.seed.origin_rse}] * 3
+    assert _replica_calls(mount) == 1
+    scope = plan.scope
+    rucio_client.add_replicas(lake.seed.scratch_rse, [
+        {"scope": scope, "name": spec.name, "bytes": spec.size,
+         "adler32": f"{zlib.adler32(_expected(lake, spec.did, spec.size)):08x}"}
+        for spec in plan.files
+    ])
+    assert rses(paths[1]) == {lake.seed.origin_rse}  # still the cached answer
+    both = {lake.seed.origin_rse, lake.seed.scratch_rse}
+    deadline = time.monotonic() + 60
+    while rses(paths[0]) != both:
+        assert time.monotonic() < deadline, "the new replica never showed"
+        time.sleep(0.2)
+    assert [rses(path) for path in paths] == [both] * 3
+    assert _replica_calls(mount) == 2  # the whole dataset again, once

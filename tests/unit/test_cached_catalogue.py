@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 
-from datalakefs.catalogue.cached import CachedCatalogue
+from datalakefs.catalogue.cached import CachedCatalogue, replica_batch
 from datalakefs.catalogue.fake import FakeCatalogue
 from datalakefs.config import Config
 from datalakefs.errors import AccessDeniedError, CatalogueUnavailableError, NotFoundError
@@ -289,3 +289,114 @@ async def test_statistics_are_an_immutable_json_ready_snapshot(
     document = json.loads(json.dumps(catalogue.statistics().as_dict()))
     assert document["calls"] == {"list_scopes": 1, "list_collections": 1}
     assert document["cached_entries"] == 2
+
+
+def many_files_dataset(fake: FakeCatalogue, name: str, count: int) -> tuple[DID, list[DID]]:
+    dataset = DID("data", name)
+    files = [DID("data", f"{name}.{index:05d}") for index in range(count)]
+    fake.add_dataset(dataset)
+    for did in files:
+        fake.add_file(did, 1)
+        fake.add_replica(did, "SITE-A", f"http://a/{did.name}")
+    fake.attach(dataset, *files)
+    return dataset, files
+
+
+async def listed_dataset(fake: FakeCatalogue, name: str, count: int) -> tuple[CachedCatalogue, DID, list[DID]]:
+    """A cached catalogue that has listed a new dataset of ``count`` files with one replica each."""
+    catalogue = cached(fake)
+    dataset, files = many_files_dataset(fake, name, count)
+    await catalogue.list_content(dataset)
+    return catalogue, dataset, files
+
+
+async def test_opening_every_file_of_a_small_listed_dataset_costs_one_replica_call(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue, _, files = await listed_dataset(fake, "run9", 50)
+    for did in files:
+        [found] = await catalogue.list_replicas([did])
+        assert (found.info.did, [r.pfn for r in found.replicas]) == (did, [f"http://a/{did.name}"])
+    assert fake.calls["list_replicas"] == 1
+
+
+async def test_concurrent_opens_in_one_dataset_share_its_replica_call(fake: FakeCatalogue) -> None:
+    catalogue, _, files = await listed_dataset(fake, "run9", 16)
+    fake.pause()
+    async with trio.open_nursery() as nursery:
+        for did in files:
+            nursery.start_soon(catalogue.list_replicas, [did])
+        await trio.testing.wait_all_tasks_blocked()
+        fake.resume()
+    assert fake.calls["list_replicas"] == 1
+    assert catalogue.statistics().shared == 15
+
+
+def test_replica_batches_double_up_to_the_servers_limit() -> None:
+    assert [replica_batch(p) for p in (0, 99, 100, 299, 300, 699, 700, 1499, 1500, 2499, 2500)] == [
+        (0, 100), (0, 100), (100, 300), (100, 300), (300, 700), (300, 700),
+        (700, 1500), (700, 1500), (1500, 2500), (1500, 2500), (2500, 3500),
+    ]
+
+
+async def test_a_large_dataset_resolves_replicas_in_batches_around_the_opened_file(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue, _, files = await listed_dataset(fake, "big", 1600)
+    await catalogue.list_replicas([files[350]])  # batch 300..699
+    for did in files[300:700]:
+        await catalogue.list_replicas([did])
+    assert fake.calls["list_replicas"] == 1
+    for did in files:
+        [found] = await catalogue.list_replicas([did])
+        assert found.info.did == did
+    assert fake.calls["list_replicas"] == 5  # 0..99, 100..299, 700..1499, 1500..1599
+
+
+@pytest.mark.parametrize("how", ["ttl", "invalidation"])
+async def test_a_datasets_new_replica_is_seen_after_the_ttl_or_at_once_when_invalidated(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock, how: str
+) -> None:
+    catalogue, dataset, files = await listed_dataset(fake, "run9", 5)
+    await catalogue.list_replicas([files[0]])
+    fake.add_replica(files[3], "SITE-B", "http://b/x")
+    [before] = await catalogue.list_replicas([files[3]])
+    assert [r.rse for r in before.replicas] == ["SITE-A"]
+    if how == "ttl":
+        await trio.sleep(TTL + 1)  # the listing expired too, and is not asked for again
+    else:
+        catalogue.invalidate_collection(dataset)
+        await catalogue.list_content(dataset)
+    for did in files:
+        await catalogue.list_replicas([did])
+    [after] = await catalogue.list_replicas([files[3]])
+    assert [r.rse for r in after.replicas] == ["SITE-A", "SITE-B"]
+    assert fake.calls["list_replicas"] == 2
+    assert fake.calls["list_content"] == (1 if how == "ttl" else 2)
+
+
+async def test_a_listed_file_without_replicas_is_not_asked_for_alone(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    await catalogue.list_content(RUN1)
+    [f2] = await catalogue.list_replicas([F2])
+    assert (f2.info.did, f2.replicas) == (F2, ())
+    await catalogue.list_replicas([F1])
+    assert fake.calls["list_replicas"] == 1
+
+
+async def test_files_of_a_query_result_are_resolved_in_one_batch(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    _, files = many_files_dataset(fake, "run9", 20)
+    listed = [info.did for info in await catalogue.query("data", "run9.*")]
+    assert listed == files
+    for did in files:
+        [found] = await catalogue.list_replicas([did])
+        assert [r.rse for r in found.replicas] == ["SITE-A"]
+    assert fake.calls["list_replicas"] == 1
+    catalogue.invalidate_collection(DID("data", "run9"))  # forgets the scope's query results too
+    await catalogue.list_replicas([files[0]])
+    assert fake.calls["list_replicas"] == 2

@@ -1,0 +1,86 @@
+"""The latency-injecting TCP proxy of the demo tooling, on trio's MockClock: the delays it adds are
+logical time, exact and instant (no wall-clock assertion)."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+import trio.testing
+
+from datalakefs.demo.latency import Link, serve
+
+RTT = 0.030
+
+
+async def echo(stream: trio.SocketStream) -> None:
+    async with stream:
+        async for data in stream:
+            await stream.send_all(data)
+
+
+async def proxied_echo(nursery: trio.Nursery, link: Link) -> trio.SocketStream:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    echo_port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, echo, listeners)
+    proxy_port = await nursery.start(serve, 0, ("127.0.0.1", echo_port), link)
+    return await trio.open_tcp_stream("127.0.0.1", proxy_port)
+
+
+async def receive_exactly(stream: trio.SocketStream, count: int) -> bytes:
+    received = bytearray()
+    while len(received) < count:
+        data = await stream.receive_some(count - len(received))
+        assert data, "the connection closed early"
+        received += data
+    return bytes(received)
+
+
+async def test_a_round_trip_pays_the_rtt_and_bytes_arrive_intact(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        async with await proxied_echo(nursery, Link(RTT)) as stream:
+            payload = os.urandom(3 << 20)
+            started = trio.current_time()
+            async with trio.open_nursery() as both:
+                both.start_soon(stream.send_all, payload)
+                assert await receive_exactly(stream, len(payload)) == payload
+            assert trio.current_time() - started >= RTT
+        nursery.cancel_scope.cancel()
+
+
+async def test_requests_in_flight_overlap_instead_of_paying_the_rtt_each(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        async with await proxied_echo(nursery, Link(RTT)) as stream:
+            requests = [b"%d;" % index for index in range(10)]
+            started = trio.current_time()
+            for request in requests:  # each its own chunk: a proxy forwarding one at a time pays 10 RTTs
+                await stream.send_all(request)
+                await trio.sleep(RTT / 15)
+            assert await receive_exactly(stream, len(b"".join(requests))) == b"".join(requests)
+            assert trio.current_time() - started < 2 * RTT
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_rate_cap_serialises_each_direction(autojump_clock: trio.testing.MockClock) -> None:
+    rate = 1_000_000.0  # bytes/s
+    async with trio.open_nursery() as nursery:
+        async with await proxied_echo(nursery, Link(0.0, rate)) as stream:
+            payload = b"x" * 500_000
+            started = trio.current_time()
+            async with trio.open_nursery() as both:
+                both.start_soon(stream.send_all, payload)
+                await receive_exactly(stream, len(payload))
+            assert trio.current_time() - started >= len(payload) / rate
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_half_close_is_passed_on(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        async with await proxied_echo(nursery, Link(RTT)) as stream:
+            await stream.send_all(b"last words")
+            await stream.send_eof()
+            assert await receive_exactly(stream, 10) == b"last words"
+            assert await stream.receive_some(100) == b""  # the echo server saw EOF and closed
+        nursery.cancel_scope.cancel()
