@@ -25,10 +25,10 @@ STOP_TIMEOUT=${DATALAKEFS_STOP_TIMEOUT:-30}
 log() { echo "ts=$(date -u +%Y-%m-%dT%H:%M:%SZ) level=INFO logger=entrypoint $*" >&2; }
 
 is_mounted() {
-    # a datalakefs mount at $1 (not the volume it sits on: a pod's /lake is itself a bind mount).
+    # a FUSE mount at $1 (not the volume it sits on: a pod's /lake is itself a bind mount).
     # /proc/self/mountinfo field 5 is the mount point (octal escapes for spaces), the field after "-"
     # the type; never stat the mount itself: a stale FUSE mount answers ENOTCONN
-    awk -v mp="$1" '{ gsub(/\\040/, " ", $5); for (i = 7; $i != "-"; i++) ; if ($5 == mp && $(i + 1) == "fuse.datalakefs") found = 1 }
+    awk -v mp="$1" '{ gsub(/\\040/, " ", $5); for (i = 7; $i != "-"; i++) ; if ($5 == mp && $(i + 1) ~ /^fuse/) found = 1 }
         END { exit !found }' /proc/self/mountinfo
 }
 

@@ -163,19 +163,25 @@ def wait_gone(pid: int, timeout: float, tick: Callable[[], None] | None = None) 
 
 
 def prepare_mountpoint(mountpoint: str) -> str:
-    """Clean a stale mount, refuse a live one, check the directory; returns the resolved path.
+    """Clean a stale FUSE mount, refuse a live one, check the directory; returns the resolved path.
 
-    Another filesystem mounted there is no reason to refuse: a container's volume (the pod's shared
-    ``/lake``) is a bind mount, and the lake is mounted on top of it."""
-    if mounted_fstype(os.path.realpath(mountpoint)) == FSTYPE and is_stale(mountpoint):
+    Another kind of filesystem mounted there is no reason to refuse: a container's volume (the pod's
+    shared ``/lake``) is a bind mount, and the lake is mounted on top of it. A FUSE mount whose daemon
+    died or is wedged is never anyone's volume: it is lazily unmounted first."""
+    target = os.path.realpath(mountpoint)
+    if _is_fuse(mounted_fstype(target)) and is_stale(mountpoint):
         log.warning("event=stale-mount mountpoint=%s action=lazy-unmount", mountpoint)
         unmount(mountpoint, lazy=True)
-    target = os.path.realpath(mountpoint)
-    if mounted_fstype(target) == FSTYPE:
-        raise MountError(f"{mountpoint} is already a mount point (of datalakefs)")
+    fstype = mounted_fstype(target)
+    if _is_fuse(fstype):
+        raise MountError(f"{mountpoint} is already a mount point (of {fstype})")
     if not os.path.isdir(target):
         raise MountError(f"{mountpoint} is not a directory")
     return target
+
+
+def _is_fuse(fstype: str | None) -> bool:
+    return fstype is not None and fstype.startswith("fuse")
 
 
 def raise_read_ahead(target: str, kib: int) -> None:

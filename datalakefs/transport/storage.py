@@ -149,6 +149,8 @@ class StorageClient:
             if time.monotonic() >= expires:
                 raise DeadlineExceededError(f"{method} {redact_url(url)}: {self._deadline.explain(size)}") from None
             raise TransferError(f"{method} {redact_url(url)}: no progress for {self._stall:g} s") from None
+        except _BodyUnreadable as exc:
+            raise exc.error from None  # the caller's own file, not the storage: not a transfer error
         except ssl.SSLError as exc:
             raise TransferError(f"{method} {redact_url(url)}: TLS: {exc.reason or exc}") from None
         except (OSError, http.client.HTTPException) as exc:
@@ -209,8 +211,19 @@ class StorageClient:
                 connection.close()
 
 
+class _BodyUnreadable(Exception):
+    """Reading the request body (a spool file) failed: that error, kept apart from the socket's."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _chunks(body: Body) -> Iterator[bytes]:
-    yield from (body() if callable(body) else body)
+    try:
+        yield from (body() if callable(body) else body)
+    except OSError as exc:
+        raise _BodyUnreadable(exc) from exc
 
 
 def _arm(connection: http.client.HTTPConnection, stall: float, expires: float) -> None:

@@ -54,6 +54,20 @@ def test_a_put_never_overwrites(store: Store) -> None:
     assert store.files["/SCRATCH/f"] == b"theirs"
 
 
+def test_a_body_that_cannot_be_read_raises_its_own_error_not_a_transfer_error(store: Store) -> None:
+    """A spool file that vanished is the uploader's to judge (it fails the file), not a storage
+    error to retry."""
+    storage = client()
+
+    def missing() -> Iterator[bytes]:
+        yield b"first chunk"
+        raise FileNotFoundError(2, "No such file or directory")
+
+    with pytest.raises(FileNotFoundError):
+        storage.put(f"{store.base}/SCRATCH/gone", missing, 100)
+    storage.close()
+
+
 def put_token(path: Path, token: str) -> None:
     path.write_text(token)
     path.chmod(0o600)
