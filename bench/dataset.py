@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bench.env import collection_path, drop_caches, lake, median, rucio_client, run_timed, runs, setting, timed, workdir
 from bench.mounts import DatalakefsMount, datalakefs
-from bench.report import Goal, Row, SuiteResult, write_suite
+from bench.report import Goal, Reference, Row, SuiteResult, context, write_suite
 
 WORKLOAD = "every file of the 10k dataset"
 
@@ -43,7 +43,9 @@ class Suite:
         self.dataset = self.lake.seed.dataset_10k
         self.limit = setting("BENCH_DATASET_FILES", 10_000)
         self.n = runs()
-        self.result = SuiteResult("dataset", context={"dataset": self.dataset, "files": self.limit})
+        self.result = SuiteResult("dataset", context={**context(), "dataset": self.dataset, "files": self.limit},
+                                  references=[Reference(WORKLOAD, "cat on the local disk", "cold", state="warm"),
+                                              Reference(WORKLOAD, "curl -K (one connection)", "cold")])
 
     def files(self) -> list[str]:
         """The dataset's file DIDs in listing (name) order."""

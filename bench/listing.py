@@ -37,7 +37,7 @@ from bench.env import (
     runs,
     timed,
 )
-from bench.report import Goal, Row, SuiteResult, context, write_suite
+from bench.report import Goal, Reference, Row, SuiteResult, context, write_suite
 
 NAME = "listing"
 
@@ -117,6 +117,8 @@ def run() -> SuiteResult:
                 if label == "100k":
                     rss.append(rss_bytes(m.pid))
     for label, _, _ in datasets:
+        result.references.append(Reference(f"ls -l {label}", "rucio-clients list_files", "-",
+                                           tool_workload=f"list {label}"))
         result.rows.append(Row(f"ls -l {label}", "datalakefs", "cold", median(cold[label]), runs=n))
         result.rows.append(Row(f"ls -l {label}", "datalakefs", "warm", median(warm[label]), runs=n))
     if rss:

@@ -26,7 +26,7 @@ from typing import Any
 
 from bench import mounts
 from bench.env import WORK, BenchError, Lake, lake, median, rucio_client, runs, setting
-from bench.report import Goal, Row, SuiteResult, context, write_suite
+from bench.report import Goal, Reference, Row, SuiteResult, context, write_suite
 
 NAME = "outbox"
 CHUNK = 1 << 20
@@ -177,6 +177,8 @@ def run() -> SuiteResult:
             small_bytes / small / 1e6, runs=n, note=f"last close() after {median(times['small_closed']):.2f} s"),
         Row(many, f"curl PUT, {PARALLEL} in parallel", "-", small_curl, small_bytes / small_curl / 1e6, runs=n),
     ]
+    result.references += [Reference(big, "curl PUT, same RSE", "-"),
+                          Reference(many, f"curl PUT, {PARALLEL} in parallel", "-")]
     result.goals += [
         Goal(f"{big_bytes // CHUNK} MiB: time to AVAILABLE ≤ 1.1× curl PUT", available / curl, 1.1, "<=",
              f"{available:.2f} vs {curl:.2f} s; close() returned after {close:.2f} s"),

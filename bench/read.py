@@ -52,7 +52,7 @@ from bench.env import (
     median,
     runs,
 )
-from bench.report import Goal, Row, SuiteResult, context, write_suite
+from bench.report import Goal, Reference, Row, SuiteResult, context, write_suite
 from datalakefs.fuse.session import wait_gone
 
 NAME = "read"
@@ -500,6 +500,7 @@ class Suite:
                 self.result.notes.append(f"{name}: failed: {exc}")
                 print(f"[read] {name} failed: {exc!r}", flush=True)
         self.rows()
+        self.result.references += REFERENCES
         self.goals()
         self.result.notes.append(
             f"command: `python -m bench.read` (BENCH_RUNS={self.n}); medians of {self.n} runs; MB/s = 10^6 B/s; "
@@ -507,6 +508,22 @@ class Suite:
             "except in the XCache rows")
         write_suite(self.result)
         return self.result
+
+
+# the same work without datalakefs in the same run: the origin for cold reads, the local disk through the
+# simplest FUSE file system for warm and hot ones (specific states first: the first that matches is used)
+_SEQ, _RANDOM, _PASSTHROUGH = "seq 1 GiB", "random 4 KiB ×2000", "pyfuse3 passthrough (local disk)"
+REFERENCES = [
+    Reference(_SEQ, _PASSTHROUGH, "cold", state="warm"),
+    Reference(_SEQ, _PASSTHROUGH, "hot", state="hot"),
+    Reference(_SEQ, "curl origin → /dev/null", "cold"),
+    Reference(_RANDOM, "Range GETs origin", "hot", state="warm"),
+    Reference(_RANDOM, "Range GETs origin", "hot", state="hot"),
+    Reference(_RANDOM, "Range GETs origin", "cold"),
+    Reference("first byte", "Range GET origin (new connection)", "cold"),
+    Reference("4 readers", "curl origin ×4 ranges", "cold"),
+    Reference("seq 1 GiB via XCache", "curl XCache → /dev/null", "cold"),
+]
 
 
 def run() -> SuiteResult:

@@ -64,11 +64,44 @@ class Goal:
         return self.measured / self.limit if self.limit > 0 else float("inf")
 
 
+@dataclass(frozen=True)
+class Reference:
+    """Rows of ``workload`` in ``state`` are compared with ``tool``'s row in ``tool_state``.
+
+    ``state`` "*" stands for every state of the workload. The reference row is of the same workload, or of
+    ``tool_workload`` when the reference does the work under another name (``list_files`` for ``ls -l``).
+    The reference is what the same work costs without datalakefs in the same run (curl, the local disk, the
+    raw catalogue call), so a ratio survives the machine's speed of the day where a figure does not.
+    """
+
+    workload: str
+    tool: str
+    tool_state: str
+    state: str = "*"
+    tool_workload: str = ""
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A row's time relative to its reference's for the same work: < 1 is faster than the reference."""
+
+    workload: str
+    tool: str
+    state: str
+    reference: str
+    value: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.workload} · {self.tool} ({self.state}) vs {self.reference}"
+
+
 @dataclass
 class SuiteResult:
     name: str
     rows: list[Row] = field(default_factory=list)
     goals: list[Goal] = field(default_factory=list)
+    references: list[Reference] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     context: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -79,9 +112,36 @@ class SuiteResult:
             "context": self.context,
             "rows": [asdict(r) for r in self.rows],
             "goals": [{**asdict(g), "met": g.met, "attainment": g.attainment} for g in self.goals],
+            "ratios": [{**asdict(r), "label": r.label} for r in ratios(self)],
             "notes": self.notes,
             "error": self.error,
         }
+
+
+def _time_ratio(row: Row, reference: Row) -> float | None:
+    """``row``'s time over ``reference``'s; from the rates when a row has no time (same bytes, inverse ratio)."""
+    if row.seconds and reference.seconds:
+        return row.seconds / reference.seconds
+    if row.mb_s and reference.mb_s:
+        return reference.mb_s / row.mb_s
+    return None
+
+
+def ratios(result: SuiteResult) -> list[Ratio]:
+    """Every row that has a reference in ``result``, as its time relative to that reference, in row order."""
+    found: list[Ratio] = []
+    for row in result.rows:
+        for ref in result.references:
+            if ref.workload != row.workload or ref.state not in ("*", row.state) or ref.tool == row.tool:
+                continue
+            base_workload = ref.tool_workload or ref.workload
+            base = next((r for r in result.rows
+                         if (r.workload, r.tool, r.state) == (base_workload, ref.tool, ref.tool_state)), None)
+            value = None if base is None else _time_ratio(row, base)
+            if value is not None:
+                found.append(Ratio(row.workload, row.tool, row.state, f"{ref.tool} ({ref.tool_state})", value))
+            break
+    return found
 
 
 def failed_suite(name: str, error: str) -> SuiteResult:
@@ -129,6 +189,11 @@ def markdown(result: SuiteResult) -> str:
             lines.append(f"| {r.workload} | {r.tool} | {r.state} | {_fmt(r.seconds)} | {_fmt(r.mb_s)} | "
                          f"{r.runs} | {details} |")
         lines.append("")
+    found = ratios(result)
+    if found:
+        lines += ["| workload | tool (state) | time ÷ reference's | reference, same run |", "|---|---|---|---|"]
+        lines += [f"| {r.workload} | {r.tool} ({r.state}) | {_fmt(r.value)} | {r.reference} |" for r in found]
+        lines.append("")
     if result.goals:
         lines += ["| goal | measured | limit | met | how |", "|---|---|---|---|---|"]
         for g in result.goals:
@@ -166,7 +231,10 @@ def write_summary(results: list[SuiteResult]) -> list[Path]:
 
 
 def write_chart(results: list[SuiteResult], path: Path) -> Path | None:
-    """Goal attainment of every goal (1 = just met) and the MB/s of every throughput row."""
+    """Every workload's time as a ratio to its reference in the same run (log scale), then goal attainment.
+
+    The title carries the date and the commit, so a chart found on its own still says what it measured.
+    """
     try:
         import matplotlib
 
@@ -175,28 +243,41 @@ def write_chart(results: list[SuiteResult], path: Path) -> Path | None:
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[bench]'): no chart", flush=True)
         return None
-    goals = [(f"{r.name}: {g.name}", g.attainment) for r in results for g in r.goals if g.attainment is not None]
-    rates = [(f"{r.name}: {row.workload}, {row.tool} ({row.state})", row.mb_s)
-             for r in results for row in r.rows if row.mb_s]
-    panels = [p for p in (goals, rates) if p]
+    ratio_bars = [(f"{r.name}: {ratio.label}", ratio.value, ratio.tool.startswith("datalakefs"))
+                  for r in results for ratio in ratios(r)]
+    goal_bars = [(f"{r.name}: {g.name}", g.attainment, bool(g.met))
+                 for r in results for g in r.goals if g.attainment]
+    panels = [(bars, xlabel) for bars, xlabel in (
+        (ratio_bars, "time ÷ the reference's time in the same run (log scale; < 1: faster than the reference)"),
+        (goal_bars, "goal attainment (log scale; ≥ 1: met)"),
+    ) if bars]
     if not panels:
         return None
-    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 0.32 * sum(len(p) for p in panels) + 2.5 * len(panels)),
-                             squeeze=False)
-    for ax, panel in zip(axes[:, 0], panels, strict=True):
-        labels = [label for label, _ in panel]
-        values = [min(float(value), 10.0) if panel is goals else float(value) for _, value in panel]
-        colors = ["tab:green" if v >= 1 else "tab:red" for v in values] if panel is goals else "tab:blue"
-        ax.barh(range(len(values)), values, color=colors)
-        ax.set_yticks(range(len(values)), labels, fontsize=7)
-        ax.invert_yaxis()
-        if panel is goals:
-            ax.axvline(1.0, color="black", linewidth=1)
-            ax.set_xlabel("goal attainment (≥ 1: met; capped at 10)")
+    ctx = context()
+    longest = max(len(label) for bars, _ in panels for label, _, _ in bars)
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False, figsize=(
+        6 + 0.07 * longest, 1.5 + 0.28 * sum(len(bars) for bars, _ in panels) + 1.2 * len(panels)))
+    for ax, (bars, xlabel) in zip(axes[:, 0], panels, strict=True):
+        values = [value for _, value, _ in bars]
+        if bars is ratio_bars:
+            colors = ["tab:blue" if ours else "tab:gray" for _, _, ours in bars]
         else:
-            ax.set_xscale("log")
-            ax.set_xlabel("MB/s (log scale)")
+            colors = ["tab:green" if met else "tab:red" for _, _, met in bars]
+        # bars start at 1 (the reference, or a goal just met) so that a bar's side says better or worse
+        ax.barh(range(len(bars)), [value - 1 for value in values], left=1, color=colors)
+        ax.set_yticks(range(len(bars)), [label for label, _, _ in bars], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        reach = max(max(values), 1 / min(values)) * 1.5
+        ax.set_xlim(1 / reach, reach)
+        ax.axvline(1.0, color="black", linewidth=1)
+        ax.set_xlabel(xlabel)
+        for y, value in enumerate(values):
+            ax.annotate(f"{value:.3g}", (value, y), xytext=(3 if value >= 1 else -3, 0), textcoords="offset points",
+                        va="center", ha="left" if value >= 1 else "right", fontsize=7)
+    fig.suptitle(f"datalakefs benchmarks · {ctx['utc']} · commit {ctx['commit']} · load average {ctx['load_avg']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # bbox "tight" grows the canvas to the longest label instead of cutting it off
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
