@@ -160,6 +160,7 @@ class Daemon:
         port = self.config.metrics_port
         metrics = await MetricsEndpoint.open(port, self.config.metrics_address) if port is not None else None
         async with trio.open_nursery() as services:
+            await services.start(self.catalogue.run)
             await services.start(self.content.run)
             await services.start(self.stager.run)
             await services.start(self.outbox.run)

@@ -17,6 +17,11 @@
   request), so the first open waits for a small batch and a reader going through the dataset pays one
   call per thousand files. Every file's answer is cached as if asked for alone; concurrent opens in
   one batch share its call. Invalidating the dataset forgets its files' replicas too.
+* **Swept ahead of the reader.** While :meth:`run` runs (the daemon starts it), the first open in a
+  listing also starts a background sweep of the listing's other batches, from the opened file's on
+  (then from the start), at most :data:`SWEEP_CALLS` calls at once over all listings. An open of a
+  file whose batch the sweep is fetching joins that call; a batch already cached costs nothing. Only
+  an open starts a sweep, not ``ls``: browsing must not make the server resolve whole datasets.
   (One call over the dataset DID was measured and rejected: the server's cost is per file, about
   10 ms each on the demo lake, so a 10k dataset made the first read wait 112 s instead of 0.5 s.)
 * **Single flight.** Concurrent identical requests share one backend call. When the caller that made
@@ -35,6 +40,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import types
 from collections import Counter
@@ -51,6 +57,7 @@ from datalakefs.errors import DatalakeError, NotFoundError
 from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas, Lock, RSEReplica, Rule
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: Entries per cache (positive and negative each): one per DID for facts and replicas, one per listing.
 DEFAULT_MAXSIZE: Final = 500_000
@@ -61,6 +68,13 @@ FIRST_REPLICA_BATCH: Final = 100
 #: The largest replica batch: the server's limit of DIDs per request.
 REPLICA_BATCH: Final = 1000
 
+#: Background replica calls at once, over every listing being swept: a server's cost is per file, so
+#: more would only queue there, and foreground calls must still find a free worker.
+SWEEP_CALLS: Final = 2
+
+#: Listings whose last sweep is remembered (so that re-opening them does not sweep them again).
+SWEPT_LISTINGS: Final = 10_000
+
 
 @dataclass(frozen=True, slots=True)
 class CatalogueStatistics:
@@ -68,7 +82,8 @@ class CatalogueStatistics:
 
     ``calls``/``errors`` count backend calls per method (errors exclude ``NotFoundError``);
     ``hits``/``negative_hits``/``misses`` count DIDs or listings asked for; ``shared`` counts
-    requests that joined a call already in flight; ``last_error_at`` is wall-clock POSIX seconds.
+    requests that joined a call already in flight; ``sweeping`` listings whose replicas are being
+    resolved in the background; ``last_error_at`` is wall-clock POSIX seconds.
     """
 
     calls: Mapping[str, int]
@@ -78,6 +93,7 @@ class CatalogueStatistics:
     misses: int
     shared: int
     in_flight: int
+    sweeping: int
     cached_entries: int
     last_error: str | None
     last_error_at: float | None
@@ -91,6 +107,7 @@ class CatalogueStatistics:
             "misses": self.misses,
             "shared": self.shared,
             "in_flight": self.in_flight,
+            "sweeping": self.sweeping,
             "cached_entries": self.cached_entries,
             "last_error": self.last_error,
             "last_error_at": self.last_error_at,
@@ -138,6 +155,12 @@ class CachedCatalogue:
         self._members: LRUCache[Hashable, tuple[DIDInfo, ...]] = LRUCache(maxsize)
         self._homes: LRUCache[DID, tuple[Hashable, int]] = LRUCache(maxsize)
         self._generation = 0
+        self._timer = timer
+        self._ttl = config.catalogue_ttl
+        self._sweeper: trio.Nursery | None = None
+        self._sweep_slots = trio.Semaphore(SWEEP_CALLS)
+        # each swept listing's content and when its sweep started: one sweep per listing and TTL
+        self._swept: LRUCache[Hashable, tuple[tuple[DIDInfo, ...], float]] = LRUCache(SWEPT_LISTINGS)
         self._calls: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
         self._hits = 0
@@ -146,6 +169,17 @@ class CachedCatalogue:
         self._shared = 0
         self._last_error: str | None = None
         self._last_error_at: float | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sweep listed datasets' replicas in the background until cancelled (the daemon's nursery):
+        without it, replicas are still resolved per batch, at the open that needs them."""
+        async with trio.open_nursery() as sweeper:
+            self._sweeper = sweeper
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._sweeper = None
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -241,14 +275,22 @@ class CachedCatalogue:
 
     async def _resolve_listed_replicas(self, did: DID) -> None:
         """Cache the replicas of the batch of ``did``'s listing that holds it, in one call shared by
-        every concurrent opener in that batch."""
+        every concurrent opener in that batch, and sweep the rest of the listing in the background."""
         listing, position = self._homes[did]
         content = self._members.get(listing)
         if content is None or position >= len(content) or content[position].did != did:
             return  # the listing was forgotten or made anew without it: a per-file lookup follows
         first, end = replica_batch(position)
-        key = ("listed_replicas", listing, first)
-        batch = [info for info in content[first:end] if info.type is DIDType.FILE]
+        self._start_sweep(listing, content, end)
+        await self._resolve_batch(listing, content, first, end)
+
+    async def _resolve_batch(self, listing: Hashable, content: tuple[DIDInfo, ...], first: int, end: int) -> None:
+        """One ``list_replicas`` call for the files of ``content[first:end]`` not cached yet (none when
+        all are), shared by whoever asks for the same batch meanwhile: an opener and the sweep."""
+        batch = [info for info in content[first:end]
+                 if info.type is DIDType.FILE and ("list_replicas", info.did) not in self._positive]
+        if not batch:
+            return
         asked = [info.did for info in batch]
 
         async def fetch(generation: int) -> None:
@@ -260,7 +302,44 @@ class CachedCatalogue:
             for info in batch:
                 self._positive[("list_replicas", info.did)] = replicas.get(info.did) or FileReplicas(info, ())
 
-        await self._shared_flight(key, fetch)
+        await self._shared_flight(("listed_replicas", listing, first), fetch)
+
+    def _start_sweep(self, listing: Hashable, content: tuple[DIDInfo, ...], after: int) -> None:
+        """Resolve the listing's other batches in the background, from ``after`` on and then from its
+        start, so that a reader going through the listing finds its next files' replicas cached or in
+        flight instead of waiting for a call per batch. Once per listing and TTL; only while
+        :meth:`run` runs (the daemon's nursery)."""
+        if self._sweeper is None or len(content) <= after:
+            return
+        swept = self._swept.get(listing)
+        now = self._timer()
+        if swept is not None and swept[0] is content and now - swept[1] < self._ttl:
+            return
+        self._swept[listing] = (content, now)
+        self._sweeper.start_soon(self._sweep, listing, content, after, self._generation)
+
+    async def _sweep(self, listing: Hashable, content: tuple[DIDInfo, ...], after: int, generation: int) -> None:
+        batches, first = [], 0
+        while first < len(content):
+            batches.append((first, replica_batch(first)[1]))
+            first = batches[-1][1]
+        ordered = [b for b in batches if b[0] >= after] + [b for b in batches if b[0] < after]
+        async with trio.open_nursery() as calls:
+            for first, end in ordered:
+                await self._sweep_slots.acquire()  # in order: the batches nearest the reader go first
+                if generation != self._generation or self._members.get(listing) is not content:
+                    self._sweep_slots.release()
+                    return  # invalidated or listed anew: the next open starts from the new listing
+                calls.start_soon(self._sweep_batch, listing, content, first, end)
+
+    async def _sweep_batch(self, listing: Hashable, content: tuple[DIDInfo, ...], first: int, end: int) -> None:
+        try:
+            await self._resolve_batch(listing, content, first, end)
+        except Exception as exc:  # the background must not take the mount down
+            # an opener of these files asks again (and gets the error) itself
+            log.warning("event=replica-sweep-failed listing=%s first=%d reason=%s", listing, first, exc)
+        finally:
+            self._sweep_slots.release()
 
     def _forget_members(self, listing: Hashable) -> list[Hashable]:
         """The cache keys of a listing's files' replicas, its record dropped."""
@@ -280,6 +359,7 @@ class CachedCatalogue:
             misses=self._misses,
             shared=self._shared,
             in_flight=len(self._flights),
+            sweeping=len(self._sweeper.child_tasks) if self._sweeper is not None else 0,
             cached_entries=len(self._positive) + len(self._negative),
             last_error=self._last_error,
             last_error_at=self._last_error_at,

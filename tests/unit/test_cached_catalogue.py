@@ -400,3 +400,93 @@ async def test_files_of_a_query_result_are_resolved_in_one_batch(
     catalogue.invalidate_collection(DID("data", "run9"))  # forgets the scope's query results too
     await catalogue.list_replicas([files[0]])
     assert fake.calls["list_replicas"] == 2
+
+
+async def calls_reach(fake: FakeCatalogue, method: str, count: int) -> None:
+    """Wait until ``count`` calls of ``method`` entered the fake (a paused call is counted when it enters)."""
+    with trio.fail_after(30):
+        while fake.calls[method] < count:  # noqa: ASYNC110 - counted on worker threads, no event to wait for
+            await trio.sleep(0.001)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def settled(catalogue: CachedCatalogue) -> None:
+    """Wait until no catalogue call is in flight and no sweep runs (calls run on worker threads, which
+    ``wait_all_tasks_blocked`` counts as blocked)."""
+    with trio.fail_after(30):
+        while (stats := catalogue.statistics()).in_flight or stats.sweeping:  # noqa: ASYNC110 - ends on threads
+            await trio.sleep(0.001)
+
+
+async def test_the_first_open_in_a_listing_sweeps_the_rest_in_the_background(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue, _, files = await listed_dataset(fake, "big", 1600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(catalogue.run)
+        await catalogue.list_replicas([files[350]])  # its own batch, 300..699, then the sweep
+        await settled(catalogue)
+        assert fake.calls["list_replicas"] == 5  # 300..699, then 700..1499, 1500..1599, 0..99, 100..299
+        for did in files:
+            [found] = await catalogue.list_replicas([did])
+            assert [r.pfn for r in found.replicas] == [f"http://a/{did.name}"]
+        assert fake.calls["list_replicas"] == 5  # every open found its replicas cached
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_open_joins_the_sweeps_call_for_its_batch(fake: FakeCatalogue) -> None:
+    catalogue, _, files = await listed_dataset(fake, "big", 1600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(catalogue.run)
+        fake.pause()
+        nursery.start_soon(catalogue.list_replicas, [files[0]])
+        await calls_reach(fake, "list_replicas", 3)
+        # the opener's batch and two sweep batches (100..299, 300..699): no more at once
+        assert fake.calls["list_replicas"] == 3
+        shared = catalogue.statistics().shared
+        nursery.start_soon(catalogue.list_replicas, [files[150]])
+        await trio.testing.wait_all_tasks_blocked()
+        assert fake.calls["list_replicas"] == 3  # joined the sweep's call instead of making one
+        assert catalogue.statistics().shared == shared + 1
+        fake.resume()
+        await settled(catalogue)
+        assert fake.calls["list_replicas"] == 5
+        nursery.cancel_scope.cancel()
+
+
+async def test_invalidating_a_dataset_stops_its_sweep(fake: FakeCatalogue) -> None:
+    catalogue, dataset, files = await listed_dataset(fake, "big", 3000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(catalogue.run)
+        fake.pause()
+        nursery.start_soon(catalogue.list_replicas, [files[0]])
+        await calls_reach(fake, "list_replicas", 3)
+        assert fake.calls["list_replicas"] == 3
+        catalogue.invalidate_collection(dataset)
+        fake.resume()
+        await settled(catalogue)
+        # the calls in flight ended and the sweep started no new batch; the opener, whose batch's answer
+        # came from before the invalidation, asked for its file alone
+        assert fake.calls["list_replicas"] == 4
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_sweep_is_logged_and_the_opener_gets_the_error_itself(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    catalogue, _, files = await listed_dataset(fake, "big", 1600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(catalogue.run)
+        fake.pause()
+        nursery.start_soon(catalogue.list_replicas, [files[0]])
+        await calls_reach(fake, "list_replicas", 3)  # the opener's and two sweep calls, which succeed
+        fake.fail(CatalogueUnavailableError("server down"), ["list_replicas"])  # the sweep's calls fail
+        fake.resume()
+        await settled(catalogue)
+        assert "event=replica-sweep-failed" in caplog.text
+        with pytest.raises(CatalogueUnavailableError):
+            await catalogue.list_replicas([files[1500]])
+        fake.fail(None)
+        [found] = await catalogue.list_replicas([files[1500]])
+        assert found.info.did == files[1500]
+        nursery.cancel_scope.cancel()
