@@ -26,6 +26,7 @@ written, so a writer never believes bytes were stored that were not.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -43,6 +44,8 @@ _READ_CHUNK = 4 << 20
 WRITEBACK_STEP = 8 << 20
 #: a writer drops the pages this far behind the end of the last writeback it started
 DROP_LAG = 2 * WRITEBACK_STEP
+#: the most bytes of its last writes a GrowingSpool holds for its reader
+HANDOFF_LIMIT = 32 << 20
 DRAFT = ".draft"
 PUBLISHED = ".spool"
 
@@ -246,11 +249,14 @@ class StreamAbandonedError(Exception):
 class GrowingSpool:
     """The bytes of a spool file as they are written, for an upload that starts before ``close()``.
 
-    The trio thread reports each sequential write (:meth:`grown`), then either the end (:meth:`end`,
-    once the file is committed and closed) or :meth:`abandon`. Iterating, in a worker thread, yields
-    the file's bytes in order as they arrive and stops at the end; after ``abandon`` it raises
-    :class:`StreamAbandonedError`. The uploader checks what was sent against the committed size and
-    adler32, so a rewrite it raced with is caught there too.
+    The trio thread reports each sequential write (:meth:`grown`, with the bytes written), then
+    either the end (:meth:`end`, once the file is committed and closed) or :meth:`abandon`.
+    Iterating, in a worker thread, yields the file's bytes in order as they arrive and stops at the
+    end; after ``abandon`` it raises :class:`StreamAbandonedError`. The bytes of the last writes
+    (up to ``HANDOFF_LIMIT``) are handed over as they are, so that a reader keeping up never reads
+    them back; what it fell behind on (or what was written before it started) it reads from the
+    file. The uploader checks what was sent against the committed size and adler32, so a rewrite it
+    raced with is caught there too.
     """
 
     def __init__(self, spool: SpoolFile) -> None:
@@ -260,9 +266,22 @@ class GrowingSpool:
         self._size = 0
         self._ended = False
         self._abandoned = False
+        # the bytes of the last sequential writes, the first at _handoff_start: ready to send
+        self._handoff: collections.deque[bytes] = collections.deque()
+        self._handoff_start = 0
+        self._handoff_bytes = 0
 
-    def grown(self, size: int) -> None:
+    def grown(self, size: int, data: bytes = b"") -> None:
+        """The file holds ``size`` bytes, the last of which are ``data`` (just written)."""
         with self._ready:
+            if data:
+                offset = size - len(data)
+                if self._handoff_start + self._handoff_bytes != offset:  # nothing held, or a gap
+                    self._release_handoff(offset)
+                self._handoff.append(data)
+                self._handoff_bytes += len(data)
+                while self._handoff_bytes > HANDOFF_LIMIT:  # the reader fell behind: it reads the file
+                    self._forget_handed(len(self._handoff[0]))
             self._size = size
             self._ready.notify()
 
@@ -274,14 +293,25 @@ class GrowingSpool:
     def abandon(self) -> None:
         with self._ready:
             self._abandoned = True
+            self._release_handoff(self._size)
             self._ready.notify()
 
     def close(self) -> None:
-        """Release its descriptor (after the transfer thread is done with it)."""
+        """Release its descriptor and the bytes it holds (after the transfer thread is done with it)."""
         with self._ready:
+            self._release_handoff(self._size)
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+    def _release_handoff(self, start: int) -> None:
+        self._handoff.clear()
+        self._handoff_start, self._handoff_bytes = start, 0
+
+    def _forget_handed(self, length: int) -> None:
+        self._handoff.popleft()
+        self._handoff_start += length
+        self._handoff_bytes -= length
 
     def __iter__(self) -> Iterator[bytes]:
         """The bytes in order; a chunk's pages leave the page cache when the next one is asked for
@@ -299,7 +329,14 @@ class GrowingSpool:
                 dropped = sent
                 if available <= 0 and ended:
                     return
-                chunk = os.pread(self._fd, min(available, _READ_CHUNK), sent)
+                while self._handoff and self._handoff_start < sent:  # sent from the file already
+                    self._forget_handed(len(self._handoff[0]))
+                if self._handoff and self._handoff_start == sent:
+                    chunk = self._handoff[0]
+                    self._forget_handed(len(chunk))
+                else:
+                    before_handoff = self._handoff_start - sent if self._handoff else available
+                    chunk = os.pread(self._fd, min(available, before_handoff, _READ_CHUNK), sent)
             if not chunk:
                 raise StreamAbandonedError(f"{self._name} is shorter than its writes said")
             sent += len(chunk)

@@ -110,21 +110,49 @@ def _consume(growing: GrowingSpool, into: list[bytes | Exception]) -> threading.
     return thread
 
 
-@given(pieces=st.lists(st.binary(min_size=0, max_size=300_000), max_size=12))
+@given(pieces=st.lists(st.tuples(st.binary(min_size=0, max_size=300_000), st.booleans()), max_size=12))
 @settings(max_examples=25, deadline=None)
 def test_a_growing_spool_yields_every_byte_written_in_order(tmp_path_factory: pytest.TempPathFactory,
-                                                             pieces: list[bytes]) -> None:
+                                                             pieces: list[tuple[bytes, bool]]) -> None:
+    """Bytes handed over with their write or not (as before the upload started), more of them than
+    it holds (the reader then reads them from the file): the same bytes come out."""
     spool = SpoolFile.create(tmp_path_factory.mktemp("grow"), "journal", reserve=0)
     growing = GrowingSpool(spool)
     result: list[bytes | Exception] = []
-    reader = _consume(growing, result)
-    for piece in pieces:
-        spool.write(spool.size, piece)
-        growing.grown(spool.size)
-    growing.end(spool.size)
-    reader.join(10)
+    with mock.patch.object(spool_module, "HANDOFF_LIMIT", 400_000):
+        reader = _consume(growing, result)
+        for piece, handed_over in pieces:
+            spool.write(spool.size, piece)
+            growing.grown(spool.size, piece if handed_over else b"")
+        growing.end(spool.size)
+        reader.join(10)
     spool.close()
-    assert result == [b"".join(pieces)]
+    assert result == [b"".join(piece for piece, _ in pieces)]
+
+
+def test_a_reader_that_keeps_up_never_reads_back_what_was_handed_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[tuple[int, int]] = []
+    pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, size, offset: reads.append((offset, size)) or pread(fd, size, offset))
+    spool = SpoolFile.create(tmp_path, "journal", reserve=0)
+    spool.write(0, b"before")  # written before the upload started: read from the file
+    growing = GrowingSpool(spool)
+    growing.grown(spool.size)
+    chunks = iter(growing)
+    assert next(chunks) == b"before"
+    for piece in (b"one", b"two", b"three"):
+        spool.write(spool.size, piece)
+        growing.grown(spool.size, piece)
+        assert next(chunks) is piece
+    spool.write(spool.size, b"lost")
+    growing.grown(spool.size, b"lost")
+    growing.abandon()  # what it held goes with it
+    with pytest.raises(StreamAbandonedError):
+        next(chunks)
+    growing.close()
+    spool.close()
+    assert reads == [(0, 6)]
 
 
 def test_an_abandoned_growing_spool_stops_its_reader(tmp_path: Path) -> None:
