@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
@@ -271,6 +272,11 @@ class RucioUploader:
                 while left > 0 and (chunk := fh.read(min(_PUT_CHUNK, left))):
                     left -= len(chunk)
                     yield counted.count(chunk)
+                    # sent (the transfer asks for the next chunk only then): the spool file is not read
+                    # again, so its pages may go (outbox/spool.py says why that matters)
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(fh.fileno(), job.size - left - len(chunk), len(chunk),
+                                         os.POSIX_FADV_DONTNEED)
 
         self._put_checked(pfn, body, job.size)
         sent = bodies[-1]

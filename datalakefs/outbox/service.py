@@ -256,7 +256,7 @@ class Outbox:
             spool = await self._changeable_bytes(file, offset, file.size)
             written = spool.write(offset, data)
         file.mtime = time.time()
-        self._follow_write(file)
+        self._follow_write(file, data if written == len(data) else data[:written])
         return written
 
     async def truncate(self, file: OutboxFile, size: int) -> None:
@@ -299,15 +299,16 @@ class Outbox:
             file.spool = draft
         return file.spool
 
-    def _follow_write(self, file: OutboxFile) -> None:
-        """Feed the file's early upload, or abandon it when the write was not sequential; start one
-        once a file written sequentially by one writer holds ``upload_while_writing`` bytes."""
+    def _follow_write(self, file: OutboxFile, written: bytes) -> None:
+        """Feed the file's early upload the bytes just ``written``, or abandon it when the write was
+        not sequential; start one once a file written sequentially by one writer holds
+        ``upload_while_writing`` bytes."""
         sequential = file.spool.sequential
         if file.early is not None:
             if file.early.done.is_set():
                 return  # over (abandoned or sent): nothing listens any more
             if sequential:
-                file.early.body.grown(file.size)
+                file.early.body.grown(file.size, written)
             else:
                 file.early.body.abandon()
         elif sequential and self._early_after and file.size >= self._early_after and file.writers == 1:

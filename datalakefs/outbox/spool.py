@@ -10,6 +10,14 @@ served with ``pread``: local disk, no network. While a file is written strictly 
 any other write (a hole, an overwrite, a truncate) drops the running checksum and the uploader
 computes it from the spool file in a worker thread.
 
+The spool's pages leave the page cache once on disk: every ``WRITEBACK_STEP`` bytes a writer adds,
+their writeback starts (so the ``fsync`` of ``close()`` has little left to do) and the pages written
+back since (``DROP_LAG`` behind) are dropped; an upload drops the pages it read once it sent them. A
+big file then cycles through a few megabytes of page cache instead of taking a fresh page for each of
+its bytes: on a virtual machine whose free memory goes back to the host (free page reporting), the
+first touch of a fresh page costs far more than the copy into it. An upload that falls behind the
+writer reads from disk what was dropped.
+
 ``sync()`` fsyncs the file, :func:`sync_directory` its name; the caller then commits the intent to
 the journal. ``ENOSPC`` (a full
 disk, or less than ``reserve`` bytes left) is raised as :class:`SpoolFullError` before any byte is
@@ -18,6 +26,8 @@ written, so a writer never believes bytes were stored that were not.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import os
 import secrets
@@ -30,6 +40,12 @@ from zlib_ng import zlib_ng
 from datalakefs.errors import SpoolFullError
 
 _READ_CHUNK = 4 << 20
+#: a writer starts the writeback of every this many new bytes
+WRITEBACK_STEP = 8 << 20
+#: a writer drops the pages this far behind the end of the last writeback it started
+DROP_LAG = 2 * WRITEBACK_STEP
+#: the most bytes of its last writes a GrowingSpool holds for its reader
+HANDOFF_LIMIT = 32 << 20
 DRAFT = ".draft"
 PUBLISHED = ".spool"
 
@@ -48,6 +64,14 @@ def file_adler32(path: Path, limit: int | None = None) -> tuple[int, str]:
             value = zlib_ng.adler32(chunk, value)
             size += len(chunk)
     return size, adler32_hex(value)
+
+
+def release_pages(fd: int, start: int, end: int) -> None:
+    """Start the writeback of bytes [start, end) of a file and drop those already on disk from the
+    page cache (``POSIX_FADV_DONTNEED``: advice, so a failure changes nothing but memory use)."""
+    if end > start:
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
 
 def sync_directory(directory: Path) -> None:
@@ -73,6 +97,8 @@ class SpoolFile:
         self._adler = 1
         self._hashed = 0
         self._sequential = size == 0
+        # the writeback of bytes [0, _written_back) has been started (those DROP_LAG below are dropped)
+        self._written_back = 0
 
     @classmethod
     def create(cls, directory: Path, owner: str, reserve: int) -> SpoolFile:
@@ -167,6 +193,10 @@ class SpoolFile:
             self._sequential = False
         if written:
             self.size = max(self.size, offset + written)
+            if self.size - self._written_back >= WRITEBACK_STEP:
+                step_end = self.size - self.size % WRITEBACK_STEP
+                release_pages(self._handle(), max(0, self._written_back - DROP_LAG), step_end)
+                self._written_back = step_end
         return written
 
     def read(self, offset: int, size: int) -> bytes:
@@ -179,6 +209,7 @@ class SpoolFile:
         elif size != self._hashed:
             self._sequential = False
         self.size = size
+        self._written_back = min(self._written_back, size)
 
     def sync(self) -> None:
         """fsync the file's bytes (blocking: call from a worker thread); ENOSPC/EIO surface here too.
@@ -218,11 +249,14 @@ class StreamAbandonedError(Exception):
 class GrowingSpool:
     """The bytes of a spool file as they are written, for an upload that starts before ``close()``.
 
-    The trio thread reports each sequential write (:meth:`grown`), then either the end (:meth:`end`,
-    once the file is committed and closed) or :meth:`abandon`. Iterating, in a worker thread, yields
-    the file's bytes in order as they arrive and stops at the end; after ``abandon`` it raises
-    :class:`StreamAbandonedError`. The uploader checks what was sent against the committed size and
-    adler32, so a rewrite it raced with is caught there too.
+    The trio thread reports each sequential write (:meth:`grown`, with the bytes written), then
+    either the end (:meth:`end`, once the file is committed and closed) or :meth:`abandon`.
+    Iterating, in a worker thread, yields the file's bytes in order as they arrive and stops at the
+    end; after ``abandon`` it raises :class:`StreamAbandonedError`. The bytes of the last writes
+    (up to ``HANDOFF_LIMIT``) are handed over as they are, so that a reader keeping up never reads
+    them back; what it fell behind on (or what was written before it started) it reads from the
+    file. The uploader checks what was sent against the committed size and adler32, so a rewrite it
+    raced with is caught there too.
     """
 
     def __init__(self, spool: SpoolFile) -> None:
@@ -232,9 +266,22 @@ class GrowingSpool:
         self._size = 0
         self._ended = False
         self._abandoned = False
+        # the bytes of the last sequential writes, the first at _handoff_start: ready to send
+        self._handoff: collections.deque[bytes] = collections.deque()
+        self._handoff_start = 0
+        self._handoff_bytes = 0
 
-    def grown(self, size: int) -> None:
+    def grown(self, size: int, data: bytes = b"") -> None:
+        """The file holds ``size`` bytes, the last of which are ``data`` (just written)."""
         with self._ready:
+            if data:
+                offset = size - len(data)
+                if self._handoff_start + self._handoff_bytes != offset:  # nothing held, or a gap
+                    self._release_handoff(offset)
+                self._handoff.append(data)
+                self._handoff_bytes += len(data)
+                while self._handoff_bytes > HANDOFF_LIMIT:  # the reader fell behind: it reads the file
+                    self._forget_handed(len(self._handoff[0]))
             self._size = size
             self._ready.notify()
 
@@ -246,17 +293,31 @@ class GrowingSpool:
     def abandon(self) -> None:
         with self._ready:
             self._abandoned = True
+            self._release_handoff(self._size)
             self._ready.notify()
 
     def close(self) -> None:
-        """Release its descriptor (after the transfer thread is done with it)."""
+        """Release its descriptor and the bytes it holds (after the transfer thread is done with it)."""
         with self._ready:
+            self._release_handoff(self._size)
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
 
+    def _release_handoff(self, start: int) -> None:
+        self._handoff.clear()
+        self._handoff_start, self._handoff_bytes = start, 0
+
+    def _forget_handed(self, length: int) -> None:
+        self._handoff.popleft()
+        self._handoff_start += length
+        self._handoff_bytes -= length
+
     def __iter__(self) -> Iterator[bytes]:
+        """The bytes in order; a chunk's pages leave the page cache when the next one is asked for
+        (the transfer sent it by then), as far as they are on disk."""
         sent = 0
+        dropped = 0
         while True:
             with self._ready:  # held while reading: close() never pulls the descriptor from under a read
                 while not (self._abandoned or self._ended or self._size > sent):
@@ -264,9 +325,18 @@ class GrowingSpool:
                 if self._abandoned or self._fd < 0:
                     raise StreamAbandonedError(f"{self._name} is no longer written sequentially")
                 available, ended = self._size - sent, self._ended
+                release_pages(self._fd, dropped, sent)
+                dropped = sent
                 if available <= 0 and ended:
                     return
-                chunk = os.pread(self._fd, min(available, _READ_CHUNK), sent)
+                while self._handoff and self._handoff_start < sent:  # sent from the file already
+                    self._forget_handed(len(self._handoff[0]))
+                if self._handoff and self._handoff_start == sent:
+                    chunk = self._handoff[0]
+                    self._forget_handed(len(chunk))
+                else:
+                    before_handoff = self._handoff_start - sent if self._handoff else available
+                    chunk = os.pread(self._fd, min(available, before_handoff, _READ_CHUNK), sent)
             if not chunk:
                 raise StreamAbandonedError(f"{self._name} is shorter than its writes said")
             sent += len(chunk)

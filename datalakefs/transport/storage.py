@@ -193,7 +193,12 @@ class StorageClient:
                 for chunk in _chunks(body):
                     if chunk:
                         _arm(connection, self._stall, expires)
-                        connection.send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                        # a chunk's frame goes out apart from it: no copy of megabytes per chunk
+                        if chunked:
+                            connection.send(b"%x\r\n" % len(chunk))
+                        connection.send(chunk)
+                        if chunked:
+                            connection.send(b"\r\n")
                 if chunked:
                     connection.send(b"0\r\n\r\n")
             _arm(connection, self._stall, expires)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,6 +190,20 @@ def test_a_new_file_is_stored_verified_then_registered_available_and_attached(
     # the dataset was created with both rules, which cover its files
     assert client.rules == [("ds", "SCRATCH"), ("ds", "TAPE")]
     assert "add_replication_rule" not in client.calls
+
+
+def test_the_pages_of_a_spool_file_are_released_once_sent(
+    client: Client, storage: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    released: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, start, length, advice: released.append(
+        (start, start + length, advice)))
+    data = os.urandom((5 << 20) // 2)
+    assert upload(uploader(client), job(tmp_path, data)) is True
+    assert storage.files == {"/SCRATCH/user.x/f.dat": data}
+    mib = 1 << 20
+    assert released == [(0, mib, os.POSIX_FADV_DONTNEED), (mib, 2 * mib, os.POSIX_FADV_DONTNEED),
+                        (2 * mib, len(data), os.POSIX_FADV_DONTNEED)]
 
 
 def test_a_rerun_after_registration_transfers_nothing_and_duplicates_nothing(
