@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,6 +81,7 @@ class Suite:
             seconds, calls = [], []
             for index in range(self.n):
                 cache = work / f"cache{index}"
+                shutil.rmtree(cache, ignore_errors=True)  # cold means cold: nothing left by an earlier run
                 with datalakefs(work / "mnt", cache, "xcache=none") as mount:
                     directory = collection_path(mount.mountpoint, self.dataset)
                     if state == "warm":

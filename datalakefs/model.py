@@ -64,10 +64,16 @@ class Replica:
 
 @dataclass(frozen=True, slots=True)
 class FileReplicas:
-    """A file and its available replicas, best first."""
+    """A file and its available replicas, best first.
+
+    ``presumed``: the replicas were not asked for but derived from the file's dataset (the RSEs that
+    hold every file the catalogue was asked about, and their deterministic names); a reader that
+    finds none of them there asks the catalogue (see docs/ARCHITECTURE.md, "Replicas per dataset").
+    """
 
     info: DIDInfo
     replicas: tuple[Replica, ...]
+    presumed: bool = False
 
 
 class RuleState(enum.Enum):

@@ -45,6 +45,12 @@ class Catalogue(Protocol):
         DID is left out."""
         ...
 
+    def derive_pfns(self, rse: str, dids: Sequence[DID]) -> dict[DID, str]:
+        """The URLs the files would have on ``rse`` for reading, computed from its deterministic naming
+        without asking whether they are there; empty when the RSE's names cannot be derived (not
+        deterministic, no readable protocol)."""
+        ...
+
     def query(self, scope: str, filters: str) -> list[DIDInfo]:
         """DIDs of ``scope`` matching a metadata filter (``run_number>=3,datatype=RAW``) or a wildcard;
         ``InvalidNameError`` for a filter that does not parse, ``NotFoundError`` for an unknown scope."""

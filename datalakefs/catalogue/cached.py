@@ -54,7 +54,7 @@ from cachetools import LRUCache, TTLCache
 from datalakefs.catalogue.base import Catalogue
 from datalakefs.config import Config
 from datalakefs.errors import DatalakeError, NotFoundError
-from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas, Lock, RSEReplica, Rule
+from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas, Lock, Replica, RSEReplica, Rule
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -159,6 +159,9 @@ class CachedCatalogue:
         self._ttl = config.catalogue_ttl
         self._sweeper: trio.Nursery | None = None
         self._sweep_slots = trio.Semaphore(SWEEP_CALLS)
+        # each listing's content, when its first batch was answered, and whether its other files'
+        # replicas were presumed from that answer (once per listing and TTL)
+        self._placements: LRUCache[Hashable, tuple[tuple[DIDInfo, ...], float, bool]] = LRUCache(SWEPT_LISTINGS)
         # each swept listing's content and when its sweep started: one sweep per listing and TTL
         self._swept: LRUCache[Hashable, tuple[tuple[DIDInfo, ...], float]] = LRUCache(SWEPT_LISTINGS)
         self._calls: Counter[str] = Counter()
@@ -252,8 +255,9 @@ class CachedCatalogue:
 
     def invalidate(self, did: DID) -> None:
         """The daemon changed or created ``did``: forget every answer about it (facts, metadata,
-        replicas, its listing), "not found" answers included."""
-        self._forget([*[(method, did) for method in _PER_DID], *self._forget_members(did)])
+        replicas, presumed or not, its listing), "not found" answers included."""
+        self._forget([*[(method, did) for method in _PER_DID], ("presumed_replicas", did),
+                      *self._forget_members(did)])
 
     def invalidate_collection(self, did: DID) -> None:
         """The daemon changed the content of collection ``did`` (attached to it, or created it):
@@ -281,8 +285,10 @@ class CachedCatalogue:
         if content is None or position >= len(content) or content[position].did != did:
             return  # the listing was forgotten or made anew without it: a per-file lookup follows
         first, end = replica_batch(position)
-        self._start_sweep(listing, content, end)
         await self._resolve_batch(listing, content, first, end)
+        placed = self._placements.get(listing)
+        if placed is None or not placed[2]:
+            self._start_sweep(listing, content, end)  # nothing presumed: the catalogue must say
 
     async def _resolve_batch(self, listing: Hashable, content: tuple[DIDInfo, ...], first: int, end: int) -> None:
         """One ``list_replicas`` call for the files of ``content[first:end]`` not cached yet (none when
@@ -299,10 +305,55 @@ class CachedCatalogue:
                 return
             # a listed file the answer leaves out has no replica: cached as such, not asked again alone
             replicas = {answer.info.did: answer for answer in answers}
-            for info in batch:
-                self._positive[("list_replicas", info.did)] = replicas.get(info.did) or FileReplicas(info, ())
+            known = [replicas.get(info.did) or FileReplicas(info, ()) for info in batch]
+            for found in known:
+                self._positive[("list_replicas", found.info.did)] = found
+            placed = self._placements.get(listing)
+            if placed is None or placed[0] is not content or self._timer() - placed[1] >= self._ttl:
+                self._placements[listing] = (content, self._timer(), False)
+                presumed = await self._presume(content, known, generation)
+                self._placements[listing] = (content, self._timer(), presumed)
 
         await self._shared_flight(("listed_replicas", listing, first), fetch)
+
+    async def _presume(self, content: tuple[DIDInfo, ...], known: list[FileReplicas], generation: int) -> bool:
+        """Presume the listing's other files are where every file of ``known`` (the catalogue's answer
+        for one batch) is, under their deterministic names, and cache that as their presumed replicas.
+
+        Only RSEs holding every file of the batch count, and only when the names derived for the batch
+        are the very names the catalogue gave: a dataset split over RSEs, or an RSE whose names cannot be
+        derived, is asked about file by file as before. A reader that does not find a file where it was
+        presumed asks the catalogue (:meth:`list_replicas`)."""
+        if not known or not all(found.replicas for found in known):
+            return False
+        first, *rest = known
+        common = [replica.rse for replica in first.replicas
+                  if all(any(other.rse == replica.rse for other in found.replicas) for found in rest)]
+        files = [info for info in content if info.type is DIDType.FILE]
+        derived: dict[str, dict[DID, str]] = {}
+        for rse in dict.fromkeys(common):
+            names = await self._call("derive_pfns", self._backend.derive_pfns, rse, [info.did for info in files])
+            given = [{replica.pfn for replica in found.replicas if replica.rse == rse} for found in known]
+            if names and all(names.get(found.info.did) in pfns for found, pfns in zip(known, given, strict=True)):
+                derived[rse] = names
+        if not derived or generation != self._generation:
+            return False
+        for info in files:
+            replicas = tuple(Replica(rse, names[info.did]) for rse, names in derived.items() if info.did in names)
+            self._positive[("presumed_replicas", info.did)] = FileReplicas(info, replicas, presumed=True)
+        return True
+
+    async def locate(self, did: DID) -> FileReplicas | None:
+        """Where to read file ``did`` from: the catalogue's cached answer, else the replicas presumed
+        from its dataset (:meth:`_presume`), else the catalogue's answer (:meth:`list_replicas`);
+        ``None`` for a DID the catalogue does not know."""
+        for key in (("list_replicas", did), ("presumed_replicas", did)):
+            found = self._positive.get(key)
+            if found is not None:
+                self._hits += 1
+                return found  # type: ignore[no-any-return]
+        answers = await self.list_replicas([did])
+        return answers[0] if answers else None
 
     def _start_sweep(self, listing: Hashable, content: tuple[DIDInfo, ...], after: int) -> None:
         """Resolve the listing's other batches in the background, from ``after`` on and then from its
@@ -346,7 +397,7 @@ class CachedCatalogue:
         content = self._members.pop(listing, ())
         for info in content:
             self._homes.pop(info.did, None)
-        return [("list_replicas", info.did) for info in content]
+        return [(method, info.did) for info in content for method in ("list_replicas", "presumed_replicas")]
 
     # -- status ----------------------------------------------------------------------------------
 

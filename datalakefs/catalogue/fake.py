@@ -92,6 +92,8 @@ class FakeCatalogue:
         self._running = threading.Event()
         self._running.set()
         self.calls: Counter[str] = Counter()
+        # RSEs whose PFNs derive_pfns computes: RSE -> the URL prefix of a file's name
+        self.deterministic: dict[str, str] = {}
         self.account = "root"
         self._rules: dict[str, _FakeRule] = {}
         self._rule_ids = itertools.count(1)
@@ -138,6 +140,11 @@ class FakeCatalogue:
     def add_replica(self, did: DID | str, rse: str, pfn: str) -> None:
         with self._lock:
             self._entry(_did(did)).replicas.append(Replica(rse, pfn))
+
+    def remove_replica(self, did: DID | str, rse: str) -> None:
+        with self._lock:
+            entry = self._entry(_did(did))
+            entry.replicas[:] = [replica for replica in entry.replicas if replica.rse != rse]
 
     def set_metadata(self, did: DID | str, key: str, value: object) -> None:
         with self._lock:
@@ -250,6 +257,12 @@ class FakeCatalogue:
             entries = [self._dids[did] for did in dict.fromkeys(dids) if did in self._dids]
             files = [e for e in entries if e.info.type is DIDType.FILE]
             return [FileReplicas(_listed(e.info), tuple(e.replicas)) for e in files]
+
+    def derive_pfns(self, rse: str, dids: Sequence[DID]) -> dict[DID, str]:
+        """``deterministic[rse]`` + the name, for an RSE a test made deterministic."""
+        self._enter("derive_pfns")
+        prefix = self.deterministic.get(rse)
+        return {} if prefix is None else {did: f"{prefix}{did.name}" for did in dids}
 
     def query(self, scope: str, filters: str) -> list[DIDInfo]:
         self._enter("query")

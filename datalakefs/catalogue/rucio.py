@@ -51,6 +51,7 @@ from rucio.client import Client
 from rucio.common import exception as rucio_exc
 from rucio.common.config import clean_cached_config, config_get
 from rucio.common.utils import parse_did_filter_from_string_fe
+from rucio.rse import rsemanager
 
 from datalakefs.config import Config
 from datalakefs.errors import (
@@ -118,6 +119,7 @@ _CONFIG = (
 )
 _FILTER_OPERATORS = ("=", "<", ">", "!")
 _CLIENT_LOG: Final = logging.getLogger("datalakefs.catalogue.rucio.client")
+log = logging.getLogger(__name__)
 _DID_TYPES: Final[Mapping[str, DIDType]] = {
     "FILE": DIDType.FILE,
     "F": DIDType.FILE,
@@ -222,6 +224,9 @@ class RucioCatalogue:
         self._claimed = _claim_rucio_config(config.rucio_config) if config.rucio_config else None
         self._lock = threading.Lock()
         self._idle: list[Client] = []
+        # RSE name -> its settings (protocols, determinism), asked once per mount: each listing's
+        # derived names are checked against names the server gave before they are used
+        self._rse_settings: dict[str, Mapping[str, Any]] = {}
         self._closed = False
         self._host: str | None = None
 
@@ -301,6 +306,35 @@ class RucioCatalogue:
                 )
                 answers.extend(self._file_replicas(row) for row in rows)
         return answers
+
+    def derive_pfns(self, rse: str, dids: Sequence[DID]) -> dict[DID, str]:
+        settings = self._rse_settings.get(rse)
+        if settings is None:
+            with self._client() as client:
+                settings = client.get_rse(rse)
+            with self._lock:
+                self._rse_settings[rse] = settings
+        scheme = self._read_scheme(settings)
+        if not settings.get("deterministic") or scheme is None:
+            return {}
+        lfns = [{"scope": did.scope, "name": did.name} for did in dids]
+        try:  # computed here, as the server would (rucio's own protocol classes): no call per file
+            pfns = rsemanager.lfns2pfns(dict(settings), lfns, operation="read", scheme=scheme, domain="wan")
+        except Exception as exc:  # an algorithm or protocol this client cannot compute: ask per file
+            log.info("event=derive-pfns-unavailable rse=%s reason=%s", rse, exc)
+            return {}
+        return {did: str(pfns[key]) for did in dids if (key := f"{did.scope}:{did.name}") in pfns}
+
+    def _read_scheme(self, settings: Mapping[str, Any]) -> str | None:
+        """The scheme the server's replica lists put first for this RSE: its best WAN read protocol
+        among the configured ``read_schemes``."""
+        readable = sorted(
+            (int(read), str(protocol["scheme"]))
+            for protocol in settings.get("protocols") or ()
+            if (read := ((protocol.get("domains") or {}).get("wan") or {}).get("read"))
+        )
+        allowed = [scheme for _, scheme in readable if self._schemes is None or scheme in self._schemes]
+        return allowed[0] if allowed else None
 
     def query(self, scope: str, filters: str) -> list[DIDInfo]:
         text = filters.strip()

@@ -83,7 +83,9 @@ log = logging.getLogger(__name__)
 
 SEQUENTIAL_SLACK = 4  # blocks
 PIECE_ALIGN = 4096  # piece reads fetch whole pages
-Locate = Callable[[], Awaitable[FileReplicas]]
+#: Where a file's replicas are; ``True`` asks the catalogue itself, not a guess from the file's dataset
+#: (``FileReplicas.presumed``), once a reader found the file at none of the presumed places.
+Locate = Callable[[bool], Awaitable[FileReplicas]]
 
 
 class RangeTransport(Protocol):
@@ -103,11 +105,13 @@ class ReplicaSource(Protocol):
 
     async def list_replicas(self, dids: list[DID]) -> list[FileReplicas]: ...
 
+    async def locate(self, did: DID) -> FileReplicas | None: ...
+
 
 def known_replicas(file: FileReplicas) -> Locate:
     """A :data:`Locate` for replicas already at hand."""
 
-    async def locate() -> FileReplicas:
+    async def locate(confirmed: bool) -> FileReplicas:
         return file
 
     return locate
@@ -368,37 +372,41 @@ class StreamService:
         kinds: list[FailureKind | None] = []
         try:
             async with self._limiter:
-                options = await reader.candidates()
-                if not options:
-                    raise TransferError(f"{reader.key.did}: no replica is readable over HTTP")
-                refused: set[Candidate] = set()
-                for round_ in range(1 + self._retries):
-                    if round_:
-                        await trio.sleep(self._backoff * 2 ** (round_ - 1))
-                    for candidate in options:
-                        if candidate in refused:
-                            continue
-                        self._requests += 1
-                        self._piece_requests += 1
-                        quick = self._piece_transport
-                        transport = quick if quick is not None and quick.supports(candidate.url) else self._transport
-                        try:
-                            await transport.fetch(candidate.url, piece.start, piece.end - piece.start,
-                                                  reader.key.size, piece)
-                        except RangeReadError as exc:
-                            self._failed += 1
-                            reasons.append(str(exc))
-                            kinds.append(exc.kind)
-                            log.warning("%s: piece %d..%d from %s: %s", reader.key.did, piece.start, piece.end,
-                                        candidate, exc)
-                            if not exc.kind.retryable:
-                                refused.add(candidate)
-                            reader.demote(candidate)
-                            continue
-                        reader.prefer(candidate)
-                        self._bytes += piece.end - piece.start
-                        return
-                    if len(refused) == len(options):
+                while True:  # a second time only after presumed replicas failed (StreamReader.confirm)
+                    options = await reader.candidates()
+                    if not options:
+                        raise TransferError(f"{reader.key.did}: no replica is readable over HTTP")
+                    refused: set[Candidate] = set()
+                    for round_ in range(1 + self._retries):
+                        if round_:
+                            await trio.sleep(self._backoff * 2 ** (round_ - 1))
+                        for candidate in options:
+                            if candidate in refused:
+                                continue
+                            self._requests += 1
+                            self._piece_requests += 1
+                            quick = self._piece_transport
+                            fits = quick is not None and quick.supports(candidate.url)
+                            transport = quick if fits and quick is not None else self._transport
+                            try:
+                                await transport.fetch(candidate.url, piece.start, piece.end - piece.start,
+                                                      reader.key.size, piece)
+                            except RangeReadError as exc:
+                                self._failed += 1
+                                reasons.append(str(exc))
+                                kinds.append(exc.kind)
+                                log.warning("%s: piece %d..%d from %s: %s", reader.key.did, piece.start, piece.end,
+                                            candidate, exc)
+                                if not exc.kind.retryable:
+                                    refused.add(candidate)
+                                reader.demote(candidate)
+                                continue
+                            reader.prefer(candidate)
+                            self._bytes += piece.end - piece.start
+                            return
+                        if len(refused) == len(options):
+                            break
+                    if not await reader.confirm():
                         break
             piece.error = _gave_up(reader.key, reasons, kinds)
         except DatalakeError as exc:
@@ -466,6 +474,14 @@ class StreamService:
                     run.fail(TransferError(f"{run.key.did}: no replica is readable over HTTP"))
                     return
                 await self._attempts(run, options, reasons, kinds)
+                if run.pending:
+                    try:
+                        again = await run.reader.confirm()
+                    except DatalakeError as exc:
+                        run.fail(_fresh(exc))
+                        return
+                    if again:
+                        await self._attempts(run, await run.reader.candidates(), reasons, kinds)
             if run.pending:
                 run.fail(_gave_up(run.key, reasons, kinds))
         except Exception as exc:  # a bug must fail this transfer's reads, not the whole service
@@ -566,6 +582,7 @@ class StreamReader:
         self.size = key.size
         self._service = service
         self._locate = locate
+        self._presumed = False
         self._candidates: tuple[Candidate, ...] | None = None
         self._locating: trio.Lock | None = None
         self._preferred: Candidate | None = None
@@ -638,12 +655,27 @@ class StreamReader:
                 self._locating = trio.Lock()
             async with self._locating:
                 if self._candidates is None:
-                    self._candidates = candidates(await self._locate(), self._service._config)
+                    located = await self._locate(False)
+                    self._presumed = located.presumed
+                    self._candidates = candidates(located, self._service._config)
         found, preferred = self._candidates, self._preferred
         if preferred is not None and preferred in found:
             at = found.index(preferred)
             return found[at:] + found[:at]
         return found
+
+    async def confirm(self) -> bool:
+        """Every candidate failed: if they were presumed, ask the catalogue where the file is and
+        return True (try again); False when the catalogue's own answer already failed."""
+        if not self._presumed:
+            return False
+        assert self._locating is not None  # candidates() ran
+        async with self._locating:
+            if self._presumed:
+                log.info("%s: not where its dataset's files are; asking the catalogue", self.key.did)
+                self._candidates = candidates(await self._locate(True), self._service._config)
+                self._presumed, self._preferred = False, None
+        return True
 
     def prefer(self, candidate: Candidate) -> None:
         self._preferred = candidate
@@ -706,11 +738,12 @@ class StreamContent:
     async def open(self, info: DIDInfo, nonblocking: bool) -> StreamReader:
         catalogue = self._catalogue
 
-        async def locate() -> FileReplicas:
-            for found in await catalogue.list_replicas([info.did]):
-                if found.info.did == info.did:
-                    return FileReplicas(info, found.replicas)
-            return FileReplicas(info, ())
+        async def locate(confirmed: bool) -> FileReplicas:
+            if confirmed:
+                found = next((f for f in await catalogue.list_replicas([info.did]) if f.info.did == info.did), None)
+            else:
+                found = await catalogue.locate(info.did)
+            return FileReplicas(info, found.replicas, found.presumed) if found is not None else FileReplicas(info, ())
 
         return self._running().open(info, locate)
 

@@ -438,8 +438,8 @@ async def test_an_open_joins_the_sweeps_call_for_its_batch(fake: FakeCatalogue) 
     catalogue, _, files = await listed_dataset(fake, "big", 1600)
     async with trio.open_nursery() as nursery:
         await nursery.start(catalogue.run)
-        fake.pause()
-        nursery.start_soon(catalogue.list_replicas, [files[0]])
+        await catalogue.list_replicas([files[0]])
+        fake.pause()  # before the sweep, started when the opener's batch was answered, runs
         await calls_reach(fake, "list_replicas", 3)
         # the opener's batch and two sweep batches (100..299, 300..699): no more at once
         assert fake.calls["list_replicas"] == 3
@@ -458,16 +458,14 @@ async def test_invalidating_a_dataset_stops_its_sweep(fake: FakeCatalogue) -> No
     catalogue, dataset, files = await listed_dataset(fake, "big", 3000)
     async with trio.open_nursery() as nursery:
         await nursery.start(catalogue.run)
-        fake.pause()
-        nursery.start_soon(catalogue.list_replicas, [files[0]])
+        await catalogue.list_replicas([files[0]])
+        fake.pause()  # before the sweep runs
         await calls_reach(fake, "list_replicas", 3)
         assert fake.calls["list_replicas"] == 3
         catalogue.invalidate_collection(dataset)
         fake.resume()
         await settled(catalogue)
-        # the calls in flight ended and the sweep started no new batch; the opener, whose batch's answer
-        # came from before the invalidation, asked for its file alone
-        assert fake.calls["list_replicas"] == 4
+        assert fake.calls["list_replicas"] == 3  # the calls in flight ended; no new batch was started
         nursery.cancel_scope.cancel()
 
 
@@ -477,11 +475,8 @@ async def test_a_failing_sweep_is_logged_and_the_opener_gets_the_error_itself(
     catalogue, _, files = await listed_dataset(fake, "big", 1600)
     async with trio.open_nursery() as nursery:
         await nursery.start(catalogue.run)
-        fake.pause()
-        nursery.start_soon(catalogue.list_replicas, [files[0]])
-        await calls_reach(fake, "list_replicas", 3)  # the opener's and two sweep calls, which succeed
-        fake.fail(CatalogueUnavailableError("server down"), ["list_replicas"])  # the sweep's calls fail
-        fake.resume()
+        await catalogue.list_replicas([files[0]])
+        fake.fail(CatalogueUnavailableError("server down"), ["list_replicas"])  # before the sweep runs
         await settled(catalogue)
         assert "event=replica-sweep-failed" in caplog.text
         with pytest.raises(CatalogueUnavailableError):
@@ -490,3 +485,53 @@ async def test_a_failing_sweep_is_logged_and_the_opener_gets_the_error_itself(
         [found] = await catalogue.list_replicas([files[1500]])
         assert found.info.did == files[1500]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_dataset_on_a_deterministic_rse_is_located_after_one_replica_call(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake.deterministic["SITE-A"] = "http://a/"  # the names the fake gives its replicas
+    catalogue, _, files = await listed_dataset(fake, "big", 1600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(catalogue.run)
+        first = await catalogue.locate(files[350])
+        assert first is not None and not first.presumed  # the catalogue's own answer
+        for did in files:
+            found = await catalogue.locate(did)
+            assert found is not None and [r.pfn for r in found.replicas] == [f"http://a/{did.name}"]
+            assert found.presumed == (not 300 <= files.index(did) < 700)
+        await settled(catalogue)
+        assert (fake.calls["list_replicas"], fake.calls["derive_pfns"]) == (1, 1)  # and no sweep
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("why", ["other names", "split over RSEs"])
+async def test_nothing_is_presumed_unless_the_batch_proves_the_naming_and_the_placement(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock, why: str
+) -> None:
+    fake.deterministic["SITE-A"] = "http://elsewhere/" if why == "other names" else "http://a/"
+    catalogue, _, files = await listed_dataset(fake, "run9", 50)
+    if why == "split over RSEs":
+        fake.add_replica(files[1], "SITE-B", "http://b/x")
+        fake.remove_replica(files[1], "SITE-A")
+    await catalogue.locate(files[0])
+    for did in files[2:]:
+        found = await catalogue.locate(did)
+        assert found is not None and not found.presumed
+
+
+async def test_the_catalogues_answer_is_still_what_list_replicas_and_invalidation_see(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake.deterministic["SITE-A"] = "http://a/"
+    catalogue, dataset, files = await listed_dataset(fake, "big", 300)
+    fake.add_replica(files[200], "SITE-B", "http://b/200")
+    await catalogue.locate(files[0])
+    presumed = await catalogue.locate(files[200])
+    assert presumed is not None and presumed.presumed and [r.rse for r in presumed.replicas] == ["SITE-A"]
+    [asked] = await catalogue.list_replicas([files[200]])  # `user.rucio.replicas`: what the catalogue says
+    assert (asked.presumed, [r.rse for r in asked.replicas]) == (False, ["SITE-A", "SITE-B"])
+    catalogue.invalidate_collection(dataset)
+    await catalogue.list_content(dataset)
+    found = await catalogue.locate(files[250])
+    assert found is not None and not found.presumed  # forgotten with the dataset, asked again

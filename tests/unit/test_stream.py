@@ -300,13 +300,50 @@ async def test_stopping_the_service_fails_the_waiting_reads(tmp_path: Path) -> N
 
 
 class FakeCatalogue:
-    def __init__(self, replicas: FileReplicas) -> None:
+    """The catalogue's answer is ``replicas``; :meth:`locate` answers ``presumed`` first when given."""
+
+    def __init__(self, replicas: FileReplicas, presumed: FileReplicas | None = None) -> None:
         self.replicas = replicas
+        self.presumed = presumed
         self.calls = 0
 
     async def list_replicas(self, dids: list[DID]) -> list[FileReplicas]:
         self.calls += 1
         return [self.replicas]
+
+    async def locate(self, did: DID) -> FileReplicas | None:
+        if self.presumed is not None:
+            return self.presumed
+        return (await self.list_replicas([did]))[0]
+
+
+@pytest.mark.parametrize("size", [len(DATA), 3000])  # a block transfer, and a piece read of a small range
+async def test_a_file_not_where_it_was_presumed_is_read_where_the_catalogue_says(tmp_path: Path, size: int) -> None:
+    with FaultyOrigin({"big": DATA}) as origin:
+        presumed = FileReplicas(INFO, (Replica("R", origin.url("not-there")),), presumed=True)
+        catalogue = FakeCatalogue(FileReplicas(INFO, (Replica("R", origin.url("big")),)), presumed)
+        content = StreamContent(Config(cache_dir=tmp_path), catalogue)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(content.run)
+            opened = await content.open(INFO, nonblocking=False)
+            assert await opened.read(BS * 3, size) == DATA[BS * 3 : BS * 3 + size]
+            assert catalogue.calls == 1  # asked once, after the presumed place answered 404
+            await opened.close()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_file_the_catalogue_places_wrongly_fails_after_one_question(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}) as origin:
+        presumed = FileReplicas(INFO, (Replica("R", origin.url("not-there")),), presumed=True)
+        catalogue = FakeCatalogue(FileReplicas(INFO, (Replica("R", origin.url("gone")),)), presumed)
+        content = StreamContent(Config(cache_dir=tmp_path), catalogue)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(content.run)
+            opened = await content.open(INFO, nonblocking=False)
+            with pytest.raises(TransferError, match="every replica failed"):
+                await opened.read(0, BS)
+            assert catalogue.calls == 1
+            nursery.cancel_scope.cancel()
 
 
 async def test_stream_content_is_the_filesystems_file_content(tmp_path: Path) -> None:
