@@ -271,8 +271,9 @@ def test_a_file_not_where_the_rest_of_its_dataset_is_is_found_by_asking_the_cata
     layout = Lake(lake.state_dir).layout
     written = seed.write_file(layout.scratch, lake.seed.content_key, moved)
     rucio_client.add_replicas(lake.seed.scratch_rse, [written.as_did()])
-    # gone from the origin: its replica there unavailable (accounts may not delete origin replicas), its bytes removed
-    rucio_client.update_replicas_states(lake.seed.origin_rse, [{"scope": moved.scope, "name": moved.name, "state": "U"}])
+    # gone from the origin: its replica there unavailable (no account may delete origin replicas), its bytes removed
+    gone = {"scope": moved.scope, "name": moved.name, "state": "U"}
+    rucio_client.update_replicas_states(lake.seed.origin_rse, [gone])
     seed.rse_file(layout.origin, moved.scope, moved.name).unlink()
     mount = new_mount()
     mount.start()
