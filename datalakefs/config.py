@@ -28,7 +28,8 @@ XCacheMode = Literal["swap", "rucio"]
 
 _SIZE_SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_KEYS = frozenset(
-    {"cache_size", "block_size", "prefetch_max", "spool_reserve", "upload_while_writing", "transfer_min_rate"}
+    {"cache_size", "block_size", "prefetch_max", "spool_reserve", "upload_while_writing", "transfer_min_rate",
+     "listing_prefetch_bytes"}
 )
 _DURATION_KEYS = frozenset({"http_timeout", "staging_timeout", "entry_timeout", "attr_timeout", "catalogue_ttl",
                             "negative_ttl", "catalogue_timeout", "rule_lifetime"})
@@ -96,6 +97,8 @@ class Config:
     catalogue_timeout: float = 30.0
     catalogue_concurrency: int = 4
     read_ahead_kb: int = 1024
+    listing_prefetch_files: int = 16
+    listing_prefetch_bytes: int = 64 << 20
     xattrs: bool = True
     allow_other: bool = False
     uid: int | None = None

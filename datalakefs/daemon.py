@@ -29,6 +29,7 @@ from datalakefs.fs.attributes import Ownership
 from datalakefs.fs.filesystem import Filesystem
 from datalakefs.fs.lake import LakeTree
 from datalakefs.fs.outbox import OutboxTree
+from datalakefs.fs.prefetch import ListingPrefetch
 from datalakefs.fuse.operations import FuseOperations, invalidate_entry
 from datalakefs.fuse.session import prepare_mountpoint, serve
 from datalakefs.namespace.inodes import InodeTable
@@ -95,7 +96,9 @@ class Daemon:
         outbox_tree = None if config.ro else OutboxTree(self.outbox, namespace, self._visible_scopes, owner)
         if outbox_tree is not None:
             outbox_tree.invalidate_entry = invalidate_entry
-        lake = LakeTree(namespace, self.catalogue, self.staging, control, owner, stager=self.staging)
+        self.prefetch = ListingPrefetch(self.staging, config.listing_prefetch_files, config.listing_prefetch_bytes)
+        lake = LakeTree(namespace, self.catalogue, self.staging, control, owner, stager=self.staging,
+                        prefetch=self.prefetch)
         self.filesystem = Filesystem(namespace, lake, outbox=outbox_tree)
         self.meter = RateMeter(self._counters)
         self.metrics_url: str | None = None
@@ -122,6 +125,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started, 3),
             "catalogue": self.catalogue.statistics().as_dict(),
             "content": self.content.statistics().as_dict(),
+            "prefetch": self.prefetch.statistics(),
             "storage_auth": self.storage_auth.describe(),
             "staging": self.staging.status(),
             "outbox": self.outbox.summary(),
@@ -162,6 +166,7 @@ class Daemon:
         async with trio.open_nursery() as services:
             await services.start(self.catalogue.run)
             await services.start(self.content.run)
+            await services.start(self.prefetch.run)
             await services.start(self.stager.run)
             await services.start(self.outbox.run)
             services.start_soon(self.meter.run)

@@ -18,6 +18,7 @@ from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.errors import NoAttributeError, NotFoundError, NotSupportedError, ReadOnlyError
 from datalakefs.fs.attributes import Attributes, Ownership, attributes_of
 from datalakefs.fs.ports import FileContent, OpenFile, StageRequests
+from datalakefs.fs.prefetch import ListingPrefetch
 from datalakefs.fs.subtree import FileHandle, OpenMode
 from datalakefs.model import DIDInfo
 from datalakefs.namespace.inodes import Node, NodeKind
@@ -96,11 +97,13 @@ class LakeTree:
         control_files: dict[str, ControlRenderer],
         owner: Ownership | None = None,
         stager: StageRequests | None = None,
+        prefetch: ListingPrefetch | None = None,
     ) -> None:
         self._ns = namespace
         self._catalogue = catalogue
         self._content = content
         self._stager = stager
+        self._prefetch = prefetch
         self._control = control_files
         self._owner = owner or Ownership(os.getuid(), os.getgid())
         self._start = time.time()
@@ -126,7 +129,21 @@ class LakeTree:
             return _ControlHandle(self._control[node.label]())
         if node.kind is not NodeKind.FILE or node.info is None:
             raise NotFoundError(f"inode {node.ino} is not a file")
-        return _LakeFileHandle(await self._content.open(node.info, mode.nonblocking))
+        opened = _LakeFileHandle(await self._content.open(node.info, mode.nonblocking))
+        if self._prefetch is not None:
+            self._follow(node, node.info)
+        return opened
+
+    def _follow(self, node: Node, info: DIDInfo) -> None:
+        """Tell the prefetch about an open, when the directory's listing is at hand (no catalogue call)."""
+        assert self._prefetch is not None
+        try:
+            directory = self._ns.inodes.get(node.parent)
+        except NotFoundError:
+            return  # the kernel forgot the directory: nothing to follow
+        listed = self._ns.listed(directory)
+        if listed is not None:
+            self._prefetch.opened(node.parent, info, listed)
 
     # -- extended attributes ---------------------------------------------------------------
 

@@ -42,6 +42,13 @@ class FileContent(Protocol):
         """Drop everything in the local block cache (``datalakefs cache clear``)."""
         ...
 
+class Warm(Protocol):
+    async def warm(self, info: DIDInfo) -> None:
+        """Fetch the whole file into the local cache ahead of a reader (nothing when it is there, or
+        when the policy reads it from elsewhere)."""
+        ...
+
+
 class StageRequests(Protocol):
     async def stage(self, info: DIDInfo, value: bytes) -> None:
         """``setxattr user.datalakefs.stage``: stage a file or a whole collection with one rule."""

@@ -40,6 +40,7 @@ _LISTED_KINDS = frozenset({NodeKind.SCOPE, NodeKind.COLLECTION, NodeKind.QUERY_R
 class _Listing:
     entries: list[tuple[str, DIDInfo]]
     by_name: dict[str, DIDInfo]
+    infos: tuple[DIDInfo, ...]
 
 
 class Namespace:
@@ -160,9 +161,15 @@ class Namespace:
         else:
             infos = await self._with_times(await self._catalogue.query(node.scope, node.label), None)
         entries = [(component_for(info.did, node.scope), info) for info in infos]
-        listing = _Listing(entries, dict(entries))
+        listing = _Listing(entries, dict(entries), tuple(infos))
         self._listings[key] = listing
         return listing
+
+    def listed(self, directory: Node) -> tuple[DIDInfo, ...] | None:
+        """The directory's entries in listing order while its listing is cached; ``None`` otherwise
+        (never a catalogue call: for the prefetch, which follows a reader, not a listing)."""
+        listing = self._listings.get((directory.kind, directory.did, directory.scope, directory.label))
+        return None if listing is None else listing.infos
 
     def forget_listing(self, did: DID) -> None:
         """Drop the cached listings of collection ``did`` (the daemon changed its content)."""

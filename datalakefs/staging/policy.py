@@ -175,6 +175,12 @@ class StagingContent:
         replicas = tuple(Replica(replica.rse, pfn) for pfn in replica.pfns)
         return self._stream.open_replicas(FileReplicas(info, replicas))
 
+    async def warm(self, info: DIDInfo) -> None:
+        """Prefetch into the block cache in stream mode; the staging modes read from their rule's
+        replica, which a prefetch must not create."""
+        if self._config.staging == "stream":
+            await self._stream.warm(info)
+
     async def _streamable(self, info: DIDInfo) -> bool:
         found = await self._catalogue.list_replicas([info.did])
         return any(candidates(f, self._config) for f in found if f.info.did == info.did)

@@ -747,6 +747,14 @@ class StreamContent:
 
         return self._running().open(info, locate)
 
+    async def warm(self, info: DIDInfo) -> None:
+        """Read the whole file into the block cache (listing-order prefetch); cached blocks cost nothing."""
+        reader = await self.open(info, nonblocking=False)
+        try:
+            await reader.read(0, info.size or 0)
+        finally:
+            await reader.close()
+
     def open_replicas(self, file: FileReplicas) -> StreamReader:
         """A reader of ``file`` from exactly the replicas given (rule staging: the staged one)."""
         return self._running().open(file.info, known_replicas(file))

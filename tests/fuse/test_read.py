@@ -23,6 +23,7 @@ from tests.faults.origin import FaultyOrigin
 from tests.fuse.mounting import Mount, datalakefs
 from tests.fuse.tcpproxy import TcpProxy
 from tests.fuse.test_browse import calls, path_of
+from tests.fuse.waiting import wait_until
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
 
@@ -314,3 +315,22 @@ def test_a_datasets_new_replicas_are_seen_after_the_ttl(
         time.sleep(0.2)
     assert [rses(path) for path in paths] == [both] * 3
     assert _replica_calls(mount) == 2  # the whole dataset again, once
+
+
+def test_a_reader_going_through_a_dataset_finds_the_next_files_prefetched(
+    lake: LakeStatus, new_mount: Any, rucio_client: Any
+) -> None:
+    plan = _small_dataset(lake, rucio_client, 40)
+    mount = new_mount("listing_prefetch_files=8")
+    mount.start()
+    directory = mount.mountpoint / plan.scope / plan.name
+    names = sorted(os.listdir(directory))
+    for spec in plan.files[:3]:
+        assert _read_all(directory / spec.name) == _expected(lake, spec.did, spec.size)
+    ahead = [directory / name for name in names[3:3 + 8]]
+    wait_until(lambda: all(int(os.getxattr(path, "user.datalakefs.cached")) == path.stat().st_size
+                           for path in ahead), timeout=60, what="the next files fetched ahead of the reader")
+    assert int(os.getxattr(directory / names[20], "user.datalakefs.cached")) == 0  # beyond the window
+    assert mount.status()["prefetch"]["failed"] == 0
+    for spec in plan.files[3:11]:  # what was prefetched reads as it should
+        assert _read_all(directory / spec.name) == _expected(lake, spec.did, spec.size)

@@ -1,0 +1,105 @@
+"""Listing-order prefetch: the window follows a reader going through a directory, and only such a reader."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from datalakefs.fs.prefetch import ListingPrefetch
+from datalakefs.model import DID, DIDInfo, DIDType
+
+DIRECTORY = 7
+
+
+def listing(count: int, size: int = 100) -> tuple[DIDInfo, ...]:
+    return tuple(DIDInfo(DID("s", f"f{i:04d}"), DIDType.FILE, size) for i in range(count))
+
+
+class SlowContent:
+    """Fetches that end only when the test says so; records which files were asked for and finished."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.finished: list[str] = []
+        self.release = trio.Event()
+
+    async def warm(self, info: DIDInfo) -> None:
+        self.asked.append(info.did.name)
+        await self.release.wait()
+        self.finished.append(info.did.name)
+
+
+async def test_a_reader_in_listing_order_gets_the_next_files_fetched_ahead() -> None:
+    content, files = SlowContent(), listing(100)
+    prefetch = ListingPrefetch(content, max_files=4, max_bytes=1 << 20)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(prefetch.run)
+        prefetch.opened(DIRECTORY, files[10], files)
+        await trio.testing.wait_all_tasks_blocked()
+        assert content.asked == []  # one open is no pattern
+        prefetch.opened(DIRECTORY, files[11], files)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(content.asked) == ["f0012", "f0013", "f0014", "f0015"]
+        prefetch.opened(DIRECTORY, files[12], files)
+        await trio.testing.wait_all_tasks_blocked()
+        assert content.asked[4:] == ["f0016"]  # the window moved on by one, nothing asked twice
+        content.release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert prefetch.statistics() == {"started": 5, "done": 5, "failed": 0, "cancelled": 0, "in_flight": 0}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_jump_elsewhere_cancels_what_runs_ahead() -> None:
+    content, files = SlowContent(), listing(100)
+    prefetch = ListingPrefetch(content, max_files=4, max_bytes=1 << 20)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(prefetch.run)
+        for index in (10, 11):
+            prefetch.opened(DIRECTORY, files[index], files)
+        await trio.testing.wait_all_tasks_blocked()
+        prefetch.opened(DIRECTORY, files[70], files)  # a random reader
+        await trio.testing.wait_all_tasks_blocked()
+        content.release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert content.finished == []
+        assert prefetch.statistics()["cancelled"] == 4
+        prefetch.opened(DIRECTORY, files[71], files)  # and in order again from there
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(content.asked[4:]) == ["f0072", "f0073", "f0074", "f0075"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_window_is_bounded_in_bytes_and_skips_big_files() -> None:
+    content = SlowContent()
+    files = (*listing(3, size=400), DIDInfo(DID("s", "big"), DIDType.FILE, 10_000), *listing(6, size=400)[3:])
+    prefetch = ListingPrefetch(content, max_files=8, max_bytes=1000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(prefetch.run)
+        for index in (0, 1):
+            prefetch.opened(DIRECTORY, files[index], files)
+        await trio.testing.wait_all_tasks_blocked()
+        # f0002 (400) and, past the big file the reader streams itself, f0003 (400): 800 of 1,000 bytes
+        assert sorted(content.asked) == ["f0002", "f0003"]
+        content.release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_fetch_is_counted_and_nothing_runs_without_the_nursery() -> None:
+    class Failing:
+        async def warm(self, info: DIDInfo) -> None:
+            raise OSError("storage down")
+
+    files = listing(10)
+    idle = ListingPrefetch(Failing(), max_files=4, max_bytes=1 << 20)
+    for index in (0, 1):
+        idle.opened(DIRECTORY, files[index], files)
+    assert idle.statistics()["started"] == 0
+    prefetch = ListingPrefetch(Failing(), max_files=4, max_bytes=1 << 20)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(prefetch.run)
+        for index in (0, 1):
+            prefetch.opened(DIRECTORY, files[index], files)
+        await trio.testing.wait_all_tasks_blocked()
+        assert prefetch.statistics()["failed"] == 4
+        nursery.cancel_scope.cancel()
