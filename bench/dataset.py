@@ -102,7 +102,8 @@ class Suite:
         for name, state, reference, limit in pairs:
             ours, theirs = med("datalakefs", state), med(reference, "cold")
             if ours and theirs:
-                self.result.goals.append(Goal(name, ours / theirs, limit, "<=", f"{ours:.2f} vs {theirs:.2f} s"))
+                self.result.goals.append(Goal(name, ours / theirs, limit, "<=", f"{ours:.2f} vs {theirs:.2f} s",
+                                              reference=reference))
         calls = med("datalakefs", "cold", "catalogue_calls")
         if calls is not None:
             self.result.goals.append(Goal("catalogue calls for ls -l + every file, cold", calls, 5, "<="))

@@ -154,11 +154,11 @@ def run() -> SuiteResult:
     c10, w10 = median(cold["10k"]), median(warm["10k"])
     result.goals += [
         Goal("10k cold ≤ 2× raw list_content", c10 / raw10, 2.0, "<=",
-             f"{c10:.3f} s vs {raw10:.3f} s"),
+             f"{c10:.3f} s vs {raw10:.3f} s", reference="raw list_content"),
         Goal("10k cold ≤ raw + 0.3 s (s over raw)", c10 - raw10, 0.3, "<=", f"{c10:.3f} − {raw10:.3f} s"),
         Goal("10k warm ≤ 0.1 s", w10, 0.1, "<="),
         Goal("10k cold vs rclone cold (× faster)", median(rc_cold) / c10, 1.0, ">=",
-             f"rclone {median(rc_cold):.3f} s"),
+             f"rclone {median(rc_cold):.3f} s", reference="rclone cold"),
     ]
     if "100k" in cold:
         result.goals.append(Goal("100k cold ≤ 3 s", median(cold["100k"]), 3.0, "<=",

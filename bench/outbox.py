@@ -179,9 +179,10 @@ def run() -> SuiteResult:
     ]
     result.goals += [
         Goal(f"{big_bytes // CHUNK} MiB: time to AVAILABLE ≤ 1.1× curl PUT", available / curl, 1.1, "<=",
-             f"{available:.2f} vs {curl:.2f} s; close() returned after {close:.2f} s"),
+             f"{available:.2f} vs {curl:.2f} s; close() returned after {close:.2f} s", reference="curl PUT"),
         Goal(f"{small_count} × 1 MiB: aggregate rate ≥ 0.8× parallel curl PUTs", small_curl / small, 0.8, ">=",
-             f"{small_bytes / small / 1e6:.1f} vs {small_bytes / small_curl / 1e6:.1f} MB/s"),
+             f"{small_bytes / small / 1e6:.1f} vs {small_bytes / small_curl / 1e6:.1f} MB/s",
+             reference="parallel curl PUTs"),
     ]
     result.notes.append(
         f"command: `python -m bench.outbox` (BENCH_RUNS={n}, BENCH_OUTBOX_BIG_MIB={big_bytes // CHUNK}, "

@@ -444,15 +444,16 @@ class Suite:
         if dl_cold and curl_cold:
             g.append(Goal("cold sequential ≥ 0.9× curl from the origin", dl_cold / curl_cold, 0.9, ">=",
                           f"{dl_cold:,.0f} vs {curl_cold:,.0f} MB/s"
-                          + (f"; {dl_cold / curl_file:.2f}× curl writing to the cache disk" if curl_file else "")))
+                          + (f"; {dl_cold / curl_file:.2f}× curl writing to the cache disk" if curl_file else ""),
+                          reference="curl from the origin"))
         if dl_cold and peers:
             g.append(Goal("cold sequential ≥ 2× the best peer", dl_cold / max(peers), 2.0, ">=",
-                          f"best peer {max(peers):,.0f} MB/s"))
+                          f"best peer {max(peers):,.0f} MB/s", reference="best peer"))
         xc_dl = rate("seq 1 GiB via XCache", "datalakefs", "cold")
         xc_curl = rate("seq 1 GiB via XCache", "curl XCache → /dev/null", "cold")
         if xc_dl and xc_curl:
             g.append(Goal("through XCache ≥ 0.95× curl through XCache", xc_dl / xc_curl, 0.95, ">=",
-                          f"{xc_dl:,.0f} vs {xc_curl:,.0f} MB/s"))
+                          f"{xc_dl:,.0f} vs {xc_curl:,.0f} MB/s", reference="curl through XCache"))
         ceiling = {"warm": rate(seq, "pyfuse3 passthrough (local disk)", "cold"),
                    "hot": rate(seq, "pyfuse3 passthrough (local disk)", "hot")}
         for state, limit in (("warm", 1500.0), ("hot", 5000.0)):
@@ -468,7 +469,7 @@ class Suite:
         raw_rand = self.med(rnd, "Range GETs origin", "cold")
         if dl_rand and raw_rand:
             g.append(Goal("random 4 KiB cold ≤ 1.15× raw Range GETs", dl_rand / raw_rand, 1.15, "<=",
-                          f"{dl_rand:.3f} vs {raw_rand:.3f} s"))
+                          f"{dl_rand:.3f} vs {raw_rand:.3f} s", reference="raw Range GETs"))
         share = self.med(rnd, "datalakefs", "cold", "origin_x_file")
         if share is not None:
             g.append(Goal("random 4 KiB cold: origin bytes ≤ 0.25× file size", share, 0.25, "<="))

@@ -1,7 +1,8 @@
 """Result types of the suites and how they are written: markdown + JSON per suite, a run summary, a chart.
 
 Files go to ``bench/results/<YYYY-MM-DD>/`` (UTC date): ``<suite>.md``/``.json`` from each suite,
-``summary.md``/``summary.json``/``summary.png`` from ``python -m bench``. Only summaries are written;
+``summary.md``/``summary.json``/``summary.png`` from ``python -m bench`` (the chart: every goal as a ratio to its
+reference in the same run, see :func:`chart_data`). Only summaries are written;
 raw per-run data stays in memory (``bench/results/*/raw/`` is git-ignored for anyone who wants more).
 """
 
@@ -40,13 +41,18 @@ class Row:
 
 @dataclass
 class Goal:
-    """A goal of an issue: ``measured`` must be ``<=`` or ``>=`` ``limit``."""
+    """A goal of an issue: ``measured`` must be ``<=`` or ``>=`` ``limit``.
+
+    ``reference`` names what ``measured`` is a ratio to (measured in the same run), e.g. "curl -K";
+    empty when the goal is an absolute figure (seconds, MB, calls).
+    """
 
     name: str
     measured: float | None
     limit: float
     comparison: Literal["<=", ">="]
     detail: str = ""
+    reference: str = ""
 
     @property
     def met(self) -> bool | None:
@@ -165,8 +171,47 @@ def write_summary(results: list[SuiteResult]) -> list[Path]:
     return paths
 
 
+@dataclass(frozen=True)
+class ChartPoint:
+    """One dot of the summary chart: a goal's measured value against its limit."""
+
+    label: str
+    value: float
+    limit: float
+    met: bool
+
+
+@dataclass(frozen=True)
+class ChartData:
+    title: str
+    ratios: list[ChartPoint]  # × the reference measured in the same run
+    absolutes: list[ChartPoint]  # measured / limit, for goals with no reference
+
+
+def chart_data(results: list[SuiteResult]) -> ChartData:
+    """What the summary chart shows: every measured goal, as a ratio to its reference where it has one."""
+    ratios: list[ChartPoint] = []
+    absolutes: list[ChartPoint] = []
+    for r in results:
+        for g in r.goals:
+            if g.measured is None or g.met is None:
+                continue
+            if g.reference:
+                ratios.append(ChartPoint(f"{r.name}: {g.name} (vs {g.reference})", g.measured, g.limit, g.met))
+            elif g.limit > 0:
+                absolutes.append(ChartPoint(f"{r.name}: {g.name}", g.measured / g.limit, 1.0, g.met))
+    return ChartData(chart_title(results), ratios, absolutes)
+
+
+def chart_title(results: list[SuiteResult]) -> str:
+    """The run's date and commit, from the first suite that recorded them."""
+    ctx = next((r.context for r in results if r.context.get("utc")), {})
+    date = str(ctx.get("utc", "unknown date")).replace("T", " ").replace("Z", " UTC")
+    return f"datalakefs bench · {date} · commit {ctx.get('commit') or 'unknown'}"
+
+
 def write_chart(results: list[SuiteResult], path: Path) -> Path | None:
-    """Goal attainment of every goal (1 = just met) and the MB/s of every throughput row."""
+    """Draw :func:`chart_data` (see :func:`draw_chart`) into ``path``; None without matplotlib or goals."""
     try:
         import matplotlib
 
@@ -175,28 +220,44 @@ def write_chart(results: list[SuiteResult], path: Path) -> Path | None:
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[bench]'): no chart", flush=True)
         return None
-    goals = [(f"{r.name}: {g.name}", g.attainment) for r in results for g in r.goals if g.attainment is not None]
-    rates = [(f"{r.name}: {row.workload}, {row.tool} ({row.state})", row.mb_s)
-             for r in results for row in r.rows if row.mb_s]
-    panels = [p for p in (goals, rates) if p]
-    if not panels:
+    fig = draw_chart(chart_data(results))
+    if fig is None:
         return None
-    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 0.32 * sum(len(p) for p in panels) + 2.5 * len(panels)),
-                             squeeze=False)
-    for ax, panel in zip(axes[:, 0], panels, strict=True):
-        labels = [label for label, _ in panel]
-        values = [min(float(value), 10.0) if panel is goals else float(value) for _, value in panel]
-        colors = ["tab:green" if v >= 1 else "tab:red" for v in values] if panel is goals else "tab:blue"
-        ax.barh(range(len(values)), values, color=colors)
-        ax.set_yticks(range(len(values)), labels, fontsize=7)
-        ax.invert_yaxis()
-        if panel is goals:
-            ax.axvline(1.0, color="black", linewidth=1)
-            ax.set_xlabel("goal attainment (≥ 1: met; capped at 10)")
-        else:
-            ax.set_xscale("log")
-            ax.set_xlabel("MB/s (log scale)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" as a second guard: labels widen the image, never clip
     plt.close(fig)
     return path
+
+
+def draw_chart(data: ChartData) -> Any:
+    """A log-scale dot chart: each goal's value with its limit marked (|) on its row, one panel per kind."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
+
+    panels = [(points, xlabel) for points, xlabel in (
+        (data.ratios, "× the reference measured in the same run (log scale); | = goal"),
+        (data.absolutes, "measured / goal limit, for goals without a reference (log scale); | = goal"),
+    ) if points]
+    if not panels:
+        return None
+    longest = max(len(p.label) for points, _ in panels for p in points)
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(6 + 0.065 * longest, 1.5 + sum(0.3 * len(points) + 1 for points, _ in panels)),
+                             height_ratios=[len(points) + 2 for points, _ in panels])
+    for ax, (points, xlabel) in zip(axes[:, 0], panels, strict=True):
+        rows = range(len(points))
+        ax.scatter([p.value for p in points], rows, zorder=3,
+                   color=["tab:green" if p.met else "tab:red" for p in points])
+        ax.scatter([p.limit for p in points], rows, marker="|", s=300, color="black", zorder=2)
+        for row, p in zip(rows, points, strict=True):
+            ax.annotate(f"{p.value:.3g}×", (p.value, row), textcoords="offset points", xytext=(6, 3), fontsize=7)
+        ax.set_yticks(list(rows), [p.label for p in points], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.margins(x=0.15)
+        for set_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            set_formatter(FormatStrFormatter("%g"))  # 0.5, 2, not 5×10^-1
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", which="both", alpha=0.3)
+    fig.suptitle(data.title)
+    fig.tight_layout()
+    return fig

@@ -164,7 +164,7 @@ def run() -> SuiteResult:
              f"overhead {med('overhead_s'):.3f} s (max {overhead_max:.3f} s), interval in effect when the rule "
              f"turned OK {med('poll_interval_s'):g} s"),
         Goal("hybrid first byte = stream first byte (hybrid / stream)", hybrid / stream, 1.0, "<=",
-             f"{hybrid:.4f} vs {stream:.4f} s"),
+             f"{hybrid:.4f} vs {stream:.4f} s", reference="staging=stream"),
     ]
     if os.environ.get("BENCH_STAGING_10K") == "1":
         result.rows.append(bench_prefetch_10k(lk))
