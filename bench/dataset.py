@@ -3,7 +3,8 @@
 ``python -m bench.dataset``: ``ls -l`` of the 10k dataset and then ``cat`` of every file, on a fresh
 mount (cold: empty block cache, page cache dropped) and again with the block cache warm (page cache
 dropped), against ``curl -K`` of the same URLs on one kept-alive connection and ``cat`` of the same
-files on the origin's local disk. Each datalakefs row also records the daemon's catalogue calls.
+files on the origin's local disk. Each datalakefs row also records the daemon's catalogue calls,
+checked against the requests the Rucio server logged (a mismatch is flagged in the notes).
 ``BENCH_DATASET_FILES`` reads only the first N files (a smoke test: ``BENCH_DATASET_FILES=50``).
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from bench.env import collection_path, drop_caches, lake, median, rucio_client, run_timed, runs, setting, timed, workdir
 from bench.mounts import DatalakefsMount, datalakefs
 from bench.report import Goal, Row, SuiteResult, write_suite
+from bench.rucio_log import RucioRequests, compare
 
 WORKLOAD = "every file of the 10k dataset"
 
@@ -74,8 +76,9 @@ class Suite:
         self.add("cat on the local disk", "cold", seconds)
 
     def datalakefs(self, work: Path) -> None:
+        requests = RucioRequests(Path(self.lake.status.paths["log"]))
         for state in ("cold", "warm"):
-            seconds, calls = [], []
+            seconds, calls, logged = [], [], []
             for index in range(self.n):
                 cache = work / f"cache{index}"
                 with datalakefs(work / "mnt", cache, "xcache=none") as mount:
@@ -84,9 +87,16 @@ class Suite:
                         read_every_file(directory, self.limit)
                     drop_caches()
                     before = catalogue_calls(mount)
+                    requests.mark()
                     seconds.append(timed(functools.partial(read_every_file, directory, self.limit))[0])
                     calls.append(catalogue_calls(mount) - before)
-            self.add("datalakefs", state, seconds, catalogue_calls=median([float(c) for c in calls]))
+                    logged.append(requests.count())
+                    check = compare(calls[-1], logged[-1])
+                    print(f"[dataset] {state} run {index}: {check}", flush=True)
+                    if calls[-1] != logged[-1].catalogue:
+                        self.result.notes.append(f"datalakefs {state}, run {index}: {check}")
+            self.add("datalakefs", state, seconds, catalogue_calls=median([float(c) for c in calls]),
+                     rucio_log_requests=median([float(r.catalogue) for r in logged]))
 
     def goals(self) -> None:
         def med(tool: str, state: str, key: str | None = None) -> float | None:
