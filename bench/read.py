@@ -14,7 +14,8 @@ its XCache, side by side in one run:
   against the same 2,000 keep-alive Range GETs with ``http.client``;
 * **time to first byte**: open + the first 4 KiB on a cold mount, against one Range GET on a new
   connection;
-* **4 parallel readers**, each a quarter of the file, cold, against 4 parallel curl ranges;
+* **4 and 16 parallel readers**, each an equal slice of the file, cold, against as many parallel curl
+  ranges (goal ≥ 0.7× curl);
 * **daemon CPU seconds per GiB** read cold (``/proc/<pid>/stat`` utime + stime).
 
 Peers: rclone (webdav on the origin, ``--vfs-cache-mode full``), xrootdfs (root:// on the origin, no
@@ -60,6 +61,8 @@ MIB = 1 << 20
 RANDOM_READS = 2000
 PAGE = 4096
 
+
+PARALLEL_READERS = (4, 16)  # threads reading one slice of the file each, against as many curl ranges
 
 # ---- readers ---------------------------------------------------------------------------------------
 
@@ -282,9 +285,10 @@ class Suite:
             drop_caches()
             self.add("first byte", "Range GET origin (new connection)", "cold",
                      seconds=first_range_get(self.origin_url))
-            drop_caches()
-            self.add("4 readers", "curl origin ×4 ranges", "cold", seconds=curl_parallel(self.origin_url, self.size),
-                     bytes=self.size)
+            for readers in PARALLEL_READERS:
+                drop_caches()
+                self.add(f"{readers} readers", f"curl origin ×{readers} ranges", "cold",
+                         seconds=curl_parallel(self.origin_url, self.size, readers), bytes=self.size)
 
     def datalakefs(self, label: str, *options: str) -> None:
         tool = f"datalakefs{label}"
@@ -334,12 +338,14 @@ class Suite:
                 self.add("first byte", "datalakefs (open + 4 KiB)", "cold", seconds=first_byte(path))
             shutil.rmtree(self.work / f"cache-ttfb-{i}", ignore_errors=True)
             cache = self.work / f"cache-par-{i}"
-            shutil.rmtree(cache, ignore_errors=True)
-            with self.dlfs(cache, "xcache=none") as m:
-                path = self.dlfs_path(m)
-                os.stat(path)
-                drop_caches()
-                self.add("4 readers", "datalakefs", "cold", seconds=parallel(path, self.size), bytes=self.size)
+            for readers in PARALLEL_READERS:
+                shutil.rmtree(cache, ignore_errors=True)
+                with self.dlfs(cache, "xcache=none") as m:
+                    path = self.dlfs_path(m)
+                    os.stat(path)
+                    drop_caches()
+                    self.add(f"{readers} readers", "datalakefs", "cold", seconds=parallel(path, self.size, readers),
+                             bytes=self.size)
             shutil.rmtree(cache, ignore_errors=True)
 
     def rclone(self) -> None:
@@ -437,6 +443,12 @@ class Suite:
 
         g = self.result.goals
         seq = "seq 1 GiB"
+        for readers in PARALLEL_READERS:
+            ours, curl = rate(f"{readers} readers", "datalakefs", "cold"), rate(f"{readers} readers",
+                                                                               f"curl origin ×{readers} ranges", "cold")
+            if ours and curl:
+                g.append(Goal(f"{readers} parallel readers ≥ 0.7× curl ×{readers} ranges", ours / curl, 0.7, ">=",
+                              f"{ours:,.0f} vs {curl:,.0f} MB/s", reference=f"curl ×{readers} ranges"))
         dl_cold = rate(seq, "datalakefs", "cold")
         curl_cold = rate(seq, "curl origin → /dev/null", "cold")
         peers = [r for r in (rate(seq, "rclone webdav (full cache)", "cold"), rate(seq, "xrootdfs", "cold")) if r]
