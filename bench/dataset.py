@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import mounts
+from bench.distance import Distance, at_distance, rtt_label, rtts_ms
 from bench.env import (
     BenchError,
     collection_path,
@@ -92,6 +93,8 @@ class Suite:
         self.lake = lake()
         self.dataset = self.lake.seed.dataset_10k
         self.limit = setting("BENCH_DATASET_FILES", 10_000)
+        self.slow_limit = setting("BENCH_RTT_SLOW_FILES", 300)  # at an RTT > 0: sequential curl and the peers
+        self.distance = Distance(0)
         self.n = runs()
         self.result = SuiteResult("dataset", context={**context(), "dataset": self.dataset, "files": self.limit})
 
@@ -101,24 +104,44 @@ class Suite:
         rows = rucio_client().list_content(scope, name)
         return sorted(f"{row['scope']}:{row['name']}" for row in rows)[: self.limit]
 
-    def add(self, tool: str, state: str, seconds: list[float], **extra: float) -> None:
-        self.result.rows.append(Row(WORKLOAD, tool, state, median(seconds), runs=len(seconds), extra=extra))
-        print(f"[dataset] {tool} {state}: {median(seconds):.3f} s {extra}", flush=True)
+    @property
+    def workload(self) -> str:
+        return f"{WORKLOAD}, {rtt_label(self.distance.rtt_ms)}"
+
+    def slow_files(self, files: list[str]) -> list[str]:
+        """The files a one-request-at-a-time tool reads (curl, the peers): all at 0 ms, the first ``slow_limit``
+        further away (10k requests one after another at 30 ms take 5 minutes a run)."""
+        return files if self.distance.rtt_ms == 0 else files[: self.slow_limit]
+
+    def mount_options(self) -> tuple[str, ...]:
+        return self.distance.mount_options or ("xcache=none",)
+
+    def add(self, tool: str, state: str, seconds: list[float], files: int, **extra: float) -> None:
+        """A row; ``files`` (how many files the tool read) is kept so that goals compare seconds per file."""
+        if files < self.limit:
+            tool = f"{tool} (first {files} files)"
+        self.result.rows.append(Row(self.workload, tool, state, median(seconds), runs=len(seconds),
+                                    extra={"files": files, **extra}))
+        print(f"[dataset] {self.workload}: {tool} {state}: {median(seconds):.3f} s {extra}", flush=True)
 
     def references(self, work: Path) -> None:
-        files = self.files()
+        files = self.slow_files(self.files())
         config = work / "curl.cfg"
-        config.write_text("".join(f'url = "{self.lake.origin_url(did)}"\noutput = "/dev/null"\n' for did in files))
+        config.write_text("".join(f'url = "{self.distance.origin_url(did)}"\noutput = "/dev/null"\n'
+                                  for did in files))
         env = self.lake.client_env()
         self.add("curl -K (one connection)", "cold",
-                 [run_timed(["curl", "-sS", "-K", str(config)], env=env) for _ in range(self.n)])
-        urls = [self.lake.origin_url(did) for did in files]
+                 [run_timed(["curl", "-sS", "-K", str(config)], env=env) for _ in range(self.n)], len(files))
+        urls = [self.distance.origin_url(did) for did in files]
 
         def curl_each() -> None:
             for url in urls:
                 run_timed(["curl", "-sS", "-o", "/dev/null", url], env=env)
 
-        self.add("curl, one process per file (sequential)", "cold", [timed(curl_each)[0] for _ in range(self.n)])
+        self.add("curl, one process per file (sequential)", "cold", [timed(curl_each)[0] for _ in range(self.n)],
+                 len(urls))
+        if self.distance.rtt_ms:
+            return  # the local disk is at no distance
         local = [self.lake.replica_file(did) for did in files]
 
         def cat_local() -> None:
@@ -129,7 +152,7 @@ class Suite:
         for _ in range(self.n):
             drop_caches()
             seconds.append(timed(cat_local)[0])
-        self.add("cat on the local disk", "cold", seconds)
+        self.add("cat on the local disk", "cold", seconds, len(local))
 
     def datalakefs(self, work: Path) -> None:
         requests = RucioRequests(Path(self.lake.status.paths["log"]))
@@ -137,7 +160,7 @@ class Suite:
             seconds, calls, logged = [], [], []
             for index in range(self.n):
                 cache = work / f"cache{index}"
-                with datalakefs(work / "mnt", cache, "xcache=none") as mount:
+                with datalakefs(work / "mnt", cache, *self.mount_options()) as mount:
                     directory = collection_path(mount.mountpoint, self.dataset)
                     if state == "warm":
                         read_every_file(directory, self.limit)
@@ -151,19 +174,19 @@ class Suite:
                     print(f"[dataset] {state} run {index}: {check}", flush=True)
                     if calls[-1] != logged[-1].catalogue:
                         self.result.notes.append(f"datalakefs {state}, run {index}: {check}")
-            self.add("datalakefs", state, seconds, catalogue_calls=median([float(c) for c in calls]),
+            self.add("datalakefs", state, seconds, self.limit, catalogue_calls=median([float(c) for c in calls]),
                      rucio_log_requests=median([float(r.catalogue) for r in logged]))
 
     def peers(self, work: Path) -> None:
         """rclone and xrootdfs on the same files, cold: a fresh mount (and rclone cache) per run."""
-        files = [self.lake.replica_file(did).relative_to(self.lake.rse_dir) for did in self.files()]
+        files = [self.lake.replica_file(did).relative_to(self.lake.rse_dir) for did in self.slow_files(self.files())]
         scope = files[0].parts[0]  # the origin refuses to list its root: mount the scope's directory
         inside = [Path(*f.parts[1:]) for f in files]
         peers = {
             "rclone webdav": lambda mnt, i: mounts.rclone_webdav(
-                mnt, f"{self.lake.url('origin_http')}/{scope}/", work / f"rclone-cache-{i}", work / "rclone.log"),
+                mnt, f"{self.distance.url('origin_http')}/{scope}/", work / f"rclone-cache-{i}", work / "rclone.log"),
             "xrootdfs": lambda mnt, i: mounts.xrootdfs(
-                mnt, f"{self.lake.url('origin_root')}//{scope}/", work / "xrootdfs.log"),
+                mnt, f"{self.distance.url('origin_root')}//{scope}/", work / "xrootdfs.log"),
         }
         for tool, mount in peers.items():
             if shutil.which(tool.split()[0]) is None:
@@ -176,27 +199,28 @@ class Suite:
                     drop_caches()
                     seconds.append(timed(functools.partial(stat_and_read, [mnt / f for f in inside]))[0])
                 shutil.rmtree(work / f"rclone-cache-{index}", ignore_errors=True)
-            self.add(tool, "cold", seconds)
+            self.add(tool, "cold", seconds, len(files))
 
     def first_byte_after_listing(self, work: Path) -> None:
         """``ls -l`` of the dataset on a fresh mount, then open + first byte of its first files."""
         samples = []
         for index in range(self.n):
-            with datalakefs(work / "mnt", work / f"cache-fb{index}", "xcache=none") as mount:
+            with datalakefs(work / "mnt", work / f"cache-fb{index}", *self.mount_options()) as mount:
                 directory = collection_path(mount.mountpoint, self.dataset)
                 listed = sorted(os.scandir(directory), key=lambda entry: entry.name)
                 for entry in listed:
                     entry.stat()
                 samples += [first_byte(Path(entry.path), 1) for entry in listed[:FIRST_BYTE_FILES]]
             shutil.rmtree(work / f"cache-fb{index}", ignore_errors=True)
-        self.result.rows.append(Row(f"first byte after ls -l (median of {FIRST_BYTE_FILES} files × runs)",
-                                    "datalakefs", "cold", median(samples), runs=self.n))
+        self.result.rows.append(Row(f"first byte after ls -l (median of {FIRST_BYTE_FILES} files × runs), "
+                                    f"{rtt_label(self.distance.rtt_ms)}", "datalakefs", "cold", median(samples),
+                                    runs=self.n))
         print(f"[dataset] first byte after ls -l: {median(samples) * 1000:.2f} ms", flush=True)
 
     def parallel_readers(self, work: Path) -> None:
         """The files split across 4 and 16 ``cat`` processes (after ``ls -l``), against ``curl -K`` split likewise."""
         env = self.lake.client_env()
-        urls = [self.lake.origin_url(did) for did in self.files()]
+        urls = [self.distance.origin_url(did) for did in self.slow_files(self.files())]
         for readers in PARALLEL_READERS:
             configs = []
             for k, part in enumerate(split(urls, readers)):
@@ -204,10 +228,11 @@ class Suite:
                 config.write_text("".join(f'url = "{url}"\noutput = "/dev/null"\n' for url in part))
                 configs.append(["curl", "-sS", "-K", str(config)])
             drop_caches()
-            self.add(f"curl -K ×{readers} processes", "cold", [run_parallel(configs, env) for _ in range(self.n)])
+            self.add(f"curl -K ×{readers} processes", "cold", [run_parallel(configs, env) for _ in range(self.n)],
+                     len(urls))
             seconds = []
             for index in range(self.n):
-                with datalakefs(work / "mnt", work / f"cache-par{index}", "xcache=none") as mount:
+                with datalakefs(work / "mnt", work / f"cache-par{index}", *self.mount_options()) as mount:
                     directory = collection_path(mount.mountpoint, self.dataset)
                     listed = sorted(os.scandir(directory), key=lambda entry: entry.name)[: self.limit]
                     for entry in listed:
@@ -216,38 +241,43 @@ class Suite:
                     parts = split([entry.path for entry in listed], readers)
                     seconds.append(run_parallel([["cat", *part] for part in parts], env))
                 shutil.rmtree(work / f"cache-par{index}", ignore_errors=True)
-            self.add(f"datalakefs, cat ×{readers} processes", "cold", seconds)
+            self.add(f"datalakefs, cat ×{readers} processes", "cold", seconds, self.limit)
 
     def goals(self) -> None:
-        def med(tool: str, state: str, key: str | None = None) -> float | None:
+        """The issue's goals at this RTT, each a ratio of seconds per file to a reference of the same run."""
+        label = rtt_label(self.distance.rtt_ms)
+
+        def per_file(tool: str, state: str = "cold") -> float | None:
             for row in self.result.rows:
-                if (row.tool, row.state) == (tool, state):
-                    return row.extra.get(key) if key else row.seconds
+                if row.workload == self.workload and row.state == state and row.seconds and (
+                        row.tool == tool or row.tool.startswith(f"{tool} (first ")):
+                    return row.seconds / row.extra["files"]
             return None
 
-        pairs: list[tuple[str, str, str, float]] = [
-            ("cold ≤ 3× curl -K", "cold", "curl -K (one connection)", 3.0),
-            ("warm ≤ 3× local cat", "warm", "cat on the local disk", 3.0),
-        ]
-        for name, state, reference, limit in pairs:
-            ours, theirs = med("datalakefs", state), med(reference, "cold")
+        def ratio(name: str, state: str, reference: str, limit: float) -> None:
+            ours, theirs = per_file("datalakefs", state), per_file(reference)
             if ours and theirs:
-                self.result.goals.append(Goal(name, ours / theirs, limit, "<=", f"{ours:.2f} vs {theirs:.2f} s",
+                self.result.goals.append(Goal(f"{name}, {label}", ours / theirs, limit, "<=",
+                                              f"{ours * 1000:.2f} vs {theirs * 1000:.2f} ms per file",
                                               reference=reference))
-        ours = med("datalakefs", "cold")
-        peers = {tool: med(tool, "cold") for tool in ("rclone webdav", "xrootdfs")}
+
+        if self.distance.rtt_ms == 0:
+            ratio("cold ≤ 3× curl -K", "cold", "curl -K (one connection)", 3.0)
+            ratio("warm ≤ 3× local cat", "warm", "cat on the local disk", 3.0)
+        else:
+            ratio("cold ≤ 0.2× sequential curl", "cold", "curl, one process per file (sequential)", 0.2)
+        peers = {tool: per_file(tool) for tool in ("rclone webdav", "xrootdfs")}
         measured = {tool: seconds for tool, seconds in peers.items() if seconds}
-        if ours and measured:
-            fastest = min(measured, key=lambda tool: measured[tool])
-            self.result.goals.append(Goal("cold faster than every peer (× the fastest)", ours / measured[fastest],
-                                          1.0, "<=", f"{ours:.2f} vs {fastest} {measured[fastest]:.2f} s",
-                                          reference=f"fastest peer ({fastest})"))
+        if measured:
+            ratio("cold faster than every peer", "cold", min(measured, key=lambda tool: measured[tool]), 1.0)
         for row in self.result.rows:
-            if row.workload.startswith("first byte after ls -l") and row.seconds is not None:
-                self.result.goals.append(Goal("first byte after ls -l ≤ 5 ms (ms)", row.seconds * 1000, 5.0, "<="))
-        calls = med("datalakefs", "cold", "catalogue_calls")
-        if calls is not None:
-            self.result.goals.append(Goal("catalogue calls for ls -l + every file, cold", calls, 5, "<="))
+            if row.workload.startswith("first byte after ls -l") and row.workload.endswith(label) and row.seconds:
+                self.result.goals.append(Goal(f"first byte after ls -l ≤ 5 ms (ms), {label}", row.seconds * 1000,
+                                              5.0, "<="))
+        for row in self.result.rows:
+            if row.workload == self.workload and (row.tool, row.state) == ("datalakefs", "cold"):
+                self.result.goals.append(Goal(f"catalogue calls for ls -l + every file, cold, {label}",
+                                              row.extra["catalogue_calls"], 5, "<="))
 
     def measure(self) -> SuiteResult:
         steps: list[tuple[str, Callable[[Path], None]]] = [("references", self.references),
@@ -256,18 +286,22 @@ class Suite:
                                                              ("parallel readers", self.parallel_readers),
                                                              ("first byte after ls -l", self.first_byte_after_listing)]
         with workdir("dataset") as work:
-            for name, step in steps:
-                print(f"[dataset] {name}", flush=True)
-                try:
-                    step(work)
-                except Exception as exc:  # one broken tool must not lose the others
-                    self.result.notes.append(f"{name}: failed: {exc}")
-                    print(f"[dataset] {name} failed: {exc!r}", flush=True)
-        self.goals()
+            for rtt_ms in rtts_ms():
+                with at_distance(rtt_ms, work) as self.distance:
+                    for name, step in steps:
+                        print(f"[dataset] {rtt_label(rtt_ms)}: {name}", flush=True)
+                        try:
+                            step(work)
+                        except Exception as exc:  # one broken tool must not lose the others
+                            self.result.notes.append(f"{rtt_label(rtt_ms)}: {name}: failed: {exc}")
+                            print(f"[dataset] {name} failed: {exc!r}", flush=True)
+                    self.goals()
         self.result.notes.append(
-            f"command: `python -m bench.dataset` (BENCH_RUNS={self.n}, BENCH_DATASET_FILES={self.limit}); "
-            "medians; datalakefs with xcache=none; cold = fresh mount and cache, page cache dropped; warm = "
-            "block cache filled by a first pass, page cache dropped")
+            f"command: `python -m bench.dataset` (BENCH_RUNS={self.n}, BENCH_DATASET_FILES={self.limit}, "
+            f"BENCH_RTT_MS={','.join(f'{r:g}' for r in rtts_ms())}, BENCH_RTT_SLOW_FILES={self.slow_limit}); "
+            "medians; datalakefs with xcache=none at 0 ms, through the latency proxies (bench/distance.py) "
+            "further away; cold = fresh mount and cache, page cache dropped; warm = block cache filled by a "
+            "first pass, page cache dropped; goals compare seconds per file")
         return self.result
 
 
