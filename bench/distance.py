@@ -1,11 +1,12 @@
 """The origin storage and the Rucio server at a chosen round-trip time (``BENCH_RTT_MS``, e.g. ``0,30``).
 
 At 0 ms everything talks to the lake directly. At more, :func:`at_distance` starts the demo's latency
-proxy (``python -m datalakefs.demo.latency``) in front of the origin's HTTP and root:// ports and of the
-Rucio server, and says how each tool reaches them: curl, rclone and xrootdfs get the proxies' URLs; a
-datalakefs mount gets a copy of the lake's rucio.cfg whose ``rucio_host``/``auth_host`` are the Rucio
-proxy, and ``xcache=<origin proxy>`` with ``xcache_mode=swap`` (the replica's host:port swapped for the
-proxy's: reads go through it, the daemon's public option for a fixed-origin cache).
+proxy (``python -m datalakefs.demo.latency``) in front of the origin's HTTP and root:// ports, the
+WebDAV server (nginx, what rclone lists in the listing suite) and the Rucio server, and says how each
+tool reaches them: curl, rclone, xrootdfs and rucio-clients get the proxies' URLs; a datalakefs mount
+gets a copy of the lake's rucio.cfg whose ``rucio_host``/``auth_host`` are the Rucio proxy, and
+``xcache=<origin proxy>`` with ``xcache_mode=swap`` (the replica's host:port swapped for the proxy's:
+reads go through it, by the daemon's public option for a fixed-origin cache).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from urllib.parse import urlsplit
 
 from bench.env import BenchError, lake
 
-PROXIED = ("origin_http", "origin_root", "rucio")  # the lake's URL keys a workload reaches through a proxy
+PROXIED = ("origin_http", "origin_root", "dav_http", "rucio")  # the lake's URL keys a workload reaches through a proxy
 
 
 def rtts_ms() -> list[float]:

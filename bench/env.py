@@ -147,12 +147,13 @@ def runs() -> int:
     return setting("BENCH_RUNS", 3)
 
 
-def rucio_client() -> Any:
-    """A rucio-clients ``Client`` of the lake (rucio reads ``RUCIO_CONFIG`` once: the lake's env is set first)."""
+def rucio_client(**options: Any) -> Any:
+    """A rucio-clients ``Client`` of the lake (rucio reads ``RUCIO_CONFIG`` once: the lake's env is set first);
+    ``options`` go to ``Client`` (e.g. ``rucio_host``/``auth_host`` of a latency proxy)."""
     os.environ.update(lake().status.env)
     from rucio.client import Client
 
-    return Client()
+    return Client(**options)
 
 
 @contextmanager
