@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench.env import BenchError, lake
+from bench.env import BenchError, lake, stop
 
 PROXIED = ("origin_http", "origin_root", "dav_http", "rucio")  # the lake's URL keys a workload reaches through a proxy
 
@@ -92,6 +92,7 @@ def at_distance(rtt_ms: float, work: Path) -> Iterator[Distance]:
         return
     procs: list[subprocess.Popen[bytes]] = []
     urls: dict[str, str] = {}
+    work.mkdir(parents=True, exist_ok=True)
     try:
         for key in PROXIED:
             target = urlsplit(lake().url(key))
@@ -107,9 +108,4 @@ def at_distance(rtt_ms: float, work: Path) -> Iterator[Distance]:
         yield Distance(rtt_ms, urls, (f"rucio_config={config}", f"xcache={urls['origin_http']}", "xcache_mode=swap"))
     finally:
         for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)

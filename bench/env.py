@@ -132,6 +132,16 @@ def run_timed(argv: list[str], **kwargs: Any) -> float:
     return elapsed
 
 
+def stop(proc: subprocess.Popen[bytes], grace: float = 5) -> None:
+    """Terminate a process the bench started, killing it when it does not end within ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

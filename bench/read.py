@@ -25,6 +25,7 @@ cache of its own) and davfs2 (tried; skipped with the reason when it does not wo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import os
 import random
@@ -41,6 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench import mounts
+from bench.distance import Distance, at_distance, rtt_label, rtts_ms
 from bench.env import (
     WORK,
     BenchError,
@@ -62,6 +64,7 @@ RANDOM_READS = 2000
 PAGE = 4096
 
 
+NEAR_ONLY_STEPS = ("passthrough", "xcache", "davfs2")  # local disk, the lake's XCache, a skipped peer
 PARALLEL_READERS = (4, 16)  # threads reading one slice of the file each, against as many curl ranges
 
 # ---- readers ---------------------------------------------------------------------------------------
@@ -220,13 +223,16 @@ def restart_xcache(lk: Lake) -> None:
 
 
 class Suite:
-    def __init__(self) -> None:
+    """Every step with the origin at ``distance`` (bench/distance.py); the local and XCache steps only at 0 ms."""
+
+    def __init__(self, distance: Distance) -> None:
+        self.distance = distance
         self.lk = lake()
         seed = self.lk.seed
         self.did = seed.big_file
         self.dataset = seed.sized_dataset
         self.size = self.lk.replica_file(self.did).stat().st_size
-        self.origin_url = self.lk.origin_url(self.did)
+        self.origin_url = distance.origin_url(self.did)
         self.xcache_url = self.lk.origin_url(self.did, via="xcache_http")
         self.relative = self.lk.replica_file(self.did).relative_to(self.lk.rse_dir)
         self.where = offsets(self.size)
@@ -259,7 +265,17 @@ class Suite:
     def skip(self, what: str, why: str) -> None:
         self.result.notes.append(f"{what}: skipped — {why}")
 
+    @property
+    def peer_runs(self) -> int:
+        """Runs of a peer: one beyond 0 ms (xrootdfs reads 1 GiB one small request at a time: minutes at 30 ms)."""
+        return 1 if self.distance.rtt_ms else self.n
+
     # mounts
+    @property
+    def direct(self) -> tuple[str, ...]:
+        """Mount options of a datalakefs that reads from the origin (through its proxy beyond 0 ms)."""
+        return self.distance.mount_options or ("xcache=none",)
+
     def dlfs(self, cache: Path, *options: str) -> AbstractContextManager[mounts.DatalakefsMount]:
         return mounts.datalakefs(self.work / "mnt-dlfs", cache, *options)
 
@@ -317,7 +333,7 @@ class Suite:
         for i in range(self.n):
             cache = self.work / f"cache-rand-{i}"
             shutil.rmtree(cache, ignore_errors=True)
-            with self.dlfs(cache, "xcache=none") as m:
+            with self.dlfs(cache, *self.direct) as m:
                 path = self.dlfs_path(m)
                 drop_caches()
                 before = m.status()["content"]["bytes_fetched"]
@@ -325,13 +341,13 @@ class Suite:
                 fetched = m.status()["content"]["bytes_fetched"] - before
                 self.add("random 4 KiB ×2000", "datalakefs", "cold", seconds=seconds, origin_MB=fetched / 1e6,
                          origin_x_file=fetched / self.size)
-            with self.dlfs(cache, "xcache=none") as m:
+            with self.dlfs(cache, *self.direct) as m:
                 drop_caches()
                 self.add("random 4 KiB ×2000", "datalakefs", "warm", seconds=read_random(self.dlfs_path(m), self.where))
                 self.add("random 4 KiB ×2000", "datalakefs", "hot", seconds=read_random(self.dlfs_path(m), self.where))
             shutil.rmtree(cache, ignore_errors=True)
             shutil.rmtree(self.work / f"cache-ttfb-{i}", ignore_errors=True)
-            with self.dlfs(self.work / f"cache-ttfb-{i}", "xcache=none") as m:
+            with self.dlfs(self.work / f"cache-ttfb-{i}", *self.direct) as m:
                 path = self.dlfs_path(m)
                 os.stat(path)  # the lookup is the catalogue's, not the read's
                 drop_caches()
@@ -340,7 +356,7 @@ class Suite:
             cache = self.work / f"cache-par-{i}"
             for readers in PARALLEL_READERS:
                 shutil.rmtree(cache, ignore_errors=True)
-                with self.dlfs(cache, "xcache=none") as m:
+                with self.dlfs(cache, *self.direct) as m:
                     path = self.dlfs_path(m)
                     os.stat(path)
                     drop_caches()
@@ -353,12 +369,12 @@ class Suite:
             self.skip("rclone", "not installed")
             return
         mnt = self.work / "mnt-rclone"
-        for i in range(self.n):
+        for i in range(self.peer_runs):
             cache = self.work / f"rclone-cache-{i}"
             shutil.rmtree(cache, ignore_errors=True)
             log = self.work / "rclone.log"
             # the origin refuses to stat "/": mount the file's own directory
-            url = f"{self.lk.url('origin_http')}/{self.relative.parent}/"
+            url = f"{self.distance.url('origin_http')}/{self.relative.parent}/"
             with mounts.rclone_webdav(mnt, url, cache, log, "--vfs-cache-mode", "full"):
                 path = mnt / self.relative.name
                 drop_caches()
@@ -385,8 +401,8 @@ class Suite:
             self.skip("xrootdfs", "not installed")
             return
         mnt = self.work / "mnt-xrootdfs"
-        root = f"{self.lk.url('origin_root')}//{self.relative.parent}/"
-        for _ in range(self.n):
+        root = f"{self.distance.url('origin_root')}//{self.relative.parent}/"
+        for _ in range(self.peer_runs):
             with mounts.xrootdfs(mnt, root, self.work / "xrootdfs.log"):
                 path = mnt / self.relative.name
                 drop_caches()
@@ -494,7 +510,7 @@ class Suite:
         self.work.mkdir(parents=True)
         steps: list[tuple[str, Callable[[], None]]] = [
             ("references", self.references),
-            ("datalakefs", lambda: self.datalakefs("", "xcache=none")),
+            ("datalakefs", lambda: self.datalakefs("", *self.direct)),
             ("datalakefs random", self.datalakefs_random),
             ("rclone", self.rclone),
             ("xrootdfs", self.xrootdfs),
@@ -506,6 +522,8 @@ class Suite:
         for name, step in steps:
             if only and name not in only:
                 continue
+            if self.distance.rtt_ms and name in NEAR_ONLY_STEPS:
+                continue
             print(f"[read] {name}", flush=True)
             try:
                 step()
@@ -515,15 +533,27 @@ class Suite:
         self.rows()
         self.goals()
         self.result.notes.append(
-            f"command: `python -m bench.read` (BENCH_RUNS={self.n}); medians of {self.n} runs; MB/s = 10^6 B/s; "
-            f"file {self.did} ({self.size:,} bytes); origin {self.origin_url}; datalakefs reads with xcache=none "
-            "except in the XCache rows")
-        write_suite(self.result)
+            f"{rtt_label(self.distance.rtt_ms)}: medians of {self.n} runs; MB/s = 10^6 B/s; file {self.did} "
+            f"({self.size:,} bytes); origin {self.origin_url}; datalakefs reads with "
+            f"{','.join(self.direct)} except in the XCache rows")
         return self.result
 
 
 def run() -> SuiteResult:
-    return Suite().run()
+    """The suite at each ``BENCH_RTT_MS``; rows and goals beyond 0 ms say their RTT."""
+    result = SuiteResult(NAME, context=context())
+    for rtt_ms in rtts_ms():
+        with at_distance(rtt_ms, WORK / f"{NAME}-distance") as distance:
+            part = Suite(distance).run()
+        suffix = f", {rtt_label(rtt_ms)}"
+        result.rows += [dataclasses.replace(row, workload=row.workload + suffix) for row in part.rows]
+        result.goals += [dataclasses.replace(goal, name=goal.name + suffix) for goal in part.goals]
+        result.notes += part.notes
+    result.notes.append(f"command: `python -m bench.read` (BENCH_RUNS={runs()}, BENCH_RTT_MS="
+                        f"{','.join(f'{r:g}' for r in rtts_ms())}); beyond 0 ms the origin is behind the latency "
+                        f"proxy (bench/distance.py) and the steps {', '.join(NEAR_ONLY_STEPS)} are left out")
+    write_suite(result)
+    return result
 
 
 if __name__ == "__main__":
