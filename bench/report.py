@@ -231,7 +231,7 @@ def write_chart(results: list[SuiteResult], path: Path) -> Path | None:
 def draw_chart(data: ChartData) -> Any:
     """A log-scale dot chart: each goal's value with its limit marked (|) on its row, one panel per kind."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import LogFormatter
 
     panels = [(points, xlabel) for points, xlabel in (
         (data.ratios, "× the reference measured in the same run (log scale); | = goal"),
@@ -254,8 +254,9 @@ def draw_chart(data: ChartData) -> Any:
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.margins(x=0.15)
-        for set_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-            set_formatter(FormatStrFormatter("%g"))  # 0.5, 2, not 5×10^-1
+        # plain numbers (0.5, 2, not 5×10^-1); minor ticks labelled only where the axis spans few decades
+        ax.xaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
         ax.set_xlabel(xlabel)
         ax.grid(axis="x", which="both", alpha=0.3)
     fig.suptitle(data.title)
