@@ -132,6 +132,16 @@ def run_timed(argv: list[str], **kwargs: Any) -> float:
     return elapsed
 
 
+def stop(proc: subprocess.Popen[bytes], grace: float = 5) -> None:
+    """Terminate a process the bench started, killing it when it does not end within ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -147,12 +157,13 @@ def runs() -> int:
     return setting("BENCH_RUNS", 3)
 
 
-def rucio_client() -> Any:
-    """A rucio-clients ``Client`` of the lake (rucio reads ``RUCIO_CONFIG`` once: the lake's env is set first)."""
+def rucio_client(**options: Any) -> Any:
+    """A rucio-clients ``Client`` of the lake (rucio reads ``RUCIO_CONFIG`` once: the lake's env is set first);
+    ``options`` go to ``Client`` (e.g. ``rucio_host``/``auth_host`` of a latency proxy)."""
     os.environ.update(lake().status.env)
     from rucio.client import Client
 
-    return Client()
+    return Client(**options)
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.env import BenchError, lake
+from bench.env import BenchError, lake, stop
 from datalakefs.fuse.session import mounted_fstype, wait_gone
 
 
@@ -103,12 +103,7 @@ def fuse_process(argv: Sequence[str], mountpoint: Path, *, log: Path, ready_time
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 def rclone_webdav(mountpoint: Path, url: str, cache_dir: Path, log: Path,

@@ -14,7 +14,8 @@ its XCache, side by side in one run:
   against the same 2,000 keep-alive Range GETs with ``http.client``;
 * **time to first byte**: open + the first 4 KiB on a cold mount, against one Range GET on a new
   connection;
-* **4 parallel readers**, each a quarter of the file, cold, against 4 parallel curl ranges;
+* **4 and 16 parallel readers**, each an equal slice of the file, cold, against as many parallel curl
+  ranges (goal ≥ 0.7× curl);
 * **daemon CPU seconds per GiB** read cold (``/proc/<pid>/stat`` utime + stime).
 
 Peers: rclone (webdav on the origin, ``--vfs-cache-mode full``), xrootdfs (root:// on the origin, no
@@ -24,6 +25,7 @@ cache of its own) and davfs2 (tried; skipped with the reason when it does not wo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import os
 import random
@@ -40,6 +42,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench import mounts
+from bench.distance import Distance, at_distance, rtt_label, rtts_ms
 from bench.env import (
     WORK,
     BenchError,
@@ -52,7 +55,7 @@ from bench.env import (
     median,
     runs,
 )
-from bench.report import Goal, Reference, Row, SuiteResult, context, write_suite
+from bench.report import Goal, Row, SuiteResult, context, write_suite
 from datalakefs.fuse.session import wait_gone
 
 NAME = "read"
@@ -60,6 +63,9 @@ MIB = 1 << 20
 RANDOM_READS = 2000
 PAGE = 4096
 
+
+NEAR_ONLY_STEPS = ("passthrough", "xcache", "davfs2")  # local disk, the lake's XCache, a skipped peer
+PARALLEL_READERS = (4, 16)  # threads reading one slice of the file each, against as many curl ranges
 
 # ---- readers ---------------------------------------------------------------------------------------
 
@@ -217,13 +223,16 @@ def restart_xcache(lk: Lake) -> None:
 
 
 class Suite:
-    def __init__(self) -> None:
+    """Every step with the origin at ``distance`` (bench/distance.py); the local and XCache steps only at 0 ms."""
+
+    def __init__(self, distance: Distance) -> None:
+        self.distance = distance
         self.lk = lake()
         seed = self.lk.seed
         self.did = seed.big_file
         self.dataset = seed.sized_dataset
         self.size = self.lk.replica_file(self.did).stat().st_size
-        self.origin_url = self.lk.origin_url(self.did)
+        self.origin_url = distance.origin_url(self.did)
         self.xcache_url = self.lk.origin_url(self.did, via="xcache_http")
         self.relative = self.lk.replica_file(self.did).relative_to(self.lk.rse_dir)
         self.where = offsets(self.size)
@@ -256,7 +265,17 @@ class Suite:
     def skip(self, what: str, why: str) -> None:
         self.result.notes.append(f"{what}: skipped — {why}")
 
+    @property
+    def peer_runs(self) -> int:
+        """Runs of a peer: one beyond 0 ms (xrootdfs reads 1 GiB one small request at a time: minutes at 30 ms)."""
+        return 1 if self.distance.rtt_ms else self.n
+
     # mounts
+    @property
+    def direct(self) -> tuple[str, ...]:
+        """Mount options of a datalakefs that reads from the origin (through its proxy beyond 0 ms)."""
+        return self.distance.mount_options or ("xcache=none",)
+
     def dlfs(self, cache: Path, *options: str) -> AbstractContextManager[mounts.DatalakefsMount]:
         return mounts.datalakefs(self.work / "mnt-dlfs", cache, *options)
 
@@ -282,9 +301,10 @@ class Suite:
             drop_caches()
             self.add("first byte", "Range GET origin (new connection)", "cold",
                      seconds=first_range_get(self.origin_url))
-            drop_caches()
-            self.add("4 readers", "curl origin ×4 ranges", "cold", seconds=curl_parallel(self.origin_url, self.size),
-                     bytes=self.size)
+            for readers in PARALLEL_READERS:
+                drop_caches()
+                self.add(f"{readers} readers", f"curl origin ×{readers} ranges", "cold",
+                         seconds=curl_parallel(self.origin_url, self.size, readers), bytes=self.size)
 
     def datalakefs(self, label: str, *options: str) -> None:
         tool = f"datalakefs{label}"
@@ -313,7 +333,7 @@ class Suite:
         for i in range(self.n):
             cache = self.work / f"cache-rand-{i}"
             shutil.rmtree(cache, ignore_errors=True)
-            with self.dlfs(cache, "xcache=none") as m:
+            with self.dlfs(cache, *self.direct) as m:
                 path = self.dlfs_path(m)
                 drop_caches()
                 before = m.status()["content"]["bytes_fetched"]
@@ -321,25 +341,27 @@ class Suite:
                 fetched = m.status()["content"]["bytes_fetched"] - before
                 self.add("random 4 KiB ×2000", "datalakefs", "cold", seconds=seconds, origin_MB=fetched / 1e6,
                          origin_x_file=fetched / self.size)
-            with self.dlfs(cache, "xcache=none") as m:
+            with self.dlfs(cache, *self.direct) as m:
                 drop_caches()
                 self.add("random 4 KiB ×2000", "datalakefs", "warm", seconds=read_random(self.dlfs_path(m), self.where))
                 self.add("random 4 KiB ×2000", "datalakefs", "hot", seconds=read_random(self.dlfs_path(m), self.where))
             shutil.rmtree(cache, ignore_errors=True)
             shutil.rmtree(self.work / f"cache-ttfb-{i}", ignore_errors=True)
-            with self.dlfs(self.work / f"cache-ttfb-{i}", "xcache=none") as m:
+            with self.dlfs(self.work / f"cache-ttfb-{i}", *self.direct) as m:
                 path = self.dlfs_path(m)
                 os.stat(path)  # the lookup is the catalogue's, not the read's
                 drop_caches()
                 self.add("first byte", "datalakefs (open + 4 KiB)", "cold", seconds=first_byte(path))
             shutil.rmtree(self.work / f"cache-ttfb-{i}", ignore_errors=True)
             cache = self.work / f"cache-par-{i}"
-            shutil.rmtree(cache, ignore_errors=True)
-            with self.dlfs(cache, "xcache=none") as m:
-                path = self.dlfs_path(m)
-                os.stat(path)
-                drop_caches()
-                self.add("4 readers", "datalakefs", "cold", seconds=parallel(path, self.size), bytes=self.size)
+            for readers in PARALLEL_READERS:
+                shutil.rmtree(cache, ignore_errors=True)
+                with self.dlfs(cache, *self.direct) as m:
+                    path = self.dlfs_path(m)
+                    os.stat(path)
+                    drop_caches()
+                    self.add(f"{readers} readers", "datalakefs", "cold", seconds=parallel(path, self.size, readers),
+                             bytes=self.size)
             shutil.rmtree(cache, ignore_errors=True)
 
     def rclone(self) -> None:
@@ -347,12 +369,12 @@ class Suite:
             self.skip("rclone", "not installed")
             return
         mnt = self.work / "mnt-rclone"
-        for i in range(self.n):
+        for i in range(self.peer_runs):
             cache = self.work / f"rclone-cache-{i}"
             shutil.rmtree(cache, ignore_errors=True)
             log = self.work / "rclone.log"
             # the origin refuses to stat "/": mount the file's own directory
-            url = f"{self.lk.url('origin_http')}/{self.relative.parent}/"
+            url = f"{self.distance.url('origin_http')}/{self.relative.parent}/"
             with mounts.rclone_webdav(mnt, url, cache, log, "--vfs-cache-mode", "full"):
                 path = mnt / self.relative.name
                 drop_caches()
@@ -379,8 +401,8 @@ class Suite:
             self.skip("xrootdfs", "not installed")
             return
         mnt = self.work / "mnt-xrootdfs"
-        root = f"{self.lk.url('origin_root')}//{self.relative.parent}/"
-        for _ in range(self.n):
+        root = f"{self.distance.url('origin_root')}//{self.relative.parent}/"
+        for _ in range(self.peer_runs):
             with mounts.xrootdfs(mnt, root, self.work / "xrootdfs.log"):
                 path = mnt / self.relative.name
                 drop_caches()
@@ -437,6 +459,12 @@ class Suite:
 
         g = self.result.goals
         seq = "seq 1 GiB"
+        for readers in PARALLEL_READERS:
+            ours, curl = rate(f"{readers} readers", "datalakefs", "cold"), rate(f"{readers} readers",
+                                                                               f"curl origin ×{readers} ranges", "cold")
+            if ours and curl:
+                g.append(Goal(f"{readers} parallel readers ≥ 0.7× curl ×{readers} ranges", ours / curl, 0.7, ">=",
+                              f"{ours:,.0f} vs {curl:,.0f} MB/s", reference=f"curl ×{readers} ranges"))
         dl_cold = rate(seq, "datalakefs", "cold")
         curl_cold = rate(seq, "curl origin → /dev/null", "cold")
         peers = [r for r in (rate(seq, "rclone webdav (full cache)", "cold"), rate(seq, "xrootdfs", "cold")) if r]
@@ -444,15 +472,16 @@ class Suite:
         if dl_cold and curl_cold:
             g.append(Goal("cold sequential ≥ 0.9× curl from the origin", dl_cold / curl_cold, 0.9, ">=",
                           f"{dl_cold:,.0f} vs {curl_cold:,.0f} MB/s"
-                          + (f"; {dl_cold / curl_file:.2f}× curl writing to the cache disk" if curl_file else "")))
+                          + (f"; {dl_cold / curl_file:.2f}× curl writing to the cache disk" if curl_file else ""),
+                          reference="curl from the origin"))
         if dl_cold and peers:
             g.append(Goal("cold sequential ≥ 2× the best peer", dl_cold / max(peers), 2.0, ">=",
-                          f"best peer {max(peers):,.0f} MB/s"))
+                          f"best peer {max(peers):,.0f} MB/s", reference="best peer"))
         xc_dl = rate("seq 1 GiB via XCache", "datalakefs", "cold")
         xc_curl = rate("seq 1 GiB via XCache", "curl XCache → /dev/null", "cold")
         if xc_dl and xc_curl:
             g.append(Goal("through XCache ≥ 0.95× curl through XCache", xc_dl / xc_curl, 0.95, ">=",
-                          f"{xc_dl:,.0f} vs {xc_curl:,.0f} MB/s"))
+                          f"{xc_dl:,.0f} vs {xc_curl:,.0f} MB/s", reference="curl through XCache"))
         ceiling = {"warm": rate(seq, "pyfuse3 passthrough (local disk)", "cold"),
                    "hot": rate(seq, "pyfuse3 passthrough (local disk)", "hot")}
         for state, limit in (("warm", 1500.0), ("hot", 5000.0)):
@@ -468,7 +497,7 @@ class Suite:
         raw_rand = self.med(rnd, "Range GETs origin", "cold")
         if dl_rand and raw_rand:
             g.append(Goal("random 4 KiB cold ≤ 1.15× raw Range GETs", dl_rand / raw_rand, 1.15, "<=",
-                          f"{dl_rand:.3f} vs {raw_rand:.3f} s"))
+                          f"{dl_rand:.3f} vs {raw_rand:.3f} s", reference="raw Range GETs"))
         share = self.med(rnd, "datalakefs", "cold", "origin_x_file")
         if share is not None:
             g.append(Goal("random 4 KiB cold: origin bytes ≤ 0.25× file size", share, 0.25, "<="))
@@ -481,7 +510,7 @@ class Suite:
         self.work.mkdir(parents=True)
         steps: list[tuple[str, Callable[[], None]]] = [
             ("references", self.references),
-            ("datalakefs", lambda: self.datalakefs("", "xcache=none")),
+            ("datalakefs", lambda: self.datalakefs("", *self.direct)),
             ("datalakefs random", self.datalakefs_random),
             ("rclone", self.rclone),
             ("xrootdfs", self.xrootdfs),
@@ -493,6 +522,8 @@ class Suite:
         for name, step in steps:
             if only and name not in only:
                 continue
+            if self.distance.rtt_ms and name in NEAR_ONLY_STEPS:
+                continue
             print(f"[read] {name}", flush=True)
             try:
                 step()
@@ -500,34 +531,29 @@ class Suite:
                 self.result.notes.append(f"{name}: failed: {exc}")
                 print(f"[read] {name} failed: {exc!r}", flush=True)
         self.rows()
-        self.result.references += REFERENCES
         self.goals()
         self.result.notes.append(
-            f"command: `python -m bench.read` (BENCH_RUNS={self.n}); medians of {self.n} runs; MB/s = 10^6 B/s; "
-            f"file {self.did} ({self.size:,} bytes); origin {self.origin_url}; datalakefs reads with xcache=none "
-            "except in the XCache rows")
-        write_suite(self.result)
+            f"{rtt_label(self.distance.rtt_ms)}: medians of {self.n} runs; MB/s = 10^6 B/s; file {self.did} "
+            f"({self.size:,} bytes); origin {self.origin_url}; datalakefs reads with "
+            f"{','.join(self.direct)} except in the XCache rows")
         return self.result
 
 
-# the same work without datalakefs in the same run: the origin for cold reads, the local disk through the
-# simplest FUSE file system for warm and hot ones (specific states first: the first that matches is used)
-_SEQ, _RANDOM, _PASSTHROUGH = "seq 1 GiB", "random 4 KiB ×2000", "pyfuse3 passthrough (local disk)"
-REFERENCES = [
-    Reference(_SEQ, _PASSTHROUGH, "cold", state="warm"),
-    Reference(_SEQ, _PASSTHROUGH, "hot", state="hot"),
-    Reference(_SEQ, "curl origin → /dev/null", "cold"),
-    Reference(_RANDOM, "Range GETs origin", "hot", state="warm"),
-    Reference(_RANDOM, "Range GETs origin", "hot", state="hot"),
-    Reference(_RANDOM, "Range GETs origin", "cold"),
-    Reference("first byte", "Range GET origin (new connection)", "cold"),
-    Reference("4 readers", "curl origin ×4 ranges", "cold"),
-    Reference("seq 1 GiB via XCache", "curl XCache → /dev/null", "cold"),
-]
-
-
 def run() -> SuiteResult:
-    return Suite().run()
+    """The suite at each ``BENCH_RTT_MS``; rows and goals beyond 0 ms say their RTT."""
+    result = SuiteResult(NAME, context=context())
+    for rtt_ms in rtts_ms():
+        with at_distance(rtt_ms, WORK / f"{NAME}-distance") as distance:
+            part = Suite(distance).run()
+        suffix = f", {rtt_label(rtt_ms)}"
+        result.rows += [dataclasses.replace(row, workload=row.workload + suffix) for row in part.rows]
+        result.goals += [dataclasses.replace(goal, name=goal.name + suffix) for goal in part.goals]
+        result.notes += part.notes
+    result.notes.append(f"command: `python -m bench.read` (BENCH_RUNS={runs()}, BENCH_RTT_MS="
+                        f"{','.join(f'{r:g}' for r in rtts_ms())}); beyond 0 ms the origin is behind the latency "
+                        f"proxy (bench/distance.py) and the steps {', '.join(NEAR_ONLY_STEPS)} are left out")
+    write_suite(result)
+    return result
 
 
 if __name__ == "__main__":

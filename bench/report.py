@@ -1,7 +1,8 @@
 """Result types of the suites and how they are written: markdown + JSON per suite, a run summary, a chart.
 
 Files go to ``bench/results/<YYYY-MM-DD>/`` (UTC date): ``<suite>.md``/``.json`` from each suite,
-``summary.md``/``summary.json``/``summary.png`` from ``python -m bench``. Only summaries are written;
+``summary.md``/``summary.json``/``summary.png`` from ``python -m bench`` (the chart: every goal as a ratio to its
+reference in the same run, see :func:`chart_data`). Only summaries are written;
 raw per-run data stays in memory (``bench/results/*/raw/`` is git-ignored for anyone who wants more).
 """
 
@@ -40,13 +41,18 @@ class Row:
 
 @dataclass
 class Goal:
-    """A goal of an issue: ``measured`` must be ``<=`` or ``>=`` ``limit``."""
+    """A goal of an issue: ``measured`` must be ``<=`` or ``>=`` ``limit``.
+
+    ``reference`` names what ``measured`` is a ratio to (measured in the same run), e.g. "curl -K";
+    empty when the goal is an absolute figure (seconds, MB, calls).
+    """
 
     name: str
     measured: float | None
     limit: float
     comparison: Literal["<=", ">="]
     detail: str = ""
+    reference: str = ""
 
     @property
     def met(self) -> bool | None:
@@ -64,44 +70,11 @@ class Goal:
         return self.measured / self.limit if self.limit > 0 else float("inf")
 
 
-@dataclass(frozen=True)
-class Reference:
-    """Rows of ``workload`` in ``state`` are compared with ``tool``'s row in ``tool_state``.
-
-    ``state`` "*" stands for every state of the workload. The reference row is of the same workload, or of
-    ``tool_workload`` when the reference does the work under another name (``list_files`` for ``ls -l``).
-    The reference is what the same work costs without datalakefs in the same run (curl, the local disk, the
-    raw catalogue call), so a ratio survives the machine's speed of the day where a figure does not.
-    """
-
-    workload: str
-    tool: str
-    tool_state: str
-    state: str = "*"
-    tool_workload: str = ""
-
-
-@dataclass(frozen=True)
-class Ratio:
-    """A row's time relative to its reference's for the same work: < 1 is faster than the reference."""
-
-    workload: str
-    tool: str
-    state: str
-    reference: str
-    value: float
-
-    @property
-    def label(self) -> str:
-        return f"{self.workload} · {self.tool} ({self.state}) vs {self.reference}"
-
-
 @dataclass
 class SuiteResult:
     name: str
     rows: list[Row] = field(default_factory=list)
     goals: list[Goal] = field(default_factory=list)
-    references: list[Reference] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     context: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -112,36 +85,9 @@ class SuiteResult:
             "context": self.context,
             "rows": [asdict(r) for r in self.rows],
             "goals": [{**asdict(g), "met": g.met, "attainment": g.attainment} for g in self.goals],
-            "ratios": [{**asdict(r), "label": r.label} for r in ratios(self)],
             "notes": self.notes,
             "error": self.error,
         }
-
-
-def _time_ratio(row: Row, reference: Row) -> float | None:
-    """``row``'s time over ``reference``'s; from the rates when a row has no time (same bytes, inverse ratio)."""
-    if row.seconds and reference.seconds:
-        return row.seconds / reference.seconds
-    if row.mb_s and reference.mb_s:
-        return reference.mb_s / row.mb_s
-    return None
-
-
-def ratios(result: SuiteResult) -> list[Ratio]:
-    """Every row that has a reference in ``result``, as its time relative to that reference, in row order."""
-    found: list[Ratio] = []
-    for row in result.rows:
-        for ref in result.references:
-            if ref.workload != row.workload or ref.state not in ("*", row.state) or ref.tool == row.tool:
-                continue
-            base_workload = ref.tool_workload or ref.workload
-            base = next((r for r in result.rows
-                         if (r.workload, r.tool, r.state) == (base_workload, ref.tool, ref.tool_state)), None)
-            value = None if base is None else _time_ratio(row, base)
-            if value is not None:
-                found.append(Ratio(row.workload, row.tool, row.state, f"{ref.tool} ({ref.tool_state})", value))
-            break
-    return found
 
 
 def failed_suite(name: str, error: str) -> SuiteResult:
@@ -189,11 +135,6 @@ def markdown(result: SuiteResult) -> str:
             lines.append(f"| {r.workload} | {r.tool} | {r.state} | {_fmt(r.seconds)} | {_fmt(r.mb_s)} | "
                          f"{r.runs} | {details} |")
         lines.append("")
-    found = ratios(result)
-    if found:
-        lines += ["| workload | tool (state) | time ÷ reference's | reference, same run |", "|---|---|---|---|"]
-        lines += [f"| {r.workload} | {r.tool} ({r.state}) | {_fmt(r.value)} | {r.reference} |" for r in found]
-        lines.append("")
     if result.goals:
         lines += ["| goal | measured | limit | met | how |", "|---|---|---|---|---|"]
         for g in result.goals:
@@ -230,11 +171,47 @@ def write_summary(results: list[SuiteResult]) -> list[Path]:
     return paths
 
 
-def write_chart(results: list[SuiteResult], path: Path) -> Path | None:
-    """Every workload's time as a ratio to its reference in the same run (log scale), then goal attainment.
+@dataclass(frozen=True)
+class ChartPoint:
+    """One dot of the summary chart: a goal's measured value against its limit."""
 
-    The title carries the date and the commit, so a chart found on its own still says what it measured.
-    """
+    label: str
+    value: float
+    limit: float
+    met: bool
+
+
+@dataclass(frozen=True)
+class ChartData:
+    title: str
+    ratios: list[ChartPoint]  # × the reference measured in the same run
+    absolutes: list[ChartPoint]  # measured / limit, for goals with no reference
+
+
+def chart_data(results: list[SuiteResult]) -> ChartData:
+    """What the summary chart shows: every measured goal, as a ratio to its reference where it has one."""
+    ratios: list[ChartPoint] = []
+    absolutes: list[ChartPoint] = []
+    for r in results:
+        for g in r.goals:
+            if g.measured is None or g.met is None:
+                continue
+            if g.reference:
+                ratios.append(ChartPoint(f"{r.name}: {g.name} (vs {g.reference})", g.measured, g.limit, g.met))
+            elif g.limit > 0:
+                absolutes.append(ChartPoint(f"{r.name}: {g.name}", g.measured / g.limit, 1.0, g.met))
+    return ChartData(chart_title(results), ratios, absolutes)
+
+
+def chart_title(results: list[SuiteResult]) -> str:
+    """The run's date and commit, from the first suite that recorded them."""
+    ctx = next((r.context for r in results if r.context.get("utc")), {})
+    date = str(ctx.get("utc", "unknown date")).replace("T", " ").replace("Z", " UTC")
+    return f"datalakefs bench · {date} · commit {ctx.get('commit') or 'unknown'}"
+
+
+def write_chart(results: list[SuiteResult], path: Path) -> Path | None:
+    """Draw :func:`chart_data` (see :func:`draw_chart`) into ``path``; None without matplotlib or goals."""
     try:
         import matplotlib
 
@@ -243,41 +220,45 @@ def write_chart(results: list[SuiteResult], path: Path) -> Path | None:
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[bench]'): no chart", flush=True)
         return None
-    ratio_bars = [(f"{r.name}: {ratio.label}", ratio.value, ratio.tool.startswith("datalakefs"))
-                  for r in results for ratio in ratios(r)]
-    goal_bars = [(f"{r.name}: {g.name}", g.attainment, bool(g.met))
-                 for r in results for g in r.goals if g.attainment]
-    panels = [(bars, xlabel) for bars, xlabel in (
-        (ratio_bars, "time ÷ the reference's time in the same run (log scale; < 1: faster than the reference)"),
-        (goal_bars, "goal attainment (log scale; ≥ 1: met)"),
-    ) if bars]
-    if not panels:
+    fig = draw_chart(chart_data(results))
+    if fig is None:
         return None
-    ctx = context()
-    longest = max(len(label) for bars, _ in panels for label, _, _ in bars)
-    fig, axes = plt.subplots(len(panels), 1, squeeze=False, figsize=(
-        6 + 0.07 * longest, 1.5 + 0.28 * sum(len(bars) for bars, _ in panels) + 1.2 * len(panels)))
-    for ax, (bars, xlabel) in zip(axes[:, 0], panels, strict=True):
-        values = [value for _, value, _ in bars]
-        if bars is ratio_bars:
-            colors = ["tab:blue" if ours else "tab:gray" for _, _, ours in bars]
-        else:
-            colors = ["tab:green" if met else "tab:red" for _, _, met in bars]
-        # bars start at 1 (the reference, or a goal just met) so that a bar's side says better or worse
-        ax.barh(range(len(bars)), [value - 1 for value in values], left=1, color=colors)
-        ax.set_yticks(range(len(bars)), [label for label, _, _ in bars], fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xscale("log")
-        reach = max(max(values), 1 / min(values)) * 1.5
-        ax.set_xlim(1 / reach, reach)
-        ax.axvline(1.0, color="black", linewidth=1)
-        ax.set_xlabel(xlabel)
-        for y, value in enumerate(values):
-            ax.annotate(f"{value:.3g}", (value, y), xytext=(3 if value >= 1 else -3, 0), textcoords="offset points",
-                        va="center", ha="left" if value >= 1 else "right", fontsize=7)
-    fig.suptitle(f"datalakefs benchmarks · {ctx['utc']} · commit {ctx['commit']} · load average {ctx['load_avg']}")
-    fig.tight_layout()
-    # bbox "tight" grows the canvas to the longest label instead of cutting it off
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight" as a second guard: labels widen the image, never clip
     plt.close(fig)
     return path
+
+
+def draw_chart(data: ChartData) -> Any:
+    """A log-scale dot chart: each goal's value with its limit marked (|) on its row, one panel per kind."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
+
+    panels = [(points, xlabel) for points, xlabel in (
+        (data.ratios, "× the reference measured in the same run (log scale); | = goal"),
+        (data.absolutes, "measured / goal limit, for goals without a reference (log scale); | = goal"),
+    ) if points]
+    if not panels:
+        return None
+    longest = max(len(p.label) for points, _ in panels for p in points)
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(6 + 0.065 * longest, 1.5 + sum(0.3 * len(points) + 1 for points, _ in panels)),
+                             height_ratios=[len(points) + 2 for points, _ in panels])
+    for ax, (points, xlabel) in zip(axes[:, 0], panels, strict=True):
+        rows = range(len(points))
+        ax.scatter([p.value for p in points], rows, zorder=3,
+                   color=["tab:green" if p.met else "tab:red" for p in points])
+        ax.scatter([p.limit for p in points], rows, marker="|", s=300, color="black", zorder=2)
+        for row, p in zip(rows, points, strict=True):
+            ax.annotate(f"{p.value:.3g}×", (p.value, row), textcoords="offset points", xytext=(6, 3), fontsize=7)
+        ax.set_yticks(list(rows), [p.label for p in points], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.margins(x=0.15)
+        # plain numbers (0.5, 2, not 5×10^-1); minor ticks labelled only where the axis spans few decades
+        ax.xaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", which="both", alpha=0.3)
+    fig.suptitle(data.title)
+    fig.tight_layout()
+    return fig
