@@ -343,6 +343,11 @@ class BlockCache:
             log.warning("cache: dropping block %d of %s: %s", index, key.did, exc)
             self._corrupt += 1
             self._drop_block(file, index)
+            if self._files.get(key.digest) is file:
+                # What damaged the block may have damaged its journal too, and a load stops at the
+                # first bad record: a drop record appended behind it would never be read, and the
+                # block would come back. Rewrite the journal instead (rare: only on corruption).
+                self._compact(file)
             return None
         self._lru.move_to_end((key.digest, index))
         if start == span_start and length == len(data):

@@ -51,6 +51,7 @@ from typing import Any, Final, TypeVar
 import trio
 from cachetools import LRUCache, TTLCache
 
+from datalakefs.background import Background
 from datalakefs.catalogue.base import Catalogue
 from datalakefs.config import Config
 from datalakefs.errors import DatalakeError, NotFoundError
@@ -157,7 +158,7 @@ class CachedCatalogue:
         self._generation = 0
         self._timer = timer
         self._ttl = config.catalogue_ttl
-        self._sweeper: trio.Nursery | None = None
+        self._sweeper = Background()
         self._sweep_slots = trio.Semaphore(SWEEP_CALLS)
         # each listing's content, when its first batch was answered, and whether its other files'
         # replicas were presumed from that answer (once per listing and TTL)
@@ -176,13 +177,7 @@ class CachedCatalogue:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Sweep listed datasets' replicas in the background until cancelled (the daemon's nursery):
         without it, replicas are still resolved per batch, at the open that needs them."""
-        async with trio.open_nursery() as sweeper:
-            self._sweeper = sweeper
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._sweeper = None
+        await self._sweeper.run(task_status=task_status)
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -363,7 +358,7 @@ class CachedCatalogue:
         start, so that a reader going through the listing finds its next files' replicas cached or in
         flight instead of waiting for a call per batch. Once per listing and TTL; only while
         :meth:`run` runs (the daemon's nursery)."""
-        if self._sweeper is None or len(content) <= after:
+        if not self._sweeper.running or len(content) <= after:
             return
         swept = self._swept.get(listing)
         now = self._timer()
@@ -413,7 +408,7 @@ class CachedCatalogue:
             misses=self._misses,
             shared=self._shared,
             in_flight=len(self._flights),
-            sweeping=len(self._sweeper.child_tasks) if self._sweeper is not None else 0,
+            sweeping=self._sweeper.tasks,
             cached_entries=len(self._positive) + len(self._negative),
             last_error=self._last_error,
             last_error_at=self._last_error_at,

@@ -25,6 +25,7 @@ from typing import Any, Final
 
 import trio
 
+from datalakefs.background import Background
 from datalakefs.fs.ports import Warm
 from datalakefs.model import DID, DIDInfo, DIDType
 
@@ -67,23 +68,17 @@ class ListingPrefetch:
         self._max_files = max_files
         self._max_bytes = max_bytes
         self._directories: OrderedDict[int, _Directory] = OrderedDict()
-        self._nursery: trio.Nursery | None = None
+        self._background = Background()
         self.counters: Counter[str] = Counter()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the fetches until cancelled (the daemon's nursery); without it nothing is prefetched."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._nursery = None
+        await self._background.run(task_status=task_status)
 
     def opened(self, directory: int, info: DIDInfo, listed: tuple[DIDInfo, ...]) -> None:
         """File ``info`` of ``directory`` (an inode) was opened for reading; ``listed`` is the
         directory's listing, in order."""
-        if self._nursery is None or self._max_files <= 0:
+        if not self._background.running or self._max_files <= 0:
             return
         state = self._directories.pop(directory, None) or _Directory()
         self._directories[directory] = state
@@ -119,7 +114,6 @@ class ListingPrefetch:
 
     def _fill(self, state: _Directory) -> None:
         """Start fetches for the files after the reader, up to the window's bounds in files and bytes."""
-        assert self._nursery is not None
         end = min(len(state.listed), state.last + 1 + self._max_files)
         for index in range(max(state.ahead, state.last) + 1, end):
             info = state.listed[index]
@@ -128,7 +122,7 @@ class ListingPrefetch:
                     return  # the next open moves the window on
                 scope = state.in_flight[index] = trio.CancelScope()
                 self.counters["started"] += 1
-                self._nursery.start_soon(self._fetch, state, scope, index, info)
+                self._background.start_soon(self._fetch, state, scope, index, info)
             # a bigger file is streamed by the reader's own read-ahead, never fetched whole ahead of it
             state.ahead = index
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import trio
 
+from datalakefs.background import Background
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.config import Config
 from datalakefs.errors import ConfigError, DatalakeError, NotFoundError, TransferError, TryAgainError
@@ -137,7 +138,7 @@ class RuleStager:
         self.poll_max = max(poll_min, poll_max)
         self._clock = clock
         self._tracked: dict[DID, Staging] = {}
-        self._nursery: trio.Nursery | None = None
+        self._background = Background()
         self.counters: Counter[str] = Counter()
 
     @property
@@ -147,13 +148,7 @@ class RuleStager:
         return self._config.staging_rse
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self._nursery = None
+        await self._background.run(task_status=task_status)
 
     # -- what the content services ask ---------------------------------------------------------
 
@@ -198,8 +193,8 @@ class RuleStager:
         so the reader can switch once it is staged. The caller must :meth:`release` it."""
         tracked = self._tracked.setdefault(info.did, Staging(info.did, is_file=True))
         tracked.waiters += 1
-        if self._nursery is not None and not tracked.ready:
-            self._nursery.start_soon(self._first_look, info, tracked)
+        if not tracked.ready:
+            self._background.start_soon(self._first_look, info, tracked)
         return tracked
 
     async def _first_look(self, info: DIDInfo, tracked: Staging) -> None:
@@ -265,9 +260,8 @@ class RuleStager:
         tracked = self._tracked.get(did)
         if tracked is None or (tracked.rule is None and tracked.replica is None):
             return None
-        if not tracked.finished and not tracked.polling and self._stale(tracked) and self._nursery is not None:
-            tracked.polling = True
-            self._nursery.start_soon(self._poll_once, tracked)
+        if not tracked.finished and not tracked.polling and self._stale(tracked):
+            tracked.polling = self._background.start_soon(self._poll_once, tracked)
         return tracked.describe()
 
     def status(self) -> dict[str, Any]:
@@ -352,10 +346,8 @@ class RuleStager:
         return self._clock() - tracked.polled_at >= self.poll_min
 
     def _start_polling(self, tracked: Staging) -> None:
-        if tracked.polling or tracked.finished or self._nursery is None:
-            return
-        tracked.polling = True
-        self._nursery.start_soon(self._poller, tracked)
+        if not tracked.polling and not tracked.finished:
+            tracked.polling = self._background.start_soon(self._poller, tracked)
 
     async def _poller(self, tracked: Staging) -> None:
         interval = self.poll_min
