@@ -345,13 +345,37 @@ class CachedCatalogue:
         """Where to read file ``did`` from: the catalogue's cached answer, else the replicas presumed
         from its dataset (:meth:`_presume`), else the catalogue's answer (:meth:`list_replicas`);
         ``None`` for a DID the catalogue does not know."""
-        for key in (("list_replicas", did), ("presumed_replicas", did)):
-            found = self._positive.get(key)
-            if found is not None:
-                self._hits += 1
-                return found  # type: ignore[no-any-return]
+        for attempt in range(2):
+            for key in (("list_replicas", did), ("presumed_replicas", did)):
+                found = self._positive.get(key)
+                if found is not None:
+                    self._hits += 1
+                    return found  # type: ignore[no-any-return]
+            if attempt == 0 and not await self._place_listing_of(did):
+                break
         answers = await self.list_replicas([did])
         return answers[0] if answers else None
+
+    async def _place_listing_of(self, did: DID) -> bool:
+        """Before the first answer for ``did``'s listing: ask for the :data:`FIRST_REPLICA_BATCH` files
+        from ``did`` on, once for every concurrent opener of the listing, so that the placement
+        presumed from it serves them all (16 workers starting at 16 places of a dataset would
+        otherwise each wait for a large batch of their own). True when something was asked."""
+        home = self._homes.get(did)
+        if home is None:
+            return False
+        listing, position = home
+        content = self._members.get(listing)
+        placed = self._placements.get(listing)
+        fresh = placed is not None and placed[0] is content and self._timer() - placed[1] < self._ttl
+        if content is None or position >= len(content) or content[position].did != did or fresh:
+            return False
+
+        async def decide(generation: int) -> None:
+            await self._resolve_batch(listing, content, position, position + FIRST_REPLICA_BATCH)
+
+        await self._shared_flight(("placement", listing), decide)
+        return True
 
     def _start_sweep(self, listing: Hashable, content: tuple[DIDInfo, ...], after: int) -> None:
         """Resolve the listing's other batches in the background, from ``after`` on and then from its
