@@ -14,16 +14,15 @@ from __future__ import annotations
 import configparser
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from bench.env import BenchError, lake, stop
+from datalakefs.demo.probes import free_port, wait_listening
 
 PROXIED = ("origin_http", "origin_root", "dav_http", "rucio")  # the lake's URL keys a workload reaches through a proxy
 
@@ -56,23 +55,6 @@ class Distance:
         return f"{self.url('origin_http')}/{relative}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise BenchError(f"the latency proxy on port {port} did not start (rc {proc.poll()})")
-        time.sleep(0.05)
-
-
 def proxied_rucio_config(source: Path, rucio_url: str, target: Path) -> Path:
     """A copy of the rucio.cfg ``source`` whose catalogue and auth hosts are ``rucio_url``."""
     parser = configparser.ConfigParser(interpolation=None)
@@ -96,12 +78,15 @@ def at_distance(rtt_ms: float, work: Path) -> Iterator[Distance]:
     try:
         for key in PROXIED:
             target = urlsplit(lake().url(key))
-            port = _free_port()
+            port = free_port()
             proc = subprocess.Popen([sys.executable, "-m", "datalakefs.demo.latency", "--listen", str(port),
                                      "--target", f"{target.hostname}:{target.port}", "--rtt-ms", f"{rtt_ms:g}"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             procs.append(proc)
-            _wait_listening(port, proc)
+            try:
+                wait_listening(port, proc)
+            except RuntimeError as exc:
+                raise BenchError(f"the latency proxy did not start: {exc}") from exc
             urls[key] = f"{target.scheme}://127.0.0.1:{port}"
         config = proxied_rucio_config(lake().status.datalakefs_config.parent / "rucio-client.cfg", urls["rucio"],
                                       work / f"rucio-{rtt_ms:g}ms.cfg")

@@ -160,11 +160,11 @@ class CachedCatalogue:
         self._ttl = config.catalogue_ttl
         self._sweeper = Background()
         self._sweep_slots = trio.Semaphore(SWEEP_CALLS)
-        # each listing's content, when its first batch was answered, and whether its other files'
-        # replicas were presumed from that answer (once per listing and TTL)
-        self._placements: LRUCache[Hashable, tuple[tuple[DIDInfo, ...], float, bool]] = LRUCache(SWEPT_LISTINGS)
-        # each swept listing's content and when its sweep started: one sweep per listing and TTL
-        self._swept: LRUCache[Hashable, tuple[tuple[DIDInfo, ...], float]] = LRUCache(SWEPT_LISTINGS)
+        # when each listing's first batch was answered, and whether its other files' replicas were
+        # presumed from that answer (once per listing and TTL)
+        self._placements: LRUCache[Hashable, _Mark] = LRUCache(SWEPT_LISTINGS)
+        # when each listing's sweep started: one sweep per listing and TTL
+        self._swept: LRUCache[Hashable, _Mark] = LRUCache(SWEPT_LISTINGS)
         self._calls: Counter[str] = Counter()
         self._errors: Counter[str] = Counter()
         self._hits = 0
@@ -217,7 +217,7 @@ class CachedCatalogue:
         """Replicas of files (file DIDs only), cached per file like :meth:`get_infos`; a file of a
         listed dataset brings its dataset's replicas along (see the module docstring)."""
         for did in dict.fromkeys(dids):
-            if ("list_replicas", did) not in self._positive and did in self._homes:
+            if ("list_replicas", did) not in self._positive:
                 await self._resolve_listed_replicas(did)
         found: dict[DID, FileReplicas] = await self._bulk(
             "list_replicas", "list_replicas", self._backend.list_replicas, dids
@@ -272,17 +272,33 @@ class CachedCatalogue:
             if info.type is DIDType.FILE:
                 self._homes[info.did] = (listing, position)
 
+    def _home_of(self, did: DID) -> tuple[Hashable, tuple[DIDInfo, ...], int] | None:
+        """The listing that holds file ``did``, its content and ``did``'s position in it; ``None`` when
+        it was never listed, or its listing was forgotten or made anew without it."""
+        home = self._homes.get(did)
+        if home is None:
+            return None
+        listing, position = home
+        content = self._members.get(listing)
+        if content is None or position >= len(content) or content[position].did != did:
+            return None
+        return listing, content, position
+
+    def _current(self, mark: _Mark | None, content: tuple[DIDInfo, ...]) -> bool:
+        """Whether ``mark`` was made for this very listing within the TTL."""
+        return mark is not None and mark.content is content and self._timer() - mark.at < self._ttl
+
     async def _resolve_listed_replicas(self, did: DID) -> None:
         """Cache the replicas of the batch of ``did``'s listing that holds it, in one call shared by
         every concurrent opener in that batch, and sweep the rest of the listing in the background."""
-        listing, position = self._homes[did]
-        content = self._members.get(listing)
-        if content is None or position >= len(content) or content[position].did != did:
-            return  # the listing was forgotten or made anew without it: a per-file lookup follows
+        home = self._home_of(did)
+        if home is None:
+            return  # a per-file lookup follows
+        listing, content, position = home
         first, end = replica_batch(position)
         await self._resolve_batch(listing, content, first, end)
         placed = self._placements.get(listing)
-        if placed is None or not placed[2]:
+        if placed is None or not placed.presumed:
             self._start_sweep(listing, content, end)  # nothing presumed: the catalogue must say
 
     async def _resolve_batch(self, listing: Hashable, content: tuple[DIDInfo, ...], first: int, end: int) -> None:
@@ -303,11 +319,10 @@ class CachedCatalogue:
             known = [replicas.get(info.did) or FileReplicas(info, ()) for info in batch]
             for found in known:
                 self._positive[("list_replicas", found.info.did)] = found
-            placed = self._placements.get(listing)
-            if placed is None or placed[0] is not content or self._timer() - placed[1] >= self._ttl:
-                self._placements[listing] = (content, self._timer(), False)
+            if not self._current(self._placements.get(listing), content):
+                self._placements[listing] = _Mark(content, self._timer())
                 presumed = await self._presume(content, known, generation)
-                self._placements[listing] = (content, self._timer(), presumed)
+                self._placements[listing] = _Mark(content, self._timer(), presumed)
 
         await self._shared_flight(("listed_replicas", listing, first), fetch)
 
@@ -361,14 +376,11 @@ class CachedCatalogue:
         from ``did`` on, once for every concurrent opener of the listing, so that the placement
         presumed from it serves them all (16 workers starting at 16 places of a dataset would
         otherwise each wait for a large batch of their own). True when something was asked."""
-        home = self._homes.get(did)
+        home = self._home_of(did)
         if home is None:
             return False
-        listing, position = home
-        content = self._members.get(listing)
-        placed = self._placements.get(listing)
-        fresh = placed is not None and placed[0] is content and self._timer() - placed[1] < self._ttl
-        if content is None or position >= len(content) or content[position].did != did or fresh:
+        listing, content, position = home
+        if self._current(self._placements.get(listing), content):
             return False
 
         async def decide(generation: int) -> None:
@@ -384,11 +396,9 @@ class CachedCatalogue:
         :meth:`run` runs (the daemon's nursery)."""
         if not self._sweeper.running or len(content) <= after:
             return
-        swept = self._swept.get(listing)
-        now = self._timer()
-        if swept is not None and swept[0] is content and now - swept[1] < self._ttl:
+        if self._current(self._swept.get(listing), content):
             return
-        self._swept[listing] = (content, now)
+        self._swept[listing] = _Mark(content, self._timer())
         self._sweeper.start_soon(self._sweep, listing, content, after, self._generation)
 
     async def _sweep(self, listing: Hashable, content: tuple[DIDInfo, ...], after: int, generation: int) -> None:
@@ -550,6 +560,15 @@ class CachedCatalogue:
 
 
 _ABSENT: Final = object()
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """What was done for one listing (this very content) and when."""
+
+    content: tuple[DIDInfo, ...]
+    at: float
+    presumed: bool = False
 
 
 def replica_batch(position: int) -> tuple[int, int]:

@@ -7,6 +7,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -70,6 +71,25 @@ def tcp_open(port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
+
+
+def free_port() -> int:
+    """A port nothing listens on at 127.0.0.1 now, for a helper process told to listen there."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """Wait until ``process`` listens on ``port`` at 127.0.0.1; RuntimeError when it exits first or
+    ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not tcp_open(port, timeout=0.2):
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode} before listening on {port}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{process.args!r} did not listen on {port} within {timeout:g} s")
+        time.sleep(0.05)
 
 
 # the lake is on loopback: never route a probe through the caller's HTTP proxy

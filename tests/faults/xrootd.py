@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
+
+from datalakefs.demo.probes import free_port, wait_listening
 
 CONFIG = """\
 set odir = {data}
@@ -30,26 +30,6 @@ xrd.port {xrd_port}
 xrd.protocol XrdHttp:{http_port} libXrdHttp.so
 xrootd.chksum adler32
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"xrootd exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"xrootd did not listen on {port} within {timeout} s")
 
 
 class XrootdOrigin:
@@ -78,7 +58,7 @@ class XrootdOrigin:
         run.mkdir()
         for name, content in self.files.items():
             (data / name).write_bytes(content)
-        xrd_port, http_port = _free_port(), _free_port()
+        xrd_port, http_port = free_port(), free_port()
         config = root / "origin.cfg"
         config.write_text(CONFIG.format(data=data, run=run, xrd_port=xrd_port, http_port=http_port))
         command = ["xrootd", "-c", str(config), "-n", "origin"]
@@ -90,7 +70,7 @@ class XrootdOrigin:
         self._log = open(root / "origin.log", "wb")
         self._process = subprocess.Popen(command, cwd=run, stdout=subprocess.DEVNULL, stderr=self._log)
         try:
-            _wait_port(http_port, self._process)
+            wait_listening(http_port, self._process)
         except BaseException:
             self.__exit__()
             raise

@@ -434,13 +434,21 @@ async def test_the_first_open_in_a_listing_sweeps_the_rest_in_the_background(
         nursery.cancel_scope.cancel()
 
 
+async def open_first_and_hold_the_sweep(
+    fake: FakeCatalogue, catalogue: CachedCatalogue, files: list[DID], nursery: trio.Nursery
+) -> None:
+    """Run ``catalogue``'s sweeps in ``nursery``, open the listing's first file, and hold the
+    catalogue calls that follow (the sweep's, started when the opener's batch was answered)."""
+    await nursery.start(catalogue.run)
+    await catalogue.list_replicas([files[0]])
+    fake.pause()
+    await calls_reach(fake, "list_replicas", 3)
+
+
 async def test_an_open_joins_the_sweeps_call_for_its_batch(fake: FakeCatalogue) -> None:
     catalogue, _, files = await listed_dataset(fake, "big", 1600)
     async with trio.open_nursery() as nursery:
-        await nursery.start(catalogue.run)
-        await catalogue.list_replicas([files[0]])
-        fake.pause()  # before the sweep, started when the opener's batch was answered, runs
-        await calls_reach(fake, "list_replicas", 3)
+        await open_first_and_hold_the_sweep(fake, catalogue, files, nursery)
         # the opener's batch and two sweep batches (100..299, 300..699): no more at once
         assert fake.calls["list_replicas"] == 3
         shared = catalogue.statistics().shared
@@ -457,10 +465,7 @@ async def test_an_open_joins_the_sweeps_call_for_its_batch(fake: FakeCatalogue) 
 async def test_invalidating_a_dataset_stops_its_sweep(fake: FakeCatalogue) -> None:
     catalogue, dataset, files = await listed_dataset(fake, "big", 3000)
     async with trio.open_nursery() as nursery:
-        await nursery.start(catalogue.run)
-        await catalogue.list_replicas([files[0]])
-        fake.pause()  # before the sweep runs
-        await calls_reach(fake, "list_replicas", 3)
+        await open_first_and_hold_the_sweep(fake, catalogue, files, nursery)
         assert fake.calls["list_replicas"] == 3
         catalogue.invalidate_collection(dataset)
         fake.resume()

@@ -23,6 +23,7 @@ from rucio.common import exception as rucio_exc
 
 from datalakefs.catalogue.rucio import DIDS_PER_REQUEST, RucioCatalogue
 from datalakefs.config import Config
+from datalakefs.demo.probes import free_port
 from datalakefs.errors import (
     AccessDeniedError,
     CatalogueUnavailableError,
@@ -333,12 +334,6 @@ def rucio_cfg(tmp_path: Path, port: int) -> Path:
         f"auth_token_file_path = {tmp_path}/token\n"
     )
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
