@@ -75,6 +75,11 @@ class FileReplicas:
     replicas: tuple[Replica, ...]
     presumed: bool = False
 
+    def by_preference(self, preference: tuple[str, ...]) -> list[Replica]:
+        """The replicas with the RSEs of ``preference`` first, in its order; otherwise order kept."""
+        rank = {rse: i for i, rse in enumerate(preference)}
+        return sorted(self.replicas, key=lambda r: rank.get(r.rse, len(rank)))
+
 
 class RuleState(enum.Enum):
     """States of a Rucio replication rule, kept apart: each means something different to a reader."""

@@ -158,6 +158,7 @@ class CachedCatalogue:
         self._generation = 0
         self._timer = timer
         self._ttl = config.catalogue_ttl
+        self._rse_preference = config.rse_preference
         self._sweeper = Background()
         self._sweep_slots = trio.Semaphore(SWEEP_CALLS)
         # when each listing's first batch was answered, and whether its other files' replicas were
@@ -330,29 +331,32 @@ class CachedCatalogue:
         """Presume the listing's other files are where every file of ``known`` (the catalogue's answer
         for one batch) is, under their deterministic names, and cache that as their presumed replicas.
 
-        Only RSEs holding every file of the batch count, and only when the names derived for the batch
+        Only an RSE holding every file of the batch counts, and only when the names derived for the batch
         are the very names the catalogue gave: a dataset split over RSEs, or an RSE whose names cannot be
-        derived, is asked about file by file as before. A reader that does not find a file where it was
-        presumed asks the catalogue (:meth:`list_replicas`)."""
+        derived, is asked about file by file as before. Of those, the first in ``rse_preference`` and
+        the catalogue's order is the one presumed: deriving costs a catalogue call per RSE (its
+        settings), and a reader that does not find a file where it was presumed asks the catalogue
+        (:meth:`list_replicas`), which names every replica."""
         if not known or not all(found.replicas for found in known):
             return False
         first, *rest = known
-        common = [replica.rse for replica in first.replicas
+        common = [replica.rse for replica in first.by_preference(self._rse_preference)
                   if all(any(other.rse == replica.rse for other in found.replicas) for found in rest)]
         # the batch's own files are derived too: their names are the proof
         files = [info for info in content if info.type is DIDType.FILE]
         if len(files) <= len(known):
             return False  # the catalogue answered for every file already
-        derived: dict[str, dict[DID, str]] = {}
         for rse in dict.fromkeys(common):
             names = await self._call("derive_pfns", self._backend.derive_pfns, rse, [info.did for info in files])
             given = [{replica.pfn for replica in found.replicas if replica.rse == rse} for found in known]
             if names and all(names.get(found.info.did) in pfns for found, pfns in zip(known, given, strict=True)):
-                derived[rse] = names
-        if not derived or generation != self._generation:
+                break
+        else:
+            return False
+        if generation != self._generation:
             return False
         for info in files:
-            replicas = tuple(Replica(rse, names[info.did]) for rse, names in derived.items() if info.did in names)
+            replicas = (Replica(rse, names[info.did]),) if info.did in names else ()
             self._positive[("presumed_replicas", info.did)] = FileReplicas(info, replicas, presumed=True)
         return True
 

@@ -24,13 +24,12 @@ Rules (:func:`candidates`):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from datalakefs.config import Config
 from datalakefs.errors import ConfigError
-from datalakefs.model import FileReplicas, Replica
+from datalakefs.model import FileReplicas
 from datalakefs.transport.http import redact_url
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -97,15 +96,9 @@ def _forward_url(pfn: str, endpoint: tuple[str, str]) -> str | None:
     return f"{endpoint[0]}://{endpoint[1]}//{inner}"
 
 
-def ordered_replicas(replicas: Iterable[Replica], preference: tuple[str, ...]) -> list[Replica]:
-    """``replicas`` with the preferred RSEs first, in preference order; otherwise order kept."""
-    rank = {rse: i for i, rse in enumerate(preference)}
-    return sorted(replicas, key=lambda r: rank.get(r.rse, len(rank)))
-
-
 def candidates(file: FileReplicas, config: Config) -> tuple[Candidate, ...]:
     """The URLs to read ``file`` from, in the order to try them (see the module docstring)."""
-    replicas = ordered_replicas(file.replicas, config.rse_preference)
+    replicas = file.by_preference(config.rse_preference)
     found: list[Candidate] = []
     if config.xcache:
         endpoint = _xcache_endpoint(config)

@@ -251,8 +251,10 @@ def test_reading_every_file_of_the_10k_dataset_costs_one_replica_call(
         size = entry.stat().st_size
         assert _read_all(Path(entry.path)) == _expected(lake, f"{scope}:{entry.name}", size), entry.name
     calls = mount.status()["catalogue"]["calls"]
-    # the first batch's answer; the rest presumed from it: where every file of it is, named as it was
-    assert (calls["list_replicas"], calls["derive_pfns"]) == (1, len(rses_of(rucio_client, lake.seed.dataset_10k)))
+    # the first batch's answer; the rest presumed from it: at one of the RSEs holding every file of it
+    # (the dataset is on several), named as the catalogue named them there
+    assert len(rses_of(rucio_client, lake.seed.dataset_10k)) > 1
+    assert (calls["list_replicas"], calls["derive_pfns"]) == (1, 1)
 
 
 def rses_of(client: Any, did: str) -> set[str]:

@@ -525,6 +525,29 @@ async def test_nothing_is_presumed_unless_the_batch_proves_the_naming_and_the_pl
         assert found is not None and not found.presumed
 
 
+@pytest.mark.parametrize(("site_a_names", "preference", "presumed_at", "derived"), [
+    ("http://a/", (), "SITE-A", 1),  # the catalogue's order
+    ("http://a/", ("SITE-B",), "SITE-B", 1),  # rse_preference first
+    ("http://elsewhere/", (), "SITE-B", 2),  # an RSE whose names do not match is passed over
+])
+async def test_a_dataset_held_by_several_rses_is_presumed_at_one_and_derived_once(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock,
+    site_a_names: str, preference: tuple[str, ...], presumed_at: str, derived: int,
+) -> None:
+    fake.deterministic.update({"SITE-A": site_a_names, "SITE-B": "http://b/"})
+    dataset, files = many_files_dataset(fake, "big", 300)
+    for did in files:
+        fake.add_replica(did, "SITE-B", f"http://b/{did.name}")
+    config = Config(catalogue_ttl=TTL, negative_ttl=NEGATIVE_TTL, rse_preference=preference)
+    catalogue = CachedCatalogue(fake, config)
+    await catalogue.list_content(dataset)
+    await catalogue.locate(files[0])
+    found = await catalogue.locate(files[200])
+    assert found is not None and found.presumed
+    assert [(r.rse, r.pfn) for r in found.replicas] == [(presumed_at, f"http://{presumed_at[-1].lower()}/{files[200].name}")]
+    assert (fake.calls["list_replicas"], fake.calls["derive_pfns"]) == (1, derived)
+
+
 async def test_the_catalogues_answer_is_still_what_list_replicas_and_invalidation_see(
     fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
 ) -> None:
