@@ -68,6 +68,7 @@ class Config:
     piece_reads: bool = True
     xcache: str | None = None
     xcache_mode: XCacheMode = "swap"
+    xcache_rses: tuple[str, ...] = ()
     client_site: str | None = None
     rse_preference: tuple[str, ...] = ()
     read_schemes: tuple[str, ...] = ("http", "https", "root")

@@ -34,6 +34,7 @@ from datalakefs.demo.layout import (
     DEFAULT_PORT_BASE,
     HEARTBEAT_MAX_AGE,
     MAX_OFFSET,
+    ORIGIN_RSE,
     SCRATCH_RSE,
     SEED_FILE_VERSION,
     STATE_ENV,
@@ -396,6 +397,7 @@ class Lake:
             f"rucio_config = {_toml_str(str(layout.client_config))}",
             f"xcache = {_toml_str(self.urls()['xcache_http'])}",
             'xcache_mode = "swap"',
+            f"xcache_rses = [{_toml_str(ORIGIN_RSE)}]",  # the XCache's one origin
             f"staging_rse = {_toml_str(SCRATCH_RSE)}",
             f"upload_rse = {_toml_str(SCRATCH_RSE)}",
             f"storage_ca_bundle = {_toml_str(str(layout.etc / 'dav.crt'))}",

@@ -103,7 +103,9 @@ def candidates(file: FileReplicas, config: Config) -> tuple[Candidate, ...]:
     if config.xcache:
         endpoint = _xcache_endpoint(config)
         rewrite = _swap_url if config.xcache_mode == "swap" else _forward_url
-        for replica in replicas:
+        # a fixed-origin XCache fronts some RSEs only: the others' files are not behind it
+        fronted = [r for r in replicas if not config.xcache_rses or r.rse in config.xcache_rses]
+        for replica in fronted:
             url = rewrite(replica.pfn, endpoint)
             if url is not None:
                 found.append(Candidate(url, replica.rse, via_xcache=True))

@@ -288,6 +288,26 @@ def test_a_file_not_where_the_rest_of_its_dataset_is_is_found_by_asking_the_cata
     assert os.getxattr(directory / moved.name, "user.rucio.replicas").decode() == lake.seed.scratch_rse
 
 
+@pytest.mark.parametrize(("xcache_rses", "refused"), [((), False), (("",), True)])
+def test_a_file_on_an_rse_the_xcache_does_not_front_is_read_directly(
+    lake: LakeStatus, new_mount: Any, rucio_client: Any, xcache_rses: tuple[str, ...], refused: bool
+) -> None:
+    """The lake's XCache fronts its origin only (the lake's config says so with ``xcache_rses``): a file
+    on SCRATCH is read from SCRATCH, not first asked of the XCache, which refuses it."""
+    assert lake.seed is not None
+    plan = _small_dataset(lake, rucio_client, 1)
+    [spec] = plan.files
+    layout = Lake(lake.state_dir).layout
+    written = seed.write_file(layout.scratch, lake.seed.content_key, spec)
+    rucio_client.add_replicas(lake.seed.scratch_rse, [written.as_did()])
+    rucio_client.update_replicas_states(lake.seed.origin_rse, [{"scope": spec.scope, "name": spec.name, "state": "U"}])
+    options = [f"xcache_rses={rse}" for rse in xcache_rses]  # "xcache_rses=": every RSE, the default's behaviour
+    mount = new_mount(*options)
+    mount.start()
+    assert _read_all(mount.mountpoint / plan.scope / plan.name / spec.name) == _expected(lake, spec.did, spec.size)
+    assert (_content_stats(mount)["failed_requests"] > 0) == refused
+
+
 def test_a_datasets_new_replicas_are_seen_after_the_ttl(
     lake: LakeStatus, new_mount: Any, rucio_client: Any
 ) -> None:

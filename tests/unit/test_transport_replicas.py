@@ -35,6 +35,17 @@ def test_swap_mode_puts_the_xcache_first_with_host_and_port_swapped() -> None:
     ]
 
 
+def test_only_the_rses_the_xcache_fronts_are_read_through_it() -> None:
+    scratch = "https://127.0.0.1:38081/SCRATCH/test/aa/bb/f.bin"
+    found = urls([Replica("ORIGIN", HTTP), Replica("SCRATCH", scratch)], xcache="127.0.0.1:38095",
+                 xcache_rses=("ORIGIN",))
+    assert found == [
+        ("http://127.0.0.1:38095/LAKE-ORIGIN/test/aa/bb/f.bin", "ORIGIN", True),
+        (HTTP, "ORIGIN", False),
+        (scratch, "SCRATCH", False),
+    ]
+
+
 def test_rucio_mode_forwards_root_pfns_and_reads_http_inner_urls_directly() -> None:
     proxied_root = "root://127.0.0.1:31096//" + ROOT
     proxied_http = "root://127.0.0.1:31096//" + HTTP
