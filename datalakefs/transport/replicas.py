@@ -7,8 +7,8 @@ Rules (:func:`candidates`):
 * Replicas are ordered by ``Config.rse_preference`` (listed RSEs first, in that order), then in the
   catalogue's order (its sort). The catalogue may already have applied the preference; doing it again is
   harmless because the sort is stable.
-* With ``Config.xcache`` set, every replica the XCache can serve yields an XCache URL, and all XCache URLs
-  come before all direct URLs:
+* With ``Config.xcache`` set, every replica the XCache can serve (of the RSEs in ``Config.xcache_rses``,
+  when it names some) yields an XCache URL, and all XCache URLs come before all direct URLs:
 
   - ``swap`` (an XCache with a fixed origin): the PFN with scheme, host and port replaced by the XCache's
     HTTP endpoint; path and query are kept (a ``root://`` path's leading ``//`` becomes ``/``).
