@@ -7,6 +7,8 @@ the session lake itself and is therefore moved to the end of the session (``lake
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
 import shlex
@@ -17,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterator
@@ -442,6 +445,44 @@ def test_the_doors_refuse_anonymous_changes_and_take_a_token_or_the_proxy(
         with urllib.request.urlopen(stored, timeout=30, context=tls) as answer:
             assert answer.read() == body
     assert dav(url, "DELETE", headers={"Authorization": f"Bearer {token}"}) == 204
+
+
+@pytest.mark.lake
+def test_the_https_door_keeps_a_connection_and_checks_every_request_on_it(lake: LakeStatus, seeded: Seed) -> None:
+    """As a production storage, the https door answers several requests on one connection; a header
+    forging the verified subject is dropped from each of them, whatever their body's framing."""
+    assert lake.x509 is not None
+    door = urllib.parse.urlsplit(lake.urls["dav_https"])
+    stem = unique("keep")
+    base = f"/{seeded.scratch_rse}/doors/{stem}"
+
+    def exchange(connection: http.client.HTTPSConnection, method: str, path: str,
+                 body: bytes | Iterator[bytes] | None = None, headers: dict[str, str] | None = None) -> int:
+        connection.request(method, path, body=body, headers=headers or {}, encode_chunked=isinstance(body, Iterator))
+        answer = connection.getresponse()
+        answer.read()
+        assert not answer.will_close, (method, path)
+        return answer.status
+
+    anonymous = ssl.create_default_context(cafile=str(lake.datalakefs_config.parent / "dav.crt"))
+    forged = {"X-Client-Verified": lake.x509.dn}
+    plain = http.client.HTTPSConnection(door.hostname or "", door.port, context=anonymous, timeout=30)
+    with contextlib.closing(plain):
+        assert exchange(plain, "HEAD", f"/{seeded.scratch_rse}/") == 200
+        assert exchange(plain, "PUT", base + ".length", b"abc", forged) == 401
+        assert exchange(plain, "PUT", base + ".chunked", iter([b"ab", b"c"]), forged) == 401
+        assert exchange(plain, "HEAD", f"/{seeded.scratch_rse}/") == 200  # the framing kept the requests apart
+    with_proxy = ssl.create_default_context(cafile=str(lake.datalakefs_config.parent / "dav.crt"))
+    with_proxy.load_cert_chain(str(lake.x509.proxy))
+    proxied = http.client.HTTPSConnection(door.hostname or "", door.port, context=with_proxy, timeout=30)
+    with contextlib.closing(proxied):
+        assert exchange(proxied, "PUT", base + ".one", b"one") == 201
+        first = proxied.sock
+        assert exchange(proxied, "PUT", base + ".two", iter([b"t", b"wo"])) == 201
+        assert exchange(proxied, "HEAD", base + ".two") == 200
+        assert proxied.sock is first  # one connection, one handshake
+    stored = sorted(path.name for path in Path(lake.paths["scratch"]).glob(f"doors/{stem}*"))
+    assert stored == [f"{stem}.one", f"{stem}.two"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,9 +5,11 @@
 nginx cannot verify proxy certificates (OpenSSL needs X509_V_FLAG_ALLOW_PROXY_CERTS, for which
 nginx has no directive), so this front terminates TLS itself: it asks for a client certificate,
 verifies it against the demo CA with proxies allowed (a certificate of another CA fails the
-handshake; none at all is fine), and hands the connection to nginx's internal port with one request
-head rewritten (to nginx's unix socket, which only the lake's owner can reach): ``X-Client-Verified`` carries the verified subject (any such header the client sent
-is dropped) and ``Connection: close`` makes each connection carry one request, so every request
+handshake; none at all is fine), and hands the connection to nginx's internal port (its unix
+socket, which only the lake's owner can reach) with every request head rewritten:
+``X-Client-Verified`` carries the verified subject, and any such header the client sent is dropped.
+The connection stays open for further requests, as a production storage's does: the front reads
+each request's head and copies exactly its body (``Content-Length`` or chunked), so every request
 that reaches nginx through here was seen by the front. nginx trusts ``X-Client-Verified`` only on
 that socket.
 """
@@ -22,7 +24,8 @@ import sys
 
 LOG = logging.getLogger("dav-tls-front")
 MAX_HEAD = 64 << 10
-DROPPED = (b"x-client-verified:", b"connection:", b"keep-alive:")
+DROPPED = (b"x-client-verified:",)
+COPY = 1 << 20
 
 
 def _subject(peer: dict | None) -> str:
@@ -33,9 +36,8 @@ def _subject(peer: dict | None) -> str:
 
 
 def rewrite(head: bytes, subject: str) -> bytes:
-    """``head`` (request line and headers, without the blank line) with our two headers."""
+    """``head`` (request line and headers, without the blank line) with our header."""
     lines = [line for line in head.split(b"\r\n") if not line.lower().startswith(DROPPED)]
-    lines.append(b"Connection: close")
     if subject:
         lines.append(b"X-Client-Verified: " + subject.encode("utf-8", "replace"))
     return b"\r\n".join(lines) + b"\r\n\r\n"
@@ -58,12 +60,74 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.close()
 
 
-async def handle(backend: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def framing(head: bytes) -> int | None:
+    """The length of the body that follows request ``head``; None for a chunked one."""
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == b"transfer-encoding" and value != b"identity":
+            return None
+        if name == b"content-length":
+            length = int(value)
+    return length
+
+
+async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, size: int) -> None:
+    while size > 0:
+        data = await reader.read(min(COPY, size))
+        if not data:
+            raise asyncio.IncompleteReadError(b"", size)
+        size -= len(data)
+        writer.write(data)
+        await writer.drain()
+
+
+async def _copy_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        writer.write(line)
+        size = int(line.split(b";")[0].strip(), 16)
+        if size == 0:
+            while (trailer := await reader.readuntil(b"\r\n")) != b"\r\n":
+                writer.write(trailer)
+            writer.write(trailer)
+            return
+        await _copy(reader, writer, size + 2)
+
+
+async def _requests(reader: asyncio.StreamReader, back_writer: asyncio.StreamWriter, subject: str) -> None:
+    """Each request of the client's connection, in turn: its head rewritten, its body copied exactly."""
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, OSError):
-        writer.close()
-        return
+        while head := await _next_head(reader):
+            back_writer.write(rewrite(head[:-4], subject))
+            length = framing(head)
+            if length is None:
+                await _copy_chunked(reader, back_writer)
+            else:
+                await _copy(reader, back_writer, length)
+            await back_writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, ConnectionError, OSError):
+        pass  # a broken or malformed request ends the connection
+    finally:
+        if back_writer.can_write_eof():
+            try:
+                back_writer.write_eof()
+            except (OSError, RuntimeError):
+                back_writer.close()
+
+
+async def _next_head(reader: asyncio.StreamReader) -> bytes:
+    """The next request's head, or b"" when the client closed the connection between requests."""
+    try:
+        return await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise
+        return b""
+
+
+async def handle(backend: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     subject = _subject(writer.get_extra_info("peercert"))
     try:
         back_reader, back_writer = await asyncio.open_unix_connection(backend)
@@ -71,8 +135,9 @@ async def handle(backend: str, reader: asyncio.StreamReader, writer: asyncio.Str
         LOG.error("nginx unreachable: %s", exc)
         writer.close()
         return
-    back_writer.write(rewrite(head[:-4], subject))
-    await asyncio.gather(_pump(reader, back_writer), _pump(back_reader, writer))
+    requests = asyncio.create_task(_requests(reader, back_writer, subject))
+    await _pump(back_reader, writer)  # nginx's answers, until it closes (after the client did, or on its own)
+    requests.cancel()
     writer.close()
     back_writer.close()
 
