@@ -168,6 +168,13 @@ def is_entry_name(name: str) -> bool:
 
 def make_private_dirs(root: str, directory: str) -> None:
     """Create ``directory`` and the missing levels between it and ``root``, each 0700."""
+    try:
+        os.mkdir(directory, 0o700)  # its parent is there, but for a cache's first files
+        return
+    except FileExistsError:
+        return
+    except FileNotFoundError:
+        pass
     missing = []
     path = directory
     while path != root and not os.path.isdir(path):

@@ -38,6 +38,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import trio
 
@@ -152,7 +153,9 @@ class BlockCache:
         self._max_open = max_open_files
         self._files: dict[str, _File] = {}
         self._lru: OrderedDict[tuple[str, int], _File] = OrderedDict()
-        self._fds: OrderedDict[str, tuple[int, int]] = OrderedDict()  # digest -> (data fd, index fd)
+        # (digest, _DATA or _JOURNAL) -> fd, each opened when first needed: a file only read needs no
+        # journal fd, and a file just cached keeps the one its journal was started with
+        self._fds: OrderedDict[tuple[str, int], int] = OrderedDict()
         self._can_punch = True
         self._used = 0
         self._evictions = 0
@@ -331,7 +334,7 @@ class BlockCache:
         span_start = first_page * PAGE_SIZE
         span_end = min(record.length, -(-(start + length) // PAGE_SIZE) * PAGE_SIZE)
         try:
-            data = os.pread(self._fds_of(file)[0], span_end - span_start, index * self.block_size + span_start)
+            data = os.pread(self._fd(file, _DATA), span_end - span_start, index * self.block_size + span_start)
             if len(data) != span_end - span_start:
                 raise CorruptBlockError(f"short read: {len(data)} of {span_end - span_start} bytes")
             view = memoryview(data)
@@ -354,29 +357,32 @@ class BlockCache:
             return data
         return data[start - span_start : start - span_start + length]
 
-    def _fds_of(self, file: _File) -> tuple[int, int]:
-        """(data fd, index fd) of ``file``, opened on first use and kept in a small LRU."""
-        digest = file.key.digest
-        fds = self._fds.get(digest)
-        if fds is not None:
-            self._fds.move_to_end(digest)
-            return fds
-        data = os.open(os.path.join(file.directory, DATA_NAME), os.O_RDWR | os.O_CLOEXEC)
-        try:
+    def _fd(self, file: _File, role: int) -> int:
+        """``file``'s data (``_DATA``) or journal (``_JOURNAL``, for appending) fd, opened on first use
+        and kept in a small LRU."""
+        slot = (file.key.digest, role)
+        fd = self._fds.get(slot)
+        if fd is not None:
+            self._fds.move_to_end(slot)
+            return fd
+        if role == _DATA:
+            fd = os.open(os.path.join(file.directory, DATA_NAME), os.O_RDWR | os.O_CLOEXEC)
+        else:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            journal = os.open(os.path.join(file.directory, INDEX_NAME), flags, 0o600)
-        except OSError:
-            os.close(data)
-            raise
-        self._fds[digest] = fds = (data, journal)
-        if len(self._fds) > self._max_open:
-            for fd in self._fds.popitem(last=False)[1]:
-                os.close(fd)
-        return fds
+            fd = os.open(os.path.join(file.directory, INDEX_NAME), flags, 0o600)
+        self._keep_fd(slot, fd)
+        return fd
+
+    def _keep_fd(self, slot: tuple[str, int], fd: int) -> None:
+        self._fds[slot] = fd
+        if len(self._fds) > 2 * self._max_open:
+            os.close(self._fds.popitem(last=False)[1])
 
     def _close_fds(self, digest: str) -> None:
-        for fd in self._fds.pop(digest, ()):
-            os.close(fd)
+        for role in (_DATA, _JOURNAL):
+            fd = self._fds.pop((digest, role), None)
+            if fd is not None:
+                os.close(fd)
 
     # ---- writing ------------------------------------------------------------------------------
 
@@ -418,8 +424,9 @@ class BlockCache:
         record = landed.record
         try:
             if file.journal_bytes == 0:
-                self._start_journal(file)
-            self._append(file, block_record(key, self.block_size, record))
+                self._start_journal(file, block_record(key, self.block_size, record))
+            else:
+                self._append(file, block_record(key, self.block_size, record))
         except OSError as exc:
             log.warning("cache: cannot journal block %d of %s: %s", record.index, key.did, exc)
             if key.digest not in self._files:
@@ -471,18 +478,23 @@ class BlockCache:
             return None
         return data
 
-    def _start_journal(self, file: _File) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    def _start_journal(self, file: _File, first: bytes) -> None:
+        """Write ``file``'s journal anew: its header and ``first`` record in one write, on the fd the
+        next records are appended with."""
+        self._close_fds(file.key.digest)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         fd = os.open(os.path.join(file.directory, INDEX_NAME), flags, 0o600)
+        content = file_record(file.key, self.block_size) + first
         try:
-            header = file_record(file.key, self.block_size)
-            _write_all(fd, header)
-        finally:
+            _write_all(fd, content)
+        except OSError:
             os.close(fd)
-        file.journal_bytes = len(header)
+            raise
+        self._keep_fd((file.key.digest, _JOURNAL), fd)
+        file.journal_bytes = len(content)
 
     def _append(self, file: _File, record: bytes) -> None:
-        _write_all(self._fds_of(file)[1], record)
+        _write_all(self._fd(file, _JOURNAL), record)
         file.journal_bytes += len(record)
         if file.journal_bytes > 2 * file.live_journal_bytes + _COMPACT_SLACK:
             self._compact(file)
@@ -552,7 +564,7 @@ class BlockCache:
                 file.verified = False
                 self._append(file, verified_record(False))
             self._append(file, drop_record(index))
-            if self._can_punch and not punch_hole(self._fds_of(file)[0], index * self.block_size, record.length):
+            if self._can_punch and not punch_hole(self._fd(file, _DATA), index * self.block_size, record.length):
                 self._can_punch = False
                 log.info("cache: the file system cannot punch holes; evicting whole files")
         except OSError as exc:
@@ -641,8 +653,11 @@ class BlockCache:
     def close(self) -> None:
         """Close the file descriptors kept open."""
         while self._fds:
-            for fd in self._fds.popitem()[1]:
-                os.close(fd)
+            os.close(self._fds.popitem()[1])
+
+
+_DATA: Final = 0
+_JOURNAL: Final = 1
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -24,7 +24,10 @@ and no await.
   over like blocks, and are checked like every transfer (status, Content-Range, exact body length); a
   piece has no checksum of its own in the catalogue, so it is not adler32-verified. Pieces of plain
   ``http://`` URLs are fetched on the trio thread (:mod:`datalakefs.transport.trio_http`): no thread
-  hop, which on a local link costs more than the GET itself; other URLs go through aiohttp. Once a reader turns
+  hop, which on a local link costs more than the GET itself; other URLs go through aiohttp. So is a
+  transfer of a small file's blocks (at most ``INLINE_TRANSFER_MAX`` bytes, e.g. every file of a
+  dataset of small files): fetched and written to the cache on the trio thread, which a whole file of
+  a few KiB costs less than the two thread hops and aiohttp's per-request work. Once a reader turns
   sequential its window fetches whole blocks into the cache as above. ``piece_reads = false`` turns
   pieces off: every read then fetches, caches and verifies whole blocks.
 * Missing consecutive blocks are fetched with one closed-range GET per ``max_request`` bytes (64 MiB:
@@ -59,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -83,6 +87,8 @@ log = logging.getLogger(__name__)
 
 SEQUENTIAL_SLACK = 4  # blocks
 PIECE_ALIGN = 4096  # piece reads fetch whole pages
+#: a transfer of at most this many bytes (a small file) runs on the trio thread when its URL allows
+INLINE_TRANSFER_MAX = 256 << 10
 #: Where a file's replicas are; ``True`` asks the catalogue itself, not a guess from the file's dataset
 #: (``FileReplicas.presumed``), once a reader found the file at none of the presumed places.
 Locate = Callable[[bool], Awaitable[FileReplicas]]
@@ -525,6 +531,17 @@ class StreamService:
                 return
 
     async def _attempt(self, run: _Run, candidate: Candidate, first: int, end: int) -> None:
+        key = run.key
+        start = first * self.block_size
+        length = min(key.size, end * self.block_size) - start
+        self._requests += 1
+        quick = self._piece_transport
+        if length <= INLINE_TRANSFER_MAX and quick is not None and quick.supports(candidate.url):
+            # a small file (or tail): fetched and stored on this thread, without the two thread hops
+            # and aiohttp's per-request work, which cost more than its bytes (see the module docstring)
+            writer = self.cache.writer(key, first, end, functools.partial(self._landed, run))
+            await quick.fetch(candidate.url, start, length, key.size, writer)
+            return
         token = self._token
         assert token is not None
 
@@ -532,10 +549,6 @@ class StreamService:
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(self._landed, run, landed)
 
-        key = run.key
-        start = first * self.block_size
-        length = min(key.size, end * self.block_size) - start
-        self._requests += 1
         writer = self.cache.writer(key, first, end, on_block)
         await self._transport.fetch(candidate.url, start, length, key.size, writer)
 
@@ -748,7 +761,9 @@ class StreamContent:
         return self._running().open(info, locate)
 
     async def warm(self, info: DIDInfo) -> None:
-        """Read the whole file into the block cache (listing-order prefetch); cached blocks cost nothing."""
+        """Read the whole file into the block cache (listing-order prefetch); a cached file costs nothing."""
+        if self._service is not None and info.size is not None and self._service.cache.is_complete(FileKey.of(info)):
+            return
         reader = await self.open(info, nonblocking=False)
         try:
             await reader.read(0, info.size or 0)

@@ -15,7 +15,7 @@ import trio
 from datalakefs.config import Config
 from datalakefs.errors import AccessDeniedError, TransferError
 from datalakefs.model import DID, FileReplicas, Replica
-from datalakefs.staging.stream import PIECE_ALIGN, SEQUENTIAL_SLACK, StreamContent
+from datalakefs.staging.stream import INLINE_TRANSFER_MAX, PIECE_ALIGN, SEQUENTIAL_SLACK, StreamContent
 from tests.faults.harness import BS, info_of, open_reader, payload, ranges, read_all, running
 from tests.faults.origin import FaultyOrigin
 
@@ -57,6 +57,23 @@ async def test_small_random_reads_fetch_only_their_pages_and_cache_nothing(tmp_p
     assert stats.piece_requests == len(offsets)
     assert stats.bytes_fetched == sum(end - start for start, end in pages)
     assert origin.violations == []
+
+
+@pytest.mark.parametrize(("size", "inline"), [(549, True), (INLINE_TRANSFER_MAX, True), (2 * BS, False)])
+async def test_a_small_file_is_fetched_and_cached_on_the_trio_thread(tmp_path: Path, size: int, inline: bool) -> None:
+    """A whole small file needs no thread hop (the trio client's GET); a larger one goes to aiohttp."""
+    data = payload(size, seed=3)
+    info = info_of("small", data)
+    with FaultyOrigin({"small": data}) as origin:
+        async with running(tmp_path) as service:
+            reader = open_reader(service, info, origin.url("small"))
+            assert await read_all(reader) == data
+            assert service.cached_bytes(info) == size
+            assert service.statistics().verified_files == 1
+    agents = {request.headers.get("User-Agent", "") for request in origin.requests}
+    assert (agents == {"datalakefs"}) == inline, agents  # the trio client's; aiohttp names itself
+    if inline:
+        assert ranges(origin.gets()) == [(0, size)]  # one GET, however many reads
 
 
 async def test_without_piece_reads_small_random_reads_fetch_verified_blocks(tmp_path: Path) -> None:
