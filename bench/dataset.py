@@ -18,6 +18,7 @@ import functools
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ WORKLOAD = "every file of the 10k dataset"
 
 
 FIRST_BYTE_FILES = 20  # files whose first byte is timed after the listing (the row's median)
+CACHE_PREFIX = "cache-"
 PARALLEL_READERS = (4, 16)  # reader processes that split the dataset's files between them
 
 
@@ -159,9 +161,7 @@ class Suite:
         for state in ("cold", "warm"):
             seconds, calls, logged = [], [], []
             for index in range(self.n):
-                cache = work / f"cache{index}"
-                shutil.rmtree(cache, ignore_errors=True)  # cold means cold: nothing left by an earlier run
-                with datalakefs(work / "mnt", cache, *self.mount_options()) as mount:
+                with datalakefs(work / "mnt", fresh_cache(work), *self.mount_options()) as mount:
                     directory = collection_path(mount.mountpoint, self.dataset)
                     if state == "warm":
                         read_every_file(directory, self.limit)
@@ -185,7 +185,7 @@ class Suite:
         inside = [Path(*f.parts[1:]) for f in files]
         peers = {
             "rclone webdav": lambda mnt, i: mounts.rclone_webdav(
-                mnt, f"{self.distance.url('origin_http')}/{scope}/", work / f"rclone-cache-{i}", work / "rclone.log"),
+                mnt, f"{self.distance.url('origin_http')}/{scope}/", fresh_cache(work), work / "rclone.log"),
             "xrootdfs": lambda mnt, i: mounts.xrootdfs(
                 mnt, f"{self.distance.url('origin_root')}//{scope}/", work / "xrootdfs.log"),
         }
@@ -199,20 +199,18 @@ class Suite:
                 with mount(mnt, index):
                     drop_caches()
                     seconds.append(timed(functools.partial(stat_and_read, [mnt / f for f in inside]))[0])
-                shutil.rmtree(work / f"rclone-cache-{index}", ignore_errors=True)
             self.add(tool, "cold", seconds, len(files))
 
     def first_byte_after_listing(self, work: Path) -> None:
         """``ls -l`` of the dataset on a fresh mount, then open + first byte of its first files."""
         samples = []
-        for index in range(self.n):
-            with datalakefs(work / "mnt", work / f"cache-fb{index}", *self.mount_options()) as mount:
+        for _ in range(self.n):
+            with datalakefs(work / "mnt", fresh_cache(work), *self.mount_options()) as mount:
                 directory = collection_path(mount.mountpoint, self.dataset)
                 listed = sorted(os.scandir(directory), key=lambda entry: entry.name)
                 for entry in listed:
                     entry.stat()
                 samples += [first_byte(Path(entry.path), 1) for entry in listed[:FIRST_BYTE_FILES]]
-            shutil.rmtree(work / f"cache-fb{index}", ignore_errors=True)
         self.result.rows.append(Row(f"first byte after ls -l (median of {FIRST_BYTE_FILES} files × runs), "
                                     f"{rtt_label(self.distance.rtt_ms)}", "datalakefs", "cold", median(samples),
                                     runs=self.n))
@@ -232,8 +230,8 @@ class Suite:
             self.add(f"curl -K ×{readers} processes", "cold", [run_parallel(configs, env) for _ in range(self.n)],
                      len(urls))
             seconds = []
-            for index in range(self.n):
-                with datalakefs(work / "mnt", work / f"cache-par{index}", *self.mount_options()) as mount:
+            for _ in range(self.n):
+                with datalakefs(work / "mnt", fresh_cache(work), *self.mount_options()) as mount:
                     directory = collection_path(mount.mountpoint, self.dataset)
                     listed = sorted(os.scandir(directory), key=lambda entry: entry.name)[: self.limit]
                     for entry in listed:
@@ -241,7 +239,6 @@ class Suite:
                     drop_caches()
                     parts = split([entry.path for entry in listed], readers)
                     seconds.append(run_parallel([["cat", *part] for part in parts], env))
-                shutil.rmtree(work / f"cache-par{index}", ignore_errors=True)
             self.add(f"datalakefs, cat ×{readers} processes", "cold", seconds, self.limit)
 
     def goals(self) -> None:
@@ -297,6 +294,8 @@ class Suite:
                             self.result.notes.append(f"{rtt_label(rtt_ms)}: {name}: failed: {exc}")
                             print(f"[dataset] {name} failed: {exc!r}", flush=True)
                     self.goals()
+            for cache in work.glob(f"{CACHE_PREFIX}*"):  # after every run, not before one: see fresh_cache
+                shutil.rmtree(cache, ignore_errors=True)
         self.result.notes.append(
             f"command: `python -m bench.dataset` (BENCH_RUNS={self.n}, BENCH_DATASET_FILES={self.limit}, "
             f"BENCH_RTT_MS={','.join(f'{r:g}' for r in rtts_ms())}, BENCH_RTT_SLOW_FILES={self.slow_limit}); "
@@ -304,6 +303,14 @@ class Suite:
             "further away; cold = fresh mount and cache, page cache dropped; warm = block cache filled by a "
             "first pass, page cache dropped; goals compare seconds per file")
         return self.result
+
+
+def fresh_cache(work: Path) -> Path:
+    """A cache directory no run used before (cold means cold). Nothing is deleted right before a run:
+    ext4 passes over inodes freed in the last minutes when it allocates new ones, so a cold run that
+    created 10k cache files right after 30k were deleted spent twice the kernel time (perf: most of
+    it in ``recently_deleted``, under ``ext4_create``/``ext4_mkdir``). The suite removes them at its end."""
+    return Path(tempfile.mkdtemp(prefix=CACHE_PREFIX, dir=work))
 
 
 def run() -> SuiteResult:
