@@ -495,7 +495,8 @@ class StreamService:
             run.fail(TransferError(f"{run.key.did}: internal error in the transfer: {exc!r}"))
         finally:
             self._transfers -= 1
-            run.fail(TransferError(f"{run.key.did}: the transfer was stopped"))
+            if run.pending:  # cancelled (the service stops): an error only for who still waits
+                run.fail(TransferError(f"{run.key.did}: the transfer was stopped"))
 
     async def _attempts(
         self, run: _Run, options: tuple[Candidate, ...], reasons: list[str], kinds: list[FailureKind | None]
