@@ -339,6 +339,22 @@ def test_a_datasets_new_replicas_are_seen_after_the_ttl(
     assert _replica_calls(mount) == 2  # the whole dataset again, once
 
 
+def test_an_open_out_of_listing_order_starts_no_prefetch(
+    lake: LakeStatus, new_mount: Any, rucio_client: Any
+) -> None:
+    plan = _small_dataset(lake, rucio_client, 40)
+    mount = new_mount("listing_prefetch_files=8")
+    mount.start()
+    directory = mount.mountpoint / plan.scope / plan.name
+    names = sorted(os.listdir(directory))
+    for name in (names[0], names[1], names[30]):  # in order, then the pattern breaks
+        _read_all(directory / name)
+    wait_until(lambda: mount.status()["prefetch"]["in_flight"] == 0, timeout=60, what="the prefetch settled")
+    assert mount.status()["prefetch"]["started"] > 0  # the first opens in order did start one
+    beyond = [int(os.getxattr(directory / name, "user.datalakefs.cached")) for name in names[31:39]]
+    assert beyond == [0] * 8  # a reader that jumped is not followed
+
+
 def test_a_reader_going_through_a_dataset_finds_the_next_files_prefetched(
     lake: LakeStatus, new_mount: Any, rucio_client: Any
 ) -> None:
