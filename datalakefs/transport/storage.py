@@ -16,8 +16,11 @@ A PUT never overwrites bytes it did not write: it is sent with ``If-None-Match: 
 already holds an object at the URL answers 412, which is a :class:`StorageConflictError`. (A server
 that ignores the header would overwrite: the uploader checks with :meth:`StorageClient.head` first.)
 
-Connections are kept alive per worker thread and per (scheme, host, port, TLS context); a pooled
-connection the server closed meanwhile is replaced once. Messages name URLs without query string or
+Connections are kept alive per (scheme, host, port, TLS context) in one pool for all worker threads: a
+connection is taken out while one request uses it, so a thread never shares one, and the next request,
+on whichever trio worker thread it runs, reuses it instead of paying a TCP and TLS handshake (per-thread
+pools reused almost nothing: trio hands each call to any idle worker thread). A pooled connection the
+server closed meanwhile is replaced once. Messages name URLs without query string or
 user info (a signed URL's query may hold a credential).
 """
 
@@ -41,7 +44,9 @@ from datalakefs.transport.http import RequestAuth
 #: request refused for its credentials can be sent again), or a one-shot iterable of chunks
 Body = Callable[[], Iterable[bytes]] | Iterable[bytes]
 
-_MAX_IDLE: Final = 4
+#: idle connections kept per server: enough for the uploads in flight (``upload_concurrency``, and the
+#: sends while writing)
+_MAX_IDLE: Final = 16
 _STALE: Final = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
 
@@ -70,7 +75,8 @@ class StorageClient:
         self._auth = auth
         self._deadline = deadline
         self._stall = stall
-        self._local = threading.local()
+        self._pool_lock = threading.Lock()
+        self._pool: dict[tuple[object, ...], list[http.client.HTTPConnection]] = {}
 
     def put(self, url: str, body: Body, size: int | None) -> None:
         """Store ``body`` (``size`` bytes, or chunked when None) at ``url``, which must hold nothing yet."""
@@ -104,11 +110,12 @@ class StorageClient:
             raise self._failure("DELETE", url, reply)
 
     def close(self) -> None:
-        """Close this thread's idle connections."""
-        for connections in getattr(self._local, "idle", {}).values():
+        """Close the idle connections."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, {}
+        for connections in pool.values():
             for connection in connections:
                 connection.close()
-        self._local.idle = {}
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -134,12 +141,12 @@ class StorageClient:
         key = (parts.scheme, parts.hostname, parts.port, id(context))
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         expires = time.monotonic() + self._deadline.seconds(size)
-        pooled = self._idle(key)
+        pooled = self._take_idle(key)
         replayable = body is None or callable(body)
         try:
-            if pooled:
+            if pooled is not None:
                 try:
-                    return self._exchange(pooled.pop(), key, method, target, all_headers, body, expires)
+                    return self._exchange(pooled, key, method, target, all_headers, body, expires)
                 except _STALE:
                     if not replayable:
                         raise
@@ -156,11 +163,19 @@ class StorageClient:
         except (OSError, http.client.HTTPException) as exc:
             raise TransferError(f"{method} {redact_url(url)} failed: {exc!r}") from None
 
-    def _idle(self, key: tuple[object, ...]) -> list[http.client.HTTPConnection]:
-        idle: dict[tuple[object, ...], list[http.client.HTTPConnection]] | None = getattr(self._local, "idle", None)
-        if idle is None:
-            idle = self._local.idle = {}
-        return idle.setdefault(key, [])
+    def _take_idle(self, key: tuple[object, ...]) -> http.client.HTTPConnection | None:
+        """A kept-alive connection to the server ``key``, now this request's alone, or None."""
+        with self._pool_lock:
+            idle = self._pool.get(key)
+            return idle.pop() if idle else None
+
+    def _give_back(self, key: tuple[object, ...], connection: http.client.HTTPConnection) -> None:
+        with self._pool_lock:
+            idle = self._pool.setdefault(key, [])
+            if len(idle) < _MAX_IDLE:
+                idle.append(connection)
+                return
+        connection.close()
 
     def _connect(
         self, scheme: str, host: str, port: int | None, context: ssl.SSLContext | None
@@ -209,9 +224,8 @@ class StorageClient:
             clean = not response.will_close
             return Reply(response.status, response.reason, {k: v for k, v in response.getheaders()})
         finally:
-            idle = self._idle(key)
-            if clean and len(idle) < _MAX_IDLE:
-                idle.append(connection)
+            if clean:
+                self._give_back(key, connection)
             else:
                 connection.close()
 

@@ -157,3 +157,16 @@ def test_errors_name_the_url_without_its_query(store: Store) -> None:
     with pytest.raises(TransferError) as failed:
         client().put(f"http://127.0.0.1:1/f?authz=secret-{id(store)}", lambda: iter([b"x"]), 1)
     assert "secret" not in str(failed.value) and "127.0.0.1:1/f" in str(failed.value)
+
+
+def test_a_connection_kept_by_one_thread_is_reused_by_the_next_request_on_another(store: Store) -> None:
+    # trio hands each upload step to whichever worker thread is idle: the pool must not be per thread
+    storage = client()
+    url = f"{store.base}/SCRATCH/threads"
+    storage.put(url, lambda: iter([b"x"]), 1)
+    for _ in range(3):
+        worker = threading.Thread(target=storage.head, args=(url,))
+        worker.start()
+        worker.join()
+    storage.close()
+    assert len(store.connections) == 1
