@@ -157,7 +157,8 @@ class Namespace:
             infos = await self._catalogue.list_collections(node.scope)
         elif node.kind is NodeKind.COLLECTION:
             assert node.did is not None
-            infos = await self._with_times(await self._catalogue.list_content(node.did), node.info)
+            dataset = node.info is not None and node.info.type is DIDType.DATASET
+            infos = await self._with_times(await self._catalogue.list_content(node.did, dataset), node.info)
         else:
             infos = await self._with_times(await self._catalogue.query(node.scope, node.label), None)
         entries = [(component_for(info.did, node.scope), info) for info in infos]
