@@ -98,6 +98,10 @@ class InodeTable:
         self._keys[ino] = key
         return node
 
+    def current(self, node: Node) -> bool:
+        """``node`` is the table's node for its inode (not forgotten, not replaced by a newer one)."""
+        return self._nodes.get(node.ino) is node
+
     def remember(self, ino: int, count: int = 1) -> None:
         """The kernel took ``count`` more references (a lookup, or an entry of readdirplus)."""
         if ino != ROOT_INODE:

@@ -230,6 +230,33 @@ async def test_forget_releases_listed_nodes(fs: Filesystem) -> None:
         await fs.getattr(first)
 
 
+async def test_a_listing_hands_out_known_nodes_only(fs: Filesystem) -> None:
+    """Nodes of a listing are built once; one the kernel forgot is replaced, never handed out stale."""
+    raw = await _path(fs, "phys", "raw")
+
+    async def listed() -> dict[str, int]:
+        fh = await fs.opendir(raw)
+        try:
+            entries = {entry.name: entry.attributes.ino for _, entry in fs.readdir(fh, 0)}
+        finally:
+            fs.releasedir(fh)
+        for ino in entries.values():
+            fs.remember(ino)
+        return entries
+
+    first = await listed()
+    assert await listed() == first
+    fs.forget(first["f1.root"], 2)
+    again = await listed()
+    assert again["f1.root"] != first["f1.root"]
+    assert {name: ino for name, ino in again.items() if name != "f1.root"} == {
+        name: ino for name, ino in first.items() if name != "f1.root"}
+    for ino in again.values():
+        assert (await fs.getattr(ino)).ino == ino
+    in_reco = await fs.lookup(await _path(fs, "phys", "reco"), "f1.root")  # one inode per file DID
+    assert in_reco.ino == again["f1.root"]
+
+
 class _Stager:
     def __init__(self) -> None:
         self.staged: list[tuple[DIDInfo, bytes]] = []
