@@ -112,7 +112,18 @@ class LakeTree:
         return True
 
     def attributes(self, node: Node) -> Attributes:
-        return attributes_of(node, self._owner, self._start)
+        """Built once per node (a lake node never changes while it lives): ``ls -l`` of a large
+        directory spent most of its readdir time building them again."""
+        inodes = self._ns.inodes
+        kept = inodes.derived(node.ino)
+        if isinstance(kept, Attributes):
+            return kept
+        directory = None
+        if node.info is not None and not node.info.created_at and node.parent in inodes:
+            directory = inodes.get(node.parent).info
+        attributes = attributes_of(node, self._owner, self._start, directory)
+        inodes.keep_derived(node.ino, attributes)
+        return attributes
 
     async def lookup(self, parent: Node, name: str) -> Node:
         return await self._ns.lookup(parent, name)

@@ -160,9 +160,9 @@ class Namespace:
         elif node.kind is NodeKind.COLLECTION:
             assert node.did is not None
             dataset = node.info is not None and node.info.type is DIDType.DATASET
-            infos = await self._with_times(await self._catalogue.list_content(node.did, dataset), node.info)
+            infos = await self._with_times(await self._catalogue.list_content(node.did, dataset))
         else:
-            infos = await self._with_times(await self._catalogue.query(node.scope, node.label), None)
+            infos = await self._with_times(await self._catalogue.query(node.scope, node.label))
         entries = [(component_for(info.did, node.scope), info) for info in infos]
         listing = _Listing(entries, dict(entries), tuple(infos))
         self._listings[key] = listing
@@ -203,18 +203,14 @@ class Namespace:
         await self._catalogue.query(parent.scope, component)
         return self._virtual(NodeKind.QUERY_RESULT, parent.ino, component, parent.scope)
 
-    async def _with_times(self, infos: list[DIDInfo], parent: DIDInfo | None) -> list[DIDInfo]:
+    async def _with_times(self, infos: list[DIDInfo]) -> list[DIDInfo]:
         """Listings carry sizes and checksums but no times. Up to ``times_limit`` entries, one bulk
         metadata call fetches them; above that it would cost ~0.25 s per 1,000 entries, so the
-        entries take the listed collection's times instead (their own arrive on a direct lookup)."""
+        entries stay without times and show their directory's (see ``fs/attributes.py``): the
+        catalogue's answer is used as it is, not copied entry by entry."""
         missing = [info.did for info in infos if not info.created_at]
-        if not missing:
+        if not missing or len(missing) > self._times_limit:
             return infos
-        if len(missing) > self._times_limit:
-            if parent is None:
-                return infos
-            created, updated = parent.created_at, parent.updated_at
-            return [DIDInfo(i.did, i.type, i.size, i.adler32, i.md5, created, updated) for i in infos]
         timed = {info.did: info for info in await self._catalogue.get_infos(missing)}
         return [_merge(info, timed.get(info.did)) for info in infos]
 
