@@ -20,7 +20,7 @@ from datalakefs.fs.attributes import Attributes, Ownership, attributes_of
 from datalakefs.fs.ports import FileContent, OpenFile, StageRequests
 from datalakefs.fs.prefetch import ListingPrefetch
 from datalakefs.fs.subtree import FileHandle, OpenMode
-from datalakefs.model import DIDInfo
+from datalakefs.model import DIDInfo, DIDType
 from datalakefs.namespace.inodes import Node, NodeKind
 from datalakefs.namespace.tree import Namespace
 
@@ -184,6 +184,8 @@ class LakeTree:
         if name == "user.rucio.adler32":
             return info.adler32 or ""
         if name == "user.rucio.md5":
+            if info.md5 is None and info.type is DIDType.FILE:  # a dataset's listing (list_files) has none
+                info = await self._catalogue.get_info(info.did)
             return info.md5 or ""
         if name == "user.rucio.replicas":
             replicas = await self._catalogue.list_replicas([info.did])

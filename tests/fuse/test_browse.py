@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,13 +135,15 @@ def test_ls_l_of_a_large_dataset_is_stable_and_agrees_with_stat(lake: LakeStatus
     assert after.get("list_content", 0) - before.get("list_content", 0) <= 1
 
 
-def test_xattrs(lake: LakeStatus, lake_mount: Mount) -> None:
+def test_xattrs(lake: LakeStatus, lake_mount: Mount, rucio_client: Any) -> None:
     did = DID.parse(lake.seed.sized_files[1 << 20])
     path = path_of(lake_mount, lake.seed.sized_files[1 << 20], lake.seed.sized_dataset)
     dump = subprocess.run(["getfattr", "-d", str(path)], capture_output=True, text=True, check=True).stdout
     assert f'user.rucio.scope="{did.scope}"' in dump
     assert 'user.rucio.did_type="FILE"' in dump
     assert len(os.getxattr(path, "user.rucio.adler32")) == 8
+    # the dataset's listing (list_files) gives no md5: the file's own facts do
+    assert os.getxattr(path, "user.rucio.md5").decode() == rucio_client.get_metadata(did.scope, did.name)["md5"]
     assert lake.seed.origin_rse in os.getxattr(path, "user.rucio.replicas").decode().split(",")
     before = calls(lake_mount)
     with pytest.raises(OSError) as missing:
