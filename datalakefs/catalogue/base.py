@@ -26,6 +26,12 @@ class Catalogue(Protocol):
         """The direct children of a collection, with size and checksums for files."""
         ...
 
+    def list_files(self, did: DID) -> list[DIDInfo]:
+        """The files of a dataset (its content: a dataset holds only files), as :meth:`list_content`
+        answers for it but cheaper to ask and to parse, and without md5 (Rucio's ``list_files`` gives
+        none; :meth:`get_info` does). For a container, the files of its whole tree."""
+        ...
+
     def get_info(self, did: DID) -> DIDInfo:
         """One DID's facts (type, size, checksums, times); ``NotFoundError`` when unknown."""
         ...

@@ -15,6 +15,7 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 
+from datalakefs.model import DIDInfo
 from datalakefs.namespace.inodes import Node, NodeKind
 
 
@@ -58,11 +59,14 @@ class Attributes:
         return stat.S_ISDIR(self.mode)
 
 
-def attributes_of(node: Node, owner: Ownership, start_time: float) -> Attributes:
-    """The attributes of ``node``; virtual nodes carry the mount's start time."""
+def attributes_of(node: Node, owner: Ownership, start_time: float, directory: DIDInfo | None = None) -> Attributes:
+    """The attributes of ``node``. Its times are its DID's; an entry of a listing too large to ask
+    every entry's times for has none and shows ``directory``'s (the DID of the directory that listed
+    it); virtual nodes and DIDs without known times show the mount's start time."""
     info = node.info
-    mtime = (info.updated_at or info.created_at) if info else 0.0
-    ctime = info.created_at if info else 0.0
+    timed = info if info is not None and info.created_at else directory
+    mtime = (timed.updated_at or timed.created_at) if timed else 0.0
+    ctime = timed.created_at if timed else 0.0
     if not mtime:
         mtime = ctime = start_time
     if node.kind.is_dir:

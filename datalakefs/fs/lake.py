@@ -20,7 +20,7 @@ from datalakefs.fs.attributes import Attributes, Ownership, attributes_of
 from datalakefs.fs.ports import FileContent, OpenFile, StageRequests
 from datalakefs.fs.prefetch import ListingPrefetch
 from datalakefs.fs.subtree import FileHandle, OpenMode
-from datalakefs.model import DIDInfo
+from datalakefs.model import DIDInfo, DIDType
 from datalakefs.namespace.inodes import Node, NodeKind
 from datalakefs.namespace.tree import Namespace
 
@@ -112,7 +112,18 @@ class LakeTree:
         return True
 
     def attributes(self, node: Node) -> Attributes:
-        return attributes_of(node, self._owner, self._start)
+        """Built once per node (a lake node never changes while it lives): ``ls -l`` of a large
+        directory spent most of its readdir time building them again."""
+        inodes = self._ns.inodes
+        kept = inodes.derived(node.ino)
+        if isinstance(kept, Attributes):
+            return kept
+        directory = None
+        if node.info is not None and not node.info.created_at and node.parent in inodes:
+            directory = inodes.get(node.parent).info
+        attributes = attributes_of(node, self._owner, self._start, directory)
+        inodes.keep_derived(node.ino, attributes)
+        return attributes
 
     async def lookup(self, parent: Node, name: str) -> Node:
         return await self._ns.lookup(parent, name)
@@ -173,6 +184,8 @@ class LakeTree:
         if name == "user.rucio.adler32":
             return info.adler32 or ""
         if name == "user.rucio.md5":
+            if info.md5 is None and info.type is DIDType.FILE:  # a dataset's listing (list_files) has none
+                info = await self._catalogue.get_info(info.did)
             return info.md5 or ""
         if name == "user.rucio.replicas":
             replicas = await self._catalogue.list_replicas([info.did])

@@ -64,12 +64,16 @@ class InodeTable:
         self._by_key: dict[Hashable, int] = {}
         self._keys: dict[int, Hashable] = {}
         self._lookups: dict[int, int] = {}
+        self._derived: dict[int, object] = {}
         self._next = itertools.count(ROOT_INODE + 1)
         root = Node(ROOT_INODE, NodeKind.ROOT, ROOT_INODE)
         self._nodes[ROOT_INODE] = root
 
     def __len__(self) -> int:
         return len(self._nodes)
+
+    def __contains__(self, ino: object) -> bool:
+        return ino in self._nodes
 
     def get(self, ino: int) -> Node:
         try:
@@ -90,6 +94,7 @@ class InodeTable:
                 if fresh.info is not None:
                     node = replace(node, info=fresh.info)
                     self._nodes[ino] = node
+                    self._derived.pop(ino, None)
             return node
         ino = next(self._next)
         node = make(ino)
@@ -97,6 +102,20 @@ class InodeTable:
         self._by_key[key] = ino
         self._keys[ino] = key
         return node
+
+    def derived(self, ino: int) -> object | None:
+        """What the layer above derived from the node and kept with it (:meth:`keep_derived`), or None."""
+        return self._derived.get(ino)
+
+    def keep_derived(self, ino: int, value: object) -> None:
+        """Keep ``value``, derived from node ``ino`` alone (its attributes), as long as that node lives:
+        it is dropped when the node is forgotten or replaced, so it never outlives what it came from."""
+        if ino in self._nodes:
+            self._derived[ino] = value
+
+    def current(self, node: Node) -> bool:
+        """``node`` is the table's node for its inode (not forgotten, not replaced by a newer one)."""
+        return self._nodes.get(node.ino) is node
 
     def remember(self, ino: int, count: int = 1) -> None:
         """The kernel took ``count`` more references (a lookup, or an entry of readdirplus)."""
@@ -113,6 +132,7 @@ class InodeTable:
             return
         del self._lookups[ino]
         del self._nodes[ino]
+        self._derived.pop(ino, None)
         del self._by_key[self._keys.pop(ino)]
 
     def lookup_count(self, ino: int) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 from cachetools import TTLCache
 
@@ -36,11 +36,14 @@ QUERY_DIR = ".query"
 _LISTED_KINDS = frozenset({NodeKind.SCOPE, NodeKind.COLLECTION, NodeKind.QUERY_RESULT})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Listing:
     entries: list[tuple[str, DIDInfo]]
     by_name: dict[str, DIDInfo]
     infos: tuple[DIDInfo, ...]
+    #: the entries' nodes, built by the first ``list_dir`` under parent inode ``children_of``
+    children: list[tuple[str, Node]] = field(default_factory=list)
+    children_of: int = 0
 
 
 class Namespace:
@@ -93,8 +96,7 @@ class Namespace:
             fixed = [(CONTROL_DIR, self._control_dir()), (QUERY_DIR, self._query_root())]
             return fixed + [(component_for_scope(scope), self._scope_node(scope)) for scope in scopes]
         if kind in _LISTED_KINDS:
-            listing = await self._listing(node)
-            return [(name, self._child(node, info)) for name, info in listing.entries]
+            return self._children(node, await self._listing(node))
         if kind is NodeKind.QUERY_ROOT:
             return [(component_for_scope(s), self._query_scope(s)) for s in await self._visible_scopes()]
         if kind is NodeKind.QUERY_SCOPE:
@@ -157,13 +159,28 @@ class Namespace:
             infos = await self._catalogue.list_collections(node.scope)
         elif node.kind is NodeKind.COLLECTION:
             assert node.did is not None
-            infos = await self._with_times(await self._catalogue.list_content(node.did), node.info)
+            dataset = node.info is not None and node.info.type is DIDType.DATASET
+            infos = await self._with_times(await self._catalogue.list_content(node.did, dataset))
         else:
-            infos = await self._with_times(await self._catalogue.query(node.scope, node.label), None)
+            infos = await self._with_times(await self._catalogue.query(node.scope, node.label))
         entries = [(component_for(info.did, node.scope), info) for info in infos]
         listing = _Listing(entries, dict(entries), tuple(infos))
         self._listings[key] = listing
         return listing
+
+    def _children(self, parent: Node, listing: _Listing) -> list[tuple[str, Node]]:
+        """The nodes of a listing's entries, built once per listing (an ``ls`` of 100,000 entries
+        spent half its time re-interning them): a node the kernel has forgotten since, or that the
+        inode table has replaced, is interned again, so no stale inode is handed out."""
+        if listing.children_of != parent.ino:
+            listing.children = [(name, self._child(parent, info)) for name, info in listing.entries]
+            listing.children_of = parent.ino
+            return list(listing.children)
+        children, current = listing.children, self._inodes.current
+        for index, (name, child) in enumerate(children):
+            if not current(child):
+                children[index] = (name, self._child(parent, listing.entries[index][1]))
+        return list(children)
 
     def listed(self, directory: Node) -> tuple[DIDInfo, ...] | None:
         """The directory's entries in listing order while its listing is cached; ``None`` otherwise
@@ -186,17 +203,14 @@ class Namespace:
         await self._catalogue.query(parent.scope, component)
         return self._virtual(NodeKind.QUERY_RESULT, parent.ino, component, parent.scope)
 
-    async def _with_times(self, infos: list[DIDInfo], parent: DIDInfo | None) -> list[DIDInfo]:
+    async def _with_times(self, infos: list[DIDInfo]) -> list[DIDInfo]:
         """Listings carry sizes and checksums but no times. Up to ``times_limit`` entries, one bulk
         metadata call fetches them; above that it would cost ~0.25 s per 1,000 entries, so the
-        entries take the listed collection's times instead (their own arrive on a direct lookup)."""
+        entries stay without times and show their directory's (see ``fs/attributes.py``): the
+        catalogue's answer is used as it is, not copied entry by entry."""
         missing = [info.did for info in infos if not info.created_at]
-        if not missing:
+        if not missing or len(missing) > self._times_limit:
             return infos
-        if len(missing) > self._times_limit:
-            if parent is None:
-                return infos
-            return [replace(info, created_at=parent.created_at, updated_at=parent.updated_at) for info in infos]
         timed = {info.did: info for info in await self._catalogue.get_infos(missing)}
         return [_merge(info, timed.get(info.did)) for info in infos]
 

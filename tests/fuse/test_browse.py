@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,13 +110,40 @@ def test_ls_l_of_10k_dataset_makes_no_per_file_call(lake: LakeStatus, lake_mount
     assert calls(lake_mount) == before
 
 
-def test_xattrs(lake: LakeStatus, lake_mount: Mount) -> None:
+def test_ls_l_of_a_large_dataset_is_stable_and_agrees_with_stat(lake: LakeStatus, lake_mount: Mount) -> None:
+    """A 10k dataset (listed with ``list_files``, above the times limit): every entry, listed twice,
+    has the same inode, size and time, ``stat`` agrees with the listing, and the entries show the
+    dataset directory's time without a metadata call per entry or in bulk."""
+    directory = path_of(lake_mount, lake.seed.dataset_10k)
+    before = dict(lake_mount.status()["catalogue"]["calls"])
+
+    def listed() -> dict[str, tuple[int, int, int]]:
+        with os.scandir(directory) as entries:
+            return {e.name: (e.inode(), (st := e.stat()).st_size, st.st_mtime_ns) for e in entries}
+
+    first = listed()
+    assert len(first) == 10_000
+    assert listed() == first
+    times = {mtime for _, _, mtime in first.values()}
+    assert times == {os.stat(directory).st_mtime_ns}
+    for name in sorted(first)[:: 997]:
+        st = os.stat(directory / name)
+        assert (st.st_ino, st.st_size, st.st_mtime_ns) == first[name]
+        assert stat.S_ISREG(st.st_mode)
+    after = lake_mount.status()["catalogue"]["calls"]
+    assert after.get("get_infos", 0) == before.get("get_infos", 0)
+    assert after.get("list_content", 0) - before.get("list_content", 0) <= 1
+
+
+def test_xattrs(lake: LakeStatus, lake_mount: Mount, rucio_client: Any) -> None:
     did = DID.parse(lake.seed.sized_files[1 << 20])
     path = path_of(lake_mount, lake.seed.sized_files[1 << 20], lake.seed.sized_dataset)
     dump = subprocess.run(["getfattr", "-d", str(path)], capture_output=True, text=True, check=True).stdout
     assert f'user.rucio.scope="{did.scope}"' in dump
     assert 'user.rucio.did_type="FILE"' in dump
     assert len(os.getxattr(path, "user.rucio.adler32")) == 8
+    # the dataset's listing (list_files) gives no md5: the file's own facts do
+    assert os.getxattr(path, "user.rucio.md5").decode() == rucio_client.get_metadata(did.scope, did.name)["md5"]
     assert lake.seed.origin_rse in os.getxattr(path, "user.rucio.replicas").decode().split(",")
     before = calls(lake_mount)
     with pytest.raises(OSError) as missing:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import configparser
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,14 @@ def test_dataset_content_has_sizes_and_checksums(catalogue: RucioCatalogue, seed
         assert info.adler32 is not None
         assert len(info.adler32) == 8
         assert info.md5 is not None
+    assert {i.did: i for i in catalogue.list_files(did(seed.sized_dataset))} == {
+        d: replace(i, md5=None) for d, i in content.items()}  # list_files gives no md5
+
+
+def test_escaped_names_are_listed_alike_by_content_and_files(catalogue: RucioCatalogue, seed: Any) -> None:
+    dataset = did(seed.escaped_dataset)
+    assert set(catalogue.list_files(dataset)) == {replace(i, md5=None) for i in catalogue.list_content(dataset)}
+    assert {did(n) for n in seed.escaped_names} <= {info.did for info in catalogue.list_files(dataset)}
 
 
 def test_facts_of_one_did(catalogue: RucioCatalogue, seed: Any) -> None:
@@ -97,6 +106,8 @@ def test_unknown_dids_and_scopes(catalogue: RucioCatalogue, seed: Any) -> None:
         catalogue.get_info(missing)
     with pytest.raises(NotFoundError):
         catalogue.list_content(missing)
+    with pytest.raises(NotFoundError):
+        catalogue.list_files(missing)
     with pytest.raises(NotFoundError):
         catalogue.list_collections("no-such-scope")
     assert catalogue.get_infos([missing, existing])[0].did == existing

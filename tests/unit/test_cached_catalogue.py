@@ -580,3 +580,20 @@ async def test_sixteen_workers_starting_across_a_dataset_share_one_replica_call(
             nursery.start_soon(worker, files[start])
     assert fake.calls["list_replicas"] == 1
     assert all(f is not None and [r.pfn for r in f.replicas] == [f"http://a/{d.name}"] for d, f in found.items())
+
+
+async def test_a_dataset_is_listed_by_its_files_cached_as_its_content(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    catalogue = cached(fake)
+    fake.fail(CatalogueUnavailableError("a row 2 is not valid JSON"), methods=["list_files"])
+    with pytest.raises(CatalogueUnavailableError, match="row 2"):
+        await catalogue.list_content(RUN1, dataset=True)
+    fake.fail(None)
+    files = await catalogue.list_content(RUN1, dataset=True)  # the failure was not cached
+    assert [info.did for info in files] == [F1, F2]
+    assert await catalogue.list_content(RUN1) == files  # one listing, however it was asked
+    assert (fake.calls["list_files"], fake.calls["list_content"]) == (2, 0)
+    catalogue.invalidate(RUN1)
+    await catalogue.list_content(RUN1, dataset=True)
+    assert fake.calls["list_files"] == 3

@@ -19,7 +19,7 @@ from datalakefs.errors import (
 from datalakefs.fs.attributes import Ownership
 from datalakefs.fs.filesystem import CLEAR_CACHE_XATTR, Filesystem
 from datalakefs.fs.lake import LakeTree
-from datalakefs.model import DIDInfo
+from datalakefs.model import DID, DIDInfo
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable
 from datalakefs.namespace.tree import Namespace
 
@@ -228,6 +228,58 @@ async def test_forget_releases_listed_nodes(fs: Filesystem) -> None:
     fs.forget(first, 1)
     with pytest.raises(NotFoundError):
         await fs.getattr(first)
+
+
+async def test_a_listing_hands_out_known_nodes_only(fs: Filesystem) -> None:
+    """Nodes of a listing are built once; one the kernel forgot is replaced, never handed out stale."""
+    raw = await _path(fs, "phys", "raw")
+
+    async def listed() -> dict[str, int]:
+        fh = await fs.opendir(raw)
+        try:
+            entries = {entry.name: entry.attributes.ino for _, entry in fs.readdir(fh, 0)}
+        finally:
+            fs.releasedir(fh)
+        for ino in entries.values():
+            fs.remember(ino)
+        return entries
+
+    first = await listed()
+    assert await listed() == first
+    fs.forget(first["f1.root"], 2)
+    again = await listed()
+    assert again["f1.root"] != first["f1.root"]
+    assert {name: ino for name, ino in again.items() if name != "f1.root"} == {
+        name: ino for name, ino in first.items() if name != "f1.root"}
+    for ino in again.values():
+        assert (await fs.getattr(ino)).ino == ino
+    in_reco = await fs.lookup(await _path(fs, "phys", "reco"), "f1.root")  # one inode per file DID
+    assert in_reco.ino == again["f1.root"]
+
+
+@pytest.mark.parametrize("times_limit", [1, 1000])
+async def test_entries_of_a_large_listing_show_their_directorys_times(
+    fake: FakeCatalogue, content: _NoContent, times_limit: int
+) -> None:
+    fake.add_file("phys:late.root", 4)
+    fake.attach("phys:raw", "phys:late.root")
+    catalogue = CachedCatalogue(fake, Config())
+    namespace = Namespace(catalogue, InodeTable(), times_limit=times_limit)
+    fs = Filesystem(namespace, LakeTree(namespace, catalogue, content, {}, Ownership(1000, 1000)))
+    raw = await _path(fs, "phys", "raw")  # looked up by name: the dataset's own times
+    raw_info = await catalogue.get_info(DID.parse("phys:raw"))
+    fh = await fs.opendir(raw)
+    entries = {entry.name: entry.attributes for _, entry in fs.readdir(fh, 0)}
+    fs.releasedir(fh)
+    own = {name: await catalogue.get_info(DID.parse(f"phys:{name}")) for name in ("f1.root", "late.root")}
+    assert entries["late.root"].size == 4
+    if times_limit == 1:  # 4 entries: above the limit, no metadata call, the dataset's times
+        assert fake.calls["get_infos"] == 0
+        assert {(a.mtime, a.ctime) for a in entries.values()} == {(raw_info.updated_at, raw_info.created_at)}
+    else:
+        for name, info in own.items():
+            assert (entries[name].mtime, entries[name].ctime) == (info.updated_at, info.created_at)
+    assert own["late.root"].created_at != raw_info.created_at  # the two cases are told apart
 
 
 class _Stager:

@@ -48,6 +48,25 @@ def test_forget_drops_only_after_the_last_reference() -> None:
     assert _file(table, DID("s", "f")).ino != node.ino
 
 
+def test_what_is_derived_from_a_node_lives_exactly_as_long_as_the_node() -> None:
+    table = InodeTable()
+    did = DID("s", "f")
+    node = _file(table, did)
+    assert table.current(node)
+    table.keep_derived(node.ino, "attributes of a node without facts")
+    assert table.derived(node.ino) == "attributes of a node without facts"
+    informed = table.intern(("file", did), lambda ino: Node(ino, NodeKind.FILE, ROOT_INODE, did=did,
+                                                            info=DIDInfo(did, DIDType.FILE, size=3)))
+    assert not table.current(node) and table.current(informed)
+    assert table.derived(node.ino) is None  # replaced: what was derived from the old node is gone
+    table.keep_derived(informed.ino, "attributes")
+    table.remember(informed.ino)
+    table.forget(informed.ino, 1)
+    assert table.derived(informed.ino) is None
+    table.keep_derived(informed.ino, "attributes of a forgotten node")  # too late: not kept
+    assert table.derived(informed.ino) is None
+
+
 def test_root_is_never_forgotten() -> None:
     table = InodeTable()
     table.remember(ROOT_INODE)

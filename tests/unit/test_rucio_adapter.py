@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import http.server
+import json
 import os
 import socket
 import threading
@@ -72,13 +73,19 @@ def adapter(stub: StubClient, **options: Any) -> RucioCatalogue:
     return RucioCatalogue(Config(**options), client_factory=lambda: stub)
 
 
+def streamed(rows: list[dict[str, Any]], cut: int = 7) -> list[bytes]:
+    """The body of a streamed listing of ``rows``, arriving in pieces of ``cut`` bytes."""
+    body = b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+    return [body[i : i + cut] for i in range(0, len(body), cut)]
+
+
 def test_listing_rows_become_infos() -> None:
     stub = StubClient(
         {
-            "list_content": [
+            "listing_body": lambda did, what: streamed([
                 {"scope": "d", "name": "f", "type": "FILE", "bytes": 5, "adler32": "0000000a", "md5": None},
                 {"scope": "m", "name": "ds", "type": "DATASET", "bytes": None, "adler32": None, "md5": None},
-            ],
+            ]),
             "list_dids": [
                 {"scope": "d", "name": "c", "did_type": "DIDType.CONTAINER", "bytes": 0, "length": 2}
             ],
@@ -92,7 +99,36 @@ def test_listing_rows_become_infos() -> None:
     ]
     [container] = catalogue.list_collections("d")
     assert (container.did, container.type) == (DID("d", "c"), DIDType.CONTAINER)
+    assert stub.calls[0] == ("listing_body", (DID("d", "run"), "dids"), {})
     assert stub.calls[1] == ("list_dids", ("d", [{"name": "*"}]), {"did_type": "collection", "long": True})
+
+
+def test_files_of_a_dataset_are_files_without_type_or_times() -> None:
+    rows = [{"scope": "d", "name": f"f{i}", "bytes": i, "adler32": "0000000a", "md5": "", "events": None}
+            for i in range(3)]
+    stub = StubClient({"listing_body": lambda did, what: streamed(rows)})
+    files = adapter(stub).list_files(DID("d", "ds"))
+    assert [(i.did, i.type, i.size, i.adler32, i.md5, i.created_at) for i in files] == [
+        (DID("d", f"f{i}"), DIDType.FILE, i, "0000000a", None, 0.0) for i in range(3)
+    ]
+    assert stub.calls == [("listing_body", (DID("d", "ds"), "files"), {})]
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ([b'{"scope": "d", "name": "f0", "bytes": 1}\n{"scope": "d", "na'], r"row 2 .*ends inside it"),
+        ([b'{"scope": "d", "name": "f0", "bytes": 1}\n', b"<html>bad gateway</html>\n"], r"row 2 is not valid JSON"),
+        ([b'{"scope": "d", "name": "f0", "bytes": 1}\n["d", "f1"]\n'], r"row 2 is not a JSON object"),
+        ([b'{"scope": "d", "bytes": 1}\n'], r"not a file \(KeyError\('name'\)\)"),
+        ([b'{"scope": "d", "name": "f0", "bytes": "many"}\n'], r"not a file \(ValueError"),
+    ],
+)
+def test_a_malformed_file_row_fails_the_listing_naming_the_server(body: list[bytes], problem: str) -> None:
+    stub = StubClient({"listing_body": lambda did, what: iter(body)})
+    with pytest.raises(CatalogueUnavailableError, match=problem) as caught:
+        adapter(stub).list_files(DID("d", "ds"))
+    assert "rucio server http://rucio.test:80" in str(caught.value) and "the files of d:ds" in str(caught.value)
 
 
 def test_an_empty_listing_tells_an_unknown_scope_from_an_empty_one() -> None:
@@ -281,12 +317,12 @@ def test_errors_are_translated_naming_the_server_never_the_token(
 
 
 def test_errors_while_streaming_are_translated() -> None:
-    def broken(*args: Any) -> Iterator[dict[str, Any]]:
-        yield {"scope": "d", "name": "f", "type": "FILE", "bytes": 1}
+    def broken(*args: Any) -> Iterator[bytes]:
+        yield b'{"scope": "d", "name": "f", "type": "FILE", "bytes": 1}\n'
         raise requests.exceptions.ChunkedEncodingError("connection reset mid-stream")
 
     with pytest.raises(CatalogueUnavailableError, match="mid-stream"):
-        adapter(StubClient({"list_content": broken})).list_content(DID("d", "ds"))
+        adapter(StubClient({"listing_body": broken})).list_content(DID("d", "ds"))
 
 
 def test_clients_are_pooled_one_per_concurrent_call_and_closed() -> None:
