@@ -65,7 +65,7 @@ import errno
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -75,12 +75,13 @@ from datalakefs.cache.layout import MIB, FileKey, block_count
 from datalakefs.cache.store import BlockCache, CacheStatistics, VerifyResult
 from datalakefs.cache.writer import LandedBlock
 from datalakefs.config import Config
-from datalakefs.errors import AccessDeniedError, DatalakeError, TransferError
+from datalakefs.errors import DatalakeError, TransferError
 from datalakefs.model import DID, DIDInfo, FileReplicas
 from datalakefs.transport.aio_bridge import AioBridge
 from datalakefs.transport.deadlines import Deadline
-from datalakefs.transport.http import FailureKind, HttpTransport, RangeReadError, RangeSink, RequestAuth
-from datalakefs.transport.replicas import Candidate, candidates
+from datalakefs.transport.failover import Failover, Locate, ReplicaChoice, known_replicas
+from datalakefs.transport.http import HttpTransport, RangeSink, RequestAuth
+from datalakefs.transport.replicas import Candidate
 from datalakefs.transport.trio_http import TrioRangeClient
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,6 @@ SEQUENTIAL_SLACK = 4  # blocks
 PIECE_ALIGN = 4096  # piece reads fetch whole pages
 #: a transfer of at most this many bytes (a small file) runs on the trio thread when its URL allows
 INLINE_TRANSFER_MAX = 256 << 10
-#: Where a file's replicas are; ``True`` asks the catalogue itself, not a guess from the file's dataset
-#: (``FileReplicas.presumed``), once a reader found the file at none of the presumed places.
-Locate = Callable[[bool], Awaitable[FileReplicas]]
 
 
 class RangeTransport(Protocol):
@@ -112,15 +110,6 @@ class ReplicaSource(Protocol):
     async def list_replicas(self, dids: list[DID]) -> list[FileReplicas]: ...
 
     async def locate(self, did: DID) -> FileReplicas | None: ...
-
-
-def known_replicas(file: FileReplicas) -> Locate:
-    """A :data:`Locate` for replicas already at hand."""
-
-    async def locate(confirmed: bool) -> FileReplicas:
-        return file
-
-    return locate
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,12 +233,11 @@ class StreamService:
         self.cache = cache
         self._transport = transport
         self._piece_transport = piece_transport
-        self._config = config
+        self.config = config
         self.block_size = cache.block_size
         self._max_request_blocks = max(1, max_request // self.block_size)
         self._window_max = max(self.block_size, min(config.prefetch_max, cache.capacity // 4))
-        self._retries = max(0, config.http_retries)
-        self._backoff = retry_backoff
+        self._failover = Failover(retries=config.http_retries, backoff=retry_backoff)
         self._limiter = trio.CapacityLimiter(max_transfers)
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._pieces: dict[tuple[str, int, int], _Piece] = {}
@@ -261,7 +249,6 @@ class StreamService:
         self._hits = 0
         self._misses = 0
         self._requests = 0
-        self._failed = 0
         self._bytes = 0
         self._bypassed = 0
         self._verified = 0
@@ -297,7 +284,7 @@ class StreamService:
             hits=self._hits,
             misses=self._misses,
             requests=self._requests,
-            failed_requests=self._failed,
+            failed_requests=self._failover.failed_attempts,
             bytes_fetched=self._bytes,
             bypassed_blocks=self._bypassed,
             verified_files=self._verified,
@@ -374,47 +361,17 @@ class StreamService:
         return bytes(piece.data[offset - start : end - start])
 
     async def _piece_transfer(self, reader: StreamReader, slot: tuple[str, int, int], piece: _Piece) -> None:
-        reasons: list[str] = []
-        kinds: list[FailureKind | None] = []
+        async def attempt(candidate: Candidate) -> None:
+            self._requests += 1
+            self._piece_requests += 1
+            quick = self._piece_transport
+            transport = quick if quick is not None and quick.supports(candidate.url) else self._transport
+            await transport.fetch(candidate.url, piece.start, piece.end - piece.start, reader.key.size, piece)
+            self._bytes += piece.end - piece.start
+
         try:
             async with self._limiter:
-                while True:  # a second time only after presumed replicas failed (StreamReader.confirm)
-                    options = await reader.candidates()
-                    if not options:
-                        raise TransferError(f"{reader.key.did}: no replica is readable over HTTP")
-                    refused: set[Candidate] = set()
-                    for round_ in range(1 + self._retries):
-                        if round_:
-                            await trio.sleep(self._backoff * 2 ** (round_ - 1))
-                        for candidate in options:
-                            if candidate in refused:
-                                continue
-                            self._requests += 1
-                            self._piece_requests += 1
-                            quick = self._piece_transport
-                            fits = quick is not None and quick.supports(candidate.url)
-                            transport = quick if fits and quick is not None else self._transport
-                            try:
-                                await transport.fetch(candidate.url, piece.start, piece.end - piece.start,
-                                                      reader.key.size, piece)
-                            except RangeReadError as exc:
-                                self._failed += 1
-                                reasons.append(str(exc))
-                                kinds.append(exc.kind)
-                                log.warning("%s: piece %d..%d from %s: %s", reader.key.did, piece.start, piece.end,
-                                            candidate, exc)
-                                if not exc.kind.retryable:
-                                    refused.add(candidate)
-                                reader.demote(candidate)
-                                continue
-                            reader.prefer(candidate)
-                            self._bytes += piece.end - piece.start
-                            return
-                        if len(refused) == len(options):
-                            break
-                    if not await reader.confirm():
-                        break
-            piece.error = _gave_up(reader.key, reasons, kinds)
+                await self._failover.run(reader.replicas, attempt, f"piece {piece.start}..{piece.end}")
         except DatalakeError as exc:
             piece.error = _fresh(exc)
         except Exception as exc:  # a bug must fail this piece's reads, not the whole service
@@ -467,29 +424,13 @@ class StreamService:
 
     async def _transfer(self, run: _Run) -> None:
         self._transfers += 1
-        reasons: list[str] = []
-        kinds: list[FailureKind | None] = []
+        first, end = run.remaining() or (0, 0)
         try:
             async with self._limiter:
-                try:
-                    options = await run.reader.candidates()
-                except DatalakeError as exc:
-                    run.fail(_fresh(exc))
-                    return
-                if not options:
-                    run.fail(TransferError(f"{run.key.did}: no replica is readable over HTTP"))
-                    return
-                await self._attempts(run, options, reasons, kinds)
-                if run.pending:
-                    try:
-                        again = await run.reader.confirm()
-                    except DatalakeError as exc:
-                        run.fail(_fresh(exc))
-                        return
-                    if again:
-                        await self._attempts(run, await run.reader.candidates(), reasons, kinds)
-            if run.pending:
-                run.fail(_gave_up(run.key, reasons, kinds))
+                await self._failover.run(run.reader.replicas, functools.partial(self._attempt, run),
+                                         f"blocks {first}..{end - 1}")
+        except DatalakeError as exc:
+            run.fail(_fresh(exc))
         except Exception as exc:  # a bug must fail this transfer's reads, not the whole service
             log.exception("%s: transfer failed unexpectedly", run.key.did)
             run.fail(TransferError(f"{run.key.did}: internal error in the transfer: {exc!r}"))
@@ -498,60 +439,38 @@ class StreamService:
             if run.pending:  # cancelled (the service stops): an error only for who still waits
                 run.fail(TransferError(f"{run.key.did}: the transfer was stopped"))
 
-    async def _attempts(
-        self, run: _Run, options: tuple[Candidate, ...], reasons: list[str], kinds: list[FailureKind | None]
-    ) -> None:
-        """Try the candidates in rounds (see the module docstring); record why each attempt failed."""
-        refused: set[Candidate] = set()
-        for round_ in range(1 + self._retries):
-            if round_:
-                await trio.sleep(self._backoff * 2 ** (round_ - 1))
-            for candidate in options:
-                span = run.remaining()
-                if span is None:
-                    return
-                if candidate in refused:
-                    continue
-                try:
-                    await self._attempt(run, candidate, *span)
-                except RangeReadError as exc:
-                    self._failed += 1
-                    reasons.append(str(exc))
-                    kinds.append(exc.kind)
-                    log.warning("%s: blocks %d..%d from %s: %s", run.key.did, span[0], span[1] - 1, candidate, exc)
-                    if not exc.kind.retryable:
-                        refused.add(candidate)
-                    run.reader.demote(candidate)
-                    continue
-                if run.remaining() is None:
-                    run.reader.prefer(candidate)
-                    return
-                reasons.append(f"{candidate}: some blocks could not be stored locally")
-                kinds.append(None)
-            if len(refused) == len(options):
-                return
-
-    async def _attempt(self, run: _Run, candidate: Candidate, first: int, end: int) -> None:
+    async def _attempt(self, run: _Run, candidate: Candidate) -> str | None:
+        """One attempt of ``run`` from ``candidate`` (a failover :data:`Attempt`)."""
+        span = run.remaining()
+        if span is None:
+            return None
+        first, end = span
         key = run.key
         start = first * self.block_size
         length = min(key.size, end * self.block_size) - start
         self._requests += 1
         quick = self._piece_transport
+        transport: RangeTransport
+        on_block: Callable[[LandedBlock], None]
         if length <= INLINE_TRANSFER_MAX and quick is not None and quick.supports(candidate.url):
             # a small file (or tail): fetched and stored on this thread, without the two thread hops
             # and aiohttp's per-request work, which cost more than its bytes (see the module docstring)
-            writer = self.cache.writer(key, first, end, functools.partial(self._landed, run))
-            await quick.fetch(candidate.url, start, length, key.size, writer)
-            return
+            transport, on_block = quick, functools.partial(self._landed, run)
+        else:
+            transport, on_block = self._transport, self._landed_elsewhere(run)
+        await transport.fetch(candidate.url, start, length, key.size, self.cache.writer(key, first, end, on_block))
+        return None if run.remaining() is None else "some blocks could not be stored locally"
+
+    def _landed_elsewhere(self, run: _Run) -> Callable[[LandedBlock], None]:
+        """A block's arrival on the transport's thread, handed to :meth:`_landed` on the trio thread."""
         token = self._token
         assert token is not None
 
-        def on_block(landed: LandedBlock) -> None:  # on the transport thread
+        def on_block(landed: LandedBlock) -> None:
             with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(self._landed, run, landed)
 
-        writer = self.cache.writer(key, first, end, on_block)
-        await self._transport.fetch(candidate.url, start, length, key.size, writer)
+        return on_block
 
     def _landed(self, run: _Run, landed: LandedBlock) -> None:
         """On the trio thread, for each block that arrived; must never raise (run_sync_soon callback)."""
@@ -577,15 +496,6 @@ class StreamService:
             run.land(landed.index)
 
 
-def _gave_up(key: FileKey, reasons: list[str], kinds: list[FailureKind | None]) -> DatalakeError:
-    """The error of a transfer after every attempt failed: EACCES when every candidate refused access."""
-    denied = bool(kinds) and all(kind is FailureKind.DENIED for kind in kinds)
-    error_type = AccessDeniedError if denied else TransferError
-    message = f"{key.did}: every replica failed: " + "; ".join(reasons)
-    log.error("%s", message)
-    return error_type(message)
-
-
 class StreamReader:
     """One open file in stream mode (the filesystem's ``OpenFile``)."""
 
@@ -595,11 +505,7 @@ class StreamReader:
         self.key = key
         self.size = key.size
         self._service = service
-        self._locate = locate
-        self._presumed = False
-        self._candidates: tuple[Candidate, ...] | None = None
-        self._locating: trio.Lock | None = None
-        self._preferred: Candidate | None = None
+        self.replicas = ReplicaChoice(key.did, locate, service.config)
         self._blocks = block_count(key.size, service.block_size)
         self._next = 0  # furthest offset read so far in the current sequential stretch
         self._far = -1  # furthest block reached in it
@@ -661,44 +567,6 @@ class StreamReader:
             return True
         self._window, self._far, self._next, self._ahead = bs, last, end, 0
         return False
-
-    async def candidates(self) -> tuple[Candidate, ...]:
-        """The URLs to try, the one that last worked first; looked up once per open file."""
-        if self._candidates is None:
-            if self._locating is None:
-                self._locating = trio.Lock()
-            async with self._locating:
-                if self._candidates is None:
-                    located = await self._locate(False)
-                    self._presumed = located.presumed
-                    self._candidates = candidates(located, self._service._config)
-        found, preferred = self._candidates, self._preferred
-        if preferred is not None and preferred in found:
-            at = found.index(preferred)
-            return found[at:] + found[:at]
-        return found
-
-    async def confirm(self) -> bool:
-        """Every candidate failed: if they were presumed, ask the catalogue where the file is and
-        return True (try again); False when the catalogue's own answer already failed."""
-        if not self._presumed:
-            return False
-        assert self._locating is not None  # candidates() ran
-        async with self._locating:
-            if self._presumed:
-                log.info("%s: not where its dataset's files are; asking the catalogue", self.key.did)
-                self._candidates = candidates(await self._locate(True), self._service._config)
-                self._presumed, self._preferred = False, None
-        return True
-
-    def prefer(self, candidate: Candidate) -> None:
-        self._preferred = candidate
-
-    def demote(self, candidate: Candidate) -> None:
-        """``candidate`` just failed: later transfers start with the one after it."""
-        found = self._candidates or ()
-        if candidate in found and self._preferred in (None, candidate):
-            self._preferred = found[(found.index(candidate) + 1) % len(found)]
 
     async def close(self) -> None:
         """Forget the handle; transfers it started go on for whoever else waits, and stay cached."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
 import shutil
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import trio
 from datalakefs.config import Config
 from datalakefs.errors import AccessDeniedError, TransferError
 from datalakefs.model import DID, FileReplicas, Replica
-from datalakefs.staging.stream import INLINE_TRANSFER_MAX, PIECE_ALIGN, SEQUENTIAL_SLACK, StreamContent
+from datalakefs.staging.stream import INLINE_TRANSFER_MAX, PIECE_ALIGN, SEQUENTIAL_SLACK, StreamContent, StreamReader
 from tests.faults.harness import BS, info_of, open_reader, payload, ranges, read_all, running
 from tests.faults.origin import FaultyOrigin
 
@@ -334,33 +336,33 @@ class FakeCatalogue:
         return (await self.list_replicas([did]))[0]
 
 
-@pytest.mark.parametrize("size", [len(DATA), 3000])  # a block transfer, and a piece read of a small range
-async def test_a_file_not_where_it_was_presumed_is_read_where_the_catalogue_says(tmp_path: Path, size: int) -> None:
+@contextlib.asynccontextmanager
+async def presumed_elsewhere(tmp_path: Path, actual: str) -> AsyncIterator[tuple[FakeCatalogue, StreamReader]]:
+    """An open file of running stream mode, presumed at a path the origin lacks; the catalogue places it at
+    ``actual``."""
     with FaultyOrigin({"big": DATA}) as origin:
         presumed = FileReplicas(INFO, (Replica("R", origin.url("not-there")),), presumed=True)
-        catalogue = FakeCatalogue(FileReplicas(INFO, (Replica("R", origin.url("big")),)), presumed)
+        catalogue = FakeCatalogue(FileReplicas(INFO, (Replica("R", origin.url(actual)),)), presumed)
         content = StreamContent(Config(cache_dir=tmp_path), catalogue)
         async with trio.open_nursery() as nursery:
             await nursery.start(content.run)
-            opened = await content.open(INFO, nonblocking=False)
-            assert await opened.read(BS * 3, size) == DATA[BS * 3 : BS * 3 + size]
-            assert catalogue.calls == 1  # asked once, after the presumed place answered 404
-            await opened.close()
+            yield catalogue, await content.open(INFO, nonblocking=False)
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("size", [len(DATA), 3000])  # a block transfer, and a piece read of a small range
+async def test_a_file_not_where_it_was_presumed_is_read_where_the_catalogue_says(tmp_path: Path, size: int) -> None:
+    async with presumed_elsewhere(tmp_path, "big") as (catalogue, opened):
+        assert await opened.read(BS * 3, size) == DATA[BS * 3 : BS * 3 + size]
+        assert catalogue.calls == 1  # asked once, after the presumed place answered 404
+        await opened.close()
 
 
 async def test_a_file_the_catalogue_places_wrongly_fails_after_one_question(tmp_path: Path) -> None:
-    with FaultyOrigin({"big": DATA}) as origin:
-        presumed = FileReplicas(INFO, (Replica("R", origin.url("not-there")),), presumed=True)
-        catalogue = FakeCatalogue(FileReplicas(INFO, (Replica("R", origin.url("gone")),)), presumed)
-        content = StreamContent(Config(cache_dir=tmp_path), catalogue)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(content.run)
-            opened = await content.open(INFO, nonblocking=False)
-            with pytest.raises(TransferError, match="every replica failed"):
-                await opened.read(0, BS)
-            assert catalogue.calls == 1
-            nursery.cancel_scope.cancel()
+    async with presumed_elsewhere(tmp_path, "gone") as (catalogue, opened):
+        with pytest.raises(TransferError, match="every replica failed"):
+            await opened.read(0, BS)
+        assert catalogue.calls == 1
 
 
 async def test_stream_content_is_the_filesystems_file_content(tmp_path: Path) -> None:
