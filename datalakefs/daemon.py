@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from datalakefs import __version__
+from datalakefs.cache.store import BlockCache
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.catalogue.rucio import RucioCatalogue
 from datalakefs.catalogue.rucio_upload import RucioUploader
@@ -41,10 +42,13 @@ from datalakefs.outbox.service import Outbox
 from datalakefs.redaction import redact_text
 from datalakefs.staging.policy import StagingContent
 from datalakefs.staging.rule import RuleStager
-from datalakefs.staging.stream import StreamContent
+from datalakefs.staging.stream import ReplicaSource, StreamContent, StreamService
+from datalakefs.transport.aio_bridge import AioBridge
 from datalakefs.transport.deadlines import Deadline
+from datalakefs.transport.http import HttpTransport, RequestAuth
 from datalakefs.transport.storage import StorageClient
 from datalakefs.transport.tokens import StorageAuth
+from datalakefs.transport.trio_http import TrioRangeClient
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ class Daemon:
                                         allow_token_over_http=config.allow_token_over_http)
         self.storage_auth.check()
         deadline = Deadline(base=config.http_timeout, min_rate=config.transfer_min_rate)
-        self.content = StreamContent(config, self.catalogue, self.storage_auth)
+        self.content = stream_content(config, self.catalogue, self.storage_auth)
         self.stager = RuleStager(config, self.catalogue)
         self.staging = StagingContent(config, self.content, self.stager, self.catalogue)
         # The outbox belongs to the mount point: another mount with the same state_dir must neither
@@ -189,6 +193,21 @@ class Daemon:
             log.warning("event=catalogue-unavailable-at-mount reason=%s", exc)
         else:
             log.info("event=authenticated account=%s", account)
+
+
+def stream_content(config: Config, catalogue: ReplicaSource, auth: RequestAuth | None = None) -> StreamContent:
+    """Stream mode and its parts: the block cache, the aiohttp transport on its asyncio thread, and the
+    trio client of small transfers, all with the one deadline policy."""
+    deadline = Deadline(base=config.http_timeout, min_rate=config.transfer_min_rate)
+    connect_timeout = min(10.0, config.http_timeout)
+    bridge = AioBridge()
+    transport = HttpTransport(bridge, stall_timeout=config.http_timeout, connect_timeout=connect_timeout, auth=auth,
+                              deadline=deadline)
+    pieces = TrioRangeClient(stall_timeout=config.http_timeout, connect_timeout=connect_timeout, auth=auth,
+                             deadline=deadline)
+    cache = BlockCache(config.cache_dir, capacity=config.cache_size, block_size=config.block_size)
+    service = StreamService(cache, transport, config, piece_transport=pieces)
+    return StreamContent(service, catalogue, bridge=bridge, pieces=pieces)
 
 
 def _notify_systemd(message: str) -> None:

@@ -15,9 +15,10 @@ import pytest
 import trio
 
 from datalakefs.config import Config
+from datalakefs.daemon import stream_content
 from datalakefs.errors import AccessDeniedError, TransferError
 from datalakefs.model import DID, FileReplicas, Replica
-from datalakefs.staging.stream import INLINE_TRANSFER_MAX, PIECE_ALIGN, SEQUENTIAL_SLACK, StreamContent, StreamReader
+from datalakefs.staging.stream import INLINE_TRANSFER_MAX, PIECE_ALIGN, SEQUENTIAL_SLACK, StreamReader
 from tests.faults.harness import BS, info_of, open_reader, payload, ranges, read_all, running
 from tests.faults.origin import FaultyOrigin
 
@@ -343,7 +344,7 @@ async def presumed_elsewhere(tmp_path: Path, actual: str) -> AsyncIterator[tuple
     with FaultyOrigin({"big": DATA}) as origin:
         presumed = FileReplicas(INFO, (Replica("R", origin.url("not-there")),), presumed=True)
         catalogue = FakeCatalogue(FileReplicas(INFO, (Replica("R", origin.url(actual)),)), presumed)
-        content = StreamContent(Config(cache_dir=tmp_path), catalogue)
+        content = stream_content(Config(cache_dir=tmp_path), catalogue)
         async with trio.open_nursery() as nursery:
             await nursery.start(content.run)
             yield catalogue, await content.open(INFO, nonblocking=False)
@@ -368,7 +369,7 @@ async def test_a_file_the_catalogue_places_wrongly_fails_after_one_question(tmp_
 async def test_stream_content_is_the_filesystems_file_content(tmp_path: Path) -> None:
     with FaultyOrigin({"big": DATA}) as origin:
         catalogue = FakeCatalogue(FileReplicas(INFO, (Replica("R", origin.url("big")),)))
-        content = StreamContent(Config(cache_dir=tmp_path), catalogue)
+        content = stream_content(Config(cache_dir=tmp_path), catalogue)
         assert content.statistics().as_dict()["requests"] == 0  # before it runs, too
         async with trio.open_nursery() as nursery:
             await nursery.start(content.run)

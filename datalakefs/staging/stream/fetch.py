@@ -1,62 +1,5 @@
-"""Stream mode: reads served from the verified block cache, missing blocks fetched with range GETs.
-
-The filesystem gets one :class:`StreamReader` per open file (through :class:`StreamContent`, or
-:meth:`StreamService.open`) and calls ``await reader.read(offset, size)`` from its read handler.
-
-**Hits** are served inline: ``os.pread`` on the cache's data file, verified by the cache, with no thread hop
-and no await.
-
-**Misses and prefetch.**
-
-* A block is transferred at most once at a time however many readers wait for it (single flight:
-  one service-wide map of pending blocks; waiters sleep on a ``trio.Event``).
-* A reader is *sequential* while each read starts within :data:`SEQUENTIAL_SLACK` blocks of the
-  furthest point read so far (the kernel may deliver read-ahead requests slightly out of order). Its
-  read-ahead window starts at one block (at least 1 MiB) and doubles each time it reaches a new block,
-  up to ``prefetch_max`` (and at most a quarter of the cache). When less than half a window is left
-  ahead of the reader, the window's missing blocks are requested at once, so requests are large and
-  overlap. A random read of a large span fetches exactly the blocks it touches.
-* A **small random read** (less than half a block, e.g. the kernel's 4 KiB READ for a random ``pread``)
-  whose blocks are neither cached nor on the way is a *piece read*: one closed-range GET of just the
-  4 KiB pages it covers, answered from memory and not cached (a block cache of 1 MiB blocks would
-  otherwise move 256× the bytes asked for: 2,000 random 4 KiB reads of a 1 GiB file touch 86 % of its
-  blocks). Pieces are single flight too (one GET per distinct piece however many readers wait), fail
-  over like blocks, and are checked like every transfer (status, Content-Range, exact body length); a
-  piece has no checksum of its own in the catalogue, so it is not adler32-verified. Pieces of plain
-  ``http://`` URLs are fetched on the trio thread (:mod:`datalakefs.transport.trio_http`): no thread
-  hop, which on a local link costs more than the GET itself; other URLs go through aiohttp. So is a
-  transfer of a small file's blocks (at most ``INLINE_TRANSFER_MAX`` bytes, e.g. every file of a
-  dataset of small files): fetched and written to the cache on the trio thread, which a whole file of
-  a few KiB costs less than the two thread hops and aiohttp's per-request work. Once a reader turns
-  sequential its window fetches whole blocks into the cache as above. ``piece_reads = false`` turns
-  pieces off: every read then fetches, caches and verifies whole blocks.
-* Missing consecutive blocks are fetched with one closed-range GET per ``max_request`` bytes (64 MiB:
-  measured here against a local XrdHttp, one GET per stretch beat 16 MiB pieces, 918 vs 764 MB/s and
-  1.29 vs 1.45 CPU s/GiB, as the transport notes predicted for aiohttp). The body
-  is written to the cache's data file on the transport's thread; trio is woken once per landed block (with
-  ``TrioToken.run_sync_soon``) to commit it to the cache and wake its waiters, so a reader needing the
-  first block of a 32 MiB request does not wait for the rest.
-* Transfers run in the service's nursery, not in the readers' tasks: an interrupted reader does not
-  cancel a transfer that others wait for.
-
-**Replicas and failover.** Each reader has candidate URLs (XCache first; see
-:mod:`datalakefs.transport.replicas`), looked up on its first miss, so opening a file costs nothing. A
-failed attempt (5xx, timeout, reset, short body, wrong range reply) moves on to the next candidate at
-once, resuming at the first block that has not arrived; after every candidate failed, the transfer waits
-(``retry_backoff``, doubling) and tries them all again, ``Config.http_retries`` more times. Candidates
-that answered 401/403/404 are not asked again by that transfer. A reader starts with the candidate that
-last worked for it, or with the one after the candidate that last failed. When every attempt failed,
-the waiters get ``TransferError`` (EIO) listing each attempt's reason, as the log does;
-``AccessDeniedError`` (EACCES) when every candidate refused access.
-
-**Verification.** Every block is checked by the cache on every read. Once a file's last block is in
-the cache, the next read checks the whole file's adler32 against the catalogue before returning
-anything; on a mismatch the cache drops the file's blocks and that read raises ``TransferError``.
-
-**Disk trouble.** A block that cannot be written to the cache (disk full, I/O error) is given to its
-readers from a small in-memory buffer; on ENOSPC the cache also evicts a tenth of its blocks. Reads keep
-working.
-"""
+"""The single-flight fetch of stream mode: blocks into the block cache, pieces into memory, each transfer
+through the one failover loop; see the package docstring."""
 
 from __future__ import annotations
 
@@ -67,26 +10,25 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
-from datalakefs.cache.layout import MIB, FileKey, block_count
+from datalakefs.cache.layout import MIB, FileKey
 from datalakefs.cache.store import BlockCache, CacheStatistics, VerifyResult
 from datalakefs.cache.writer import LandedBlock
 from datalakefs.config import Config
 from datalakefs.errors import DatalakeError, TransferError
-from datalakefs.model import DID, DIDInfo, FileReplicas
-from datalakefs.transport.aio_bridge import AioBridge
-from datalakefs.transport.deadlines import Deadline
-from datalakefs.transport.failover import Failover, Locate, ReplicaChoice, known_replicas
-from datalakefs.transport.http import HttpTransport, RangeSink, RequestAuth
+from datalakefs.model import DIDInfo
+from datalakefs.transport.failover import Failover, Locate
+from datalakefs.transport.http import RangeSink
 from datalakefs.transport.replicas import Candidate
-from datalakefs.transport.trio_http import TrioRangeClient
+
+if TYPE_CHECKING:
+    from datalakefs.staging.stream.reader import StreamReader
 
 log = logging.getLogger(__name__)
 
-SEQUENTIAL_SLACK = 4  # blocks
 PIECE_ALIGN = 4096  # piece reads fetch whole pages
 #: a transfer of at most this many bytes (a small file) runs on the trio thread when its URL allows
 INLINE_TRANSFER_MAX = 256 << 10
@@ -102,14 +44,6 @@ class PieceTransport(RangeTransport, Protocol):
     """A transport for piece reads that takes only some URLs (:class:`TrioRangeClient` in production)."""
 
     def supports(self, url: str) -> bool: ...
-
-
-class ReplicaSource(Protocol):
-    """Where :class:`StreamContent` finds replicas (the cached catalogue)."""
-
-    async def list_replicas(self, dids: list[DID]) -> list[FileReplicas]: ...
-
-    async def locate(self, did: DID) -> FileReplicas | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,16 +112,16 @@ def _fresh(error: DatalakeError) -> DatalakeError:
 class _Run:
     """One transfer: blocks ``[first, end)`` of a file, all pending when it starts."""
 
-    __slots__ = ("key", "pending", "reader", "service")
+    __slots__ = ("key", "pending", "reader", "slots")
 
-    def __init__(self, service: StreamService, reader: StreamReader, first: int, end: int) -> None:
-        self.service = service
+    def __init__(self, slots: dict[tuple[str, int], _Pending], reader: StreamReader, first: int, end: int) -> None:
+        self.slots = slots
         self.reader = reader
         self.key = reader.key
         self.pending: dict[int, _Pending] = {}
         for index in range(first, end):
             pending = self.pending[index] = _Pending()
-            service._pending[(self.key.digest, index)] = pending
+            slots[(self.key.digest, index)] = pending
 
     def remaining(self) -> tuple[int, int] | None:
         if not self.pending:
@@ -207,8 +141,8 @@ class _Run:
 
     def _release(self, index: int, pending: _Pending) -> None:
         slot = (self.key.digest, index)
-        if self.service._pending.get(slot) is pending:
-            del self.service._pending[slot]
+        if self.slots.get(slot) is pending:
+            del self.slots[slot]
         pending.event.set()
 
 
@@ -236,14 +170,14 @@ class StreamService:
         self.config = config
         self.block_size = cache.block_size
         self._max_request_blocks = max(1, max_request // self.block_size)
-        self._window_max = max(self.block_size, min(config.prefetch_max, cache.capacity // 4))
+        self.window_max = max(self.block_size, min(config.prefetch_max, cache.capacity // 4))
         self._failover = Failover(retries=config.http_retries, backoff=retry_backoff)
         self._limiter = trio.CapacityLimiter(max_transfers)
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._pieces: dict[tuple[str, int, int], _Piece] = {}
         self.piece_max = self.block_size // 2 if config.piece_reads else 0
         self._bypass: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._bypass_max = max(4, self._window_max // self.block_size)
+        self._bypass_max = max(4, self.window_max // self.block_size)
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._hits = 0
@@ -268,6 +202,8 @@ class StreamService:
 
     def open(self, info: DIDInfo, locate: Locate) -> StreamReader:
         """A reader for the file ``info``; ``locate`` is awaited for its replicas on the first miss."""
+        from datalakefs.staging.stream.reader import StreamReader  # here: the reader module imports this one
+
         if info.size is None:
             raise TransferError(f"{info.did}: the catalogue gives no size")
         return StreamReader(self, FileKey.of(info), locate)
@@ -297,7 +233,35 @@ class StreamService:
         self._bypass.clear()
         await self.cache.clear()
 
-    # ---- reading ------------------------------------------------------------------------------
+    # ---- reading (for StreamReader) -----------------------------------------------------------
+
+    async def read_block(self, reader: StreamReader, index: int, start: int, length: int) -> bytes:
+        """``length`` bytes at ``start`` of block ``index``: from the cache, else once it arrived."""
+        data = self._read_block(reader.key, index, start, length)
+        if data is not None:
+            self._hits += 1
+            return data
+        self._misses += 1
+        return await self._wait_block(reader, index, start, length)
+
+    async def read_small(self, reader: StreamReader, offset: int, end: int) -> bytes | None:
+        """A small random read: from the cache when every block of it is there, else by a piece read;
+        None when a block of it is on the way (the caller then waits for the blocks)."""
+        key, bs = reader.key, self.block_size
+        first, last = offset // bs, (end - 1) // bs
+        if any((key.digest, index) in self._pending for index in range(first, last + 1)):
+            return None
+        data = self._read_cached(key, offset, end)
+        if data is not None:
+            self._hits += last - first + 1
+            return data
+        self._misses += last - first + 1
+        return await self._read_piece(reader, offset, end)
+
+    def verify_when_complete(self, key: FileKey) -> None:
+        """Check the whole file's adler32 once its last block is cached; raises on a mismatch."""
+        if not self.cache.is_verified(key) and self.cache.is_complete(key):
+            self._verify(key)
 
     def _read_block(self, key: FileKey, index: int, start: int, length: int) -> bytes | None:
         data = self.cache.read(key, index, start, length)
@@ -338,10 +302,6 @@ class StreamService:
                 return None
             pieces.append(data)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    def _in_flight(self, key: FileKey, offset: int, end: int) -> bool:
-        bs = self.block_size
-        return any((key.digest, index) in self._pending for index in range(offset // bs, (end - 1) // bs + 1))
 
     async def _read_piece(self, reader: StreamReader, offset: int, end: int) -> bytes:
         """Bytes ``[offset, end)`` through a piece read of the pages they cover (single flight)."""
@@ -420,7 +380,7 @@ class StreamService:
         for piece in range(pieces):
             start = first + (end - first) * piece // pieces
             stop = first + (end - first) * (piece + 1) // pieces
-            self._nursery.start_soon(self._transfer, _Run(self, reader, start, stop))
+            self._nursery.start_soon(self._transfer, _Run(self._pending, reader, start, stop))
 
     async def _transfer(self, run: _Run) -> None:
         self._transfers += 1
@@ -496,171 +456,3 @@ class StreamService:
             run.land(landed.index)
 
 
-class StreamReader:
-    """One open file in stream mode (the filesystem's ``OpenFile``)."""
-
-    keep_cache = True  # files are immutable: the kernel may keep their pages across opens
-
-    def __init__(self, service: StreamService, key: FileKey, locate: Locate) -> None:
-        self.key = key
-        self.size = key.size
-        self._service = service
-        self.replicas = ReplicaChoice(key.did, locate, service.config)
-        self._blocks = block_count(key.size, service.block_size)
-        self._next = 0  # furthest offset read so far in the current sequential stretch
-        self._far = -1  # furthest block reached in it
-        self._window = service.block_size
-        self._ahead = 0  # blocks before this index are cached or requested
-
-    async def read(self, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes at ``offset`` (fewer only at end of file); raises TransferError (EIO)."""
-        if offset < 0 or size < 0:
-            raise ValueError("negative offset or size")
-        end = min(offset + size, self.size)
-        if offset >= end:
-            return b""
-        service = self._service
-        bs = service.block_size
-        first, last = offset // bs, (end - 1) // bs
-        if not self._plan(offset, end, first, last):
-            if end - offset <= service.piece_max and not service._in_flight(self.key, offset, end):
-                data = service._read_cached(self.key, offset, end)
-                if data is not None:
-                    service._hits += last - first + 1
-                    return data
-                service._misses += last - first + 1
-                return await service._read_piece(self, offset, end)
-            service.request(self, first, last + 1)
-        pieces = []
-        for index in range(first, last + 1):
-            start = max(offset - index * bs, 0)
-            length = min(end - index * bs, bs) - start
-            data = service._read_block(self.key, index, start, length)
-            if data is None:
-                service._misses += 1
-                data = await service._wait_block(self, index, start, length)
-            else:
-                service._hits += 1
-            pieces.append(data)
-        cache = service.cache
-        if not cache.is_verified(self.key) and cache.is_complete(self.key):
-            service._verify(self.key)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    def _plan(self, offset: int, end: int, first: int, last: int) -> bool:
-        """Classify the access and grow or reset the window; a sequential reader's window is requested
-        here. Returns whether the access is sequential."""
-        service = self._service
-        bs = service.block_size
-        slack = SEQUENTIAL_SLACK * bs
-        if self._next - slack <= offset <= self._next + slack:
-            if last > self._far:
-                self._window = min(self._window * 2, service._window_max)
-                self._far = last
-            self._next = max(self._next, end)
-            window_blocks = self._window // bs
-            if self._ahead - (last + 1) < window_blocks // 2:
-                self._ahead = min(self._blocks, last + 1 + window_blocks)
-                service.request(self, first, self._ahead)
-            else:
-                service.request(self, first, last + 1)
-            return True
-        self._window, self._far, self._next, self._ahead = bs, last, end, 0
-        return False
-
-    async def close(self) -> None:
-        """Forget the handle; transfers it started go on for whoever else waits, and stay cached."""
-        self._service.cache.touch(self.key)
-
-
-class StreamContent:
-    """The filesystem's ``FileContent`` in stream mode: builds and runs the transport, cache and service.
-
-    The daemon must run it (``await nursery.start(content.run)``) before the mount serves reads;
-    ``run`` owns the asyncio thread and closes it, and the cache's descriptors, when cancelled.
-    """
-
-    def __init__(self, config: Config, catalogue: ReplicaSource, auth: RequestAuth | None = None) -> None:
-        self._config = config
-        self._catalogue = catalogue
-        self._auth = auth
-        self._service: StreamService | None = None
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        config = self._config
-        cache = BlockCache(config.cache_dir, capacity=config.cache_size, block_size=config.block_size)
-        await cache.open()
-        bridge = AioBridge()
-        await trio.to_thread.run_sync(bridge.start)
-        deadline = Deadline(base=config.http_timeout, min_rate=config.transfer_min_rate)
-        pieces = TrioRangeClient(stall_timeout=config.http_timeout, connect_timeout=min(10.0, config.http_timeout),
-                                 auth=self._auth, deadline=deadline)
-        try:
-            transport = HttpTransport(
-                bridge,
-                stall_timeout=config.http_timeout,
-                connect_timeout=min(10.0, config.http_timeout),
-                auth=self._auth,
-                deadline=deadline,
-            )
-            self._service = StreamService(cache, transport, config, piece_transport=pieces)
-            await self._service.run(task_status=task_status)
-        finally:
-            self._service = None
-            with trio.CancelScope(shield=True):
-                await pieces.aclose()
-                await bridge.aclose()
-            cache.close()
-
-    def _running(self) -> StreamService:
-        if self._service is None:
-            raise TransferError("stream mode is not running")
-        return self._service
-
-    async def open(self, info: DIDInfo, nonblocking: bool) -> StreamReader:
-        catalogue = self._catalogue
-
-        async def locate(confirmed: bool) -> FileReplicas:
-            if confirmed:
-                found = next((f for f in await catalogue.list_replicas([info.did]) if f.info.did == info.did), None)
-            else:
-                found = await catalogue.locate(info.did)
-            return FileReplicas(info, found.replicas, found.presumed) if found is not None else FileReplicas(info, ())
-
-        return self._running().open(info, locate)
-
-    async def warm(self, info: DIDInfo) -> None:
-        """Read the whole file into the block cache (listing-order prefetch); a cached file costs nothing."""
-        if self._service is not None and info.size is not None and self._service.cache.is_complete(FileKey.of(info)):
-            return
-        reader = await self.open(info, nonblocking=False)
-        try:
-            await reader.read(0, info.size or 0)
-        finally:
-            await reader.close()
-
-    def open_replicas(self, file: FileReplicas) -> StreamReader:
-        """A reader of ``file`` from exactly the replicas given (rule staging: the staged one)."""
-        return self._running().open(file.info, known_replicas(file))
-
-    def cached_bytes(self, info: DIDInfo) -> int:
-        return self._service.cached_bytes(info) if self._service is not None else 0
-
-    def state(self, info: DIDInfo) -> str:
-        if self._service is None or info.size is None:
-            return "stream"
-        key = FileKey.of(info)
-        cache = self._service.cache
-        if cache.is_verified(key):
-            return "stream: cached, verified"
-        return f"stream: {cache.cached_bytes(key)} of {info.size} bytes cached"
-
-    def statistics(self) -> StreamStatistics:
-        """The service's statistics; all zero while it is not running."""
-        if self._service is not None:
-            return self._service.statistics()
-        idle = CacheStatistics(self._config.cache_size, 0, 0, 0, 0, 0, 0, 0)
-        return StreamStatistics(idle, 0, 0, 0, 0, 0, 0, 0, 0)
-
-    async def clear(self) -> None:
-        await self._running().clear()

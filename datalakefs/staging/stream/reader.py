@@ -1,0 +1,77 @@
+"""An open file in stream mode: its read-ahead window and its reads; see the package docstring."""
+
+from __future__ import annotations
+
+from datalakefs.cache.layout import FileKey, block_count
+from datalakefs.staging.stream.fetch import StreamService
+from datalakefs.transport.failover import Locate, ReplicaChoice
+
+SEQUENTIAL_SLACK = 4  # blocks
+
+
+class StreamReader:
+    """One open file in stream mode (the filesystem's ``OpenFile``)."""
+
+    keep_cache = True  # files are immutable: the kernel may keep their pages across opens
+
+    def __init__(self, service: StreamService, key: FileKey, locate: Locate) -> None:
+        self.key = key
+        self.size = key.size
+        self._service = service
+        self.replicas = ReplicaChoice(key.did, locate, service.config)
+        self._blocks = block_count(key.size, service.block_size)
+        self._next = 0  # furthest offset read so far in the current sequential stretch
+        self._far = -1  # furthest block reached in it
+        self._window = service.block_size
+        self._ahead = 0  # blocks before this index are cached or requested
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` (fewer only at end of file); raises TransferError (EIO)."""
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        service = self._service
+        bs = service.block_size
+        first, last = offset // bs, (end - 1) // bs
+        if not self._plan(offset, end, first, last):
+            if end - offset <= service.piece_max:
+                small = await service.read_small(self, offset, end)
+                if small is not None:
+                    return small
+            service.request(self, first, last + 1)
+        pieces = []
+        for index in range(first, last + 1):
+            start = max(offset - index * bs, 0)
+            length = min(end - index * bs, bs) - start
+            pieces.append(await service.read_block(self, index, start, length))
+        service.verify_when_complete(self.key)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def _plan(self, offset: int, end: int, first: int, last: int) -> bool:
+        """Classify the access and grow or reset the window; a sequential reader's window is requested
+        here. Returns whether the access is sequential."""
+        service = self._service
+        bs = service.block_size
+        slack = SEQUENTIAL_SLACK * bs
+        if self._next - slack <= offset <= self._next + slack:
+            if last > self._far:
+                self._window = min(self._window * 2, service.window_max)
+                self._far = last
+            self._next = max(self._next, end)
+            window_blocks = self._window // bs
+            if self._ahead - (last + 1) < window_blocks // 2:
+                self._ahead = min(self._blocks, last + 1 + window_blocks)
+                service.request(self, first, self._ahead)
+            else:
+                service.request(self, first, last + 1)
+            return True
+        self._window, self._far, self._next, self._ahead = bs, last, end, 0
+        return False
+
+    async def close(self) -> None:
+        """Forget the handle; transfers it started go on for whoever else waits, and stay cached."""
+        self._service.cache.touch(self.key)
+
+
