@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from datalakefs.cache.store import BlockCache
 from datalakefs.config import Config
 from datalakefs.daemon import stream_content
 from datalakefs.errors import AccessDeniedError, TransferError
@@ -387,3 +388,29 @@ async def test_stream_content_is_the_filesystems_file_content(tmp_path: Path) ->
             assert content.cached_bytes(INFO) == 0
             nursery.cancel_scope.cancel()
     assert catalogue.calls == 1
+
+
+@pytest.mark.parametrize("data", [DATA, DATA[:3000]])  # blocks through aiohttp, and a small file inline
+async def test_a_warm_fills_the_cache_without_reading_the_file_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes
+) -> None:
+    info = info_of("warmed", data)
+    with FaultyOrigin({"warmed": data}) as origin:
+        catalogue = FakeCatalogue(FileReplicas(info, (Replica("R", origin.url("warmed")),)))
+        content = stream_content(Config(cache_dir=tmp_path), catalogue)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(content.run)
+            with monkeypatch.context() as patch:
+                patch.setattr(BlockCache, "read", _no_read)
+                await content.warm(info)
+            assert content.state(info) == "stream: cached, verified"
+            requests = content.statistics().requests
+            opened = await content.open(info, nonblocking=False)
+            assert await read_all(opened, chunk=BS) == data
+            assert content.statistics().requests == requests  # served from the cache
+            await opened.close()
+            nursery.cancel_scope.cancel()
+
+
+def _no_read(*args: object) -> bytes | None:
+    raise AssertionError("a warm read a block out of the cache")

@@ -77,12 +77,13 @@ class StreamContent:
         return self._running().open(info, locate)
 
     async def warm(self, info: DIDInfo) -> None:
-        """Read the whole file into the block cache (listing-order prefetch); a cached file costs nothing."""
+        """Fetch the whole file into the block cache (listing-order prefetch) without building its bytes; a
+        cached file costs nothing."""
         if self._serving and info.size is not None and self._service.cache.is_complete(FileKey.of(info)):
             return
         reader = await self.open(info, nonblocking=False)
         try:
-            await reader.read(0, info.size or 0)
+            await reader.fill()
         finally:
             await reader.close()
 

@@ -10,7 +10,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import trio
 
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from datalakefs.staging.stream.reader import StreamReader
 
 log = logging.getLogger(__name__)
+
+_Found = TypeVar("_Found")
 
 PIECE_ALIGN = 4096  # piece reads fetch whole pages
 #: a transfer of at most this many bytes (a small file) runs on the trio thread when its URL allows
@@ -271,9 +273,26 @@ class StreamService:
                 data = block[start : start + length]
         return data
 
+    async def wait_stored(self, reader: StreamReader, index: int) -> None:
+        """Until block ``index`` is stored (in the cache, or in memory when the disk could not take it),
+        without reading it: a warm fills the cache for a later reader."""
+        key = reader.key
+        if self._stored(key, index):
+            self._hits += 1
+            return
+        self._misses += 1
+        await self._arrival(reader, index, lambda: self._stored(key, index) or None)
+
+    def _stored(self, key: FileKey, index: int) -> bool:
+        return self.cache.has_block(key, index) or (key.digest, index) in self._bypass
+
     async def _wait_block(self, reader: StreamReader, index: int, start: int, length: int) -> bytes:
+        return await self._arrival(reader, index, lambda: self._read_block(reader.key, index, start, length))
+
+    async def _arrival(self, reader: StreamReader, index: int, look: Callable[[], _Found | None]) -> _Found:
+        """What ``look`` finds once block ``index`` arrived (requested here unless on the way already)."""
         slot = (reader.key.digest, index)
-        # A block can vanish between landing and this read only if the cache is tiny or it was
+        # A block can vanish between landing and this look only if the cache is tiny or it was
         # corrupted at once; a few rounds tell that apart from a transient race.
         for _ in range(3):
             pending = self._pending.get(slot)
@@ -284,9 +303,9 @@ class StreamService:
                 await pending.event.wait()
                 if pending.error is not None:
                     raise _fresh(pending.error)
-            data = self._read_block(reader.key, index, start, length)
-            if data is not None:
-                return data
+            found = look()
+            if found is not None:
+                return found
         raise TransferError(
             f"{reader.key.did}: block {index} left the cache as soon as it arrived (cache too small?)"
         )

@@ -49,6 +49,16 @@ class StreamReader:
         service.verify_when_complete(self.key)
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    async def fill(self) -> None:
+        """Bring the whole file into the cache (and verify it) without reading it out: a warm."""
+        if not self._blocks:
+            return
+        service = self._service
+        service.request(self, 0, self._blocks)
+        for index in range(self._blocks):
+            await service.wait_stored(self, index)
+        service.verify_when_complete(self.key)
+
     def _plan(self, offset: int, end: int, first: int, last: int) -> bool:
         """Classify the access and grow or reset the window; a sequential reader's window is requested
         here. Returns whether the access is sequential."""
