@@ -19,7 +19,7 @@ from datalakefs.config import Config
 from datalakefs.daemon import stream_content
 from datalakefs.errors import AccessDeniedError, TransferError
 from datalakefs.model import DID, FileReplicas, Replica
-from datalakefs.staging.stream import INLINE_TRANSFER_MAX, PIECE_ALIGN, SEQUENTIAL_SLACK, StreamReader
+from datalakefs.staging.stream import INLINE_TRANSFER_MAX, PIECE_ALIGN, StreamReader
 from tests.faults.harness import BS, info_of, open_reader, payload, ranges, read_all, running
 from tests.faults.origin import FaultyOrigin
 
@@ -49,7 +49,7 @@ async def test_small_random_reads_fetch_only_their_pages_and_cache_nothing(tmp_p
     with FaultyOrigin({"big": DATA}) as origin:
         async with running(tmp_path) as service:
             reader = open_reader(service, INFO, origin.url("big"))
-            step = (SEQUENTIAL_SLACK + 2) * BS
+            step = 6 * BS
             offsets = [30 * BS + 5, 3 * BS + 100, 39 * BS + 7, 17 * BS, 3 * BS + 100 + step, 40 * BS + 700]
             for offset in offsets:
                 assert await reader.read(offset, 4096) == DATA[offset : offset + 4096]
@@ -60,6 +60,21 @@ async def test_small_random_reads_fetch_only_their_pages_and_cache_nothing(tmp_p
     assert ranges(origin.gets()) == pages
     assert stats.piece_requests == len(offsets)
     assert stats.bytes_fetched == sum(end - start for start, end in pages)
+    assert origin.violations == []
+
+
+async def test_a_read_continues_a_stream_only_if_it_starts_exactly_where_the_last_one_ended(tmp_path: Path) -> None:
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path) as service:
+            reader = open_reader(service, INFO, origin.url("big"))
+            start = 10 * BS
+            for offset in (start, start + 8192):  # the second one skips a page: random too
+                assert await reader.read(offset, 4096) == DATA[offset : offset + 4096]
+            assert service.cached_bytes(INFO) == 0
+            assert ranges(origin.gets()) == [(start, start + 4096), (start + 8192, start + 12288)]  # one GET each
+            assert await reader.read(start + 12288, 4096) == DATA[start + 12288 : start + 16384]  # continues
+            assert service.cached_bytes(INFO) > 0  # a stream: its window fetches whole blocks
+            assert service.statistics().piece_requests == 2
     assert origin.violations == []
 
 
@@ -377,7 +392,7 @@ async def test_stream_content_is_the_filesystems_file_content(tmp_path: Path) ->
             opened = await content.open(INFO, nonblocking=False)
             assert catalogue.calls == 0  # opening costs nothing
             assert opened.keep_cache
-            assert await opened.read(BS, 100) == DATA[BS : BS + 100]
+            assert await opened.read(0, 100) == DATA[:100]  # the start of a stream: its window is cached
             assert content.cached_bytes(INFO) > 0
             assert content.state(INFO).startswith("stream: ")
             assert await read_all(opened, chunk=BS) == DATA

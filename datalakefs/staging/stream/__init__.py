@@ -12,10 +12,11 @@ and no await.
 
 * A block is transferred at most once at a time however many readers wait for it (single flight:
   one service-wide map of pending blocks; waiters sleep on a ``trio.Event``).
-* A reader is *sequential* while each read starts within :data:`SEQUENTIAL_SLACK` blocks of the
-  furthest point read so far (the kernel may deliver read-ahead requests slightly out of order). Its
-  read-ahead window starts at one block (at least 1 MiB) and doubles each time it reaches a new block,
-  up to ``prefetch_max`` (and at most a quarter of the cache). When less than half a window is left
+* A reader is *sequential* while each read starts exactly where its reads so far end, or lies inside
+  the blocks its window already requested (the kernel may deliver read-ahead requests slightly out of
+  order); any other read is random, fetches exactly what it touches (one request) and starts a new
+  stretch. Its read-ahead window starts at one block (at least 1 MiB) and doubles each time it
+  reaches a new block, up to ``prefetch_max`` (and at most a quarter of the cache). When less than half a window is left
   ahead of the reader, the window's missing blocks are requested at once, so requests are large and
   overlap. A random read of a large span fetches exactly the blocks it touches.
 * A **small random read** (less than half a block, e.g. the kernel's 4 KiB READ for a random ``pread``)
@@ -69,13 +70,12 @@ from datalakefs.staging.stream.fetch import (
     StreamService,
     StreamStatistics,
 )
-from datalakefs.staging.stream.reader import SEQUENTIAL_SLACK, StreamReader
+from datalakefs.staging.stream.reader import StreamReader
 from datalakefs.transport.failover import Locate, known_replicas
 
 __all__ = [
     "INLINE_TRANSFER_MAX",
     "PIECE_ALIGN",
-    "SEQUENTIAL_SLACK",
     "Locate",
     "PieceTransport",
     "RangeTransport",

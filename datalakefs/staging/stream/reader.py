@@ -6,8 +6,6 @@ from datalakefs.cache.layout import FileKey, block_count
 from datalakefs.staging.stream.fetch import StreamService
 from datalakefs.transport.failover import Locate, ReplicaChoice
 
-SEQUENTIAL_SLACK = 4  # blocks
-
 
 class StreamReader:
     """One open file in stream mode (the filesystem's ``OpenFile``)."""
@@ -24,6 +22,7 @@ class StreamReader:
         self._far = -1  # furthest block reached in it
         self._window = service.block_size
         self._ahead = 0  # blocks before this index are cached or requested
+        self._start = 0  # the block the current sequential stretch started at
 
     async def read(self, offset: int, size: int) -> bytes:
         """Up to ``size`` bytes at ``offset`` (fewer only at end of file); raises TransferError (EIO)."""
@@ -61,11 +60,12 @@ class StreamReader:
 
     def _plan(self, offset: int, end: int, first: int, last: int) -> bool:
         """Classify the access and grow or reset the window; a sequential reader's window is requested
-        here. Returns whether the access is sequential."""
+        here. Returns whether the access is sequential: it starts exactly where the stream's reads end,
+        or lies inside what the stream's window already requested (the kernel's read-ahead may arrive
+        slightly out of order). Any other read is random and fetches only what it touches."""
         service = self._service
         bs = service.block_size
-        slack = SEQUENTIAL_SLACK * bs
-        if self._next - slack <= offset <= self._next + slack:
+        if offset == self._next or (self._start <= first and last < self._ahead):
             if last > self._far:
                 self._window = min(self._window * 2, service.window_max)
                 self._far = last
@@ -77,7 +77,7 @@ class StreamReader:
             else:
                 service.request(self, first, last + 1)
             return True
-        self._window, self._far, self._next, self._ahead = bs, last, end, 0
+        self._window, self._far, self._next, self._ahead, self._start = bs, last, end, 0, first
         return False
 
     async def close(self) -> None:
