@@ -103,6 +103,26 @@ def test_random_reads_return_the_right_bytes_and_move_only_what_they_touch(
     assert os.pread(os.open(path, os.O_RDONLY), 10, SIZE - 10) == _expected(lake, did, SIZE, SIZE - 10)
 
 
+def test_each_random_read_costs_one_request_of_just_its_page(lake: LakeStatus, new_mount: Any) -> None:
+    """Reads near each other (a page apart) but not continuing each other are random, not a stream."""
+    mount = new_mount("xcache=none")
+    mount.start()
+    did, path = _file(lake, mount)
+    offsets = [start + page * 2 * 4096 for start in (40 * MIB, 9 * MIB) for page in range(5)]
+    before = _content_stats(mount)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # the kernel asks for just the page read
+        for offset in offsets:
+            assert os.pread(fd, 4096, offset) == _expected(lake, did, SIZE, offset, 4096)
+    finally:
+        os.close(fd)
+    after = _content_stats(mount)
+    assert after["requests"] - before["requests"] == len(offsets)
+    assert after["piece_requests"] - before["piece_requests"] == len(offsets)
+    assert after["bytes_fetched"] - before["bytes_fetched"] == 4096 * len(offsets)
+
+
 def test_cached_bytes_and_status_grow_as_the_file_is_read(lake: LakeStatus, new_mount: Any) -> None:
     mount = new_mount("xcache=none")
     mount.start()
