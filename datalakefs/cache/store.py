@@ -15,7 +15,9 @@ Design (format: :mod:`datalakefs.cache.layout`):
   a commit takes it above ``high_watermark * capacity``, least recently used blocks are evicted (their
   space given back with ``FALLOC_FL_PUNCH_HOLE``; whole files where the file system cannot punch holes)
   until it is at most ``low_watermark * capacity``. Recency is kept per block in memory; across restarts
-  it is approximated by each journal's mtime (touched when a reader closes), then block order.
+  it is approximated by each journal's mtime (touched when a reader closes, at most once per
+  :data:`TOUCH_INTERVAL`: a ``utime`` per close was a tenth of a warm small file's daemon CPU, and a
+  journal written meanwhile has a fresh mtime anyway), then block order.
 * **Whole-file check.** When a file is complete, :meth:`verify` folds the per-block adler32s into the
   file's and compares it with the catalogue's; a mismatch drops every block of the file.
 * **Threads.** Everything here runs on the trio thread, except :class:`BlockWriter` (transport thread),
@@ -34,6 +36,7 @@ import os
 import secrets
 import shutil
 import stat
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +84,8 @@ log = logging.getLogger(__name__)
 
 _TRASH_PREFIXES = tuple(f".{name}-trash-" for name in (FORMAT, *EARLIER_FORMATS))
 _COMPACT_SLACK = 64 << 10
+#: Seconds within which a journal's mtime is recent enough for the recency order after a restart.
+TOUCH_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +119,7 @@ class _File:
         "live_journal_bytes",
         "n_blocks",
         "stem",
+        "touched",
         "verified",
     )
 
@@ -127,6 +133,7 @@ class _File:
         self.verified = False
         self.journal_bytes = 0  # size of the index file on disk (0: not written yet)
         self.live_journal_bytes = 0  # what a compacted journal would need
+        self.touched = 0.0  # the journal's mtime as last set by the cache (wall clock)
 
 
 class BlockCache:
@@ -253,6 +260,7 @@ class BlockCache:
         if key.digest != digest:
             return None
         file = _File(key, stem, self.block_size, data.st_ino)
+        file.touched = mtime
         valid_end = first[2]
         blocks = file.blocks
         for kind, payload, end in records:
@@ -495,10 +503,12 @@ class BlockCache:
             raise
         self._keep_fd((file.key.digest, _JOURNAL), fd)
         file.journal_bytes = len(content)
+        file.touched = time.time()
 
     def _append(self, file: _File, record: bytes) -> None:
         _write_all(self._fd(file, _JOURNAL), record)
         file.journal_bytes += len(record)
+        file.touched = time.time()
         if file.journal_bytes > 2 * file.live_journal_bytes + _COMPACT_SLACK:
             self._compact(file)
 
@@ -523,6 +533,7 @@ class BlockCache:
             log.warning("cache: cannot compact the index of %s: %s", file.key.did, exc)
             return
         file.journal_bytes = len(content)
+        file.touched = time.time()
 
     def shrink(self, fraction: float = 0.1) -> int:
         """Evict least recently used blocks worth ``fraction`` of the used bytes (the disk is full)."""
@@ -531,11 +542,14 @@ class BlockCache:
         return before - self._used
 
     def touch(self, key: FileKey) -> None:
-        """Record that ``key`` was used, for the recency order after a restart."""
+        """Record that ``key`` was used, for the recency order after a restart (a journal the cache
+        wrote or touched in the last :data:`TOUCH_INTERVAL` is left as it is)."""
         file = self._files.get(key.digest)
-        if file is not None:
+        now = time.time()
+        if file is not None and now - file.touched >= TOUCH_INTERVAL:
             with contextlib.suppress(OSError):
                 os.utime(file.stem + INDEX_SUFFIX)
+            file.touched = now
 
     def _evict_to(self, target: int, keep: tuple[str, int] | None = None) -> None:
         while self._used > target and self._lru:

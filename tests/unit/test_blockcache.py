@@ -313,6 +313,24 @@ def test_restart_over_capacity_evicts_least_recently_touched_file(tmp_path: Path
     smaller.close()
 
 
+def test_touch_skips_a_journal_the_cache_wrote_or_touched_recently(tmp_path: Path) -> None:
+    cache = new_cache(tmp_path)
+    key = key_of(DATA)
+    put(cache, key, DATA, 0, 1)
+    index = cache.index_path(key)
+    os.utime(index, (1, 1))
+    cache.touch(key)  # the cache wrote the journal just now: no utime per reader's close
+    assert os.stat(index).st_mtime == 1
+    cache.close()
+    again = new_cache(tmp_path)  # loaded with its mtime of long ago
+    again.touch(key)
+    assert os.stat(index).st_mtime > 1
+    os.utime(index, (1, 1))
+    again.touch(key)  # touched just now
+    assert os.stat(index).st_mtime == 1
+    again.close()
+
+
 def test_whole_file_verification(tmp_path: Path) -> None:
     cache = new_cache(tmp_path)
     key = key_of(DATA)
