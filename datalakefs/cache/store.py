@@ -16,7 +16,7 @@ Design (format: :mod:`datalakefs.cache.layout`):
   space given back with ``FALLOC_FL_PUNCH_HOLE``; whole files where the file system cannot punch holes)
   until it is at most ``low_watermark * capacity``. Recency is kept per block in memory; across restarts
   it is approximated by each journal's mtime (touched when a reader closes, at most once per
-  :data:`TOUCH_INTERVAL`: a ``utime`` per close was a tenth of a warm small file's daemon CPU, and a
+  :data:`TOUCH_INTERVAL`: a ``utime`` per close is a metadata write per read of a small file, and a
   journal written meanwhile has a fresh mtime anyway), then block order.
 * **Whole-file check.** When a file is complete, :meth:`verify` folds the per-block adler32s into the
   file's and compares it with the catalogue's; a mismatch drops every block of the file.
