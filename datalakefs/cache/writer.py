@@ -140,7 +140,9 @@ class BlockWriter:
                 make_private_dirs(self._root, os.path.dirname(path))
                 fd = os.open(path, _OPEN_FLAGS, 0o600)
             st = os.fstat(fd)
-            if st.st_size != self._key.size:  # new: sized now, so that truncation shows later
+            # New: sized now, so that truncation shows later; unless this transfer ends at the file's
+            # end, when its last write sizes it (a small file's one block: a syscall fewer).
+            if st.st_size != self._key.size and self._end != self._key.size:
                 os.ftruncate(fd, self._key.size)
         except OSError as exc:
             self._local_error = exc.errno or -1

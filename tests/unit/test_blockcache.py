@@ -331,6 +331,29 @@ def test_touch_skips_a_journal_the_cache_wrote_or_touched_recently(tmp_path: Pat
     again.close()
 
 
+def test_a_file_of_one_block_is_journaled_and_judged_in_one_write(tmp_path: Path) -> None:
+    cache = new_cache(tmp_path)
+    small = DATA[:549]
+    good, wrong = key_of(small, name="good"), key_of(small, name="wrong", adler=zlib.adler32(small) ^ 1)
+    put(cache, good, small, 0, 1)
+    put(cache, wrong, small, 0, 1)
+    assert os.path.getsize(cache.data_path(good)) == 549  # sized by its one write
+    journal = Path(cache.index_path(good)).read_bytes()
+    assert [kind for kind, _, _ in read_records(journal)] == [RecordType.FILE, RecordType.BLOCK, RecordType.VERIFIED]
+    assert [kind for kind, _, _ in read_records(Path(cache.index_path(wrong)).read_bytes())] == [
+        RecordType.FILE,
+        RecordType.BLOCK,
+    ]
+    assert cache.verify(good) is VerifyResult.VERIFIED and cache.is_verified(good)
+    assert Path(cache.index_path(good)).read_bytes() == journal  # the verdict was already there
+    assert cache.verify(wrong) is VerifyResult.MISMATCH
+    cache.close()
+    again = new_cache(tmp_path)
+    assert again.is_verified(good) and again.read(good, 0, 0, 549) == small
+    assert again.cached_bytes(wrong) == 0
+    again.close()
+
+
 def test_whole_file_verification(tmp_path: Path) -> None:
     cache = new_cache(tmp_path)
     key = key_of(DATA)
