@@ -15,6 +15,10 @@ CPU budget; one data file and one journal cost two creations per DID whatever it
 the prefix directory rather than in a directory of their own (format v1): a ``mkdir`` cost as much as
 both files together, a third of the cache's system CPU on a dataset of small files.
 
+A small file's cost is two file creations, one ``pwrite`` of its bytes (which also sizes the data file)
+and one journal write: a file of one block gets its FILE, BLOCK and VERIFIED records in one write when
+the block's adler32 is the catalogue's (the whole-file check of a one-block file).
+
 Every record is framed as ``magic, type, payload length, payload, CRC32 of all that``. A BLOCK record
 is the block's header: the key's digest, block index, file offset, data length, page size, adler32 of
 the data, and a CRC32 per :data:`PAGE_SIZE` page of the data. A block is served only through a valid
