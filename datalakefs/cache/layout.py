@@ -1,9 +1,9 @@
 """Cache keys, paths and the on-disk format.
 
-Layout under the cache directory (``<cache_dir>/v1/``, directories 0700, files 0600)::
+Layout under the cache directory (``<cache_dir>/v2/``, directories 0700, files 0600)::
 
-    v1/<d[:2]>/<d>/data     the file's bytes at their own offsets: a sparse file, holes where not cached
-    v1/<d[:2]>/<d>/index    append-only journal: a FILE record, then BLOCK, DROP and VERIFIED records
+    v2/<d[:2]>/<d>.data     the file's bytes at their own offsets: a sparse file, holes where not cached
+    v2/<d[:2]>/<d>.index    append-only journal: a FILE record, then BLOCK, DROP and VERIFIED records
 
 ``d`` is the SHA-256 of the :class:`FileKey` (DID, size, checksum): paths never contain a DID name, and
 DIDs are immutable, so a key never refers to different bytes. Block ``i`` is file bytes
@@ -11,7 +11,13 @@ DIDs are immutable, so a key never refers to different bytes. Block ``i`` is fil
 
 Why one data file per DID rather than one file per block: creating a file costs ~600 µs of system CPU
 on this project's machines (ext4), i.e. 0.6 s per GiB with 1 MiB block files, more than half the cold
-CPU budget; one data file and one journal cost two creations per DID whatever its size.
+CPU budget; one data file and one journal cost two creations per DID whatever its size. They sit side by side in
+the prefix directory rather than in a directory of their own (format v1): a ``mkdir`` cost as much as
+both files together, a third of the cache's system CPU on a dataset of small files.
+
+A small file's cost is two file creations, one ``pwrite`` of its bytes (which also sizes the data file)
+and one journal write: a file of one block gets its FILE, BLOCK and VERIFIED records in one write when
+the block's adler32 is the catalogue's (the whole-file check of a one-block file).
 
 Every record is framed as ``magic, type, payload length, payload, CRC32 of all that``. A BLOCK record
 is the block's header: the key's digest, block index, file offset, data length, page size, adler32 of
@@ -50,9 +56,10 @@ from datalakefs.model import DID, DIDInfo
 PAGE_SIZE = 64 << 10
 MIB = 1 << 20
 MAX_BLOCK_SIZE = 32 * MIB
-FORMAT = "v1"
-DATA_NAME = "data"
-INDEX_NAME = "index"
+FORMAT = "v2"
+EARLIER_FORMATS = ("v1",)  # trees of earlier formats under the cache directory, removed at start
+DATA_SUFFIX = ".data"
+INDEX_SUFFIX = ".index"
 
 _FRAME = struct.Struct("<4sBxxxI")
 _MAGIC = b"DLFS"
@@ -142,13 +149,19 @@ def page_count(length: int) -> int:
     return -(-length // PAGE_SIZE)
 
 
-def file_directory(root: str, digest: str) -> str:
+def file_stem(root: str, digest: str) -> str:
+    """The path of a file's entries without their suffix: ``<root>/<digest[:2]>/<digest>``."""
     return os.path.join(root, digest[:2], digest)
 
 
+class EntryRole(enum.Enum):
+    DATA = DATA_SUFFIX
+    INDEX = INDEX_SUFFIX
+    TEMPORARY = "tmp"  # a journal being compacted
+
+
 _PREFIX_NAME = re.compile(r"[0-9a-f]{2}")
-_DIGEST_NAME = re.compile(r"[0-9a-f]{64}")
-_ENTRY_NAME = re.compile(rf"{DATA_NAME}|{INDEX_NAME}|\.{INDEX_NAME}\.[0-9a-f]+\.tmp")
+_ENTRY_NAME = re.compile(r"([0-9a-f]{64})(\.data|\.index|\.index\.[0-9a-f]+\.tmp)")
 
 
 def is_prefix_name(name: str) -> bool:
@@ -156,14 +169,14 @@ def is_prefix_name(name: str) -> bool:
     return _PREFIX_NAME.fullmatch(name) is not None
 
 
-def is_file_directory_name(prefix: str, name: str) -> bool:
-    """Whether ``name`` is one the cache gives a file's directory under ``prefix``."""
-    return _DIGEST_NAME.fullmatch(name) is not None and name.startswith(prefix)
-
-
-def is_entry_name(name: str) -> bool:
-    """Whether ``name`` is one the cache gives an entry of a file's directory."""
-    return _ENTRY_NAME.fullmatch(name) is not None
+def parse_entry_name(prefix: str, name: str) -> tuple[str, EntryRole] | None:
+    """(digest, role) of a name the cache gives an entry of the ``prefix`` directory, else None."""
+    match = _ENTRY_NAME.fullmatch(name)
+    if match is None or not name.startswith(prefix):
+        return None
+    suffix = match.group(2)
+    role = EntryRole(suffix) if suffix in (DATA_SUFFIX, INDEX_SUFFIX) else EntryRole.TEMPORARY
+    return match.group(1), role
 
 
 def make_private_dirs(root: str, directory: str) -> None:

@@ -2,7 +2,7 @@
 
 Design (format: :mod:`datalakefs.cache.layout`):
 
-* **The journal is the index.** Each file's ``index`` journal records which blocks its sparse ``data``
+* **The journal is the index.** Each file's ``.index`` journal records which blocks its sparse ``.data``
   file holds, with their checksums. Nothing else has to agree with it, and a crash can at worst leave a
   torn last record (ignored) or a journaled block whose data is missing (caught by its checksums). At
   start, :meth:`BlockCache.load` replays every journal, drops what is damaged, foreign or past the end
@@ -15,7 +15,9 @@ Design (format: :mod:`datalakefs.cache.layout`):
   a commit takes it above ``high_watermark * capacity``, least recently used blocks are evicted (their
   space given back with ``FALLOC_FL_PUNCH_HOLE``; whole files where the file system cannot punch holes)
   until it is at most ``low_watermark * capacity``. Recency is kept per block in memory; across restarts
-  it is approximated by each journal's mtime (touched when a reader closes), then block order.
+  it is approximated by each journal's mtime (touched when a reader closes, at most once per
+  :data:`TOUCH_INTERVAL`: a ``utime`` per close is a metadata write per read of a small file, and a
+  journal written meanwhile has a fresh mtime anyway), then block order.
 * **Whole-file check.** When a file is complete, :meth:`verify` folds the per-block adler32s into the
   file's and compares it with the catalogue's; a mismatch drops every block of the file.
 * **Threads.** Everything here runs on the trio thread, except :class:`BlockWriter` (transport thread),
@@ -34,6 +36,7 @@ import os
 import secrets
 import shutil
 import stat
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,14 +46,16 @@ from typing import Final
 import trio
 
 from datalakefs.cache.layout import (
-    DATA_NAME,
+    DATA_SUFFIX,
+    EARLIER_FORMATS,
     FORMAT,
-    INDEX_NAME,
+    INDEX_SUFFIX,
     MAX_BLOCK_SIZE,
     MIB,
     PAGE_SIZE,
     BlockRecord,
     CorruptBlockError,
+    EntryRole,
     FileKey,
     RecordType,
     adler32,
@@ -60,13 +65,12 @@ from datalakefs.cache.layout import (
     block_record_size,
     crc32,
     drop_record,
-    file_directory,
     file_record,
-    is_entry_name,
-    is_file_directory_name,
+    file_stem,
     is_prefix_name,
     parse_block_record,
     parse_drop_record,
+    parse_entry_name,
     parse_file_record,
     parse_verified_record,
     punch_hole,
@@ -78,8 +82,10 @@ from datalakefs.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-_TRASH_PREFIX = f".{FORMAT}-trash-"
+_TRASH_PREFIXES = tuple(f".{name}-trash-" for name in (FORMAT, *EARLIER_FORMATS))
 _COMPACT_SLACK = 64 << 10
+#: Seconds within which a journal's mtime is recent enough for the recency order after a restart.
+TOUCH_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,18 +113,20 @@ class _File:
     __slots__ = (
         "blocks",
         "cached_bytes",
-        "directory",
         "inode",
         "journal_bytes",
         "key",
         "live_journal_bytes",
         "n_blocks",
+        "stem",
+        "touched",
+        "verdict_journaled",
         "verified",
     )
 
-    def __init__(self, key: FileKey, directory: str, block_size: int, inode: int) -> None:
+    def __init__(self, key: FileKey, stem: str, block_size: int, inode: int) -> None:
         self.key = key
-        self.directory = directory
+        self.stem = stem  # the path of its entries without their suffix
         self.inode = inode
         self.n_blocks = block_count(key.size, block_size)
         self.blocks: dict[int, BlockRecord] = {}
@@ -126,10 +134,12 @@ class _File:
         self.verified = False
         self.journal_bytes = 0  # size of the index file on disk (0: not written yet)
         self.live_journal_bytes = 0  # what a compacted journal would need
+        self.touched = 0.0  # the journal's mtime as last set by the cache (wall clock)
+        self.verdict_journaled = False  # the journal ends with a VERIFIED record verify() has not given yet
 
 
 class BlockCache:
-    """A verified block cache under ``<root>/v1``; see the module docstring for the contract."""
+    """A verified block cache under ``<root>/v2``; see the module docstring for the contract."""
 
     def __init__(
         self,
@@ -177,14 +187,21 @@ class BlockCache:
             if not is_prefix_name(prefix) or not _is_real_directory(prefix_dir):
                 log.warning("cache: %s is not the cache's; left alone", prefix_dir)
                 continue
-            for digest in os.listdir(prefix_dir):
-                directory = os.path.join(prefix_dir, digest)
-                if not is_file_directory_name(prefix, digest) or not _is_real_directory(directory):
-                    log.warning("cache: %s is not the cache's; left alone", directory)
-                    continue
-                loaded = self._load_file(directory, digest)
+            roles: dict[str, set[EntryRole]] = {}
+            for name in os.listdir(prefix_dir):
+                entry = parse_entry_name(prefix, name)
+                if entry is None:
+                    log.warning("cache: %s is not the cache's; left alone", os.path.join(prefix_dir, name))
+                elif entry[1] is EntryRole.TEMPORARY:
+                    _remove(os.path.join(prefix_dir, name))  # of an interrupted compaction
+                else:
+                    roles.setdefault(entry[0], set()).add(entry[1])
+            for digest, present in roles.items():
+                stem = os.path.join(prefix_dir, digest)
+                loaded = self._load_file(stem, digest) if len(present) == 2 else None
                 if loaded is None:
-                    _remove(directory)
+                    _remove(stem + INDEX_SUFFIX)
+                    _remove(stem + DATA_SUFFIX)
                 else:
                     found.append(loaded)
         for _, file in sorted(found, key=lambda pair: pair[0]):
@@ -205,8 +222,9 @@ class BlockCache:
         parent = os.path.dirname(self._root)
         os.makedirs(parent, mode=0o700, exist_ok=True)
         for name in os.listdir(parent):
-            if name.startswith(_TRASH_PREFIX) and _is_real_directory(os.path.join(parent, name)):
-                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            path = os.path.join(parent, name)
+            if (name.startswith(_TRASH_PREFIXES) or name in EARLIER_FORMATS) and _is_real_directory(path):
+                shutil.rmtree(path, ignore_errors=True)
         try:
             os.mkdir(self._root, 0o700)
         except FileExistsError:
@@ -223,14 +241,14 @@ class BlockCache:
             if stat.S_IMODE(st.st_mode) != 0o700:
                 os.chmod(self._root, 0o700)
 
-    def _load_file(self, directory: str, digest: str) -> tuple[float, _File] | None:
+    def _load_file(self, stem: str, digest: str) -> tuple[float, _File] | None:
         """Replay one file's journal; None when nothing usable is left."""
-        index_path = os.path.join(directory, INDEX_NAME)
+        index_path = stem + INDEX_SUFFIX
         try:
             with open(index_path, "rb") as fh:
                 raw = fh.read()
             mtime = os.stat(index_path).st_mtime
-            data = os.stat(os.path.join(directory, DATA_NAME))
+            data = os.stat(stem + DATA_SUFFIX)
         except OSError:
             return None
         records = read_records(raw)
@@ -243,7 +261,8 @@ class BlockCache:
             return None
         if key.digest != digest:
             return None
-        file = _File(key, directory, self.block_size, data.st_ino)
+        file = _File(key, stem, self.block_size, data.st_ino)
+        file.touched = mtime
         valid_end = first[2]
         blocks = file.blocks
         for kind, payload, end in records:
@@ -264,9 +283,6 @@ class BlockCache:
             valid_end = end
         for index in [i for i, r in blocks.items() if i * self.block_size + r.length > data.st_size]:
             del blocks[index]  # past the end of a truncated data file
-        for entry in os.scandir(directory):
-            if entry.name not in (DATA_NAME, INDEX_NAME) and is_entry_name(entry.name):
-                _remove(entry.path)  # a temporary file of an interrupted compaction
         if not blocks:
             return None
         file.verified = file.verified and len(blocks) == file.n_blocks
@@ -279,14 +295,11 @@ class BlockCache:
 
     # ---- queries ------------------------------------------------------------------------------
 
-    def directory(self, key: FileKey) -> str:
-        return file_directory(self._root, key.digest)
-
     def data_path(self, key: FileKey) -> str:
-        return os.path.join(self.directory(key), DATA_NAME)
+        return file_stem(self._root, key.digest) + DATA_SUFFIX
 
     def index_path(self, key: FileKey) -> str:
-        return os.path.join(self.directory(key), INDEX_NAME)
+        return file_stem(self._root, key.digest) + INDEX_SUFFIX
 
     def has_block(self, key: FileKey, index: int) -> bool:
         file = self._files.get(key.digest)
@@ -366,10 +379,10 @@ class BlockCache:
             self._fds.move_to_end(slot)
             return fd
         if role == _DATA:
-            fd = os.open(os.path.join(file.directory, DATA_NAME), os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(file.stem + DATA_SUFFIX, os.O_RDWR | os.O_CLOEXEC)
         else:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-            fd = os.open(os.path.join(file.directory, INDEX_NAME), flags, 0o600)
+            fd = os.open(file.stem + INDEX_SUFFIX, flags, 0o600)
         self._keep_fd(slot, fd)
         return fd
 
@@ -395,7 +408,7 @@ class BlockCache:
         blocks (``data is None``) to :meth:`commit` on the trio thread. Committing a block that is
         already cached replaces it.
         """
-        return BlockWriter(self._root, self.directory(key), key, self.block_size, first, end, on_block)
+        return BlockWriter(self._root, self.data_path(key), key, self.block_size, first, end, on_block)
 
     def commit(self, key: FileKey, landed: LandedBlock) -> bool:
         """Journal a block the writer stored, making it readable; may evict other blocks.
@@ -420,11 +433,17 @@ class BlockCache:
                 log.warning("cache: the data file of %s was replaced behind our back", key.did)
                 self._corrupt += len(file.blocks)
                 self._discard(file)
-            file = _File(key, self.directory(key), self.block_size, inode)
+            file = _File(key, file_stem(self._root, key.digest), self.block_size, inode)
         record = landed.record
         try:
             if file.journal_bytes == 0:
-                self._start_journal(file, block_record(key, self.block_size, record))
+                first = block_record(key, self.block_size, record)
+                # A file of one block is complete with it and its whole-file check is the block's
+                # adler32: the verdict goes in the same write (no second journal write per small file);
+                # verify() still gives it, without writing.
+                verified = file.n_blocks == 1 and key.adler32 == record.adler32
+                self._start_journal(file, first + verified_record(True) if verified else first)
+                file.verdict_journaled = verified
             else:
                 self._append(file, block_record(key, self.block_size, record))
         except OSError as exc:
@@ -483,7 +502,7 @@ class BlockCache:
         next records are appended with."""
         self._close_fds(file.key.digest)
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        fd = os.open(os.path.join(file.directory, INDEX_NAME), flags, 0o600)
+        fd = os.open(file.stem + INDEX_SUFFIX, flags, 0o600)
         content = file_record(file.key, self.block_size) + first
         try:
             _write_all(fd, content)
@@ -492,10 +511,13 @@ class BlockCache:
             raise
         self._keep_fd((file.key.digest, _JOURNAL), fd)
         file.journal_bytes = len(content)
+        file.touched = time.time()
 
     def _append(self, file: _File, record: bytes) -> None:
         _write_all(self._fd(file, _JOURNAL), record)
         file.journal_bytes += len(record)
+        file.verdict_journaled = False
+        file.touched = time.time()
         if file.journal_bytes > 2 * file.live_journal_bytes + _COMPACT_SLACK:
             self._compact(file)
 
@@ -507,19 +529,21 @@ class BlockCache:
         if file.verified:
             parts.append(verified_record(True))
         content = b"".join(parts)
-        tmp = os.path.join(file.directory, f".{INDEX_NAME}.{secrets.token_hex(6)}.tmp")
+        file.verdict_journaled = False
+        tmp = f"{file.stem}{INDEX_SUFFIX}.{secrets.token_hex(6)}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 _write_all(fd, content)
             finally:
                 os.close(fd)
-            os.replace(tmp, os.path.join(file.directory, INDEX_NAME))
+            os.replace(tmp, file.stem + INDEX_SUFFIX)
         except OSError as exc:
             _remove(tmp)
             log.warning("cache: cannot compact the index of %s: %s", file.key.did, exc)
             return
         file.journal_bytes = len(content)
+        file.touched = time.time()
 
     def shrink(self, fraction: float = 0.1) -> int:
         """Evict least recently used blocks worth ``fraction`` of the used bytes (the disk is full)."""
@@ -528,11 +552,14 @@ class BlockCache:
         return before - self._used
 
     def touch(self, key: FileKey) -> None:
-        """Record that ``key`` was used, for the recency order after a restart."""
+        """Record that ``key`` was used, for the recency order after a restart (a journal the cache
+        wrote or touched in the last :data:`TOUCH_INTERVAL` is left as it is)."""
         file = self._files.get(key.digest)
-        if file is not None:
+        now = time.time()
+        if file is not None and now - file.touched >= TOUCH_INTERVAL:
             with contextlib.suppress(OSError):
-                os.utime(os.path.join(file.directory, INDEX_NAME))
+                os.utime(file.stem + INDEX_SUFFIX)
+            file.touched = now
 
     def _evict_to(self, target: int, keep: tuple[str, int] | None = None) -> None:
         while self._used > target and self._lru:
@@ -580,11 +607,9 @@ class BlockCache:
             self._lru.pop(slot, None)
         if self._files.get(digest) is file:
             del self._files[digest]
-        _remove(os.path.join(file.directory, INDEX_NAME))
-        _remove(os.path.join(file.directory, DATA_NAME))
-        # A transfer may be writing there right now; load() cleans up what is left.
-        with contextlib.suppress(OSError):
-            os.rmdir(file.directory)
+        # A transfer may be writing its data file right now; load() removes a data file without journal.
+        _remove(file.stem + INDEX_SUFFIX)
+        _remove(file.stem + DATA_SUFFIX)
 
     def _discard(self, file: _File) -> None:
         """Forget ``file`` in memory only (its files on disk are someone else's now)."""
@@ -625,7 +650,10 @@ class BlockCache:
             record = file.blocks[index]
             total = adler32_combine(total, record.adler32, record.length)
         if total == expected:
-            self._set_verified(file, True)
+            if file.verdict_journaled:
+                file.verified = True
+            else:
+                self._set_verified(file, True)
             return VerifyResult.VERIFIED
         log.error(
             "cache: %s: adler32 of the received bytes is %08x, the catalogue says %08x; dropping it",
@@ -645,7 +673,7 @@ class BlockCache:
         self._files.clear()
         self._lru.clear()
         self._used = 0
-        trash = os.path.join(os.path.dirname(self._root), _TRASH_PREFIX + secrets.token_hex(6))
+        trash = os.path.join(os.path.dirname(self._root), _TRASH_PREFIXES[0] + secrets.token_hex(6))
         os.rename(self._root, trash)
         os.mkdir(self._root, 0o700)
         await trio.to_thread.run_sync(functools.partial(shutil.rmtree, trash, ignore_errors=True))

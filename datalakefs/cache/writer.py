@@ -5,7 +5,7 @@ A :class:`BlockWriter` covers blocks ``[first, end)`` of one file, i.e. the file
 transport's :class:`~datalakefs.transport.http.RangeSink` protocol, matched structurally: this package
 does not import the transport). It:
 
-* opens (creating it, 0600, sized to the file) the file's sparse ``data`` file and writes each byte with
+* opens (creating it, 0600, sized to the file) the file's sparse ``.data`` file and writes each byte with
   ``os.pwrite`` at its own offset, computing a CRC32 per page and each block's adler32 as the bytes pass
   (no second pass over the data);
 * when a block is complete, calls ``on_block`` with a :class:`LandedBlock`: its record and the identity
@@ -33,7 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from datalakefs.cache.layout import (
-    DATA_NAME,
     PAGE_SIZE,
     BlockRecord,
     FileKey,
@@ -82,12 +81,13 @@ class _OpenBlock:
 
 
 class BlockWriter:
-    """Writes blocks ``[first, end)`` of ``key`` into ``directory``; see the module docstring."""
+    """Writes blocks ``[first, end)`` of ``key`` into the data file ``data_path`` (its directory is made
+    under ``root`` if missing); see the module docstring."""
 
     def __init__(
         self,
         root: str,
-        directory: str,
+        data_path: str,
         key: FileKey,
         block_size: int,
         first: int,
@@ -95,7 +95,7 @@ class BlockWriter:
         on_block: Callable[[LandedBlock], None],
     ) -> None:
         self._root = root
-        self._dir = directory
+        self._data_path = data_path
         self._key = key
         self._block_size = block_size
         self._next_index = first
@@ -132,15 +132,17 @@ class BlockWriter:
         self._fd = -1
 
     def _open_data(self) -> None:
-        path = os.path.join(self._dir, DATA_NAME)
+        path = self._data_path
         try:
             try:
                 fd = os.open(path, _OPEN_FLAGS, 0o600)
             except FileNotFoundError:
-                make_private_dirs(self._root, self._dir)
+                make_private_dirs(self._root, os.path.dirname(path))
                 fd = os.open(path, _OPEN_FLAGS, 0o600)
             st = os.fstat(fd)
-            if st.st_size != self._key.size:  # new: sized now, so that truncation shows later
+            # New: sized now, so that truncation shows later; unless this transfer ends at the file's
+            # end, when its last write sizes it (a small file's one block: a syscall fewer).
+            if st.st_size != self._key.size and self._end != self._key.size:
                 os.ftruncate(fd, self._key.size)
         except OSError as exc:
             self._local_error = exc.errno or -1

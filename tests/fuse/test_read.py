@@ -186,7 +186,7 @@ def test_a_corrupt_cache_block_is_fetched_again_never_served(
     expected = _expected(lake, did, SIZE)
     assert _read_all(path) == expected
     first.stop()
-    (data_file,) = cache_dir.rglob("data")
+    (data_file,) = cache_dir.rglob("*.data")
     with open(data_file, "r+b") as fh:
         fh.seek(2 * MIB + 12345)
         fh.write(b"\xff" * 64)

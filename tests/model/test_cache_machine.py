@@ -7,7 +7,9 @@ whole-file checks, clearing), the cache must:
 * never return bytes other than the file's, and return them for every intact block it holds;
 * hold only blocks that were written, account their bytes exactly and stay under its high watermark;
 * count each block that vanished without being read as corrupt as an eviction;
-* keep every intact block across a restart; verify complete files and reject a wrong checksum.
+* keep every intact block across a restart; verify complete files and reject a wrong checksum;
+* never serve a block whose transfer stored it but died before its journal record (a crash), and leave
+  no entry on disk after a restart for a file of which it holds nothing (a data file without journal).
 """
 
 from __future__ import annotations
@@ -168,6 +170,15 @@ class CacheMachine(RuleBasedStateMachine):
                     fh.write(bytes(len(old)) if kind == "zero" else bytes([old[0] ^ 0x40]))
             self.tainted.add((name, index))
 
+    @rule(name=files, data=st.data())
+    def crash_before_commit(self, name: str, data: st.DataObject) -> None:
+        """A transfer stored a block, then the daemon died before journaling it."""
+        index = data.draw(st.integers(0, block_count(SIZES[name], BS) - 1))
+        start = index * BS
+        writer = self.cache.writer(KEYS[name], index, index + 1, lambda landed: None)
+        writer.write(start, DATA[name][start : start + block_length(SIZES[name], BS, index)])
+        writer.close()
+
     @rule()
     def restart(self) -> None:
         self.cache.close()
@@ -178,6 +189,11 @@ class CacheMachine(RuleBasedStateMachine):
         self.valid &= held
         self.tainted &= held
         self.damaged_journals.clear()  # load() rewrote or removed them
+        for name in SIZES:
+            if not any(n == name for n, _ in held):
+                key = KEYS[name]
+                assert not os.path.exists(self.cache.data_path(key)), "a data file without blocks stayed"
+                assert not os.path.exists(self.cache.index_path(key))
 
     @rule(name=files)
     def verify(self, name: str) -> None:

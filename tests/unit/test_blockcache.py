@@ -88,8 +88,9 @@ def test_blocks_round_trip_verified_and_private(tmp_path: Path) -> None:
         assert got == DATA[index * BS + start : index * BS + start + size]
     assert cache.cached_bytes(key) == len(DATA)
     assert cache.is_complete(key)
-    assert sorted(os.listdir(cache.directory(key))) == ["data", "index"]
-    for dirpath, _, filenames in os.walk(tmp_path / "v1"):
+    prefix = os.path.dirname(cache.data_path(key))
+    assert sorted(os.listdir(prefix)) == [f"{key.digest}.data", f"{key.digest}.index"]  # no directory per file
+    for dirpath, _, filenames in os.walk(tmp_path / "v2"):
         assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o700
         assert "secret-name" not in dirpath
         for name in filenames:
@@ -235,25 +236,27 @@ def test_restart_rebuilds_accounting_drops_its_debris_and_leaves_what_is_not_cac
     put(cache, other, DATA, 0, 2)
     put(cache, third, DATA, 0, 1)
     assert cache.statistics().used_bytes == len(DATA) + 3 * BS
-    directory = cache.directory(key)
-    Path(directory, ".index.abcd.tmp").write_bytes(b"torn")
-    Path(directory, "junk").write_bytes(b"?")
+    prefix = os.path.dirname(cache.data_path(key))
+    Path(cache.index_path(key) + ".abcd.tmp").write_bytes(b"torn")
+    Path(prefix, "junk").write_bytes(b"?")
     with open(cache.index_path(key), "ab") as fh:
         fh.write(b"DLFS\x02\x00\x00\x00torn tail")  # a record cut short by a crash
     os.unlink(cache.index_path(other))  # data without its journal is dropped
     with open(cache.index_path(third), "r+b") as fh:
         fh.write(b"XXXX")  # a journal that is not ours
-    (tmp_path / "v1" / "zz-not-a-prefix").mkdir()
-    (tmp_path / ".v1-trash-0123").mkdir()
+    (tmp_path / "v2" / "zz-not-a-prefix").mkdir()
+    (tmp_path / ".v2-trash-0123").mkdir()
+    (tmp_path / "v1" / "ab" / ("ab" + "0" * 62)).mkdir(parents=True)  # a cache of the earlier format
     cache.close()
 
     again = new_cache(tmp_path)
     stats = again.statistics()
     assert (stats.files, stats.blocks, stats.used_bytes) == (1, 6, len(DATA))
-    assert sorted(os.listdir(directory)) == ["data", "index", "junk"]  # not a name the cache gives
-    assert not os.path.exists(again.directory(other)) and not os.path.exists(again.directory(third))
-    assert sorted(os.listdir(tmp_path)) == ["v1"]
-    assert (tmp_path / "v1" / "zz-not-a-prefix").is_dir()
+    assert "junk" in os.listdir(prefix) and not any(n.endswith(".tmp") for n in os.listdir(prefix))
+    for gone in (other, third):
+        assert not os.path.exists(again.data_path(gone)) and not os.path.exists(again.index_path(gone))
+    assert sorted(os.listdir(tmp_path)) == ["v2"]
+    assert (tmp_path / "v2" / "zz-not-a-prefix").is_dir()
     assert again.read(key, 5, 0, len(DATA) % BS) == DATA[5 * BS :]
     journal = Path(again.index_path(key)).read_bytes()
     assert [kind for kind, _, _ in read_records(journal)] == [RecordType.FILE, *[RecordType.BLOCK] * 6]
@@ -267,7 +270,7 @@ def test_a_cache_root_that_is_a_symbolic_link_is_refused_and_its_target_untouche
     (precious / "notes.txt").write_text("more")
     precious.chmod(0o755)
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "v1").symlink_to(precious)
+    (tmp_path / "cache" / "v2").symlink_to(precious)
     with pytest.raises(ConfigError, match="symbolic link"):
         new_cache(tmp_path / "cache")
     assert (precious / "ab" / "thesis.tex").read_text() == "years of work"
@@ -310,6 +313,47 @@ def test_restart_over_capacity_evicts_least_recently_touched_file(tmp_path: Path
     smaller.close()
 
 
+def test_touch_skips_a_journal_the_cache_wrote_or_touched_recently(tmp_path: Path) -> None:
+    cache = new_cache(tmp_path)
+    key = key_of(DATA)
+    put(cache, key, DATA, 0, 1)
+    index = cache.index_path(key)
+    os.utime(index, (1, 1))
+    cache.touch(key)  # the cache wrote the journal just now: no utime per reader's close
+    assert os.stat(index).st_mtime == 1
+    cache.close()
+    again = new_cache(tmp_path)  # loaded with its mtime of long ago
+    again.touch(key)
+    assert os.stat(index).st_mtime > 1
+    os.utime(index, (1, 1))
+    again.touch(key)  # touched just now
+    assert os.stat(index).st_mtime == 1
+    again.close()
+
+
+def test_a_file_of_one_block_is_journaled_and_judged_in_one_write(tmp_path: Path) -> None:
+    cache = new_cache(tmp_path)
+    small = DATA[:549]
+    good, wrong = key_of(small, name="good"), key_of(small, name="wrong", adler=zlib.adler32(small) ^ 1)
+    put(cache, good, small, 0, 1)
+    put(cache, wrong, small, 0, 1)
+    assert os.path.getsize(cache.data_path(good)) == 549  # sized by its one write
+    journal = Path(cache.index_path(good)).read_bytes()
+    assert [kind for kind, _, _ in read_records(journal)] == [RecordType.FILE, RecordType.BLOCK, RecordType.VERIFIED]
+    assert [kind for kind, _, _ in read_records(Path(cache.index_path(wrong)).read_bytes())] == [
+        RecordType.FILE,
+        RecordType.BLOCK,
+    ]
+    assert cache.verify(good) is VerifyResult.VERIFIED and cache.is_verified(good)
+    assert Path(cache.index_path(good)).read_bytes() == journal  # the verdict was already there
+    assert cache.verify(wrong) is VerifyResult.MISMATCH
+    cache.close()
+    again = new_cache(tmp_path)
+    assert again.is_verified(good) and again.read(good, 0, 0, 549) == small
+    assert again.cached_bytes(wrong) == 0
+    again.close()
+
+
 def test_whole_file_verification(tmp_path: Path) -> None:
     cache = new_cache(tmp_path)
     key = key_of(DATA)
@@ -338,7 +382,7 @@ def test_mismatch_drops_every_block_of_the_file(tmp_path: Path) -> None:
     assert cache.verify(wrong) is VerifyResult.MISMATCH
     assert cache.cached_bytes(wrong) == 0
     assert cache.statistics().used_bytes == 0
-    assert not os.path.exists(cache.directory(wrong))
+    assert not os.path.exists(cache.data_path(wrong)) and not os.path.exists(cache.index_path(wrong))
     assert cache.statistics().checksum_mismatches == 1
     md5_key = FileKey(DID("scope", "m"), len(DATA), "md5:00")
     put(cache, md5_key, DATA, 0, 6)
@@ -408,7 +452,7 @@ async def test_blocks_of_a_cleared_cache_are_refused(tmp_path: Path) -> None:
     await cache.clear()
     assert cache.read(key, 0, 0, 10) is None
     assert cache.statistics().used_bytes == 0
-    assert os.listdir(tmp_path / "v1") == []
+    assert os.listdir(tmp_path / "v2") == []
     assert not cache.commit(key, landed[0])  # its data file went with the old cache
     assert cache.salvage(key, landed[0]) is None
     put(cache, key, DATA, 0, 1)  # and the cache still works afterwards
