@@ -348,14 +348,21 @@ def test_a_datasets_new_replicas_are_seen_after_the_ttl(
     assert _replica_calls(mount) == 2  # the whole dataset again, once
 
 
-def test_an_open_out_of_listing_order_starts_no_prefetch(
+def _prefetching_mount(
     lake: LakeStatus, new_mount: Any, rucio_client: Any
-) -> None:
+) -> tuple[Any, seed.DatasetPlan, Path, list[str]]:
+    """A mount prefetching 8 files ahead, a new dataset of 40 files, its directory and its listing."""
     plan = _small_dataset(lake, rucio_client, 40)
     mount = new_mount("listing_prefetch_files=8")
     mount.start()
     directory = mount.mountpoint / plan.scope / plan.name
-    names = sorted(os.listdir(directory))
+    return mount, plan, directory, sorted(os.listdir(directory))
+
+
+def test_an_open_out_of_listing_order_starts_no_prefetch(
+    lake: LakeStatus, new_mount: Any, rucio_client: Any
+) -> None:
+    mount, _, directory, names = _prefetching_mount(lake, new_mount, rucio_client)
     for name in (names[0], names[1], names[30]):  # in order, then the pattern breaks
         _read_all(directory / name)
     wait_until(lambda: mount.status()["prefetch"]["in_flight"] == 0, timeout=60, what="the prefetch settled")
@@ -367,11 +374,7 @@ def test_an_open_out_of_listing_order_starts_no_prefetch(
 def test_a_reader_going_through_a_dataset_finds_the_next_files_prefetched(
     lake: LakeStatus, new_mount: Any, rucio_client: Any
 ) -> None:
-    plan = _small_dataset(lake, rucio_client, 40)
-    mount = new_mount("listing_prefetch_files=8")
-    mount.start()
-    directory = mount.mountpoint / plan.scope / plan.name
-    names = sorted(os.listdir(directory))
+    mount, plan, directory, names = _prefetching_mount(lake, new_mount, rucio_client)
     for spec in plan.files[:3]:
         assert _read_all(directory / spec.name) == _expected(lake, spec.did, spec.size)
     ahead = [directory / name for name in names[3:3 + 8]]

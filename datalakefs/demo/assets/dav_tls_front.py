@@ -51,13 +51,18 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     except (ConnectionError, OSError):
         pass
     finally:
-        if writer.can_write_eof():
-            try:
-                writer.write_eof()
-            except (OSError, RuntimeError):
-                writer.close()
-        else:
-            writer.close()
+        _end_writing(writer)
+
+
+def _end_writing(writer: asyncio.StreamWriter) -> None:
+    """Half-close ``writer`` (the other direction may still carry an answer), or close it."""
+    if writer.can_write_eof():
+        try:
+            writer.write_eof()
+            return
+        except (OSError, RuntimeError):
+            pass
+    writer.close()
 
 
 def framing(head: bytes) -> int | None:
@@ -110,11 +115,7 @@ async def _requests(reader: asyncio.StreamReader, back_writer: asyncio.StreamWri
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, ConnectionError, OSError):
         pass  # a broken or malformed request ends the connection
     finally:
-        if back_writer.can_write_eof():
-            try:
-                back_writer.write_eof()
-            except (OSError, RuntimeError):
-                back_writer.close()
+        _end_writing(back_writer)
 
 
 async def _next_head(reader: asyncio.StreamReader) -> bytes:
