@@ -8,9 +8,14 @@ fetched whole into the block cache in the background, several at once:
 * **bounded**: at most ``listing_prefetch_files`` files ahead of the reader and
   ``listing_prefetch_bytes`` in flight and ahead; a file bigger than that budget is never prefetched
   (the reader's own read-ahead streams it);
-* **dropped when the pattern breaks**: an open elsewhere in the directory cancels the fetches in
-  flight for it, so a random reader never pays for files it will not read; a directory not read for
-  a while is forgotten (only the last :data:`DIRECTORIES` directories are followed);
+* **one window per reader**: several readers may go through one directory at once (a job's workers
+  each given a part of the listing), so each directory follows up to :data:`STREAMS` streams of opens;
+  an open continues the stream it follows, or starts a new one. Not one stream per process: a shell
+  loop opens each file from a new process;
+* **dropped when the pattern breaks**: a stream that no open continues while :data:`STREAMS` newer
+  ones start (a random reader's opens each start one) is dropped and its fetches in flight are
+  cancelled, so a random reader never pays for long for files it will not read; a directory not read
+  for a while is forgotten (only the last :data:`DIRECTORIES` directories are followed);
 * **never in the way**: fetches run in the daemon's nursery (:meth:`ListingPrefetch.run`); a failed
   fetch is only counted (the reader's own open meets the error itself), and a fetch joins or is
   joined by the reader's reads of the same blocks (the content service's single flight).
@@ -38,26 +43,38 @@ DIRECTORIES: Final = 64
 #: (``ls`` order vs a glob's, a file skipped by the reader's own filter).
 STRIDE: Final = 3
 
-#: Where a reader is before its first open: no first open continues it.
-NOWHERE: Final = -(STRIDE + 1)
-
 #: Opens in listing order (after the first) before the prefetch starts: one open is no pattern.
 STREAK: Final = 1
 
+#: Streams of opens followed per directory: readers going through one directory at once.
+STREAMS: Final = 4
+
 
 @dataclass
-class _Directory:
-    """What one directory's reader did last, and the fetches running ahead of it."""
+class _Stream:
+    """What one reader of a directory did last, and the fetches running ahead of it."""
 
-    listed: tuple[DIDInfo, ...] = ()
-    positions: dict[DID, int] = field(default_factory=dict)  # built once per listing
-    last: int = NOWHERE
+    last: int
     streak: int = 0
     ahead: int = -1  # the last index handed to a fetch
     in_flight: dict[int, trio.CancelScope] = field(default_factory=dict)  # index -> its fetch's scope
 
+
+@dataclass
+class _Directory:
+    """A directory's listing and the streams of opens going through it, most recent last."""
+
+    listed: tuple[DIDInfo, ...] = ()
+    positions: dict[DID, int] = field(default_factory=dict)  # built once per listing
+    streams: list[_Stream] = field(default_factory=list)
+
     def bytes_in_flight(self) -> int:
-        return sum(self.listed[index].size or 0 for index in self.in_flight)
+        return sum(self.listed[index].size or 0 for stream in self.streams for index in stream.in_flight)
+
+    def continued(self, index: int) -> _Stream | None:
+        """The stream an open of ``index`` continues (the nearest behind it), if any."""
+        behind = [stream for stream in self.streams if stream.last < index <= stream.last + STRIDE]
+        return max(behind, key=lambda stream: stream.last, default=None)
 
 
 class ListingPrefetch:
@@ -84,49 +101,54 @@ class ListingPrefetch:
         self._directories[directory] = state
         while len(self._directories) > DIRECTORIES:
             _, dropped = self._directories.popitem(last=False)
-            self._restart(dropped)
-        if state.listed is not listed:  # listed anew: positions (and the window) start again
-            self._restart(state)
+            self._drop_streams(dropped, len(dropped.streams))
+        if state.listed is not listed:  # listed anew: positions (and the windows) start again
+            self._drop_streams(state, len(state.streams))
             state.listed, state.positions = listed, {entry.did: i for i, entry in enumerate(listed)}
-            state.last = NOWHERE
         index = state.positions.get(info.did)
         if index is None:
             return
-        if state.last < index <= state.last + STRIDE:
-            state.streak += 1
+        stream = state.continued(index)
+        if stream is None:
+            stream = _Stream(last=index, ahead=index)
+            self._drop_streams(state, len(state.streams) + 1 - STREAMS)
         else:
-            self._restart(state)
-            state.ahead = index
-        state.last = index
-        if state.streak >= STREAK:
-            self._fill(state)
+            state.streams.remove(stream)
+            stream.streak += 1
+            stream.last = index
+        state.streams.append(stream)
+        if stream.streak >= STREAK:
+            self._fill(state, stream)
 
     def statistics(self) -> dict[str, Any]:
         counts = {key: self.counters[key] for key in ("started", "done", "failed", "cancelled")}
-        return {**counts, "in_flight": sum(len(d.in_flight) for d in self._directories.values())}
+        return {**counts, "in_flight": sum(len(s.in_flight) for d in self._directories.values() for s in d.streams)}
 
-    def _restart(self, state: _Directory) -> None:
-        """The reader left the pattern: cancel what runs ahead of it."""
-        self.counters["cancelled"] += len(state.in_flight)
-        for scope in state.in_flight.values():
-            scope.cancel()
-        state.in_flight, state.streak = {}, 0
+    def _drop_streams(self, state: _Directory, count: int) -> None:
+        """Drop the ``count`` least recently continued streams: cancel what runs ahead of them."""
+        for stream in state.streams[: max(0, count)]:
+            self.counters["cancelled"] += len(stream.in_flight)
+            for scope in stream.in_flight.values():
+                scope.cancel()
+            stream.in_flight = {}
+        del state.streams[: max(0, count)]
 
-    def _fill(self, state: _Directory) -> None:
-        """Start fetches for the files after the reader, up to the window's bounds in files and bytes."""
-        end = min(len(state.listed), state.last + 1 + self._max_files)
-        for index in range(max(state.ahead, state.last) + 1, end):
+    def _fill(self, state: _Directory, stream: _Stream) -> None:
+        """Start fetches for the files after the reader, up to the window's bounds in files and the
+        directory's in bytes."""
+        end = min(len(state.listed), stream.last + 1 + self._max_files)
+        for index in range(max(stream.ahead, stream.last) + 1, end):
             info = state.listed[index]
             if info.type is DIDType.FILE and info.size and info.size <= self._max_bytes:
                 if state.bytes_in_flight() + info.size > self._max_bytes:
                     return  # the next open moves the window on
-                scope = state.in_flight[index] = trio.CancelScope()
+                scope = stream.in_flight[index] = trio.CancelScope()
                 self.counters["started"] += 1
-                self._background.start_soon(self._fetch, state, scope, index, info)
+                self._background.start_soon(self._fetch, stream, scope, index, info)
             # a bigger file is streamed by the reader's own read-ahead, never fetched whole ahead of it
-            state.ahead = index
+            stream.ahead = index
 
-    async def _fetch(self, state: _Directory, scope: trio.CancelScope, index: int, info: DIDInfo) -> None:
+    async def _fetch(self, stream: _Stream, scope: trio.CancelScope, index: int, info: DIDInfo) -> None:
         try:
             with scope:
                 await self._content.warm(info)
@@ -135,5 +157,5 @@ class ListingPrefetch:
             self.counters["failed"] += 1
             log.debug("prefetch of %s failed: %s", info.did, exc)
         finally:
-            if state.in_flight.get(index) is scope:  # still this window's: not cancelled meanwhile
-                del state.in_flight[index]
+            if stream.in_flight.get(index) is scope:  # still this window's: not cancelled meanwhile
+                del stream.in_flight[index]

@@ -371,6 +371,19 @@ def test_an_open_out_of_listing_order_starts_no_prefetch(
     assert beyond == [0] * 8  # a reader that jumped is not followed
 
 
+def test_two_readers_interleaved_in_a_dataset_each_find_their_next_files_prefetched(
+    lake: LakeStatus, new_mount: Any, rucio_client: Any
+) -> None:
+    mount, _, directory, names = _prefetching_mount(lake, new_mount, rucio_client)
+    for first, second in ((0, 20), (1, 21)):  # two workers, each given half of the listing
+        _read_all(directory / names[first])
+        _read_all(directory / names[second])
+    ahead = [directory / name for name in names[2:10] + names[22:30]]
+    wait_until(lambda: all(int(os.getxattr(path, "user.datalakefs.cached")) == path.stat().st_size
+                           for path in ahead), timeout=60, what="both readers' next files fetched ahead")
+    assert mount.status()["prefetch"]["cancelled"] == 0
+
+
 def test_a_reader_going_through_a_dataset_finds_the_next_files_prefetched(
     lake: LakeStatus, new_mount: Any, rucio_client: Any
 ) -> None:

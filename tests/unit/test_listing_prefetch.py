@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from datalakefs.fs.prefetch import ListingPrefetch
+from datalakefs.fs.prefetch import STREAMS, ListingPrefetch
 from datalakefs.model import DID, DIDInfo, DIDType
 
 DIRECTORY = 7
@@ -49,7 +49,7 @@ async def test_a_reader_in_listing_order_gets_the_next_files_fetched_ahead() -> 
         nursery.cancel_scope.cancel()
 
 
-async def test_a_jump_elsewhere_cancels_what_runs_ahead() -> None:
+async def test_a_reader_that_jumped_elsewhere_is_dropped_once_newer_streams_replace_it() -> None:
     content, files = SlowContent(), listing(100)
     prefetch = ListingPrefetch(content, max_files=4, max_bytes=1 << 20)
     async with trio.open_nursery() as nursery:
@@ -57,15 +57,31 @@ async def test_a_jump_elsewhere_cancels_what_runs_ahead() -> None:
         for index in (10, 11):
             prefetch.opened(DIRECTORY, files[index], files)
         await trio.testing.wait_all_tasks_blocked()
-        prefetch.opened(DIRECTORY, files[70], files)  # a random reader
+        for index in range(40, 40 + 10 * STREAMS, 10):  # a random reader: each open a stream of its own
+            prefetch.opened(DIRECTORY, files[index], files)
         await trio.testing.wait_all_tasks_blocked()
         content.release.set()
         await trio.testing.wait_all_tasks_blocked()
-        assert content.finished == []
+        assert content.finished == []  # nothing fetched for the random opens, the first window dropped
         assert prefetch.statistics()["cancelled"] == 4
         prefetch.opened(DIRECTORY, files[71], files)  # and in order again from there
         await trio.testing.wait_all_tasks_blocked()
         assert sorted(content.asked[4:]) == ["f0072", "f0073", "f0074", "f0075"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_readers_interleaved_in_one_directory_each_get_their_window() -> None:
+    content, files = SlowContent(), listing(100)
+    prefetch = ListingPrefetch(content, max_files=2, max_bytes=1 << 20)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(prefetch.run)
+        for index in (0, 50, 1, 51, 2, 52):  # two workers, each given half of the listing
+            prefetch.opened(DIRECTORY, files[index], files)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(content.asked) == ["f0002", "f0003", "f0004", "f0052", "f0053", "f0054"]
+        assert prefetch.statistics()["cancelled"] == 0
+        content.release.set()
+        await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
 
 
