@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from datalakefs.cache import writer as writer_module
 from datalakefs.cache.layout import (
     PAGE_SIZE,
     BlockRecord,
@@ -402,7 +403,9 @@ def test_refetched_block_replaces_the_old_one(tmp_path: Path) -> None:
     cache.close()
 
 
-def test_disk_failure_hands_blocks_over_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_disk_failure_hands_blocks_over_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  direct: bool) -> None:
     cache = new_cache(tmp_path)
     key = key_of(DATA)
     real_pwrite = os.pwrite
@@ -411,19 +414,106 @@ def test_disk_failure_hands_blocks_over_in_memory(tmp_path: Path, monkeypatch: p
     def failing_pwrite(fd: int, data: bytes, offset: int) -> int:
         nonlocal calls
         calls += 1
-        if calls > 7:  # somewhere inside block 1
+        # somewhere inside block 1: a buffered writer writes each chunk, a direct one each block
+        if calls > (1 if direct else 7):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
+    if not direct:
+        monkeypatch.setattr(writer_module, "DIRECT_MIN", 1 << 62)
     monkeypatch.setattr(os, "pwrite", failing_pwrite)
     landed = put(cache, key, DATA, 0, 4)
     monkeypatch.undo()
     assert [b.index for b in landed] == [0, 1, 2, 3]
     in_memory = [b for b in landed if b.data is not None]
     assert in_memory and all(b.errno == errno.ENOSPC for b in in_memory)
+    assert all(b.resident is None for b in in_memory)
     for block in in_memory:
         assert block.data == DATA[block.index * BS : (block.index + 1) * BS]
     assert allocated(cache.data_path(key)) <= (4 - len(in_memory)) * BS + PAGE_SIZE
+    cache.close()
+
+
+class _OpenSpy:
+    """Records the flags of every ``os.open`` and which fds were opened ``O_DIRECT``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse_direct: bool = False) -> None:
+        self.direct_fds: set[int] = set()
+        self.direct_writes: list[tuple[int, int]] = []  # (offset, length) of each O_DIRECT write
+        real_open, real_pwrite = os.open, os.pwrite
+
+        def spy_open(path: str, flags: int, mode: int = 0o777, **kwargs: object) -> int:
+            if flags & os.O_DIRECT and refuse_direct:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            fd = real_open(path, flags, mode, **kwargs)  # type: ignore[arg-type]
+            if flags & os.O_DIRECT:
+                self.direct_fds.add(fd)
+            return fd
+
+        def spy_pwrite(fd: int, data: bytes, offset: int) -> int:
+            if fd in self.direct_fds:
+                self.direct_writes.append((offset, len(data)))
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "open", spy_open)
+        monkeypatch.setattr(os, "pwrite", spy_pwrite)
+
+
+def test_a_long_transfer_writes_whole_pages_past_the_page_cache_and_hands_its_blocks_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = new_cache(tmp_path)
+    key = key_of(DATA)
+    spy = _OpenSpy(monkeypatch)
+    landed = put(cache, key, DATA, 0, 6)
+    monkeypatch.undo()
+    assert [b.resident for b in landed] == [DATA[i * BS : (i + 1) * BS] for i in range(6)]
+    assert all(b.data is None for b in landed)
+    # every whole page went O_DIRECT, aligned; only the last block's unaligned tail did not
+    assert spy.direct_writes == [(i * BS, BS) for i in range(5)] + [(5 * BS, 4321 // 4096 * 4096)]
+    with open(cache.data_path(key), "rb") as data_file:
+        assert data_file.read() == DATA  # exactly the file: the tail written buffered, nothing padded
+    for index in range(6):
+        assert cache.read(key, index, 0, len(landed[index].resident or b"")) == landed[index].resident
+    cache.close()
+
+
+def test_a_short_transfer_is_written_through_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = new_cache(tmp_path)
+    small = DATA[: writer_module.DIRECT_MIN - 1]
+    key = key_of(small)
+    spy = _OpenSpy(monkeypatch)
+    landed = put(cache, key, small, 0, 1)
+    monkeypatch.undo()
+    assert [(b.resident, b.data) for b in landed] == [(None, None)]
+    assert not spy.direct_fds
+    assert cache.read(key, 0, 0, len(small)) == small
+    cache.close()
+
+
+@pytest.mark.parametrize("refusal", ["open", "write"])
+def test_a_filesystem_refusing_direct_io_gets_buffered_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str
+) -> None:
+    cache = new_cache(tmp_path)
+    key = key_of(DATA)
+    spy = _OpenSpy(monkeypatch, refuse_direct=refusal == "open")
+    if refusal == "write":
+        spied = os.pwrite
+
+        def refusing_pwrite(fd: int, data: bytes, offset: int) -> int:
+            if fd in spy.direct_fds:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return spied(fd, data, offset)
+
+        monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    landed = put(cache, key, DATA, 0, 6)
+    monkeypatch.undo()
+    assert [b.index for b in landed] == list(range(6))
+    assert all(b.data is None and b.resident is None for b in landed)  # stored, to be read from the file
+    for index in range(6):
+        length = min(BS, len(DATA) - index * BS)
+        assert cache.read(key, index, 0, length) == DATA[index * BS : index * BS + length]
     cache.close()
 
 

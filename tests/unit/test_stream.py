@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from datalakefs.cache.layout import FileKey
 from datalakefs.cache.store import BlockCache
 from datalakefs.config import Config
 from datalakefs.daemon import stream_content
@@ -180,6 +181,37 @@ async def test_cache_hits_never_reach_the_network(tmp_path: Path) -> None:
     assert len(origin.requests) == before
     assert stats.hits >= 42
     assert 0 < stats.hit_rate < 1
+
+
+async def test_blocks_just_written_past_the_page_cache_are_served_from_memory_unchecked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold sequential read gets each block from the copy the writer handed over (it was checked
+    against its page CRCs as it arrived), not by reading the cache file back and checking it again;
+    a later service (a restart) reads the cache file, checked."""
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path) as service:
+            file_reads = 0  # reads that found the block in the cache file
+            real_read = service.cache.read
+
+            def counting_read(*args: object) -> bytes | None:
+                nonlocal file_reads
+                found = real_read(*args)  # type: ignore[arg-type]
+                file_reads += found is not None
+                return found
+
+            monkeypatch.setattr(service.cache, "read", counting_read)
+            assert await read_all(open_reader(service, INFO, origin.url("big"))) == DATA
+            assert service.cached_bytes(INFO) == len(DATA)
+            assert file_reads == 0
+            monkeypatch.undo()
+        async with running(tmp_path) as restarted:
+            data_fd = os.open(restarted.cache.data_path(FileKey.of(INFO)), os.O_WRONLY)
+            os.pwrite(data_fd, b"\xff", 7 * BS + 5)  # damage one page of block 7 on disk
+            os.close(data_fd)
+            assert await read_all(open_reader(restarted, INFO, origin.url("big"))) == DATA
+            assert restarted.statistics().cache.corrupt_blocks == 1  # caught, dropped and fetched again
+    assert origin.violations == []
 
 
 async def test_sixty_four_readers_of_a_cold_block_make_one_get_per_block(tmp_path: Path) -> None:

@@ -178,8 +178,10 @@ class StreamService:
         self._pending: dict[tuple[str, int], _Pending] = {}
         self._pieces: dict[tuple[str, int, int], _Piece] = {}
         self.piece_max = self.block_size // 2 if config.piece_reads else 0
-        self._bypass: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._bypass_max = max(4, self.window_max // self.block_size)
+        # Blocks served from memory: those the local disk could not take, and those just written past
+        # the page cache (LandedBlock.resident), whose first reads would otherwise go to the disk.
+        self._in_memory: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._in_memory_max = max(4, self.window_max // self.block_size)
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._hits = 0
@@ -232,7 +234,7 @@ class StreamService:
 
     async def clear(self) -> None:
         """Drop every cached block (blocks of running transfers are fetched again for their readers)."""
-        self._bypass.clear()
+        self._in_memory.clear()
         await self.cache.clear()
 
     # ---- reading (for StreamReader) -----------------------------------------------------------
@@ -266,12 +268,12 @@ class StreamService:
             self._verify(key)
 
     def _read_block(self, key: FileKey, index: int, start: int, length: int) -> bytes | None:
-        data = self.cache.read(key, index, start, length)
-        if data is None and self._bypass:
-            block = self._bypass.get((key.digest, index))
-            if block is not None:
-                data = block[start : start + length]
-        return data
+        block = self._in_memory.get((key.digest, index)) if self._in_memory else None
+        if block is not None:
+            # checked against its page CRCs as it arrived and never left memory: not checked again
+            self._in_memory.move_to_end((key.digest, index))
+            return block if start == 0 and length == len(block) else block[start : start + length]
+        return self.cache.read(key, index, start, length)
 
     async def wait_stored(self, reader: StreamReader, index: int) -> None:
         """Until block ``index`` is stored (in the cache, or in memory when the disk could not take it),
@@ -284,7 +286,7 @@ class StreamService:
         await self._arrival(reader, index, lambda: self._stored(key, index) or None)
 
     def _stored(self, key: FileKey, index: int) -> bool:
-        return self.cache.has_block(key, index) or (key.digest, index) in self._bypass
+        return self.cache.has_block(key, index) or (key.digest, index) in self._in_memory
 
     async def _wait_block(self, reader: StreamReader, index: int, start: int, length: int) -> bytes:
         return await self._arrival(reader, index, lambda: self._read_block(reader.key, index, start, length))
@@ -383,7 +385,7 @@ class StreamService:
             absent = (
                 index < end
                 and (digest, index) not in self._pending
-                and (digest, index) not in self._bypass
+                and (digest, index) not in self._in_memory
                 and not self.cache.has_block(reader.key, index)
             )
             if absent and run_start is None:
@@ -463,9 +465,12 @@ class StreamService:
                 disk_full = data is not None
             if data is not None:
                 self._bypassed += 1
-                self._bypass[(run.key.digest, landed.index)] = data
-                while len(self._bypass) > self._bypass_max:
-                    self._bypass.popitem(last=False)
+            else:
+                data = landed.resident
+            if data is not None:
+                self._in_memory[(run.key.digest, landed.index)] = data
+                while len(self._in_memory) > self._in_memory_max:
+                    self._in_memory.popitem(last=False)
             if disk_full:
                 self.cache.shrink()  # make room for the next blocks
             self._bytes += landed.length
