@@ -208,6 +208,33 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
         offset += written
 
 
+#: filesystems on a local disk, where an O_DIRECT write is a DMA from the buffer; elsewhere (NFS, a
+#: cluster filesystem, FUSE) it can be one synchronous network round trip per block
+DIRECT_WRITE_FILESYSTEMS = frozenset({"ext4", "xfs", "btrfs"})
+
+
+def filesystem_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The type of the filesystem ``path`` lies on (its deepest mount point), None if unknown."""
+    target = os.path.realpath(path)
+    best, best_type = "", None
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                fields = line.split()
+                try:
+                    separator = fields.index("-")
+                    mount_point = fields[4].encode().decode("unicode_escape")  # \040 for a space
+                    fs_type = fields[separator + 1]
+                except (ValueError, IndexError, UnicodeDecodeError):
+                    continue
+                inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+                if inside and len(mount_point) >= len(best):
+                    best, best_type = mount_point, fs_type
+    except OSError:
+        return None
+    return best_type
+
+
 # ---- journal records ---------------------------------------------------------------------------
 
 

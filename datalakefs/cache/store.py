@@ -47,6 +47,7 @@ import trio
 
 from datalakefs.cache.layout import (
     DATA_SUFFIX,
+    DIRECT_WRITE_FILESYSTEMS,
     EARLIER_FORMATS,
     FORMAT,
     INDEX_SUFFIX,
@@ -67,6 +68,7 @@ from datalakefs.cache.layout import (
     drop_record,
     file_record,
     file_stem,
+    filesystem_type,
     is_prefix_name,
     parse_block_record,
     parse_drop_record,
@@ -167,6 +169,7 @@ class BlockCache:
         # journal fd, and a file just cached keeps the one its journal was started with
         self._fds: OrderedDict[tuple[str, int], int] = OrderedDict()
         self._can_punch = True
+        self._direct_writes = False  # O_DIRECT for long transfers: only on a local disk's filesystem
         self._used = 0
         self._evictions = 0
         self._evicted_bytes = 0
@@ -181,6 +184,7 @@ class BlockCache:
         Call once, before any other method.
         """
         self._prepare_root()
+        self._direct_writes = filesystem_type(self._root) in DIRECT_WRITE_FILESYSTEMS
         found = []
         for prefix in os.listdir(self._root):
             prefix_dir = os.path.join(self._root, prefix)
@@ -408,7 +412,8 @@ class BlockCache:
         blocks (``data is None``) to :meth:`commit` on the trio thread. Committing a block that is
         already cached replaces it.
         """
-        return BlockWriter(self._root, self.data_path(key), key, self.block_size, first, end, on_block)
+        return BlockWriter(self._root, self.data_path(key), key, self.block_size, first, end, on_block,
+                           direct=self._direct_writes)
 
     def commit(self, key: FileKey, landed: LandedBlock) -> bool:
         """Journal a block the writer stored, making it readable; may evict other blocks.

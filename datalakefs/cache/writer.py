@@ -13,13 +13,14 @@ does not import the transport). It:
   the trio thread) appends the record to the journal; ``commit`` refuses a block whose data file is no
   longer the cache's (the file was dropped or the cache cleared meanwhile).
 
-A transfer of at least ``DIRECT_MIN`` bytes writes its whole blocks past the page cache
-(``O_DIRECT``, from one page-aligned buffer per writer): a buffered write costs a copy into freshly
-allocated page-cache pages (2.5 s of system CPU per GiB measured on the development VM, against
-0.06 s direct), and the kernel keeps the bytes the reader gets through FUSE in the mount's own page
-cache anyway, so the cache file's pages would be a second copy. Such a block is handed over with a
-copy of its bytes (``LandedBlock.resident``) for its first readers. The unaligned tail of a file's
-last block is written buffered; a filesystem that refuses ``O_DIRECT`` gets buffered writes.
+A transfer of at least ``DIRECT_MIN`` bytes, when the cache is on a local disk's filesystem
+(``direct``), writes its whole blocks past the page cache (``O_DIRECT``, from a reused page-aligned
+buffer): a buffered write costs a copy into freshly allocated page-cache pages (2.5 s of system CPU
+per GiB measured on the development VM, against 0.06 s direct), and the kernel keeps the bytes the
+reader gets through FUSE in the mount's own page cache anyway, so the cache file's pages would be a
+second copy. Such a block is handed over with a copy of its bytes (``LandedBlock.resident``) for its
+first readers. The unaligned tail of a file's last block is written buffered; a filesystem that
+refuses ``O_DIRECT`` gets buffered writes.
 
 No fsync: the cache is not a store of record. A crash may leave a journaled block whose data never
 reached the disk; its page checksums then fail and the block is dropped and fetched again.
@@ -136,8 +137,11 @@ class BlockWriter:
         first: int,
         end: int,
         on_block: Callable[[LandedBlock], None],
+        *,
+        direct: bool = False,
     ) -> None:
         self._root = root
+        self._direct = direct  # may write past the page cache (the cache is on a local disk)
         self._data_path = data_path
         self._key = key
         self._block_size = block_size
@@ -202,7 +206,7 @@ class BlockWriter:
             self._local_error = exc.errno or -1
             return
         self._fd, self._inode = fd, st.st_ino
-        if self._end - self._pos >= DIRECT_MIN and self._block_size % _DIRECT_ALIGN == 0:
+        if self._direct and self._end - self._pos >= DIRECT_MIN and self._block_size % _DIRECT_ALIGN == 0:
             try:
                 self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
             except OSError:

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from datalakefs.cache import store as store_module
 from datalakefs.cache import writer as writer_module
 from datalakefs.cache.layout import (
     PAGE_SIZE,
@@ -24,6 +25,7 @@ from datalakefs.cache.layout import (
     adler32_combine,
     block_record,
     file_record,
+    filesystem_type,
     parse_block_record,
     read_records,
 )
@@ -404,6 +406,7 @@ def test_refetched_block_replaces_the_old_one(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+@pytest.mark.usefixtures("local_disk")
 def test_disk_failure_hands_blocks_over_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   direct: bool) -> None:
     cache = new_cache(tmp_path)
@@ -434,6 +437,12 @@ def test_disk_failure_hands_blocks_over_in_memory(tmp_path: Path, monkeypatch: p
     cache.close()
 
 
+@pytest.fixture
+def local_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache directory counts as a local disk's filesystem, wherever the tests run."""
+    monkeypatch.setattr(store_module, "filesystem_type", lambda path: "ext4")
+
+
 class _OpenSpy:
     """Records the flags of every ``os.open`` and which fds were opened ``O_DIRECT``."""
 
@@ -459,6 +468,7 @@ class _OpenSpy:
         monkeypatch.setattr(os, "pwrite", spy_pwrite)
 
 
+@pytest.mark.usefixtures("local_disk")
 def test_a_long_transfer_writes_whole_pages_past_the_page_cache_and_hands_its_blocks_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -478,6 +488,7 @@ def test_a_long_transfer_writes_whole_pages_past_the_page_cache_and_hands_its_bl
     cache.close()
 
 
+@pytest.mark.usefixtures("local_disk")
 def test_a_short_transfer_is_written_through_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = new_cache(tmp_path)
     small = DATA[: writer_module.DIRECT_MIN - 1]
@@ -492,6 +503,7 @@ def test_a_short_transfer_is_written_through_the_page_cache(tmp_path: Path, monk
 
 
 @pytest.mark.parametrize("refusal", ["open", "write"])
+@pytest.mark.usefixtures("local_disk")
 def test_a_filesystem_refusing_direct_io_gets_buffered_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: str
 ) -> None:
@@ -515,6 +527,40 @@ def test_a_filesystem_refusing_direct_io_gets_buffered_writes(
         length = min(BS, len(DATA) - index * BS)
         assert cache.read(key, index, 0, length) == DATA[index * BS : index * BS + length]
     cache.close()
+
+
+@pytest.mark.parametrize("fs_type", ["nfs4", "fuse.cephfs", "lustre", None])
+def test_a_cache_not_on_a_local_disk_never_writes_past_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fs_type: str | None
+) -> None:
+    monkeypatch.setattr(store_module, "filesystem_type", lambda path: fs_type)
+    cache = new_cache(tmp_path)
+    key = key_of(DATA)
+    spy = _OpenSpy(monkeypatch)
+    landed = put(cache, key, DATA, 0, 6)
+    monkeypatch.undo()
+    assert not spy.direct_fds
+    assert all(b.resident is None and b.data is None for b in landed)
+    cache.close()
+
+
+def test_the_filesystem_of_a_path_is_that_of_its_deepest_mount_point(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "27 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+        "40 27 0:40 / /scratch rw shared:2 - nfs4 server:/export rw\n"
+        "41 40 0:41 / /scratch/local\\040disk rw - xfs /dev/vdb rw\n"
+        "garbage line\n"
+    )
+    def fs_of(path: str) -> str | None:
+        return filesystem_type(path, str(mountinfo))
+
+    assert fs_of("/scratch/cache") == "nfs4"
+    assert fs_of("/scratch") == "nfs4"
+    assert fs_of("/scratch/local disk/cache") == "xfs"
+    assert fs_of("/scratchy/cache") == "ext4"  # a prefix of a name is not a parent directory
+    assert fs_of("/var/tmp") == "ext4"
+    assert filesystem_type("/var/tmp", str(tmp_path / "missing")) is None
 
 
 def test_a_block_the_journal_refuses_can_be_salvaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
