@@ -18,9 +18,10 @@ A transfer of at least ``DIRECT_MIN`` bytes, when the cache is on a local disk's
 buffer): a buffered write costs a copy into freshly allocated page-cache pages (2.5 s of system CPU
 per GiB measured on the development VM, against 0.06 s direct), and the kernel keeps the bytes the
 reader gets through FUSE in the mount's own page cache anyway, so the cache file's pages would be a
-second copy. Such a block is handed over with a copy of its bytes (``LandedBlock.resident``) for its
-first readers. The unaligned tail of a file's last block is written buffered; a filesystem that
-refuses ``O_DIRECT`` gets buffered writes.
+second copy. The direct writes are made by one disk thread, so that the transport's thread receives
+the next block meanwhile; ``close`` waits for them. Such a block is handed over in the buffer it was
+received into (``LandedBlock.resident``) for its first readers. The unaligned tail of a file's last
+block is written buffered; a filesystem that refuses ``O_DIRECT`` gets buffered writes.
 
 No fsync: the cache is not a store of record. A crash may leave a journaled block whose data never
 reached the disk; its page checksums then fail and the block is dropped and fetched again.
@@ -36,8 +37,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import logging
 import mmap
 import os
+import queue
 import sys
 import threading
 from array import array
@@ -55,6 +59,8 @@ from datalakefs.cache.layout import (
     punch_hole,
     pwrite_all,
 )
+
+log = logging.getLogger(__name__)
 
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC  # read back if the disk fails
 DIRECT_MIN = 1 << 20  # transfers this long write past the page cache; small files go through it
@@ -84,21 +90,75 @@ class _Buffers:
         buffer.close()
 
 
-_buffers = _Buffers(keep=8)
+_buffers = _Buffers(keep=16)
+
+
+class ResidentBytes:
+    """A landed block's bytes, in the pooled buffer they were received into (no copy); sliced like
+    ``bytes``. ``release`` gives the buffer back: the holder calls it once nobody will slice again."""
+
+    __slots__ = ("_buffer", "length")
+
+    def __init__(self, buffer: mmap.mmap, length: int) -> None:
+        self._buffer: mmap.mmap | None = buffer
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, span: slice) -> bytes:
+        if self._buffer is None:
+            raise ValueError("the block's buffer was released")
+        start, stop, _ = span.indices(self.length)
+        return self._buffer[start:stop]
+
+    def release(self) -> None:
+        buffer, self._buffer = self._buffer, None
+        if buffer is not None:
+            _buffers.give(buffer)
+
+
+class _DiskThread:
+    """The one thread that makes every writer's O_DIRECT writes, in order: the transport's thread
+    receives the next block while the disk takes the last one (a direct write waits for the device)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="datalakefs-disk", daemon=True)
+                self._thread.start()
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except Exception:  # a job handles its own OSErrors; anything else is a bug, not a reason to stop
+                log.exception("cache: a disk write failed unexpectedly")
+
+
+_disk = _DiskThread()
+_DIRECT_IN_FLIGHT = 4  # blocks of one writer handed to the disk thread and not yet written
 
 
 @dataclass(frozen=True, slots=True)
 class LandedBlock:
     """A block that arrived: in the data file ``inode``, or (``data`` set) kept in memory only.
 
-    ``resident``: a copy of the bytes of a block stored in the data file past the page cache, for
-    the readers waiting for it (reading it back would cost a disk read)."""
+    ``resident``: the bytes of a block stored in the data file past the page cache, for the readers
+    waiting for it (reading it back would cost a disk read); its holder must ``release`` it."""
 
     record: BlockRecord
     inode: int = 0
     data: bytes | None = None
     errno: int = 0  # the local error that kept it out of the cache, when ``data`` is set
-    resident: bytes | None = None
+    resident: ResidentBytes | None = None
 
     @property
     def index(self) -> int:
@@ -155,6 +215,8 @@ class BlockWriter:
         self._local_error = 0  # once the disk failed, the rest of the transfer stays in memory
         self._direct_fd = -1  # the same file opened O_DIRECT, for a long transfer's whole blocks
         self._buffer: mmap.mmap | None = None  # the block being filled, page-aligned for O_DIRECT
+        self._direct_error = 0  # set by the disk thread when a direct write failed: stop writing direct
+        self._in_flight = threading.Semaphore(_DIRECT_IN_FLIGHT)
 
     def write(self, offset: int, data: bytes) -> None:
         if offset != self._pos or offset + len(data) > self._end:
@@ -171,15 +233,25 @@ class BlockWriter:
         self._pos += len(view)
 
     def close(self) -> None:
+        """Give back the space of an unfinished block and the file; returns once every finished block
+        was handed to ``on_block`` (its direct write done)."""
         block, self._block = self._block, None
         if self._fd < 0:
             return
+        self._drain()
         if block is not None and block.mem is None and block.filled and self._buffer is None:
             with contextlib.suppress(OSError):
                 punch_hole(self._fd, block.offset, block.filled)
         self._stop_direct()
         os.close(self._fd)
         self._fd = -1
+
+    def _drain(self) -> None:
+        """Wait until the disk thread made every write this writer handed it."""
+        if self._direct_fd >= 0:
+            done = threading.Event()
+            _disk.submit(done.set)  # runs after this writer's last direct write: the thread keeps order
+            done.wait()
 
     def _stop_direct(self) -> None:
         if self._direct_fd >= 0:
@@ -268,42 +340,63 @@ class BlockWriter:
         if sys.byteorder == "big":
             block.crcs.byteswap()  # records store them little-endian
         record = BlockRecord(block.index, block.length, block.adler, block.crcs.tobytes())
-        resident = None
         if block.mem is None and self._buffer is not None:
-            resident = self._write_buffered_block(block)
+            if not self._direct_error:
+                buffer, self._buffer = self._buffer, _buffers.take(self._block_size)
+                self._in_flight.acquire()
+                _disk.submit(functools.partial(self._write_direct, block, record, buffer))
+                return
+            self._write_without_direct(block)  # the disk thread found direct writes refused or failing
         if block.mem is not None:
             self._on_block(LandedBlock(record, data=bytes(block.mem), errno=self._local_error))
         elif not block.lost:
-            self._on_block(LandedBlock(record, inode=self._inode, resident=resident))
+            self._on_block(LandedBlock(record, inode=self._inode))
 
-    def _write_buffered_block(self, block: _OpenBlock) -> bytes | None:
-        """Write the block collected in the aligned buffer: its whole pages past the page cache, an
-        unaligned tail (the file's end) buffered. Returns a copy of its bytes for the first readers;
-        on a local error the block goes to memory (``block.mem``) like a buffered write's."""
-        assert self._buffer is not None
-        view = memoryview(self._buffer)[: block.length]
+    def _write_direct(self, block: _OpenBlock, record: BlockRecord, buffer: mmap.mmap) -> None:
+        """On the disk thread: the block's whole pages past the page cache, an unaligned tail (the
+        file's end) buffered, then ``on_block``. A refusal (EINVAL) writes it buffered; a local error
+        hands it over in memory; either stops the writer's direct writes."""
+        view = memoryview(buffer)[: block.length]
         aligned = block.length // _DIRECT_ALIGN * _DIRECT_ALIGN
+        direct = True
         try:
             try:
                 pwrite_all(self._direct_fd, view[:aligned], block.offset)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                # the filesystem opened O_DIRECT but refuses it for writes: buffered from now on
+                direct, self._direct_error = False, errno.EINVAL
                 pwrite_all(self._fd, view[:aligned], block.offset)
-                resident = None
-            else:
-                resident = bytes(view)
             if aligned < block.length:
                 pwrite_all(self._fd, view[aligned:], block.offset + aligned)
         except OSError as exc:
-            self._local_error = exc.errno or -1
-            block.mem = bytearray(view)
+            self._direct_error = self._local_error = exc.errno or -1
+            landed = LandedBlock(record, data=bytes(view), errno=self._local_error)
             with contextlib.suppress(OSError):
                 punch_hole(self._fd, block.offset, block.length)
-            resident = None
+        else:
+            resident = ResidentBytes(buffer, block.length) if direct else None
+            landed = LandedBlock(record, inode=self._inode, resident=resident)
         finally:
             view.release()
-        if resident is None or block.mem is not None:
-            self._stop_direct()
-        return resident
+        if landed.resident is None:
+            _buffers.give(buffer)
+        self._in_flight.release()
+        self._on_block(landed)
+
+    def _write_without_direct(self, block: _OpenBlock) -> None:
+        """Write the block collected in the buffer through the page cache (direct writes were refused),
+        or keep it in memory (the disk failed), and stop collecting blocks in a buffer."""
+        assert self._buffer is not None
+        view = memoryview(self._buffer)[: block.length]
+        try:
+            if self._direct_error != errno.EINVAL:
+                raise OSError(self._direct_error, "an earlier write of this transfer failed")
+            pwrite_all(self._fd, view, block.offset)
+        except OSError as exc:
+            self._local_error = exc.errno or -1
+            block.mem = bytearray(view)
+        finally:
+            view.release()
+        self._drain()
+        self._stop_direct()

@@ -6,6 +6,7 @@ import errno
 import os
 import random
 import stat
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -477,14 +478,48 @@ def test_a_long_transfer_writes_whole_pages_past_the_page_cache_and_hands_its_bl
     spy = _OpenSpy(monkeypatch)
     landed = put(cache, key, DATA, 0, 6)
     monkeypatch.undo()
-    assert [b.resident for b in landed] == [DATA[i * BS : (i + 1) * BS] for i in range(6)]
+    assert [b.resident[:] if b.resident else None for b in landed] == [DATA[i * BS : (i + 1) * BS] for i in range(6)]
     assert all(b.data is None for b in landed)
     # every whole page went O_DIRECT, aligned; only the last block's unaligned tail did not
     assert spy.direct_writes == [(i * BS, BS) for i in range(5)] + [(5 * BS, 4321 // 4096 * 4096)]
     with open(cache.data_path(key), "rb") as data_file:
         assert data_file.read() == DATA  # exactly the file: the tail written buffered, nothing padded
-    for index in range(6):
-        assert cache.read(key, index, 0, len(landed[index].resident or b"")) == landed[index].resident
+    for block in landed:
+        assert block.resident is not None
+        assert cache.read(key, block.index, 0, block.length) == block.resident[:]
+        block.resident.release()
+        with pytest.raises(ValueError, match="released"):
+            block.resident[0:1]
+    cache.close()
+
+
+@pytest.mark.usefixtures("local_disk")
+def test_the_next_block_is_received_while_the_disk_writes_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = new_cache(tmp_path)
+    key = key_of(DATA)
+    spy = _OpenSpy(monkeypatch)
+    disk_may_go = threading.Event()
+    spied = os.pwrite
+
+    def slow_disk(fd: int, data: bytes, offset: int) -> int:
+        if fd in spy.direct_fds:
+            assert disk_may_go.wait(10)
+        return spied(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", slow_disk)
+    landed: list[LandedBlock] = []
+    writer = cache.writer(key, 0, 3, landed.append)
+    writer.write(0, DATA[: 3 * BS])  # three blocks finished while the disk has not written the first
+    assert landed == []
+    disk_may_go.set()
+    writer.close()  # returns once every block was written and handed over
+    monkeypatch.undo()
+    assert [b.index for b in landed] == [0, 1, 2]
+    for block in landed:
+        assert cache.commit(key, block)
+        assert cache.read(key, block.index, 0, BS) == DATA[block.index * BS : (block.index + 1) * BS]
     cache.close()
 
 

@@ -16,7 +16,7 @@ import trio
 
 from datalakefs.cache.layout import MIB, FileKey
 from datalakefs.cache.store import BlockCache, CacheStatistics, VerifyResult
-from datalakefs.cache.writer import LandedBlock
+from datalakefs.cache.writer import LandedBlock, ResidentBytes
 from datalakefs.config import Config
 from datalakefs.errors import DatalakeError, TransferError
 from datalakefs.model import DIDInfo
@@ -180,7 +180,7 @@ class StreamService:
         self.piece_max = self.block_size // 2 if config.piece_reads else 0
         # Blocks served from memory: those the local disk could not take, and those just written past
         # the page cache (LandedBlock.resident), whose first reads would otherwise go to the disk.
-        self._in_memory: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._in_memory: OrderedDict[tuple[str, int], bytes | ResidentBytes] = OrderedDict()
         self._in_memory_max = max(4, self.window_max // self.block_size)
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -234,7 +234,7 @@ class StreamService:
 
     async def clear(self) -> None:
         """Drop every cached block (blocks of running transfers are fetched again for their readers)."""
-        self._in_memory.clear()
+        self._forget_in_memory()
         await self.cache.clear()
 
     # ---- reading (for StreamReader) -----------------------------------------------------------
@@ -272,7 +272,7 @@ class StreamService:
         if block is not None:
             # checked against its page CRCs as it arrived and never left memory: not checked again
             self._in_memory.move_to_end((key.digest, index))
-            return block if start == 0 and length == len(block) else block[start : start + length]
+            return block[start : start + length]
         return self.cache.read(key, index, start, length)
 
     async def wait_stored(self, reader: StreamReader, index: int) -> None:
@@ -453,6 +453,22 @@ class StreamService:
 
         return on_block
 
+    def _keep_in_memory(self, slot: tuple[str, int], block: bytes | ResidentBytes) -> None:
+        replaced = self._in_memory.pop(slot, None)
+        self._in_memory[slot] = block
+        if isinstance(replaced, ResidentBytes):
+            replaced.release()
+        while len(self._in_memory) > self._in_memory_max:
+            evicted = self._in_memory.popitem(last=False)[1]
+            if isinstance(evicted, ResidentBytes):
+                evicted.release()
+
+    def _forget_in_memory(self) -> None:
+        for block in self._in_memory.values():
+            if isinstance(block, ResidentBytes):
+                block.release()
+        self._in_memory.clear()
+
     def _landed(self, run: _Run, landed: LandedBlock) -> None:
         """On the trio thread, for each block that arrived; must never raise (run_sync_soon callback)."""
         try:
@@ -465,12 +481,11 @@ class StreamService:
                 disk_full = data is not None
             if data is not None:
                 self._bypassed += 1
-            else:
-                data = landed.resident
-            if data is not None:
-                self._in_memory[(run.key.digest, landed.index)] = data
-                while len(self._in_memory) > self._in_memory_max:
-                    self._in_memory.popitem(last=False)
+                if landed.resident is not None:
+                    landed.resident.release()
+            kept = data if data is not None else landed.resident
+            if kept is not None:
+                self._keep_in_memory((run.key.digest, landed.index), kept)
             if disk_full:
                 self.cache.shrink()  # make room for the next blocks
             self._bytes += landed.length
