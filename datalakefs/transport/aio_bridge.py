@@ -125,8 +125,11 @@ class AioBridge:
         connector = aiohttp.TCPConnector(
             limit=self._connections, limit_per_host=self._per_host, keepalive_timeout=self._keepalive
         )
-        # No automatic decompression: the bytes written are exactly the bytes of the file.
-        return aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False)
+        # No automatic decompression: the bytes written are exactly the bytes of the file. A 1 MiB read
+        # buffer (aiohttp's default is 64 KiB) lets a body arrive in fewer, larger pieces with fewer
+        # pauses of the socket: a cold 1 GiB read was faster in 3 of 3 alternated pairs (loaded machine).
+        return aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False,
+                                     read_bufsize=1 << 20)
 
     def close(self) -> None:
         """Cancel running calls, close the session and stop the thread. Idempotent."""
