@@ -469,13 +469,15 @@ class _OpenSpy:
         monkeypatch.setattr(os, "pwrite", spy_pwrite)
 
 
+def _spied_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[BlockCache, FileKey, _OpenSpy]:
+    return new_cache(tmp_path), key_of(DATA), _OpenSpy(monkeypatch)
+
+
 @pytest.mark.usefixtures("local_disk")
 def test_a_long_transfer_writes_whole_pages_past_the_page_cache_and_hands_its_blocks_over(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cache = new_cache(tmp_path)
-    key = key_of(DATA)
-    spy = _OpenSpy(monkeypatch)
+    cache, key, spy = _spied_cache(tmp_path, monkeypatch)
     landed = put(cache, key, DATA, 0, 6)
     monkeypatch.undo()
     assert [b.resident[:] if b.resident else None for b in landed] == [DATA[i * BS : (i + 1) * BS] for i in range(6)]
@@ -497,9 +499,7 @@ def test_a_long_transfer_writes_whole_pages_past_the_page_cache_and_hands_its_bl
 def test_the_next_block_is_received_while_the_disk_writes_the_last(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cache = new_cache(tmp_path)
-    key = key_of(DATA)
-    spy = _OpenSpy(monkeypatch)
+    cache, key, spy = _spied_cache(tmp_path, monkeypatch)
     disk_may_go = threading.Event()
     spied = os.pwrite
 
@@ -569,9 +569,7 @@ def test_a_cache_not_on_a_local_disk_never_writes_past_the_page_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fs_type: str | None
 ) -> None:
     monkeypatch.setattr(store_module, "filesystem_type", lambda path: fs_type)
-    cache = new_cache(tmp_path)
-    key = key_of(DATA)
-    spy = _OpenSpy(monkeypatch)
+    cache, key, spy = _spied_cache(tmp_path, monkeypatch)
     landed = put(cache, key, DATA, 0, 6)
     monkeypatch.undo()
     assert not spy.direct_fds
