@@ -28,8 +28,9 @@ class Catalogue(Protocol):
 
     def list_files(self, did: DID) -> list[DIDInfo]:
         """The files of a dataset (its content: a dataset holds only files), as :meth:`list_content`
-        answers for it but cheaper to ask and to parse, and without md5 (Rucio's ``list_files`` gives
-        none; :meth:`get_info` does). For a container, the files of its whole tree."""
+        answers for it but cheaper to ask and to parse, and with md5 only for files that have no adler32
+        (Rucio's ``list_files`` gives none; the cache key needs it there, see ``cache/layout.py``;
+        :meth:`get_info` gives both). For a container, the files of its whole tree."""
         ...
 
     def get_info(self, did: DID) -> DIDInfo:

@@ -38,6 +38,7 @@ Invariants and decisions:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -302,7 +303,8 @@ class RucioCatalogue:
         with self._client() as client:
             what = f"{self._server()}: the files of {did}"
             rows = ndjson.rows(client.listing_body(did, "files"), what)
-            return [_info_from_file_row(row, scopes, what) for row in rows]
+            files = [_info_from_file_row(row, scopes, what) for row in rows]
+            return _with_md5_where_no_adler32(client, files)
 
     def get_info(self, did: DID) -> DIDInfo:
         with self._client() as client:
@@ -640,6 +642,26 @@ def _listing_of_scope(client: Client, scope: str, rows: Iterable[Mapping[str, An
     if not infos and scope not in client.list_scopes():
         raise NotFoundError(f"no scope {scope!r} in the catalogue")
     return infos
+
+
+def _with_md5_where_no_adler32(client: Client, files: list[DIDInfo]) -> list[DIDInfo]:
+    """``files`` with the md5 of each file that has no adler32: Rucio's ``list_files`` gives no md5, and
+    a file's cache key is its md5 when it has no adler32 (``cache/layout.py``), so without it a listed
+    file and the same file looked up alone would be cached, and verified, under different keys. One
+    bulk metadata call per 1,000 such files; none for a dataset whose files all have an adler32."""
+    unverifiable = [index for index, info in enumerate(files) if not info.adler32]
+    if not unverifiable:
+        return files
+    md5s: dict[DID, str] = {}
+    for chunk in _chunks([files[index].did for index in unverifiable]):
+        for row in client.get_metadata_bulk(chunk):
+            if row.get("md5"):
+                md5s[DID(str(row["scope"]), str(row["name"]))] = str(row["md5"])
+    for index in unverifiable:
+        md5 = md5s.get(files[index].did)
+        if md5 is not None:
+            files[index] = dataclasses.replace(files[index], md5=md5)
+    return files
 
 
 def _did_type(value: object) -> DIDType:

@@ -25,15 +25,7 @@ from datalakefs.namespace.inodes import ROOT_INODE, Node
 from datalakefs.namespace.tree import Namespace
 
 # cli/cache.py sets it on a mount (the name is the lake's: fs/lake.py)
-__all__ = ["CLEAR_CACHE_XATTR", "Entry", "Filesystem"]
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A name in a directory with the attributes the kernel caches for it."""
-
-    name: str
-    attributes: Attributes
+__all__ = ["CLEAR_CACHE_XATTR", "Filesystem"]
 
 
 @dataclass(slots=True)
@@ -95,15 +87,17 @@ class Filesystem:
             entries.insert(0, (OUTBOX_DIR, self._outbox.root()))
         return self._new_handle(_DirHandle(entries))
 
-    def readdir(self, fh: int, start: int) -> Iterator[tuple[int, Entry]]:
-        """Entries from position ``start``; each item carries the position to resume after it.
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[int, str, Attributes]]:
+        """Entries from position ``start``: the position to resume after each, its name and the
+        attributes the kernel caches for it (a plain tuple: a warm ``ls -l`` of 100,000 entries
+        built an entry object for each, 0.05 s).
 
         The caller must ``remember`` each entry it hands to the kernel."""
         handle = self._handle(fh)
         assert isinstance(handle, _DirHandle)
         for index in range(start, len(handle.entries)):
             name, node = handle.entries[index]
-            yield index + 1, Entry(name, self.attributes(node))
+            yield index + 1, name, self.attributes(node)
 
     def releasedir(self, fh: int) -> None:
         self._handles.pop(fh, None)

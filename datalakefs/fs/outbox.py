@@ -45,6 +45,9 @@ from datalakefs.outbox.files import OutboxFile
 from datalakefs.outbox.service import Outbox
 
 OUTBOX_DIR = ".outbox"
+# asked for every entry of every readdir reply (Filesystem tells the outbox from the lake by it)
+_OUTBOX_KINDS = frozenset({NodeKind.OUTBOX_ROOT, NodeKind.OUTBOX_SCOPE, NodeKind.OUTBOX_DATASET,
+                           NodeKind.OUTBOX_FILE})
 STATE_XATTR = "user.datalakefs.state"
 
 #: ``invalidate_entry(parent_ino, name)``: tell the kernel a name is gone (set by the FUSE layer).
@@ -109,8 +112,7 @@ class OutboxTree:
         return self._ns.inodes
 
     def owns(self, node: Node) -> bool:
-        return node.kind in (NodeKind.OUTBOX_ROOT, NodeKind.OUTBOX_SCOPE, NodeKind.OUTBOX_DATASET,
-                             NodeKind.OUTBOX_FILE)
+        return node.kind in _OUTBOX_KINDS
 
     # -- nodes -------------------------------------------------------------------------------------
 

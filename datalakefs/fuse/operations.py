@@ -114,11 +114,10 @@ class FuseOperations(pyfuse3.Operations):
 
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         with _errors_as_errno("readdir"):
-            for next_id, entry in self._fs.readdir(fh, start_id):
-                if not pyfuse3.readdir_reply(token, os.fsencode(entry.name), self._entry(entry.attributes),
-                                             next_id):
+            for next_id, name, attributes in self._fs.readdir(fh, start_id):
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attributes), next_id):
                     return
-                self._fs.remember(entry.attributes.ino)
+                self._fs.remember(attributes.ino)
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         self._fs.releasedir(fh)

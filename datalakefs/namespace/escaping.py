@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from typing import Final
 
 from datalakefs.errors import InvalidNameError, NotFoundError
@@ -67,6 +68,26 @@ def component_for(did: DID, parent_scope: str) -> str:
     else:
         full = f"{_escape(did.scope, colon=True)}:{_escape(did.name, colon=False)}"
     return _fit(full)
+
+
+def components_for(dids: Sequence[DID], parent_scope: str) -> list[str]:
+    """:func:`component_for` of each of ``dids`` (a listing). When they are all of ``parent_scope``
+    and their names need no escaping and fit, the names are the components: one regular-expression
+    pass over all the names decides that, instead of one per name (100,000 in a large dataset)."""
+    names = [did.name for did in dids]
+    joined = "\n".join(names)  # a newline is kept as it is, so it hides nothing from the search
+    if (
+        parent_scope
+        and all(names)
+        and {did.scope for did in dids} <= {parent_scope}
+        and _NEEDS_ESCAPE_OR_COLON.search(joined) is None
+        and not names.count(".")
+        and not names.count("..")
+        and joined.isascii()
+        and max(map(len, names), default=0) <= MAX_COMPONENT_BYTES
+    ):
+        return names
+    return [component_for(did, parent_scope) for did in dids]
 
 
 def did_for(component: str, parent_scope: str) -> DID:

@@ -62,6 +62,8 @@ class InodeTable:
     def __init__(self) -> None:
         self._nodes: dict[int, Node] = {}
         self._by_key: dict[Hashable, int] = {}
+        # the key of each node that is not keyed by its own DID (file nodes are, and a listing of
+        # 100,000 files would keep 100,000 more entries here)
         self._keys: dict[int, Hashable] = {}
         self._lookups: dict[int, int] = {}
         self._derived: dict[int, object] = {}
@@ -100,7 +102,8 @@ class InodeTable:
         node = make(ino)
         self._nodes[ino] = node
         self._by_key[key] = ino
-        self._keys[ino] = key
+        if key is not node.did:
+            self._keys[ino] = key
         return node
 
     def derived(self, ino: int) -> object | None:
@@ -131,9 +134,9 @@ class InodeTable:
             self._lookups[ino] = left
             return
         del self._lookups[ino]
-        del self._nodes[ino]
+        node = self._nodes.pop(ino)
         self._derived.pop(ino, None)
-        del self._by_key[self._keys.pop(ino)]
+        del self._by_key[self._keys.pop(ino, node.did)]
 
     def lookup_count(self, ino: int) -> int:
         return self._lookups.get(ino, 0)

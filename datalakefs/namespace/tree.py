@@ -17,7 +17,7 @@ Nothing here counts kernel references: the filesystem layer does, when it hands 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 from cachetools import TTLCache
@@ -25,7 +25,7 @@ from cachetools import TTLCache
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.errors import InvalidNameError, NotFoundError
 from datalakefs.model import DID, DIDInfo, DIDType
-from datalakefs.namespace.escaping import component_for, component_for_scope, did_for, is_shortened, scope_for
+from datalakefs.namespace.escaping import component_for_scope, components_for, did_for, is_shortened, scope_for
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
 
 CONTROL_DIR = ".datalakefs"
@@ -38,9 +38,12 @@ _LISTED_KINDS = frozenset({NodeKind.SCOPE, NodeKind.COLLECTION, NodeKind.QUERY_R
 
 @dataclass(slots=True)
 class _Listing:
-    entries: list[tuple[str, DIDInfo]]
-    by_name: dict[str, DIDInfo]
+    """Names and infos in listing order, as parallel sequences: a 100,000-entry listing kept as
+    pairs held a tuple per entry."""
+
+    names: list[str]
     infos: tuple[DIDInfo, ...]
+    by_name: dict[str, DIDInfo]
     #: the entries' nodes, built by the first ``list_dir`` under parent inode ``children_of``
     children: list[tuple[str, Node]] = field(default_factory=list)
     children_of: int = 0
@@ -163,8 +166,8 @@ class Namespace:
             infos = await self._with_times(await self._catalogue.list_content(node.did, dataset))
         else:
             infos = await self._with_times(await self._catalogue.query(node.scope, node.label))
-        entries = [(component_for(info.did, node.scope), info) for info in infos]
-        listing = _Listing(entries, dict(entries), tuple(infos))
+        names = components_for([info.did for info in infos], node.scope)
+        listing = _Listing(names, tuple(infos), dict(zip(names, infos, strict=True)))
         self._listings[key] = listing
         return listing
 
@@ -173,13 +176,15 @@ class Namespace:
         spent half its time re-interning them): a node the kernel has forgotten since, or that the
         inode table has replaced, is interned again, so no stale inode is handed out."""
         if listing.children_of != parent.ino:
-            listing.children = [(name, self._child(parent, info)) for name, info in listing.entries]
+            intern_child = self._child
+            pairs = zip(listing.names, listing.infos, strict=True)
+            listing.children = [(name, intern_child(parent, info)) for name, info in pairs]
             listing.children_of = parent.ino
             return list(listing.children)
         children, current = listing.children, self._inodes.current
         for index, (name, child) in enumerate(children):
             if not current(child):
-                children[index] = (name, self._child(parent, listing.entries[index][1]))
+                children[index] = (name, self._child(parent, listing.infos[index]))
         return list(children)
 
     def listed(self, directory: Node) -> tuple[DIDInfo, ...] | None:
@@ -217,8 +222,9 @@ class Namespace:
     def _child(self, parent: Node, info: DIDInfo) -> Node:
         did = info.did
         kind = NodeKind.FILE if info.type is DIDType.FILE else NodeKind.COLLECTION
-        # inodes.py: one inode per file DID, one per (parent, DID) for directories
-        key = ("file", did) if kind is NodeKind.FILE else ("dir", parent.ino, did)
+        # inodes.py: one inode per file DID (keyed by the DID itself: no tuple per file), one per
+        # (parent, DID) for directories
+        key: Hashable = did if kind is NodeKind.FILE else ("dir", parent.ino, did)
         return self._inodes.intern(
             key, lambda ino: Node(ino, kind, parent.ino, did=did, info=info, scope=did.scope)
         )

@@ -115,7 +115,7 @@ def test_facts_of_a_file_and_of_its_dataset(world: World) -> None:
         assert (info.type, info.size, info.adler32) == (DIDType.FILE, size, adler32)
     content = world.catalogue.list_content(world.dataset)
     assert {(i.did, i.type, i.size) for i in content} == {(d, DIDType.FILE, s) for d, (s, _) in world.files.items()}
-    # a dataset's content is its files; list_files gives no md5
+    # a dataset's content is its files; list_files gives no md5 where there is an adler32
     assert set(world.catalogue.list_files(world.dataset)) == {replace(i, md5=None) for i in content}
     assert world.catalogue.get_info(world.dataset).type is DIDType.DATASET
 

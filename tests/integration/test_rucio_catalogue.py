@@ -7,6 +7,7 @@ bounded loosely, so a slow machine does not fail them but a pathological regress
 from __future__ import annotations
 
 import configparser
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from datalakefs.cache.layout import FileKey
 from datalakefs.catalogue.rucio import RucioCatalogue
 from datalakefs.config import Config
 from datalakefs.errors import AccessDeniedError, InvalidNameError, NotFoundError
@@ -73,6 +75,23 @@ def test_dataset_content_has_sizes_and_checksums(catalogue: RucioCatalogue, seed
         assert info.md5 is not None
     assert {i.did: i for i in catalogue.list_files(did(seed.sized_dataset))} == {
         d: replace(i, md5=None) for d, i in content.items()}  # list_files gives no md5
+
+
+def test_a_listed_file_with_md5_only_has_the_cache_key_of_the_file_looked_up_alone(
+    catalogue: RucioCatalogue, seed: Any, rucio_client: Any
+) -> None:
+    """The server's ``list_files`` has no md5 column: a file registered with md5 only is listed
+    without any checksum unless the adapter asks for it."""
+    dataset = DID(seed.upload_scope, f"md5_only_{uuid.uuid4().hex[:10]}")
+    file = DID(dataset.scope, f"{dataset.name}.bin")
+    rucio_client.add_dataset(dataset.scope, dataset.name)
+    rucio_client.add_replicas(seed.scratch_rse, [
+        {"scope": file.scope, "name": file.name, "bytes": 3, "md5": "0123456789abcdef0123456789abcdef"}])
+    rucio_client.attach_dids(dataset.scope, dataset.name, [{"scope": file.scope, "name": file.name}])
+    [listed] = catalogue.list_files(dataset)
+    alone = catalogue.get_info(file)
+    assert (listed.adler32, listed.md5) == (None, "0123456789abcdef0123456789abcdef")
+    assert FileKey.of(listed) == FileKey.of(alone)
 
 
 def test_escaped_names_are_listed_alike_by_content_and_files(catalogue: RucioCatalogue, seed: Any) -> None:

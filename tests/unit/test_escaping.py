@@ -14,6 +14,7 @@ from datalakefs.namespace.escaping import (
     MAX_COMPONENT_BYTES,
     component_for,
     component_for_scope,
+    components_for,
     did_for,
     is_shortened,
     scope_for,
@@ -152,3 +153,29 @@ def test_scope_directory_examples() -> None:
         scope_for("%2e")
     with pytest.raises(InvalidNameError):
         component_for_scope("")
+
+
+# Names a listing mostly holds (no escaping needed), up to and just past the component limit, and
+# the few plain-looking ones that do need it (a colon, "." and "..", non-ASCII near the limit).
+PLAIN = st.one_of(
+    st.text(st.sampled_from("abcXYZ019._-~ "), min_size=1, max_size=12),
+    st.sampled_from([".", "..", "a:b", "é"]),
+    st.builds(lambda n: "p" * n, st.integers(MAX_COMPONENT_BYTES - 2, MAX_COMPONENT_BYTES + 2)),
+    st.builds(lambda n: "é" * n, st.integers(MAX_COMPONENT_BYTES // 2 - 2, MAX_COMPONENT_BYTES // 2 + 2)),
+)
+PLAIN_DIDS = st.builds(DID, st.just(PARENT), PLAIN)
+ANY_DIDS = st.builds(DID, st.one_of(st.just(PARENT), SCOPES), st.one_of(PLAIN, TEXT))
+
+
+@given(st.one_of(st.lists(PLAIN_DIDS, max_size=8),
+                 st.lists(st.one_of(PLAIN_DIDS, PLAIN_DIDS, ANY_DIDS), max_size=8)))
+def test_the_components_of_a_listing_are_those_of_each_did(dids: list[DID]) -> None:
+    assert components_for(dids, PARENT) == [component_for(did, PARENT) for did in dids]
+
+
+def test_the_components_of_a_listing_with_an_invalid_did_fail_as_for_the_did_alone() -> None:
+    with pytest.raises(InvalidNameError):
+        components_for([DID(PARENT, "a"), DID(PARENT, "")], PARENT)
+    with pytest.raises(InvalidNameError):
+        components_for([DID("", "a")], "")
+

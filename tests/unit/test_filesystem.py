@@ -93,7 +93,7 @@ def fs(fake: FakeCatalogue, content: _NoContent) -> Filesystem:
 async def listed_names(fs: Filesystem, ino: int) -> list[str]:
     fh = await fs.opendir(ino)
     try:
-        return [entry.name for _, entry in fs.readdir(fh, 0)]
+        return [name for _, name, _ in fs.readdir(fh, 0)]
     finally:
         fs.releasedir(fh)
 
@@ -219,11 +219,11 @@ async def test_outage_is_eio_and_recovers(fs: Filesystem, fake: FakeCatalogue) -
 async def test_forget_releases_listed_nodes(fs: Filesystem) -> None:
     raw = await _path(fs, "phys", "raw")
     fh = await fs.opendir(raw)
-    entries = [entry for _, entry in fs.readdir(fh, 0)]
-    for entry in entries:
-        fs.remember(entry.attributes.ino)
+    inos = [attributes.ino for _, _, attributes in fs.readdir(fh, 0)]
+    for ino in inos:
+        fs.remember(ino)
     fs.releasedir(fh)
-    first = entries[0].attributes.ino
+    first = inos[0]
     assert (await fs.getattr(first)).size == 100
     fs.forget(first, 1)
     with pytest.raises(NotFoundError):
@@ -237,7 +237,7 @@ async def test_a_listing_hands_out_known_nodes_only(fs: Filesystem) -> None:
     async def listed() -> dict[str, int]:
         fh = await fs.opendir(raw)
         try:
-            entries = {entry.name: entry.attributes.ino for _, entry in fs.readdir(fh, 0)}
+            entries = {name: attributes.ino for _, name, attributes in fs.readdir(fh, 0)}
         finally:
             fs.releasedir(fh)
         for ino in entries.values():
@@ -269,7 +269,7 @@ async def test_entries_of_a_large_listing_show_their_directorys_times(
     raw = await _path(fs, "phys", "raw")  # looked up by name: the dataset's own times
     raw_info = await catalogue.get_info(DID.parse("phys:raw"))
     fh = await fs.opendir(raw)
-    entries = {entry.name: entry.attributes for _, entry in fs.readdir(fh, 0)}
+    entries = {name: attributes for _, name, attributes in fs.readdir(fh, 0)}
     fs.releasedir(fh)
     own = {name: await catalogue.get_info(DID.parse(f"phys:{name}")) for name in ("f1.root", "late.root")}
     assert entries["late.root"].size == 4

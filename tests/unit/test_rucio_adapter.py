@@ -22,6 +22,7 @@ import pytest
 import requests
 from rucio.common import exception as rucio_exc
 
+from datalakefs.cache.layout import FileKey
 from datalakefs.catalogue.rucio import DIDS_PER_REQUEST, RucioCatalogue
 from datalakefs.config import Config
 from datalakefs.demo.probes import free_port
@@ -32,7 +33,7 @@ from datalakefs.errors import (
     InvalidNameError,
     NotFoundError,
 )
-from datalakefs.model import DID, DIDType, Replica, RuleState
+from datalakefs.model import DID, DIDInfo, DIDType, Replica, RuleState
 
 WHEN = datetime.datetime(2026, 1, 2, 3, 4, 5)  # rucio hands out naive UTC datetimes
 WHEN_POSIX = WHEN.replace(tzinfo=datetime.UTC).timestamp()
@@ -112,6 +113,26 @@ def test_files_of_a_dataset_are_files_without_type_or_times() -> None:
         (DID("d", f"f{i}"), DIDType.FILE, i, "0000000a", None, 0.0) for i in range(3)
     ]
     assert stub.calls == [("listing_body", (DID("d", "ds"), "files"), {})]
+
+
+def test_files_without_adler32_get_their_md5_so_their_cache_key_is_the_one_of_get_info() -> None:
+    """Rucio's ``list_files`` gives no md5: a file with md5 only would be listed with no checksum at all
+    and cached under another key than the same file looked up alone."""
+    rows = [{"scope": "d", "name": f"f{i}", "bytes": i, "adler32": None if i % 2 else "0000000a"}
+            for i in range(2 * DIDS_PER_REQUEST + 2)]
+
+    def bulk(chunk: list[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        return iter([{**metadata_row(d["scope"], d["name"]), "adler32": None, "md5": "m" + d["name"]}
+                     for d in chunk if d["name"] != "f1"])  # f1 has neither checksum
+
+    stub = StubClient({"listing_body": lambda did, what: streamed(rows, cut=4096), "get_metadata_bulk": bulk})
+    files = adapter(stub).list_files(DID("d", "ds"))
+    expected = [(f"f{i}", None, None if i == 1 else f"mf{i}") if i % 2 else (f"f{i}", "0000000a", None)
+                for i in range(len(rows))]
+    assert [(i.did.name, i.adler32, i.md5) for i in files] == expected
+    asked = [[d["name"] for d in args[0]] for name, args, _ in stub.calls if name == "get_metadata_bulk"]
+    assert asked == [[f"f{i}" for i in range(1, len(rows), 2)][:DIDS_PER_REQUEST], ["f2001"]]
+    assert FileKey.of(files[3]) == FileKey.of(DIDInfo(DID("d", "f3"), DIDType.FILE, 3, None, "mf3"))
 
 
 @pytest.mark.parametrize(
