@@ -162,7 +162,9 @@ async def test_cancelled_leader_hands_over(fake: FakeCatalogue) -> None:
     fake.pause()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(leader)
-        await trio.testing.wait_all_tasks_blocked()
+        # The leader's worker thread counts its call when the OS runs it, which trio does not wait
+        # for: under load it could come after the last assertion (the thread is abandoned).
+        assert await trio.to_thread.run_sync(fake.wait_calls, "get_info", 1, 30.0)
         nursery.start_soon(follower)
         await trio.testing.wait_all_tasks_blocked()
         leader_scope.cancel()  # the leader abandons its worker thread
