@@ -24,6 +24,10 @@
   an open starts a sweep, not ``ls``: browsing must not make the server resolve whole datasets.
   (One call over the dataset DID was measured and rejected: the server's cost is per file, about
   10 ms each on the demo lake, so a 10k dataset made the first read wait 112 s instead of 0.5 s.)
+* **Presumed from the first batch** (:meth:`locate`): the listing's other files are presumed to be
+  where every file of its first batch is (:meth:`_presume`, docs/ARCHITECTURE.md). While :meth:`run`
+  runs, that runs in the background: the opener the batch answered does not wait for it (deriving
+  names may cost a call for the RSE's settings); openers of the listing's other files do.
 * **Single flight.** Concurrent identical requests share one backend call. When the caller that made
   the call is cancelled before it ends, a waiting caller makes it again instead of failing.
 * **Explicit invalidation** (:meth:`invalidate`, :meth:`invalidate_collection`) for changes the
@@ -164,6 +168,8 @@ class CachedCatalogue:
         # when each listing's first batch was answered, and whether its other files' replicas were
         # presumed from that answer (once per listing and TTL)
         self._placements: LRUCache[Hashable, _Mark] = LRUCache(SWEPT_LISTINGS)
+        # listings whose presumption runs in the background: set when it ended
+        self._presuming: dict[Hashable, trio.Event] = {}
         # when each listing's sweep started: one sweep per listing and TTL
         self._swept: LRUCache[Hashable, _Mark] = LRUCache(SWEPT_LISTINGS)
         self._calls: Counter[str] = Counter()
@@ -302,6 +308,7 @@ class CachedCatalogue:
         listing, content, position = home
         first, end = replica_batch(position)
         await self._resolve_batch(listing, content, first, end)
+        await self._presumption_of(listing)
         placed = self._placements.get(listing)
         if placed is None or not placed.presumed:
             self._start_sweep(listing, content, end)  # nothing presumed: the catalogue must say
@@ -326,10 +333,42 @@ class CachedCatalogue:
                 self._positive[("list_replicas", found.info.did)] = found
             if not self._current(self._placements.get(listing), content):
                 self._placements[listing] = _Mark(content, self._timer())
-                presumed = await self._presume(content, known, generation)
-                self._placements[listing] = _Mark(content, self._timer(), presumed)
+                if not self._presume_in_background(listing, content, known, generation):
+                    presumed = await self._presume(content, known, generation)
+                    self._placements[listing] = _Mark(content, self._timer(), presumed)
 
         await self._shared_flight(("listed_replicas", listing, first), fetch)
+
+    def _presume_in_background(self, listing: Hashable, content: tuple[DIDInfo, ...], known: list[FileReplicas],
+                               generation: int) -> bool:
+        """Run :meth:`_presume` in the background (while :meth:`run` runs; False otherwise): the opener that
+        asked for the first batch has its answer, and must not wait for the RSE's settings that deriving
+        names may cost (a second round trip on a fresh mount). Openers of the listing's other files wait
+        for it (:meth:`_presumption_of`); a presumption that fails leaves them to ask the catalogue."""
+        if not self._sweeper.running:
+            return False
+        done = self._presuming[listing] = trio.Event()
+
+        async def presume() -> None:
+            presumed = False
+            try:
+                presumed = await self._presume(content, known, generation)
+            except Exception as exc:  # the background must not take the mount down
+                log.warning("event=replica-presumption-failed listing=%s reason=%s", listing, exc)
+            finally:
+                self._placements[listing] = _Mark(content, self._timer(), presumed)
+                if self._presuming.get(listing) is done:
+                    del self._presuming[listing]
+                done.set()
+
+        self._sweeper.start_soon(presume)
+        return True
+
+    async def _presumption_of(self, listing: Hashable) -> None:
+        """Until the listing's presumption running in the background, if any, has ended."""
+        done = self._presuming.get(listing)
+        if done is not None:
+            await done.wait()
 
     async def _presume(self, content: tuple[DIDInfo, ...], known: list[FileReplicas], generation: int) -> bool:
         """Presume the listing's other files are where every file of ``known`` (the catalogue's answer
@@ -383,18 +422,22 @@ class CachedCatalogue:
         """Before the first answer for ``did``'s listing: ask for the :data:`FIRST_REPLICA_BATCH` files
         from ``did`` on, once for every concurrent opener of the listing, so that the placement
         presumed from it serves them all (16 workers starting at 16 places of a dataset would
-        otherwise each wait for a large batch of their own). True when something was asked."""
+        otherwise each wait for a large batch of their own), and for the presumption made from that
+        answer unless it answered for ``did`` itself. True when something was asked or waited for."""
         home = self._home_of(did)
         if home is None:
             return False
         listing, content, position = home
-        if self._current(self._placements.get(listing), content):
+        if not self._current(self._placements.get(listing), content):
+
+            async def decide(generation: int) -> None:
+                await self._resolve_batch(listing, content, position, position + FIRST_REPLICA_BATCH)
+
+            await self._shared_flight(("placement", listing), decide)
+        elif listing not in self._presuming:
             return False
-
-        async def decide(generation: int) -> None:
-            await self._resolve_batch(listing, content, position, position + FIRST_REPLICA_BATCH)
-
-        await self._shared_flight(("placement", listing), decide)
+        if ("list_replicas", did) not in self._positive:
+            await self._presumption_of(listing)
         return True
 
     def _start_sweep(self, listing: Hashable, content: tuple[DIDInfo, ...], after: int) -> None:

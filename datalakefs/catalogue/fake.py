@@ -85,6 +85,7 @@ class FakeCatalogue:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._counted = threading.Condition(self._lock)  # notified when a call is counted
         self._scopes: set[str] = set()
         self._dids: dict[DID, _Entry] = {}
         self._failure: DatalakeError | None = None
@@ -205,6 +206,12 @@ class FakeCatalogue:
 
     def resume(self) -> None:
         self._running.set()
+
+    def wait_calls(self, method: str, count: int, timeout: float) -> bool:
+        """Block until ``count`` calls of ``method`` were counted (calls run in worker threads, which the
+        caller's event loop does not wait for); False on timeout."""
+        with self._counted:
+            return self._counted.wait_for(lambda: self.calls[method] >= count, timeout)
 
     # -- the Catalogue protocol ------------------------------------------------------------------
 
@@ -367,6 +374,7 @@ class FakeCatalogue:
     def _enter(self, method: str) -> None:
         with self._lock:
             self.calls[method] += 1
+            self._counted.notify_all()
             failing = self._failing is None or method in self._failing
             error = self._failure if failing else None
         self._running.wait()

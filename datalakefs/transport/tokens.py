@@ -7,9 +7,11 @@
 3. ``$XDG_RUNTIME_DIR/bt_u<uid>``;
 4. ``/tmp/bt_u<uid>``.
 
-A token file is read again only when it changed: each lookup costs one ``stat`` (inode, size, mtime in
-ns), so a token that another process rotates (a notebook pod's refresher, ``oidc-token`` in a cron job)
-is used from the next request on. Surrounding whitespace is stripped; an empty file means no token.
+A token file is read again only when it changed, and looked at (one ``stat``: inode, size, mtime in ns)
+at most once per :data:`RECHECK_INTERVAL`: a ``stat`` before every GET was a per-file cost of reading
+small files. A token that another process rotates (a notebook pod's refresher, ``oidc-token`` in a cron
+job) is used from the first request a second later at most, and at once after a 401 or 403 (see
+``renew`` below). Surrounding whitespace is stripped; an empty file means no token.
 
 **Safety.** A token file that its group or others may read or write, or that belongs to someone other than
 the mounting user or root, is refused (never read): the lookup logs one clear error per file state and
@@ -39,7 +41,8 @@ import os
 import ssl
 import stat
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -49,6 +52,9 @@ from datalakefs.redaction import register_secret
 from datalakefs.transport.tls import client_context
 
 log = logging.getLogger(__name__)
+
+#: Seconds a token file's state is trusted before it is looked at again (a forced ``renew`` ignores it).
+RECHECK_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +107,14 @@ def insecure_reason(path: Path, st: os.stat_result, uid: int) -> str | None:
 class BearerToken:
     """The current WLCG bearer token, re-read when its file changes."""
 
-    def __init__(self, environ: Mapping[str, str] | None = None, uid: int | None = None) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None, uid: int | None = None, *,
+                 recheck_interval: float = RECHECK_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
         self._environ = dict(os.environ if environ is None else environ)
         self._uid = os.getuid() if uid is None else uid
         self._lock = threading.Lock()
+        self._recheck_interval = recheck_interval
+        self._clock = clock
+        self._looked_at: float | None = None  # when the file's state was last taken (clock time)
         self._path: Path | None = None
         self._state: _FileState | None = None
         self._token: str | None = None
@@ -136,7 +146,8 @@ class BearerToken:
             raise ConfigError(reason)
 
     def token(self) -> str | None:
-        """The token to send now (one ``stat`` unless the file changed)."""
+        """The token to send now (no system call within :data:`RECHECK_INTERVAL` of the last look, else
+        one ``stat``, and a read if the file changed)."""
         return self._lookup(force=False)
 
     def renew(self) -> bool:
@@ -159,8 +170,13 @@ class BearerToken:
     def _lookup(self, *, force: bool) -> str | None:
         if self._from_env:
             return self._token
+        now = self._clock()
+        with self._lock:
+            if not force and self._looked_at is not None and now - self._looked_at < self._recheck_interval:
+                return self._token
         found = self._stat_first()
         with self._lock:
+            self._looked_at = now
             if found is None:
                 self._path, self._state, self._token = None, None, None
                 return None
@@ -250,10 +266,11 @@ class StorageAuth:
         *,
         ca_bundle: str | None = None,
         allow_token_over_http: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         env = dict(os.environ if environ is None else environ)
         user = os.getuid() if uid is None else uid
-        self.bearer = BearerToken(env, user)
+        self.bearer = BearerToken(env, user, clock=clock)
         self._trust = client_context(env, ca_bundle)
         proxy = x509_proxy_path(env, user)
         self._proxy = None if proxy is None else X509Proxy(proxy, env, ca_bundle)

@@ -16,9 +16,22 @@ from hypothesis import strategies as st
 from datalakefs.cli.logs import KeyValueFormatter, setup_logging
 from datalakefs.errors import AccessDeniedError, ConfigError, TransferError
 from datalakefs.redaction import redact_text, redact_url, register_secret
-from datalakefs.transport.tokens import BearerToken, StorageAuth, token_locations
+from datalakefs.transport.tokens import RECHECK_INTERVAL, BearerToken, StorageAuth, token_locations
 
 UID = 4242
+
+
+class Clock:
+    """A monotonic clock the test moves: the token file is looked at again only once it moved on."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def pass_recheck_interval(self) -> None:
+        self.now += RECHECK_INTERVAL
 
 
 def put(path: Path, text: str, mode: int = 0o600) -> None:
@@ -45,23 +58,57 @@ def test_env_token_wins(tmp_path: Path) -> None:
 
 def test_runtime_dir_before_tmp_and_reread_only_on_change(tmp_path: Path) -> None:
     put(tmp_path / f"bt_u{UID}", "first-token-value\n")
-    bearer = BearerToken({"XDG_RUNTIME_DIR": str(tmp_path)}, UID)
+    clock = Clock()
+    bearer = BearerToken({"XDG_RUNTIME_DIR": str(tmp_path)}, UID, clock=clock)
     assert bearer.token() == "first-token-value"
     for _ in range(100):
+        clock.pass_recheck_interval()
         assert bearer.token() == "first-token-value"
     assert bearer.reads == 1  # one stat per lookup, one read per change
     tmp = tmp_path / "new"
     put(tmp, "second-token-value")
     os.replace(tmp, tmp_path / f"bt_u{UID}")
+    clock.pass_recheck_interval()
     assert bearer.token() == "second-token-value"
     assert bearer.reads == 2
 
 
+def test_the_token_file_is_looked_at_once_per_interval_and_a_rotation_is_seen_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stat before every GET was a per-file cost of small files: within the interval no system call is
+    made (a token rotated meanwhile waits for the interval's end, or for a 401/403's renew)."""
+    path = tmp_path / "bt"
+    put(path, "first-token-value")
+    clock = Clock()
+    bearer = BearerToken({"BEARER_TOKEN_FILE": str(path)}, UID, clock=clock)
+    assert bearer.token() == "first-token-value"
+    stats = []
+    real_stat = Path.stat
+    monkeypatch.setattr(Path, "stat", lambda self, **kw: stats.append(self) or real_stat(self, **kw))
+    put(tmp_path / "new", "second-token-value")
+    os.replace(tmp_path / "new", path)
+    clock.now += RECHECK_INTERVAL / 2
+    for _ in range(100):
+        assert bearer.token() == "first-token-value"
+    assert stats == []
+    clock.now += RECHECK_INTERVAL / 2
+    assert bearer.token() == "second-token-value"
+    assert stats == [path]
+    put(tmp_path / "new", "third-token-value")
+    os.replace(tmp_path / "new", path)
+    assert bearer.renew()  # a refused request re-reads at once, whatever the interval
+    assert bearer.token() == "third-token-value"
+
+
 def test_missing_and_empty_files_mean_no_token(tmp_path: Path) -> None:
-    bearer = BearerToken({"BEARER_TOKEN_FILE": str(tmp_path / "bt")}, UID)
+    clock = Clock()
+    bearer = BearerToken({"BEARER_TOKEN_FILE": str(tmp_path / "bt")}, UID, clock=clock)
     assert bearer.token() is None
     put(tmp_path / "bt", "  \n")
+    clock.pass_recheck_interval()
     assert bearer.token() is None
+    assert bearer.reads == 1
     assert StorageAuth({"BEARER_TOKEN_FILE": str(tmp_path / "bt")}, UID).headers("http://x/") == {}
 
 
@@ -81,15 +128,18 @@ def test_renew_reports_a_change_only(tmp_path: Path) -> None:
 def test_a_file_readable_by_others_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "bt"
     put(path, "group-readable-token", 0o640)
-    bearer = BearerToken({"BEARER_TOKEN_FILE": str(path)}, UID)
+    clock = Clock()
+    bearer = BearerToken({"BEARER_TOKEN_FILE": str(path)}, UID, clock=clock)
     with pytest.raises(ConfigError, match=r"readable or writable by its group or others.*chmod 600"):
         bearer.check()
     with caplog.at_level(logging.ERROR):
         assert bearer.token() is None
+        clock.pass_recheck_interval()
         assert bearer.token() is None
     assert len(caplog.records) == 1  # one message per file state, not one per request
     os.chmod(path, 0o600)
     bearer.check()
+    clock.pass_recheck_interval()
     assert bearer.token() == "group-readable-token"
 
 
@@ -129,13 +179,16 @@ def test_a_token_file_of_another_user_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "bt"
     put(path, "someone-elses-token")
     os.chown(path, UID + 1, -1)
-    bearer = BearerToken({"BEARER_TOKEN_FILE": str(path)}, UID)
+    clock = Clock()
+    bearer = BearerToken({"BEARER_TOKEN_FILE": str(path)}, UID, clock=clock)
     assert bearer.token() is None
     with pytest.raises(ConfigError, match=f"belongs to uid {UID + 1}"):
         bearer.check()
     os.chown(path, UID, -1)
+    clock.pass_recheck_interval()
     assert bearer.token() == "someone-elses-token"
     os.chown(path, 0, -1)  # root's file is the mounting user's to use
+    clock.pass_recheck_interval()
     assert bearer.token() == "someone-elses-token"
 
 
@@ -190,15 +243,18 @@ def test_x509_proxy_is_the_client_certificate_only_without_a_token(tmp_path: Pat
     proxy = tmp_path / "x509up"
     put(proxy, cert.read_text() + key.read_text())
     env = {"X509_USER_PROXY": str(proxy), "BEARER_TOKEN_FILE": str(tmp_path / "bt")}
-    auth = StorageAuth(env, UID)
+    clock = Clock()
+    auth = StorageAuth(env, UID, clock=clock)
     assert auth.describe()["x509_proxy"] == str(proxy)
     with_proxy = auth.ssl_context("https://storage.example/f")
     assert with_proxy is not None and auth.ssl_context("https://storage.example/f") is with_proxy
     assert auth.ssl_context("http://storage.example/f") is None
     put(tmp_path / "bt", "now-there-is-a-token")
+    clock.pass_recheck_interval()
     trust_only = auth.ssl_context("https://storage.example/f")
     assert trust_only is not None and trust_only is not with_proxy
     (tmp_path / "bt").unlink()
+    clock.pass_recheck_interval()
     os.utime(proxy, ns=(1, 1))  # a renewed proxy: its context is built again, without a remount
     renewed = auth.ssl_context("https://storage.example/f")
     assert renewed is not None and renewed is not with_proxy and renewed is not trust_only

@@ -1,0 +1,43 @@
+"""A dataset read again from a warm block cache, on a fresh mount: no catalogue call, no GET."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from datalakefs.demo.status import LakeStatus
+from tests.fuse.test_read import _expected, _read_all, _small_dataset
+
+pytestmark = [pytest.mark.lake, pytest.mark.fuse]
+
+
+def _read_dataset(mount: Any, scope: str, name: str) -> list[tuple[str, bytes]]:
+    directory = mount.mountpoint / scope / name
+    entries = sorted(os.scandir(directory), key=lambda entry: entry.name)
+    for entry in entries:
+        entry.stat()  # as `ls -l` does
+    return [(entry.name, _read_all(Path(entry.path))) for entry in entries]
+
+
+def test_a_warm_read_of_a_dataset_asks_neither_the_catalogue_nor_the_storage(
+    lake: LakeStatus, new_mount: Any, rucio_client: Any, tmp_path: Path
+) -> None:
+    plan = _small_dataset(lake, rucio_client, 30)
+    expected = [(spec.name, _expected(lake, spec.did, spec.size)) for spec in plan.files]
+    cold = new_mount()
+    cold.start()
+    assert _read_dataset(cold, plan.scope, plan.name) == expected
+    cold.stop()
+    warm = new_mount(f"cache_dir={tmp_path / 'cache0'}")  # the cold mount's block cache
+    warm.start()
+    directory = warm.mountpoint / plan.scope / plan.name
+    assert len(os.listdir(directory)) == len(plan.files)
+    listed = warm.status()
+    assert _read_dataset(warm, plan.scope, plan.name) == expected
+    read = warm.status()
+    assert read["catalogue"]["calls"] == listed["catalogue"]["calls"]
+    assert read["content"]["requests"] == 0
+    assert read["content"]["hits"] - listed["content"]["hits"] >= len(plan.files)
