@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from datalakefs.cache import store as store_module
 from datalakefs.cache.layout import FileKey
@@ -141,6 +142,61 @@ async def test_readers_of_one_cold_piece_share_one_get(tmp_path: Path) -> None:
                     nursery.start_soon(reader_task)
     assert results == [DATA[9 * BS + 10 : 9 * BS + 110]] * 16
     assert ranges(origin.gets()) == [(9 * BS, 9 * BS + PIECE_ALIGN)]
+
+
+class _Spawns(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.count = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.count += 1
+
+
+async def test_a_piece_read_runs_in_the_readers_own_task(tmp_path: Path) -> None:
+    """A random read spawns no task: each spawn and wake-up is a scheduler round with an epoll_wait,
+    more than the GET itself costs on a local link."""
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path) as service:
+            reader = open_reader(service, INFO, origin.url("big"))
+            assert await reader.read(5 * BS + 3, 100) == DATA[5 * BS + 3 : 5 * BS + 103]  # connects, locates
+            spawns = _Spawns()
+            trio.lowlevel.add_instrument(spawns)
+            try:
+                for offset in (21 * BS + 7, 2 * BS + 4000, 37 * BS):
+                    assert await reader.read(offset, 4096) == DATA[offset : offset + 4096]
+            finally:
+                trio.lowlevel.remove_instrument(spawns)
+            assert service.statistics().piece_requests == 4
+    assert spawns.count == 0
+
+
+async def test_a_piece_is_fetched_again_for_its_waiters_when_its_fetching_reader_is_interrupted(
+    tmp_path: Path,
+) -> None:
+    with FaultyOrigin({"big": DATA}, latency=0.2) as origin:
+        async with running(tmp_path) as service:
+            offset = 14 * BS + 50
+            first = open_reader(service, INFO, origin.url("big"))
+            second = open_reader(service, INFO, origin.url("big"))
+            got: list[bytes] = []
+
+            async def interrupted(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+                with trio.CancelScope() as scope:
+                    task_status.started(scope)
+                    await first.read(offset, 100)
+
+            async def waiting() -> None:
+                got.append(await second.read(offset, 100))
+
+            async with trio.open_nursery() as nursery:
+                scope = await nursery.start(interrupted)
+                await trio.testing.wait_all_tasks_blocked()  # the first reader's GET is out
+                nursery.start_soon(waiting)
+                await trio.testing.wait_all_tasks_blocked()
+                scope.cancel()
+            assert scope.cancelled_caught
+            assert service.statistics().piece_requests == 2  # the interrupted GET, then the waiter's own
+    assert got == [DATA[offset : offset + 100]]
 
 
 async def test_a_piece_read_fails_over_to_the_next_replica(tmp_path: Path) -> None:

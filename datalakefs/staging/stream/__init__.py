@@ -27,7 +27,9 @@ and no await.
   over like blocks, and are checked like every transfer (status, Content-Range, exact body length); a
   piece has no checksum of its own in the catalogue, so it is not adler32-verified. Pieces of plain
   ``http://`` URLs are fetched on the trio thread (:mod:`datalakefs.transport.trio_http`): no thread
-  hop, which on a local link costs more than the GET itself; other URLs go through aiohttp. So is a
+  hop, which on a local link costs more than the GET itself; other URLs go through aiohttp. The first
+  reader of a piece fetches it in its own task (no task spawn, no wake-up: scheduler rounds that cost
+  more than the GET); if it is interrupted, a reader waiting for the piece fetches it again. So is a
   transfer of a small file's blocks (at most ``INLINE_TRANSFER_MAX`` bytes, e.g. every file of a
   dataset of small files): fetched and written to the cache on the trio thread, which a whole file of
   a few KiB costs less than the two thread hops and aiohttp's per-request work. Once a reader turns
@@ -39,8 +41,8 @@ and no await.
   is written to the cache's data file on the transport's thread; trio is woken once per landed block (with
   ``TrioToken.run_sync_soon``) to commit it to the cache and wake its waiters, so a reader needing the
   first block of a 32 MiB request does not wait for the rest.
-* Transfers run in the service's nursery, not in the readers' tasks: an interrupted reader does not
-  cancel a transfer that others wait for.
+* Block transfers run in the service's nursery, not in the readers' tasks: an interrupted reader does
+  not cancel a transfer that others wait for.
 
 **Replicas and failover.** Each reader has candidate URLs (XCache first; see
 :mod:`datalakefs.transport.replicas`), looked up on its first miss, so opening a file costs nothing. A

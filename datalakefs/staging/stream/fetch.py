@@ -8,7 +8,7 @@ import errno
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -87,20 +87,19 @@ class _Pending:
 class _Piece:
     """A piece read on its way: the bytes ``[start, end)`` of one file, fetched into memory."""
 
-    __slots__ = ("data", "end", "error", "event", "filled", "start")
+    __slots__ = ("abandoned", "data", "end", "error", "event", "start")
 
     def __init__(self, start: int, end: int) -> None:
+        self.abandoned = False  # its fetch was cancelled with the reader that ran it
         self.start = start
         self.end = end
         self.data = bytearray(end - start)
-        self.filled = 0
         self.event = trio.Event()
         self.error: DatalakeError | None = None
 
     def write(self, offset: int, data: bytes) -> None:  # RangeSink, on the transport thread
         at = offset - self.start
         self.data[at : at + len(data)] = data
-        self.filled = at + len(data)
 
     def close(self) -> None:
         pass
@@ -325,21 +324,28 @@ class StreamService:
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     async def _read_piece(self, reader: StreamReader, offset: int, end: int) -> bytes:
-        """Bytes ``[offset, end)`` through a piece read of the pages they cover (single flight)."""
+        """Bytes ``[offset, end)`` through a piece read of the pages they cover (single flight).
+
+        The first reader of a piece fetches it in its own task, so a random read costs no task spawn
+        and no wake-up of its own (each is a round of the trio scheduler, with an ``epoll_wait``:
+        that, not the GET, is most of a piece read's cost on a local link). Readers arriving meanwhile
+        wait for it; if the fetching reader is interrupted, one of them fetches the piece again."""
         key = reader.key
         start = offset // PIECE_ALIGN * PIECE_ALIGN
         stop = min(key.size, -(-end // PIECE_ALIGN) * PIECE_ALIGN)
         slot = (key.digest, start, stop)
-        piece = self._pieces.get(slot)
-        if piece is None:
-            if self._nursery is None:
-                raise TransferError("the stream service is not running")
-            piece = self._pieces[slot] = _Piece(start, stop)
-            self._nursery.start_soon(self._piece_transfer, reader, slot, piece)
-        await piece.event.wait()
-        if piece.error is not None:
-            raise _fresh(piece.error)
-        return bytes(piece.data[offset - start : end - start])
+        while True:
+            piece = self._pieces.get(slot)
+            if piece is None:
+                piece = self._pieces[slot] = _Piece(start, stop)
+                await self._piece_transfer(reader, slot, piece)
+            else:
+                await piece.event.wait()
+                if piece.abandoned:
+                    continue
+            if piece.error is not None:
+                raise _fresh(piece.error)
+            return bytes(piece.data[offset - start : end - start])
 
     async def _piece_transfer(self, reader: StreamReader, slot: tuple[str, int, int], piece: _Piece) -> None:
         async def attempt(candidate: Candidate) -> None:
@@ -351,19 +357,32 @@ class StreamService:
             self._bytes += piece.end - piece.start
 
         try:
-            async with self._limiter:
+            async with self._transfer_slot():
                 await self._failover.run(reader.replicas, attempt, f"piece {piece.start}..{piece.end}")
         except DatalakeError as exc:
             piece.error = _fresh(exc)
+        except trio.Cancelled:
+            piece.abandoned = True  # the fetching reader was interrupted: a waiting one fetches it
+            raise
         except Exception as exc:  # a bug must fail this piece's reads, not the whole service
             log.exception("%s: piece read failed unexpectedly", reader.key.did)
             piece.error = TransferError(f"{reader.key.did}: internal error in a piece read: {exc!r}")
         finally:
-            if piece.error is None and not piece.event.is_set() and piece.filled != piece.end - piece.start:
-                piece.error = TransferError(f"{reader.key.did}: the piece read was stopped")
             if self._pieces.get(slot) is piece:
                 del self._pieces[slot]
             piece.event.set()
+
+    @contextlib.asynccontextmanager
+    async def _transfer_slot(self) -> AsyncIterator[None]:
+        """One of the ``max_transfers`` slots; taken without a scheduler round when one is free."""
+        try:
+            self._limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await self._limiter.acquire()
+        try:
+            yield
+        finally:
+            self._limiter.release()
 
     def _verify(self, key: FileKey) -> None:
         result = self.cache.verify(key)
@@ -407,7 +426,7 @@ class StreamService:
         self._transfers += 1
         first, end = run.remaining() or (0, 0)
         try:
-            async with self._limiter:
+            async with self._transfer_slot():
                 await self._failover.run(run.reader.replicas, functools.partial(self._attempt, run),
                                          f"blocks {first}..{end - 1}")
         except DatalakeError as exc:
