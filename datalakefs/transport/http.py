@@ -189,7 +189,11 @@ class HttpTransport:
                             total)
                 pos = start
                 limit = start + length
-                async for chunk in resp.content.iter_any():
+                # each chunk as the connection received it: iter_any would join the chunks buffered
+                # while the sink was busy into one more copy of every byte
+                async for chunk, _ in resp.content.iter_chunks():
+                    if not chunk:  # the end of a chunk of a chunked body
+                        continue
                     if pos + len(chunk) > limit:
                         raise RangeReadError(FailureKind.BAD_REPLY, url, f"body longer than {length} bytes")
                     sink.write(pos, chunk)

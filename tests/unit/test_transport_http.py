@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator, Mapping
 
 import pytest
+from aiohttp.streams import StreamReader
 
 from datalakefs.transport.aio_bridge import AioBridge
 from datalakefs.transport.deadlines import Deadline
@@ -189,3 +191,35 @@ async def test_a_trickling_server_is_abandoned_at_the_deadline_and_the_next_tran
         after = Sink(0)
         await transport.fetch(good.url("f"), 0, 1024, len(DATA), after)
     assert bytes(after.data) == DATA[:1024]
+
+
+async def test_each_received_chunk_reaches_the_sink_without_being_joined_to_others(
+    bridge: AioBridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    received: list[int] = []
+    feed_data = StreamReader.feed_data
+
+    def recording_feed_data(self: StreamReader, data: bytes, size: int = 0) -> bool:
+        received.append(len(data))
+        return feed_data(self, data, size)
+
+    monkeypatch.setattr(StreamReader, "feed_data", recording_feed_data)
+
+    class SlowFirstWrite(Sink):
+        """A sink busy at its first write, so that the next chunks wait in the connection's buffer."""
+
+        def __init__(self, start: int) -> None:
+            super().__init__(start)
+            self.writes: list[int] = []
+
+        def write(self, offset: int, data: bytes) -> None:
+            if not self.data:
+                time.sleep(0.2)  # a slow consumer, not a synchronisation: the chunks pile up behind it
+            super().write(offset, data)
+            self.writes.append(len(data))
+
+    with origin() as server:
+        sink = SlowFirstWrite(0)
+        await HttpTransport(bridge).fetch(server.url("f"), 0, len(DATA), len(DATA), sink)
+    assert bytes(sink.data) == DATA
+    assert sink.writes == received  # one write per chunk received, none joined
