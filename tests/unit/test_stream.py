@@ -272,6 +272,21 @@ async def test_blocks_just_written_past_the_page_cache_are_served_from_memory_un
     assert origin.violations == []
 
 
+async def test_blocks_read_to_their_end_leave_memory_first(tmp_path: Path) -> None:
+    """Memory keeps a window ahead and one behind; the blocks a reader finished leave first, before the
+    blocks fetched ahead that it has yet to read (plain LRU would drop those, the oldest landed)."""
+    async with running(tmp_path, config=Config(prefetch_max=2 * BS)) as service:
+        key = FileKey.of(INFO)
+        kept = 4  # twice the window
+        for index in range(kept):
+            service._keep_in_memory((key.digest, index), DATA[index * BS : (index + 1) * BS])
+        assert service._read_block(key, 0, 0, BS) == DATA[:BS]  # block 0 read to its end
+        assert service._read_block(key, 1, 0, 10) == DATA[BS : BS + 10]  # block 1 only begun
+        service._keep_in_memory((key.digest, kept), DATA[kept * BS : (kept + 1) * BS])
+        in_memory = [index for index in range(kept + 1) if (key.digest, index) in service._in_memory]
+        assert in_memory == [1, 2, 3, 4]
+
+
 async def test_sixty_four_readers_of_a_cold_block_make_one_get_per_block(tmp_path: Path) -> None:
     with FaultyOrigin({"big": DATA}, latency=0.1) as origin:
         async with running(tmp_path) as service:

@@ -210,7 +210,7 @@ class StreamService:
         # Blocks served from memory: those the local disk could not take, and those just written past
         # the page cache (LandedBlock.resident), whose first reads would otherwise go to the disk.
         self._in_memory: OrderedDict[tuple[str, int], bytes | ResidentBytes] = OrderedDict()
-        self._in_memory_max = max(4, self.window_max // self.block_size)
+        self._in_memory_max = max(4, 2 * self.window_max // self.block_size)  # a window ahead, one behind
         self._nursery: trio.Nursery | None = None
         self._handoff: LandingHandoff | None = None
         self._hits = 0
@@ -299,8 +299,10 @@ class StreamService:
     def _read_block(self, key: FileKey, index: int, start: int, length: int) -> bytes | None:
         block = self._in_memory.get((key.digest, index)) if self._in_memory else None
         if block is not None:
-            # checked against its page CRCs as it arrived and never left memory: not checked again
-            self._in_memory.move_to_end((key.digest, index))
+            # checked against its page CRCs as it arrived and never left memory: not checked again.
+            # A block read to its end is what a sequential reader is done with: it leaves memory
+            # first, before the blocks the window fetched ahead, which its reader has yet to read.
+            self._in_memory.move_to_end((key.digest, index), last=start + length < len(block))
             return block[start : start + length]
         return self.cache.read(key, index, start, length)
 
