@@ -390,9 +390,10 @@ class BlockWriter:
         assert self._buffer is not None
         view = memoryview(self._buffer)[: block.length]
         try:
-            if self._direct_error != errno.EINVAL:
-                raise OSError(self._direct_error, "an earlier write of this transfer failed")
-            pwrite_all(self._fd, view, block.offset)
+            if self._direct_error == errno.EINVAL:
+                pwrite_all(self._fd, view, block.offset)
+            else:  # the disk failed (``_local_error`` says how): the rest of the transfer stays in memory
+                block.mem = bytearray(view)
         except OSError as exc:
             self._local_error = exc.errno or -1
             block.mem = bytearray(view)

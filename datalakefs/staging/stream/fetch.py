@@ -148,6 +148,12 @@ class _Run:
         pending.event.set()
 
 
+def _release(block: bytes | ResidentBytes | None) -> None:
+    """Give back the buffer of a block leaving memory (plain bytes have none)."""
+    if isinstance(block, ResidentBytes):
+        block.release()
+
+
 class LandingHandoff:
     """Calls from the transport's thread (one per landed block) run on the trio thread, in batches.
 
@@ -504,19 +510,14 @@ class StreamService:
         return on_block
 
     def _keep_in_memory(self, slot: tuple[str, int], block: bytes | ResidentBytes) -> None:
-        replaced = self._in_memory.pop(slot, None)
+        _release(self._in_memory.pop(slot, None))
         self._in_memory[slot] = block
-        if isinstance(replaced, ResidentBytes):
-            replaced.release()
         while len(self._in_memory) > self._in_memory_max:
-            evicted = self._in_memory.popitem(last=False)[1]
-            if isinstance(evicted, ResidentBytes):
-                evicted.release()
+            _release(self._in_memory.popitem(last=False)[1])
 
     def _forget_in_memory(self) -> None:
         for block in self._in_memory.values():
-            if isinstance(block, ResidentBytes):
-                block.release()
+            _release(block)
         self._in_memory.clear()
 
     def _landed(self, run: _Run, landed: LandedBlock) -> None:
@@ -531,8 +532,7 @@ class StreamService:
                 disk_full = data is not None
             if data is not None:
                 self._bypassed += 1
-                if landed.resident is not None:
-                    landed.resident.release()
+                _release(landed.resident)
             kept = data if data is not None else landed.resident
             if kept is not None:
                 self._keep_in_memory((run.key.digest, landed.index), kept)
