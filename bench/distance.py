@@ -79,9 +79,10 @@ def at_distance(rtt_ms: float, work: Path) -> Iterator[Distance]:
         for key in PROXIED:
             target = urlsplit(lake().url(key))
             port = free_port()
-            proc = subprocess.Popen([sys.executable, "-m", "datalakefs.demo.latency", "--listen", str(port),
-                                     "--target", f"{target.hostname}:{target.port}", "--rtt-ms", f"{rtt_ms:g}"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            with open(work / f"latency-{key}.log", "wb") as log:  # why a proxy died, if one does
+                proc = subprocess.Popen([sys.executable, "-m", "datalakefs.demo.latency", "--listen", str(port),
+                                         "--target", f"{target.hostname}:{target.port}", "--rtt-ms", f"{rtt_ms:g}"],
+                                        stdout=log, stderr=subprocess.STDOUT)
             procs.append(proc)
             try:
                 wait_listening(port, proc)

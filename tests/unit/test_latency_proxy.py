@@ -4,6 +4,8 @@ logical time, exact and instant (no wall-clock assertion)."""
 from __future__ import annotations
 
 import os
+import socket
+import struct
 
 import trio
 import trio.testing
@@ -19,12 +21,16 @@ async def echo(stream: trio.SocketStream) -> None:
             await stream.send_all(data)
 
 
-async def proxied_echo(nursery: trio.Nursery, link: Link) -> trio.SocketStream:
+async def proxied_echo_port(nursery: trio.Nursery, link: Link) -> int:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     echo_port = listeners[0].socket.getsockname()[1]
     nursery.start_soon(trio.serve_listeners, echo, listeners)
-    proxy_port = await nursery.start(serve, 0, ("127.0.0.1", echo_port), link)
-    return await trio.open_tcp_stream("127.0.0.1", proxy_port)
+    port: int = await nursery.start(serve, 0, ("127.0.0.1", echo_port), link)
+    return port
+
+
+async def proxied_echo(nursery: trio.Nursery, link: Link) -> trio.SocketStream:
+    return await trio.open_tcp_stream("127.0.0.1", await proxied_echo_port(nursery, link))
 
 
 async def receive_exactly(stream: trio.SocketStream, count: int) -> bytes:
@@ -83,4 +89,22 @@ async def test_a_half_close_is_passed_on(autojump_clock: trio.testing.MockClock)
             await stream.send_eof()
             assert await receive_exactly(stream, 10) == b"last words"
             assert await stream.receive_some(100) == b""  # the echo server saw EOF and closed
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_reset_mid_transfer_ends_that_connection_only(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A client that gives up mid-body (a cancelled prefetch closes its connection) resets it: the
+    proxy must go on serving every other connection, as a router would."""
+    async with trio.open_nursery() as nursery:
+        port = await proxied_echo_port(nursery, Link(RTT))
+        doomed = await trio.open_tcp_stream("127.0.0.1", port)
+        await doomed.send_all(os.urandom(4 << 20))  # echoed back into a client that never reads
+        doomed.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await doomed.aclose()  # SO_LINGER 0: a reset, not a FIN
+        await trio.sleep(10 * RTT)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(b"still there")
+            assert await receive_exactly(stream, 11) == b"still there"
         nursery.cancel_scope.cancel()
