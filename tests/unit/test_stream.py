@@ -356,6 +356,34 @@ async def test_a_read_across_blocks_holds_no_view_of_a_block_while_it_waits_for_
     assert result == DATA[BS - 100 : BS + 100]
 
 
+async def test_readers_racing_the_reuse_of_block_buffers_always_get_their_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight readers of one cold file with room in memory for 4 blocks: blocks leave memory and their
+    buffers are received into again by the transport's thread all the time. Each read is checked as
+    soon as it returns, before its task awaits again (as pyfuse3 writes its reply)."""
+    monkeypatch.setattr(store_module, "filesystem_type", lambda path: "ext4")  # blocks land resident
+    wrong: list[int] = []
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path, config=Config(prefetch_max=2 * BS, piece_reads=False)) as service:
+
+            async def reader_task(k: int) -> None:
+                reader = open_reader(service, INFO, origin.url("big"))
+                size = (256 << 10) + 1000 * k  # reads that cross blocks, and reads inside one
+                offset = k * 5 * BS
+                while offset < min(len(DATA), (k + 1) * 5 * BS):
+                    data = await reader.read(offset, size)
+                    if data != DATA[offset : offset + size]:
+                        wrong.append(offset)
+                    offset += len(data)
+
+            async with trio.open_nursery() as nursery:
+                for k in range(8):
+                    nursery.start_soon(reader_task, k)
+            assert service.statistics().bypassed_blocks == 0
+    assert wrong == []
+
+
 async def test_sixty_four_readers_of_a_cold_block_make_one_get_per_block(tmp_path: Path) -> None:
     with FaultyOrigin({"big": DATA}, latency=0.1) as origin:
         async with running(tmp_path) as service:
