@@ -83,11 +83,12 @@ class _Buffers:
         return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
     def give(self, buffer: mmap.mmap) -> None:
+        """Keep ``buffer`` for reuse, or drop it when enough are kept. Dropped, not closed: ``close``
+        raises while a view of it is alive (a read's reply, a traceback's frame), and the mapping goes
+        with the last reference to it anyway."""
         with self._lock:
             if len(self._free) < self._keep:
                 self._free.append(buffer)
-                return
-        buffer.close()
 
 
 _buffers = _Buffers(keep=16)

@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 from datalakefs.cache import store as store_module
+from datalakefs.cache import writer as writer_module
 from datalakefs.cache.layout import FileKey
 from datalakefs.cache.store import BlockCache
 from datalakefs.cache.writer import ResidentBytes
@@ -354,6 +355,28 @@ async def test_a_read_across_blocks_holds_no_view_of_a_block_while_it_waits_for_
     finally:
         cache.close()
     assert result == DATA[BS - 100 : BS + 100]
+
+
+async def test_blocks_leaving_memory_while_a_view_of_them_is_alive_raise_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A view kept somewhere (a traceback's frame) when its block leaves memory with the buffer pool
+    full: the buffer is dropped, not closed (closing raises while a view is alive), and the view still
+    reads its bytes. Both ways out: eviction by a newer block, and clearing the cache."""
+    monkeypatch.setattr(writer_module, "_buffers", writer_module._Buffers(keep=0))  # the pool is full
+    async with running(tmp_path, config=Config(prefetch_max=2 * BS)) as service:
+        key = FileKey.of(INFO)
+        views = []
+        for index in range(5):  # room for 4: block 0 is evicted when block 4 comes in
+            buffer = mmap.mmap(-1, BS)
+            buffer[:] = DATA[index * BS : (index + 1) * BS]
+            service._keep_in_memory((key.digest, index), ResidentBytes(buffer, BS))
+            if index < 2:
+                views.append(service._read_block(key, index, 0, 10))
+        assert (key.digest, 0) not in service._in_memory
+        await service.clear()
+        assert not service._in_memory
+        assert views == [DATA[:10], DATA[BS : BS + 10]]
 
 
 async def test_readers_racing_the_reuse_of_block_buffers_always_get_their_bytes(
