@@ -1,4 +1,4 @@
-"""Frozen value types shared by every layer: DIDs, their catalogue facts, replicas.
+"""Frozen value types shared by every layer: DIDs, their catalogue facts, replicas; and what a read returns.
 
 They are built by the catalogue adapter from rucio's dicts and are never mutated afterwards; no
 ``dict[str, Any]`` travels past that adapter.
@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TypeAlias
+
+#: What a file read returns: its bytes, possibly a view of a buffer the daemon reuses (a block held in
+#: memory, see ``cache/writer.py``). Valid until the reading task's next ``await``: whoever holds it
+#: across one must copy it first. The FUSE reply is written before the read handler's task awaits again.
+ReadBuffer: TypeAlias = bytes | bytearray | memoryview
 
 
 class DIDType(enum.Enum):

@@ -81,6 +81,7 @@ from datalakefs.cache.layout import (
 )
 from datalakefs.cache.writer import BlockWriter, LandedBlock
 from datalakefs.errors import ConfigError
+from datalakefs.model import ReadBuffer
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +337,7 @@ class BlockCache:
 
     # ---- reading ------------------------------------------------------------------------------
 
-    def read(self, key: FileKey, index: int, start: int, length: int) -> bytes | None:
+    def read(self, key: FileKey, index: int, start: int, length: int) -> ReadBuffer | None:
         """Bytes ``[start, start+length)`` of block ``index``, verified; None when not (or no longer) cached.
 
         ``start``/``length`` are relative to the block and must lie inside it.
@@ -372,7 +373,7 @@ class BlockCache:
         self._lru.move_to_end((key.digest, index))
         if start == span_start and length == len(data):
             return data
-        return data[start - span_start : start - span_start + length]
+        return view[start - span_start : start - span_start + length]
 
     def _fd(self, file: _File, role: int) -> int:
         """``file``'s data (``_DATA``) or journal (``_JOURNAL``, for appending) fd, opened on first use

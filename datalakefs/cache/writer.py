@@ -83,19 +83,24 @@ class _Buffers:
         return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
     def give(self, buffer: mmap.mmap) -> None:
+        """Keep ``buffer`` for reuse, or drop it when enough are kept. Dropped, not closed: ``close``
+        raises while a view of it is alive (a read's reply, a traceback's frame), and the mapping goes
+        with the last reference to it anyway."""
         with self._lock:
             if len(self._free) < self._keep:
                 self._free.append(buffer)
-                return
-        buffer.close()
 
 
 _buffers = _Buffers(keep=16)
 
 
 class ResidentBytes:
-    """A landed block's bytes, in the pooled buffer they were received into (no copy); sliced like
-    ``bytes``. ``release`` gives the buffer back: the holder calls it once nobody will slice again."""
+    """A landed block's bytes, in the pooled buffer they were received into (no copy). A slice is a
+    ``memoryview`` of that buffer, not a copy: once ``release`` gave the buffer back to the pool, a
+    transport thread may receive another block into it, so a slice must be used (or copied) before
+    its holder could release the block. The holder (one trio thread) releases it once nobody will
+    slice again; the read path hands a slice to the FUSE reply with no ``await`` in between, so no
+    release can come between (see :data:`datalakefs.model.ReadBuffer`)."""
 
     __slots__ = ("_buffer", "length")
 
@@ -106,11 +111,11 @@ class ResidentBytes:
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, span: slice) -> bytes:
+    def __getitem__(self, span: slice) -> memoryview:
         if self._buffer is None:
             raise ValueError("the block's buffer was released")
         start, stop, _ = span.indices(self.length)
-        return self._buffer[start:stop]
+        return memoryview(self._buffer)[start:stop]
 
     def release(self) -> None:
         buffer, self._buffer = self._buffer, None

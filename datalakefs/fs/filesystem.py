@@ -21,6 +21,7 @@ from datalakefs.fs.attributes import Attributes
 from datalakefs.fs.lake import CLEAR_CACHE_XATTR, LakeTree, refuse_write
 from datalakefs.fs.outbox import OUTBOX_DIR, OutboxTree
 from datalakefs.fs.subtree import FileHandle, OpenMode, Subtree
+from datalakefs.model import ReadBuffer
 from datalakefs.namespace.inodes import ROOT_INODE, Node
 from datalakefs.namespace.tree import Namespace
 
@@ -130,7 +131,7 @@ class Filesystem:
             raise BadHandleError(f"file handle {fh} is a directory's")
         return handle
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> ReadBuffer:
         return await self._file_handle(fh).read(offset, size)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:

@@ -20,7 +20,7 @@ from datalakefs.fs.attributes import Attributes, Ownership, attributes_of
 from datalakefs.fs.ports import FileContent, OpenFile, StageRequests
 from datalakefs.fs.prefetch import ListingPrefetch
 from datalakefs.fs.subtree import FileHandle, OpenMode
-from datalakefs.model import DIDInfo, DIDType
+from datalakefs.model import DIDInfo, DIDType, ReadBuffer
 from datalakefs.namespace.inodes import Node, NodeKind
 from datalakefs.namespace.tree import Namespace
 
@@ -73,7 +73,7 @@ class _LakeFileHandle:
     def keep_cache(self) -> bool:
         return self.opened.keep_cache
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> ReadBuffer:
         return await self.opened.read(offset, size)
 
     async def write(self, offset: int, data: bytes) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from datalakefs.model import DIDInfo
+from datalakefs.model import DIDInfo, ReadBuffer
 
 
 class OpenFile(Protocol):
@@ -19,7 +19,7 @@ class OpenFile(Protocol):
         """Whether the kernel may keep this file's pages across opens."""
         ...
 
-    async def read(self, offset: int, size: int) -> bytes: ...
+    async def read(self, offset: int, size: int) -> ReadBuffer: ...
 
     async def close(self) -> None: ...
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
 from datalakefs.fs.attributes import Attributes
+from datalakefs.model import ReadBuffer
 from datalakefs.namespace.inodes import Node
 
 
@@ -37,7 +38,7 @@ class FileHandle(Protocol):
         """Reads and writes bypass the kernel's page cache."""
         ...
 
-    async def read(self, offset: int, size: int) -> bytes: ...
+    async def read(self, offset: int, size: int) -> ReadBuffer: ...
 
     async def write(self, offset: int, data: bytes) -> int: ...
 

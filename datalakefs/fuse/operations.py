@@ -20,6 +20,7 @@ import trio
 from datalakefs.errors import DatalakeError
 from datalakefs.fs.attributes import Attributes
 from datalakefs.fs.filesystem import Filesystem
+from datalakefs.model import ReadBuffer
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,8 @@ class FuseOperations(pyfuse3.Operations):
                                                             truncate=bool(flags & os.O_TRUNC))
             return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache, direct_io=direct_io)
 
-    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+    # pyfuse3 types read as bytes but replies with any buffer, before its task awaits again (ReadBuffer)
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> ReadBuffer:  # type: ignore[override]
         with _ErrorsAsErrno("read"):
             return await self._fs.read(fh, off, size)
 

@@ -36,7 +36,7 @@ from typing import Any
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.config import Config
 from datalakefs.errors import ConfigError, InvalidNameError
-from datalakefs.model import DIDInfo, DIDType, FileReplicas, Replica, RSEReplica
+from datalakefs.model import DIDInfo, DIDType, FileReplicas, ReadBuffer, Replica, RSEReplica
 from datalakefs.staging.rule import RuleStager, Staging
 from datalakefs.staging.stream import StreamContent, StreamReader
 from datalakefs.transport.replicas import candidates
@@ -106,7 +106,7 @@ class HybridFile:
         self._tracked: Staging | None = tracked
         self._staged: StagedFile | None = None
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int) -> ReadBuffer:
         tracked = self._tracked
         if self._staged is None and tracked is not None and tracked.ready and tracked.replica is not None:
             self._staged = await self._content.open_staged(self._info, tracked.replica)

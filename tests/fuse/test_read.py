@@ -84,6 +84,16 @@ def test_sequential_read_matches_the_catalogue_checksum(lake: LakeStatus, new_mo
     assert os.getxattr(path, "user.datalakefs.state") == b"stream: cached, verified"
 
 
+def test_the_kernel_reads_ahead_a_mebibyte_at_a_time(lake: LakeStatus, new_mount: Any) -> None:
+    """The mount's read-ahead is raised after INIT (the INIT reply sets it back to 128 KiB): the kernel
+    then sends 1 MiB READs, each a block, instead of 8 requests of 128 KiB (8× the per-request work)."""
+    mount = new_mount("xcache=none")
+    mount.start()
+    dev = os.stat(mount.mountpoint).st_dev
+    bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    assert int(bdi.read_text()) == 1024  # Config.read_ahead_kb
+
+
 def test_random_reads_return_the_right_bytes_and_move_only_what_they_touch(
     lake: LakeStatus, new_mount: Any
 ) -> None:

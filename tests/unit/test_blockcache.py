@@ -92,6 +92,9 @@ def test_blocks_round_trip_verified_and_private(tmp_path: Path) -> None:
         assert got == DATA[index * BS + start : index * BS + start + size]
     assert cache.cached_bytes(key) == len(DATA)
     assert cache.is_complete(key)
+    unaligned = cache.read(key, 1, 100, 5000)
+    assert isinstance(unaligned, memoryview)  # a view of the pages read and checked, not a second copy
+    assert unaligned == DATA[BS + 100 : BS + 5100]
     prefix = os.path.dirname(cache.data_path(key))
     assert sorted(os.listdir(prefix)) == [f"{key.digest}.data", f"{key.digest}.index"]  # no directory per file
     for dirpath, _, filenames in os.walk(tmp_path / "v2"):

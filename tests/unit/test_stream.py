@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import mmap
 import os
 import shutil
 import subprocess
@@ -16,13 +17,16 @@ import trio
 import trio.testing
 
 from datalakefs.cache import store as store_module
+from datalakefs.cache import writer as writer_module
 from datalakefs.cache.layout import FileKey
 from datalakefs.cache.store import BlockCache
+from datalakefs.cache.writer import ResidentBytes
 from datalakefs.config import Config
 from datalakefs.daemon import stream_content
 from datalakefs.errors import AccessDeniedError, TransferError
 from datalakefs.model import DID, FileReplicas, Replica
-from datalakefs.staging.stream import INLINE_TRANSFER_MAX, PIECE_ALIGN, StreamReader
+from datalakefs.staging.stream import INLINE_TRANSFER_MAX, PIECE_ALIGN, StreamReader, StreamService
+from datalakefs.transport.http import RangeSink
 from tests.faults.harness import BS, info_of, open_reader, payload, ranges, read_all, running
 from tests.faults.origin import FaultyOrigin
 
@@ -279,12 +283,128 @@ async def test_blocks_read_to_their_end_leave_memory_first(tmp_path: Path) -> No
         key = FileKey.of(INFO)
         kept = 4  # twice the window
         for index in range(kept):
-            service._keep_in_memory((key.digest, index), DATA[index * BS : (index + 1) * BS])
+            service._keep_in_memory((key.digest, index), memoryview(DATA[index * BS : (index + 1) * BS]))
         assert service._read_block(key, 0, 0, BS) == DATA[:BS]  # block 0 read to its end
         assert service._read_block(key, 1, 0, 10) == DATA[BS : BS + 10]  # block 1 only begun
-        service._keep_in_memory((key.digest, kept), DATA[kept * BS : (kept + 1) * BS])
+        service._keep_in_memory((key.digest, kept), memoryview(DATA[kept * BS : (kept + 1) * BS]))
         in_memory = [index for index in range(kept + 1) if (key.digest, index) in service._in_memory]
         assert in_memory == [1, 2, 3, 4]
+
+
+async def test_a_read_inside_a_block_in_memory_is_a_view_of_its_buffer_not_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold sequential read is answered from the buffer the block was received into: the FUSE reply
+    copies it to the kernel, and nothing copies it before."""
+    monkeypatch.setattr(store_module, "filesystem_type", lambda path: "ext4")  # blocks land resident
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path) as service:
+            reader = open_reader(service, INFO, origin.url("big"))
+            views = []
+            for offset in range(0, 4 * BS, BS // 2):
+                data = await reader.read(offset, BS // 2)
+                assert data == DATA[offset : offset + BS // 2]  # used before the next await, as pyfuse3 does
+                views.append(isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap))
+                del data
+    assert all(views)
+
+
+class _GatedTransport:
+    """Serves ``DATA`` once ``gate`` is set."""
+
+    def __init__(self) -> None:
+        self.gate = trio.Event()
+
+    async def fetch(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
+        await self.gate.wait()
+        try:
+            sink.write(start, DATA[start : start + length])
+        finally:
+            sink.close()
+
+
+async def test_a_read_across_blocks_holds_no_view_of_a_block_while_it_waits_for_the_next(tmp_path: Path) -> None:
+    """Block 0 is in memory, block 1 on its way: while the read waits for block 1, block 0 leaves memory
+    and its buffer is reused for another block. The read still returns block 0's bytes (a view of it
+    kept across the wait would show the new block's)."""
+    cache = BlockCache(tmp_path, capacity=1 << 30, block_size=BS)
+    await cache.open()
+    transport = _GatedTransport()
+    service = StreamService(cache, transport, Config(piece_reads=False).replace(cache_dir=tmp_path))
+    key = FileKey.of(INFO)
+    buffer = mmap.mmap(-1, BS)
+    buffer[:] = DATA[:BS]
+    result = None
+
+    async def read() -> None:
+        nonlocal result
+        result = await open_reader(service, INFO, "http://origin.invalid/big").read(BS - 100, 200)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            service._keep_in_memory((key.digest, 0), ResidentBytes(buffer, BS))
+            async with trio.open_nursery() as reading:
+                reading.start_soon(read)
+                await trio.testing.wait_all_tasks_blocked()
+                assert (key.digest, 1) in service._pending  # the read waits for block 1
+                service._forget_in_memory()  # block 0 leaves memory: its buffer goes back to the pool ...
+                buffer[:] = bytes(BS)  # ... and a transport thread receives another block into it
+                transport.gate.set()
+            nursery.cancel_scope.cancel()
+    finally:
+        cache.close()
+    assert result == DATA[BS - 100 : BS + 100]
+
+
+async def test_blocks_leaving_memory_while_a_view_of_them_is_alive_raise_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A view kept somewhere (a traceback's frame) when its block leaves memory with the buffer pool
+    full: the buffer is dropped, not closed (closing raises while a view is alive), and the view still
+    reads its bytes. Both ways out: eviction by a newer block, and clearing the cache."""
+    monkeypatch.setattr(writer_module, "_buffers", writer_module._Buffers(keep=0))  # the pool is full
+    async with running(tmp_path, config=Config(prefetch_max=2 * BS)) as service:
+        key = FileKey.of(INFO)
+        views = []
+        for index in range(5):  # room for 4: block 0 is evicted when block 4 comes in
+            buffer = mmap.mmap(-1, BS)
+            buffer[:] = DATA[index * BS : (index + 1) * BS]
+            service._keep_in_memory((key.digest, index), ResidentBytes(buffer, BS))
+            if index < 2:
+                views.append(service._read_block(key, index, 0, 10))
+        assert (key.digest, 0) not in service._in_memory
+        await service.clear()
+        assert not service._in_memory
+        assert views == [DATA[:10], DATA[BS : BS + 10]]
+
+
+async def test_readers_racing_the_reuse_of_block_buffers_always_get_their_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight readers of one cold file with room in memory for 4 blocks: blocks leave memory and their
+    buffers are received into again by the transport's thread all the time. Each read is checked as
+    soon as it returns, before its task awaits again (as pyfuse3 writes its reply)."""
+    monkeypatch.setattr(store_module, "filesystem_type", lambda path: "ext4")  # blocks land resident
+    wrong: list[int] = []
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path, config=Config(prefetch_max=2 * BS, piece_reads=False)) as service:
+
+            async def reader_task(k: int) -> None:
+                reader = open_reader(service, INFO, origin.url("big"))
+                size = (256 << 10) + 1000 * k  # reads that cross blocks, and reads inside one
+                offset = k * 5 * BS
+                while offset < min(len(DATA), (k + 1) * 5 * BS):
+                    data = await reader.read(offset, size)
+                    if data != DATA[offset : offset + size]:
+                        wrong.append(offset)
+                    offset += len(data)
+
+            async with trio.open_nursery() as nursery:
+                for k in range(8):
+                    nursery.start_soon(reader_task, k)
+            assert service.statistics().bypassed_blocks == 0
+    assert wrong == []
 
 
 async def test_sixty_four_readers_of_a_cold_block_make_one_get_per_block(tmp_path: Path) -> None:

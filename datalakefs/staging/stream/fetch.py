@@ -20,7 +20,7 @@ from datalakefs.cache.store import BlockCache, CacheStatistics, VerifyResult
 from datalakefs.cache.writer import LandedBlock, ResidentBytes
 from datalakefs.config import Config
 from datalakefs.errors import DatalakeError, TransferError
-from datalakefs.model import DIDInfo
+from datalakefs.model import DIDInfo, ReadBuffer
 from datalakefs.transport.failover import Failover, Locate
 from datalakefs.transport.http import RangeSink
 from datalakefs.transport.replicas import Candidate
@@ -148,8 +148,8 @@ class _Run:
         pending.event.set()
 
 
-def _release(block: bytes | ResidentBytes | None) -> None:
-    """Give back the buffer of a block leaving memory (plain bytes have none)."""
+def _release(block: memoryview | ResidentBytes | None) -> None:
+    """Give back the buffer of a block leaving memory (a view of plain bytes has none)."""
     if isinstance(block, ResidentBytes):
         block.release()
 
@@ -215,7 +215,8 @@ class StreamService:
         self.piece_max = self.block_size // 2 if config.piece_reads else 0
         # Blocks served from memory: those the local disk could not take, and those just written past
         # the page cache (LandedBlock.resident), whose first reads would otherwise go to the disk.
-        self._in_memory: OrderedDict[tuple[str, int], bytes | ResidentBytes] = OrderedDict()
+        # Both are sliced without a copy (a read returns a view: see ReadBuffer).
+        self._in_memory: OrderedDict[tuple[str, int], memoryview | ResidentBytes] = OrderedDict()
         self._in_memory_max = max(4, 2 * self.window_max // self.block_size)  # a window ahead, one behind
         self._nursery: trio.Nursery | None = None
         self._handoff: LandingHandoff | None = None
@@ -274,7 +275,7 @@ class StreamService:
 
     # ---- reading (for StreamReader) -----------------------------------------------------------
 
-    async def read_block(self, reader: StreamReader, index: int, start: int, length: int) -> bytes:
+    async def read_block(self, reader: StreamReader, index: int, start: int, length: int) -> ReadBuffer:
         """``length`` bytes at ``start`` of block ``index``: from the cache, else once it arrived."""
         data = self._read_block(reader.key, index, start, length)
         if data is not None:
@@ -283,7 +284,7 @@ class StreamService:
         self._misses += 1
         return await self._wait_block(reader, index, start, length)
 
-    async def read_small(self, reader: StreamReader, offset: int, end: int) -> bytes | None:
+    async def read_small(self, reader: StreamReader, offset: int, end: int) -> ReadBuffer | None:
         """A small random read: from the cache when every block of it is there, else by a piece read;
         None when a block of it is on the way (the caller then waits for the blocks)."""
         key, bs = reader.key, self.block_size
@@ -302,7 +303,7 @@ class StreamService:
         if not self.cache.is_verified(key) and self.cache.is_complete(key):
             self._verify(key)
 
-    def _read_block(self, key: FileKey, index: int, start: int, length: int) -> bytes | None:
+    def _read_block(self, key: FileKey, index: int, start: int, length: int) -> ReadBuffer | None:
         block = self._in_memory.get((key.digest, index)) if self._in_memory else None
         if block is not None:
             # checked against its page CRCs as it arrived and never left memory: not checked again.
@@ -325,7 +326,7 @@ class StreamService:
     def _stored(self, key: FileKey, index: int) -> bool:
         return self.cache.has_block(key, index) or (key.digest, index) in self._in_memory
 
-    async def _wait_block(self, reader: StreamReader, index: int, start: int, length: int) -> bytes:
+    async def _wait_block(self, reader: StreamReader, index: int, start: int, length: int) -> ReadBuffer:
         return await self._arrival(reader, index, lambda: self._read_block(reader.key, index, start, length))
 
     async def _arrival(self, reader: StreamReader, index: int, look: Callable[[], _Found | None]) -> _Found:
@@ -349,7 +350,7 @@ class StreamService:
             f"{reader.key.did}: block {index} left the cache as soon as it arrived (cache too small?)"
         )
 
-    def _read_cached(self, key: FileKey, offset: int, end: int) -> bytes | None:
+    def _read_cached(self, key: FileKey, offset: int, end: int) -> ReadBuffer | None:
         """Bytes ``[offset, end)`` when every block of the span is cached, else None."""
         bs = self.block_size
         pieces = []
@@ -509,7 +510,7 @@ class StreamService:
 
         return on_block
 
-    def _keep_in_memory(self, slot: tuple[str, int], block: bytes | ResidentBytes) -> None:
+    def _keep_in_memory(self, slot: tuple[str, int], block: memoryview | ResidentBytes) -> None:
         _release(self._in_memory.pop(slot, None))
         self._in_memory[slot] = block
         while len(self._in_memory) > self._in_memory_max:
@@ -533,7 +534,7 @@ class StreamService:
             if data is not None:
                 self._bypassed += 1
                 _release(landed.resident)
-            kept = data if data is not None else landed.resident
+            kept = memoryview(data) if data is not None else landed.resident
             if kept is not None:
                 self._keep_in_memory((run.key.digest, landed.index), kept)
             if disk_full:

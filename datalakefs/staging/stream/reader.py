@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datalakefs.cache.layout import FileKey, block_count
+from datalakefs.model import ReadBuffer
 from datalakefs.staging.stream.fetch import StreamService
 from datalakefs.transport.failover import Locate, ReplicaChoice
 
@@ -24,8 +25,12 @@ class StreamReader:
         self._ahead = 0  # blocks before this index are cached or requested
         self._start = 0  # the block the current sequential stretch started at
 
-    async def read(self, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes at ``offset`` (fewer only at end of file); raises TransferError (EIO)."""
+    async def read(self, offset: int, size: int) -> ReadBuffer:
+        """Up to ``size`` bytes at ``offset`` (fewer only at end of file); raises TransferError (EIO).
+
+        A read inside one block returns the block's bytes as they are held (a view of a block in
+        memory: no copy). A read across blocks copies each block's part as it gets it, before waiting
+        for the next: a view held across that wait could see its buffer released and reused."""
         if offset < 0 or size < 0:
             raise ValueError("negative offset or size")
         end = min(offset + size, self.size)
@@ -40,13 +45,17 @@ class StreamReader:
                 if small is not None:
                     return small
             service.request(self, first, last + 1)
-        pieces = []
-        for index in range(first, last + 1):
-            start = max(offset - index * bs, 0)
-            length = min(end - index * bs, bs) - start
-            pieces.append(await service.read_block(self, index, start, length))
+        if first == last:
+            data = await service.read_block(self, first, offset - first * bs, end - offset)
+        else:
+            data = bytearray(end - offset)
+            for index in range(first, last + 1):
+                start = max(offset - index * bs, 0)
+                length = min(end - index * bs, bs) - start
+                at = index * bs + start - offset
+                data[at : at + length] = await service.read_block(self, index, start, length)
         service.verify_when_complete(self.key)
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return data
 
     async def fill(self) -> None:
         """Bring the whole file into the cache (and verify it) without reading it out: a warm."""
