@@ -98,7 +98,7 @@ class _Piece:
         self.event = trio.Event()
         self.error: DatalakeError | None = None
 
-    def write(self, offset: int, data: bytes) -> None:  # RangeSink, on the transport thread
+    def write(self, offset: int, data: bytes | memoryview) -> None:  # RangeSink, on the transport thread
         at = offset - self.start
         self.data[at : at + len(data)] = data
 
