@@ -95,7 +95,9 @@ class _Connection(asyncio.BufferedProtocol):
             try:
                 lent = self._lender.receive_buffer(self._pos)
             except Exception as exc:  # a bug of the sink: fail this transfer, not the loop
-                self._fail(exc)
+                waiter = self._waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(exc)  # buffer_updated closes the connection, not the allocation
             else:
                 if lent is not None and len(lent):
                     self._lent = True

@@ -238,3 +238,21 @@ async def test_the_cache_writer_receives_whole_blocks_without_a_copy(bridge: Aio
         if block.resident is not None:
             assert block.resident[0 : block.length] == DATA[block.index * block_size :][: block.length]
             block.resident.release()
+
+
+async def test_a_sink_failing_to_lend_fails_its_transfer_only(bridge: AioBridge) -> None:
+    class Broken(LendingSink):
+        def receive_buffer(self, offset: int) -> memoryview | None:
+            if self.filled > 50_000:
+                raise RuntimeError("sink bug")
+            return super().receive_buffer(offset)
+
+    with origin() as server:
+        transport = HttpTransport(bridge)
+        broken = Broken(0, 1 << 20)
+        with pytest.raises(RuntimeError, match="sink bug"):
+            await transport.fetch(server.url("f"), 0, 1 << 20, len(DATA), broken)
+        assert broken.closed == 1 and broken.data == DATA[: broken.filled]
+        after = LendingSink(0, 1 << 20)
+        await transport.fetch(server.url("f"), 0, 1 << 20, len(DATA), after)
+        assert after.data == DATA[: 1 << 20]
