@@ -256,3 +256,12 @@ async def test_a_sink_failing_to_lend_fails_its_transfer_only(bridge: AioBridge)
         after = LendingSink(0, 1 << 20)
         await transport.fetch(server.url("f"), 0, 1 << 20, len(DATA), after)
         assert after.data == DATA[: 1 << 20]
+
+
+async def test_a_server_that_never_answers_is_a_timeout_after_the_stall_time(bridge: AioBridge) -> None:
+    with FaultyOrigin({"f": DATA}, latency=5.0) as server:
+        sink = LendingSink(0, 10)
+        with pytest.raises(RangeReadError) as caught:
+            await HttpTransport(bridge, stall_timeout=0.3).fetch(server.url("f"), 0, 10, len(DATA), sink)
+    assert caught.value.kind is FailureKind.TIMEOUT and "no data" in str(caught.value)
+    assert sink.closed == 1 and sink.filled == 0
