@@ -1,9 +1,10 @@
 """A uvloop event loop on its own thread with one aiohttp ``ClientSession``, awaitable from trio.
 
-Why this shape: aiohttp is the HTTP library (TLS, redirects, proxies, keep-alive pooling) and needs
-asyncio, while the daemon runs on trio. Measured on this machine, the fastest design that keeps aiohttp is
-its loop on a dedicated uvloop thread, with response bodies written to disk *on that thread*, and trio
-woken only when a block or a transfer is done (never per FUSE request).
+Why this shape: aiohttp (TLS, redirects, keep-alive pooling) and our bulk client
+(:mod:`datalakefs.transport.bulk_http`, an ``asyncio.BufferedProtocol``) need asyncio, while the daemon
+runs on trio. Measured on this machine, the fastest design that keeps asyncio is its loop on a dedicated
+uvloop thread, with response bodies written to disk *on that thread*, and trio woken only when a block
+a reader waits for or a transfer is done (never per FUSE request).
 
 Invariants:
 
