@@ -3,7 +3,9 @@
 A :class:`BlockWriter` covers blocks ``[first, end)`` of one file, i.e. the file bytes from
 ``first*block_size`` to ``min(size, end*block_size)``; it receives them in order through ``write`` (the
 transport's :class:`~datalakefs.transport.http.RangeSink` protocol, matched structurally: this package
-does not import the transport). It:
+does not import the transport), or, while it collects blocks in a buffer (below), by lending the rest
+of the current block's buffer for the transport to receive the bytes into (``receive_buffer``, then
+``received``: :class:`~datalakefs.transport.http.BufferSink`), which saves a copy of every byte. It:
 
 * opens (creating it, 0600, sized to the file) the file's sparse ``.data`` file and writes each byte with
   ``os.pwrite`` at its own offset, computing a CRC32 per page and each block's adler32 as the bytes pass
@@ -223,9 +225,8 @@ class BlockWriter:
         self._direct_error = 0  # set by the disk thread when a direct write failed: stop writing direct
         self._in_flight = threading.Semaphore(_DIRECT_IN_FLIGHT)
 
-    def write(self, offset: int, data: bytes) -> None:
-        if offset != self._pos or offset + len(data) > self._end:
-            raise ValueError(f"write at {offset}+{len(data)} outside the expected {self._pos}..{self._end}")
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._check_at(offset, len(data))
         view = memoryview(data)
         done = 0
         while done < len(view):
@@ -236,6 +237,34 @@ class BlockWriter:
             if block.filled == block.length:
                 self._finish(block)
         self._pos += len(view)
+
+    def receive_buffer(self, offset: int) -> memoryview | None:
+        """The rest of the current block's page-aligned buffer, for the transport to receive the body
+        into (:class:`~datalakefs.transport.http.BufferSink`, matched structurally); None when the block
+        is not collected in a buffer (a short transfer, buffered writes, the disk failed)."""
+        self._check_at(offset, 0)
+        block = self._block or self._begin()
+        if self._buffer is None or block.mem is not None:
+            return None
+        return memoryview(self._buffer)[block.filled : block.length]
+
+    def received(self, offset: int, count: int) -> None:
+        """The first ``count`` bytes of the memory :meth:`receive_buffer` lent hold the bytes at
+        ``offset``: checksum them where they are."""
+        self._check_at(offset, count)
+        block = self._block
+        if block is None or self._buffer is None or count > block.length - block.filled:
+            raise ValueError(f"{count} bytes received at {offset} into no lent buffer")
+        with memoryview(self._buffer) as view:
+            self._checksum(block, view[block.filled : block.filled + count])
+        block.filled += count
+        self._pos += count
+        if block.filled == block.length:
+            self._finish(block)
+
+    def _check_at(self, offset: int, length: int) -> None:
+        if offset != self._pos or offset + length > self._end:
+            raise ValueError(f"write at {offset}+{length} outside the expected {self._pos}..{self._end}")
 
     def close(self) -> None:
         """Give back the space of an unfinished block and the file; returns once every finished block
@@ -302,17 +331,8 @@ class BlockWriter:
         return block
 
     def _add(self, block: _OpenBlock, piece: memoryview) -> None:
-        block.adler = adler32(piece, block.adler)
         start = block.filled
-        pos = 0
-        while pos < len(piece):
-            page_end = (start + pos) // PAGE_SIZE * PAGE_SIZE + PAGE_SIZE
-            segment = piece[pos : page_end - start]
-            block.crc = crc32(segment, block.crc)
-            pos += len(segment)
-            if start + pos == page_end or start + pos == block.length:
-                block.crcs.append(block.crc)
-                block.crc = 0
+        self._checksum(block, piece)
         if block.mem is not None:
             block.mem += piece
         elif self._buffer is not None:
@@ -325,6 +345,21 @@ class BlockWriter:
                 if block.mem is not None:
                     block.mem += piece
         block.filled += len(piece)
+
+    @staticmethod
+    def _checksum(block: _OpenBlock, piece: memoryview) -> None:
+        """Fold ``piece``, the block's next bytes, into its adler32 and page CRCs."""
+        block.adler = adler32(piece, block.adler)
+        start = block.filled
+        pos = 0
+        while pos < len(piece):
+            page_end = (start + pos) // PAGE_SIZE * PAGE_SIZE + PAGE_SIZE
+            segment = piece[pos : page_end - start]
+            block.crc = crc32(segment, block.crc)
+            pos += len(segment)
+            if start + pos == page_end or start + pos == block.length:
+                block.crcs.append(block.crc)
+                block.crc = 0
 
     def _to_memory(self, block: _OpenBlock, exc: OSError) -> None:
         """The disk failed mid-block: keep what was written, in memory, and stop using the disk."""

@@ -1,14 +1,16 @@
 """A uvloop event loop on its own thread with one aiohttp ``ClientSession``, awaitable from trio.
 
-Why this shape: aiohttp is the HTTP library (TLS, redirects, proxies, keep-alive pooling) and needs
-asyncio, while the daemon runs on trio. Measured on this machine, the fastest design that keeps aiohttp is
-its loop on a dedicated uvloop thread, with response bodies written to disk *on that thread*, and trio
-woken only when a block or a transfer is done (never per FUSE request).
+Why this shape: aiohttp (TLS, redirects, keep-alive pooling) and our bulk client
+(:mod:`datalakefs.transport.bulk_http`, an ``asyncio.BufferedProtocol``) need asyncio, while the daemon
+runs on trio. Measured on this machine, the fastest design that keeps asyncio is its loop on a dedicated
+uvloop thread, with response bodies written to disk *on that thread*, and trio woken only when a block
+a reader waits for or a transfer is done (never per FUSE request).
 
 Invariants:
 
 * One loop thread and one ``ClientSession`` per bridge; only coroutines submitted through :meth:`run`
-  touch the session, and they run on the loop thread.
+  touch the session, and they run on the loop thread. Other clients on the loop (the bulk client of
+  :mod:`datalakefs.transport.bulk_http`) close their connections through :meth:`AioBridge.on_close`.
 * :meth:`AioBridge.run` creates the coroutine on the loop thread (so a cancelled call never leaves a
   "coroutine was never awaited" behind) and wakes the trio task with ``TrioToken.run_sync_soon``, which is
   safe from any thread. (``trio.from_thread`` inside a future's done-callback can run on the trio thread
@@ -87,6 +89,7 @@ class AioBridge:
         self._thread: threading.Thread | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self._on_close: list[Callable[[], None]] = []
 
     def __enter__(self) -> AioBridge:
         self.start()
@@ -101,6 +104,11 @@ class AioBridge:
         if self._session is None:
             raise TransportClosedError("the HTTP transport is not running")
         return self._session
+
+    def on_close(self, release: Callable[[], None]) -> None:
+        """Call ``release`` on the loop thread when the bridge closes, after its calls were cancelled
+        (a client running on the loop closes its own connections)."""
+        self._on_close.append(release)
 
     def start(self) -> None:
         """Start the loop thread and open the session; returns once both are ready."""
@@ -154,6 +162,8 @@ class AioBridge:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for release in self._on_close:
+            release()
         if self._session is not None:
             await self._session.close()
 

@@ -8,10 +8,12 @@ Contract of one transfer, :meth:`HttpTransport.fetch` (url, start, length, total
 * The reply must be ``206`` with ``Content-Range: bytes start-end/total`` exactly; ``200`` is accepted
   only when the range was the whole file. No ``Content-Encoding``; ``Content-Length``, when present,
   equals ``length``. A 206 whose body ends early, or runs past the range, is an error, never data.
-* Every body byte goes to ``sink.write(offset, chunk)`` in order, with absolute file offsets, on the
-  asyncio thread; ``sink.close()`` is called exactly once there, however the transfer ends, and before
-  :meth:`HttpTransport.fetch` returns or raises (on the caller's thread instead when the transfer was
-  cancelled before it started, so that nothing else can be touching the sink).
+* Every body byte goes to ``sink.write(offset, chunk)`` (or, for a :class:`BufferSink`, is received
+  into the memory it lends and announced by ``sink.received(offset, count)``) in order, with absolute
+  file offsets, on the asyncio thread; ``sink.close()`` is called exactly once there, however the
+  transfer ends, and before :meth:`HttpTransport.fetch` returns or raises (on the caller's thread
+  instead when the transfer was cancelled before it started, so that nothing else can be touching
+  the sink).
 * A transfer during which no byte arrives for ``stall_timeout`` seconds fails as a timeout; connecting
   is bounded by ``connect_timeout``; with a ``deadline`` (:mod:`datalakefs.transport.deadlines`), a
   transfer that is not done within ``deadline.seconds(length)`` fails as a timeout too, however
@@ -19,6 +21,10 @@ Contract of one transfer, :meth:`HttpTransport.fetch` (url, start, length, total
 * Failures raise :class:`RangeReadError` (a ``TransferError``, so EIO) carrying a :class:`FailureKind`
   and whether another attempt may succeed. Messages name the URL without query string or user info,
   which may carry credentials.
+
+Plain ``http://`` and ``https://`` URLs are read by :class:`~datalakefs.transport.bulk_http.BulkRangeClient`
+(our own HTTP/1.1 client on the same loop, which receives a body straight into the memory a
+:class:`BufferSink` lends); aiohttp reads the others (user info in the URL) and any reply that redirects.
 
 Credentials come from a :class:`RequestAuth` asked on the asyncio thread for every request (headers and
 TLS client context; it must be cheap and thread-safe): :class:`datalakefs.transport.tokens.StorageAuth`
@@ -29,35 +35,28 @@ credentials the request is repeated once with them, else the refusal stands.
 from __future__ import annotations
 
 import asyncio
-import enum
-import re
 import ssl
 from collections.abc import Mapping
 from typing import Protocol
 
 import aiohttp
 
-from datalakefs.errors import TransferError
-from datalakefs.redaction import redact_text, redact_url
+from datalakefs.redaction import redact_url
 from datalakefs.transport.aio_bridge import AioBridge
+from datalakefs.transport.bulk_http import BulkRangeClient, Redirected
 from datalakefs.transport.deadlines import Deadline
+from datalakefs.transport.http1 import (
+    BufferSink,
+    FailureKind,
+    RangeReadError,
+    RangeSink,
+    check_reply,
+)
 
-__all__ = ["FailureKind", "HttpTransport", "NoAuth", "RangeReadError", "RangeSink", "RequestAuth", "redact_url"]
-
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
-
-
-class RangeSink(Protocol):
-    """Where a transfer's body goes. Both methods are called on the asyncio thread only."""
-
-    def write(self, offset: int, data: bytes) -> None:
-        """Take ``data``, the body bytes at absolute file ``offset``; offsets are consecutive."""
-        ...
-
-    def close(self) -> None:
-        """The transfer is over (complete or not); release what is held for it."""
-        ...
-
+__all__ = [
+    "BufferSink", "FailureKind", "HttpTransport", "NoAuth", "RangeReadError", "RangeSink", "RequestAuth", "check_reply",
+    "redact_url",
+]
 
 class RequestAuth(Protocol):
     """Credentials of data requests; every method is called on the asyncio thread."""
@@ -88,31 +87,6 @@ class NoAuth:
         return False
 
 
-class FailureKind(enum.Enum):
-    SERVER_ERROR = "server error"
-    DENIED = "access denied"
-    NOT_FOUND = "not found"
-    BAD_STATUS = "unexpected status"
-    TIMEOUT = "timeout"
-    CONNECTION = "connection failed"
-    SHORT_BODY = "short body"
-    BAD_REPLY = "invalid range reply"
-
-    @property
-    def retryable(self) -> bool:
-        """Whether the same URL may answer correctly on another attempt."""
-        return self not in (FailureKind.DENIED, FailureKind.NOT_FOUND, FailureKind.BAD_STATUS)
-
-
-class RangeReadError(TransferError):
-    """One attempt to read a range from one URL failed."""
-
-    def __init__(self, kind: FailureKind, url: str, detail: str) -> None:
-        super().__init__(f"{redact_url(url)}: {kind.value}: {redact_text(detail)}")
-        self.kind = kind
-        self.url = url
-
-
 class HttpTransport:
     """Range reads over one :class:`AioBridge`."""
 
@@ -132,6 +106,8 @@ class HttpTransport:
         )
         self._auth: RequestAuth = auth if auth is not None else NoAuth()
         self.renewals = 0  # requests repeated with renewed credentials
+        self._bulk = BulkRangeClient(stall_timeout=stall_timeout, connect_timeout=connect_timeout)
+        bridge.on_close(self._bulk.close)
 
     async def fetch(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
         """Read bytes ``[start, start+length)`` of a ``total``-byte file at ``url`` into ``sink``."""
@@ -178,6 +154,13 @@ class HttpTransport:
             raise RangeReadError(FailureKind.CONNECTION, url, str(exc) or repr(exc)) from None
 
     async def _transfer(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
+        if self._bulk.supports(url):
+            try:
+                await self._bulk.fetch(url, start, length, total, sink, dict(self._auth.headers(url)),
+                                       self._auth.ssl_context(url))
+                return
+            except Redirected:
+                pass  # nothing reached the sink; aiohttp follows redirects
         end = start + length - 1
         headers = {**self._auth.headers(url), "Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
         context = self._auth.ssl_context(url)
@@ -205,46 +188,3 @@ class HttpTransport:
             except BaseException:
                 resp.close()  # never return a half-read connection to the pool
                 raise
-
-
-def check_reply(
-    url: str,
-    status: int,
-    reason: str | None,
-    headers: Mapping[str, str],
-    content_length: int | None,
-    start: int,
-    end: int,
-    total: int,
-) -> None:
-    """Raise :class:`RangeReadError` unless the reply's head is a valid answer to ``bytes=start-end``
-    of a ``total``-byte file (``headers`` must look names up case-insensitively)."""
-    length = end - start + 1
-    if status == 200 and start == 0 and length == total:
-        pass  # a server may ignore Range when the whole file was asked for
-    elif status != 206:
-        if status >= 500:
-            kind = FailureKind.SERVER_ERROR
-        elif status in (401, 403):
-            kind = FailureKind.DENIED
-        elif status in (404, 410):
-            kind = FailureKind.NOT_FOUND
-        else:
-            kind = FailureKind.BAD_STATUS
-        raise RangeReadError(kind, url, f"HTTP {status} {reason or ''}".rstrip())
-    else:
-        content_range = headers.get("Content-Range", "")
-        match = _CONTENT_RANGE.match(content_range)
-        if match is None or tuple(map(int, match.groups())) != (start, end, total):
-            raise RangeReadError(
-                FailureKind.BAD_REPLY,
-                url,
-                f"asked bytes {start}-{end}/{total}, got Content-Range {content_range!r}",
-            )
-    encoding = headers.get("Content-Encoding", "identity").lower()
-    if encoding != "identity":
-        raise RangeReadError(FailureKind.BAD_REPLY, url, f"Content-Encoding {encoding!r}")
-    if content_length is not None and content_length != length:
-        raise RangeReadError(FailureKind.BAD_REPLY, url, f"Content-Length {content_length}, expected {length}")
-    if headers.get("Content-Type", "").lower().startswith("multipart/"):
-        raise RangeReadError(FailureKind.BAD_REPLY, url, "multipart reply to a single range")

@@ -19,27 +19,24 @@ closed meanwhile is replaced once, transparently.
 
 from __future__ import annotations
 
+import functools
 from urllib.parse import urlsplit
 
 import trio
-from multidict import CIMultiDict
 
 from datalakefs.transport.deadlines import Deadline
-from datalakefs.transport.http import (
-    FailureKind,
-    NoAuth,
-    RangeReadError,
-    RangeSink,
-    RequestAuth,
-    check_reply,
+from datalakefs.transport.http import FailureKind, NoAuth, RangeReadError, RangeSink, RequestAuth
+from datalakefs.transport.http1 import (
+    Head,
+    IdlePool,
+    RangeGet,
+    StaleConnection,
+    exchange_once,
+    head_end,
+    parse_head,
 )
 
-_MAX_HEAD = 64 << 10
 _RECEIVE = 256 << 10
-
-
-class _StaleConnection(Exception):
-    """A pooled connection was closed by the server before it answered: try a fresh one."""
 
 
 class _Connection:
@@ -66,8 +63,7 @@ class TrioRangeClient:
         self._stall = stall_timeout
         self._connect = connect_timeout
         self._auth: RequestAuth = auth if auth is not None else NoAuth()
-        self._max_idle = max_idle
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._idle: IdlePool[tuple[str, int], _Connection] = IdlePool(max_idle)
 
     @staticmethod
     def supports(url: str) -> bool:
@@ -97,39 +93,20 @@ class TrioRangeClient:
     async def _get(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
         parts = urlsplit(url)
         address = (parts.hostname or "", parts.port or 80)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        request = self._request(url, parts.netloc, target, start, start + length - 1)
-        pooled = self._idle.get(address)
-        if pooled:
-            try:
-                await self._exchange(pooled.pop(), address, url, request, start, length, total, sink, True)
-                return
-            except _StaleConnection:
-                pass
-        try:
-            connection = await self._open(address)
-        except (OSError, trio.TooSlowError) as exc:
-            raise RangeReadError(FailureKind.CONNECTION, url, str(exc) or repr(exc)) from None
-        try:
-            await self._exchange(connection, address, url, request, start, length, total, sink, False)
-        except _StaleConnection:
-            raise RangeReadError(FailureKind.CONNECTION, url, "connection closed before a reply") from None
+        get = RangeGet(url, start, length, total, sink)
+        exchange = functools.partial(self._exchange, address, get, get.request(parts, self._auth.headers(url)))
+        await exchange_once(self._idle.take(address), functools.partial(self._open, address, url), exchange, url)
 
     async def aclose(self) -> None:
-        idle, self._idle = self._idle, {}
-        for connections in idle.values():
-            for connection in connections:
-                await trio.aclose_forcefully(connection.stream)
+        for connection in self._idle.drain():
+            await trio.aclose_forcefully(connection.stream)
 
-    def _request(self, url: str, host: str, target: str, start: int, end: int) -> bytes:
-        lines = [f"GET {target} HTTP/1.1", f"Host: {host}", f"Range: bytes={start}-{end}",
-                 "Accept-Encoding: identity", "User-Agent: datalakefs"]
-        lines += [f"{name}: {value}" for name, value in self._auth.headers(url).items()]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-    async def _open(self, address: tuple[str, int]) -> _Connection:
-        with trio.fail_after(self._connect):
-            return _Connection(await trio.open_tcp_stream(*address))
+    async def _open(self, address: tuple[str, int], url: str) -> _Connection:
+        try:
+            with trio.fail_after(self._connect):
+                return _Connection(await trio.open_tcp_stream(*address))
+        except (OSError, trio.TooSlowError) as exc:
+            raise RangeReadError(FailureKind.CONNECTION, url, str(exc) or repr(exc)) from None
 
     async def _receive(self, connection: _Connection, url: str) -> bytes:
         try:
@@ -139,70 +116,36 @@ class TrioRangeClient:
             raise RangeReadError(FailureKind.TIMEOUT, url, f"no data for {self._stall:g} s") from None
 
     async def _exchange(
-        self,
-        connection: _Connection,
-        address: tuple[str, int],
-        url: str,
-        request: bytes,
-        start: int,
-        length: int,
-        total: int,
-        sink: RangeSink,
-        reused: bool,
+        self, address: tuple[str, int], get: RangeGet, request: bytes, connection: _Connection, reused: bool
     ) -> None:
         clean = False
         try:
             try:
                 await connection.stream.send_all(request)
-                head, keep_alive = await self._read_head(connection, url, reused)
+                head = await self._read_head(connection, get.url, reused)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if reused:
-                    raise _StaleConnection from None
-                raise RangeReadError(FailureKind.CONNECTION, url, str(exc) or repr(exc)) from None
-            status, reason, headers = head
-            announced = headers.get("Content-Length")
-            if "chunked" in headers.get("Transfer-Encoding", "").lower() or announced is None:
-                raise RangeReadError(FailureKind.BAD_REPLY, url, "reply without Content-Length")
-            try:
-                content_length = int(announced)
-            except ValueError:
-                raise RangeReadError(FailureKind.BAD_REPLY, url, f"Content-Length {announced!r}") from None
-            check_reply(url, status, reason, headers, content_length, start, start + length - 1, total)
-            await self._body(connection, url, start, length, sink)
-            clean = keep_alive and not connection.buffer
+                    raise StaleConnection from None
+                raise RangeReadError(FailureKind.CONNECTION, get.url, str(exc) or repr(exc)) from None
+            get.check(head)
+            await self._body(connection, get.url, get.start, get.length, get.sink)
+            clean = head.keep_alive and not connection.buffer
         finally:
-            if clean and len(self._idle.setdefault(address, [])) < self._max_idle:
-                self._idle[address].append(connection)
-            else:
+            if not (clean and self._idle.give(address, connection)):
                 await trio.aclose_forcefully(connection.stream)
 
-    async def _read_head(
-        self, connection: _Connection, url: str, reused: bool
-    ) -> tuple[tuple[int, str, CIMultiDict[str]], bool]:
+    async def _read_head(self, connection: _Connection, url: str, reused: bool) -> Head:
         buffer = connection.buffer
-        while (end := buffer.find(b"\r\n\r\n")) < 0:
-            if len(buffer) > _MAX_HEAD:
-                raise RangeReadError(FailureKind.BAD_REPLY, url, "reply head too long")
+        while (end := head_end(buffer, url)) < 0:
             chunk = await self._receive(connection, url)
             if not chunk:
                 if reused and not buffer:
-                    raise _StaleConnection
+                    raise StaleConnection
                 raise RangeReadError(FailureKind.CONNECTION, url, "connection closed in the reply head")
             buffer += chunk
-        lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+        head = parse_head(bytes(buffer[:end]), url)
         del buffer[: end + 4]
-        version, _, rest = lines[0].partition(" ")
-        code, _, reason = rest.partition(" ")
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise RangeReadError(FailureKind.BAD_REPLY, url, f"status line {lines[0]!r}")
-        headers: CIMultiDict[str] = CIMultiDict()
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise RangeReadError(FailureKind.BAD_REPLY, url, f"header line {line!r}")
-            headers.add(name.strip(), value.strip())
-        keep_alive = version == "HTTP/1.1" and headers.get("Connection", "").lower() != "close"
-        return (int(code), reason, headers), keep_alive
+        return head
 
     async def _body(self, connection: _Connection, url: str, start: int, length: int, sink: RangeSink) -> None:
         pos, limit = start, start + length

@@ -18,6 +18,8 @@
     never stalls and only a deadline stops it (not in the default mix).
 
   ``deny`` maps paths to a status (401, 403, 404...) answered to every GET of them.
+* ``redirect`` maps paths to the path every GET of them is redirected to (302, ``Location``).
+* ``tls``: a server-side TLS context: the origin serves ``https://`` with it.
 * ``bearer``: when set, the accepted tokens (a mutable set the test may change); a request without
   ``Authorization: Bearer <one of them>`` is answered 403, as XRootD answers a missing or expired token.
 * Bounded: one thread per connection, socket timeouts, and :meth:`FaultyOrigin.stop` shuts every
@@ -31,6 +33,7 @@ import random
 import re
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 from collections import Counter
@@ -40,7 +43,17 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import urlsplit
 
+from datalakefs.transport.http import FailureKind
+
 DEFAULT_FAULTS = ("status", "stall", "reset", "short", "range")
+#: each default fault, and the failure kinds a client may report it as (a reset can come mid-body)
+FAULT_KINDS = [
+    ("status", {FailureKind.SERVER_ERROR}),
+    ("stall", {FailureKind.TIMEOUT}),
+    ("reset", {FailureKind.CONNECTION, FailureKind.SHORT_BODY}),
+    ("short", {FailureKind.SHORT_BODY}),
+    ("range", {FailureKind.BAD_REPLY}),
+]
 _RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
 
 
@@ -104,6 +117,8 @@ class FaultyOrigin:
         latency: float = 0.0,
         deny: Mapping[str, int] | None = None,
         bearer: set[str] | None = None,
+        redirect: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.files = dict(files)
         self.fault_rate = fault_rate
@@ -113,6 +128,8 @@ class FaultyOrigin:
         self.latency = latency
         self.deny = dict(deny or {})
         self.bearer = bearer
+        self.redirect = dict(redirect or {})
+        self.tls = tls
         self.requests: list[Request] = []
         self.violations: list[str] = []
         self.connections = 0
@@ -133,13 +150,16 @@ class FaultyOrigin:
     @property
     def base(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
 
     def url(self, name: str) -> str:
         return f"{self.base}/{name}"
 
     def start(self) -> None:
         self._server = _Server(self)
+        if self.tls is not None:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
@@ -197,6 +217,9 @@ class FaultyOrigin:
         presented = handler.headers.get("Authorization", "").removeprefix("Bearer ")
         if self.bearer is not None and presented not in self.bearer:
             self._reply(handler, 403, {}, b"", head)
+            return
+        if path in self.redirect:
+            self._reply(handler, 302, {"Location": f"/{self.redirect[path]}"}, b"", head)
             return
         if data is None or path in self.deny:
             self._reply(handler, self.deny.get(path, 404), {}, b"", head)

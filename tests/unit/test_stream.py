@@ -9,8 +9,10 @@ import mmap
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -20,7 +22,7 @@ from datalakefs.cache import store as store_module
 from datalakefs.cache import writer as writer_module
 from datalakefs.cache.layout import FileKey
 from datalakefs.cache.store import BlockCache
-from datalakefs.cache.writer import ResidentBytes
+from datalakefs.cache.writer import BlockWriter, ResidentBytes
 from datalakefs.config import Config
 from datalakefs.daemon import stream_content
 from datalakefs.errors import AccessDeniedError, TransferError
@@ -86,8 +88,20 @@ async def test_a_read_continues_a_stream_only_if_it_starts_exactly_where_the_las
 
 
 @pytest.mark.parametrize(("size", "inline"), [(549, True), (INLINE_TRANSFER_MAX, True), (2 * BS, False)])
-async def test_a_small_file_is_fetched_and_cached_on_the_trio_thread(tmp_path: Path, size: int, inline: bool) -> None:
-    """A whole small file needs no thread hop (the trio client's GET); a larger one goes to aiohttp."""
+async def test_a_small_file_is_fetched_and_cached_on_the_trio_thread(
+    tmp_path: Path, size: int, inline: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole small file needs no thread hop (the trio client's GET); a larger one goes to the
+    transport's asyncio thread."""
+    threads: set[str] = set()
+    for method in ("write", "received"):
+        original = getattr(BlockWriter, method)
+
+        def recording(self: BlockWriter, offset: int, data: object, original: Any = original) -> None:
+            threads.add(threading.current_thread().name)
+            original(self, offset, data)
+
+        monkeypatch.setattr(BlockWriter, method, recording)
     data = payload(size, seed=3)
     info = info_of("small", data)
     with FaultyOrigin({"small": data}) as origin:
@@ -96,8 +110,7 @@ async def test_a_small_file_is_fetched_and_cached_on_the_trio_thread(tmp_path: P
             assert await read_all(reader) == data
             assert service.cached_bytes(info) == size
             assert service.statistics().verified_files == 1
-    agents = {request.headers.get("User-Agent", "") for request in origin.requests}
-    assert (agents == {"datalakefs"}) == inline, agents  # the trio client's; aiohttp names itself
+    assert threads == ({threading.current_thread().name} if inline else {"datalakefs-aio"})
     if inline:
         assert ranges(origin.gets()) == [(0, size)]  # one GET, however many reads
 

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 
 import pytest
 import trio
 
 from datalakefs.transport.aio_bridge import AioBridge, TransportClosedError
-
-
-@pytest.fixture
-def bridge() -> Iterator[AioBridge]:
-    with AioBridge() as started:
-        yield started
 
 
 async def test_run_returns_the_coroutine_result_computed_on_the_loop_thread(bridge: AioBridge) -> None:

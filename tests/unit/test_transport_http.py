@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import pytest
 from aiohttp.streams import StreamReader
@@ -12,7 +12,7 @@ from aiohttp.streams import StreamReader
 from datalakefs.transport.aio_bridge import AioBridge
 from datalakefs.transport.deadlines import Deadline
 from datalakefs.transport.http import FailureKind, HttpTransport, NoAuth, RangeReadError, redact_url
-from tests.faults.origin import FaultyOrigin
+from tests.faults.origin import FAULT_KINDS, FaultyOrigin
 
 DATA = random.Random(7).randbytes(3 * 1024 * 1024 + 17)
 
@@ -34,12 +34,6 @@ class Sink:
         self.closed += 1
 
 
-@pytest.fixture
-def bridge() -> Iterator[AioBridge]:
-    with AioBridge() as started:
-        yield started
-
-
 def origin(**options: object) -> FaultyOrigin:
     return FaultyOrigin({"f": DATA, "small": b"0123456789abcde"}, **options)  # type: ignore[arg-type]
 
@@ -55,16 +49,7 @@ async def test_closed_range_is_written_at_its_offsets(bridge: AioBridge, start: 
     assert server.violations == []
 
 
-@pytest.mark.parametrize(
-    ("fault", "kinds"),
-    [
-        ("status", {FailureKind.SERVER_ERROR}),
-        ("stall", {FailureKind.TIMEOUT}),
-        ("reset", {FailureKind.CONNECTION, FailureKind.SHORT_BODY}),
-        ("short", {FailureKind.SHORT_BODY}),
-        ("range", {FailureKind.BAD_REPLY}),
-    ],
-)
+@pytest.mark.parametrize(("fault", "kinds"), FAULT_KINDS)
 async def test_each_fault_is_an_error_not_data(bridge: AioBridge, fault: str, kinds: set[FailureKind]) -> None:
     with origin(fault_rate=1.0, faults=[fault], stall=5.0) as server:
         sink = Sink(1000)
@@ -193,7 +178,7 @@ async def test_a_trickling_server_is_abandoned_at_the_deadline_and_the_next_tran
     assert bytes(after.data) == DATA[:1024]
 
 
-async def test_each_received_chunk_reaches_the_sink_without_being_joined_to_others(
+async def test_through_aiohttp_each_received_chunk_reaches_the_sink_without_being_joined_to_others(
     bridge: AioBridge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     received: list[int] = []
@@ -218,8 +203,8 @@ async def test_each_received_chunk_reaches_the_sink_without_being_joined_to_othe
             super().write(offset, data)
             self.writes.append(len(data))
 
-    with origin() as server:
+    with origin(redirect={"moved": "f"}) as server:  # a redirect: aiohttp's path, which follows it
         sink = SlowFirstWrite(0)
-        await HttpTransport(bridge).fetch(server.url("f"), 0, len(DATA), len(DATA), sink)
+        await HttpTransport(bridge).fetch(server.url("moved"), 0, len(DATA), len(DATA), sink)
     assert bytes(sink.data) == DATA
     assert sink.writes == received  # one write per chunk received, none joined

@@ -8,7 +8,7 @@ import trio
 from datalakefs.transport.deadlines import Deadline
 from datalakefs.transport.http import FailureKind, RangeReadError
 from datalakefs.transport.trio_http import TrioRangeClient
-from tests.faults.origin import FaultyOrigin
+from tests.faults.origin import FAULT_KINDS, FaultyOrigin
 from tests.unit.test_transport_http import DATA, Auth, Sink, origin
 
 
@@ -25,16 +25,7 @@ async def test_closed_range_is_written_at_its_offsets(start: int, length: int) -
     assert server.violations == []
 
 
-@pytest.mark.parametrize(
-    ("fault", "kinds"),
-    [
-        ("status", {FailureKind.SERVER_ERROR}),
-        ("stall", {FailureKind.TIMEOUT}),
-        ("reset", {FailureKind.CONNECTION, FailureKind.SHORT_BODY}),
-        ("short", {FailureKind.SHORT_BODY}),
-        ("range", {FailureKind.BAD_REPLY}),
-    ],
-)
+@pytest.mark.parametrize(("fault", "kinds"), FAULT_KINDS)
 async def test_each_fault_is_an_error_not_data(fault: str, kinds: set[FailureKind]) -> None:
     client = TrioRangeClient(stall_timeout=0.3)
     with origin(fault_rate=1.0, faults=[fault], stall=5.0) as server:

@@ -38,9 +38,10 @@ and no await.
 * Missing consecutive blocks are fetched with one closed-range GET per ``max_request`` bytes (64 MiB:
   measured here against a local XrdHttp, one GET per stretch beat 16 MiB pieces, 918 vs 764 MB/s and
   1.29 vs 1.45 CPU s/GiB, as the transport notes predicted for aiohttp). The body
-  is written to the cache's data file on the transport's thread; trio is woken once per landed block (with
-  ``TrioToken.run_sync_soon``) to commit it to the cache and wake its waiters, so a reader needing the
-  first block of a 32 MiB request does not wait for the rest.
+  is written to the cache's data file on the transport's thread; trio is woken (``TrioToken.run_sync_soon``)
+  to commit a landed block to the cache and wake its waiters only when a reader waits for it, so a reader
+  needing the first block of a 32 MiB request does not wait for the rest; the other landed blocks are
+  committed when trio next looks (a reader missing a block, a transfer returning: ``LandingHandoff``).
 * Block transfers run in the service's nursery, not in the readers' tasks: an interrupted reader does
   not cancel a transfer that others wait for.
 

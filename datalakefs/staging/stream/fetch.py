@@ -76,13 +76,15 @@ class StreamStatistics:
 
 
 class _Pending:
-    """A block on its way; ``error`` is set when its transfer gave up."""
+    """A block on its way; ``error`` is set when its transfer gave up. ``awaited``: a reader waits for
+    it (read and written under the :class:`LandingHandoff`'s lock)."""
 
-    __slots__ = ("error", "event")
+    __slots__ = ("awaited", "error", "event")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.error: DatalakeError | None = None
+        self.awaited = False
 
 
 class _Piece:
@@ -98,7 +100,7 @@ class _Piece:
         self.event = trio.Event()
         self.error: DatalakeError | None = None
 
-    def write(self, offset: int, data: bytes) -> None:  # RangeSink, on the transport thread
+    def write(self, offset: int, data: bytes | memoryview) -> None:  # RangeSink, on the transport thread
         at = offset - self.start
         self.data[at : at + len(data)] = data
 
@@ -155,11 +157,15 @@ def _release(block: memoryview | ResidentBytes | None) -> None:
 
 
 class LandingHandoff:
-    """Calls from the transport's thread (one per landed block) run on the trio thread, in batches.
+    """Landed blocks, handed from the transport's thread to the trio thread.
 
     Trio is woken (one ``run_sync_soon``: a write to its wakeup socket and a pass of its loop) only
-    when the queue goes from empty to not empty: blocks that land before trio took the last ones join
-    that wake-up instead of each paying their own. Thread-safe; the calls must never raise."""
+    for a block a reader waits for, and only if it was not woken already; the other blocks wait in the
+    queue and land with that wake-up, or when the trio thread takes the queue itself (:meth:`flush`:
+    a reader missing a block, a transfer that returned). A reader about to wait marks its block
+    (:meth:`await_block`) under the same lock as the transport thread looks at the mark, and takes the
+    queue then, so a block landed just before is never left behind. Thread-safe; the calls must
+    never raise."""
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
@@ -167,16 +173,26 @@ class LandingHandoff:
         self._queue: list[Callable[[], None]] = []
         self._woken = False
 
-    def put(self, call: Callable[[], None]) -> None:
+    def put(self, call: Callable[[], None], pending: _Pending | None) -> None:
+        """From the transport's thread: ``call`` lands the block ``pending`` stands for (None: nobody
+        can be waiting for it any more)."""
         with self._lock:
             self._queue.append(call)
-            if self._woken:
+            if self._woken or pending is None or not pending.awaited:
                 return
             self._woken = True
         with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(self._drain)
+            self._token.run_sync_soon(self.flush)
 
-    def _drain(self) -> None:
+    def await_block(self, pending: _Pending) -> None:
+        """On the trio thread, before waiting for ``pending``: its landing wakes trio from now on,
+        and every block landed before is landed now."""
+        with self._lock:
+            pending.awaited = True
+        self.flush()
+
+    def flush(self) -> None:
+        """On the trio thread: land every block queued."""
         with self._lock:
             batch, self._queue, self._woken = self._queue, [], False
         for call in batch:
@@ -278,6 +294,9 @@ class StreamService:
     async def read_block(self, reader: StreamReader, index: int, start: int, length: int) -> ReadBuffer:
         """``length`` bytes at ``start`` of block ``index``: from the cache, else once it arrived."""
         data = self._read_block(reader.key, index, start, length)
+        if data is None and self._handoff is not None and (reader.key.digest, index) in self._pending:
+            self._handoff.flush()  # it may have landed without waking trio (nobody waited for it)
+            data = self._read_block(reader.key, index, start, length)
         if data is not None:
             self._hits += 1
             return data
@@ -340,6 +359,8 @@ class StreamService:
                 self.request(reader, index, index + 1)
                 pending = self._pending.get(slot)
             if pending is not None:
+                if self._handoff is not None:
+                    self._handoff.await_block(pending)
                 await pending.event.wait()
                 if pending.error is not None:
                     raise _fresh(pending.error)
@@ -497,7 +518,12 @@ class StreamService:
             transport, on_block = quick, functools.partial(self._landed, run)
         else:
             transport, on_block = self._transport, self._landed_elsewhere(run)
-        await transport.fetch(candidate.url, start, length, key.size, self.cache.writer(key, first, end, on_block))
+        try:
+            await transport.fetch(candidate.url, start, length, key.size,
+                                  self.cache.writer(key, first, end, on_block))
+        finally:
+            if self._handoff is not None:
+                self._handoff.flush()  # what is left of the run is known once its landed blocks landed
         return None if run.remaining() is None else "some blocks could not be stored locally"
 
     def _landed_elsewhere(self, run: _Run) -> Callable[[LandedBlock], None]:
@@ -506,7 +532,9 @@ class StreamService:
         assert handoff is not None
 
         def on_block(landed: LandedBlock) -> None:
-            handoff.put(functools.partial(self._landed, run, landed))
+            # run.pending is the trio thread's; one dict lookup is atomic under the GIL, and the entry,
+            # if any, stays until this block's landing removes it on the trio thread
+            handoff.put(functools.partial(self._landed, run, landed), run.pending.get(landed.index))
 
         return on_block
 
