@@ -25,6 +25,7 @@ already there costs no pass, and a random 4 KiB read pays one: the wait for its 
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -45,6 +46,20 @@ from datalakefs.transport.http import (
 
 _MAX_HEAD = 64 << 10
 _RECEIVE = 256 << 10
+
+
+@functools.lru_cache(maxsize=1024)
+def _where(url: str) -> tuple[tuple[str, int], str, str] | None:
+    """(address, Host header, request target) of a URL this client takes, else None; a random reader
+    asks for the same URL each time (the hostname and port of a split URL are parsed anew per access)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or "@" in parts.netloc or parts.hostname is None:
+        return None
+    try:
+        port = parts.port or 80
+    except ValueError:  # not a port number: aiohttp's to report
+        return None
+    return (parts.hostname, port), parts.netloc, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 class _StaleConnection(Exception):
@@ -85,8 +100,7 @@ class TrioRangeClient:
 
     @staticmethod
     def supports(url: str) -> bool:
-        parts = urlsplit(url)
-        return parts.scheme == "http" and "@" not in parts.netloc and parts.hostname is not None
+        return _where(url) is not None
 
     async def fetch(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
         """Read bytes ``[start, start+length)`` of a ``total``-byte file at ``url`` into ``sink``."""
@@ -109,10 +123,10 @@ class TrioRangeClient:
             sink.close()
 
     async def _get(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
-        parts = urlsplit(url)
-        address = (parts.hostname or "", parts.port or 80)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        request = self._request(url, parts.netloc, target, start, start + length - 1)
+        where = _where(url)
+        assert where is not None  # fetch() took the URL
+        address, host, target = where
+        request = self._request(url, host, target, start, start + length - 1)
         pooled = self._idle.get(address)
         if pooled:
             try:
@@ -163,11 +177,10 @@ class TrioRangeClient:
 
     async def _wait(self, wait: Callable[[socket.socket], Coroutine[Any, Any, None]], connection: _Connection,
                     url: str) -> None:
-        try:
-            with trio.fail_after(self._stall):
-                await wait(connection.sock)
-        except trio.TooSlowError:
-            raise RangeReadError(FailureKind.TIMEOUT, url, f"no data for {self._stall:g} s") from None
+        with trio.move_on_after(self._stall) as stalled:  # a bare scope: fail_after adds a generator per wait
+            await wait(connection.sock)
+        if stalled.cancelled_caught:
+            raise RangeReadError(FailureKind.TIMEOUT, url, f"no data for {self._stall:g} s")
 
     async def _exchange(
         self,

@@ -108,6 +108,7 @@ def test_only_plain_http_without_credentials_is_taken() -> None:
     assert not TrioRangeClient.supports("https://127.0.0.1:1/a")
     assert not TrioRangeClient.supports("http://user:pw@127.0.0.1:1/a")
     assert not TrioRangeClient.supports("root://127.0.0.1:1//a")
+    assert not TrioRangeClient.supports("http://127.0.0.1:port/a")  # aiohttp reports the bad URL
 
 
 async def test_a_cancelled_transfer_leaves_no_connection_behind() -> None:
