@@ -38,7 +38,7 @@ import shutil
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -391,6 +391,36 @@ class BlockCache:
         self._keep_fd(slot, fd)
         return fd
 
+    async def page_in(self, keys: Sequence[FileKey]) -> int:
+        """Open the data files of those ``keys`` that are whole in the cache, in one worker thread, and ask
+        the kernel to read their first block into memory (``POSIX_FADV_WILLNEED``, which returns at
+        once); their fds join the kept ones. Returns how many were opened.
+
+        For a reader going through a directory of small cached files (listing-order prefetch): opening
+        a data file and reading it from the disk would otherwise happen on the trio thread while the
+        reader waits, one file after the other. A file dropped, replaced or cleared meanwhile is left
+        alone (its fd is closed)."""
+        wanted = []
+        for key in keys:
+            file = self._files.get(key.digest)
+            if file is not None and len(file.blocks) == file.n_blocks and (key.digest, _DATA) not in self._fds:
+                wanted.append(file)
+        if not wanted:
+            return 0
+        paths = [(file.stem + DATA_SUFFIX, min(file.key.size, self.block_size)) for file in wanted]
+        opened = await trio.to_thread.run_sync(_open_ahead, paths)
+        kept = 0
+        for file, (fd, inode) in zip(wanted, opened, strict=True):
+            slot = (file.key.digest, _DATA)
+            if fd < 0:
+                continue
+            if self._files.get(file.key.digest) is file and inode == file.inode and slot not in self._fds:
+                self._keep_fd(slot, fd)
+                kept += 1
+            else:
+                os.close(fd)
+        return kept
+
     def _keep_fd(self, slot: tuple[str, int], fd: int) -> None:
         self._fds[slot] = fd
         if len(self._fds) > 2 * self._max_open:
@@ -701,6 +731,25 @@ def _write_all(fd: int, data: bytes) -> None:
         if written <= 0:
             raise OSError("short write")
         view = view[written:]
+
+
+def _open_ahead(paths: list[tuple[str, int]]) -> list[tuple[int, int]]:
+    """For each (data file, length): its fd and inode, the kernel asked to read ``length`` bytes of it
+    ahead; (-1, 0) when it cannot be opened. On a worker thread."""
+    opened = []
+    for path, length in paths:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            opened.append((-1, 0))
+            continue
+        try:
+            os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
+            opened.append((fd, os.fstat(fd).st_ino))
+        except OSError:
+            os.close(fd)
+            opened.append((-1, 0))
+    return opened
 
 
 def _is_real_directory(path: str) -> bool:

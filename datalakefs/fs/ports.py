@@ -6,6 +6,7 @@ staging, or the hybrid of both) without knowing which one it is; the composition
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from datalakefs.model import DIDInfo, ReadBuffer
@@ -43,9 +44,19 @@ class FileContent(Protocol):
         ...
 
 class Warm(Protocol):
+    def warmed(self, info: DIDInfo) -> bool:
+        """Whether :meth:`warm` has nothing to do: the file is whole in the local cache, or the policy
+        reads it from elsewhere."""
+        ...
+
     async def warm(self, info: DIDInfo) -> None:
         """Fetch the whole file into the local cache ahead of a reader (nothing when it is there, or
         when the policy reads it from elsewhere)."""
+        ...
+
+    async def page_in(self, infos: Sequence[DIDInfo]) -> None:
+        """Have those of ``infos`` that are in the local cache read from its disk into memory ahead of
+        a reader, all at once (nothing for the others)."""
         ...
 
 

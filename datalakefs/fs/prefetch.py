@@ -57,6 +57,7 @@ class _Stream:
     last: int
     streak: int = 0
     ahead: int = -1  # the last index handed to a fetch
+    paged: int = -1  # the last index handed to a page-in
     in_flight: dict[int, trio.CancelScope] = field(default_factory=dict)  # index -> its fetch's scope
 
 
@@ -121,7 +122,7 @@ class ListingPrefetch:
             self._fill(state, stream)
 
     def statistics(self) -> dict[str, Any]:
-        counts = {key: self.counters[key] for key in ("started", "done", "failed", "cancelled")}
+        counts = {key: self.counters[key] for key in ("started", "done", "failed", "cancelled", "paged_in")}
         return {**counts, "in_flight": sum(len(s.in_flight) for d in self._directories.values() for s in d.streams)}
 
     def _drop_streams(self, state: _Directory, count: int) -> None:
@@ -139,14 +140,37 @@ class ListingPrefetch:
         end = min(len(state.listed), stream.last + 1 + self._max_files)
         for index in range(max(stream.ahead, stream.last) + 1, end):
             info = state.listed[index]
-            if info.type is DIDType.FILE and info.size and info.size <= self._max_bytes:
-                if state.bytes_in_flight() + info.size > self._max_bytes:
-                    return  # the next open moves the window on
-                scope = stream.in_flight[index] = trio.CancelScope()
-                self.counters["started"] += 1
-                self._background.start_soon(self._fetch, stream, scope, index, info)
             # a bigger file is streamed by the reader's own read-ahead, never fetched whole ahead of it
+            if self._eligible(info):
+                if self._content.warmed(info):
+                    if index > stream.paged:
+                        self._page_in(state, stream, index)
+                elif state.bytes_in_flight() + (info.size or 0) > self._max_bytes:
+                    return  # the next open moves the window on
+                else:
+                    scope = stream.in_flight[index] = trio.CancelScope()
+                    self.counters["started"] += 1
+                    self._background.start_soon(self._fetch, stream, scope, index, info)
             stream.ahead = index
+
+    def _eligible(self, info: DIDInfo) -> bool:
+        return info.type is DIDType.FILE and 0 < (info.size or 0) <= self._max_bytes
+
+    def _page_in(self, state: _Directory, stream: _Stream, index: int) -> None:
+        """Have the cached files among the window's worth from ``index`` on read into memory, in one
+        page-in: the window reaches a cached file once per window's worth, not per open."""
+        end = min(len(state.listed), index + self._max_files)
+        batch = [info for info in state.listed[index:end] if self._eligible(info) and self._content.warmed(info)]
+        stream.paged = end - 1
+        if batch:
+            self.counters["paged_in"] += len(batch)
+            self._background.start_soon(self._page_in_batch, batch)
+
+    async def _page_in_batch(self, batch: list[DIDInfo]) -> None:
+        try:
+            await self._content.page_in(batch)
+        except Exception as exc:  # the reader reads them from the disk itself; the background must not fail
+            log.debug("page-in of %d files failed: %s", len(batch), exc)
 
     async def _fetch(self, stream: _Stream, scope: trio.CancelScope, index: int, info: DIDInfo) -> None:
         try:

@@ -175,11 +175,20 @@ class StagingContent:
         replicas = tuple(Replica(replica.rse, pfn) for pfn in replica.pfns)
         return self._stream.open_replicas(FileReplicas(info, replicas))
 
+    def warmed(self, info: DIDInfo) -> bool:
+        """Whether :meth:`warm` has nothing to fetch: the file is cached, or the policy is not stream."""
+        return self._config.staging != "stream" or self._stream.warmed(info)
+
     async def warm(self, info: DIDInfo) -> None:
         """Prefetch into the block cache in stream mode; the staging modes read from their rule's
         replica, which a prefetch must not create."""
         if self._config.staging == "stream":
             await self._stream.warm(info)
+
+    async def page_in(self, infos: Sequence[DIDInfo]) -> None:
+        """Cached files read from the local disk into memory ahead of their reader (stream mode)."""
+        if self._config.staging == "stream":
+            await self._stream.page_in(infos)
 
     async def _streamable(self, info: DIDInfo) -> bool:
         found = await self._catalogue.list_replicas([info.did])

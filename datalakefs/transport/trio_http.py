@@ -1,12 +1,13 @@
 """Small closed-range GETs on the trio thread, over plain HTTP/1.1 keep-alive connections.
 
-Why: a piece read (a few KiB for a random ``pread``) through aiohttp on its asyncio thread pays two
-cross-thread wake-ups and aiohttp's per-request work, several times the network's own latency on a
-local link. Trio sockets answer it on the thread that serves FUSE. Bulk transfers stay with
-:class:`~datalakefs.transport.http.HttpTransport` (aiohttp), and so does any URL this client does not
-take (:meth:`TrioRangeClient.supports`: only ``http://`` without user info; TLS, proxies, redirects and
-credentials in URLs are aiohttp's). Requests carry the same :class:`~datalakefs.transport.http.RequestAuth`
-headers as bulk transfers, and a refusal (401/403) renews the credentials once, as there.
+Why: a piece read (a few KiB for a random ``pread``) through the asyncio thread pays two cross-thread
+wake-ups and the bulk client's per-request work, several times the network's own latency on a local
+link. Trio sockets answer it on the thread that serves FUSE. Bulk transfers stay with
+:class:`~datalakefs.transport.http.HttpTransport` (its bulk client, or aiohttp), and so does any URL this
+client does not take (:meth:`TrioRangeClient.supports`: only ``http://`` without user info; TLS, proxies,
+redirects and credentials in URLs are the transport's). Requests carry the same
+:class:`~datalakefs.transport.http.RequestAuth` headers as bulk transfers, and a refusal (401/403) renews
+the credentials once, as there.
 
 The contract of :meth:`TrioRangeClient.fetch` is :meth:`HttpTransport.fetch`'s: only a closed, in-bounds
 range is sent; the reply head is checked by :func:`~datalakefs.transport.http.check_reply`; the body must
@@ -15,12 +16,21 @@ have exactly ``Content-Length`` = ``length`` bytes (no chunked encoding); every 
 timeout, and so is a fetch not done within its ``deadline``; failures raise ``RangeReadError``. A
 connection goes back to the pool only after a complete, clean exchange; a pooled connection the server
 closed meanwhile is replaced once, transparently.
+
+A connection is a plain non-blocking socket: the request is sent and the reply received at once, and the
+task waits for the socket (``trio.lowlevel.wait_writable``/``wait_readable``) only when the kernel has
+nothing to give (``EAGAIN``). A trio stream instead pays a pass of the scheduler (an ``epoll_wait``) for
+every send or receive that succeeds, which on a local link costs more than the GET itself; so a reply
+already there costs no pass, and a random 4 KiB read pays one: the wait for its reply.
 """
 
 from __future__ import annotations
 
 import functools
-from urllib.parse import urlsplit
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 import trio
 
@@ -39,12 +49,31 @@ from datalakefs.transport.http1 import (
 _RECEIVE = 256 << 10
 
 
-class _Connection:
-    __slots__ = ("buffer", "stream")
+@functools.lru_cache(maxsize=1024)
+def _where(url: str) -> tuple[SplitResult, tuple[str, int]] | None:
+    """The split URL and the address of a URL this client takes, else None; a random reader asks for
+    the same URL each time (the hostname and port of a split URL are parsed anew per access)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or "@" in parts.netloc or parts.hostname is None:
+        return None
+    try:
+        port = parts.port or 80
+    except ValueError:  # not a port number: aiohttp's to report
+        return None
+    return parts, (parts.hostname, port)
 
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
+
+class _Connection:
+    __slots__ = ("buffer", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
         self.buffer = bytearray()
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
 
 
 class TrioRangeClient:
@@ -67,8 +96,7 @@ class TrioRangeClient:
 
     @staticmethod
     def supports(url: str) -> bool:
-        parts = urlsplit(url)
-        return parts.scheme == "http" and "@" not in parts.netloc and parts.hostname is not None
+        return _where(url) is not None
 
     async def fetch(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
         """Read bytes ``[start, start+length)`` of a ``total``-byte file at ``url`` into ``sink``."""
@@ -91,29 +119,46 @@ class TrioRangeClient:
             sink.close()
 
     async def _get(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
-        parts = urlsplit(url)
-        address = (parts.hostname or "", parts.port or 80)
+        where = _where(url)
+        assert where is not None  # fetch() took the URL
+        parts, address = where
         get = RangeGet(url, start, length, total, sink)
         exchange = functools.partial(self._exchange, address, get, get.request(parts, self._auth.headers(url)))
         await exchange_once(self._idle.take(address), functools.partial(self._open, address, url), exchange, url)
 
     async def aclose(self) -> None:
         for connection in self._idle.drain():
-            await trio.aclose_forcefully(connection.stream)
+            connection.close()
 
     async def _open(self, address: tuple[str, int], url: str) -> _Connection:
         try:
             with trio.fail_after(self._connect):
-                return _Connection(await trio.open_tcp_stream(*address))
+                stream = await trio.open_tcp_stream(*address)  # name resolution, happy eyeballs, TCP_NODELAY
         except (OSError, trio.TooSlowError) as exc:
             raise RangeReadError(FailureKind.CONNECTION, url, str(exc) or repr(exc)) from None
+        return _Connection(socket.socket(fileno=stream.socket.detach()))
+
+    async def _send(self, connection: _Connection, url: str, request: bytes) -> None:
+        view = memoryview(request)
+        while view:
+            try:
+                view = view[connection.sock.send(view):]
+            except BlockingIOError:
+                await self._wait(trio.lowlevel.wait_writable, connection, url)
 
     async def _receive(self, connection: _Connection, url: str) -> bytes:
-        try:
-            with trio.fail_after(self._stall):
-                return await connection.stream.receive_some(_RECEIVE)
-        except trio.TooSlowError:
-            raise RangeReadError(FailureKind.TIMEOUT, url, f"no data for {self._stall:g} s") from None
+        while True:
+            try:
+                return connection.sock.recv(_RECEIVE)
+            except BlockingIOError:
+                await self._wait(trio.lowlevel.wait_readable, connection, url)
+
+    async def _wait(self, wait: Callable[[socket.socket], Coroutine[Any, Any, None]], connection: _Connection,
+                    url: str) -> None:
+        with trio.move_on_after(self._stall) as stalled:  # a bare scope: fail_after adds a generator per wait
+            await wait(connection.sock)
+        if stalled.cancelled_caught:
+            raise RangeReadError(FailureKind.TIMEOUT, url, f"no data for {self._stall:g} s")
 
     async def _exchange(
         self, address: tuple[str, int], get: RangeGet, request: bytes, connection: _Connection, reused: bool
@@ -121,9 +166,9 @@ class TrioRangeClient:
         clean = False
         try:
             try:
-                await connection.stream.send_all(request)
+                await self._send(connection, get.url, request)
                 head = await self._read_head(connection, get.url, reused)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            except OSError as exc:
                 if reused:
                     raise StaleConnection from None
                 raise RangeReadError(FailureKind.CONNECTION, get.url, str(exc) or repr(exc)) from None
@@ -132,7 +177,7 @@ class TrioRangeClient:
             clean = head.keep_alive and not connection.buffer
         finally:
             if not (clean and self._idle.give(address, connection)):
-                await trio.aclose_forcefully(connection.stream)
+                connection.close()
 
     async def _read_head(self, connection: _Connection, url: str, reused: bool) -> Head:
         buffer = connection.buffer
@@ -156,7 +201,7 @@ class TrioRangeClient:
             else:
                 try:
                     chunk = await self._receive(connection, url)
-                except (OSError, trio.BrokenResourceError) as exc:
+                except OSError as exc:
                     raise RangeReadError(FailureKind.SHORT_BODY, url,
                                          f"body ended after {pos - start} of {length} bytes ({exc!r})") from None
                 if not chunk:

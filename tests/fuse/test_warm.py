@@ -1,4 +1,5 @@
-"""A dataset read again from a warm block cache, on a fresh mount: no catalogue call, no GET."""
+"""A dataset read again from a warm block cache, on a fresh mount: no catalogue call, no GET, the next
+files paged in from the cache's disk ahead of the reader."""
 
 from __future__ import annotations
 
@@ -41,3 +42,7 @@ def test_a_warm_read_of_a_dataset_asks_neither_the_catalogue_nor_the_storage(
     assert read["catalogue"]["calls"] == listed["catalogue"]["calls"]
     assert read["content"]["requests"] == 0
     assert read["content"]["hits"] - listed["content"]["hits"] >= len(plan.files)
+    # the files ahead of the reader were read from the cache's disk in the background (one batch per
+    # window), and none was handed to a fetch
+    assert read["prefetch"]["paged_in"] >= len(plan.files) - 2
+    assert read["prefetch"]["started"] == listed["prefetch"]["started"]

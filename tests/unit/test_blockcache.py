@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -646,3 +647,70 @@ def test_shrink_frees_a_fraction(tmp_path: Path) -> None:
 def test_block_size_must_be_whole_mebibytes_up_to_32(tmp_path: Path, size: int) -> None:
     with pytest.raises(ConfigError, match="block_size"):
         BlockCache(tmp_path, capacity=1 << 30, block_size=size)
+
+
+def _small_files(cache: BlockCache, count: int) -> list[tuple[FileKey, bytes]]:
+    files = []
+    for i in range(count):
+        data = random.Random(i).randbytes(549 + i)
+        key = key_of(data, name=f"small-{i}")
+        put(cache, key, data, 0, 1)
+        files.append((key, data))
+    return files
+
+
+async def test_page_in_opens_cached_files_ahead_so_their_reads_open_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = new_cache(tmp_path)
+    small = _small_files(cache, 3)
+    partial = key_of(DATA, name="partial")
+    put(cache, partial, DATA, 0, 2)  # 2 of its 6 blocks: not whole, not paged in
+    cache.close()
+    cache = new_cache(tmp_path)  # a restarted daemon: no fd kept
+    advised: list[tuple[int, int]] = []
+    real_fadvise = os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((length, advice))
+        real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    absent = key_of(b"never cached", name="absent")
+    assert await cache.page_in([key for key, _ in small] + [partial, absent]) == 3
+    assert advised == [(len(data), os.POSIX_FADV_WILLNEED) for _, data in small]
+    assert await cache.page_in([key for key, _ in small]) == 0  # kept already: nothing opened twice
+    opened: list[str] = []
+    real_open = os.open
+
+    def spy_open(path: str, flags: int, mode: int = 0o777) -> int:
+        opened.append(path)
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    for key, data in small:
+        assert cache.read(key, 0, 0, len(data)) == data
+    assert opened == []
+    cache.close()
+
+
+async def test_page_in_closes_what_it_opened_for_files_dropped_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = new_cache(tmp_path)
+    small = _small_files(cache, 3)
+    cache.close()
+    cache = new_cache(tmp_path)
+    real_open_ahead = store_module._open_ahead
+
+    def open_then_evict(paths: list[tuple[str, int]]) -> list[tuple[int, int]]:
+        opened = real_open_ahead(paths)
+        trio.from_thread.run_sync(cache.shrink, 1.0)  # every block evicted while the thread ran
+        return opened
+
+    monkeypatch.setattr(store_module, "_open_ahead", open_then_evict)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    assert await cache.page_in([key for key, _ in small]) == 0
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert all(cache.read(key, 0, 0, 10) is None for key, _ in small)
+    cache.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import trio
 import trio.testing
 
@@ -16,12 +18,21 @@ def listing(count: int, size: int = 100) -> tuple[DIDInfo, ...]:
 
 
 class SlowContent:
-    """Fetches that end only when the test says so; records which files were asked for and finished."""
+    """Fetches that end only when the test says so; records which files were asked for and finished,
+    and the batches of cached files paged in."""
 
-    def __init__(self) -> None:
+    def __init__(self, cached: frozenset[str] = frozenset()) -> None:
         self.asked: list[str] = []
         self.finished: list[str] = []
+        self.paged: list[list[str]] = []
+        self.cached = cached
         self.release = trio.Event()
+
+    def warmed(self, info: DIDInfo) -> bool:
+        return info.did.name in self.cached
+
+    async def page_in(self, infos: Sequence[DIDInfo]) -> None:
+        self.paged.append([info.did.name for info in infos])
 
     async def warm(self, info: DIDInfo) -> None:
         self.asked.append(info.did.name)
@@ -45,7 +56,8 @@ async def test_a_reader_in_listing_order_gets_the_next_files_fetched_ahead() -> 
         assert content.asked[4:] == ["f0016"]  # the window moved on by one, nothing asked twice
         content.release.set()
         await trio.testing.wait_all_tasks_blocked()
-        assert prefetch.statistics() == {"started": 5, "done": 5, "failed": 0, "cancelled": 0, "in_flight": 0}
+        assert prefetch.statistics() == {"started": 5, "done": 5, "failed": 0, "cancelled": 0, "paged_in": 0,
+                                         "in_flight": 0}
         nursery.cancel_scope.cancel()
 
 
@@ -103,8 +115,14 @@ async def test_the_window_is_bounded_in_bytes_and_skips_big_files() -> None:
 
 async def test_a_failed_fetch_is_counted_and_nothing_runs_without_the_nursery() -> None:
     class Failing:
+        def warmed(self, info: DIDInfo) -> bool:
+            return False
+
         async def warm(self, info: DIDInfo) -> None:
             raise OSError("storage down")
+
+        async def page_in(self, infos: Sequence[DIDInfo]) -> None:
+            raise AssertionError("nothing is cached")
 
     files = listing(10)
     idle = ListingPrefetch(Failing(), max_files=4, max_bytes=1 << 20)
@@ -118,4 +136,23 @@ async def test_a_failed_fetch_is_counted_and_nothing_runs_without_the_nursery() 
             prefetch.opened(DIRECTORY, files[index], files)
         await trio.testing.wait_all_tasks_blocked()
         assert prefetch.statistics()["failed"] == 4
+        nursery.cancel_scope.cancel()
+
+
+async def test_cached_files_ahead_are_paged_in_a_window_at_a_time_and_never_fetched() -> None:
+    files = listing(40)
+    content = SlowContent(cached=frozenset(f.did.name for f in files) - {"f0005"})
+    prefetch = ListingPrefetch(content, max_files=4, max_bytes=1 << 20)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(prefetch.run)
+        for index in range(0, 10):
+            prefetch.opened(DIRECTORY, files[index], files)
+        await trio.testing.wait_all_tasks_blocked()
+        # one page-in per window's worth of files (not one per open), each ahead of the reader
+        assert sorted(content.paged) == [["f0002", "f0003", "f0004"], ["f0006", "f0007", "f0008", "f0009"],
+                                         ["f0010", "f0011", "f0012", "f0013"]]
+        assert content.asked == ["f0005"]  # only the file not cached is fetched
+        assert prefetch.statistics()["paged_in"] == 11
+        content.release.set()
+        await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import trio
 
@@ -97,6 +99,7 @@ def test_only_plain_http_without_credentials_is_taken() -> None:
     assert not TrioRangeClient.supports("https://127.0.0.1:1/a")
     assert not TrioRangeClient.supports("http://user:pw@127.0.0.1:1/a")
     assert not TrioRangeClient.supports("root://127.0.0.1:1//a")
+    assert not TrioRangeClient.supports("http://127.0.0.1:port/a")  # aiohttp reports the bad URL
 
 
 async def test_a_cancelled_transfer_leaves_no_connection_behind() -> None:
@@ -142,3 +145,71 @@ async def test_a_trickling_server_is_abandoned_at_the_deadline_and_the_next_piec
         await client.fetch(good.url("f"), 0, 1024, len(DATA), after)
         await client.aclose()
     assert bytes(after.data) == DATA[:1024]
+
+
+class _Rounds(trio.abc.Instrument):
+    """Counts the passes of the trio scheduler (each one waits for I/O: an ``epoll_wait``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.count += 1
+
+
+class _CannedServer:
+    """One connection; answers a request with ``reply`` when the test says so (``answer``), so the reply
+    can be waiting in the client's socket before the client even sends its request."""
+
+    def __init__(self, reply: bytes) -> None:
+        self._reply = reply
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/f"
+        self._connection: socket.socket | None = None
+        self.requests = 0
+
+    def answer(self) -> None:
+        """Accept the connection if need be, send one reply (blocking; in a thread)."""
+        if self._connection is None:
+            self._connection, _ = self._listener.accept()
+        self._connection.sendall(self._reply)
+
+    def read_request(self) -> None:
+        assert self._connection is not None
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += self._connection.recv(4096)
+        self.requests += 1
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+        self._listener.close()
+
+
+async def test_a_reply_already_there_costs_no_pass_of_the_scheduler() -> None:
+    body = DATA[:4096]
+    reply = (b"HTTP/1.1 206 Partial Content\r\nContent-Length: 4096\r\n"
+             + f"Content-Range: bytes 0-4095/{len(DATA)}\r\n\r\n".encode() + body)
+    server = _CannedServer(reply)
+    client = TrioRangeClient()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, server.answer)
+            sink = Sink(0)
+            await client.fetch(server.url, 0, 4096, len(DATA), sink)  # opens the pooled connection
+        await trio.to_thread.run_sync(server.read_request)
+        await trio.to_thread.run_sync(server.answer)  # the next reply is on its way before the request
+        rounds = _Rounds()
+        trio.lowlevel.add_instrument(rounds)
+        try:
+            again = Sink(0)
+            await client.fetch(server.url, 0, 4096, len(DATA), again)
+        finally:
+            trio.lowlevel.remove_instrument(rounds)
+        await trio.to_thread.run_sync(server.read_request)
+        await client.aclose()
+    finally:
+        server.close()
+    assert bytes(sink.data) == bytes(again.data) == body and server.requests == 2
+    assert rounds.count == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 import trio
@@ -76,16 +77,26 @@ class StreamContent:
 
         return self._running().open(info, locate)
 
+    def warmed(self, info: DIDInfo) -> bool:
+        """Whether the whole file is in the block cache: a warm has nothing to fetch."""
+        return self._serving and info.size is not None and self._service.cache.is_complete(FileKey.of(info))
+
     async def warm(self, info: DIDInfo) -> None:
         """Fetch the whole file into the block cache (listing-order prefetch) without building its bytes; a
         cached file costs nothing."""
-        if self._serving and info.size is not None and self._service.cache.is_complete(FileKey.of(info)):
+        if self.warmed(info):
             return
         reader = await self.open(info, nonblocking=False)
         try:
             await reader.fill()
         finally:
             await reader.close()
+
+    async def page_in(self, infos: Sequence[DIDInfo]) -> None:
+        """Have cached files read from the local disk into memory ahead of their reader
+        (:meth:`BlockCache.page_in`); files not cached are left alone."""
+        if self._serving:
+            await self._service.cache.page_in([FileKey.of(info) for info in infos if info.size is not None])
 
     def open_replicas(self, file: FileReplicas) -> StreamReader:
         """A reader of ``file`` from exactly the replicas given (rule staging: the staged one)."""
