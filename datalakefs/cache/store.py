@@ -121,6 +121,7 @@ class _File:
         "key",
         "live_journal_bytes",
         "n_blocks",
+        "punched",
         "stem",
         "touched",
         "verdict_journaled",
@@ -133,6 +134,7 @@ class _File:
         self.inode = inode
         self.n_blocks = block_count(key.size, block_size)
         self.blocks: dict[int, BlockRecord] = {}
+        self.punched: dict[int, int] = {}  # block index -> the cache's punch count when it was last punched
         self.cached_bytes = 0
         self.verified = False
         self.journal_bytes = 0  # size of the index file on disk (0: not written yet)
@@ -172,6 +174,7 @@ class BlockCache:
         self._can_punch = True
         self._direct_writes = False  # O_DIRECT for long transfers: only on a local disk's filesystem
         self._used = 0
+        self._punches = 0  # holes punched so far: a writer started before one may have lost bytes to it
         self._evictions = 0
         self._evicted_bytes = 0
         self._corrupt = 0
@@ -444,7 +447,7 @@ class BlockCache:
         already cached replaces it.
         """
         return BlockWriter(self._root, self.data_path(key), key, self.block_size, first, end, on_block,
-                           direct=self._direct_writes)
+                           direct=self._direct_writes, since=self._punches)
 
     def commit(self, key: FileKey, landed: LandedBlock) -> bool:
         """Journal a block the writer stored, making it readable; may evict other blocks.
@@ -471,6 +474,10 @@ class BlockCache:
                 self._discard(file)
             file = _File(key, file_stem(self._root, key.digest), self.block_size, inode)
         record = landed.record
+        if file.punched.get(record.index, 0) > landed.since and not self._stored_intact(file, record):
+            # The block was cached before and evicted while this transfer rewrote it: the hole punched
+            # for the old copy may have taken the new bytes (they read back as zeros).
+            return False
         try:
             if file.journal_bytes == 0:
                 first = block_record(key, self.block_size, record)
@@ -524,14 +531,15 @@ class BlockCache:
             return None
         finally:
             os.close(fd)
-        view = memoryview(data)
-        record = landed.record
-        pages = range(0, len(data), PAGE_SIZE)
-        if len(data) != record.length or any(
-            crc32(view[o : o + PAGE_SIZE]) != record.page_crc(o // PAGE_SIZE) for o in pages
-        ):
-            return None
-        return data
+        return data if _pages_intact(data, landed.record) else None
+
+    def _stored_intact(self, file: _File, record: BlockRecord) -> bool:
+        """Whether the data file holds ``record``'s block, every page as its checksum says."""
+        try:
+            data = os.pread(self._fd(file, _DATA), record.length, record.index * self.block_size)
+        except OSError:
+            return False
+        return _pages_intact(data, record)
 
     def _start_journal(self, file: _File, first: bytes) -> None:
         """Write ``file``'s journal anew: its header and ``first`` record in one write, on the fd the
@@ -627,6 +635,8 @@ class BlockCache:
                 file.verified = False
                 self._append(file, verified_record(False))
             self._append(file, drop_record(index))
+            self._punches += 1
+            file.punched[index] = self._punches
             if self._can_punch and not punch_hole(self._fd(file, _DATA), index * self.block_size, record.length):
                 self._can_punch = False
                 log.info("cache: the file system cannot punch holes; evicting whole files")
@@ -768,3 +778,11 @@ def _remove(path: str) -> None:
             os.unlink(path)
     except OSError:
         pass
+
+
+def _pages_intact(data: bytes, record: BlockRecord) -> bool:
+    """Whether ``data`` is ``record``'s whole block: its length and every page's CRC."""
+    view = memoryview(data)
+    return len(data) == record.length and all(
+        crc32(view[o : o + PAGE_SIZE]) == record.page_crc(o // PAGE_SIZE) for o in range(0, len(data), PAGE_SIZE)
+    )

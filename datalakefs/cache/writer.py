@@ -166,6 +166,7 @@ class LandedBlock:
     data: bytes | None = None
     errno: int = 0  # the local error that kept it out of the cache, when ``data`` is set
     resident: ResidentBytes | None = None
+    since: int = 0  # the cache's punch count when the transfer began (BlockCache.commit checks it)
 
     @property
     def index(self) -> int:
@@ -206,9 +207,11 @@ class BlockWriter:
         on_block: Callable[[LandedBlock], None],
         *,
         direct: bool = False,
+        since: int = 0,
     ) -> None:
         self._root = root
         self._direct = direct  # may write past the page cache (the cache is on a local disk)
+        self._since = since
         self._data_path = data_path
         self._key = key
         self._block_size = block_size
@@ -390,7 +393,7 @@ class BlockWriter:
         if block.mem is not None:
             self._on_block(LandedBlock(record, data=bytes(block.mem), errno=self._local_error))
         elif not block.lost:
-            self._on_block(LandedBlock(record, inode=self._inode))
+            self._on_block(LandedBlock(record, inode=self._inode, since=self._since))
 
     def _write_direct(self, block: _OpenBlock, record: BlockRecord, buffer: mmap.mmap) -> None:
         """On the disk thread: the block's whole pages past the page cache, an unaligned tail (the
@@ -416,7 +419,7 @@ class BlockWriter:
                 punch_hole(self._fd, block.offset, block.length)
         else:
             resident = ResidentBytes(buffer, block.length) if direct else None
-            landed = LandedBlock(record, inode=self._inode, resident=resident)
+            landed = LandedBlock(record, inode=self._inode, resident=resident, since=self._since)
         finally:
             view.release()
         if landed.resident is None:

@@ -484,7 +484,8 @@ def test_a_long_transfer_writes_whole_pages_past_the_page_cache_and_hands_its_bl
     cache, key, spy = _spied_cache(tmp_path, monkeypatch)
     landed = put(cache, key, DATA, 0, 6)
     monkeypatch.undo()
-    assert [b.resident[:] if b.resident else None for b in landed] == [DATA[i * BS : (i + 1) * BS] for i in range(6)]
+    held = [bytes(b.resident[:]) if b.resident else None for b in landed]
+    assert held == [DATA[i * BS : (i + 1) * BS] for i in range(6)]
     assert all(b.data is None for b in landed)
     # every whole page went O_DIRECT, aligned; only the last block's unaligned tail did not
     assert spy.direct_writes == [(i * BS, BS) for i in range(5)] + [(5 * BS, 4321 // 4096 * 4096)]
@@ -714,3 +715,26 @@ async def test_page_in_closes_what_it_opened_for_files_dropped_meanwhile(
     assert len(os.listdir("/proc/self/fd")) == fds_before
     assert all(cache.read(key, 0, 0, 10) is None for key, _ in small)
     cache.close()
+
+
+def test_a_block_evicted_while_its_rewrite_waits_for_its_commit_is_refused_not_cached_as_zeros(
+    tmp_path: Path,
+) -> None:
+    """A transfer rewrites blocks 0 and 1 of a cached file; committing block 0 evicts the old copy of
+    block 1 (least recently used), and the hole punched for it takes the rewritten bytes that wait for
+    their commit. The commit of block 1 must see that, not cache a block of zeros (found by the cache's
+    state machine: the block then read as corrupt)."""
+    cache = new_cache(tmp_path, capacity=4 * BS)  # evicts from 0.95 × 4 MiB down to 0.9 ×
+    first = DATA[: BS + 7]
+    key = key_of(first, "first")
+    other = random.Random(4).randbytes(3 * BS)
+    put(cache, key, first, 0, 2)
+    put(cache, key_of(other, "other"), other, 0, 3)  # the first file's block 0 is evicted
+    assert cache.has_block(key, 1) and not cache.has_block(key, 0)
+    landed = write(cache, key, first, 0, 2)
+    assert cache.commit(key, landed[0])  # evicts the old copy of block 1, the least recently used
+    assert not cache.has_block(key, 1)
+    assert not cache.commit(key, landed[1])
+    assert not cache.has_block(key, 1)
+    assert cache.statistics().corrupt_blocks == 0
+    assert cache.read(key, 0, 0, BS) == first[:BS]
