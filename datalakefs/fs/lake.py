@@ -112,18 +112,13 @@ class LakeTree:
         return True
 
     def attributes(self, node: Node) -> Attributes:
-        """Built once per node (a lake node never changes while it lives): ``ls -l`` of a large
-        directory spent most of its readdir time building them again."""
+        """A lake node's never change while it lives: readdir keeps what the FUSE layer builds from
+        them (fs/filesystem.py)."""
         inodes = self._ns.inodes
-        kept = inodes.derived(node.ino)
-        if isinstance(kept, Attributes):
-            return kept
         directory = None
         if node.info is not None and not node.info.created_at and node.parent in inodes:
             directory = inodes.get(node.parent).info
-        attributes = attributes_of(node, self._owner, self._start, directory)
-        inodes.keep_derived(node.ino, attributes)
-        return attributes
+        return attributes_of(node, self._owner, self._start, directory)
 
     async def lookup(self, parent: Node, name: str) -> Node:
         return await self._ns.lookup(parent, name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from types import TracebackType
 from typing import NoReturn
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 #: renameat2(2) flags (linux/fs.h)
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
+
+#: what ``os.fsencode`` encodes with, without its type checks per name
+_FS_ENCODING = sys.getfilesystemencoding()
 
 _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.EOPNOTSUPP, errno.EROFS, errno.EAGAIN})
 
@@ -123,11 +127,17 @@ class FuseOperations(pyfuse3.Operations):
             return pyfuse3.FileHandleT(await self._fs.opendir(inode))
 
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """Each entry's ``EntryAttributes`` is built once per node and kept by the filesystem
+        (``readdir_reply`` copies it into the reply); the kernel's references are counted once the
+        reply is full, for the entries it holds."""
         with _ErrorsAsErrno("readdir"):
-            for next_id, name, attributes in self._fs.readdir(fh, start_id):
-                if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attributes), next_id):
-                    return
-                self._fs.remember(attributes.ino)
+            replied = []
+            reply = pyfuse3.readdir_reply
+            for next_id, name, ino, entry in self._fs.readdir(fh, start_id, self._entry):
+                if not reply(token, name.encode(_FS_ENCODING, "surrogateescape"), entry, next_id):
+                    break
+                replied.append(ino)
+            self._fs.remember_each(replied)
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         self._fs.releasedir(fh)

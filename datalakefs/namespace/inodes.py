@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, replace
 
 from datalakefs.errors import NotFoundError
@@ -124,6 +124,13 @@ class InodeTable:
         """The kernel took ``count`` more references (a lookup, or an entry of readdirplus)."""
         if ino != ROOT_INODE:
             self._lookups[ino] = self._lookups.get(ino, 0) + count
+
+    def remember_each(self, inos: Iterable[int]) -> None:
+        """One more reference to each of ``inos`` (the entries of a readdirplus reply)."""
+        lookups = self._lookups
+        for ino in inos:
+            if ino != ROOT_INODE:
+                lookups[ino] = lookups.get(ino, 0) + 1
 
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped ``count`` references; the node goes when none are left."""

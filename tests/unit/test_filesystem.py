@@ -16,7 +16,7 @@ from datalakefs.errors import (
     NotSupportedError,
     ReadOnlyError,
 )
-from datalakefs.fs.attributes import Ownership
+from datalakefs.fs.attributes import Attributes, Ownership
 from datalakefs.fs.filesystem import CLEAR_CACHE_XATTR, Filesystem
 from datalakefs.fs.lake import LakeTree
 from datalakefs.model import DID, DIDInfo
@@ -90,10 +90,15 @@ def fs(fake: FakeCatalogue, content: _NoContent) -> Filesystem:
                                           Ownership(1000, 1000)))
 
 
+def _built(attributes: Attributes) -> Attributes:
+    """What the FUSE layer builds from a readdir entry's attributes, here the attributes themselves."""
+    return attributes
+
+
 async def listed_names(fs: Filesystem, ino: int) -> list[str]:
     fh = await fs.opendir(ino)
     try:
-        return [name for _, name, _ in fs.readdir(fh, 0)]
+        return [name for _, name, _, _ in fs.readdir(fh, 0, _built)]
     finally:
         fs.releasedir(fh)
 
@@ -219,7 +224,7 @@ async def test_outage_is_eio_and_recovers(fs: Filesystem, fake: FakeCatalogue) -
 async def test_forget_releases_listed_nodes(fs: Filesystem) -> None:
     raw = await _path(fs, "phys", "raw")
     fh = await fs.opendir(raw)
-    inos = [attributes.ino for _, _, attributes in fs.readdir(fh, 0)]
+    inos = [ino for _, _, ino, _ in fs.readdir(fh, 0, _built)]
     for ino in inos:
         fs.remember(ino)
     fs.releasedir(fh)
@@ -237,7 +242,7 @@ async def test_a_listing_hands_out_known_nodes_only(fs: Filesystem) -> None:
     async def listed() -> dict[str, int]:
         fh = await fs.opendir(raw)
         try:
-            entries = {name: attributes.ino for _, name, attributes in fs.readdir(fh, 0)}
+            entries = {name: ino for _, name, ino, _ in fs.readdir(fh, 0, _built)}
         finally:
             fs.releasedir(fh)
         for ino in entries.values():
@@ -269,7 +274,7 @@ async def test_entries_of_a_large_listing_show_their_directorys_times(
     raw = await _path(fs, "phys", "raw")  # looked up by name: the dataset's own times
     raw_info = await catalogue.get_info(DID.parse("phys:raw"))
     fh = await fs.opendir(raw)
-    entries = {name: attributes for _, name, attributes in fs.readdir(fh, 0)}
+    entries = {name: attributes for _, name, _, attributes in fs.readdir(fh, 0, _built)}
     fs.releasedir(fh)
     own = {name: await catalogue.get_info(DID.parse(f"phys:{name}")) for name in ("f1.root", "late.root")}
     assert entries["late.root"].size == 4
@@ -311,3 +316,32 @@ async def test_stage_xattr_goes_to_the_stager_and_other_xattrs_are_read_only(fak
         await fs.setxattr(raw, "user.rucio.name", b"x")
     with pytest.raises(ReadOnlyError):
         await fs.setxattr(ROOT_INODE, "user.datalakefs.stage", b"1")
+
+
+async def test_readdir_builds_each_lake_entry_once_per_node(fs: Filesystem) -> None:
+    """What the FUSE layer builds from an entry's attributes is kept with the node: listing again
+    builds nothing, and a node the kernel forgot (replaced when listed again) is built anew."""
+    raw = await _path(fs, "phys", "raw")
+    built: list[int] = []
+
+    def build(attributes: Attributes) -> tuple[str, int]:
+        built.append(attributes.ino)
+        return ("entry", attributes.ino)
+
+    async def listed() -> dict[str, tuple[int, tuple[str, int]]]:
+        fh = await fs.opendir(raw)
+        try:
+            entries = {name: (ino, entry) for _, name, ino, entry in fs.readdir(fh, 0, build)}
+        finally:
+            fs.releasedir(fh)
+        fs.remember_each(ino for ino, _ in entries.values())
+        return entries
+
+    first = await listed()
+    assert sorted(built) == sorted(ino for ino, _ in first.values())
+    assert all(entry == ("entry", ino) for ino, entry in first.values())
+    assert await listed() == first and len(built) == len(first)
+    forgotten = first["f1.root"][0]
+    fs.forget(forgotten, 2)
+    again = await listed()
+    assert built[len(first):] == [again["f1.root"][0]] and again["f1.root"][0] != forgotten

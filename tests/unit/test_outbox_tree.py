@@ -173,3 +173,19 @@ async def test_unknown_handles_are_ebadf_and_links_eperm(
     with pytest.raises(DatalakeError) as raised:
         fs.refuse_link(ROOT_INODE, "symlink")
     assert raised.value.errno == errno.EROFS
+
+
+async def test_readdir_builds_outbox_entries_every_time(
+    parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]
+) -> None:
+    """Outbox attributes change (a file grows): nothing built from them is kept."""
+    fs, _, _, _ = parts
+    dataset = await _new_dataset(fs)
+    fh, _, _ = await fs.create(dataset.ino, "f.dat")
+    sizes = []
+    for data in (b"a", b"bc"):
+        await fs.write(fh, 0, data)
+        listing = await fs.opendir(dataset.ino)
+        sizes += [entry.size for _, _, _, entry in fs.readdir(listing, 0, lambda attributes: attributes)]
+        fs.releasedir(listing)
+    assert sizes == [1, 2]
