@@ -24,6 +24,7 @@ from cachetools import TTLCache
 
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.errors import InvalidNameError, NotFoundError
+from datalakefs.gcpause import gc_paused
 from datalakefs.model import DID, DIDInfo, DIDType
 from datalakefs.namespace.escaping import component_for_scope, components_for, did_for, is_shortened, scope_for
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
@@ -166,8 +167,9 @@ class Namespace:
             infos = await self._with_times(await self._catalogue.list_content(node.did, dataset))
         else:
             infos = await self._with_times(await self._catalogue.query(node.scope, node.label))
-        names = components_for([info.did for info in infos], node.scope)
-        listing = _Listing(names, tuple(infos), dict(zip(names, infos, strict=True)))
+        with gc_paused:  # a name per entry (datalakefs/gcpause.py)
+            names = components_for([info.did for info in infos], node.scope)
+            listing = _Listing(names, tuple(infos), dict(zip(names, infos, strict=True)))
         self._listings[key] = listing
         return listing
 
@@ -178,7 +180,8 @@ class Namespace:
         if listing.children_of != parent.ino:
             intern_child = self._child
             pairs = zip(listing.names, listing.infos, strict=True)
-            listing.children = [(name, intern_child(parent, info)) for name, info in pairs]
+            with gc_paused:  # a node per entry (datalakefs/gcpause.py)
+                listing.children = [(name, intern_child(parent, info)) for name, info in pairs]
             listing.children_of = parent.ino
             return list(listing.children)
         children, current = listing.children, self._inodes.current

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import stat
+from collections.abc import Callable, Hashable
 
 import pytest
 
@@ -20,7 +22,7 @@ from datalakefs.fs.attributes import Attributes, Ownership
 from datalakefs.fs.filesystem import CLEAR_CACHE_XATTR, Filesystem
 from datalakefs.fs.lake import LakeTree
 from datalakefs.model import DID, DIDInfo
-from datalakefs.namespace.inodes import ROOT_INODE, InodeTable
+from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node
 from datalakefs.namespace.tree import Namespace
 
 
@@ -345,3 +347,33 @@ async def test_readdir_builds_each_lake_entry_once_per_node(fs: Filesystem) -> N
     fs.forget(forgotten, 2)
     again = await listed()
     assert built[len(first):] == [again["f1.root"][0]] and again["f1.root"][0] != forgotten
+
+
+class _CollectorWatchingTable(InodeTable):
+    """Records whether the garbage collector was running at each node made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.collecting: list[bool] = []
+
+    def intern(self, key: Hashable, make: Callable[[int], Node]) -> Node:
+        self.collecting.append(gc.isenabled())
+        return super().intern(key, make)
+
+
+async def test_a_listings_nodes_are_made_with_the_collector_paused(fake: FakeCatalogue, content: _NoContent) -> None:
+    """datalakefs/gcpause.py; names and nodes of a listing are made in one go, never across an await."""
+    catalogue = CachedCatalogue(fake, Config())
+    table = _CollectorWatchingTable()
+    namespace = Namespace(catalogue, table)
+    fs = Filesystem(namespace, LakeTree(namespace, catalogue, content, {}, Ownership(1000, 1000)))
+    raw = await _path(fs, "phys", "raw")
+    enabled = gc.isenabled()
+    gc.enable()
+    try:
+        del table.collecting[:]
+        assert await listed_names(fs, raw) == ["f1.root", "calib:const.db", "a%2Fb%2Fc.dat"]
+        assert table.collecting == [False] * 3 and gc.isenabled()
+    finally:
+        if not enabled:
+            gc.disable()
