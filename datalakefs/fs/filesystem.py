@@ -106,10 +106,13 @@ class Filesystem:
         handle = self._handle(fh)
         assert isinstance(handle, _DirHandle)
         inodes = self._ns.inodes
-        kept, keep = inodes.derived, inodes.keep_derived
+        kept, keep, current = inodes.derived, inodes.keep_derived, inodes.current
         entries = handle.entries
         for index in range(start, len(entries)):
             name, node = entries[index]
+            if not current(node):  # the kernel forgot it since opendir: never hand out a dead inode
+                node = self._tree(node).renewed(node)
+                entries[index] = (name, node)
             ino = node.ino
             built = kept(ino)
             if built is None:

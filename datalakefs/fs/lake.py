@@ -126,6 +126,9 @@ class LakeTree:
     async def list_dir(self, node: Node) -> list[tuple[str, Node]]:
         return await self._ns.list_dir(node)
 
+    def renewed(self, node: Node) -> Node:
+        return self._ns.renewed(node)
+
     # -- files -------------------------------------------------------------------------------
 
     async def open(self, node: Node, mode: OpenMode) -> FileHandle:

@@ -129,6 +129,10 @@ class OutboxTree:
         parent = self._dataset(file.scope, file.dataset)
         return self._node(NodeKind.OUTBOX_FILE, parent.ino, str(file.serial), file.scope)
 
+    def renewed(self, node: Node) -> Node:
+        """``node``, or the node it is interned as now if the kernel forgot it (see Subtree)."""
+        return node if self._inodes.current(node) else self._node(node.kind, node.parent, node.label, node.scope)
+
     def _node(self, kind: NodeKind, parent: int, label: str, scope: str | None = None) -> Node:
         return self._inodes.intern((kind, scope, label),
                                    lambda ino: Node(ino, kind, parent, scope=scope, label=label))

@@ -59,6 +59,10 @@ class Subtree(Protocol):
 
     async def list_dir(self, node: Node) -> list[tuple[str, Node]]: ...
 
+    def renewed(self, node: Node) -> Node:
+        """``node`` while the inode table has it; once the kernel forgot it (a directory handle's
+        entry, listed before), the node it is interned as now, with a new inode number."""
+
     async def open(self, node: Node, mode: OpenMode) -> FileHandle: ...
 
     async def create(self, parent: Node, name: str, mode: OpenMode) -> tuple[Node, FileHandle]: ...

@@ -115,8 +115,12 @@ class FuseOperations(pyfuse3.Operations):
             return self._entry(await self._fs.lookup(parent_inode, os.fsdecode(name)))
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        """FORGET has no reply: an error raised here would end pyfuse3's session loop, and the mount."""
         for ino, count in inode_list:
-            self._fs.forget(ino, count)
+            try:
+                self._fs.forget(ino, count)
+            except Exception:
+                log.error("forget of inode %d failed unexpectedly", ino, exc_info=True)
 
     async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         with _ErrorsAsErrno("getattr"):

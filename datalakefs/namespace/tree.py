@@ -222,14 +222,24 @@ class Namespace:
         timed = {info.did: info for info in await self._catalogue.get_infos(missing)}
         return [_merge(info, timed.get(info.did)) for info in infos]
 
-    def _child(self, parent: Node, info: DIDInfo) -> Node:
+    def renewed(self, node: Node) -> Node:
+        """``node`` if the inode table still has it, else the node it would be interned as now (a
+        directory handle's entry the kernel forgot while the handle was open)."""
+        if self._inodes.current(node):
+            return node
+        if node.info is not None:
+            return self._child(node.parent, node.info)
+        return self._virtual(node.kind, node.parent, node.label, node.scope)
+
+    def _child(self, parent: Node | int, info: DIDInfo) -> Node:
         did = info.did
         kind = NodeKind.FILE if info.type is DIDType.FILE else NodeKind.COLLECTION
+        parent_ino = parent if isinstance(parent, int) else parent.ino
         # inodes.py: one inode per file DID (keyed by the DID itself: no tuple per file), one per
         # (parent, DID) for directories
-        key: Hashable = did if kind is NodeKind.FILE else ("dir", parent.ino, did)
+        key: Hashable = did if kind is NodeKind.FILE else ("dir", parent_ino, did)
         return self._inodes.intern(
-            key, lambda ino: Node(ino, kind, parent.ino, did=did, info=info, scope=did.scope)
+            key, lambda ino: Node(ino, kind, parent_ino, did=did, info=info, scope=did.scope)
         )
 
     def _virtual(self, kind: NodeKind, parent: int, label: str, scope: str | None = None) -> Node:

@@ -377,3 +377,27 @@ async def test_a_listings_nodes_are_made_with_the_collector_paused(fake: FakeCat
     finally:
         if not enabled:
             gc.disable()
+
+
+async def test_an_entry_forgotten_while_its_directory_is_open_is_handed_out_anew(fs: Filesystem) -> None:
+    """The kernel may forget entries of a READDIRPLUS reply it could not pass on (the reader's buffer was
+    full) and ask for them again: they get a live inode, never the dead one (a stat of it failed, and its
+    FORGET took the mount down)."""
+    raw = await _path(fs, "phys", "raw")
+    fh = await fs.opendir(raw)
+    try:
+        first = {name: ino for _, name, ino, _ in fs.readdir(fh, 0, _built)}
+        fs.remember_each(first.values())
+        fs.forget(first["f1.root"], 1)  # the kernel's only reference
+        again = {name: (ino, attributes) for _, name, ino, attributes in fs.readdir(fh, 0, _built)}
+        fs.remember_each(ino for ino, _ in again.values())
+    finally:
+        fs.releasedir(fh)
+    renewed, attributes = again["f1.root"]
+    assert renewed != first["f1.root"] and attributes.ino == renewed
+    assert (await fs.getattr(renewed)).size == 100
+    assert {name: ino for name, (ino, _) in again.items() if name != "f1.root"} == {
+        name: ino for name, ino in first.items() if name != "f1.root"}
+    fs.forget(renewed, 1)
+    with pytest.raises(NotFoundError):
+        await fs.getattr(renewed)

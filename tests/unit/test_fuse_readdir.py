@@ -52,3 +52,24 @@ async def test_only_the_entries_the_reply_holds_are_remembered(monkeypatch: pyte
     room[0] = 2
     await operations.readdir(pyfuse3.FileHandleT(1), 2, cast(pyfuse3.ReaddirToken, None))
     assert replied[2][:3] == (b"f2\xff", 12, 102) and listed.remembered == [10, 11, 12]
+
+
+class _Forgetting:
+    def __init__(self) -> None:
+        self.forgotten: list[tuple[int, int]] = []
+
+    def forget(self, ino: int, count: int) -> None:
+        if ino == 13:
+            raise KeyError(ino)
+        self.forgotten.append((ino, count))
+
+
+async def test_a_bug_in_forget_is_logged_and_the_rest_are_forgotten(caplog: pytest.LogCaptureFixture) -> None:
+    """FORGET has no reply: what it raises would end pyfuse3's session loop, and with it the mount."""
+    forgetting = _Forgetting()
+    operations = FuseOperations(cast(Filesystem, forgetting), entry_timeout=5.0, attr_timeout=6.0)
+    inodes = [(pyfuse3.InodeT(12), 1), (pyfuse3.InodeT(13), 1), (pyfuse3.InodeT(14), 2)]
+    await operations.forget(inodes)
+    assert forgetting.forgotten == [(12, 1), (14, 2)]
+    [record] = caplog.records
+    assert record.getMessage() == "forget of inode 13 failed unexpectedly" and record.exc_info is not None
