@@ -22,7 +22,7 @@ from datalakefs.fs.lake import CLEAR_CACHE_XATTR, LakeTree, refuse_write
 from datalakefs.fs.outbox import OUTBOX_DIR, OutboxTree
 from datalakefs.fs.subtree import FileHandle, OpenMode, Subtree
 from datalakefs.namespace.inodes import ROOT_INODE, Node
-from datalakefs.namespace.tree import Namespace
+from datalakefs.namespace.tree import DirEntries, Namespace
 
 # cli/cache.py sets it on a mount (the name is the lake's: fs/lake.py)
 __all__ = ["CLEAR_CACHE_XATTR", "Filesystem"]
@@ -32,7 +32,7 @@ Entry = TypeVar("Entry")
 
 @dataclass(slots=True)
 class _DirHandle:
-    entries: list[tuple[str, Node]]
+    entries: DirEntries
 
 
 class Filesystem:
@@ -90,7 +90,7 @@ class Filesystem:
         node, tree = self._node_tree(ino)
         entries = await tree.list_dir(node)
         if ino == ROOT_INODE and self._outbox is not None:
-            entries.insert(0, (OUTBOX_DIR, self._outbox.root()))
+            entries = DirEntries([OUTBOX_DIR, *entries.names], [self._outbox.root(), *entries.nodes])
         return self._new_handle(_DirHandle(entries))
 
     def readdir(
@@ -107,12 +107,11 @@ class Filesystem:
         assert isinstance(handle, _DirHandle)
         inodes = self._ns.inodes
         kept, keep, current = inodes.derived, inodes.keep_derived, inodes.current
-        entries = handle.entries
-        for index in range(start, len(entries)):
-            name, node = entries[index]
+        names, nodes = handle.entries
+        for index in range(start, len(nodes)):
+            node = nodes[index]
             if not current(node):  # the kernel forgot it since opendir: never hand out a dead inode
-                node = self._tree(node).renewed(node)
-                entries[index] = (name, node)
+                node = nodes[index] = self._tree(node).renewed(node)
             ino = node.ino
             built = kept(ino)
             if built is None:
@@ -120,7 +119,7 @@ class Filesystem:
                 built = build(attributes)
                 if not attributes.volatile:
                     keep(ino, built)
-            yield index + 1, name, ino, cast(Entry, built)
+            yield index + 1, names[index], ino, cast(Entry, built)
 
     def releasedir(self, fh: int) -> None:
         self._handles.pop(fh, None)

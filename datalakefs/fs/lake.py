@@ -22,7 +22,7 @@ from datalakefs.fs.prefetch import ListingPrefetch
 from datalakefs.fs.subtree import FileHandle, OpenMode
 from datalakefs.model import DIDInfo, DIDType
 from datalakefs.namespace.inodes import Node, NodeKind
-from datalakefs.namespace.tree import Namespace
+from datalakefs.namespace.tree import DirEntries, Namespace
 
 ControlRenderer = Callable[[], bytes]
 
@@ -123,7 +123,7 @@ class LakeTree:
     async def lookup(self, parent: Node, name: str) -> Node:
         return await self._ns.lookup(parent, name)
 
-    async def list_dir(self, node: Node) -> list[tuple[str, Node]]:
+    async def list_dir(self, node: Node) -> DirEntries:
         return await self._ns.list_dir(node)
 
     def renewed(self, node: Node) -> Node:

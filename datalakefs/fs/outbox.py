@@ -40,7 +40,7 @@ from datalakefs.fs.attributes import Attributes, Ownership
 from datalakefs.fs.subtree import OpenMode
 from datalakefs.model import DID
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
-from datalakefs.namespace.tree import Namespace
+from datalakefs.namespace.tree import DirEntries, Namespace
 from datalakefs.outbox.files import OutboxFile
 from datalakefs.outbox.service import Outbox
 
@@ -165,14 +165,18 @@ class OutboxTree:
             return self._file(self._outbox.file(parent.scope, parent.label, name))
         raise NotFoundError(f"{OUTBOX_DIR}: no {name!r} in {parent.label}")
 
-    async def list_dir(self, node: Node) -> list[tuple[str, Node]]:
+    async def list_dir(self, node: Node) -> DirEntries:
         if node.kind is NodeKind.OUTBOX_ROOT:
-            return [(scope, self._scope(scope)) for scope in await self._visible_scopes()]
-        assert node.scope is not None
+            scopes = await self._visible_scopes()
+            return DirEntries(scopes, list(map(self._scope, scopes)))
+        scope = node.scope
+        assert scope is not None
         if node.kind is NodeKind.OUTBOX_SCOPE:
-            return [(d, self._dataset(node.scope, d)) for d in self._outbox.datasets(node.scope)]
+            datasets = self._outbox.datasets(scope)
+            return DirEntries(datasets, [self._dataset(scope, d) for d in datasets])
         if node.kind is NodeKind.OUTBOX_DATASET:
-            return [(f.name, self._file(f)) for f in self._outbox.files(node.scope, node.label)]
+            files = self._outbox.files(scope, node.label)
+            return DirEntries([f.name for f in files], list(map(self._file, files)))
         raise NotFoundError(f"inode {node.ino} is not a directory")
 
     # -- directories -------------------------------------------------------------------------------

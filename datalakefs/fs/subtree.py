@@ -12,6 +12,7 @@ from typing import NoReturn, Protocol
 
 from datalakefs.fs.attributes import Attributes
 from datalakefs.namespace.inodes import Node
+from datalakefs.namespace.tree import DirEntries
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +58,7 @@ class Subtree(Protocol):
 
     async def lookup(self, parent: Node, name: str) -> Node: ...
 
-    async def list_dir(self, node: Node) -> list[tuple[str, Node]]: ...
+    async def list_dir(self, node: Node) -> DirEntries: ...
 
     def renewed(self, node: Node) -> Node:
         """``node`` while the inode table has it; once the kernel forgot it (a directory handle's

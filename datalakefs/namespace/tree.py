@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from cachetools import TTLCache
 
@@ -37,6 +38,15 @@ QUERY_DIR = ".query"
 _LISTED_KINDS = frozenset({NodeKind.SCOPE, NodeKind.COLLECTION, NodeKind.QUERY_RESULT})
 
 
+class DirEntries(NamedTuple):
+    """A directory's entries in order, as parallel sequences (a pair per entry cost 64 bytes each: 6 MB
+    for 100,000). ``names`` may be shared with a cached listing: never change it; ``nodes`` is the
+    caller's own."""
+
+    names: Sequence[str]
+    nodes: list[Node]
+
+
 @dataclass(slots=True)
 class _Listing:
     """Names and infos in listing order, as parallel sequences: a 100,000-entry listing kept as
@@ -45,8 +55,9 @@ class _Listing:
     names: list[str]
     infos: tuple[DIDInfo, ...]
     by_name: dict[str, DIDInfo]
-    #: the entries' nodes, built by the first ``list_dir`` under parent inode ``children_of``
-    children: list[tuple[str, Node]] = field(default_factory=list)
+    #: the entries' nodes (parallel to ``names``), built by the first ``list_dir`` under parent inode
+    #: ``children_of``
+    children: list[Node] = field(default_factory=list)
     children_of: int = 0
 
 
@@ -92,21 +103,23 @@ class Namespace:
             raise NotFoundError(f"{CONTROL_DIR}/{component}")
         return await self._lookup_listed(parent, component)
 
-    async def list_dir(self, node: Node) -> list[tuple[str, Node]]:
+    async def list_dir(self, node: Node) -> DirEntries:
         """The entries of a directory node, in a stable order (no ``.``/``..``)."""
         kind = node.kind
         if kind is NodeKind.ROOT:
             scopes = await self._visible_scopes()
-            fixed = [(CONTROL_DIR, self._control_dir()), (QUERY_DIR, self._query_root())]
-            return fixed + [(component_for_scope(scope), self._scope_node(scope)) for scope in scopes]
+            return DirEntries([CONTROL_DIR, QUERY_DIR, *map(component_for_scope, scopes)],
+                              [self._control_dir(), self._query_root(), *map(self._scope_node, scopes)])
         if kind in _LISTED_KINDS:
-            return self._children(node, await self._listing(node))
+            listing = await self._listing(node)
+            return DirEntries(listing.names, self._children(node, listing))
         if kind is NodeKind.QUERY_ROOT:
-            return [(component_for_scope(s), self._query_scope(s)) for s in await self._visible_scopes()]
+            scopes = await self._visible_scopes()
+            return DirEntries(list(map(component_for_scope, scopes)), list(map(self._query_scope, scopes)))
         if kind is NodeKind.QUERY_SCOPE:
-            return []
+            return DirEntries([], [])
         if kind is NodeKind.CONTROL_DIR:
-            return [(name, self._control_file(name)) for name in self._control_files]
+            return DirEntries(self._control_files, list(map(self._control_file, self._control_files)))
         raise NotFoundError(f"inode {node.ino} is not a directory")
 
     async def _visible_scopes(self) -> list[str]:
@@ -146,7 +159,7 @@ class Namespace:
             if info is not None:
                 return self._child(parent, info)
         else:
-            for name, child in await self.list_dir(parent):
+            for name, child in zip(*await self.list_dir(parent), strict=True):
                 if name == component:
                     return child
         raise NotFoundError(f"{component!r} is not in {parent.label or parent.did}")
@@ -173,21 +186,20 @@ class Namespace:
         self._listings[key] = listing
         return listing
 
-    def _children(self, parent: Node, listing: _Listing) -> list[tuple[str, Node]]:
+    def _children(self, parent: Node, listing: _Listing) -> list[Node]:
         """The nodes of a listing's entries, built once per listing (an ``ls`` of 100,000 entries
         spent half its time re-interning them): a node the kernel has forgotten since, or that the
         inode table has replaced, is interned again, so no stale inode is handed out."""
         if listing.children_of != parent.ino:
             intern_child = self._child
-            pairs = zip(listing.names, listing.infos, strict=True)
             with gc_paused:  # a node per entry (datalakefs/gcpause.py)
-                listing.children = [(name, intern_child(parent, info)) for name, info in pairs]
+                listing.children = [intern_child(parent, info) for info in listing.infos]
             listing.children_of = parent.ino
             return list(listing.children)
         children, current = listing.children, self._inodes.current
-        for index, (name, child) in enumerate(children):
+        for index, child in enumerate(children):
             if not current(child):
-                children[index] = (name, self._child(parent, listing.infos[index]))
+                children[index] = self._child(parent, listing.infos[index])
         return list(children)
 
     def listed(self, directory: Node) -> tuple[DIDInfo, ...] | None:
