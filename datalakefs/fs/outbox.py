@@ -134,8 +134,7 @@ class OutboxTree:
         return node if self._inodes.current(node) else self._node(node.kind, node.parent, node.label, node.scope)
 
     def _node(self, kind: NodeKind, parent: int, label: str, scope: str | None = None) -> Node:
-        return self._inodes.intern((kind, scope, label),
-                                   lambda ino: Node(ino, kind, parent, scope=scope, label=label))
+        return self._inodes.intern((kind, scope, label), kind, parent, scope=scope, label=label)
 
     def outbox_file(self, node: Node) -> OutboxFile:
         if node.kind is not NodeKind.OUTBOX_FILE:

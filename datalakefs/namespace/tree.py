@@ -250,15 +250,11 @@ class Namespace:
         # inodes.py: one inode per file DID (keyed by the DID itself: no tuple per file), one per
         # (parent, DID) for directories
         key: Hashable = did if kind is NodeKind.FILE else ("dir", parent_ino, did)
-        return self._inodes.intern(
-            key, lambda ino: Node(ino, kind, parent_ino, did=did, info=info, scope=did.scope)
-        )
+        return self._inodes.intern(key, kind, parent_ino, did, info, did.scope)
 
     def _virtual(self, kind: NodeKind, parent: int, label: str, scope: str | None = None) -> Node:
         """A node with no DID of its own: a scope, a control entry, a query directory."""
-        return self._inodes.intern(
-            (kind, parent, label), lambda ino: Node(ino, kind, parent, scope=scope, label=label)
-        )
+        return self._inodes.intern((kind, parent, label), kind, parent, scope=scope, label=label)
 
     def _scope_node(self, scope: str) -> Node:
         return self._virtual(NodeKind.SCOPE, ROOT_INODE, scope, scope)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import stat
 import tracemalloc
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 
 import pytest
 
@@ -23,7 +23,7 @@ from datalakefs.fs.attributes import Attributes, Ownership
 from datalakefs.fs.filesystem import CLEAR_CACHE_XATTR, Filesystem
 from datalakefs.fs.lake import LakeTree
 from datalakefs.model import DID, DIDInfo, DIDType
-from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node
+from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
 from datalakefs.namespace.tree import Namespace
 
 
@@ -357,9 +357,10 @@ class _CollectorWatchingTable(InodeTable):
         super().__init__()
         self.collecting: list[bool] = []
 
-    def intern(self, key: Hashable, make: Callable[[int], Node]) -> Node:
+    def intern(self, key: Hashable, kind: NodeKind, parent: int, did: DID | None = None,
+               info: DIDInfo | None = None, scope: str | None = None, label: str = "") -> Node:
         self.collecting.append(gc.isenabled())
-        return super().intern(key, make)
+        return super().intern(key, kind, parent, did, info, scope, label)
 
 
 async def test_a_listings_nodes_are_made_with_the_collector_paused(fake: FakeCatalogue, content: _NoContent) -> None:
