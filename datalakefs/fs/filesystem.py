@@ -110,16 +110,15 @@ class Filesystem:
         names, nodes = handle.entries
         for index in range(start, len(nodes)):
             node = nodes[index]
-            if not current(node):  # the kernel forgot it since opendir: never hand out a dead inode
-                node = nodes[index] = self._tree(node).renewed(node)
-            ino = node.ino
-            built = kept(ino)
+            built = kept(node.ino)  # kept only while a node lives at that inode, and built from it
             if built is None:
+                if not current(node):  # the kernel forgot it since opendir: never hand out a dead inode
+                    node = nodes[index] = self._tree(node).renewed(node)
                 attributes = self.attributes(node)
                 built = build(attributes)
                 if not attributes.volatile:
-                    keep(ino, built)
-            yield index + 1, names[index], ino, cast(Entry, built)
+                    keep(node.ino, built)
+            yield index + 1, names[index], node.ino, cast(Entry, built)
 
     def releasedir(self, fh: int) -> None:
         self._handles.pop(fh, None)

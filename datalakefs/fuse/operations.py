@@ -92,8 +92,7 @@ class FuseOperations(pyfuse3.Operations):
 
     def _entry(self, attrs: Attributes) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
-        entry.st_ino = pyfuse3.InodeT(attrs.ino)
-        entry.generation = 0
+        entry.st_ino = pyfuse3.InodeT(attrs.ino)  # generation: 0, pyfuse3's default
         entry.entry_timeout = 0 if attrs.volatile else self._entry_timeout
         entry.attr_timeout = 0 if attrs.volatile else self._attr_timeout
         entry.st_mode = pyfuse3.ModeT(attrs.mode)
