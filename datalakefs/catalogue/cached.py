@@ -157,8 +157,9 @@ class CachedCatalogue:
         # dataset is listed again: a file added since is looked up alone until then, a file removed
         # since is simply not in the dataset's answer.
         # A listing is a dataset's (keyed by its DID) or a query's (keyed like the query's answer).
-        self._members: LRUCache[Hashable, tuple[DIDInfo, ...]] = LRUCache(maxsize)
-        self._homes: LRUCache[DID, tuple[Hashable, int]] = LRUCache(maxsize)
+        # Both bounded by ``maxsize`` listed files in all (see _Listings).
+        self._homes: dict[DID, Hashable] = {}
+        self._members = _Listings(maxsize, self._homes)
         self._generation = 0
         self._timer = timer
         self._ttl = config.catalogue_ttl
@@ -200,8 +201,7 @@ class CachedCatalogue:
         cache keeps it as the collection's content either way, counted as ``list_content``)."""
         fetch = self._backend.list_files if dataset else self._backend.list_content
         content: Any = await self._single(("list_content", did), fetch, did)
-        if self._members.get(did) is not content:  # the cache's own tuple: a new one is a new listing
-            self._remember_members(did, content)
+        self._remember_members(did, content)
         return list(content)
 
     async def get_info(self, did: DID) -> DIDInfo:
@@ -214,8 +214,7 @@ class CachedCatalogue:
     async def query(self, scope: str, filters: str) -> list[DIDInfo]:
         key = ("query", scope, filters)
         found: Any = await self._single(key, self._backend.query, scope, filters)
-        if self._members.get(key) is not found:
-            self._remember_members(key, found)
+        self._remember_members(key, found)
         return list(found)
 
     async def get_infos(self, dids: Sequence[DID]) -> list[DIDInfo]:
@@ -278,22 +277,27 @@ class CachedCatalogue:
     # -- replicas per dataset ---------------------------------------------------------------------
 
     def _remember_members(self, listing: Hashable, content: tuple[DIDInfo, ...]) -> None:
-        self._members[listing] = content
-        for position, info in enumerate(content):
-            if info.type is DIDType.FILE:
-                self._homes[info.did] = (listing, position)
+        """Record ``content`` as the listing's files, unless it is the cache's tuple recorded already:
+        a new tuple is a new listing. Each file's home is set in one dict update, not in a Python
+        loop over an LRU cache: that loop was a seventh of the daemon's time for a cold ``ls -l`` of
+        100,000 files, and the LRU's own records cost about 200 bytes per file."""
+        members = self._members.get(listing)
+        if members is not None and members.content is content:
+            return
+        self._members[listing] = _Members(content)
+        self._homes.update(dict.fromkeys([info.did for info in content if info.type is DIDType.FILE], listing))
 
     def _home_of(self, did: DID) -> tuple[Hashable, tuple[DIDInfo, ...], int] | None:
         """The listing that holds file ``did``, its content and ``did``'s position in it; ``None`` when
         it was never listed, or its listing was forgotten or made anew without it."""
-        home = self._homes.get(did)
-        if home is None:
+        listing = self._homes.get(did)
+        if listing is None:
             return None
-        listing, position = home
-        content = self._members.get(listing)
-        if content is None or position >= len(content) or content[position].did != did:
+        members = self._members.get(listing)
+        position = None if members is None else members.position(did)
+        if members is None or position is None:
             return None
-        return listing, content, position
+        return listing, members.content, position
 
     def _current(self, mark: _Mark | None, content: tuple[DIDInfo, ...]) -> bool:
         """Whether ``mark`` was made for this very listing within the TTL."""
@@ -461,7 +465,8 @@ class CachedCatalogue:
         async with trio.open_nursery() as calls:
             for first, end in ordered:
                 await self._sweep_slots.acquire()  # in order: the batches nearest the reader go first
-                if generation != self._generation or self._members.get(listing) is not content:
+                members = self._members.get(listing)
+                if generation != self._generation or members is None or members.content is not content:
                     self._sweep_slots.release()
                     return  # invalidated or listed anew: the next open starts from the new listing
                 calls.start_soon(self._sweep_batch, listing, content, first, end)
@@ -477,9 +482,11 @@ class CachedCatalogue:
 
     def _forget_members(self, listing: Hashable) -> list[Hashable]:
         """The cache keys of a listing's files' replicas, its record dropped."""
-        content = self._members.pop(listing, ())
-        for info in content:
-            self._homes.pop(info.did, None)
+        members = self._members.pop(listing, None)
+        if members is None:
+            return []
+        content = members.content
+        _leave_homes(self._homes, listing, content)
         return [(method, info.did) for info in content for method in ("list_replicas", "presumed_replicas")]
 
     # -- status ----------------------------------------------------------------------------------
@@ -611,6 +618,42 @@ class CachedCatalogue:
 
 
 _ABSENT: Final = object()
+
+
+@dataclass(slots=True)
+class _Members:
+    """A listing's content, and each DID's position in it (built at the first open in the listing,
+    not at the listing: ``ls`` of a dataset never opens a file)."""
+
+    content: tuple[DIDInfo, ...]
+    positions: dict[DID, int] | None = None
+
+    def position(self, did: DID) -> int | None:
+        if self.positions is None:
+            self.positions = dict(zip([info.did for info in self.content], range(len(self.content)), strict=True))
+        return self.positions.get(did)
+
+
+class _Listings(LRUCache[Hashable, _Members]):
+    """The listings remembered, the least recently used dropped first when their files together exceed
+    ``maxsize``; a listing dropped takes its files' homes along (``homes``: DID -> listing)."""
+
+    def __init__(self, maxsize: int, homes: dict[DID, Hashable]) -> None:
+        super().__init__(maxsize, getsizeof=lambda members: min(max(len(members.content), 1), maxsize))
+        self._homes = homes
+
+    def popitem(self) -> tuple[Hashable, _Members]:
+        listing, members = super().popitem()
+        _leave_homes(self._homes, listing, members.content)
+        return listing, members
+
+
+def _leave_homes(homes: dict[DID, Hashable], listing: Hashable, content: tuple[DIDInfo, ...]) -> None:
+    """Drop the homes of ``content``'s files that are still ``listing`` (a file listed again since by
+    another listing lives there now)."""
+    for info in content:
+        if homes.get(info.did) == listing:
+            del homes[info.did]
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ from datalakefs.errors import (
     InvalidNameError,
     NotFoundError,
 )
+from datalakefs.gcpause import gc_paused
 from datalakefs.model import (
     DID,
     DIDInfo,
@@ -296,14 +297,16 @@ class RucioCatalogue:
     def list_content(self, did: DID) -> list[DIDInfo]:
         with self._client() as client:
             rows = ndjson.rows(client.listing_body(did, "dids"), f"{self._server()}: the content of {did}")
-            return [_info_from_listing(row) for row in rows]
+            with gc_paused:  # the rows' infos, made as the stream arrives
+                return [_info_from_listing(row) for row in rows]
 
     def list_files(self, did: DID) -> list[DIDInfo]:
         scopes: dict[str, str] = {}  # one string per scope, not one per row
         with self._client() as client:
             what = f"{self._server()}: the files of {did}"
             rows = ndjson.rows(client.listing_body(did, "files"), what)
-            files = [_info_from_file_row(row, scopes, what) for row in rows]
+            with gc_paused:  # the rows' infos, made as the stream arrives
+                files = [_info_from_file_row(row, scopes, what) for row in rows]
             return _with_md5_where_no_adler32(client, files)
 
     def get_info(self, did: DID) -> DIDInfo:

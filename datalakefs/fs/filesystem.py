@@ -12,9 +12,9 @@ Contracts the FUSE layer relies on:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, TypeVar, cast
 
 from datalakefs.errors import BadHandleError, InvalidArgumentError, NotFoundError
 from datalakefs.fs.attributes import Attributes
@@ -23,15 +23,17 @@ from datalakefs.fs.outbox import OUTBOX_DIR, OutboxTree
 from datalakefs.fs.subtree import FileHandle, OpenMode, Subtree
 from datalakefs.model import ReadBuffer
 from datalakefs.namespace.inodes import ROOT_INODE, Node
-from datalakefs.namespace.tree import Namespace
+from datalakefs.namespace.tree import DirEntries, Namespace
 
 # cli/cache.py sets it on a mount (the name is the lake's: fs/lake.py)
 __all__ = ["CLEAR_CACHE_XATTR", "Filesystem"]
 
+Entry = TypeVar("Entry")
+
 
 @dataclass(slots=True)
 class _DirHandle:
-    entries: list[tuple[str, Node]]
+    entries: DirEntries
 
 
 class Filesystem:
@@ -76,6 +78,10 @@ class Filesystem:
     def remember(self, ino: int) -> None:
         self._ns.inodes.remember(ino)
 
+    def remember_each(self, inos: Iterable[int]) -> None:
+        """One more kernel reference to each of ``inos`` (the entries of one readdir reply)."""
+        self._ns.inodes.remember_each(inos)
+
     async def getattr(self, ino: int) -> Attributes:
         return self.attributes(self._ns.inodes.get(ino))
 
@@ -85,20 +91,35 @@ class Filesystem:
         node, tree = self._node_tree(ino)
         entries = await tree.list_dir(node)
         if ino == ROOT_INODE and self._outbox is not None:
-            entries.insert(0, (OUTBOX_DIR, self._outbox.root()))
+            entries = DirEntries([OUTBOX_DIR, *entries.names], [self._outbox.root(), *entries.nodes])
         return self._new_handle(_DirHandle(entries))
 
-    def readdir(self, fh: int, start: int) -> Iterator[tuple[int, str, Attributes]]:
-        """Entries from position ``start``: the position to resume after each, its name and the
-        attributes the kernel caches for it (a plain tuple: a warm ``ls -l`` of 100,000 entries
-        built an entry object for each, 0.05 s).
+    def readdir(
+        self, fh: int, start: int, build: Callable[[Attributes], Entry]
+    ) -> Iterator[tuple[int, str, int, Entry]]:
+        """Entries from position ``start``: the position to resume after each, its name, its inode
+        and what ``build`` makes of its attributes (the FUSE layer's entry for the kernel). One mount
+        has one ``build``, its FUSE adapter's: what it builds for a node whose attributes cannot change
+        while it lives (the lake's, not the outbox's volatile ones) is kept with the node, so a warm
+        ``ls -l`` of 100,000 entries builds none (building them was most of its readdir time).
 
         The caller must ``remember`` each entry it hands to the kernel."""
         handle = self._handle(fh)
         assert isinstance(handle, _DirHandle)
-        for index in range(start, len(handle.entries)):
-            name, node = handle.entries[index]
-            yield index + 1, name, self.attributes(node)
+        inodes = self._ns.inodes
+        kept, keep, current = inodes.derived, inodes.keep_derived, inodes.current
+        names, nodes = handle.entries
+        for index in range(start, len(nodes)):
+            node = nodes[index]
+            built = kept(node.ino)  # kept only while a node lives at that inode, and built from it
+            if built is None:
+                if not current(node):  # the kernel forgot it since opendir: never hand out a dead inode
+                    node = nodes[index] = self._tree(node).renewed(node)
+                attributes = self.attributes(node)
+                built = build(attributes)
+                if not attributes.volatile:
+                    keep(node.ino, built)
+            yield index + 1, names[index], node.ino, cast(Entry, built)
 
     def releasedir(self, fh: int) -> None:
         self._handles.pop(fh, None)

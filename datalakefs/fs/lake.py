@@ -22,7 +22,7 @@ from datalakefs.fs.prefetch import ListingPrefetch
 from datalakefs.fs.subtree import FileHandle, OpenMode
 from datalakefs.model import DIDInfo, DIDType, ReadBuffer
 from datalakefs.namespace.inodes import Node, NodeKind
-from datalakefs.namespace.tree import Namespace
+from datalakefs.namespace.tree import DirEntries, Namespace
 
 ControlRenderer = Callable[[], bytes]
 
@@ -112,24 +112,22 @@ class LakeTree:
         return True
 
     def attributes(self, node: Node) -> Attributes:
-        """Built once per node (a lake node never changes while it lives): ``ls -l`` of a large
-        directory spent most of its readdir time building them again."""
+        """A lake node's never change while it lives: readdir keeps what the FUSE layer builds from
+        them (fs/filesystem.py)."""
         inodes = self._ns.inodes
-        kept = inodes.derived(node.ino)
-        if isinstance(kept, Attributes):
-            return kept
         directory = None
         if node.info is not None and not node.info.created_at and node.parent in inodes:
             directory = inodes.get(node.parent).info
-        attributes = attributes_of(node, self._owner, self._start, directory)
-        inodes.keep_derived(node.ino, attributes)
-        return attributes
+        return attributes_of(node, self._owner, self._start, directory)
 
     async def lookup(self, parent: Node, name: str) -> Node:
         return await self._ns.lookup(parent, name)
 
-    async def list_dir(self, node: Node) -> list[tuple[str, Node]]:
+    async def list_dir(self, node: Node) -> DirEntries:
         return await self._ns.list_dir(node)
+
+    def renewed(self, node: Node) -> Node:
+        return self._ns.renewed(node)
 
     # -- files -------------------------------------------------------------------------------
 

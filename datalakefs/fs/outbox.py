@@ -40,7 +40,7 @@ from datalakefs.fs.attributes import Attributes, Ownership
 from datalakefs.fs.subtree import OpenMode
 from datalakefs.model import DID
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
-from datalakefs.namespace.tree import Namespace
+from datalakefs.namespace.tree import DirEntries, Namespace
 from datalakefs.outbox.files import OutboxFile
 from datalakefs.outbox.service import Outbox
 
@@ -129,9 +129,12 @@ class OutboxTree:
         parent = self._dataset(file.scope, file.dataset)
         return self._node(NodeKind.OUTBOX_FILE, parent.ino, str(file.serial), file.scope)
 
+    def renewed(self, node: Node) -> Node:
+        """``node``, or the node it is interned as now if the kernel forgot it (see Subtree)."""
+        return node if self._inodes.current(node) else self._node(node.kind, node.parent, node.label, node.scope)
+
     def _node(self, kind: NodeKind, parent: int, label: str, scope: str | None = None) -> Node:
-        return self._inodes.intern((kind, scope, label),
-                                   lambda ino: Node(ino, kind, parent, scope=scope, label=label))
+        return self._inodes.intern((kind, scope, label), kind, parent, scope=scope, label=label)
 
     def outbox_file(self, node: Node) -> OutboxFile:
         if node.kind is not NodeKind.OUTBOX_FILE:
@@ -161,14 +164,18 @@ class OutboxTree:
             return self._file(self._outbox.file(parent.scope, parent.label, name))
         raise NotFoundError(f"{OUTBOX_DIR}: no {name!r} in {parent.label}")
 
-    async def list_dir(self, node: Node) -> list[tuple[str, Node]]:
+    async def list_dir(self, node: Node) -> DirEntries:
         if node.kind is NodeKind.OUTBOX_ROOT:
-            return [(scope, self._scope(scope)) for scope in await self._visible_scopes()]
-        assert node.scope is not None
+            scopes = await self._visible_scopes()
+            return DirEntries(scopes, list(map(self._scope, scopes)))
+        scope = node.scope
+        assert scope is not None
         if node.kind is NodeKind.OUTBOX_SCOPE:
-            return [(d, self._dataset(node.scope, d)) for d in self._outbox.datasets(node.scope)]
+            datasets = self._outbox.datasets(scope)
+            return DirEntries(datasets, [self._dataset(scope, d) for d in datasets])
         if node.kind is NodeKind.OUTBOX_DATASET:
-            return [(f.name, self._file(f)) for f in self._outbox.files(node.scope, node.label)]
+            files = self._outbox.files(scope, node.label)
+            return DirEntries([f.name for f in files], list(map(self._file, files)))
         raise NotFoundError(f"inode {node.ino} is not a directory")
 
     # -- directories -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import NoReturn, Protocol
 from datalakefs.fs.attributes import Attributes
 from datalakefs.model import ReadBuffer
 from datalakefs.namespace.inodes import Node
+from datalakefs.namespace.tree import DirEntries
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +59,11 @@ class Subtree(Protocol):
 
     async def lookup(self, parent: Node, name: str) -> Node: ...
 
-    async def list_dir(self, node: Node) -> list[tuple[str, Node]]: ...
+    async def list_dir(self, node: Node) -> DirEntries: ...
+
+    def renewed(self, node: Node) -> Node:
+        """``node`` while the inode table has it; once the kernel forgot it (a directory handle's
+        entry, listed before), the node it is interned as now, with a new inode number."""
 
     async def open(self, node: Node, mode: OpenMode) -> FileHandle: ...
 

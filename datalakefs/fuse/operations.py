@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from types import TracebackType
 from typing import NoReturn
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 #: renameat2(2) flags (linux/fs.h)
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
+
+#: what ``os.fsencode`` encodes with, without its type checks per name
+_FS_ENCODING = sys.getfilesystemencoding()
 
 _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.ENODATA, errno.EOPNOTSUPP, errno.EROFS, errno.EAGAIN})
 
@@ -89,8 +93,7 @@ class FuseOperations(pyfuse3.Operations):
 
     def _entry(self, attrs: Attributes) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
-        entry.st_ino = pyfuse3.InodeT(attrs.ino)
-        entry.generation = 0
+        entry.st_ino = pyfuse3.InodeT(attrs.ino)  # generation: 0, pyfuse3's default
         entry.entry_timeout = 0 if attrs.volatile else self._entry_timeout
         entry.attr_timeout = 0 if attrs.volatile else self._attr_timeout
         entry.st_mode = pyfuse3.ModeT(attrs.mode)
@@ -112,8 +115,12 @@ class FuseOperations(pyfuse3.Operations):
             return self._entry(await self._fs.lookup(parent_inode, os.fsdecode(name)))
 
     async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        """FORGET has no reply: an error raised here would end pyfuse3's session loop, and the mount."""
         for ino, count in inode_list:
-            self._fs.forget(ino, count)
+            try:
+                self._fs.forget(ino, count)
+            except Exception:
+                log.error("forget of inode %d failed unexpectedly", ino, exc_info=True)
 
     async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         with _ErrorsAsErrno("getattr"):
@@ -124,11 +131,17 @@ class FuseOperations(pyfuse3.Operations):
             return pyfuse3.FileHandleT(await self._fs.opendir(inode))
 
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """Each entry's ``EntryAttributes`` is built once per node and kept by the filesystem
+        (``readdir_reply`` copies it into the reply); the kernel's references are counted once the
+        reply is full, for the entries it holds."""
         with _ErrorsAsErrno("readdir"):
-            for next_id, name, attributes in self._fs.readdir(fh, start_id):
-                if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attributes), next_id):
-                    return
-                self._fs.remember(attributes.ino)
+            replied = []
+            reply = pyfuse3.readdir_reply
+            for next_id, name, ino, entry in self._fs.readdir(fh, start_id, self._entry):
+                if not reply(token, name.encode(_FS_ENCODING, "surrogateescape"), entry, next_id):
+                    break
+                replied.append(ino)
+            self._fs.remember_each(replied)
 
     async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         self._fs.releasedir(fh)

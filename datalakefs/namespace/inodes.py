@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass, replace
+from collections.abc import Hashable, Iterable
+from typing import NamedTuple
 
 from datalakefs.errors import NotFoundError
 from datalakefs.model import DID, DIDInfo
@@ -42,10 +42,12 @@ class NodeKind(enum.Enum):
         return self not in (NodeKind.FILE, NodeKind.CONTROL_FILE, NodeKind.OUTBOX_FILE)
 
 
-@dataclass(frozen=True, slots=True)
-class Node:
+class Node(NamedTuple):
     """One inode. ``scope`` is the scope its children are named relative to; ``label`` is the
-    node's own name where it has no DID (a scope, a control file, a query filter)."""
+    node's own name where it has no DID (a scope, a control file, a query filter).
+
+    A tuple, not a frozen dataclass (which sets each field through ``object.__setattr__``): a cold
+    ``ls -l`` of 100,000 files makes 100,000 of them."""
 
     ino: int
     kind: NodeKind
@@ -83,26 +85,24 @@ class InodeTable:
         except KeyError:
             raise NotFoundError(f"inode {ino} is not known (forgotten)") from None
 
-    def intern(self, key: Hashable, make: Callable[[int], Node]) -> Node:
-        """Return the node for ``key``, creating it with a fresh inode number when new.
+    def intern(self, key: Hashable, kind: NodeKind, parent: int, did: DID | None = None,
+               info: DIDInfo | None = None, scope: str | None = None, label: str = "") -> Node:
+        """The node for ``key``: the known one, or ``Node(<a fresh inode number>, kind, parent, did,
+        info, scope, label)`` (the fields as arguments, not a factory: a listing interns every entry).
 
-        A known file node whose catalogue facts arrive later (``info`` was ``None``) is updated.
+        A known node whose catalogue facts arrive later (its ``info`` was ``None``) is updated.
         """
         ino = self._by_key.get(key)
         if ino is not None:
             node = self._nodes[ino]
-            if node.info is None:  # only then can `make` add anything (a listing re-interns every entry)
-                fresh = make(ino)
-                if fresh.info is not None:
-                    node = replace(node, info=fresh.info)
-                    self._nodes[ino] = node
-                    self._derived.pop(ino, None)
+            if node.info is None and info is not None:
+                node = self._nodes[ino] = node._replace(info=info)
+                self._derived.pop(ino, None)
             return node
         ino = next(self._next)
-        node = make(ino)
-        self._nodes[ino] = node
+        node = self._nodes[ino] = Node(ino, kind, parent, did, info, scope, label)
         self._by_key[key] = ino
-        if key is not node.did:
+        if key is not did:
             self._keys[ino] = key
         return node
 
@@ -124,6 +124,13 @@ class InodeTable:
         """The kernel took ``count`` more references (a lookup, or an entry of readdirplus)."""
         if ino != ROOT_INODE:
             self._lookups[ino] = self._lookups.get(ino, 0) + count
+
+    def remember_each(self, inos: Iterable[int]) -> None:
+        """One more reference to each of ``inos`` (the entries of a readdirplus reply)."""
+        lookups = self._lookups
+        for ino in inos:
+            if ino != ROOT_INODE:
+                lookups[ino] = lookups.get(ino, 0) + 1
 
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped ``count`` references; the node goes when none are left."""

@@ -19,11 +19,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from cachetools import TTLCache
 
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.errors import InvalidNameError, NotFoundError
+from datalakefs.gcpause import gc_paused
 from datalakefs.model import DID, DIDInfo, DIDType
 from datalakefs.namespace.escaping import component_for_scope, components_for, did_for, is_shortened, scope_for
 from datalakefs.namespace.inodes import ROOT_INODE, InodeTable, Node, NodeKind
@@ -36,6 +38,15 @@ QUERY_DIR = ".query"
 _LISTED_KINDS = frozenset({NodeKind.SCOPE, NodeKind.COLLECTION, NodeKind.QUERY_RESULT})
 
 
+class DirEntries(NamedTuple):
+    """A directory's entries in order, as parallel sequences (a pair per entry cost 64 bytes each: 6 MB
+    for 100,000). ``names`` may be shared with a cached listing: never change it; ``nodes`` is the
+    caller's own."""
+
+    names: Sequence[str]
+    nodes: list[Node]
+
+
 @dataclass(slots=True)
 class _Listing:
     """Names and infos in listing order, as parallel sequences: a 100,000-entry listing kept as
@@ -44,8 +55,9 @@ class _Listing:
     names: list[str]
     infos: tuple[DIDInfo, ...]
     by_name: dict[str, DIDInfo]
-    #: the entries' nodes, built by the first ``list_dir`` under parent inode ``children_of``
-    children: list[tuple[str, Node]] = field(default_factory=list)
+    #: the entries' nodes (parallel to ``names``), built by the first ``list_dir`` under parent inode
+    #: ``children_of``
+    children: list[Node] = field(default_factory=list)
     children_of: int = 0
 
 
@@ -91,21 +103,23 @@ class Namespace:
             raise NotFoundError(f"{CONTROL_DIR}/{component}")
         return await self._lookup_listed(parent, component)
 
-    async def list_dir(self, node: Node) -> list[tuple[str, Node]]:
+    async def list_dir(self, node: Node) -> DirEntries:
         """The entries of a directory node, in a stable order (no ``.``/``..``)."""
         kind = node.kind
         if kind is NodeKind.ROOT:
             scopes = await self._visible_scopes()
-            fixed = [(CONTROL_DIR, self._control_dir()), (QUERY_DIR, self._query_root())]
-            return fixed + [(component_for_scope(scope), self._scope_node(scope)) for scope in scopes]
+            return DirEntries([CONTROL_DIR, QUERY_DIR, *map(component_for_scope, scopes)],
+                              [self._control_dir(), self._query_root(), *map(self._scope_node, scopes)])
         if kind in _LISTED_KINDS:
-            return self._children(node, await self._listing(node))
+            listing = await self._listing(node)
+            return DirEntries(listing.names, self._children(node, listing))
         if kind is NodeKind.QUERY_ROOT:
-            return [(component_for_scope(s), self._query_scope(s)) for s in await self._visible_scopes()]
+            scopes = await self._visible_scopes()
+            return DirEntries(list(map(component_for_scope, scopes)), list(map(self._query_scope, scopes)))
         if kind is NodeKind.QUERY_SCOPE:
-            return []
+            return DirEntries([], [])
         if kind is NodeKind.CONTROL_DIR:
-            return [(name, self._control_file(name)) for name in self._control_files]
+            return DirEntries(self._control_files, list(map(self._control_file, self._control_files)))
         raise NotFoundError(f"inode {node.ino} is not a directory")
 
     async def _visible_scopes(self) -> list[str]:
@@ -145,7 +159,7 @@ class Namespace:
             if info is not None:
                 return self._child(parent, info)
         else:
-            for name, child in await self.list_dir(parent):
+            for name, child in zip(*await self.list_dir(parent), strict=True):
                 if name == component:
                     return child
         raise NotFoundError(f"{component!r} is not in {parent.label or parent.did}")
@@ -166,25 +180,26 @@ class Namespace:
             infos = await self._with_times(await self._catalogue.list_content(node.did, dataset))
         else:
             infos = await self._with_times(await self._catalogue.query(node.scope, node.label))
-        names = components_for([info.did for info in infos], node.scope)
-        listing = _Listing(names, tuple(infos), dict(zip(names, infos, strict=True)))
+        with gc_paused:  # a name per entry (datalakefs/gcpause.py)
+            names = components_for([info.did for info in infos], node.scope)
+            listing = _Listing(names, tuple(infos), dict(zip(names, infos, strict=True)))
         self._listings[key] = listing
         return listing
 
-    def _children(self, parent: Node, listing: _Listing) -> list[tuple[str, Node]]:
+    def _children(self, parent: Node, listing: _Listing) -> list[Node]:
         """The nodes of a listing's entries, built once per listing (an ``ls`` of 100,000 entries
         spent half its time re-interning them): a node the kernel has forgotten since, or that the
         inode table has replaced, is interned again, so no stale inode is handed out."""
         if listing.children_of != parent.ino:
             intern_child = self._child
-            pairs = zip(listing.names, listing.infos, strict=True)
-            listing.children = [(name, intern_child(parent, info)) for name, info in pairs]
+            with gc_paused:  # a node per entry (datalakefs/gcpause.py)
+                listing.children = [intern_child(parent, info) for info in listing.infos]
             listing.children_of = parent.ino
             return list(listing.children)
         children, current = listing.children, self._inodes.current
-        for index, (name, child) in enumerate(children):
+        for index, child in enumerate(children):
             if not current(child):
-                children[index] = (name, self._child(parent, listing.infos[index]))
+                children[index] = self._child(parent, listing.infos[index])
         return list(children)
 
     def listed(self, directory: Node) -> tuple[DIDInfo, ...] | None:
@@ -219,21 +234,27 @@ class Namespace:
         timed = {info.did: info for info in await self._catalogue.get_infos(missing)}
         return [_merge(info, timed.get(info.did)) for info in infos]
 
-    def _child(self, parent: Node, info: DIDInfo) -> Node:
+    def renewed(self, node: Node) -> Node:
+        """``node`` if the inode table still has it, else the node it would be interned as now (a
+        directory handle's entry the kernel forgot while the handle was open)."""
+        if self._inodes.current(node):
+            return node
+        if node.info is not None:
+            return self._child(node.parent, node.info)
+        return self._virtual(node.kind, node.parent, node.label, node.scope)
+
+    def _child(self, parent: Node | int, info: DIDInfo) -> Node:
         did = info.did
         kind = NodeKind.FILE if info.type is DIDType.FILE else NodeKind.COLLECTION
+        parent_ino = parent if isinstance(parent, int) else parent.ino
         # inodes.py: one inode per file DID (keyed by the DID itself: no tuple per file), one per
         # (parent, DID) for directories
-        key: Hashable = did if kind is NodeKind.FILE else ("dir", parent.ino, did)
-        return self._inodes.intern(
-            key, lambda ino: Node(ino, kind, parent.ino, did=did, info=info, scope=did.scope)
-        )
+        key: Hashable = did if kind is NodeKind.FILE else ("dir", parent_ino, did)
+        return self._inodes.intern(key, kind, parent_ino, did, info, did.scope)
 
     def _virtual(self, kind: NodeKind, parent: int, label: str, scope: str | None = None) -> Node:
         """A node with no DID of its own: a scope, a control entry, a query directory."""
-        return self._inodes.intern(
-            (kind, parent, label), lambda ino: Node(ino, kind, parent, scope=scope, label=label)
-        )
+        return self._inodes.intern((kind, parent, label), kind, parent, scope=scope, label=label)
 
     def _scope_node(self, scope: str) -> Node:
         return self._virtual(NodeKind.SCOPE, ROOT_INODE, scope, scope)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import tracemalloc
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +19,7 @@ from datalakefs.catalogue.cached import CachedCatalogue, replica_batch
 from datalakefs.catalogue.fake import FakeCatalogue
 from datalakefs.config import Config
 from datalakefs.errors import AccessDeniedError, CatalogueUnavailableError, NotFoundError
-from datalakefs.model import DID, DIDInfo, FileReplicas
+from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas
 
 TTL = 300.0
 NEGATIVE_TTL = 10.0
@@ -643,3 +644,48 @@ async def test_a_dataset_is_listed_by_its_files_cached_as_its_content(
     catalogue.invalidate(RUN1)
     await catalogue.list_content(RUN1, dataset=True)
     assert fake.calls["list_files"] == 3
+
+
+async def test_listings_are_remembered_up_to_maxsize_files_in_all(
+    fake: FakeCatalogue, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The memory bound is in files, not listings: a listing pushed out by newer ones takes its files'
+    homes along, and its files' replicas are then asked for one by one."""
+    config = Config(catalogue_ttl=TTL, negative_ttl=NEGATIVE_TTL)
+    catalogue = CachedCatalogue(fake, config, maxsize=100)
+    older, older_files = many_files_dataset(fake, "older", 60)
+    newer, newer_files = many_files_dataset(fake, "newer", 60)
+    await catalogue.list_content(older)
+    await catalogue.list_content(newer)
+    for did in newer_files[:2]:
+        await catalogue.list_replicas([did])
+    assert fake.calls["list_replicas"] == 1  # one batch for both
+    for did in older_files[:2]:
+        await catalogue.list_replicas([did])
+    assert fake.calls["list_replicas"] == 3  # forgotten: one call each
+
+
+class _Prebuilt:
+    """A backend whose dataset listing is built once, before the measurement."""
+
+    def __init__(self, files: list[DIDInfo]) -> None:
+        self.files = files
+
+    def list_files(self, did: DID) -> list[DIDInfo]:
+        return self.files
+
+
+async def test_a_listing_costs_the_cache_little_beyond_its_infos() -> None:
+    """Remembering where each of 20,000 listed files was listed (for its replicas) cost about 300
+    bytes per file in an LRU cache; a plain dict from DID to listing costs well under 100."""
+    files = [DIDInfo(DID("data", f"big.{i:05d}"), DIDType.FILE, size=1) for i in range(20_000)]
+    catalogue = CachedCatalogue(_Prebuilt(files), Config())  # type: ignore[arg-type]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        listed = await catalogue.list_content(DID("data", "big"), dataset=True)
+        del listed  # the caller's copy
+        per_file = (tracemalloc.get_traced_memory()[0] - before) / len(files)
+    finally:
+        tracemalloc.stop()
+    assert per_file < 100, per_file

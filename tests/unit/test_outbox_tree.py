@@ -173,3 +173,35 @@ async def test_unknown_handles_are_ebadf_and_links_eperm(
     with pytest.raises(DatalakeError) as raised:
         fs.refuse_link(ROOT_INODE, "symlink")
     assert raised.value.errno == errno.EROFS
+
+
+async def test_readdir_builds_outbox_entries_every_time(
+    parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]
+) -> None:
+    """Outbox attributes change (a file grows): nothing built from them is kept."""
+    fs, _, _, _ = parts
+    dataset = await _new_dataset(fs)
+    fh, _, _ = await fs.create(dataset.ino, "f.dat")
+    sizes = []
+    for data in (b"a", b"bc"):
+        await fs.write(fh, 0, data)
+        listing = await fs.opendir(dataset.ino)
+        sizes += [entry.size for _, _, _, entry in fs.readdir(listing, 0, lambda attributes: attributes)]
+        fs.releasedir(listing)
+    assert sizes == [1, 2]
+
+
+async def test_an_outbox_entry_forgotten_while_its_directory_is_open_is_handed_out_anew(
+    parts: tuple[Filesystem, Outbox, Uploader, list[tuple[int, str]]]
+) -> None:
+    fs, _, _, _ = parts
+    dataset = await _new_dataset(fs)
+    await fs.create(dataset.ino, "f.dat")
+    listing = await fs.opendir(dataset.ino)
+    [(_, _, first, _)] = fs.readdir(listing, 0, lambda attributes: attributes)
+    fs.remember_each([first])
+    fs.forget(first, 2)  # create's reference and the listing's
+    [(_, _, again, attributes)] = fs.readdir(listing, 0, lambda attributes: attributes)
+    fs.releasedir(listing)
+    assert again != first and attributes.ino == again
+    assert (await fs.getattr(again)).ino == again

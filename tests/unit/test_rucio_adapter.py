@@ -8,6 +8,7 @@ hang or answer 503, to show that an outage is reported in seconds and names the 
 from __future__ import annotations
 
 import datetime
+import gc
 import http.server
 import json
 import os
@@ -524,3 +525,24 @@ def test_replica_on_an_rse_in_any_state() -> None:
     replica = adapter(StubClient({"list_replicas": rows})).replica_on(DID("data", "f1"), "SCRATCH")
     assert replica is not None and (replica.available, replica.pfns) == (False, ("https://s/f1",))
     assert adapter(StubClient({"list_replicas": []})).replica_on(DID("data", "f1"), "SCRATCH") is None
+
+
+def test_a_listings_infos_are_made_with_the_collector_paused() -> None:
+    """datalakefs/gcpause.py: the collector walking half a million new objects found no garbage."""
+    collecting: list[bool] = []
+
+    def body(did: DID, what: str) -> Iterator[bytes]:
+        rows = [{"scope": "d", "name": f"f{i}", "type": "FILE", "bytes": i, "adler32": "0000000a"} for i in range(3)]
+        for chunk in streamed(rows):
+            collecting.append(gc.isenabled())
+            yield chunk
+
+    enabled = gc.isenabled()
+    gc.enable()
+    try:
+        assert len(adapter(StubClient({"listing_body": body})).list_files(DID("d", "ds"))) == 3
+        assert len(adapter(StubClient({"listing_body": body})).list_content(DID("d", "ds"))) == 3
+        assert collecting and not any(collecting) and gc.isenabled()
+    finally:
+        if not enabled:
+            gc.disable()
