@@ -30,7 +30,6 @@ import asyncio
 import functools
 import ssl
 from typing import cast
-from urllib.parse import urlsplit
 
 from datalakefs.transport.http1 import (
     BufferSink,
@@ -44,11 +43,13 @@ from datalakefs.transport.http1 import (
     exchange_once,
     head_end,
     parse_head,
+    split_url,
 )
 
 _RECEIVE = 256 << 10  # the connection's own receive buffer: for heads and for sinks that lend no memory
 _HEAD_READ = 16 << 10  # read at most this much while the head is incomplete: body bytes read with it are copied
 
+_SCHEMES = ("http", "https")
 _Key = tuple[str, int, ssl.SSLContext | None]
 
 
@@ -244,8 +245,7 @@ class BulkRangeClient:
 
     @staticmethod
     def supports(url: str) -> bool:
-        parts = urlsplit(url)
-        return parts.scheme in ("http", "https") and "@" not in parts.netloc and parts.hostname is not None
+        return split_url(url, _SCHEMES) is not None
 
     async def fetch(
         self,
@@ -259,11 +259,13 @@ class BulkRangeClient:
     ) -> None:
         """One attempt at bytes ``[start, start+length)`` of ``url`` into ``sink`` (which it does not
         close), sending ``headers``; over https with ``context`` (None: the system's CAs)."""
-        parts = urlsplit(url)
+        where = split_url(url, _SCHEMES)
+        assert where is not None  # the caller asked supports()
+        parts, (host, port) = where
         tls = parts.scheme == "https"
         if tls and context is None:
             context = self._default_context()
-        key: _Key = (parts.hostname or "", parts.port or (443 if tls else 80), context if tls else None)
+        key: _Key = (host, port, context if tls else None)
         get = RangeGet(url, start, length, total, sink)
         exchange = functools.partial(self._exchange, key, get, get.request(parts, headers))
         await exchange_once(self._take(key), functools.partial(self._open, key, url), exchange, url)

@@ -13,11 +13,12 @@ re-exports them).
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, runtime_checkable
-from urllib.parse import SplitResult
+from urllib.parse import SplitResult, urlsplit
 
 from multidict import CIMultiDict
 
@@ -169,6 +170,21 @@ class RangeGet:
             raise RangeReadError(FailureKind.BAD_REPLY, self.url, f"Content-Length {announced!r}") from None
         check_reply(self.url, head.status, head.reason, head.headers, content_length, self.start,
                     self.start + self.length - 1, self.total)
+
+
+@functools.lru_cache(maxsize=1024)
+def split_url(url: str, schemes: tuple[str, ...]) -> tuple[SplitResult, tuple[str, int]] | None:
+    """The split URL and its (host, port) when it has one of ``schemes`` and no user info, else None
+    (also for a port that is not a number: aiohttp reports that). Cached: a reader asks for the same
+    URL each time, and a split URL parses its hostname and port anew at each access."""
+    parts = urlsplit(url)
+    if parts.scheme not in schemes or "@" in parts.netloc or parts.hostname is None:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    return parts, (parts.hostname, port)
 
 
 def head_end(buffer: bytearray, url: str) -> int:

@@ -30,7 +30,6 @@ import functools
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
 
 import trio
 
@@ -44,23 +43,13 @@ from datalakefs.transport.http1 import (
     exchange_once,
     head_end,
     parse_head,
+    split_url,
 )
 
 _RECEIVE = 256 << 10
 
 
-@functools.lru_cache(maxsize=1024)
-def _where(url: str) -> tuple[SplitResult, tuple[str, int]] | None:
-    """The split URL and the address of a URL this client takes, else None; a random reader asks for
-    the same URL each time (the hostname and port of a split URL are parsed anew per access)."""
-    parts = urlsplit(url)
-    if parts.scheme != "http" or "@" in parts.netloc or parts.hostname is None:
-        return None
-    try:
-        port = parts.port or 80
-    except ValueError:  # not a port number: aiohttp's to report
-        return None
-    return parts, (parts.hostname, port)
+_SCHEMES = ("http",)
 
 
 class _Connection:
@@ -96,7 +85,7 @@ class TrioRangeClient:
 
     @staticmethod
     def supports(url: str) -> bool:
-        return _where(url) is not None
+        return split_url(url, _SCHEMES) is not None
 
     async def fetch(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
         """Read bytes ``[start, start+length)`` of a ``total``-byte file at ``url`` into ``sink``."""
@@ -119,7 +108,7 @@ class TrioRangeClient:
             sink.close()
 
     async def _get(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
-        where = _where(url)
+        where = split_url(url, _SCHEMES)
         assert where is not None  # fetch() took the URL
         parts, address = where
         get = RangeGet(url, start, length, total, sink)
