@@ -151,13 +151,13 @@ class Namespace:
         except InvalidNameError:
             raise NotFoundError(f"{component!r} cannot name a DID") from None
         info = await self._catalogue.get_info(did)
-        return self._child(parent, info)
+        return self._child(parent.ino, info)
 
     async def _lookup_listed(self, parent: Node, component: str) -> Node:
         if parent.kind in _LISTED_KINDS:
             info = (await self._listing(parent)).by_name.get(component)
             if info is not None:
-                return self._child(parent, info)
+                return self._child(parent.ino, info)
         else:
             for name, child in zip(*await self.list_dir(parent), strict=True):
                 if name == component:
@@ -193,13 +193,13 @@ class Namespace:
         if listing.children_of != parent.ino:
             intern_child = self._child
             with gc_paused:  # a node per entry (datalakefs/gcpause.py)
-                listing.children = [intern_child(parent, info) for info in listing.infos]
+                listing.children = [intern_child(parent.ino, info) for info in listing.infos]
             listing.children_of = parent.ino
             return list(listing.children)
         children, current = listing.children, self._inodes.current
         for index, child in enumerate(children):
             if not current(child):
-                children[index] = self._child(parent, listing.infos[index])
+                children[index] = self._child(parent.ino, listing.infos[index])
         return list(children)
 
     def listed(self, directory: Node) -> tuple[DIDInfo, ...] | None:
@@ -243,10 +243,9 @@ class Namespace:
             return self._child(node.parent, node.info)
         return self._virtual(node.kind, node.parent, node.label, node.scope)
 
-    def _child(self, parent: Node | int, info: DIDInfo) -> Node:
+    def _child(self, parent_ino: int, info: DIDInfo) -> Node:
         did = info.did
         kind = NodeKind.FILE if info.type is DIDType.FILE else NodeKind.COLLECTION
-        parent_ino = parent if isinstance(parent, int) else parent.ino
         # inodes.py: one inode per file DID (keyed by the DID itself: no tuple per file), one per
         # (parent, DID) for directories
         key: Hashable = did if kind is NodeKind.FILE else ("dir", parent_ino, did)
