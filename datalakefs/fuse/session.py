@@ -211,6 +211,9 @@ async def serve(
     INIT request has been handled."""
     import pyfuse3
 
+    from datalakefs.fuse import loop
+
+    loop.install()
     pyfuse3.init(operations, target, options)
     try:
         async with trio.open_nursery() as nursery:
