@@ -7,6 +7,8 @@ Design (format: :mod:`datalakefs.cache.layout`):
   torn last record (ignored) or a journaled block whose data is missing (caught by its checksums). At
   start, :meth:`BlockCache.load` replays every journal, drops what is damaged, foreign or past the end
   of a truncated data file, rewrites journals that had damage, and removes anything else it finds.
+  A file of one block has no ``.index``: its journal is written whole behind its bytes in the data
+  file, and kept at load only when whole (one file created per small file, not two).
   SQLite was not chosen: it would add a commit per block on the hot path and a second source of truth.
 * **Verified on every read.** :meth:`read` checks the CRC32 of every page it returns against the
   block's record. A block that fails is dropped (counted in ``corrupt_blocks``) and the read reports a
@@ -54,6 +56,7 @@ from datalakefs.cache.layout import (
     MAX_BLOCK_SIZE,
     MIB,
     PAGE_SIZE,
+    TAIL_SIZE,
     BlockRecord,
     CorruptBlockError,
     EntryRole,
@@ -70,14 +73,17 @@ from datalakefs.cache.layout import (
     file_stem,
     filesystem_type,
     is_prefix_name,
+    journal_length,
     parse_block_record,
     parse_drop_record,
     parse_entry_name,
     parse_file_record,
     parse_verified_record,
     punch_hole,
+    pwrite_all,
     read_records,
     verified_record,
+    with_tail,
 )
 from datalakefs.cache.writer import BlockWriter, LandedBlock
 from datalakefs.errors import ConfigError
@@ -122,16 +128,18 @@ class _File:
         "live_journal_bytes",
         "n_blocks",
         "punched",
+        "single",
         "stem",
         "touched",
         "verdict_journaled",
         "verified",
     )
 
-    def __init__(self, key: FileKey, stem: str, block_size: int, inode: int) -> None:
+    def __init__(self, key: FileKey, stem: str, block_size: int, inode: int, single: bool = False) -> None:
         self.key = key
         self.stem = stem  # the path of its entries without their suffix
         self.inode = inode
+        self.single = single  # one block, its journal behind its bytes in the data file (layout.py)
         self.n_blocks = block_count(key.size, block_size)
         self.blocks: dict[int, BlockRecord] = {}
         self.punched: dict[int, int] = {}  # block index -> the cache's punch count when it was last punched
@@ -144,7 +152,7 @@ class _File:
 
 
 class BlockCache:
-    """A verified block cache under ``<root>/v2``; see the module docstring for the contract."""
+    """A verified block cache under ``<root>/v3``; see the module docstring for the contract."""
 
     def __init__(
         self,
@@ -206,7 +214,10 @@ class BlockCache:
                     roles.setdefault(entry[0], set()).add(entry[1])
             for digest, present in roles.items():
                 stem = os.path.join(prefix_dir, digest)
-                loaded = self._load_file(stem, digest) if len(present) == 2 else None
+                if len(present) == 2:
+                    loaded = self._load_file(stem, digest)
+                else:
+                    loaded = self._load_single(stem, digest) if EntryRole.DATA in present else None
                 if loaded is None:
                     _remove(stem + INDEX_SUFFIX)
                     _remove(stem + DATA_SUFFIX)
@@ -300,6 +311,43 @@ class BlockCache:
         if valid_end < len(raw) or file.journal_bytes > 2 * file.live_journal_bytes + _COMPACT_SLACK:
             self._compact(file)
         return mtime, file
+
+    def _load_single(self, stem: str, digest: str) -> tuple[float, _File] | None:
+        """Load a one-block file from its data file alone; None unless its journal is whole (layout.py)."""
+        try:
+            fd = os.open(stem + DATA_SUFFIX, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            length = journal_length(os.pread(fd, TAIL_SIZE, max(0, st.st_size - TAIL_SIZE)))
+            if length is None or length > st.st_size - TAIL_SIZE:
+                return None
+            raw = os.pread(fd, length, st.st_size - TAIL_SIZE - length)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        records = list(read_records(raw))
+        if [kind for kind, _, _ in records] != [RecordType.FILE, RecordType.BLOCK, RecordType.VERIFIED]:
+            return None
+        try:
+            key = parse_file_record(records[0][1], self.block_size)
+            record = parse_block_record(records[1][1], key, self.block_size)
+            verified = parse_verified_record(records[2][1])
+        except (CorruptBlockError, ValueError):
+            return None
+        if key.digest != digest or records[-1][2] != len(raw) or st.st_size != key.size + len(raw) + TAIL_SIZE:
+            return None
+        file = _File(key, stem, self.block_size, st.st_ino, single=True)
+        if file.n_blocks != 1:
+            return None
+        file.blocks[0] = record
+        file.verified = verified
+        file.cached_bytes = record.length
+        file.journal_bytes = file.live_journal_bytes = len(raw)
+        file.touched = st.st_mtime
+        return st.st_mtime, file
 
     # ---- queries ------------------------------------------------------------------------------
 
@@ -472,21 +520,20 @@ class BlockCache:
                 log.warning("cache: the data file of %s was replaced behind our back", key.did)
                 self._corrupt += len(file.blocks)
                 self._discard(file)
-            file = _File(key, file_stem(self._root, key.digest), self.block_size, inode)
+            file = _File(key, file_stem(self._root, key.digest), self.block_size, inode,
+                         single=block_count(key.size, self.block_size) == 1)
         record = landed.record
         if file.punched.get(record.index, 0) > landed.since and not self._stored_intact(file, record):
             # The block was cached before and evicted while this transfer rewrote it: the hole punched
             # for the old copy may have taken the new bytes (they read back as zeros).
             return False
         try:
-            if file.journal_bytes == 0:
-                first = block_record(key, self.block_size, record)
-                # A file of one block is complete with it and its whole-file check is the block's
-                # adler32: the verdict goes in the same write (no second journal write per small file);
-                # verify() still gives it, without writing.
-                verified = file.n_blocks == 1 and key.adler32 == record.adler32
-                self._start_journal(file, first + verified_record(True) if verified else first)
-                file.verdict_journaled = verified
+            if file.single:
+                # its whole-file check is the block's adler32: the verdict goes with it, verify() gives it
+                file.verdict_journaled = key.adler32 == record.adler32
+                self._journal_single(file, record, file.verdict_journaled)
+            elif file.journal_bytes == 0:
+                self._start_journal(file, block_record(key, self.block_size, record))
             else:
                 self._append(file, block_record(key, self.block_size, record))
         except OSError as exc:
@@ -501,7 +548,9 @@ class BlockCache:
             file.cached_bytes -= old.length
             file.live_journal_bytes -= block_record_size(old)
             self._used -= old.length
-            if file.verified:
+            if file.verified and file.single:
+                file.verified = False  # its journal, just written, has the new block's verdict
+            elif file.verified:
                 self._set_verified(file, False)
         file.blocks[record.index] = record
         file.cached_bytes += record.length
@@ -557,7 +606,19 @@ class BlockCache:
         file.journal_bytes = len(content)
         file.touched = time.time()
 
+    def _journal_single(self, file: _File, record: BlockRecord, verified: bool) -> None:
+        """Write a one-block file's journal, whole, behind its bytes in the data file (whose fd stays
+        open: a read of the file follows). The same length every time: it covers the last one."""
+        journal = file_record(file.key, self.block_size) + block_record(file.key, self.block_size, record)
+        journal += verified_record(verified)
+        pwrite_all(self._fd(file, _DATA), with_tail(journal), file.key.size)
+        file.journal_bytes = file.live_journal_bytes = len(journal)
+        file.touched = time.time()
+
     def _append(self, file: _File, record: bytes) -> None:
+        if file.single:  # never appended to: written anew with the state in memory
+            self._journal_single(file, file.blocks[0], file.verified)
+            return
         _write_all(self._fd(file, _JOURNAL), record)
         file.journal_bytes += len(record)
         file.verdict_journaled = False
@@ -602,7 +663,7 @@ class BlockCache:
         now = time.time()
         if file is not None and now - file.touched >= TOUCH_INTERVAL:
             with contextlib.suppress(OSError):
-                os.utime(file.stem + INDEX_SUFFIX)
+                os.utime(file.stem + (DATA_SUFFIX if file.single else INDEX_SUFFIX))
             file.touched = now
 
     def _evict_to(self, target: int, keep: tuple[str, int] | None = None) -> None:

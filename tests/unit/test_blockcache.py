@@ -20,6 +20,7 @@ from datalakefs.cache import store as store_module
 from datalakefs.cache import writer as writer_module
 from datalakefs.cache.layout import (
     PAGE_SIZE,
+    TAIL_SIZE,
     BlockRecord,
     CorruptBlockError,
     FileKey,
@@ -28,7 +29,9 @@ from datalakefs.cache.layout import (
     block_record,
     file_record,
     filesystem_type,
+    journal_length,
     parse_block_record,
+    parse_verified_record,
     read_records,
 )
 from datalakefs.cache.store import BlockCache, VerifyResult
@@ -98,7 +101,7 @@ def test_blocks_round_trip_verified_and_private(tmp_path: Path) -> None:
     assert unaligned == DATA[BS + 100 : BS + 5100]
     prefix = os.path.dirname(cache.data_path(key))
     assert sorted(os.listdir(prefix)) == [f"{key.digest}.data", f"{key.digest}.index"]  # no directory per file
-    for dirpath, _, filenames in os.walk(tmp_path / "v2"):
+    for dirpath, _, filenames in os.walk(tmp_path / "v3"):
         assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o700
         assert "secret-name" not in dirpath
         for name in filenames:
@@ -252,9 +255,11 @@ def test_restart_rebuilds_accounting_drops_its_debris_and_leaves_what_is_not_cac
     os.unlink(cache.index_path(other))  # data without its journal is dropped
     with open(cache.index_path(third), "r+b") as fh:
         fh.write(b"XXXX")  # a journal that is not ours
-    (tmp_path / "v2" / "zz-not-a-prefix").mkdir()
-    (tmp_path / ".v2-trash-0123").mkdir()
-    (tmp_path / "v1" / "ab" / ("ab" + "0" * 62)).mkdir(parents=True)  # a cache of the earlier format
+    (tmp_path / "v3" / "zz-not-a-prefix").mkdir()
+    (tmp_path / ".v3-trash-0123").mkdir()
+    (tmp_path / "v1" / "ab" / ("ab" + "0" * 62)).mkdir(parents=True)  # caches of earlier formats
+    (tmp_path / "v2" / "ab").mkdir(parents=True)
+    (tmp_path / "v2" / "ab" / ("ab" + "0" * 62 + ".data")).write_bytes(b"old")
     cache.close()
 
     again = new_cache(tmp_path)
@@ -263,8 +268,8 @@ def test_restart_rebuilds_accounting_drops_its_debris_and_leaves_what_is_not_cac
     assert "junk" in os.listdir(prefix) and not any(n.endswith(".tmp") for n in os.listdir(prefix))
     for gone in (other, third):
         assert not os.path.exists(again.data_path(gone)) and not os.path.exists(again.index_path(gone))
-    assert sorted(os.listdir(tmp_path)) == ["v2"]
-    assert (tmp_path / "v2" / "zz-not-a-prefix").is_dir()
+    assert sorted(os.listdir(tmp_path)) == ["v3"]
+    assert (tmp_path / "v3" / "zz-not-a-prefix").is_dir()
     assert again.read(key, 5, 0, len(DATA) % BS) == DATA[5 * BS :]
     journal = Path(again.index_path(key)).read_bytes()
     assert [kind for kind, _, _ in read_records(journal)] == [RecordType.FILE, *[RecordType.BLOCK] * 6]
@@ -278,7 +283,7 @@ def test_a_cache_root_that_is_a_symbolic_link_is_refused_and_its_target_untouche
     (precious / "notes.txt").write_text("more")
     precious.chmod(0o755)
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "v2").symlink_to(precious)
+    (tmp_path / "cache" / "v3").symlink_to(precious)
     with pytest.raises(ConfigError, match="symbolic link"):
         new_cache(tmp_path / "cache")
     assert (precious / "ab" / "thesis.tex").read_text() == "years of work"
@@ -339,26 +344,81 @@ def test_touch_skips_a_journal_the_cache_wrote_or_touched_recently(tmp_path: Pat
     again.close()
 
 
-def test_a_file_of_one_block_is_journaled_and_judged_in_one_write(tmp_path: Path) -> None:
+def test_a_file_of_one_block_is_one_file_its_journal_and_verdict_behind_its_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cache = new_cache(tmp_path)
     small = DATA[:549]
     good, wrong = key_of(small, name="good"), key_of(small, name="wrong", adler=zlib.adler32(small) ^ 1)
+    opened: list[tuple[str, int]] = []
+    real_open = os.open
+
+    def spy_open(path: str, flags: int, mode: int = 0o777) -> int:
+        fd = real_open(path, flags, mode)
+        opened.append((path, flags))
+        return fd
+
+    monkeypatch.setattr(os, "open", spy_open)
     put(cache, good, small, 0, 1)
+    assert cache.read(good, 0, 0, 549) == small
+    # one file created (by the writer); the commit opens it once more, and the read uses that fd
+    assert [path for path, flags in opened] == [cache.data_path(good)] * 2
+    assert [bool(flags & os.O_CREAT) for _, flags in opened] == [True, False]
+    monkeypatch.undo()
     put(cache, wrong, small, 0, 1)
-    assert os.path.getsize(cache.data_path(good)) == 549  # sized by its one write
-    journal = Path(cache.index_path(good)).read_bytes()
-    assert [kind for kind, _, _ in read_records(journal)] == [RecordType.FILE, RecordType.BLOCK, RecordType.VERIFIED]
-    assert [kind for kind, _, _ in read_records(Path(cache.index_path(wrong)).read_bytes())] == [
-        RecordType.FILE,
-        RecordType.BLOCK,
-    ]
+    prefix = os.path.dirname(cache.data_path(good))
+    assert sorted(os.listdir(prefix)) == [f"{good.digest}.data"]
+    for key, verdict in ((good, True), (wrong, False)):
+        raw = Path(cache.data_path(key)).read_bytes()
+        assert raw[:549] == small
+        length = journal_length(raw[-TAIL_SIZE:])
+        assert length is not None and 549 + length + TAIL_SIZE == len(raw)
+        records = list(read_records(raw[549 : 549 + length]))
+        assert [kind for kind, _, _ in records] == [RecordType.FILE, RecordType.BLOCK, RecordType.VERIFIED]
+        assert parse_verified_record(records[-1][1]) is verdict
+    journal = Path(cache.data_path(good)).read_bytes()
     assert cache.verify(good) is VerifyResult.VERIFIED and cache.is_verified(good)
-    assert Path(cache.index_path(good)).read_bytes() == journal  # the verdict was already there
+    assert Path(cache.data_path(good)).read_bytes() == journal  # the verdict was already there
     assert cache.verify(wrong) is VerifyResult.MISMATCH
+    assert not os.path.exists(cache.data_path(wrong))
     cache.close()
     again = new_cache(tmp_path)
     assert again.is_verified(good) and again.read(good, 0, 0, 549) == small
     assert again.cached_bytes(wrong) == 0
+    again.close()
+
+
+@pytest.mark.parametrize("cut", [1, TAIL_SIZE, TAIL_SIZE + 5, TAIL_SIZE + 400])
+def test_a_one_block_file_without_its_whole_journal_is_dropped_at_restart(tmp_path: Path, cut: int) -> None:
+    """A crash before the journal was written, or while it was: the file cannot be trusted whole."""
+    cache = new_cache(tmp_path)
+    small = DATA[:70_000]
+    key, kept = key_of(small), key_of(small, name="kept")
+    put(cache, key, small, 0, 1)
+    put(cache, kept, small, 0, 1)
+    cache.close()
+    os.truncate(cache.data_path(key), os.path.getsize(cache.data_path(key)) - cut)
+    again = new_cache(tmp_path)
+    assert not again.has_block(key, 0) and not os.path.exists(again.data_path(key))
+    assert again.read(kept, 0, 0, len(small)) == small
+    again.close()
+
+
+def test_a_one_block_file_fetched_again_gets_its_new_journal_and_verdict(tmp_path: Path) -> None:
+    cache = new_cache(tmp_path)
+    small = DATA[:549]
+    key = key_of(small)
+    put(cache, key, small, 0, 1)
+    assert cache.verify(key) is VerifyResult.VERIFIED
+    size = os.path.getsize(cache.data_path(key))
+    put(cache, key, small, 0, 1, seed=5)
+    assert not cache.is_verified(key)
+    assert cache.verify(key) is VerifyResult.VERIFIED
+    assert os.path.getsize(cache.data_path(key)) == size
+    assert cache.statistics().used_bytes == 549
+    cache.close()
+    again = new_cache(tmp_path)
+    assert again.is_verified(key) and again.read(key, 0, 0, 549) == small
     again.close()
 
 
@@ -626,7 +686,7 @@ async def test_blocks_of_a_cleared_cache_are_refused(tmp_path: Path) -> None:
     await cache.clear()
     assert cache.read(key, 0, 0, 10) is None
     assert cache.statistics().used_bytes == 0
-    assert os.listdir(tmp_path / "v2") == []
+    assert os.listdir(tmp_path / "v3") == []
     assert not cache.commit(key, landed[0])  # its data file went with the old cache
     assert cache.salvage(key, landed[0]) is None
     put(cache, key, DATA, 0, 1)  # and the cache still works afterwards
