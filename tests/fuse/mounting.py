@@ -18,8 +18,18 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from datalakefs.fuse.session import FSTYPE, is_stale, mounted_fstype, wait_gone
+from datalakefs.fuse.session import FSTYPE, is_stale, mounted_fstype, unmount, wait_gone
 from tests.fuse.users import TestUser
+
+
+def kill_and_unmount(process: subprocess.Popen[Any], mountpoint: Path) -> None:
+    """Cleanup after a FUSE process a test started: kill it if it still runs, and lazily unmount what it
+    left mounted."""
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=30)
+    if mounted_fstype(str(mountpoint)) is not None:
+        unmount(str(mountpoint), lazy=True)
 
 
 def datalakefs(*args: str, timeout: float = 180, env: dict[str, str] | None = None,

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from datalakefs.fuse.session import mounted_fstype, unmount
+from datalakefs.fuse.session import unmount
+from tests.fuse.mounting import kill_and_unmount
 
 READS = 400
 #: requests other than the READs: INIT, LOOKUP, OPEN, FLUSH, RELEASE and a few the kernel may add
@@ -42,11 +43,7 @@ def steps_and_reads(mountpoint: Path, *flags: str, while_one_waits: bool = False
         unmount(str(mountpoint))
         out, _ = server.communicate(timeout=30)
     finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait(timeout=30)
-        if mounted_fstype(str(mountpoint)) is not None:
-            unmount(str(mountpoint), lazy=True)
+        kill_and_unmount(server, mountpoint)
     counts = json.loads(out.strip().splitlines()[-1])
     return counts["steps"], counts["reads"]
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from datalakefs.demo.status import LakeStatus
-from datalakefs.fuse.session import mounted_fstype, unmount, wait_gone
-from tests.fuse.mounting import Mount, datalakefs
+from datalakefs.fuse.session import mounted_fstype, wait_gone
+from tests.fuse.mounting import Mount, datalakefs, kill_and_unmount
 from tests.fuse.test_browse import path_of
 from tests.fuse.test_outbox import check_in_lake
 from tests.fuse.test_promises_outbox import resume_with_a_working_rse, waiting_file
@@ -179,8 +179,4 @@ def test_the_sidecar_detaches_lazily_when_the_daemon_does_not_stop(tmp_path: Pat
         assert "event=stop " in log and "event=stop-timeout" in log and "action=lazy-unmount" in log
         assert mounted_fstype(str(mountpoint)) is None
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
-        if mounted_fstype(str(mountpoint)) is not None:
-            unmount(str(mountpoint), lazy=True)
+        kill_and_unmount(process, mountpoint)
