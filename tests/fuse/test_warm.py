@@ -1,5 +1,5 @@
 """A dataset read again from a warm block cache, on a fresh mount: no catalogue call, no GET, the next
-files paged in from the cache's disk ahead of the reader."""
+files paged in from the cache's disk ahead of the reader; each small file cached as one file."""
 
 from __future__ import annotations
 
@@ -32,8 +32,13 @@ def test_a_warm_read_of_a_dataset_asks_neither_the_catalogue_nor_the_storage(
     cold.start()
     assert _read_dataset(cold, plan.scope, plan.name) == expected
     cold.stop()
-    warm = new_mount(f"cache_dir={tmp_path / 'cache0'}")  # the cold mount's block cache
+    cache = tmp_path / "cache0"
+    cached = [path.name for path in (cache / "v3").rglob("*") if path.is_file()]
+    assert len(cached) == len(plan.files) and all(n.endswith(".data") for n in cached)  # one file each
+    (cache / "v2" / "ab").mkdir(parents=True)  # a cache of the earlier format: gone when a mount starts
+    warm = new_mount(f"cache_dir={cache}")  # the cold mount's block cache
     warm.start()
+    assert sorted(os.listdir(cache)) == ["v3"]
     directory = warm.mountpoint / plan.scope / plan.name
     assert len(os.listdir(directory)) == len(plan.files)
     listed = warm.status()
