@@ -1,0 +1,293 @@
+"""A directory served while the catalogue's answer still arrives: readdir hands out the entries that
+are in, waits (without blocking the loop) for more, shares one answer between readers, and a listing
+that breaks off is an error for the reader that reaches the break, never a shorter listing cached."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import pytest
+import trio
+import trio.testing
+
+from datalakefs.catalogue.cached import CachedCatalogue
+from datalakefs.config import Config
+from datalakefs.errors import CatalogueUnavailableError, NotFoundError
+from datalakefs.fs.attributes import Attributes, Ownership
+from datalakefs.fs.filesystem import Filesystem
+from datalakefs.fs.lake import LakeTree
+from datalakefs.model import DID, DIDInfo, DIDType
+from datalakefs.namespace.inodes import ROOT_INODE, InodeTable
+from datalakefs.namespace.tree import Entries, Namespace
+
+#: entries per batch of the held catalogue; the namespace hands a listing out beyond TIMES_LIMIT entries
+BATCH = 3
+TIMES_LIMIT = 2
+
+
+class _HeldCatalogue:
+    """A catalogue whose dataset ``s:big`` arrives in batches of :data:`BATCH` files, each held back
+    until the test releases it (:meth:`release`); ``broken_at``: the batch at which the answer breaks
+    off instead (the rows before it delivered)."""
+
+    def __init__(self, files: int, broken_at: int | None = None) -> None:
+        self.files = [DIDInfo(DID("s", f"f{i:03d}"), DIDType.FILE, size=i) for i in range(files)]
+        self.broken_at = broken_at
+        self.batches = (files + BATCH - 1) // BATCH
+        self.released = [trio.Event() for _ in range(self.batches + 1)]
+        self.calls = 0
+        self.closed = threading.Event()
+
+    def release(self, upto: int) -> None:
+        """Let batches ``0 .. upto - 1`` (and the end of the answer after the last) go."""
+        for gate in self.released[:upto]:
+            gate.set()
+
+    def list_files(self, did: DID) -> Iterator[list[DIDInfo]]:
+        self.calls += 1
+        try:
+            for index in range(self.batches):
+                trio.from_thread.run(self.released[index].wait)
+                if index == self.broken_at:
+                    raise CatalogueUnavailableError("rucio server: connection reset by peer")
+                yield self.files[index * BATCH : (index + 1) * BATCH]
+            trio.from_thread.run(self.released[self.batches].wait)
+        finally:
+            self.closed.set()
+
+    def get_info(self, did: DID) -> DIDInfo:
+        return DIDInfo(did, DIDType.DATASET)
+
+    def list_scopes(self) -> list[str]:
+        return ["s"]
+
+
+@dataclass
+class _Mount:
+    fs: Filesystem
+    namespace: Namespace
+    catalogue: CachedCatalogue
+    held: _HeldCatalogue
+    dataset: int
+
+    async def read(self, fh: int, start: int, room: int = 1000) -> list[tuple[int, str, int]]:
+        """One readdir as the kernel asks it: at most ``room`` entries from ``start``, remembered."""
+        entries = [(next_id, name, ino) for next_id, name, ino, _ in await self.fs.readdir(fh, start, _built)]
+        entries = entries[:room]
+        self.fs.remember_each(ino for _, _, ino in entries)
+        return entries
+
+    async def read_all(self, fh: int) -> list[str]:
+        return [name for name, _ in await self.read_entries(fh)]
+
+    async def read_entries(self, fh: int) -> list[tuple[str, int]]:
+        """Every entry (name, inode) from the start, as ``ls`` reads them: until an empty answer."""
+        entries: list[tuple[str, int]] = []
+        while replied := await self.read(fh, len(entries)):
+            entries += [(name, ino) for _, name, ino in replied]
+        return entries
+
+
+def _built(attributes: Attributes) -> Attributes:
+    return attributes
+
+
+class _NoContent:
+    """These tests read no file data."""
+
+
+@asynccontextmanager
+async def mounted(held: _HeldCatalogue) -> AsyncIterator[_Mount]:
+    """The filesystem over ``held`` with the catalogue's background running, as in the daemon."""
+    catalogue = CachedCatalogue(held, Config())  # type: ignore[arg-type]
+    namespace = Namespace(catalogue, InodeTable(), times_limit=TIMES_LIMIT)
+    lake = LakeTree(namespace, catalogue, _NoContent(), {}, Ownership(1000, 1000))  # type: ignore[arg-type]
+    fs = Filesystem(namespace, lake)
+    with trio.fail_after(30):  # a reader that waits for ever fails the test instead of hanging it
+        async with trio.open_nursery() as nursery:
+            await nursery.start(catalogue.run)
+            scope = (await fs.lookup(ROOT_INODE, "s")).ino
+            dataset = (await fs.lookup(scope, "big")).ino
+            yield _Mount(fs, namespace, catalogue, held, dataset)
+            held.release(len(held.released))  # let an abandoned reading thread end
+            nursery.cancel_scope.cancel()
+
+
+async def opened(mount: _Mount) -> int:
+    """opendir of the dataset, which returns once its first batch is in."""
+    return await mount.fs.opendir(mount.dataset)
+
+
+async def test_readdir_serves_the_first_batches_while_the_rest_is_held_back() -> None:
+    held = _HeldCatalogue(files=9)
+    async with mounted(held) as mount:
+        held.release(1)
+        fh = await opened(mount)
+        first = await mount.read(fh, 0)
+        assert [(next_id, name) for next_id, name, _ in first] == [(1, "f000"), (2, "f001"), (3, "f002")]
+        assert mount.catalogue.statistics().streaming == 1
+        assert mount.namespace.statistics()["entries_while_streaming"] == 3
+
+        got: list[list[tuple[int, str, int]]] = []
+
+        async def reader_ahead_of_the_stream() -> None:
+            got.append(await mount.read(fh, 3))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader_ahead_of_the_stream)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []  # it waits: an empty answer would end the kernel's reading
+            held.release(2)
+        assert [name for _, name, _ in got[0]] == ["f003", "f004", "f005"]
+        held.release(len(held.released))
+        assert [name for _, name, _ in await mount.read(fh, 6)] == ["f006", "f007", "f008"]
+        assert await mount.read(fh, 9) == []  # the end
+        assert mount.catalogue.statistics().streaming == 0
+        mount.fs.releasedir(fh)
+        # whole now, and cached: the next opendir costs no call and shows the same entries
+        fh = await opened(mount)
+        assert await mount.read_all(fh) == [info.did.name for info in held.files]
+        assert held.calls == 1
+
+
+async def test_a_second_opendir_while_the_answer_arrives_shares_it() -> None:
+    held = _HeldCatalogue(files=7)
+    async with mounted(held) as mount:
+        handles: list[int] = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(lambda: _append_opened(mount, handles))
+            await trio.testing.wait_all_tasks_blocked()
+            held.release(1)
+        one, two = handles
+        assert (await mount.read(one, 0)) == (await mount.read(two, 0))
+        held.release(len(held.released))
+        names = [info.did.name for info in held.files]
+        assert await mount.read_all(one) == names and await mount.read_all(two) == names
+        assert held.calls == 1
+
+
+async def _append_opened(mount: _Mount, handles: list[int]) -> None:
+    handles.append(await opened(mount))
+
+
+async def test_a_listing_that_breaks_off_is_an_error_at_the_break_and_is_not_cached(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    held = _HeldCatalogue(files=9, broken_at=1)
+    async with mounted(held) as mount:
+        held.release(1)
+        fh = await opened(mount)
+        assert len(await mount.read(fh, 0)) == 3
+        held.release(2)
+        with pytest.raises(CatalogueUnavailableError, match=r"broke off after 3 entries: .*connection reset by peer"):
+            await mount.read(fh, 3)
+        assert len(await mount.read(fh, 0)) == 3  # what arrived stays readable (rewinddir)
+        assert any("event=listing-broken" in record.getMessage() for record in caplog.records)
+        # nothing half is kept: the next opendir asks the catalogue again
+        held.broken_at = None
+        held.release(len(held.released))
+        fh = await opened(mount)
+        assert await mount.read_all(fh) == [info.did.name for info in held.files]
+        assert held.calls == 2
+
+
+async def test_lookups_while_the_answer_arrives() -> None:
+    held = _HeldCatalogue(files=9)
+    async with mounted(held) as mount:
+        held.release(1)
+        await opened(mount)
+        assert (await mount.fs.lookup(mount.dataset, "f001")).size == 1  # already seen
+        found: list[int] = []
+
+        async def look_up_a_later_name() -> None:
+            found.append((await mount.fs.lookup(mount.dataset, "f007")).size)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(look_up_a_later_name)
+            await trio.testing.wait_all_tasks_blocked()
+            assert found == []  # it may still arrive
+            held.release(3)
+        assert found == [7]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: _expect_missing(mount, "nope"))
+            await trio.testing.wait_all_tasks_blocked()
+            held.release(len(held.released))
+
+
+async def _expect_missing(mount: _Mount, name: str) -> None:
+    with pytest.raises(NotFoundError):
+        await mount.fs.lookup(mount.dataset, name)
+
+
+async def test_a_cancelled_reader_leaves_the_answer_to_the_others() -> None:
+    held = _HeldCatalogue(files=6)
+    async with mounted(held) as mount:
+        held.release(1)
+        fh = await opened(mount)
+        with trio.move_on_after(0) as waited:  # a reader interrupted while it waits for more
+            await mount.read(fh, 3)
+        assert waited.cancelled_caught
+        held.release(len(held.released))
+        assert await mount.read_all(fh) == [info.did.name for info in held.files]
+        assert held.calls == 1
+
+
+async def test_the_mount_ending_mid_answer_ends_waiting_readers_with_an_error() -> None:
+    held = _HeldCatalogue(files=6)
+    catalogue = CachedCatalogue(held, Config())  # type: ignore[arg-type]
+    namespace = Namespace(catalogue, InodeTable(), times_limit=TIMES_LIMIT)
+    raised: list[BaseException] = []
+
+    async def reader(entries: Entries) -> None:
+        try:
+            await entries.ready(3)
+        except CatalogueUnavailableError as exc:
+            raised.append(exc)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as outer, trio.open_nursery() as background:
+            await background.start(catalogue.run)
+            scope = await namespace.lookup(namespace.inodes.get(ROOT_INODE), "s")
+            held.release(1)
+            entries = await namespace.list_dir(await namespace.lookup(scope, "big"))
+            outer.start_soon(reader, entries)
+            await trio.testing.wait_all_tasks_blocked()
+            background.cancel_scope.cancel()  # the mount ends
+        assert [str(exc) for exc in raised] == ["the listing of s:big was interrupted"]
+        held.release(len(held.released))
+        assert await trio.to_thread.run_sync(held.closed.wait, 10), "the reading thread closed the answer"
+    assert catalogue.statistics().streaming == 0
+
+
+async def test_rewinddir_and_seekdir_see_the_same_positions() -> None:
+    held = _HeldCatalogue(files=9)
+    async with mounted(held) as mount:
+        held.release(2)
+        fh = await opened(mount)
+        await mount.read(fh, 5, room=0)  # returns once the sixth entry is in
+        assert [name for _, name, _ in await mount.read(fh, 0, room=4)] == ["f000", "f001", "f002", "f003"]
+        assert [name for _, name, _ in await mount.read(fh, 4)] == ["f004", "f005"]
+        assert [name for _, name, _ in await mount.read(fh, 2, room=1)] == ["f002"]  # seekdir back
+        held.release(len(held.released))
+        assert [name for _, name, _ in await mount.read(fh, 0, room=2)] == ["f000", "f001"]  # rewinddir
+
+
+async def test_entries_the_kernel_forgot_mid_listing_are_handed_out_anew() -> None:
+    held = _HeldCatalogue(files=6)
+    async with mounted(held) as mount:
+        held.release(1)
+        fh = await opened(mount)
+        first = await mount.read(fh, 0)
+        for _, _, ino in first:
+            mount.fs.forget(ino, 1)  # the kernel's only reference
+        held.release(len(held.released))
+        again = await mount.read_entries(fh)
+        assert [name for name, _ in again] == [info.did.name for info in held.files]
+        dead = {ino for _, _, ino in first}
+        assert not dead & {ino for _, ino in again}
+        for _, ino in again:
+            assert (await mount.fs.getattr(ino)).ino == ino
