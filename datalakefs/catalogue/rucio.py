@@ -90,8 +90,9 @@ from datalakefs.redaction import redact_text, register_secret
 #: chunks of 250; chunks on 2-4 clients in parallel gained nothing reliable on 2 cores (1.4-3.1 s).
 DIDS_PER_REQUEST: Final = 1000
 
-#: Bytes of a streamed listing parsed at once (about 1,500 rows of ``list_files``).
-LISTING_CHUNK: Final = 256 * 1024
+#: Bytes of a streamed listing parsed and handed on at once (about 1,100 rows of ``list_files``: just
+#: more than ``listing_times_limit``, so that the first batch lets a large directory be served).
+LISTING_CHUNK: Final = 128 * 1024
 
 _NOT_FOUND = (
     rucio_exc.DataIdentifierNotFound,
@@ -216,7 +217,11 @@ class _QuickClient(Client):  # type: ignore[misc]  # rucio ships no type informa
     def listing_body(self, did: DID, what: str) -> Iterator[bytes]:
         """The body of ``GET /dids/<scope>/<name>/<what>`` as it arrives (``dids``: the content, as
         rucio's ``list_content``; ``files``: the files, as ``list_files``), for :func:`ndjson.batches`
-        instead of rucio's per-row parsing (see there). Errors are rucio's, as its methods raise them."""
+        instead of rucio's per-row parsing (see there), in pieces of at least :data:`LISTING_CHUNK`
+        bytes (but the last): the server sends its answer chunked, a row or a few per HTTP chunk, and
+        ``iter_content`` hands out each HTTP chunk as it is, so a 100k listing came as tens of thousands
+        of pieces, each parsed and handed on by itself (over a thousand READDIRPLUS replies of a few
+        dozen entries each for one ``ls``). Errors are rucio's, as its methods raise them."""
         path = "/".join([self.DIDS_BASEURL, quote_plus(did.scope), quote_plus(did.name), what])
         response = self._send_request(build_url(choice(self.list_hosts), path=path), method=HTTPMethod.GET)
         with response:
@@ -225,7 +230,16 @@ class _QuickClient(Client):  # type: ignore[misc]  # rucio ships no type informa
                     headers=response.headers, status_code=response.status_code, data=response.content
                 )
                 raise exc_cls(exc_msg)
-            yield from response.iter_content(chunk_size=LISTING_CHUNK)
+            pieces: list[bytes] = []
+            held = 0
+            for piece in response.iter_content(chunk_size=LISTING_CHUNK):
+                pieces.append(piece)
+                held += len(piece)
+                if held >= LISTING_CHUNK:
+                    yield b"".join(pieces)
+                    pieces, held = [], 0
+            if pieces:
+                yield b"".join(pieces)
 
 
 class RucioCatalogue:
