@@ -4,6 +4,7 @@ that breaks off is an error for the reader that reaches the break, never a short
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from datalakefs.catalogue.cached import CachedCatalogue
 from datalakefs.config import Config
@@ -29,34 +32,40 @@ TIMES_LIMIT = 2
 
 
 class _HeldCatalogue:
-    """A catalogue whose dataset ``s:big`` arrives in batches of :data:`BATCH` files, each held back
-    until the test releases it (:meth:`release`); ``broken_at``: the batch at which the answer breaks
-    off instead (the rows before it delivered)."""
+    """A catalogue whose dataset ``s:big`` arrives in batches (of :data:`BATCH` files, or ``sizes``),
+    each held back until the test releases it (:meth:`release`), and the end of the answer after the
+    last; ``broken_at``: the batch at which the answer breaks off instead (the rows before it delivered)."""
 
-    def __init__(self, files: int, broken_at: int | None = None) -> None:
-        self.files = [DIDInfo(DID("s", f"f{i:03d}"), DIDType.FILE, size=i) for i in range(files)]
+    def __init__(self, files: int = 0, broken_at: int | None = None, sizes: list[int] | None = None) -> None:
+        self.sizes = sizes if sizes is not None else [min(BATCH, files - start) for start in range(0, files, BATCH)]
+        self.files = [DIDInfo(DID("s", f"f{i:03d}"), DIDType.FILE, size=i) for i in range(sum(self.sizes))]
         self.broken_at = broken_at
-        self.batches = (files + BATCH - 1) // BATCH
+        self.batches = len(self.sizes)
         self.released = [trio.Event() for _ in range(self.batches + 1)]
         self.calls = 0
         self.closed = threading.Event()
 
     def release(self, upto: int) -> None:
-        """Let batches ``0 .. upto - 1`` (and the end of the answer after the last) go."""
+        """Let batches ``0 .. upto - 1`` (and the end of the answer, as batch ``batches``) go."""
         for gate in self.released[:upto]:
             gate.set()
 
     def list_files(self, did: DID) -> Iterator[list[DIDInfo]]:
         self.calls += 1
         try:
-            for index in range(self.batches):
+            start = 0
+            for index, size in enumerate(self.sizes):
                 trio.from_thread.run(self.released[index].wait)
                 if index == self.broken_at:
                     raise CatalogueUnavailableError("rucio server: connection reset by peer")
-                yield self.files[index * BATCH : (index + 1) * BATCH]
+                yield self.files[start : start + size]
+                start += size
             trio.from_thread.run(self.released[self.batches].wait)
         finally:
             self.closed.set()
+
+    def get_infos(self, dids: list[DID]) -> list[DIDInfo]:
+        return []  # no times: a small listing is used as listed
 
     def get_info(self, did: DID) -> DIDInfo:
         return DIDInfo(did, DIDType.DATASET)
@@ -291,3 +300,54 @@ async def test_entries_the_kernel_forgot_mid_listing_are_handed_out_anew() -> No
         assert not dead & {ino for _, ino in again}
         for _, ino in again:
             assert (await mount.fs.getattr(ino)).ino == ino
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(min_value=1, max_value=4), min_size=1, max_size=5), st.data())
+def test_readdir_agrees_with_the_listing_as_its_batches_arrive(sizes: list[int], data: st.DataObject) -> None:
+    """Model: the listing is the files in order; at any time the first ``arrived`` of them are in.
+    Any reader at any position gets exactly the model's entries from there (as many as fit and have
+    arrived), whatever other handles, rewinds and the kernel's forgets happened, with live inodes."""
+    trio.run(_agrees_with_the_model, sizes, data)
+
+
+async def _agrees_with_the_model(sizes: list[int], data: st.DataObject) -> None:
+    held = _HeldCatalogue(sizes=sizes)
+    names = [info.did.name for info in held.files]
+    ends = list(itertools.accumulate(sizes))
+    async with mounted(held) as mount:
+        released = next((index + 1 for index, end in enumerate(ends) if end > TIMES_LIMIT), held.batches + 1)
+        held.release(released)
+        handles = [await opened(mount)]
+        arrived = ends[released - 1] if released <= held.batches else len(names)
+        whole = released > held.batches
+        last: list[tuple[int, str, int]] = []
+        for step in data.draw(st.lists(st.sampled_from(["release", "read", "read", "forget", "open"]), max_size=12)):
+            fh = data.draw(st.sampled_from(handles))
+            if step == "release" and not whole:
+                released += 1
+                held.release(released)
+                whole = released > held.batches
+                arrived = len(names) if whole else ends[released - 1]
+                await mount.read(fh, arrived - 1 if not whole else len(names), room=0)  # until it is in
+            elif step == "read":
+                start = data.draw(st.integers(min_value=0, max_value=arrived if whole else arrived - 1))
+                room = data.draw(st.integers(min_value=1, max_value=5))
+                last = await mount.read(fh, start, room)
+                end = min(start + room, arrived)
+                assert [(next_id, name) for next_id, name, _ in last] == [
+                    (index + 1, names[index]) for index in range(start, end)]
+                for _, _, ino in last:
+                    assert (await mount.fs.getattr(ino)).ino == ino
+            elif step == "forget" and last:
+                _, _, ino = data.draw(st.sampled_from(last))
+                mount.fs.forget(ino, mount.namespace.inodes.lookup_count(ino))  # the kernel's last reference
+            elif step == "open":
+                handles.append(await opened(mount))
+        held.release(held.batches + 1)
+        for fh in handles:
+            entries = await mount.read_entries(fh)
+            assert [name for name, _ in entries] == names
+            for _, ino in entries:
+                assert (await mount.fs.getattr(ino)).ino == ino
+        assert held.calls == 1
