@@ -64,6 +64,10 @@ class _HeldCatalogue:
         finally:
             self.closed.set()
 
+    @property
+    def names(self) -> list[str]:
+        return [info.did.name for info in self.files]
+
     def get_infos(self, dids: list[DID]) -> list[DIDInfo]:
         return []  # no times: a small listing is used as listed
 
@@ -88,6 +92,10 @@ class _Mount:
         entries = entries[:room]
         self.fs.remember_each(ino for _, _, ino in entries)
         return entries
+
+    async def listed(self) -> list[str]:
+        """A new opendir of the dataset, read to its end (``ls``)."""
+        return await self.read_all(await self.fs.opendir(self.dataset))
 
     async def read_all(self, fh: int) -> list[str]:
         return [name for name, _ in await self.read_entries(fh)]
@@ -130,11 +138,17 @@ async def opened(mount: _Mount) -> int:
     return await mount.fs.opendir(mount.dataset)
 
 
-async def test_readdir_serves_the_first_batches_while_the_rest_is_held_back() -> None:
-    held = _HeldCatalogue(files=9)
+@asynccontextmanager
+async def open_with_the_first_batch(held: _HeldCatalogue) -> AsyncIterator[tuple[_Mount, int]]:
+    """:func:`mounted`, and the dataset opened with its first batch let go, the rest held back."""
     async with mounted(held) as mount:
         held.release(1)
-        fh = await opened(mount)
+        yield mount, await opened(mount)
+
+
+async def test_readdir_serves_the_first_batches_while_the_rest_is_held_back() -> None:
+    held = _HeldCatalogue(files=9)
+    async with open_with_the_first_batch(held) as (mount, fh):
         first = await mount.read(fh, 0)
         assert [(next_id, name) for next_id, name, _ in first] == [(1, "f000"), (2, "f001"), (3, "f002")]
         assert mount.catalogue.statistics().streaming == 1
@@ -157,9 +171,7 @@ async def test_readdir_serves_the_first_batches_while_the_rest_is_held_back() ->
         assert mount.catalogue.statistics().streaming == 0
         mount.fs.releasedir(fh)
         # whole now, and cached: the next opendir costs no call and shows the same entries
-        fh = await opened(mount)
-        assert await mount.read_all(fh) == [info.did.name for info in held.files]
-        assert held.calls == 1
+        assert await mount.listed() == held.names and held.calls == 1
 
 
 async def test_a_second_opendir_while_the_answer_arrives_shares_it() -> None:
@@ -174,7 +186,7 @@ async def test_a_second_opendir_while_the_answer_arrives_shares_it() -> None:
         one, two = handles
         assert (await mount.read(one, 0)) == (await mount.read(two, 0))
         held.release(len(held.released))
-        names = [info.did.name for info in held.files]
+        names = held.names
         assert await mount.read_all(one) == names and await mount.read_all(two) == names
         assert held.calls == 1
 
@@ -187,9 +199,7 @@ async def test_a_listing_that_breaks_off_is_an_error_at_the_break_and_is_not_cac
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     held = _HeldCatalogue(files=9, broken_at=1)
-    async with mounted(held) as mount:
-        held.release(1)
-        fh = await opened(mount)
+    async with open_with_the_first_batch(held) as (mount, fh):
         assert len(await mount.read(fh, 0)) == 3
         held.release(2)
         with pytest.raises(CatalogueUnavailableError, match=r"broke off after 3 entries: .*connection reset by peer"):
@@ -199,9 +209,7 @@ async def test_a_listing_that_breaks_off_is_an_error_at_the_break_and_is_not_cac
         # nothing half is kept: the next opendir asks the catalogue again
         held.broken_at = None
         held.release(len(held.released))
-        fh = await opened(mount)
-        assert await mount.read_all(fh) == [info.did.name for info in held.files]
-        assert held.calls == 2
+        assert await mount.listed() == held.names and held.calls == 2
 
 
 async def test_lookups_while_the_answer_arrives() -> None:
@@ -234,14 +242,12 @@ async def _expect_missing(mount: _Mount, name: str) -> None:
 
 async def test_a_cancelled_reader_leaves_the_answer_to_the_others() -> None:
     held = _HeldCatalogue(files=6)
-    async with mounted(held) as mount:
-        held.release(1)
-        fh = await opened(mount)
+    async with open_with_the_first_batch(held) as (mount, fh):
         with trio.move_on_after(0) as waited:  # a reader interrupted while it waits for more
             await mount.read(fh, 3)
         assert waited.cancelled_caught
         held.release(len(held.released))
-        assert await mount.read_all(fh) == [info.did.name for info in held.files]
+        assert await mount.read_all(fh) == held.names
         assert held.calls == 1
 
 
@@ -287,15 +293,13 @@ async def test_rewinddir_and_seekdir_see_the_same_positions() -> None:
 
 async def test_entries_the_kernel_forgot_mid_listing_are_handed_out_anew() -> None:
     held = _HeldCatalogue(files=6)
-    async with mounted(held) as mount:
-        held.release(1)
-        fh = await opened(mount)
+    async with open_with_the_first_batch(held) as (mount, fh):
         first = await mount.read(fh, 0)
         for _, _, ino in first:
             mount.fs.forget(ino, 1)  # the kernel's only reference
         held.release(len(held.released))
         again = await mount.read_entries(fh)
-        assert [name for name, _ in again] == [info.did.name for info in held.files]
+        assert [name for name, _ in again] == held.names
         dead = {ino for _, _, ino in first}
         assert not dead & {ino for _, ino in again}
         for _, ino in again:
@@ -313,7 +317,7 @@ def test_readdir_agrees_with_the_listing_as_its_batches_arrive(sizes: list[int],
 
 async def _agrees_with_the_model(sizes: list[int], data: st.DataObject) -> None:
     held = _HeldCatalogue(sizes=sizes)
-    names = [info.did.name for info in held.files]
+    names = held.names
     ends = list(itertools.accumulate(sizes))
     async with mounted(held) as mount:
         released = next((index + 1 for index, end in enumerate(ends) if end > TIMES_LIMIT), held.batches + 1)
