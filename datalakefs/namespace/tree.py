@@ -9,8 +9,11 @@ Layout (SPEC §2)::
     /.datalakefs/          control files (their content is the filesystem layer's business)
 
 Every catalogue call goes through the cached catalogue. The tree keeps one more thing: a per-directory
-listing with its name index (DIDInfos, never nodes, so a forgotten inode is never handed out again),
-for ``listing_ttl`` — the same TTL as the catalogue's — so a lookup in a large directory is a dict access.
+listing with its name index and its entries' nodes (a node the kernel forgot is renewed by readdir,
+never handed out dead), for ``listing_ttl`` — the same TTL as the catalogue's, counted from the end of
+the catalogue's answer — so a lookup in a large directory is a dict access. A collection's listing is
+handed out while that answer still arrives (catalogue/stream.py): it grows as readers and lookups ask
+for more (:class:`ListedEntries`), and one that breaks off is dropped, never kept as if whole.
 Nothing here counts kernel references: the filesystem layer does, when it hands nodes to the kernel.
 """
 
