@@ -92,6 +92,14 @@ class _Listing:
     children_of: int = 0
 
 
+@dataclass(slots=True)
+class _Start:
+    """A listing being started (its first entries awaited), which concurrent opendirs wait for."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    error: DatalakeError | None = None
+
+
 class ListedEntries:
     """The entries of a catalogue-backed directory for one open handle: its listing's names, and the
     nodes of as many as are ready, built as the catalogue's answer arrives and shared by every handle
@@ -145,7 +153,7 @@ class Namespace:
             maxsize=listing_cache_size, ttl=listing_ttl, timer=timer
         )
         # listings being started (their first batch awaited), so that concurrent opendirs share one
-        self._starting: dict[tuple[object, ...], trio.Event] = {}
+        self._starting: dict[tuple[object, ...], _Start] = {}
         #: entries made ready for readdir while their listing was still arriving (status.json)
         self.entries_while_streaming = 0
 
@@ -251,15 +259,20 @@ class Namespace:
             starting = self._starting.get(key)
             if starting is None:
                 break
-            await starting.wait()  # a concurrent opendir is starting it: share its listing
-        starting = self._starting[key] = trio.Event()
+            await starting.done.wait()  # a concurrent opendir is starting it: share its listing
+            if starting.error is not None:  # or its error (not one catalogue timeout per waiter)
+                raise fresh(starting.error) from starting.error
+        starting = self._starting[key] = _Start()
         try:
             listing = await self._new_listing(node, key)
             self._listings[key] = listing
             return listing
+        except DatalakeError as exc:
+            starting.error = exc
+            raise
         finally:
             del self._starting[key]
-            starting.set()
+            starting.done.set()
 
     async def _new_listing(self, node: Node, key: tuple[object, ...]) -> _Listing:
         assert node.scope is not None

@@ -191,6 +191,25 @@ async def test_a_second_opendir_while_the_answer_arrives_shares_it() -> None:
         assert held.calls == 1
 
 
+async def test_opendirs_waiting_for_a_listing_that_fails_at_once_share_its_error() -> None:
+    held = _HeldCatalogue(files=6, broken_at=0)
+    async with mounted(held) as mount:
+        failed: list[str] = []
+
+        async def open_it() -> None:
+            with pytest.raises(CatalogueUnavailableError) as caught:
+                await opened(mount)
+            failed.append(str(caught.value))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(open_it)
+            await trio.testing.wait_all_tasks_blocked()
+            held.release(1)
+        assert failed == ["rucio server: connection reset by peer"] * 3
+        assert held.calls == 1  # not one catalogue call (and its timeout) per waiting opendir
+
+
 async def _append_opened(mount: _Mount, handles: list[int]) -> None:
     handles.append(await opened(mount))
 
