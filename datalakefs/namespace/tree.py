@@ -339,8 +339,11 @@ class Namespace:
         """The directory's entries in listing order while its listing is cached; ``None`` otherwise
         (never a catalogue call: for the prefetch, which follows a reader, not a listing)."""
         listing = self._listings.get((directory.kind, directory.did, directory.scope, directory.label))
-        if listing is None or listing.source is not None:
-            return None  # still arriving: the prefetch follows whole listings only
+        if listing is None:
+            return None
+        self._advance(listing)  # it may have ended since a reader last asked
+        if listing.source is not None or listing.error is not None:
+            return None  # still arriving (or broke off): the prefetch follows whole listings only
         assert isinstance(listing.infos, tuple)  # a whole listing's rows are a tuple (_whole, _advance)
         return listing.infos
 

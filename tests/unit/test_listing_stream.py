@@ -165,7 +165,12 @@ async def test_readdir_serves_the_first_batches_while_the_rest_is_held_back() ->
             assert got == []  # it waits: an empty answer would end the kernel's reading
             held.release(2)
         assert [name for _, name, _ in got[0]] == ["f003", "f004", "f005"]
+        directory = mount.namespace.inodes.get(mount.dataset)
+        assert mount.namespace.listed(directory) is None  # the prefetch follows whole listings only
         held.release(len(held.released))
+        await mount.catalogue.list_content(DID("s", "big"), dataset=True)  # joins the answer to its end
+        listed = mount.namespace.listed(directory)  # whole, though no reader asked since
+        assert listed is not None and [info.did.name for info in listed] == held.names
         assert [name for _, name, _ in await mount.read(fh, 6)] == ["f006", "f007", "f008"]
         assert await mount.read(fh, 9) == []  # the end
         assert mount.catalogue.statistics().streaming == 0
