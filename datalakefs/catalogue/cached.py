@@ -10,7 +10,7 @@
   answers live ``negative_ttl`` seconds and are raised again from the cache. Other errors (outage,
   refused credentials) are never cached. Bulk calls (``get_infos``, ``list_replicas``) are cached per
   DID, so a later single lookup is served by an earlier bulk answer and only missing DIDs are fetched.
-* **Listings stream** (:meth:`stream_content`, catalogue/stream.py): a collection's content is handed
+* **Listings stream** (:meth:`content_stream`, catalogue/stream.py): a collection's content is handed
   out as it arrives, batch by batch, to everyone who asks while it does (one backend call), and cached
   only once the answer has ended well; a stream that breaks off caches nothing.
 * **Replicas per listing, not per file.** :meth:`list_content` and :meth:`query` remember which
@@ -93,7 +93,7 @@ class CatalogueStatistics:
     ``calls``/``errors`` count backend calls per method (errors exclude ``NotFoundError``);
     ``hits``/``negative_hits``/``misses`` count DIDs or listings asked for; ``shared`` counts
     requests that joined a call already in flight; ``streaming`` listings whose answer is still
-    arriving (:meth:`CachedCatalogue.stream_content`); ``sweeping`` listings whose replicas are being
+    arriving (:meth:`CachedCatalogue.content_stream`); ``sweeping`` listings whose replicas are being
     resolved in the background; ``last_error_at`` is wall-clock POSIX seconds.
     """
 
@@ -160,7 +160,7 @@ class CachedCatalogue:
         self._positive: TTLCache[Hashable, Any] = TTLCache(maxsize, config.catalogue_ttl, timer=timer)
         self._negative: TTLCache[Hashable, str] = TTLCache(maxsize, config.negative_ttl, timer=timer)
         self._flights: dict[Hashable, _Flight] = {}
-        # listings whose answer is being read (stream_content), and the nursery of their readers
+        # listings whose answer is being read (content_stream), and the nursery of their readers
         self._streams: dict[tuple[str, DID], ContentStream] = {}
         self._streaming = Background()
         # Each listed dataset's last listing, and where each file was last listed. They outlive the
@@ -210,7 +210,7 @@ class CachedCatalogue:
     async def list_collections(self, scope: str) -> list[DIDInfo]:
         return list(await self._single(("list_collections", scope), self._backend.list_collections, scope))
 
-    async def stream_content(self, did: DID, dataset: bool = False) -> ContentStream:
+    async def content_stream(self, did: DID, dataset: bool = False) -> ContentStream:
         """The content of collection ``did`` as it arrives (catalogue/stream.py): the cached answer, the
         stream already running for it (single flight), or a new one. ``dataset``: the caller knows it is
         a dataset, whose content is its files: the backend is asked ``list_files``, the same answer for
@@ -244,8 +244,8 @@ class CachedCatalogue:
         return stream
 
     async def list_content(self, did: DID, dataset: bool = False) -> list[DIDInfo]:
-        """The whole content of collection ``did`` (:meth:`stream_content`, waited for to its end)."""
-        return list(await (await self.stream_content(did, dataset)).whole())
+        """The whole content of collection ``did`` (:meth:`content_stream`, waited for to its end)."""
+        return list(await (await self.content_stream(did, dataset)).whole())
 
     async def _read_stream(self, key: tuple[str, DID], stream: ContentStream,
                            fetch: Callable[[DID], Batches], generation: int) -> None:

@@ -283,7 +283,7 @@ class Namespace:
                                                                                                   node.label)))
         assert node.did is not None
         dataset = node.info is not None and node.info.type is DIDType.DATASET
-        stream = await self._catalogue.stream_content(node.did, dataset)
+        stream = await self._catalogue.content_stream(node.did, dataset)
         await stream.grown(self._times_limit)
         if stream.content is not None:  # the whole answer, small enough for times, or cached
             return self._whole(key, node.scope, await self._with_times(stream.content))
