@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -29,6 +29,8 @@ from datalakefs.namespace.tree import Entries, Namespace
 #: entries per batch of the held catalogue; the namespace hands a listing out beyond TIMES_LIMIT entries
 BATCH = 3
 TIMES_LIMIT = 2
+#: the listings' TTL (catalogue_ttl)
+TTL = 60.0
 
 
 class _HeldCatalogue:
@@ -117,10 +119,12 @@ class _NoContent:
 
 
 @asynccontextmanager
-async def mounted(held: _HeldCatalogue) -> AsyncIterator[_Mount]:
-    """The filesystem over ``held`` with the catalogue's background running, as in the daemon."""
-    catalogue = CachedCatalogue(held, Config())  # type: ignore[arg-type]
-    namespace = Namespace(catalogue, InodeTable(), times_limit=TIMES_LIMIT)
+async def mounted(held: _HeldCatalogue, clock: Callable[[], float] | None = None) -> AsyncIterator[_Mount]:
+    """The filesystem over ``held`` with the catalogue's background running, as in the daemon; its
+    caches on ``clock`` when given."""
+    timer = clock or trio.current_time
+    catalogue = CachedCatalogue(held, Config(catalogue_ttl=TTL), timer=timer)  # type: ignore[arg-type]
+    namespace = Namespace(catalogue, InodeTable(), listing_ttl=TTL, times_limit=TIMES_LIMIT, timer=timer)
     lake = LakeTree(namespace, catalogue, _NoContent(), {}, Ownership(1000, 1000))  # type: ignore[arg-type]
     fs = Filesystem(namespace, lake)
     with trio.fail_after(30):  # a reader that waits for ever fails the test instead of hanging it
@@ -234,6 +238,24 @@ async def test_a_listing_that_breaks_off_is_an_error_at_the_break_and_is_not_cac
         held.broken_at = None
         held.release(len(held.released))
         assert await mount.listed() == held.names and held.calls == 2
+
+
+async def test_a_listing_is_cached_for_the_ttl_from_the_end_of_its_answer() -> None:
+    """As a listing read whole: one whose answer took long is not dropped soon after it ended."""
+    now = [0.0]
+    held = _HeldCatalogue(files=6)
+    async with mounted(held, clock=lambda: now[0]) as mount:
+        held.release(1)
+        await opened(mount)
+        now[0] += TTL - 1  # a long answer
+        held.release(len(held.released))
+        assert await mount.listed() == held.names
+        asked = mount.catalogue.statistics().hits
+        now[0] += TTL - 1  # long after the listing began, but within the TTL from its end
+        assert await mount.listed() == held.names and held.calls == 1
+        assert mount.catalogue.statistics().hits == asked  # the namespace's own listing, still kept
+        now[0] += 2
+        assert await mount.listed() == held.names and held.calls == 2  # expired: listed anew
 
 
 async def test_lookups_while_the_answer_arrives() -> None:
