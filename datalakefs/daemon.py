@@ -92,8 +92,9 @@ class Daemon:
             hooks=hooks,
         )
         control = {STATUS_FILE: self.render_status, OUTBOX_FILE: self.render_outbox, CONFIG_FILE: self.render_config}
-        namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
-                              listing_ttl=config.catalogue_ttl, times_limit=config.listing_times_limit)
+        self.namespace = namespace = Namespace(self.catalogue, InodeTable(), config.scopes, tuple(control),
+                                               listing_ttl=config.catalogue_ttl,
+                                               times_limit=config.listing_times_limit)
         owner = Ownership(os.getuid() if config.uid is None else config.uid,
                           os.getgid() if config.gid is None else config.gid, config.umask, config.ro)
         # a read-only mount has no outbox to write into (uploads a former mount committed still go on)
@@ -128,6 +129,7 @@ class Daemon:
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3),
             "catalogue": self.catalogue.statistics().as_dict(),
+            "listing": self.namespace.statistics(),
             "content": self.content.statistics().as_dict(),
             "prefetch": self.prefetch.statistics(),
             "storage_auth": self.storage_auth.describe(),

@@ -7,10 +7,13 @@ Errors are translated at this boundary: an unknown DID raises ``NotFoundError``,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Generator, Sequence
+from typing import Protocol, TypeAlias
 
 from datalakefs.model import DID, DIDInfo, FileReplicas, Lock, RSEReplica, Rule
+
+#: a listing's rows in batches as the answer arrives (a generator: closing it ends the request)
+Batches: TypeAlias = Generator[list[DIDInfo], None, None]
 
 
 class Catalogue(Protocol):
@@ -22,15 +25,19 @@ class Catalogue(Protocol):
         """The datasets and containers of ``scope``; ``NotFoundError`` when there is no such scope."""
         ...
 
-    def list_content(self, did: DID) -> list[DIDInfo]:
-        """The direct children of a collection, with size and checksums for files."""
+    def list_content(self, did: DID) -> Batches:
+        """The direct children of a collection, with size and checksums for files, in batches as the
+        answer arrives (each batch non-empty; the whole answer is every batch in order). Errors are
+        raised where they happen: before the first batch, or after some. A caller that stops early
+        closes the iterator, which ends the request."""
         ...
 
-    def list_files(self, did: DID) -> list[DIDInfo]:
-        """The files of a dataset (its content: a dataset holds only files), as :meth:`list_content`
-        answers for it but cheaper to ask and to parse, and with md5 only for files that have no adler32
-        (Rucio's ``list_files`` gives none; the cache key needs it there, see ``cache/layout.py``;
-        :meth:`get_info` gives both). For a container, the files of its whole tree."""
+    def list_files(self, did: DID) -> Batches:
+        """The files of a dataset (its content: a dataset holds only files), in batches, as
+        :meth:`list_content` answers for it but cheaper to ask and to parse, and with md5 only for
+        files that have no adler32 (Rucio's ``list_files`` gives none; the cache key needs it there,
+        see ``cache/layout.py``; :meth:`get_info` gives both). For a container, the files of its
+        whole tree."""
         ...
 
     def get_info(self, did: DID) -> DIDInfo:

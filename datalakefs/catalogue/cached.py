@@ -10,6 +10,9 @@
   answers live ``negative_ttl`` seconds and are raised again from the cache. Other errors (outage,
   refused credentials) are never cached. Bulk calls (``get_infos``, ``list_replicas``) are cached per
   DID, so a later single lookup is served by an earlier bulk answer and only missing DIDs are fetched.
+* **Listings stream** (:meth:`content_stream`, catalogue/stream.py): a collection's content is handed
+  out as it arrives, batch by batch, to everyone who asks while it does (one backend call), and cached
+  only once the answer has ended well; a stream that breaks off caches nothing.
 * **Replicas per listing, not per file.** :meth:`list_content` and :meth:`query` remember which
   files they listed, in order. A replica lookup of such a file that misses the cache resolves a batch
   of the listing's files around it in one ``list_replicas`` call: the listing is cut into batches of
@@ -49,6 +52,7 @@ import time
 import types
 from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -56,9 +60,10 @@ import trio
 from cachetools import LRUCache, TTLCache
 
 from datalakefs.background import Background
-from datalakefs.catalogue.base import Catalogue
+from datalakefs.catalogue.base import Batches, Catalogue
+from datalakefs.catalogue.stream import ContentStream, fresh
 from datalakefs.config import Config
-from datalakefs.errors import DatalakeError, NotFoundError
+from datalakefs.errors import CatalogueUnavailableError, DatalakeError, NotFoundError
 from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas, Lock, Replica, RSEReplica, Rule
 
 T = TypeVar("T")
@@ -87,7 +92,8 @@ class CatalogueStatistics:
 
     ``calls``/``errors`` count backend calls per method (errors exclude ``NotFoundError``);
     ``hits``/``negative_hits``/``misses`` count DIDs or listings asked for; ``shared`` counts
-    requests that joined a call already in flight; ``sweeping`` listings whose replicas are being
+    requests that joined a call already in flight; ``streaming`` listings whose answer is still
+    arriving (:meth:`CachedCatalogue.content_stream`); ``sweeping`` listings whose replicas are being
     resolved in the background; ``last_error_at`` is wall-clock POSIX seconds.
     """
 
@@ -98,6 +104,7 @@ class CatalogueStatistics:
     misses: int
     shared: int
     in_flight: int
+    streaming: int
     sweeping: int
     cached_entries: int
     last_error: str | None
@@ -112,6 +119,7 @@ class CatalogueStatistics:
             "misses": self.misses,
             "shared": self.shared,
             "in_flight": self.in_flight,
+            "streaming": self.streaming,
             "sweeping": self.sweeping,
             "cached_entries": self.cached_entries,
             "last_error": self.last_error,
@@ -152,6 +160,9 @@ class CachedCatalogue:
         self._positive: TTLCache[Hashable, Any] = TTLCache(maxsize, config.catalogue_ttl, timer=timer)
         self._negative: TTLCache[Hashable, str] = TTLCache(maxsize, config.negative_ttl, timer=timer)
         self._flights: dict[Hashable, _Flight] = {}
+        # listings whose answer is being read (content_stream), and the nursery of their readers
+        self._streams: dict[tuple[str, DID], ContentStream] = {}
+        self._streaming = Background()
         # Each listed dataset's last listing, and where each file was last listed. They outlive the
         # TTL (the kernel may open a file long after its listing expired) and are replaced when the
         # dataset is listed again: a file added since is looked up alone until then, a file removed
@@ -183,9 +194,13 @@ class CachedCatalogue:
         self._last_error_at: float | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Sweep listed datasets' replicas in the background until cancelled (the daemon's nursery):
-        without it, replicas are still resolved per batch, at the open that needs them."""
-        await self._sweeper.run(task_status=task_status)
+        """Read listings' answers and sweep listed datasets' replicas in the background until cancelled
+        (the daemon's nursery): without it, a listing is read whole before it is handed out, and
+        replicas are still resolved per batch, at the open that needs them."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._streaming.run)
+            await nursery.start(self._sweeper.run)
+            task_status.started()
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -195,14 +210,85 @@ class CachedCatalogue:
     async def list_collections(self, scope: str) -> list[DIDInfo]:
         return list(await self._single(("list_collections", scope), self._backend.list_collections, scope))
 
-    async def list_content(self, did: DID, dataset: bool = False) -> list[DIDInfo]:
-        """The content of collection ``did``. ``dataset``: the caller knows it is a dataset, whose
-        content is its files: the backend is asked ``list_files``, the same answer for less work (the
-        cache keeps it as the collection's content either way, counted as ``list_content``)."""
+    async def content_stream(self, did: DID, dataset: bool = False) -> ContentStream:
+        """The content of collection ``did`` as it arrives (catalogue/stream.py): the cached answer, the
+        stream already running for it (single flight), or a new one. ``dataset``: the caller knows it is
+        a dataset, whose content is its files: the backend is asked ``list_files``, the same answer for
+        less work (the cache keeps it as the collection's content either way, counted as
+        ``list_content``).
+
+        While :meth:`run` runs, the answer is read by a task of its own and this returns at once: the
+        stream outlives the request that started it, and it is cached (with the TTL, like any answer)
+        only once it has ended well. Otherwise the whole answer is read before this returns. Either way
+        an error is the stream's (``ContentStream.error``), not raised here, except a "not found"
+        remembered from an earlier answer."""
+        key = ("list_content", did)
+        cached = self._positive.get(key, _ABSENT)
+        if cached is not _ABSENT:
+            self._hits += 1
+            self._remember_members(did, cached)
+            return ContentStream.answered(cached)
+        missing = self._negative.get(key)
+        if missing is not None:
+            self._negative_hits += 1
+            raise NotFoundError(missing)
+        stream = self._streams.get(key)
+        if stream is not None:
+            self._shared += 1
+            return stream
+        self._misses += 1
+        stream = self._streams[key] = ContentStream()
         fetch = self._backend.list_files if dataset else self._backend.list_content
-        content: Any = await self._single(("list_content", did), fetch, did)
-        self._remember_members(did, content)
-        return list(content)
+        if not self._streaming.start_soon(self._read_stream, key, stream, fetch, self._generation):
+            await self._read_stream(key, stream, fetch, self._generation)
+        return stream
+
+    async def list_content(self, did: DID, dataset: bool = False) -> list[DIDInfo]:
+        """The whole content of collection ``did`` (:meth:`content_stream`, waited for to its end)."""
+        return list(await (await self.content_stream(did, dataset)).whole())
+
+    async def _read_stream(self, key: tuple[str, DID], stream: ContentStream,
+                           fetch: Callable[[DID], Batches], generation: int) -> None:
+        """Read one listing's answer into ``stream`` on a worker thread, each batch handed to the trio
+        thread as it is parsed; cache it once it ended well. Never raises but trio's cancellation (the
+        mount ending), which ends the stream with an error so that no reader waits for ever."""
+        did = key[1]
+        token = trio.lowlevel.current_trio_token()
+
+        def produce() -> None:
+            with closing(fetch(did)) as batches:
+                for batch in batches:
+                    if stream.abandoned:
+                        return
+                    token.run_sync_soon(stream.extend, batch)
+
+        try:
+            await self._call("list_content", produce)
+        except NotFoundError as exc:
+            if generation == self._generation:
+                self._negative[key] = str(exc)
+            stream.fail(exc)
+        except Exception as exc:
+            received = len(stream.rows)
+            if received:
+                log.warning("event=listing-broken did=%s entries=%d reason=%s", did, received, exc)
+                exc = CatalogueUnavailableError(f"the listing of {did} broke off after {received} entries: {exc}")
+            elif not isinstance(exc, DatalakeError):
+                log.error("listing %s failed unexpectedly", did, exc_info=exc)
+                exc = CatalogueUnavailableError(f"the listing of {did} failed: {exc!r}")
+            stream.fail(exc)
+        except BaseException:
+            stream.fail(CatalogueUnavailableError(f"the listing of {did} was interrupted"))
+            raise
+        else:
+            content = tuple(stream.rows)
+            if generation == self._generation:
+                self._positive[key] = content
+            self._remember_members(did, content)
+            stream.finish(content)
+        finally:
+            if self._streams.get(key) is stream:
+                del self._streams[key]
 
     async def get_info(self, did: DID) -> DIDInfo:
         info: DIDInfo = await self._single(("get_info", did), self._backend.get_info, did)
@@ -500,6 +586,7 @@ class CachedCatalogue:
             misses=self._misses,
             shared=self._shared,
             in_flight=len(self._flights),
+            streaming=len(self._streams),
             sweeping=self._sweeper.tasks,
             cached_entries=len(self._positive) + len(self._negative),
             last_error=self._last_error,
@@ -577,7 +664,7 @@ class CachedCatalogue:
             await flight.done.wait()
             if flight.finished:
                 if flight.error is not None:
-                    raise _fresh(flight.error) from flight.error
+                    raise fresh(flight.error) from flight.error
                 return flight.value  # type: ignore[no-any-return]
             # the caller that was fetching was cancelled: loop, and fetch ourselves if nobody else is
         flight = _Flight()
@@ -612,6 +699,7 @@ class CachedCatalogue:
         new requests do not join them (see module docstring)."""
         self._generation += 1
         self._flights.clear()
+        self._streams.clear()
         for key in keys:
             self._negative.pop(key, None)
             self._positive.pop(key, None)
@@ -689,8 +777,3 @@ def _freeze(value: Any) -> Any:
     if isinstance(value, dict):
         return types.MappingProxyType(dict(value))
     return value
-
-
-def _fresh(error: DatalakeError) -> DatalakeError:
-    """A new exception of the same kind for each waiter, so they do not share one traceback."""
-    return type(error)(*error.args)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from datalakefs.catalogue.base import Batches
 from datalakefs.errors import DatalakeError, InvalidNameError, NotFoundError
 from datalakefs.model import (
     DID,
@@ -226,15 +227,18 @@ class FakeCatalogue:
             self._check_scope(scope)
             return [e.info for d, e in self._dids.items() if d.scope == scope and e.info.type.is_collection]
 
-    def list_content(self, did: DID) -> list[DIDInfo]:
+    def list_content(self, did: DID) -> Batches:
+        """The whole answer in one batch (an empty answer in none)."""
         self._enter("list_content")
         with self._lock:
-            return [_listed(self._dids[child].info) for child in self._entry(did).children]
+            content = [_listed(self._dids[child].info) for child in self._entry(did).children]
+        yield from [content] if content else []
 
-    def list_files(self, did: DID) -> list[DIDInfo]:
+    def list_files(self, did: DID) -> Batches:
         self._enter("list_files")
         with self._lock:
-            return [_without_redundant_md5(_listed(self._dids[d].info)) for d in self._files_under(did)]
+            files = [_without_redundant_md5(_listed(self._dids[d].info)) for d in self._files_under(did)]
+        yield from [files] if files else []
 
     def get_info(self, did: DID) -> DIDInfo:
         self._enter("get_info")

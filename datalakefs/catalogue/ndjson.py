@@ -2,10 +2,11 @@
 
 rucio-clients parses such a stream line by line with ``json.loads(line, object_hook=...)``, the hook
 running a regular expression over every string value of every row to find dates; a 100,000-row
-listing spent about as long there as on the wire. Listings need no dates, so :func:`rows` parses the
-stream itself: the complete lines of each received chunk are joined into one JSON array and parsed
-by one ``json.loads`` call (twice as fast as one call per line), and the rows are handed out as the
-stream arrives, so the body is never held whole.
+listing spent about as long there as on the wire. Listings need no dates, so :func:`batches` parses the
+stream itself (:func:`batches`): the complete lines of each received chunk are joined into one JSON array and parsed
+by one ``json.loads`` call (twice as fast as one call per line), and each chunk's rows are handed out
+as one batch as the stream arrives, so the body is never held whole and a listing can be served
+while the rest of it is still on the wire.
 
 A row that is not JSON, a row that is not an object, or a stream cut inside a row raises
 :class:`~datalakefs.errors.CatalogueUnavailableError` naming the row's number: a caller that builds
@@ -21,24 +22,23 @@ from typing import Any
 from datalakefs.errors import CatalogueUnavailableError
 
 
-def rows(chunks: Iterable[bytes], what: str) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a stream received in ``chunks`` (cut anywhere); ``what`` names the stream
-    in error messages."""
+def batches(chunks: Iterable[bytes], what: str) -> Iterator[list[dict[str, Any]]]:
+    """The JSON objects of a stream received in ``chunks`` (cut anywhere), a batch per chunk that
+    completed rows (never an empty one); ``what`` names the stream in error messages."""
     tail = b""
     count = 0
     for chunk in chunks:
         lines = (tail + chunk).split(b"\n")
         tail = lines.pop()
         complete = [line for line in lines if line.strip()]
-        yield from _parsed(complete, count, what)
+        if complete:
+            yield _parsed(complete, count, what)
         count += len(complete)
     if tail.strip():
-        yield from _parsed([tail], count, what, last=True)
+        yield _parsed([tail], count, what, last=True)
 
 
 def _parsed(lines: list[bytes], before: int, what: str, last: bool = False) -> list[dict[str, Any]]:
-    if not lines:
-        return []
     try:
         parsed = json.loads(b"[" + b",".join(lines) + b"]")
     except ValueError:

@@ -44,7 +44,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager
 from typing import Any, Final, NoReturn
 from urllib.parse import quote_plus
 
@@ -59,6 +59,7 @@ from rucio.common.utils import build_url, parse_did_filter_from_string_fe
 from rucio.rse import rsemanager
 
 from datalakefs.catalogue import ndjson
+from datalakefs.catalogue.base import Batches
 from datalakefs.config import Config
 from datalakefs.errors import (
     AccessDeniedError,
@@ -89,8 +90,9 @@ from datalakefs.redaction import redact_text, register_secret
 #: chunks of 250; chunks on 2-4 clients in parallel gained nothing reliable on 2 cores (1.4-3.1 s).
 DIDS_PER_REQUEST: Final = 1000
 
-#: Bytes of a streamed listing parsed at once (about 1,500 rows of ``list_files``).
-LISTING_CHUNK: Final = 256 * 1024
+#: Bytes of a streamed listing parsed and handed on at once (about 1,100 rows of ``list_files``: just
+#: more than ``listing_times_limit``, so that the first batch lets a large directory be served).
+LISTING_CHUNK: Final = 128 * 1024
 
 _NOT_FOUND = (
     rucio_exc.DataIdentifierNotFound,
@@ -214,8 +216,12 @@ class _QuickClient(Client):  # type: ignore[misc]  # rucio ships no type informa
 
     def listing_body(self, did: DID, what: str) -> Iterator[bytes]:
         """The body of ``GET /dids/<scope>/<name>/<what>`` as it arrives (``dids``: the content, as
-        rucio's ``list_content``; ``files``: the files, as ``list_files``), for :func:`ndjson.rows`
-        instead of rucio's per-row parsing (see there). Errors are rucio's, as its methods raise them."""
+        rucio's ``list_content``; ``files``: the files, as ``list_files``), for :func:`ndjson.batches`
+        instead of rucio's per-row parsing (see there), in pieces of at least :data:`LISTING_CHUNK`
+        bytes (but the last): the server sends its answer chunked, a row or a few per HTTP chunk, and
+        ``iter_content`` hands out each HTTP chunk as it is, so a 100k listing came as tens of thousands
+        of pieces, each parsed and handed on by itself (over a thousand READDIRPLUS replies of a few
+        dozen entries each for one ``ls``). Errors are rucio's, as its methods raise them."""
         path = "/".join([self.DIDS_BASEURL, quote_plus(did.scope), quote_plus(did.name), what])
         response = self._send_request(build_url(choice(self.list_hosts), path=path), method=HTTPMethod.GET)
         with response:
@@ -224,7 +230,16 @@ class _QuickClient(Client):  # type: ignore[misc]  # rucio ships no type informa
                     headers=response.headers, status_code=response.status_code, data=response.content
                 )
                 raise exc_cls(exc_msg)
-            yield from response.iter_content(chunk_size=LISTING_CHUNK)
+            pieces: list[bytes] = []
+            held = 0
+            for piece in response.iter_content(chunk_size=LISTING_CHUNK):
+                pieces.append(piece)
+                held += len(piece)
+                if held >= LISTING_CHUNK:
+                    yield b"".join(pieces)
+                    pieces, held = [], 0
+            if pieces:
+                yield b"".join(pieces)
 
 
 class RucioCatalogue:
@@ -294,20 +309,21 @@ class RucioCatalogue:
             rows = client.list_dids(scope, [{"name": "*"}], did_type="collection", long=True)
             return _listing_of_scope(client, scope, rows)
 
-    def list_content(self, did: DID) -> list[DIDInfo]:
-        with self._client() as client:
-            rows = ndjson.rows(client.listing_body(did, "dids"), f"{self._server()}: the content of {did}")
-            with gc_paused:  # the rows' infos, made as the stream arrives
-                return [_info_from_listing(row) for row in rows]
+    def list_content(self, did: DID) -> Batches:
+        with self._client() as client, closing(client.listing_body(did, "dids")) as body:
+            what = f"{self._server()}: the content of {did}"
+            with gc_paused:  # the rows and their infos, made as the stream arrives
+                for rows in ndjson.batches(body, what):
+                    yield [_info_from_listing(row) for row in rows]
 
-    def list_files(self, did: DID) -> list[DIDInfo]:
+    def list_files(self, did: DID) -> Batches:
         scopes: dict[str, str] = {}  # one string per scope, not one per row
-        with self._client() as client:
+        with self._client() as client, closing(client.listing_body(did, "files")) as body:
             what = f"{self._server()}: the files of {did}"
-            rows = ndjson.rows(client.listing_body(did, "files"), what)
-            with gc_paused:  # the rows' infos, made as the stream arrives
-                files = [_info_from_file_row(row, scopes, what) for row in rows]
-            return _with_md5_where_no_adler32(client, files)
+            with gc_paused:  # the rows and their infos, made as the stream arrives
+                for rows in ndjson.batches(body, what):
+                    files = [_info_from_file_row(row, scopes, what) for row in rows]
+                    yield _with_md5_where_no_adler32(client, files)
 
     def get_info(self, did: DID) -> DIDInfo:
         with self._client() as client:

@@ -23,7 +23,7 @@ from datalakefs.fs.outbox import OUTBOX_DIR, OutboxTree
 from datalakefs.fs.subtree import FileHandle, OpenMode, Subtree
 from datalakefs.model import ReadBuffer
 from datalakefs.namespace.inodes import ROOT_INODE, Node
-from datalakefs.namespace.tree import DirEntries, Namespace
+from datalakefs.namespace.tree import DirEntries, Entries, Namespace
 
 # cli/cache.py sets it on a mount (the name is the lake's: fs/lake.py)
 __all__ = ["CLEAR_CACHE_XATTR", "Filesystem"]
@@ -33,7 +33,7 @@ Entry = TypeVar("Entry")
 
 @dataclass(slots=True)
 class _DirHandle:
-    entries: DirEntries
+    entries: Entries
 
 
 class Filesystem:
@@ -94,26 +94,35 @@ class Filesystem:
             entries = DirEntries([OUTBOX_DIR, *entries.names], [self._outbox.root(), *entries.nodes])
         return self._new_handle(_DirHandle(entries))
 
-    def readdir(
+    async def readdir(
         self, fh: int, start: int, build: Callable[[Attributes], Entry]
     ) -> Iterator[tuple[int, str, int, Entry]]:
         """Entries from position ``start``: the position to resume after each, its name, its inode
-        and what ``build`` makes of its attributes (the FUSE layer's entry for the kernel). One mount
-        has one ``build``, its FUSE adapter's: what it builds for a node whose attributes cannot change
-        while it lives (the lake's, not the outbox's volatile ones) is kept with the node, so a warm
-        ``ls -l`` of 100,000 entries builds none (building them was most of its readdir time).
+        and what ``build`` makes of its attributes (the FUSE layer's entry for the kernel). A listing
+        still arriving from the catalogue gives the entries it holds so far; when it holds none from
+        ``start`` on yet, this waits for them (an empty answer would end the kernel's reading); its
+        error when it broke off before ``start``. One mount has one ``build``, its FUSE adapter's:
+        what it builds for a node whose attributes cannot change while it lives (the lake's, not the
+        outbox's volatile ones) is kept with the node, so a warm ``ls -l`` of 100,000 entries builds
+        none (building them was most of its readdir time).
 
         The caller must ``remember`` each entry it hands to the kernel."""
         handle = self._handle(fh)
         assert isinstance(handle, _DirHandle)
+        entries = handle.entries
+        return self._entries(entries, start, await entries.ready(start), build)
+
+    def _entries(
+        self, entries: Entries, start: int, end: int, build: Callable[[Attributes], Entry]
+    ) -> Iterator[tuple[int, str, int, Entry]]:
         inodes = self._ns.inodes
         kept, keep, current = inodes.derived, inodes.keep_derived, inodes.current
-        names, nodes = handle.entries
-        for index in range(start, len(nodes)):
+        names, nodes = entries.names, entries.nodes
+        for index in range(start, end):
             node = nodes[index]
             built = kept(node.ino)  # kept only while a node lives at that inode, and built from it
             if built is None:
-                if not current(node):  # the kernel forgot it since opendir: never hand out a dead inode
+                if not current(node):  # the kernel forgot it since it was listed: never hand out a dead inode
                     node = nodes[index] = self._tree(node).renewed(node)
                 attributes = self.attributes(node)
                 built = build(attributes)

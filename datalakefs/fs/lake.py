@@ -22,7 +22,7 @@ from datalakefs.fs.prefetch import ListingPrefetch
 from datalakefs.fs.subtree import FileHandle, OpenMode
 from datalakefs.model import DIDInfo, DIDType, ReadBuffer
 from datalakefs.namespace.inodes import Node, NodeKind
-from datalakefs.namespace.tree import DirEntries, Namespace
+from datalakefs.namespace.tree import Entries, Namespace
 
 ControlRenderer = Callable[[], bytes]
 
@@ -123,7 +123,7 @@ class LakeTree:
     async def lookup(self, parent: Node, name: str) -> Node:
         return await self._ns.lookup(parent, name)
 
-    async def list_dir(self, node: Node) -> DirEntries:
+    async def list_dir(self, node: Node) -> Entries:
         return await self._ns.list_dir(node)
 
     def renewed(self, node: Node) -> Node:

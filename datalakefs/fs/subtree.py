@@ -13,7 +13,7 @@ from typing import NoReturn, Protocol
 from datalakefs.fs.attributes import Attributes
 from datalakefs.model import ReadBuffer
 from datalakefs.namespace.inodes import Node
-from datalakefs.namespace.tree import DirEntries
+from datalakefs.namespace.tree import Entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +59,7 @@ class Subtree(Protocol):
 
     async def lookup(self, parent: Node, name: str) -> Node: ...
 
-    async def list_dir(self, node: Node) -> DirEntries: ...
+    async def list_dir(self, node: Node) -> Entries: ...
 
     def renewed(self, node: Node) -> Node:
         """``node`` while the inode table has it; once the kernel forgot it (a directory handle's

@@ -133,11 +133,12 @@ class FuseOperations(pyfuse3.Operations):
     async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """Each entry's ``EntryAttributes`` is built once per node and kept by the filesystem
         (``readdir_reply`` copies it into the reply); the kernel's references are counted once the
-        reply is full, for the entries it holds."""
+        reply is full, for the entries it holds. A listing still arriving answers with the entries it
+        holds, fewer than fit: the kernel asks again from the next position."""
         with _ErrorsAsErrno("readdir"):
             replied = []
             reply = pyfuse3.readdir_reply
-            for next_id, name, ino, entry in self._fs.readdir(fh, start_id, self._entry):
+            for next_id, name, ino, entry in await self._fs.readdir(fh, start_id, self._entry):
                 if not reply(token, name.encode(_FS_ENCODING, "surrogateescape"), entry, next_id):
                     break
                 replied.append(ino)

@@ -1,4 +1,5 @@
-"""A loopback TCP forwarder that a test can cut and restore: a catalogue outage on demand."""
+"""A loopback TCP forwarder that a test can cut and restore (a catalogue outage on demand), or hold
+back in the middle of an answer (a listing that is still arriving)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._stopped = False
         self.answered = 0
+        # answers pass while this is set; ``_passing``: bytes that may still pass before a hold
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._passing: int | None = None
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
@@ -47,12 +52,45 @@ class TcpProxy:
     def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                if answers:
+                    data = self._let_through(data, sink)
                 sink.sendall(data)
                 if answers:
                     with self._lock:
                         self.answered += len(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
+
+    def _let_through(self, data: bytes, sink: socket.socket) -> bytes:
+        """What of an answer's ``data`` may pass now; waits (after passing the part allowed) while held."""
+        with self._lock:
+            allowed = len(data) if self._passing is None else min(self._passing, len(data))
+            if self._passing is not None:
+                self._passing -= allowed
+                if not self._passing:
+                    self._flowing.clear()
+        if allowed < len(data):
+            sink.sendall(data[:allowed])
+            with self._lock:
+                self.answered += allowed
+            self._flowing.wait()
+            return data[allowed:]
+        return data
+
+    def hold(self, after: int) -> None:
+        """Let ``after`` more bytes of answers through, then hold the rest back until :meth:`release`."""
+        with self._lock:
+            self._passing = after
+
+    @property
+    def holding(self) -> bool:
+        """Answers are being held back (the bytes allowed by :meth:`hold` have passed)."""
+        return not self._flowing.is_set()
+
+    def release(self) -> None:
+        with self._lock:
+            self._passing = None
+        self._flowing.set()
 
     def cut(self) -> None:
         self._open.clear()
@@ -67,5 +105,6 @@ class TcpProxy:
 
     def close(self) -> None:
         self._stopped = True
+        self.release()
         self.cut()
         self._listener.close()

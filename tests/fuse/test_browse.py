@@ -6,6 +6,8 @@ import errno
 import os
 import stat
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from datalakefs.demo.status import LakeStatus
 from datalakefs.model import DID
 from datalakefs.namespace.escaping import component_for
 from tests.fuse.mounting import Mount
+from tests.fuse.tcpproxy import TcpProxy
 from tests.fuse.waiting import wait_until
 
 pytestmark = [pytest.mark.lake, pytest.mark.fuse]
@@ -133,6 +136,43 @@ def test_ls_l_of_a_large_dataset_is_stable_and_agrees_with_stat(lake: LakeStatus
     after = lake_mount.status()["catalogue"]["calls"]
     assert after.get("get_infos", 0) == before.get("get_infos", 0)
     assert after.get("list_content", 0) - before.get("list_content", 0) <= 1
+
+
+def test_a_large_directory_is_listed_while_its_answer_still_arrives(
+    lake: LakeStatus, new_mount: Callable[..., Mount], proxied_rucio_config: tuple[Path, TcpProxy]
+) -> None:
+    """``ls`` of the 10k dataset gets its first entries while the rest of the catalogue's answer is
+    held back on the wire, and every entry once it is let go; one catalogue call for it all."""
+    config, proxy = proxied_rucio_config
+    mount = new_mount(f"rucio_config={config}")
+    mount.start()
+    directory = path_of(mount, lake.seed.dataset_10k)
+    os.stat(directory)  # the dataset's own facts: what follows is its listing only
+    proxy.hold(after=700_000)  # two of the listing's 256 KiB chunks (about 4,600 of its rows), and some
+    seen: list[str] = []
+    listed = threading.Event()
+
+    def list_it() -> None:
+        with os.scandir(directory) as entries:
+            seen.extend(entry.name for entry in entries)
+        listed.set()
+
+    reader = threading.Thread(target=list_it, daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: len(seen) > 1000 and proxy.holding, what="entries while the answer is held back")
+        read = len(seen)  # the reader goes on meanwhile
+        status = mount.status()
+        assert status["catalogue"]["streaming"] == 1 and not listed.is_set()
+        assert status["listing"]["entries_while_streaming"] >= read > 1000
+    finally:
+        proxy.release()
+    reader.join(timeout=120)
+    assert listed.is_set() and len(seen) == len(set(seen)) == 10_000
+    status = mount.status()
+    assert status["catalogue"]["streaming"] == 0 and status["catalogue"]["calls"]["list_content"] == 1
+    assert sorted(os.listdir(directory)) == sorted(seen)  # cached whole: the same entries, no new call
+    assert mount.status()["catalogue"]["calls"]["list_content"] == 1
 
 
 def test_xattrs(lake: LakeStatus, lake_mount: Mount, rucio_client: Any) -> None:

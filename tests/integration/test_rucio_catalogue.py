@@ -19,9 +19,14 @@ from datalakefs.cache.layout import FileKey
 from datalakefs.catalogue.rucio import RucioCatalogue
 from datalakefs.config import Config
 from datalakefs.errors import AccessDeniedError, InvalidNameError, NotFoundError
-from datalakefs.model import DID, DIDType
+from datalakefs.model import DID, DIDInfo, DIDType
 
 pytestmark = pytest.mark.lake
+
+
+def whole(batches: Iterator[list[DIDInfo]]) -> list[DIDInfo]:
+    """Every row of a listing's batches, in order."""
+    return [info for batch in batches for info in batch]
 
 
 def did(text: str) -> DID:
@@ -56,16 +61,16 @@ def test_collections_of_a_scope(catalogue: RucioCatalogue, seed: Any) -> None:
 
 
 def test_container_content_crosses_scopes(catalogue: RucioCatalogue, seed: Any) -> None:
-    content = catalogue.list_content(did(seed.container))
+    content = whole(catalogue.list_content(did(seed.container)))
     assert {info.did for info in content} == {did(c) for c in seed.container_children}
     assert all(info.type.is_collection for info in content)
-    cross = catalogue.list_content(did(seed.cross_scope_dataset))
+    cross = whole(catalogue.list_content(did(seed.cross_scope_dataset)))
     assert cross
     assert all(info.did.scope != did(seed.cross_scope_dataset).scope for info in cross)
 
 
 def test_dataset_content_has_sizes_and_checksums(catalogue: RucioCatalogue, seed: Any) -> None:
-    content = {info.did: info for info in catalogue.list_content(did(seed.sized_dataset))}
+    content = {info.did: info for info in whole(catalogue.list_content(did(seed.sized_dataset)))}
     assert set(content) == {did(d) for d in seed.sized_files.values()}
     for size, name in seed.sized_files.items():
         info = content[did(name)]
@@ -73,7 +78,7 @@ def test_dataset_content_has_sizes_and_checksums(catalogue: RucioCatalogue, seed
         assert info.adler32 is not None
         assert len(info.adler32) == 8
         assert info.md5 is not None
-    assert {i.did: i for i in catalogue.list_files(did(seed.sized_dataset))} == {
+    assert {i.did: i for i in whole(catalogue.list_files(did(seed.sized_dataset)))} == {
         d: replace(i, md5=None) for d, i in content.items()}  # list_files gives no md5
 
 
@@ -88,7 +93,7 @@ def test_a_listed_file_with_md5_only_has_the_cache_key_of_the_file_looked_up_alo
     rucio_client.add_replicas(seed.scratch_rse, [
         {"scope": file.scope, "name": file.name, "bytes": 3, "md5": "0123456789abcdef0123456789abcdef"}])
     rucio_client.attach_dids(dataset.scope, dataset.name, [{"scope": file.scope, "name": file.name}])
-    [listed] = catalogue.list_files(dataset)
+    [listed] = whole(catalogue.list_files(dataset))
     alone = catalogue.get_info(file)
     assert (listed.adler32, listed.md5) == (None, "0123456789abcdef0123456789abcdef")
     assert FileKey.of(listed) == FileKey.of(alone)
@@ -96,8 +101,9 @@ def test_a_listed_file_with_md5_only_has_the_cache_key_of_the_file_looked_up_alo
 
 def test_escaped_names_are_listed_alike_by_content_and_files(catalogue: RucioCatalogue, seed: Any) -> None:
     dataset = did(seed.escaped_dataset)
-    assert set(catalogue.list_files(dataset)) == {replace(i, md5=None) for i in catalogue.list_content(dataset)}
-    assert {did(n) for n in seed.escaped_names} <= {info.did for info in catalogue.list_files(dataset)}
+    content = whole(catalogue.list_content(dataset))
+    assert set(whole(catalogue.list_files(dataset))) == {replace(i, md5=None) for i in content}
+    assert {did(n) for n in seed.escaped_names} <= {info.did for info in whole(catalogue.list_files(dataset))}
 
 
 def test_facts_of_one_did(catalogue: RucioCatalogue, seed: Any) -> None:
@@ -112,7 +118,7 @@ def test_facts_of_one_did(catalogue: RucioCatalogue, seed: Any) -> None:
 
 def test_names_that_are_not_file_names(catalogue: RucioCatalogue, seed: Any) -> None:
     names = {did(n) for n in seed.escaped_names}
-    assert names <= {info.did for info in catalogue.list_content(did(seed.escaped_dataset))}
+    assert names <= {info.did for info in whole(catalogue.list_content(did(seed.escaped_dataset)))}
     for name in sorted(names):
         assert catalogue.get_info(name).did == name
     assert catalogue.get_info(did(seed.long_name)).did == did(seed.long_name)
@@ -124,9 +130,9 @@ def test_unknown_dids_and_scopes(catalogue: RucioCatalogue, seed: Any) -> None:
     with pytest.raises(NotFoundError):
         catalogue.get_info(missing)
     with pytest.raises(NotFoundError):
-        catalogue.list_content(missing)
+        whole(catalogue.list_content(missing))
     with pytest.raises(NotFoundError):
-        catalogue.list_files(missing)
+        whole(catalogue.list_files(missing))
     with pytest.raises(NotFoundError):
         catalogue.list_collections("no-such-scope")
     assert catalogue.get_infos([missing, existing])[0].did == existing
@@ -189,7 +195,7 @@ def test_replicas_through_rucios_proxy_for_the_client_site(lake: Any, seed: Any)
 
 def test_ten_thousand_files(catalogue: RucioCatalogue, seed: Any) -> None:
     dataset = did(seed.dataset_10k)
-    content = catalogue.list_content(dataset)
+    content = whole(catalogue.list_content(dataset))
     assert len(content) == 10_000
     assert all(info.type is DIDType.FILE and info.size and info.adler32 for info in content)
     infos = catalogue.get_infos([info.did for info in content])

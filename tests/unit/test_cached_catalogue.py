@@ -671,8 +671,8 @@ class _Prebuilt:
     def __init__(self, files: list[DIDInfo]) -> None:
         self.files = files
 
-    def list_files(self, did: DID) -> list[DIDInfo]:
-        return self.files
+    def list_files(self, did: DID) -> Iterator[list[DIDInfo]]:
+        yield self.files
 
 
 async def test_a_listing_costs_the_cache_little_beyond_its_infos() -> None:

@@ -46,15 +46,15 @@ def test_scopes_and_collections() -> None:
 
 def test_content_has_sizes_and_checksums_but_no_times() -> None:
     fake = small_lake()
-    content = fake.list_content(DID("data", "run1"))
+    [content] = fake.list_content(DID("data", "run1"))
     assert [str(i.did) for i in content] == ["data:f1", "data:f2", "mc:g1"]
     first = content[0]
     assert (first.type, first.size, first.adler32, first.md5) == (DIDType.FILE, 10, "0000000a", "m1")
     assert first.created_at == 0.0
     assert fake.get_info(DID("data", "run1")).size == 47  # a dataset's bytes are its files' sum
-    assert fake.list_content(DID("data", "f1")) == []  # a file has no content, like in rucio
+    assert list(fake.list_content(DID("data", "f1"))) == []  # a file has no content, like in rucio
     with pytest.raises(NotFoundError):
-        fake.list_content(DID("data", "missing"))
+        list(fake.list_content(DID("data", "missing")))
 
 
 def test_infos_have_times_and_leave_unknown_out() -> None:

@@ -21,7 +21,11 @@ class _Listed:
         self.kept: dict[int, Any] = {}
         self.remembered: list[int] = []
 
-    def readdir(self, fh: int, start: int, build: Callable[[Attributes], Any]) -> Iterator[tuple[int, str, int, Any]]:
+    async def readdir(self, fh: int, start: int, build: Callable[[Attributes], Any]
+                      ) -> Iterator[tuple[int, str, int, Any]]:
+        return self._entries(start, build)
+
+    def _entries(self, start: int, build: Callable[[Attributes], Any]) -> Iterator[tuple[int, str, int, Any]]:
         for index in range(start, 3):
             ino = 10 + index
             if ino not in self.kept:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from datalakefs.catalogue.ndjson import rows
+from datalakefs.catalogue.ndjson import batches
 from datalakefs.errors import CatalogueUnavailableError
 
 _values = st.recursive(
@@ -20,6 +20,10 @@ _values = st.recursive(
     max_leaves=6,
 )
 _rows = st.lists(st.dictionaries(st.text(max_size=8), _values, max_size=4), max_size=20)
+
+
+def rows(chunks: list[bytes], what: str) -> list[dict[str, Any]]:
+    return [row for batch in batches(chunks, what) for row in batch]
 
 
 def cut(body: bytes, at: list[int]) -> list[bytes]:
@@ -32,11 +36,12 @@ def test_rows_wherever_the_stream_is_cut(expected: list[dict[str, Any]], at: lis
     body = b"\n".join(json.dumps(row).encode() for row in expected)
     if final_newline and expected:
         body += b"\n"
-    assert list(rows(cut(body, at), "listing")) == expected
+    assert rows(cut(body, at), "listing") == expected
+    assert all(batches(cut(body, at), "listing")), "no empty batch"
 
 
 def test_blank_lines_are_skipped() -> None:
-    assert list(rows([b'{"a": 1}\n\n  \n{"a"', b': 2}\n\n'], "listing")) == [{"a": 1}, {"a": 2}]
+    assert list(batches([b'{"a": 1}\n\n  \n{"a"', b': 2}\n\n'], "listing")) == [[{"a": 1}], [{"a": 2}]]
 
 
 @pytest.mark.parametrize(
@@ -50,4 +55,4 @@ def test_blank_lines_are_skipped() -> None:
 )
 def test_a_bad_row_is_an_error_naming_it(chunks: list[bytes], problem: str) -> None:
     with pytest.raises(CatalogueUnavailableError, match=problem):
-        list(rows(chunks, "the listing"))
+        rows(chunks, "the listing")

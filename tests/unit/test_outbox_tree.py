@@ -186,7 +186,7 @@ async def test_readdir_builds_outbox_entries_every_time(
     for data in (b"a", b"bc"):
         await fs.write(fh, 0, data)
         listing = await fs.opendir(dataset.ino)
-        sizes += [entry.size for _, _, _, entry in fs.readdir(listing, 0, lambda attributes: attributes)]
+        sizes += [entry.size for _, _, _, entry in await fs.readdir(listing, 0, lambda attributes: attributes)]
         fs.releasedir(listing)
     assert sizes == [1, 2]
 
@@ -198,10 +198,10 @@ async def test_an_outbox_entry_forgotten_while_its_directory_is_open_is_handed_o
     dataset = await _new_dataset(fs)
     await fs.create(dataset.ino, "f.dat")
     listing = await fs.opendir(dataset.ino)
-    [(_, _, first, _)] = fs.readdir(listing, 0, lambda attributes: attributes)
+    [(_, _, first, _)] = await fs.readdir(listing, 0, lambda attributes: attributes)
     fs.remember_each([first])
     fs.forget(first, 2)  # create's reference and the listing's
-    [(_, _, again, attributes)] = fs.readdir(listing, 0, lambda attributes: attributes)
+    [(_, _, again, attributes)] = await fs.readdir(listing, 0, lambda attributes: attributes)
     fs.releasedir(listing)
     assert again != first and attributes.ino == again
     assert (await fs.getattr(again)).ino == again

@@ -75,10 +75,16 @@ def adapter(stub: StubClient, **options: Any) -> RucioCatalogue:
     return RucioCatalogue(Config(**options), client_factory=lambda: stub)
 
 
-def streamed(rows: list[dict[str, Any]], cut: int = 7) -> list[bytes]:
-    """The body of a streamed listing of ``rows``, arriving in pieces of ``cut`` bytes."""
+def streamed(rows: list[dict[str, Any]], cut: int = 7) -> Iterator[bytes]:
+    """The body of a streamed listing of ``rows``, arriving in pieces of ``cut`` bytes (a generator,
+    as rucio's: the adapter closes it)."""
     body = b"".join(json.dumps(row).encode() + b"\n" for row in rows)
-    return [body[i : i + cut] for i in range(0, len(body), cut)]
+    yield from [body[i : i + cut] for i in range(0, len(body), cut)]
+
+
+def whole(batches: Iterator[list[DIDInfo]]) -> list[DIDInfo]:
+    """Every row of a listing's batches, in order."""
+    return [info for batch in batches for info in batch]
 
 
 def test_listing_rows_become_infos() -> None:
@@ -94,7 +100,7 @@ def test_listing_rows_become_infos() -> None:
         }
     )
     catalogue = adapter(stub)
-    files = catalogue.list_content(DID("d", "run"))
+    files = whole(catalogue.list_content(DID("d", "run")))
     assert [(i.did, i.type, i.size, i.adler32, i.md5) for i in files] == [
         (DID("d", "f"), DIDType.FILE, 5, "0000000a", None),
         (DID("m", "ds"), DIDType.DATASET, None, None, None),
@@ -109,7 +115,7 @@ def test_files_of_a_dataset_are_files_without_type_or_times() -> None:
     rows = [{"scope": "d", "name": f"f{i}", "bytes": i, "adler32": "0000000a", "md5": "", "events": None}
             for i in range(3)]
     stub = StubClient({"listing_body": lambda did, what: streamed(rows)})
-    files = adapter(stub).list_files(DID("d", "ds"))
+    files = whole(adapter(stub).list_files(DID("d", "ds")))
     assert [(i.did, i.type, i.size, i.adler32, i.md5, i.created_at) for i in files] == [
         (DID("d", f"f{i}"), DIDType.FILE, i, "0000000a", None, 0.0) for i in range(3)
     ]
@@ -126,8 +132,8 @@ def test_files_without_adler32_get_their_md5_so_their_cache_key_is_the_one_of_ge
         return iter([{**metadata_row(d["scope"], d["name"]), "adler32": None, "md5": "m" + d["name"]}
                      for d in chunk if d["name"] != "f1"])  # f1 has neither checksum
 
-    stub = StubClient({"listing_body": lambda did, what: streamed(rows, cut=4096), "get_metadata_bulk": bulk})
-    files = adapter(stub).list_files(DID("d", "ds"))
+    stub = StubClient({"listing_body": lambda did, what: streamed(rows, cut=1 << 20), "get_metadata_bulk": bulk})
+    files = whole(adapter(stub).list_files(DID("d", "ds")))
     expected = [(f"f{i}", None, None if i == 1 else f"mf{i}") if i % 2 else (f"f{i}", "0000000a", None)
                 for i in range(len(rows))]
     assert [(i.did.name, i.adler32, i.md5) for i in files] == expected
@@ -136,20 +142,24 @@ def test_files_without_adler32_get_their_md5_so_their_cache_key_is_the_one_of_ge
     assert FileKey.of(files[3]) == FileKey.of(DIDInfo(DID("d", "f3"), DIDType.FILE, 3, None, "mf3"))
 
 
+#: a good row of ``list_files`` (with its adler32: a batch of files without one asks for their md5)
+_FILE_ROW = b'{"scope": "d", "name": "f0", "bytes": 1, "adler32": "0000000a"}\n'
+
+
 @pytest.mark.parametrize(
     ("body", "problem"),
     [
-        ([b'{"scope": "d", "name": "f0", "bytes": 1}\n{"scope": "d", "na'], r"row 2 .*ends inside it"),
-        ([b'{"scope": "d", "name": "f0", "bytes": 1}\n', b"<html>bad gateway</html>\n"], r"row 2 is not valid JSON"),
-        ([b'{"scope": "d", "name": "f0", "bytes": 1}\n["d", "f1"]\n'], r"row 2 is not a JSON object"),
+        ([_FILE_ROW + b'{"scope": "d", "na'], r"row 2 .*ends inside it"),
+        ([_FILE_ROW, b"<html>bad gateway</html>\n"], r"row 2 is not valid JSON"),
+        ([_FILE_ROW + b'["d", "f1"]\n'], r"row 2 is not a JSON object"),
         ([b'{"scope": "d", "bytes": 1}\n'], r"not a file \(KeyError\('name'\)\)"),
         ([b'{"scope": "d", "name": "f0", "bytes": "many"}\n'], r"not a file \(ValueError"),
     ],
 )
 def test_a_malformed_file_row_fails_the_listing_naming_the_server(body: list[bytes], problem: str) -> None:
-    stub = StubClient({"listing_body": lambda did, what: iter(body)})
+    stub = StubClient({"listing_body": lambda did, what: (chunk for chunk in body)})
     with pytest.raises(CatalogueUnavailableError, match=problem) as caught:
-        adapter(stub).list_files(DID("d", "ds"))
+        whole(adapter(stub).list_files(DID("d", "ds")))
     assert "rucio server http://rucio.test:80" in str(caught.value) and "the files of d:ds" in str(caught.value)
 
 
@@ -344,7 +354,7 @@ def test_errors_while_streaming_are_translated() -> None:
         raise requests.exceptions.ChunkedEncodingError("connection reset mid-stream")
 
     with pytest.raises(CatalogueUnavailableError, match="mid-stream"):
-        adapter(StubClient({"listing_body": broken})).list_content(DID("d", "ds"))
+        whole(adapter(StubClient({"listing_body": broken})).list_content(DID("d", "ds")))
 
 
 def test_clients_are_pooled_one_per_concurrent_call_and_closed() -> None:
@@ -540,8 +550,8 @@ def test_a_listings_infos_are_made_with_the_collector_paused() -> None:
     enabled = gc.isenabled()
     gc.enable()
     try:
-        assert len(adapter(StubClient({"listing_body": body})).list_files(DID("d", "ds"))) == 3
-        assert len(adapter(StubClient({"listing_body": body})).list_content(DID("d", "ds"))) == 3
+        assert len(whole(adapter(StubClient({"listing_body": body})).list_files(DID("d", "ds")))) == 3
+        assert len(whole(adapter(StubClient({"listing_body": body})).list_content(DID("d", "ds")))) == 3
         assert collecting and not any(collecting) and gc.isenabled()
     finally:
         if not enabled:
