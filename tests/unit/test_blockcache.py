@@ -738,3 +738,19 @@ def test_a_block_evicted_while_its_rewrite_waits_for_its_commit_is_refused_not_c
     assert not cache.has_block(key, 1)
     assert cache.statistics().corrupt_blocks == 0
     assert cache.read(key, 0, 0, BS) == first[:BS]
+
+
+def test_the_buffer_pool_reuses_the_buffer_given_back_last_and_keeps_what_a_read_held() -> None:
+    """Blocks held in memory at once (a window's worth) go back to the pool and are all reused, no
+    fresh mapping; the one given back last (its lines perhaps still in the CPU's cache) comes first.
+    Buffers deep in the pool, whose pages were offered to the kernel, still take and hold bytes."""
+    pool = writer_module._Buffers(keep=64, hot=4)
+    held = [pool.take(BS) for _ in range(40)]
+    for buffer in held:
+        pool.give(buffer)
+    assert pool.take(BS) is held[-1]
+    again = [pool.take(BS) for _ in range(39)]
+    assert pool.mapped == 40
+    for buffer in again:
+        buffer[:5] = b"bytes"
+        assert buffer[:5] == b"bytes"
