@@ -29,7 +29,7 @@ from datalakefs.daemon import stream_content
 from datalakefs.errors import AccessDeniedError, TransferError
 from datalakefs.model import DID, FileReplicas, Replica
 from datalakefs.staging.stream import INLINE_TRANSFER_MAX, PIECE_ALIGN, StreamReader, StreamService
-from datalakefs.staging.stream.fetch import BEHIND_BLOCKS
+from datalakefs.staging.stream.fetch import BEHIND_BLOCKS, WINDOW_SHARES_MAX
 from datalakefs.transport.http import RangeSink
 from tests.faults.harness import BS, info_of, open_reader, payload, ranges, read_all, running
 from tests.faults.origin import FaultyOrigin
@@ -289,6 +289,19 @@ async def test_blocks_just_written_past_the_page_cache_are_served_from_memory_un
             assert await read_all(open_reader(restarted, INFO, origin.url("big"))) == DATA
             assert restarted.statistics().cache.corrupt_blocks == 1  # caught, dropped and fetched again
     assert origin.violations == []
+
+
+async def test_the_window_is_shared_by_at_most_eight_streaming_readers(tmp_path: Path) -> None:
+    """Each of N streaming readers may fetch ahead ``prefetch_max``/N, down to an eighth of it (enough
+    to hide a 30 ms round trip for 16 readers); a reader that stops streaming gives its share back."""
+    async with running(tmp_path) as service:
+        readers = [open_reader(service, INFO, "http://origin.invalid/big") for _ in range(16)]
+        limits = [service.window_limit(reader) for reader in readers]
+        assert (limits[0], limits[1], limits[3]) == (64 * BS, 32 * BS, 16 * BS)
+        assert limits[WINDOW_SHARES_MAX - 1:] == [64 * BS // WINDOW_SHARES_MAX] * (17 - WINDOW_SHARES_MAX)
+        for reader in readers[1:]:
+            await reader.close()
+        assert service.window_limit(readers[0]) == 64 * BS
 
 
 class _Given(ResidentBytes):

@@ -38,6 +38,11 @@ PIECE_ALIGN = 4096  # piece reads fetch whole pages
 #: pool while still in the CPU's cache, and the transport receives the next blocks into them (a cold
 #: buffer makes the socket's copy into it and its first touch cost more; see ARCHITECTURE.md).
 BEHIND_BLOCKS = 8
+#: The window is shared by at most this many streaming readers; beyond, each keeps this share of it
+#: (8 MiB of the default 64): with less, a reader's requests (half a window each) no longer hide a
+#: 30 ms round trip at the ~25 MB/s each of 16 readers gets (it waits for most blocks), while 16
+#: such windows still fit in the memory that holds blocks not yet read (twice the window).
+WINDOW_SHARES_MAX = 8
 #: a transfer of at most this many bytes (a small file) runs on the trio thread when its URL allows
 INLINE_TRANSFER_MAX = 256 << 10
 
@@ -336,12 +341,13 @@ class StreamService:
 
     def window_limit(self, reader: StreamReader) -> int:
         """The read-ahead window ``reader`` may grow to, which counts it as streaming until
-        :meth:`stream_ended`: ``window_max`` shared by the streaming readers, so that the blocks their
-        windows fetched ahead fit in memory together (more would push unread blocks out, to be read
-        back from the disk on this thread) and N readers of one file ask for no more than one."""
+        :meth:`stream_ended`: ``window_max`` shared by the streaming readers (by at most
+        WINDOW_SHARES_MAX), so that the blocks their windows fetched ahead fit in memory together
+        (more would push unread blocks out, to be read back from the disk on this thread) and N
+        readers of one file ask for no more than one."""
         self._streams.add(reader)
         bs = self.block_size
-        return max(bs, self.window_max // len(self._streams) // bs * bs)
+        return max(bs, self.window_max // min(len(self._streams), WINDOW_SHARES_MAX) // bs * bs)
 
     def stream_ended(self, reader: StreamReader) -> None:
         """``reader`` reads ahead no more (it turned random, reached the file's end, or was closed)."""
