@@ -244,7 +244,8 @@ class StreamService:
         # the page cache (LandedBlock.resident), whose first reads would otherwise go to the disk.
         # Both are sliced without a copy (a read returns a view: see ReadBuffer). Until read to their
         # end they are in ``_in_memory``: room for the windows of every streaming reader together
-        # (see window_limit), twice over; then in ``_behind``, the last BEHIND_BLOCKS of them.
+        # (see window_limit; twice over up to 8 readers, once for 16); then in ``_behind``, the last
+        # BEHIND_BLOCKS of them.
         self._in_memory: OrderedDict[tuple[str, int], memoryview | ResidentBytes] = OrderedDict()
         self._in_memory_max = max(4, 2 * self.window_max // self.block_size)
         self._behind: OrderedDict[tuple[str, int], memoryview | ResidentBytes] = OrderedDict()
@@ -344,7 +345,7 @@ class StreamService:
         :meth:`stream_ended`: ``window_max`` shared by the streaming readers (by at most
         WINDOW_SHARES_MAX), so that the blocks their windows fetched ahead fit in memory together
         (more would push unread blocks out, to be read back from the disk on this thread) and N
-        readers of one file ask for no more than one."""
+        readers of one file ask for little more than one."""
         self._streams.add(reader)
         bs = self.block_size
         return max(bs, self.window_max // min(len(self._streams), WINDOW_SHARES_MAX) // bs * bs)
