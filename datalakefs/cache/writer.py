@@ -37,6 +37,7 @@ writer is used by one thread at a time.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import functools
@@ -241,6 +242,9 @@ class BlockWriter:
         self._buffer: mmap.mmap | None = None  # the block being filled, page-aligned for O_DIRECT
         self._direct_error = 0  # set by the disk thread when a direct write failed: stop writing direct
         self._in_flight = threading.Semaphore(_DIRECT_IN_FLIGHT)
+        #: done once ``close`` gave everything back, every finished block handed to ``on_block``
+        #: (:class:`~datalakefs.transport.http.DrainingSink`, matched structurally)
+        self.drained: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         self._check_at(offset, len(data))
@@ -284,18 +288,33 @@ class BlockWriter:
             raise ValueError(f"write at {offset}+{length} outside the expected {self._pos}..{self._end}")
 
     def close(self) -> None:
-        """Give back the space of an unfinished block and the file; returns once every finished block
-        was handed to ``on_block`` (its direct write done)."""
+        """Give back the space of an unfinished block and the file, and set ``drained`` once every
+        finished block was handed to ``on_block``: at once, or, while direct writes are queued, on the
+        disk thread after them (the transport's thread does not wait for the disk: it receives the
+        other transfers meanwhile)."""
         block, self._block = self._block, None
         if self._fd < 0:
+            self._set_drained()
             return
-        self._drain()
-        if block is not None and block.mem is None and block.filled and self._buffer is None:
+        if self._direct_fd >= 0:
+            _disk.submit(self._close_files)  # after this writer's last direct write: the thread keeps order
+            return
+        if block is not None and block.mem is None and block.filled:
             with contextlib.suppress(OSError):
                 punch_hole(self._fd, block.offset, block.filled)
-        self._stop_direct()
-        os.close(self._fd)
-        self._fd = -1
+        self._close_files()
+
+    def _close_files(self) -> None:
+        try:
+            self._stop_direct()
+            os.close(self._fd)
+            self._fd = -1
+        finally:
+            self._set_drained()  # even if closing failed: the transfer must not wait forever
+
+    def _set_drained(self) -> None:
+        if not self.drained.done():
+            self.drained.set_result(None)
 
     def _drain(self) -> None:
         """Wait until the disk thread made every write this writer handed it."""

@@ -62,6 +62,7 @@ def write(cache: BlockCache, key: FileKey, data: bytes, first: int, end: int, se
         writer.write(pos, data[pos : pos + n])
         pos += n
     writer.close()
+    writer.drained.result(timeout=10)  # the disk thread's last writes
     return landed
 
 
@@ -114,6 +115,7 @@ def test_unfinished_block_is_never_visible_and_gives_its_space_back(tmp_path: Pa
     writer = cache.writer(key, 0, 2, landed.append)
     writer.write(0, DATA[: BS + 500_000])
     writer.close()  # the transfer died inside block 1
+    writer.drained.result(timeout=10)
     assert [b.index for b in landed] == [0]
     assert cache.commit(key, landed[0])
     assert cache.read(key, 1, 0, 10) is None
@@ -518,8 +520,10 @@ def test_the_next_block_is_received_while_the_disk_writes_the_last(
     writer = cache.writer(key, 0, 3, landed.append)
     writer.write(0, DATA[: 3 * BS])  # three blocks finished while the disk has not written the first
     assert landed == []
+    writer.close()  # returns at once: the transport's thread does not wait for the disk ...
+    assert not writer.drained.done() and landed == []
     disk_may_go.set()
-    writer.close()  # returns once every block was written and handed over
+    writer.drained.result(timeout=10)  # ... which hands every block over, then says it is done
     monkeypatch.undo()
     assert [b.index for b in landed] == [0, 1, 2]
     for block in landed:
