@@ -52,6 +52,7 @@ COUNTERS: Mapping[Path, str] = {
     ("content", "hits"): "Reads served from the block cache",
     ("content", "misses"): "Reads that needed bytes from storage",
     ("content", "bypassed_blocks"): "Blocks read without going through the cache",
+    ("content", "disk_reads"): "Block reads answered from the cache's data file rather than from memory",
     ("content", "verified_files"): "Files whose whole-file checksum was verified",
     ("content", "cache", "evictions"): "Blocks evicted from the cache",
     ("content", "cache", "evicted_bytes"): "Bytes evicted from the cache",

@@ -13,7 +13,8 @@ Contract of one transfer, :meth:`HttpTransport.fetch` (url, start, length, total
   file offsets, on the asyncio thread; ``sink.close()`` is called exactly once there, however the
   transfer ends, and before :meth:`HttpTransport.fetch` returns or raises (on the caller's thread
   instead when the transfer was cancelled before it started, so that nothing else can be touching
-  the sink).
+  the sink); for a :class:`DrainingSink`, whose ``close`` leaves work to another thread, the fetch
+  returns or raises only once that work is done (its ``drained``), awaited without blocking the loop.
 * A transfer during which no byte arrives for ``stall_timeout`` seconds fails as a timeout; connecting
   is bounded by ``connect_timeout``; with a ``deadline`` (:mod:`datalakefs.transport.deadlines`), a
   transfer that is not done within ``deadline.seconds(length)`` fails as a timeout too, however
@@ -35,6 +36,7 @@ credentials the request is repeated once with them, else the refusal stands.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ssl
 from collections.abc import Mapping
 from typing import Protocol
@@ -47,6 +49,7 @@ from datalakefs.transport.bulk_http import BulkRangeClient, Redirected
 from datalakefs.transport.deadlines import Deadline
 from datalakefs.transport.http1 import (
     BufferSink,
+    DrainingSink,
     FailureKind,
     RangeReadError,
     RangeSink,
@@ -57,6 +60,21 @@ __all__ = [
     "BufferSink", "FailureKind", "HttpTransport", "NoAuth", "RangeReadError", "RangeSink", "RequestAuth", "check_reply",
     "redact_url",
 ]
+
+async def _until_drained(drained: concurrent.futures.Future[None]) -> None:
+    """Until the work ``close`` left to another thread is done, even when cancelled meanwhile (then
+    CancelledError after): a transfer never returns while its last blocks may still land, and the
+    loop serves the other transfers meanwhile (a wait in ``close`` would stop them all)."""
+    waiting = asyncio.wrap_future(drained)
+    cancelled = False
+    while not waiting.done():
+        try:
+            await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
 
 class RequestAuth(Protocol):
     """Credentials of data requests; every method is called on the asyncio thread."""
@@ -136,6 +154,8 @@ class HttpTransport:
                 await self._attempt(url, start, length, total, sink)
         finally:
             sink.close()
+            if isinstance(sink, DrainingSink):
+                await _until_drained(sink.drained)
 
     async def _attempt(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
         limit = asyncio.timeout(None if self._deadline is None else self._deadline.seconds(length))

@@ -12,6 +12,7 @@ re-exports them).
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import functools
 import re
@@ -68,6 +69,15 @@ class RangeSink(Protocol):
     def close(self) -> None:
         """The transfer is over (complete or not); release what is held for it."""
         ...
+
+
+@runtime_checkable
+class DrainingSink(RangeSink, Protocol):
+    """A sink whose ``close`` may leave the last of its work to another thread (the cache writer's
+    disk writes): the transfer is over once ``drained`` is done, which the asyncio side awaits
+    without blocking its loop (the other transfers go on meanwhile)."""
+
+    drained: concurrent.futures.Future[None]
 
 
 @runtime_checkable

@@ -86,6 +86,7 @@ class CacheMachine(RuleBasedStateMachine):
             writer.write(pos, DATA[name][pos : pos + step])
             pos += step
         writer.close()
+        writer.drained.result(timeout=10)  # the disk thread's last writes
         assert [b.index for b in landed] == list(range(first, end))
         evicted_meanwhile: set[tuple[str, int]] = set()  # old copies of this put's blocks, evicted by its commits
         for block in landed:
@@ -190,6 +191,7 @@ class CacheMachine(RuleBasedStateMachine):
         writer = self.cache.writer(KEYS[name], index, index + 1, lambda landed: None)
         writer.write(start, DATA[name][start : start + block_length(SIZES[name], BS, index)])
         writer.close()
+        writer.drained.result(timeout=10)
 
     @rule()
     def restart(self) -> None:

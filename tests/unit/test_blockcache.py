@@ -65,6 +65,7 @@ def write(cache: BlockCache, key: FileKey, data: bytes, first: int, end: int, se
         writer.write(pos, data[pos : pos + n])
         pos += n
     writer.close()
+    writer.drained.result(timeout=10)  # the disk thread's last writes
     return landed
 
 
@@ -117,6 +118,7 @@ def test_unfinished_block_is_never_visible_and_gives_its_space_back(tmp_path: Pa
     writer = cache.writer(key, 0, 2, landed.append)
     writer.write(0, DATA[: BS + 500_000])
     writer.close()  # the transfer died inside block 1
+    writer.drained.result(timeout=10)
     assert [b.index for b in landed] == [0]
     assert cache.commit(key, landed[0])
     assert cache.read(key, 1, 0, 10) is None
@@ -578,8 +580,10 @@ def test_the_next_block_is_received_while_the_disk_writes_the_last(
     writer = cache.writer(key, 0, 3, landed.append)
     writer.write(0, DATA[: 3 * BS])  # three blocks finished while the disk has not written the first
     assert landed == []
+    writer.close()  # returns at once: the transport's thread does not wait for the disk ...
+    assert not writer.drained.done() and landed == []
     disk_may_go.set()
-    writer.close()  # returns once every block was written and handed over
+    writer.drained.result(timeout=10)  # ... which hands every block over, then says it is done
     monkeypatch.undo()
     assert [b.index for b in landed] == [0, 1, 2]
     for block in landed:
@@ -798,3 +802,19 @@ def test_a_block_evicted_while_its_rewrite_waits_for_its_commit_is_refused_not_c
     assert not cache.has_block(key, 1)
     assert cache.statistics().corrupt_blocks == 0
     assert cache.read(key, 0, 0, BS) == first[:BS]
+
+
+def test_the_buffer_pool_reuses_the_buffer_given_back_last_and_keeps_what_a_read_held() -> None:
+    """Blocks held in memory at once (a window's worth) go back to the pool and are all reused, no
+    fresh mapping; the one given back last (its lines perhaps still in the CPU's cache) comes first.
+    Buffers deep in the pool, whose pages were offered to the kernel, still take and hold bytes."""
+    pool = writer_module._Buffers(keep=64, hot=4)
+    held = [pool.take(BS) for _ in range(40)]
+    for buffer in held:
+        pool.give(buffer)
+    assert pool.take(BS) is held[-1]
+    again = [pool.take(BS) for _ in range(39)]
+    assert pool.mapped == 40
+    for buffer in again:
+        buffer[:5] = b"bytes"
+        assert buffer[:5] == b"bytes"

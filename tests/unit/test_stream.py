@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from datalakefs.daemon import stream_content
 from datalakefs.errors import AccessDeniedError, TransferError
 from datalakefs.model import DID, FileReplicas, Replica
 from datalakefs.staging.stream import INLINE_TRANSFER_MAX, PIECE_ALIGN, StreamReader, StreamService
+from datalakefs.staging.stream.fetch import BEHIND_BLOCKS, WINDOW_SHARES_MAX
 from datalakefs.transport.http import RangeSink
 from tests.faults.harness import BS, info_of, open_reader, payload, ranges, read_all, running
 from tests.faults.origin import FaultyOrigin
@@ -289,19 +291,92 @@ async def test_blocks_just_written_past_the_page_cache_are_served_from_memory_un
     assert origin.violations == []
 
 
-async def test_blocks_read_to_their_end_leave_memory_first(tmp_path: Path) -> None:
-    """Memory keeps a window ahead and one behind; the blocks a reader finished leave first, before the
-    blocks fetched ahead that it has yet to read (plain LRU would drop those, the oldest landed)."""
-    async with running(tmp_path, config=Config(prefetch_max=2 * BS)) as service:
+async def test_the_window_is_shared_by_at_most_eight_streaming_readers(tmp_path: Path) -> None:
+    """Each of N streaming readers may fetch ahead ``prefetch_max``/N, down to an eighth of it (enough
+    to hide a 30 ms round trip for 16 readers); a reader that stops streaming gives its share back."""
+    async with running(tmp_path) as service:
+        readers = [open_reader(service, INFO, "http://origin.invalid/big") for _ in range(16)]
+        limits = [service.window_limit(reader) for reader in readers]
+        assert (limits[0], limits[1], limits[3]) == (64 * BS, 32 * BS, 16 * BS)
+        assert limits[WINDOW_SHARES_MAX - 1:] == [64 * BS // WINDOW_SHARES_MAX] * (17 - WINDOW_SHARES_MAX)
+        for reader in readers[1:]:
+            await reader.close()
+        assert service.window_limit(readers[0]) == 64 * BS
+
+
+class _Given(ResidentBytes):
+    """A block in memory that notes when it is given back."""
+
+    __slots__ = ("given", "index")
+
+    def __init__(self, buffer: mmap.mmap, length: int, index: int, given: list[int]) -> None:
+        super().__init__(buffer, length)
+        self.index, self.given = index, given
+
+    def release(self) -> None:
+        self.given.append(self.index)
+
+
+async def test_blocks_read_to_their_end_leave_memory_but_the_last_few(tmp_path: Path) -> None:
+    """A block a reader finished leaves memory, but for the last BEHIND_BLOCKS of them (a late read
+    of one), and its buffer goes back to the pool at once: the transport receives the next blocks into
+    the few buffers just read out, not into ones that sat in memory a window long. A block not read to
+    its end stays, and unread blocks leave least recently used first."""
+    async with running(tmp_path, config=Config(prefetch_max=16 * BS)) as service:
         key = FileKey.of(INFO)
-        kept = 4  # twice the window
-        for index in range(kept):
-            service._keep_in_memory((key.digest, index), memoryview(DATA[index * BS : (index + 1) * BS]))
-        assert service._read_block(key, 0, 0, BS) == DATA[:BS]  # block 0 read to its end
-        assert service._read_block(key, 1, 0, 10) == DATA[BS : BS + 10]  # block 1 only begun
-        service._keep_in_memory((key.digest, kept), memoryview(DATA[kept * BS : (kept + 1) * BS]))
-        in_memory = [index for index in range(kept + 1) if (key.digest, index) in service._in_memory]
-        assert in_memory == [1, 2, 3, 4]
+        given: list[int] = []
+        landed = 2 * BEHIND_BLOCKS + 4
+        for index in range(landed):
+            buffer = mmap.mmap(-1, BS)
+            buffer[:] = DATA[index * BS : (index + 1) * BS]
+            service._keep_in_memory((key.digest, index), _Given(buffer, BS, index, given))
+        assert service._read_block(key, 0, 0, 10) == DATA[:10]  # begun, not finished
+        for index in range(1, landed - 2):
+            assert service._read_block(key, index, 0, BS) == DATA[index * BS : (index + 1) * BS]
+        assert given == list(range(1, landed - 2 - BEHIND_BLOCKS))
+        late = landed - 2 - BEHIND_BLOCKS  # the oldest block kept behind: a late read finds it
+        assert service._read_block(key, late, BS - 10, 10) == DATA[(late + 1) * BS - 10 : (late + 1) * BS]
+        held = [index for index in range(landed) if service._held((key.digest, index))]
+        assert held == [0, *range(late, landed)]
+        for index in range(landed, landed + 30):  # room for 32 unread: one of the 3 there must leave
+            service._keep_in_memory((key.digest, index), memoryview(DATA[:BS]))
+        assert not service._held((key.digest, landed - 2))  # the least recently used
+        assert service._held((key.digest, 0)) and service._held((key.digest, late))
+
+
+async def test_parallel_readers_share_one_window_so_their_blocks_fit_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 sequential readers of one cold file, each reading its own quarter, in turn: their windows
+    share ``prefetch_max``, so what they fetch ahead together fits in memory and every block is still
+    there when its reader comes (none is read back from the disk), however far the transfers run
+    ahead of the readers, and once all four stream no GET asks for more than a quarter of one
+    reader's window."""
+    monkeypatch.setattr(store_module, "filesystem_type", lambda path: "ext4")  # blocks land resident
+    data = payload(64 * BS, seed=4)
+    info = info_of("wide", data)
+    chunk = 256 << 10
+    part = len(data) // 4
+    with FaultyOrigin({"wide": data}) as origin:
+        async with running(tmp_path, config=Config(prefetch_max=8 * BS, piece_reads=False)) as service:
+            readers = [open_reader(service, info, origin.url("wide")) for _ in range(4)]
+            for step in range(part // chunk):
+                for k, reader in enumerate(readers):
+                    offset = k * part + step * chunk
+                    assert await reader.read(offset, chunk) == data[offset : offset + chunk]
+                with trio.fail_after(20):  # what the windows asked for has landed: all of it is ahead
+                    while service.statistics().transfers_in_flight:  # noqa: ASYNC110
+                        await trio.sleep(0.01)  # no event to wait on: the transfers' tasks end
+                if step == 2 * BS // chunk:  # each reader is two blocks in: all four stream
+                    streaming = len(origin.requests)
+            stats = service.statistics()
+            for reader in readers:
+                await reader.close()
+            assert not service._streams
+    late = ranges(Counter(request.range for request in origin.requests[streaming:]))
+    assert late and max(end - start for start, end in late) <= 8 * BS // 4
+    assert stats.disk_reads == 0
+    assert stats.bytes_fetched == len(data)
 
 
 async def test_a_read_inside_a_block_in_memory_is_a_view_of_its_buffer_not_a_copy(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import random
 import time
 from collections.abc import Mapping
 
 import pytest
+import trio
 from aiohttp.streams import StreamReader
 
 from datalakefs.transport.aio_bridge import AioBridge
@@ -208,3 +210,39 @@ async def test_through_aiohttp_each_received_chunk_reaches_the_sink_without_bein
         await HttpTransport(bridge).fetch(server.url("moved"), 0, len(DATA), len(DATA), sink)
     assert bytes(sink.data) == DATA
     assert sink.writes == received  # one write per chunk received, none joined
+
+
+class DrainingSink(Sink):
+    """A sink whose ``close`` leaves work to another thread (as the cache writer's disk writes), done
+    when the test says."""
+
+    def __init__(self, start: int) -> None:
+        super().__init__(start)
+        self.drained: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+
+async def test_a_transfer_returns_once_its_sink_drained_and_the_loop_serves_others_meanwhile(
+    bridge: AioBridge,
+) -> None:
+    with origin() as server:
+        transport = HttpTransport(bridge)
+        draining = DrainingSink(0)
+        returned = trio.Event()
+
+        async def fetch_draining() -> None:
+            await transport.fetch(server.url("f"), 0, 1 << 20, len(DATA), draining)
+            returned.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch_draining)
+            with trio.fail_after(10):
+                while not draining.closed:  # noqa: ASYNC110
+                    await trio.sleep(0.01)  # no event to wait on: close runs on the loop thread
+            other = Sink(5)
+            await transport.fetch(server.url("f"), 5, 10, len(DATA), other)  # the loop is not held up
+            assert bytes(other.data) == DATA[5:15]
+            assert not returned.is_set()  # the first transfer waits for its sink's last work ...
+            draining.drained.set_result(None)
+        assert returned.is_set()  # ... and returns once it is done
+    assert bytes(draining.data) == DATA[: 1 << 20]
+    assert draining.closed == 1

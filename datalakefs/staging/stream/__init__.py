@@ -16,7 +16,9 @@ and no await.
   the blocks its window already requested (the kernel may deliver read-ahead requests slightly out of
   order); any other read is random, fetches exactly what it touches (one request) and starts a new
   stretch. Its read-ahead window starts at one block (at least 1 MiB) and doubles each time it
-  reaches a new block, up to ``prefetch_max`` (and at most a quarter of the cache). When less than half a window is left
+  reaches a new block, up to ``prefetch_max`` (and at most a quarter of the cache) shared by the
+  readers streaming at that moment, down to an eighth of it (:meth:`StreamService.window_limit`), so
+  that the blocks N parallel readers fetch ahead fit in memory together. When less than half a window is left
   ahead of the reader, the window's missing blocks are requested at once, so requests are large and
   overlap. A random read of a large span fetches exactly the blocks it touches.
 * A **small random read** (less than half a block, e.g. the kernel's 4 KiB READ for a random ``pread``)

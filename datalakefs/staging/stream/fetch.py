@@ -33,6 +33,16 @@ log = logging.getLogger(__name__)
 _Found = TypeVar("_Found")
 
 PIECE_ALIGN = 4096  # piece reads fetch whole pages
+#: Blocks read to their end that stay in memory, for a late read of them (the kernel's read-ahead may
+#: deliver a block's pieces slightly out of order). Any more leave at once: their buffers go back to the
+#: pool while still in the CPU's cache, and the transport receives the next blocks into them (a cold
+#: buffer makes the socket's copy into it and its first touch cost more; see ARCHITECTURE.md).
+BEHIND_BLOCKS = 8
+#: The window is shared by at most this many streaming readers; beyond, each keeps this share of it
+#: (8 MiB of the default 64): with less, a reader's requests (half a window each) no longer hide a
+#: 30 ms round trip at the ~25 MB/s each of 16 readers gets (it waits for most blocks), while 16
+#: such windows still fit in the memory that holds blocks not yet read (twice the window).
+WINDOW_SHARES_MAX = 8
 #: a transfer of at most this many bytes (a small file) runs on the trio thread when its URL allows
 INLINE_TRANSFER_MAX = 256 << 10
 
@@ -63,6 +73,7 @@ class StreamStatistics:
     verified_files: int
     transfers_in_flight: int
     piece_requests: int = 0  # small random reads answered by a GET of just their pages (not cached)
+    disk_reads: int = 0  # reads of a block answered from the cache's data file, not from memory
 
     @property
     def hit_rate(self) -> float:
@@ -231,9 +242,14 @@ class StreamService:
         self.piece_max = self.block_size // 2 if config.piece_reads else 0
         # Blocks served from memory: those the local disk could not take, and those just written past
         # the page cache (LandedBlock.resident), whose first reads would otherwise go to the disk.
-        # Both are sliced without a copy (a read returns a view: see ReadBuffer).
+        # Both are sliced without a copy (a read returns a view: see ReadBuffer). Until read to their
+        # end they are in ``_in_memory``: room for the windows of every streaming reader together
+        # (see window_limit; twice over up to 8 readers, once for 16); then in ``_behind``, the last
+        # BEHIND_BLOCKS of them.
         self._in_memory: OrderedDict[tuple[str, int], memoryview | ResidentBytes] = OrderedDict()
-        self._in_memory_max = max(4, 2 * self.window_max // self.block_size)  # a window ahead, one behind
+        self._in_memory_max = max(4, 2 * self.window_max // self.block_size)
+        self._behind: OrderedDict[tuple[str, int], memoryview | ResidentBytes] = OrderedDict()
+        self._streams: set[StreamReader] = set()  # readers whose read-ahead runs (window_limit)
         self._nursery: trio.Nursery | None = None
         self._handoff: LandingHandoff | None = None
         self._hits = 0
@@ -244,6 +260,7 @@ class StreamService:
         self._verified = 0
         self._transfers = 0
         self._piece_requests = 0
+        self._disk_reads = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the transfers until cancelled; then every waiting read fails with TransferError."""
@@ -282,6 +299,7 @@ class StreamService:
             verified_files=self._verified,
             transfers_in_flight=self._transfers,
             piece_requests=self._piece_requests,
+            disk_reads=self._disk_reads,
         )
 
     async def clear(self) -> None:
@@ -322,15 +340,43 @@ class StreamService:
         if not self.cache.is_verified(key) and self.cache.is_complete(key):
             self._verify(key)
 
+    def window_limit(self, reader: StreamReader) -> int:
+        """The read-ahead window ``reader`` may grow to, which counts it as streaming until
+        :meth:`stream_ended`: ``window_max`` shared by the streaming readers (by at most
+        WINDOW_SHARES_MAX), so that the blocks their windows fetched ahead fit in memory together
+        (more would push unread blocks out, to be read back from the disk on this thread) and N
+        readers of one file ask for little more than one."""
+        self._streams.add(reader)
+        bs = self.block_size
+        return max(bs, self.window_max // min(len(self._streams), WINDOW_SHARES_MAX) // bs * bs)
+
+    def stream_ended(self, reader: StreamReader) -> None:
+        """``reader`` reads ahead no more (it turned random, reached the file's end, or was closed)."""
+        self._streams.discard(reader)
+
     def _read_block(self, key: FileKey, index: int, start: int, length: int) -> ReadBuffer | None:
-        block = self._in_memory.get((key.digest, index)) if self._in_memory else None
+        slot = (key.digest, index)
+        # a block in memory was checked against its page CRCs as it arrived and never left memory:
+        # not checked again
+        block = self._in_memory.get(slot) if self._in_memory else None
         if block is not None:
-            # checked against its page CRCs as it arrived and never left memory: not checked again.
-            # A block read to its end is what a sequential reader is done with: it leaves memory
-            # first, before the blocks the window fetched ahead, which its reader has yet to read.
-            self._in_memory.move_to_end((key.digest, index), last=start + length < len(block))
+            data = block[start : start + length]
+            if start + length < len(block):
+                self._in_memory.move_to_end(slot)
+            else:  # read to its end: what a sequential reader is done with
+                del self._in_memory[slot]
+                self._behind[slot] = block
+                if len(self._behind) > BEHIND_BLOCKS:
+                    _release(self._behind.popitem(last=False)[1])
+            return data
+        block = self._behind.get(slot) if self._behind else None
+        if block is not None:
+            self._behind.move_to_end(slot)
             return block[start : start + length]
-        return self.cache.read(key, index, start, length)
+        stored = self.cache.read(key, index, start, length)
+        if stored is not None:
+            self._disk_reads += 1
+        return stored
 
     async def wait_stored(self, reader: StreamReader, index: int) -> None:
         """Until block ``index`` is stored (in the cache, or in memory when the disk could not take it),
@@ -343,7 +389,10 @@ class StreamService:
         await self._arrival(reader, index, lambda: self._stored(key, index) or None)
 
     def _stored(self, key: FileKey, index: int) -> bool:
-        return self.cache.has_block(key, index) or (key.digest, index) in self._in_memory
+        return self.cache.has_block(key, index) or self._held((key.digest, index))
+
+    def _held(self, slot: tuple[str, int]) -> bool:
+        return slot in self._in_memory or slot in self._behind
 
     async def _wait_block(self, reader: StreamReader, index: int, start: int, length: int) -> ReadBuffer:
         return await self._arrival(reader, index, lambda: self._read_block(reader.key, index, start, length))
@@ -464,7 +513,7 @@ class StreamService:
             absent = (
                 index < end
                 and (digest, index) not in self._pending
-                and (digest, index) not in self._in_memory
+                and not self._held((digest, index))
                 and not self.cache.has_block(reader.key, index)
             )
             if absent and run_start is None:
@@ -540,14 +589,16 @@ class StreamService:
 
     def _keep_in_memory(self, slot: tuple[str, int], block: memoryview | ResidentBytes) -> None:
         _release(self._in_memory.pop(slot, None))
+        _release(self._behind.pop(slot, None))
         self._in_memory[slot] = block
         while len(self._in_memory) > self._in_memory_max:
             _release(self._in_memory.popitem(last=False)[1])
 
     def _forget_in_memory(self) -> None:
-        for block in self._in_memory.values():
-            _release(block)
-        self._in_memory.clear()
+        for held in (self._in_memory, self._behind):
+            for block in held.values():
+                _release(block)
+            held.clear()
 
     def _landed(self, run: _Run, landed: LandedBlock) -> None:
         """On the trio thread, for each block that arrived; must never raise (run_sync_soon callback)."""

@@ -76,7 +76,7 @@ class StreamReader:
         bs = service.block_size
         if offset == self._next or (self._start <= first and last < self._ahead):
             if last > self._far:
-                self._window = min(self._window * 2, service.window_max)
+                self._window = min(self._window * 2, service.window_limit(self))
                 self._far = last
             self._next = max(self._next, end)
             window_blocks = self._window // bs
@@ -85,12 +85,16 @@ class StreamReader:
                 service.request(self, first, self._ahead)
             else:
                 service.request(self, first, last + 1)
+            if self._ahead == self._blocks:
+                service.stream_ended(self)  # everything left is requested: nothing more to read ahead
             return True
+        service.stream_ended(self)
         self._window, self._far, self._next, self._ahead, self._start = bs, last, end, 0, first
         return False
 
     async def close(self) -> None:
         """Forget the handle; transfers it started go on for whoever else waits, and stay cached."""
+        self._service.stream_ended(self)
         self._service.cache.touch(self.key)
 
 
