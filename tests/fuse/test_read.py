@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import threading
 import time
 import tomllib
@@ -219,6 +220,23 @@ def test_failover_when_the_first_replica_fails(lake: LakeStatus, new_mount: Any)
         stats = _content_stats(mount)
     assert broken.requests, "the broken first candidate was never asked"
     assert stats["failed_requests"] >= 1
+
+
+def test_a_dead_xcache_costs_a_dataset_one_failed_connection_not_one_per_file(
+    lake: LakeStatus, new_mount: Any, rucio_client: Any
+) -> None:
+    """The XCache is down (its port refuses): the first file falls over to the replica, and the next
+    files of the dataset go to the replica first instead of each trying the XCache again."""
+    plan = _small_dataset(lake, rucio_client, 12)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    mount = new_mount(f"xcache={dead}", "http_retries=0", "listing_prefetch_files=0")
+    mount.start()
+    directory = mount.mountpoint / plan.scope / plan.name
+    for spec in plan.files:
+        assert _read_all(directory / spec.name) == _expected(lake, spec.did, spec.size)
+    assert _content_stats(mount)["failed_requests"] == 1
 
 
 def test_a_corrupt_cache_block_is_fetched_again_never_served(

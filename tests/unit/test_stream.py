@@ -8,6 +8,7 @@ import itertools
 import mmap
 import os
 import shutil
+import socket
 import subprocess
 import threading
 from collections import Counter
@@ -528,6 +529,21 @@ async def test_failover_to_the_next_replica_and_stick_to_it(tmp_path: Path) -> N
             assert service.statistics().failed_requests == asked
     assert asked == 1
     assert len(broken.requests) == asked  # the reader now starts with the replica that worked
+
+
+async def test_an_endpoint_that_refused_a_connection_is_tried_last_by_the_next_files(tmp_path: Path) -> None:
+    """A dead XCache costs the mount one failed connection, not one per file of the dataset."""
+    with socket.socket() as closed:  # a port nothing listens on: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    files = {f"f{i}": payload(1000 + i, seed=i) for i in range(5)}
+    with FaultyOrigin(files) as good:
+        async with running(tmp_path, retries=0) as service:
+            for name, data in files.items():
+                reader = open_reader(service, info_of(name, data), f"{dead}/{name}", good.url(name))
+                assert await read_all(reader) == data
+            assert service.statistics().failed_requests == 1
+    assert len(good.requests) == len(files)
 
 
 async def test_when_every_replica_fails_the_read_is_eio_with_every_reason(
