@@ -8,6 +8,7 @@ for logs and for ``user.datalakefs.state``: they never contain a token or a cred
 from __future__ import annotations
 
 import errno
+from typing import Self
 
 from datalakefs.redaction import redact_text
 
@@ -19,6 +20,12 @@ class DatalakeError(Exception):
 
     def __init__(self, *args: object) -> None:
         super().__init__(*(redact_text(a) if isinstance(a, str) else a for a in args))
+
+    def anew(self) -> Self:
+        """A new exception of the same class and text, for each task that raises one failure several
+        tasks share (a flight, a stream, a transfer): one instance raised by two tasks would share, and
+        grow, one traceback."""
+        return type(self)(*self.args)
 
 
 class NotFoundError(DatalakeError):

@@ -61,7 +61,7 @@ from cachetools import LRUCache, TTLCache
 
 from datalakefs.background import Background
 from datalakefs.catalogue.base import Batches, Catalogue
-from datalakefs.catalogue.stream import ContentStream, fresh
+from datalakefs.catalogue.stream import ContentStream
 from datalakefs.config import Config
 from datalakefs.errors import CatalogueUnavailableError, DatalakeError, NotFoundError
 from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas, Lock, Replica, RSEReplica, Rule
@@ -664,7 +664,7 @@ class CachedCatalogue:
             await flight.done.wait()
             if flight.finished:
                 if flight.error is not None:
-                    raise fresh(flight.error) from flight.error
+                    raise flight.error.anew() from flight.error
                 return flight.value  # type: ignore[no-any-return]
             # the caller that was fetching was cancelled: loop, and fetch ourselves if nobody else is
         flight = _Flight()

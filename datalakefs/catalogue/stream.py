@@ -77,10 +77,5 @@ class ContentStream:
             await self.grown(len(self.rows))
         if self.content is None:
             assert self.error is not None
-            raise fresh(self.error) from self.error
+            raise self.error.anew() from self.error
         return self.content
-
-
-def fresh(error: DatalakeError) -> DatalakeError:
-    """A new exception of the same kind for each waiter, so they do not share one traceback."""
-    return type(error)(*error.args)

@@ -28,7 +28,7 @@ import trio
 from cachetools import TTLCache
 
 from datalakefs.catalogue.cached import CachedCatalogue
-from datalakefs.catalogue.stream import ContentStream, fresh
+from datalakefs.catalogue.stream import ContentStream
 from datalakefs.errors import DatalakeError, InvalidNameError, NotFoundError
 from datalakefs.gcpause import gc_paused
 from datalakefs.model import DID, DIDInfo, DIDType
@@ -236,7 +236,7 @@ class Namespace:
             if info is not None:
                 return self._child(parent.ino, info)
             if listing.error is not None:
-                raise fresh(listing.error) from listing.error
+                raise listing.error.anew() from listing.error
         else:
             entries = await self.list_dir(parent)
             for name, child in zip(entries.names, entries.nodes, strict=True):
@@ -261,7 +261,7 @@ class Namespace:
                 break
             await starting.done.wait()  # a concurrent opendir is starting it: share its listing
             if starting.error is not None:  # or its error (not one catalogue timeout per waiter)
-                raise fresh(starting.error) from starting.error
+                raise starting.error.anew() from starting.error
         starting = self._starting[key] = _Start()
         try:
             listing = await self._new_listing(node, key)
@@ -288,7 +288,7 @@ class Namespace:
         if stream.content is not None:  # the whole answer, small enough for times, or cached
             return self._whole(key, node.scope, await self._with_times(stream.content))
         if stream.error is not None:
-            raise fresh(stream.error) from stream.error
+            raise stream.error.anew() from stream.error
         listing = _Listing(key, node.scope, [], stream.rows, {}, source=stream)
         self._advance(listing)
         return listing
@@ -333,7 +333,7 @@ class Namespace:
             await listing.source.grown(len(listing.names))
             self._advance(listing)
         if len(listing.names) <= count and listing.error is not None:
-            raise fresh(listing.error) from listing.error
+            raise listing.error.anew() from listing.error
 
     def listed(self, directory: Node) -> tuple[DIDInfo, ...] | None:
         """The directory's entries in listing order while its listing is cached; ``None`` otherwise

@@ -119,11 +119,6 @@ class _Piece:
         pass
 
 
-def _fresh(error: DatalakeError) -> DatalakeError:
-    """A new exception of the same class and text: one instance is never raised by two tasks."""
-    return type(error)(str(error))
-
-
 class _Run:
     """One transfer: blocks ``[first, end)`` of a file, all pending when it starts."""
 
@@ -412,7 +407,7 @@ class StreamService:
                     self._handoff.await_block(pending)
                 await pending.event.wait()
                 if pending.error is not None:
-                    raise _fresh(pending.error)
+                    raise pending.error.anew()
             found = look()
             if found is not None:
                 return found
@@ -453,7 +448,7 @@ class StreamService:
                 if piece.abandoned:
                     continue
             if piece.error is not None:
-                raise _fresh(piece.error)
+                raise piece.error.anew()
             return bytes(piece.data[offset - start : end - start])
 
     async def _piece_transfer(self, reader: StreamReader, slot: tuple[str, int, int], piece: _Piece) -> None:
@@ -469,7 +464,7 @@ class StreamService:
             async with self._transfer_slot():
                 await self._failover.run(reader.replicas, attempt, f"piece {piece.start}..{piece.end}")
         except DatalakeError as exc:
-            piece.error = _fresh(exc)
+            piece.error = exc.anew()
         except trio.Cancelled:
             piece.abandoned = True  # the fetching reader was interrupted: a waiting one fetches it
             raise
@@ -539,7 +534,7 @@ class StreamService:
                 await self._failover.run(run.reader.replicas, functools.partial(self._attempt, run),
                                          f"blocks {first}..{end - 1}")
         except DatalakeError as exc:
-            run.fail(_fresh(exc))
+            run.fail(exc.anew())
         except Exception as exc:  # a bug must fail this transfer's reads, not the whole service
             log.exception("%s: transfer failed unexpectedly", run.key.did)
             run.fail(TransferError(f"{run.key.did}: internal error in the transfer: {exc!r}"))
