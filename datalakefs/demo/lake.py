@@ -355,7 +355,7 @@ class Lake:
         layout.pg.mkdir(parents=True, exist_ok=True)
         chown(layout.pg, self.run_as.postgres)
         for asset in ("daemons.py", "fts_shim.py", "bootstrap.py", "token_kit.py", "rucio_x509_front.py",
-                      "rucio_tls_gunicorn.py", "dav_auth.py", "dav_tls_front.py"):
+                      "rucio_tls_gunicorn.py", "dav_auth.py", "dav_tls_front.py", "supervise.py"):
             shutil.copyfile(ASSETS / asset, layout.lib / asset)
 
     @staticmethod

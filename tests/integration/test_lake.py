@@ -334,6 +334,42 @@ def test_range_get_through_xcache_returns_the_origin_bytes(lake: LakeStatus, ruc
     assert cached.stat().st_blocks > 0
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return [int(child) for child in fh.read().split()]
+
+
+@pytest.mark.lake
+def test_a_crashed_xcache_is_started_again(lake: LakeStatus, rucio_client: Any, seeded: Seed) -> None:
+    """XCache 5.5.3 segfaults now and then under storms of small reads: its supervisor starts it again,
+    and reads through it work again, without a `demo up`."""
+    did = seeded.sized_files[64 << 20]
+    scope, name = split(did)
+    [rep] = list(rucio_client.list_replicas([{"scope": scope, "name": name}], schemes=["http"]))
+    [pfn] = rep["pfns"]
+    through_xcache = lake.urls["xcache_http"] + pfn[len(lake.urls["origin_http"]) :]
+    expected = seed.content(seeded.content_key, did, rep["bytes"], 0, 100)
+    layout = Lake(lake.state_dir).layout
+    record = read_record(layout.pid_file("xcache"))
+    assert record is not None and is_alive(record)
+    [server] = _children(record.pid)  # the supervisor's one child: the XRootD server
+    os.kill(server, 9)  # any death by a signal is a crash to the supervisor (SIGKILL: no core dump)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            assert range_get(through_xcache, 0, 99) == (206, expected)
+            break
+        except (OSError, http.client.HTTPException):  # refused while it starts again
+            assert time.monotonic() < deadline, "the XCache did not come back within 60 s"
+            time.sleep(0.2)
+    assert is_alive(record)  # the same supervisor, which `demo down` stops
+    [again] = _children(record.pid)
+    assert again != server
+    with open(layout.log / "xcache.out", "rb") as log:  # appended to across lake restarts: its end
+        log.seek(max(0, log.seek(0, os.SEEK_END) - (1 << 20)))
+        assert b"xcache: died of SIGKILL" in log.read()
+
+
 @pytest.fixture
 def cleanup_rules(rucio_client: Any) -> Iterator[list[str]]:
     """Rules a test created; they are expired at teardown so the lake does not keep retrying them."""

@@ -29,21 +29,22 @@ def write_configs(site: Site) -> None:
                    root_port=p["token_root"], http_port=p["token_http"], scitokens_cfg=layout.etc / "scitokens.cfg")
 
 
-def _start(site: Site, name: str, env: dict[str, str]) -> None:
+def _start(site: Site, name: str, env: dict[str, str], *, supervised: bool = False) -> None:
+    """Start XRootD ``name``; ``supervised``: under lib/supervise.py, which starts it again after a
+    crash (XCache 5.5.3 segfaults now and then under storms of small reads)."""
     xrootd_user = ["-R", site.run_as.xrootd] if site.run_as.xrootd else []
-    site.spawn(
-        name,
-        [require("xrootd"), *xrootd_user, "-c", str(site.layout.etc / f"xrootd-{name}.cfg"), "-n", name],
-        cwd=site.layout.xrd_run,
-        env=env,
-    )
+    argv = [require("xrootd"), *xrootd_user, "-c", str(site.layout.etc / f"xrootd-{name}.cfg"), "-n", name]
+    if supervised:
+        layout = site.layout
+        argv = [str(layout.venv / "bin" / "python"), str(layout.lib / "supervise.py"), "--name", name, "--", *argv]
+    site.spawn(name, argv, cwd=site.layout.xrd_run, env=env)
 
 
-def _plain(name: str) -> Callable[[Site, ProgressFn], None]:
+def _plain(name: str, *, supervised: bool = False) -> Callable[[Site, ProgressFn], None]:
     """The start of an XRootD that needs nothing from the environment."""
 
     def start(site: Site, _step: ProgressFn) -> None:
-        _start(site, name, clean_env())
+        _start(site, name, clean_env(), supervised=supervised)
 
     return start
 
@@ -55,14 +56,14 @@ XCACHE = ServiceSpec(
     "xcache",
     "XCache, fixed origin",
     ("xcache_root", "xcache_http"),
-    _plain("xcache"),
+    _plain("xcache", supervised=True),
     depends_on=("origin",),
 )
 XCACHE_FWD = ServiceSpec(
     "xcache-fwd",
     "XCache, forwarding mode",
     ("xcache_fwd_root", "xcache_fwd_http"),
-    _plain("xcache-fwd"),
+    _plain("xcache-fwd", supervised=True),
     depends_on=("origin",),
 )
 
