@@ -111,7 +111,7 @@ def _cpu_ns(pid: int) -> int:
     return sum(int((task / "schedstat").read_text().split()[0]) for task in Path(f"/proc/{pid}/task").iterdir())
 
 
-def _strace_counts(path: Path) -> dict[str, int]:
+def strace_counts(path: Path) -> dict[str, int]:
     """``strace -c`` output: calls per syscall (errors included)."""
     counts: dict[str, int] = {}
     for line in path.read_text().splitlines():
@@ -205,7 +205,7 @@ def measure(daemon: Daemon, where: list[int], reads: int) -> dict[str, Any]:
     finally:
         os.close(fd)
     return {
-        "syscalls": {name: count / reads for name, count in _strace_counts(trace).items()},
+        "syscalls": {name: count / reads for name, count in strace_counts(trace).items()},
         "task steps": (after["steps"] - before["steps"]) / reads,
         "scheduler passes": (after["passes"] - before["passes"]) / reads,
         "voluntary switches": (switched[0] - switches[0]) / reads,

@@ -1,4 +1,5 @@
-"""The read bench's random-read figures: the first read apart, and datalakefs against the FUSE floor."""
+"""The read bench's random-read figures: the first read apart, datalakefs against the FUSE floor, and how
+bench/readcost.py reads strace's summary."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.read import RandomRun, random_detail, read_random
+from bench.readcost import strace_counts
 
 
 def test_a_run_counts_the_reads_after_the_first_per_read() -> None:
@@ -39,3 +41,15 @@ def test_the_detail_puts_datalakefs_against_the_passthrough_and_the_floor_of_pas
 
 def test_the_detail_leaves_out_what_the_run_did_not_measure() -> None:
     assert random_detail(0.8, 0.5, None, None, None) == "0.800 vs 0.500 s"
+
+
+def test_strace_summary_rows_are_read_as_calls_per_syscall_with_or_without_errors(tmp_path: Path) -> None:
+    summary = tmp_path / "strace"
+    summary.write_text(
+        "% time     seconds  usecs/call     calls    errors syscall\n"
+        "------ ----------- ----------- --------- --------- ----------------\n"
+        " 48.48    0.006460          12       498           writev\n"
+        "  4.27    0.003782           5       711       187 recvfrom\n"
+        "------ ----------- ----------- --------- --------- ----------------\n"
+        "100.00    0.026159           8      1209       187 total\n")
+    assert strace_counts(summary) == {"writev": 498, "recvfrom": 711}
