@@ -143,23 +143,22 @@ class TrioRangeClient:
             raise RangeReadError(FailureKind.CONNECTION, url, str(exc) or repr(exc)) from None
         return _Connection(socket.socket(fileno=stream.socket.detach()))
 
-    async def _send(self, connection: _Connection, url: str, request: bytes) -> None:
+    async def _send(self, connection: _Connection, request: bytes) -> None:
         view = memoryview(request)
         while view:
             try:
                 view = view[connection.sock.send(view):]
             except BlockingIOError:
-                await self._wait(trio.lowlevel.wait_writable, connection, url)
+                await self._wait(trio.lowlevel.wait_writable, connection)
 
-    async def _receive(self, connection: _Connection, url: str) -> bytes:
+    async def _receive(self, connection: _Connection) -> bytes:
         while True:
             try:
                 return connection.sock.recv(_RECEIVE)
             except BlockingIOError:
-                await self._wait(trio.lowlevel.wait_readable, connection, url)
+                await self._wait(trio.lowlevel.wait_readable, connection)
 
-    async def _wait(self, wait: Callable[[socket.socket], Coroutine[Any, Any, None]], connection: _Connection,
-                    url: str) -> None:
+    async def _wait(self, wait: Callable[[socket.socket], Coroutine[Any, Any, None]], connection: _Connection) -> None:
         """Until the socket is ready; the exchange's scope (see :meth:`fetch`) ends the fetch when no byte
         comes for the stall timeout, or at the fetch's deadline."""
         assert connection.scope is not None  # set by _exchange
@@ -174,7 +173,7 @@ class TrioRangeClient:
         clean = False
         try:
             try:
-                await self._send(connection, get.url, request)
+                await self._send(connection, request)
                 head = await self._read_head(connection, get.url, reused)
             except OSError as exc:
                 if reused:
@@ -191,7 +190,7 @@ class TrioRangeClient:
     async def _read_head(self, connection: _Connection, url: str, reused: bool) -> Head:
         buffer = connection.buffer
         while (end := head_end(buffer, url)) < 0:
-            chunk = await self._receive(connection, url)
+            chunk = await self._receive(connection)
             if not chunk:
                 if reused and not buffer:
                     raise StaleConnection
@@ -209,7 +208,7 @@ class TrioRangeClient:
                 del connection.buffer[: len(chunk)]
             else:
                 try:
-                    chunk = await self._receive(connection, url)
+                    chunk = await self._receive(connection)
                 except OSError as exc:
                     raise RangeReadError(FailureKind.SHORT_BODY, url,
                                          f"body ended after {pos - start} of {length} bytes ({exc!r})") from None
