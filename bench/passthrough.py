@@ -2,8 +2,10 @@
 
 ``python -m bench.passthrough SOURCE MOUNTPOINT`` serves SOURCE with the settings datalakefs uses
 (inline ``os.pread`` in the handler, ``keep_cache``, 1 h entry/attribute timeouts, the mount's
-``read_ahead_kb`` raised to 1024 after INIT), and nothing else: what any pyfuse3 + trio filesystem can
-reach on this machine. It runs in the foreground until unmounted or sent SIGTERM/SIGINT.
+``read_ahead_kb`` raised to 1024 after INIT, pyfuse3's request loop run as ``datalakefs/fuse/loop.py``
+runs it: one scheduler pass per request, not pyfuse3's own two), and nothing else: what any pyfuse3 +
+trio filesystem can reach on this machine. It runs in the foreground until unmounted or sent
+SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import pyfuse3
 import trio
 
+from datalakefs.fuse import loop
 from datalakefs.fuse.session import raise_read_ahead
 
 TIMEOUT = 3600.0
@@ -110,6 +113,7 @@ async def _serve(ops: Passthrough, mountpoint: str) -> None:
 
         nursery.start_soon(after_init)
         nursery.start_soon(on_signal)
+        loop.install()
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 

@@ -11,7 +11,17 @@ its XCache, side by side in one run:
 * **through XCache**, cold (XCache wiped and restarted): curl against datalakefs with ``xcache`` set;
 * **2,000 random 4 KiB reads** (4 KiB-aligned, fixed seed), cold and warm, with the bytes each tool
   fetched from the origin (datalakefs: its status.json counter; rclone: its cache's allocated size),
-  against the same 2,000 keep-alive Range GETs with ``http.client``;
+  against the same 2,000 keep-alive Range GETs with ``http.client``. Each row also gives the open and
+  first read apart (``first_read_ms``: on a fresh datalakefs mount the file's replicas are asked of
+  the catalogue there) and what each further read costs (``us_per_read``). **The floor** of a random
+  read through a FUSE daemon written with pyfuse3 and trio: the same reads through a fresh mount of
+  the pyfuse3 passthrough (``bench/passthrough.py``) of the local file, after the caches were dropped
+  and the pages the reads touch were read into RAM under the mount, so that only the FUSE round trip
+  is measured, not the disk (``fuse_us_per_read``: its µs per read beyond the same ``pread`` of the
+  local file without FUSE, the row "local file"). A read through datalakefs pays one FUSE round trip
+  and then one Range GET, one after the other, so per read its floor is roughly the passthrough's
+  time per read plus one raw Range GET's: the goal's detail gives datalakefs against the passthrough
+  and against that floor (passthrough + raw GETs), beside its ratio to the raw GETs;
 * **time to first byte**: open + the first 4 KiB on a cold mount, against one Range GET on a new
   connection;
 * **4 and 16 parallel readers**, each an equal slice of the file, cold, against as many parallel curl
@@ -65,7 +75,12 @@ RANDOM_READS = 2000
 PAGE = 4096
 
 
-NEAR_ONLY_STEPS = ("passthrough", "xcache", "davfs2")  # local disk, the lake's XCache, a skipped peer
+# local disk, the lake's XCache, a skipped peer
+NEAR_ONLY_STEPS = ("passthrough", "passthrough random", "xcache", "davfs2")
+RANDOM = "random 4 KiB ×2000"
+RAW_GETS = "Range GETs origin"
+PASSTHROUGH_RANDOM = "pyfuse3 passthrough (local file, pages in RAM)"
+LOCAL_RANDOM = "local file (pages in RAM, no FUSE)"
 PARALLEL_READERS = (4, 16)  # threads reading one slice of the file each, against as many curl ranges
 
 # ---- readers ---------------------------------------------------------------------------------------
@@ -97,16 +112,36 @@ def offsets(size: int, seed: int = 5) -> list[int]:
     return [rng.randrange(size // PAGE) * PAGE for _ in range(RANDOM_READS)]
 
 
-def read_random(path: Path, where: list[int]) -> float:
+@dataclasses.dataclass(frozen=True)
+class RandomRun:
+    """One pass of the random reads: ``seconds`` for the open and every read, ``first`` for the open and
+    the first read (on a fresh datalakefs mount, the file's replicas asked of the catalogue)."""
+
+    seconds: float
+    first: float
+    reads: int
+
+    @property
+    def us_per_read(self) -> float:
+        """Microseconds per read after the first: what each further read costs."""
+        return (self.seconds - self.first) / max(self.reads - 1, 1) * 1e6
+
+    def values(self) -> dict[str, float]:
+        return {"seconds": self.seconds, "first_read_ms": self.first * 1e3, "us_per_read": self.us_per_read}
+
+
+def read_random(path: Path, where: list[int]) -> RandomRun:
     begin = time.perf_counter()
+    first = 0.0
     fd = os.open(path, os.O_RDONLY)
     try:
         for offset in where:
             if len(os.pread(fd, PAGE, offset)) != PAGE:
                 raise BenchError(f"short read at {offset} of {path}")
+            first = first or time.perf_counter() - begin
     finally:
         os.close(fd)
-    return time.perf_counter() - begin
+    return RandomRun(time.perf_counter() - begin, first, len(where))
 
 
 def parallel(path: Path, size: int, readers: int = 4) -> float:
@@ -154,20 +189,22 @@ def curl_parallel(url: str, size: int, readers: int = 4) -> float:
     return time.perf_counter() - begin
 
 
-def range_gets(url: str, where: list[int]) -> float:
+def range_gets(url: str, where: list[int]) -> RandomRun:
     """The same random reads as keep-alive Range GETs on one connection (``http.client``)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     begin = time.perf_counter()
+    first = 0.0
     try:
         for offset in where:
             conn.request("GET", parts.path, headers={"Range": f"bytes={offset}-{offset + PAGE - 1}"})
             resp = conn.getresponse()
             if resp.status != 206 or len(resp.read()) != PAGE:
                 raise BenchError(f"Range GET at {offset}: HTTP {resp.status}")
+            first = first or time.perf_counter() - begin
     finally:
         conn.close()
-    return time.perf_counter() - begin
+    return RandomRun(time.perf_counter() - begin, first, len(where))
 
 
 def first_range_get(url: str) -> float:
@@ -180,6 +217,23 @@ def first_range_get(url: str) -> float:
     finally:
         conn.close()
     return time.perf_counter() - begin
+
+
+def random_detail(ours: float, raw: float, passthrough: float | None, xrootdfs: float | None,
+                  first_ms: float | None) -> str:
+    """The random-read goal's figures beside its ratio: datalakefs against the pyfuse3 passthrough and
+    against the floor, passthrough + raw GETs (each read pays one FUSE round trip and one Range GET, one
+    after the other), and against xrootdfs; all in seconds for the same reads of the same run."""
+    parts = [f"{ours:.3f} vs {raw:.3f} s"]
+    if first_ms is not None:
+        parts.append(f"first read (open, replicas from the catalogue) {first_ms:.1f} ms")
+    if passthrough:
+        floor = passthrough + raw
+        parts.append(f"{ours / passthrough:.2f}× the pyfuse3 passthrough's {passthrough:.3f} s; "
+                     f"{ours / floor:.2f}× the floor, passthrough + raw GETs = {floor:.3f} s")
+    if xrootdfs:
+        parts.append(f"{ours / xrootdfs:.2f}× xrootdfs's {xrootdfs:.3f} s")
+    return "; ".join(parts)
 
 
 def allocated(path: Path) -> int:
@@ -295,10 +349,9 @@ class Suite:
             out.unlink()
             self.add("seq 1 GiB", "curl origin → cache disk", "cold", seconds=c["seconds"], bytes=c["bytes"])
             drop_caches()
-            self.add("random 4 KiB ×2000", "Range GETs origin", "cold", seconds=range_gets(self.origin_url, self.where),
+            self.add(RANDOM, RAW_GETS, "cold", **range_gets(self.origin_url, self.where).values(),
                      origin_MB=RANDOM_READS * PAGE / 1e6)
-            self.add("random 4 KiB ×2000", "Range GETs origin", "hot",
-                     seconds=range_gets(self.origin_url, self.where))
+            self.add(RANDOM, RAW_GETS, "hot", **range_gets(self.origin_url, self.where).values())
             drop_caches()
             self.add("first byte", "Range GET origin (new connection)", "cold",
                      seconds=first_range_get(self.origin_url))
@@ -338,14 +391,14 @@ class Suite:
                 path = self.dlfs_path(m)
                 drop_caches()
                 before = m.status()["content"]["bytes_fetched"]
-                seconds = read_random(path, self.where)
+                run = read_random(path, self.where)
                 fetched = m.status()["content"]["bytes_fetched"] - before
-                self.add("random 4 KiB ×2000", "datalakefs", "cold", seconds=seconds, origin_MB=fetched / 1e6,
+                self.add(RANDOM, "datalakefs", "cold", **run.values(), origin_MB=fetched / 1e6,
                          origin_x_file=fetched / self.size)
             with self.dlfs(cache, *self.direct) as m:
                 drop_caches()
-                self.add("random 4 KiB ×2000", "datalakefs", "warm", seconds=read_random(self.dlfs_path(m), self.where))
-                self.add("random 4 KiB ×2000", "datalakefs", "hot", seconds=read_random(self.dlfs_path(m), self.where))
+                self.add(RANDOM, "datalakefs", "warm", **read_random(self.dlfs_path(m), self.where).values())
+                self.add(RANDOM, "datalakefs", "hot", **read_random(self.dlfs_path(m), self.where).values())
             shutil.rmtree(cache, ignore_errors=True)
             shutil.rmtree(self.work / f"cache-ttfb-{i}", ignore_errors=True)
             with self.dlfs(self.work / f"cache-ttfb-{i}", *self.direct) as m:
@@ -390,10 +443,10 @@ class Suite:
             shutil.rmtree(cache, ignore_errors=True)
             with mounts.rclone_webdav(mnt, url, cache, log, "--vfs-cache-mode", "full"):
                 drop_caches()
-                seconds = read_random(mnt / self.relative.name, self.where)
+                run = read_random(mnt / self.relative.name, self.where)
                 time.sleep(1.0)  # let rclone's background download settle before measuring its cache
                 fetched = allocated(cache)
-                self.add("random 4 KiB ×2000", "rclone webdav (full cache)", "cold", seconds=seconds,
+                self.add(RANDOM, "rclone webdav (full cache)", "cold", **run.values(),
                          origin_MB=fetched / 1e6, origin_x_file=fetched / self.size)
             shutil.rmtree(cache, ignore_errors=True)
 
@@ -410,7 +463,7 @@ class Suite:
                 seconds, nbytes = read_sequential(path)
                 self.add("seq 1 GiB", "xrootdfs", "cold", seconds=seconds, bytes=nbytes)
                 drop_caches()
-                self.add("random 4 KiB ×2000", "xrootdfs", "cold", seconds=read_random(path, self.where))
+                self.add(RANDOM, "xrootdfs", "cold", **read_random(path, self.where).values())
 
     def davfs2(self) -> None:
         if shutil.which("mount.davfs") is None:
@@ -436,6 +489,23 @@ class Suite:
             drop_caches()
             seconds, nbytes = read_sequential(self.lk.replica_file(self.did))
             self.add("seq 1 GiB", "local disk (no FUSE)", "cold", seconds=seconds, bytes=nbytes)
+
+    def passthrough_random(self) -> None:
+        """The floor of a random read through any pyfuse3 + trio daemon: the random reads through a fresh
+        passthrough mount of the local file, whose pages (those the reads touch) are read into the page
+        cache first, after the caches were dropped: what remains is the FUSE round trip, not the disk.
+        The same reads of the local file itself give the syscall without FUSE."""
+        mnt = self.work / "mnt-passthrough"
+        local = self.lk.replica_file(self.did)
+        for _ in range(self.n):
+            drop_caches()
+            read_random(local, self.where)  # the pages under the mount, in RAM
+            bare = read_random(local, self.where)
+            self.add(RANDOM, LOCAL_RANDOM, "hot", **bare.values())
+            with mounts.passthrough(mnt, self.lk.rse_dir, self.work / "passthrough.log"):
+                run = read_random(mnt / self.relative, self.where)
+            self.add(RANDOM, PASSTHROUGH_RANDOM, "cold", **run.values(),
+                     fuse_us_per_read=run.us_per_read - bare.us_per_read)
 
     def xcache(self) -> None:
         for i in range(self.n):
@@ -501,13 +571,15 @@ class Suite:
                           f"{'cold' if state == 'warm' else 'hot'} read of the local file ({top:,.0f} MB/s) "
                           "in this run") if top else ""
                 g.append(Goal(f"{state} sequential ≥ {limit / 1000:g} GB/s", measured, limit, ">=", detail))
-        rnd = "random 4 KiB ×2000"
-        dl_rand = self.med(rnd, "datalakefs", "cold")
-        raw_rand = self.med(rnd, "Range GETs origin", "cold")
+        dl_rand = self.med(RANDOM, "datalakefs", "cold")
+        raw_rand = self.med(RANDOM, RAW_GETS, "cold")
         if dl_rand and raw_rand:
             g.append(Goal("random 4 KiB cold ≤ 1.15× raw Range GETs", dl_rand / raw_rand, 1.15, "<=",
-                          f"{dl_rand:.3f} vs {raw_rand:.3f} s", reference="raw Range GETs"))
-        share = self.med(rnd, "datalakefs", "cold", "origin_x_file")
+                          random_detail(dl_rand, raw_rand, self.med(RANDOM, PASSTHROUGH_RANDOM, "cold"),
+                                        self.med(RANDOM, "xrootdfs", "cold"),
+                                        self.med(RANDOM, "datalakefs", "cold", "first_read_ms")),
+                          reference="raw Range GETs"))
+        share = self.med(RANDOM, "datalakefs", "cold", "origin_x_file")
         if share is not None:
             g.append(Goal("random 4 KiB cold: origin bytes ≤ 0.25× file size", share, 0.25, "<="))
         cpu = self.med(seq, "datalakefs", "cold", "cpu_s_per_GiB")
@@ -525,6 +597,7 @@ class Suite:
             ("xrootdfs", self.xrootdfs),
             ("davfs2", self.davfs2),
             ("passthrough", self.passthrough),
+            ("passthrough random", self.passthrough_random),
             ("xcache", self.xcache),
         ]
         only = set(filter(None, os.environ.get("BENCH_READ_STEPS", "").split(",")))

@@ -27,6 +27,7 @@ already there costs no pass, and a random 4 KiB read pays one: the wait for its 
 from __future__ import annotations
 
 import functools
+import math
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -53,12 +54,18 @@ _SCHEMES = ("http",)
 
 
 class _Connection:
-    __slots__ = ("buffer", "sock")
+    """A kept-alive socket, and the time limits of the exchange it carries: ``scope``, the fetch's one
+    cancel scope, whose deadline each wait sets to the earlier of ``until`` (the fetch's deadline) and
+    the stall timeout from now."""
+
+    __slots__ = ("buffer", "scope", "sock", "until")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.buffer = bytearray()
+        self.scope: trio.CancelScope | None = None
+        self.until = math.inf
 
     def close(self) -> None:
         trio.lowlevel.notify_closing(self.sock)
@@ -94,32 +101,41 @@ class TrioRangeClient:
                 raise ValueError(f"range {start}+{length} is not a closed range inside a {total}-byte file")
             if not self.supports(url):
                 raise ValueError(f"{url.split(':', 1)[0]}: URL not handled by the trio client")
-            with trio.move_on_after(self._deadline.seconds(length) if self._deadline else float("inf")) as limit:
+            until = trio.current_time() + self._deadline.seconds(length) if self._deadline else math.inf
+            # One cancel scope for the deadline and every wait's stall timeout (_wait sets its deadline):
+            # a scope per wait cost a piece read a second scope's setup and deadline bookkeeping.
+            with trio.CancelScope() as scope:
                 try:
-                    await self._get(url, start, length, total, sink)
+                    await self._get(url, start, length, total, sink, scope, until)
                 except RangeReadError as exc:
                     # a refusal is detected before any byte reaches the sink, so the GET can be repeated
                     if exc.kind is not FailureKind.DENIED or not self._auth.renew():
                         raise
-                    await self._get(url, start, length, total, sink)
-            if limit.cancelled_caught and self._deadline is not None:
-                raise RangeReadError(FailureKind.TIMEOUT, url, self._deadline.explain(length))
+                    await self._get(url, start, length, total, sink, scope, until)
+            if scope.cancelled_caught:
+                if self._deadline is not None and trio.current_time() >= until:
+                    raise RangeReadError(FailureKind.TIMEOUT, url, self._deadline.explain(length))
+                raise RangeReadError(FailureKind.TIMEOUT, url, f"no data for {self._stall:g} s")
         finally:
             sink.close()
 
-    async def _get(self, url: str, start: int, length: int, total: int, sink: RangeSink) -> None:
+    async def _get(self, url: str, start: int, length: int, total: int, sink: RangeSink, scope: trio.CancelScope,
+                   until: float) -> None:
         where = split_url(url, _SCHEMES)
         assert where is not None  # fetch() took the URL
         parts, address = where
         get = RangeGet(url, start, length, total, sink)
-        exchange = functools.partial(self._exchange, address, get, get.request(parts, self._auth.headers(url)))
-        await exchange_once(self._idle.take(address), functools.partial(self._open, address, url), exchange, url)
+        exchange = functools.partial(self._exchange, address, get, get.request(parts, self._auth.headers(url)),
+                                     scope, until)
+        await exchange_once(self._idle.take(address), functools.partial(self._open, address, url, scope, until),
+                            exchange, url)
 
     async def aclose(self) -> None:
         for connection in self._idle.drain():
             connection.close()
 
-    async def _open(self, address: tuple[str, int], url: str) -> _Connection:
+    async def _open(self, address: tuple[str, int], url: str, scope: trio.CancelScope, until: float) -> _Connection:
+        scope.deadline = until  # a stall timeout an earlier wait of this fetch set is not the connect's limit
         try:
             with trio.fail_after(self._connect):
                 stream = await trio.open_tcp_stream(*address)  # name resolution, happy eyeballs, TCP_NODELAY
@@ -127,35 +143,37 @@ class TrioRangeClient:
             raise RangeReadError(FailureKind.CONNECTION, url, str(exc) or repr(exc)) from None
         return _Connection(socket.socket(fileno=stream.socket.detach()))
 
-    async def _send(self, connection: _Connection, url: str, request: bytes) -> None:
+    async def _send(self, connection: _Connection, request: bytes) -> None:
         view = memoryview(request)
         while view:
             try:
                 view = view[connection.sock.send(view):]
             except BlockingIOError:
-                await self._wait(trio.lowlevel.wait_writable, connection, url)
+                await self._wait(trio.lowlevel.wait_writable, connection)
 
-    async def _receive(self, connection: _Connection, url: str) -> bytes:
+    async def _receive(self, connection: _Connection) -> bytes:
         while True:
             try:
                 return connection.sock.recv(_RECEIVE)
             except BlockingIOError:
-                await self._wait(trio.lowlevel.wait_readable, connection, url)
+                await self._wait(trio.lowlevel.wait_readable, connection)
 
-    async def _wait(self, wait: Callable[[socket.socket], Coroutine[Any, Any, None]], connection: _Connection,
-                    url: str) -> None:
-        with trio.move_on_after(self._stall) as stalled:  # a bare scope: fail_after adds a generator per wait
-            await wait(connection.sock)
-        if stalled.cancelled_caught:
-            raise RangeReadError(FailureKind.TIMEOUT, url, f"no data for {self._stall:g} s")
+    async def _wait(self, wait: Callable[[socket.socket], Coroutine[Any, Any, None]], connection: _Connection) -> None:
+        """Until the socket is ready; the exchange's scope (see :meth:`fetch`) ends the fetch when no byte
+        comes for the stall timeout, or at the fetch's deadline."""
+        assert connection.scope is not None  # set by _exchange
+        connection.scope.deadline = min(connection.until, trio.current_time() + self._stall)
+        await wait(connection.sock)
 
     async def _exchange(
-        self, address: tuple[str, int], get: RangeGet, request: bytes, connection: _Connection, reused: bool
+        self, address: tuple[str, int], get: RangeGet, request: bytes, scope: trio.CancelScope, until: float,
+        connection: _Connection, reused: bool
     ) -> None:
+        connection.scope, connection.until = scope, until
         clean = False
         try:
             try:
-                await self._send(connection, get.url, request)
+                await self._send(connection, request)
                 head = await self._read_head(connection, get.url, reused)
             except OSError as exc:
                 if reused:
@@ -165,13 +183,14 @@ class TrioRangeClient:
             await self._body(connection, get.url, get.start, get.length, get.sink)
             clean = head.keep_alive and not connection.buffer
         finally:
+            connection.scope = None
             if not (clean and self._idle.give(address, connection)):
                 connection.close()
 
     async def _read_head(self, connection: _Connection, url: str, reused: bool) -> Head:
         buffer = connection.buffer
         while (end := head_end(buffer, url)) < 0:
-            chunk = await self._receive(connection, url)
+            chunk = await self._receive(connection)
             if not chunk:
                 if reused and not buffer:
                     raise StaleConnection
@@ -189,7 +208,7 @@ class TrioRangeClient:
                 del connection.buffer[: len(chunk)]
             else:
                 try:
-                    chunk = await self._receive(connection, url)
+                    chunk = await self._receive(connection)
                 except OSError as exc:
                     raise RangeReadError(FailureKind.SHORT_BODY, url,
                                          f"body ended after {pos - start} of {length} bytes ({exc!r})") from None

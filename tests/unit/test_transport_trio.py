@@ -147,6 +147,18 @@ async def test_a_trickling_server_is_abandoned_at_the_deadline_and_the_next_piec
     assert bytes(after.data) == DATA[:1024]
 
 
+async def test_the_stall_timeout_counts_from_each_wait_not_from_the_start_of_the_fetch() -> None:
+    """A body that keeps coming, a byte every 0.05 s, for longer in all than the stall timeout, is read:
+    only a wait with no byte for the stall timeout ends a fetch (the fetch's one cancel scope gets a new
+    deadline at each wait)."""
+    client = TrioRangeClient(stall_timeout=0.3)
+    with origin(fault_rate=1.0, faults=["trickle"], trickle=0.05) as slow:
+        sink = Sink(0)
+        await client.fetch(slow.url("f"), 0, 12, len(DATA), sink)  # 12 bytes: 0.6 s, two stall timeouts
+        await client.aclose()
+    assert bytes(sink.data) == DATA[:12] and sink.closed == 1
+
+
 class _Rounds(trio.abc.Instrument):
     """Counts the passes of the trio scheduler (each one waits for I/O: an ``epoll_wait``)."""
 
