@@ -124,7 +124,7 @@ class Filesystem:
             if built is None:
                 if not current(node):  # the kernel forgot it since it was listed: never hand out a dead inode
                     node = nodes[index] = self._tree(node).renewed(node)
-                attributes = self.attributes(node)
+                attributes = self._tree(node).attributes(node)
                 built = build(attributes)
                 if not attributes.volatile:
                     keep(node.ino, built)
