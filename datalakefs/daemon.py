@@ -173,6 +173,7 @@ class Daemon:
             await services.start(self.catalogue.run)
             await services.start(self.content.run)
             await services.start(self.prefetch.run)
+            await services.start(self.filesystem.run)
             await services.start(self.stager.run)
             await services.start(self.outbox.run)
             services.start_soon(self.meter.run)

@@ -19,6 +19,7 @@ Nothing here counts kernel references: the filesystem layer does, when it hands 
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +63,11 @@ class Entries(Protocol):
         the listing's error when it broke off before ``start``."""
         ...
 
+    async def whole(self) -> int:
+        """How many entries there are, once the directory is whole; the listing's error when it
+        broke off. Builds no node (:meth:`ready` does)."""
+        ...
+
 
 class DirEntries(NamedTuple):
     """The entries of a directory known whole at once (``nodes`` is the caller's own)."""
@@ -70,6 +76,9 @@ class DirEntries(NamedTuple):
     nodes: list[Node]
 
     async def ready(self, start: int) -> int:
+        return len(self.nodes)
+
+    async def whole(self) -> int:
         return len(self.nodes)
 
 
@@ -128,6 +137,11 @@ class ListedEntries:
             with gc_paused:  # a node per entry (datalakefs/gcpause.py)
                 nodes += [intern_child(parent, infos[index]) for index in range(len(nodes), ready)]
         return ready
+
+    async def whole(self) -> int:
+        listing = self._listing
+        await self._namespace._grown(listing, sys.maxsize)
+        return len(listing.names)
 
 
 class Namespace:

@@ -131,6 +131,7 @@ async def mounted(held: _HeldCatalogue, clock: Callable[[], float] | None = None
     with trio.fail_after(30):  # a reader that waits for ever fails the test instead of hanging it
         async with trio.open_nursery() as nursery:
             await nursery.start(catalogue.run)
+            await nursery.start(fs.run)
             scope = (await fs.lookup(ROOT_INODE, "s")).ino
             dataset = (await fs.lookup(scope, "big")).ino
             yield _Mount(fs, namespace, catalogue, held, dataset)
@@ -435,3 +436,29 @@ async def test_a_cold_readdir_entry_costs_few_calls() -> None:
             entries = [entry for entry in await mount.fs.readdir(fh, 0, _built)]
         assert len(entries) == 600
         assert calls.count / len(entries) <= 28, calls.count / len(entries)
+
+
+async def test_entries_are_built_ahead_of_the_kernels_requests() -> None:
+    """While ``ls`` works through one reply, the entries after it are built (node, attributes, and
+    what the FUSE adapter makes of them) once the listing is whole: the kernel's next request finds
+    them built."""
+    held = _HeldCatalogue(files=9)
+    built: list[int] = []
+    all_built = trio.Event()
+
+    def build(attributes: Attributes) -> Attributes:
+        built.append(attributes.ino)
+        if len(built) == 9:
+            all_built.set()
+        return attributes
+
+    async with open_with_the_first_batch(held) as (mount, fh):
+        first = next(iter(await mount.fs.readdir(fh, 0, build)))  # the kernel's buffer holds one entry
+        mount.fs.remember_each([first[2]])
+        held.release(len(held.released))
+        with trio.fail_after(10):  # the rest, built in the background
+            await all_built.wait()
+        rest = list(await mount.fs.readdir(fh, 1, build))
+        assert [name for _, name, _, _ in rest] == [f"f{i:03d}" for i in range(1, 9)]
+        assert len(built) == 9  # nothing built again for the second request
+        mount.fs.releasedir(fh)
