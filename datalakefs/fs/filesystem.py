@@ -124,10 +124,9 @@ class Filesystem:
         none (building them was most of its readdir time).
 
         A directory whose entry at ``start`` is not built yet (a cold one) has the rest built ahead
-        once its listing is whole, while :meth:`run` runs (:meth:`_build_ahead`): as ``ls`` works
-        through one reply, which takes it about as long as building the reply took us, the next ones
-        are built, and the kernel's next request only copies them. Not while the listing arrives: the
-        thread reading the catalogue's answer then needs the GIL that building would hold.
+        while :meth:`run` runs (:meth:`_build_ahead`): as ``ls`` works through one reply, which takes
+        it about as long as building the reply took us, the next ones are built, and as the listing
+        arrives, so are its entries; the kernel's next request only copies them.
 
         The caller must ``remember`` each entry it hands to the kernel."""
         handle = self._handle(fh)
@@ -141,19 +140,19 @@ class Filesystem:
 
     async def _build_ahead(self, handle: _DirHandle, scope: trio.CancelScope, position: int,
                            build: Callable[[Attributes], Entry]) -> None:
-        """Once the handle's listing is whole, build (and keep) its entries from ``position`` on, in
-        steps of :data:`AHEAD_STEP` between which the loop serves requests; until the end, the
-        handle is released, or the listing breaks off (its reader gets that error itself)."""
+        """Build (and keep) the handle's entries from ``position`` on as its listing arrives, in steps
+        of :data:`AHEAD_STEP` between which the loop serves requests (and the thread parsing the
+        answer gets the GIL); until the listing is whole and built, the handle is released, or the
+        listing breaks off (its reader gets that error itself)."""
         entries = handle.entries
         with scope:
             try:
-                end = await entries.whole()
-                while position < end:
-                    await entries.ready(position)  # the nodes
-                    step = min(position + AHEAD_STEP, end)
-                    collections.deque(self._entries(entries, position, step, build), maxlen=0)
-                    position = step
-                    await trio.lowlevel.checkpoint()
+                while (end := await entries.ready(position)) > position:
+                    while position < end:
+                        step = min(position + AHEAD_STEP, end)
+                        collections.deque(self._entries(entries, position, step, build), maxlen=0)
+                        position = step
+                        await trio.lowlevel.checkpoint()
             except DatalakeError:
                 return
             except Exception:  # the background must not take the mount down; readdir builds what is left

@@ -19,7 +19,6 @@ Nothing here counts kernel references: the filesystem layer does, when it hands 
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -63,11 +62,6 @@ class Entries(Protocol):
         the listing's error when it broke off before ``start``."""
         ...
 
-    async def whole(self) -> int:
-        """How many entries there are, once the directory is whole; the listing's error when it
-        broke off. Builds no node (:meth:`ready` does)."""
-        ...
-
 
 class DirEntries(NamedTuple):
     """The entries of a directory known whole at once (``nodes`` is the caller's own)."""
@@ -76,9 +70,6 @@ class DirEntries(NamedTuple):
     nodes: list[Node]
 
     async def ready(self, start: int) -> int:
-        return len(self.nodes)
-
-    async def whole(self) -> int:
         return len(self.nodes)
 
 
@@ -99,6 +90,8 @@ class _Listing:
     #: the entries' nodes (parallel to ``names``, as far as built) under parent inode ``children_of``
     children: list[Node] = field(default_factory=list)
     children_of: int = 0
+    #: entries made ready while the answer arrived, counted in ``entries_while_streaming``
+    streamed: int = 0
 
 
 @dataclass(slots=True)
@@ -129,19 +122,15 @@ class ListedEntries:
         namespace, listing = self._namespace, self._listing
         await namespace._grown(listing, start)
         ready = len(listing.names)
-        if listing.source is not None:
-            namespace.entries_while_streaming += max(ready - start, 0)
+        if listing.source is not None:  # each entry counted once, whoever asks (readdir, or building ahead)
+            namespace.entries_while_streaming += max(ready - max(start, listing.streamed), 0)
+            listing.streamed = max(listing.streamed, ready)
         nodes = self.nodes
         if len(nodes) < ready:
             intern_child, parent, infos = namespace._child, self._parent, listing.infos
             with gc_paused:  # a node per entry (datalakefs/gcpause.py)
                 nodes += [intern_child(parent, infos[index]) for index in range(len(nodes), ready)]
         return ready
-
-    async def whole(self) -> int:
-        listing = self._listing
-        await self._namespace._grown(listing, sys.maxsize)
-        return len(listing.names)
 
 
 class Namespace:

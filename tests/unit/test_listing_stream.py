@@ -440,24 +440,26 @@ async def test_a_cold_readdir_entry_costs_few_calls() -> None:
 
 async def test_entries_are_built_ahead_of_the_kernels_requests() -> None:
     """While ``ls`` works through one reply, the entries after it are built (node, attributes, and
-    what the FUSE adapter makes of them) once the listing is whole: the kernel's next request finds
-    them built."""
+    what the FUSE adapter makes of them), and those of each batch as it arrives: the kernel's next
+    request finds them built."""
     held = _HeldCatalogue(files=9)
     built: list[int] = []
-    all_built = trio.Event()
+    counts = {count: trio.Event() for count in (6, 9)}
 
     def build(attributes: Attributes) -> Attributes:
         built.append(attributes.ino)
-        if len(built) == 9:
-            all_built.set()
+        if len(built) in counts:
+            counts[len(built)].set()
         return attributes
 
     async with open_with_the_first_batch(held) as (mount, fh):
         first = next(iter(await mount.fs.readdir(fh, 0, build)))  # the kernel's buffer holds one entry
         mount.fs.remember_each([first[2]])
-        held.release(len(held.released))
-        with trio.fail_after(10):  # the rest, built in the background
-            await all_built.wait()
+        with trio.fail_after(10):  # built in the background
+            held.release(2)
+            await counts[6].wait()  # the second batch, while the third is held back
+            held.release(len(held.released))
+            await counts[9].wait()
         rest = list(await mount.fs.readdir(fh, 1, build))
         assert [name for _, name, _, _ in rest] == [f"f{i:03d}" for i in range(1, 9)]
         assert len(built) == 9  # nothing built again for the second request
