@@ -198,6 +198,23 @@ def test_a_first_ls_after_mount_waits_for_three_catalogue_requests(
                                     f"GET /dids/{did.scope}/{did.name}/files"]
 
 
+def test_opening_a_path_asks_for_the_replicas_while_the_datasets_times_are_asked(
+    lake: LakeStatus, new_mount: Callable[..., Mount], proxied_rucio_config: tuple[Path, TcpProxy]
+) -> None:
+    """A script that opens a known path of a small dataset on a fresh mount: the lookup of the file
+    lists the dataset and then asks for its entries' times (bulk metadata); the replicas the read
+    needs are asked for while that call is in flight, not after it."""
+    config, proxy = proxied_rucio_config
+    mount = new_mount(f"rucio_config={config}")
+    mount.start()
+    path = path_of(mount, lake.seed.sized_files[1 << 20], lake.seed.sized_dataset)
+    with open(path, "rb") as fh:
+        assert len(fh.read(4096)) == 4096
+    asked = [request.partition("?")[0] for request in proxy.requests]
+    times, replicas = asked.index("POST /dids/bulkmeta"), asked.index("POST /replicas/list")
+    assert proxy.answered_before[replicas] <= times, list(zip(asked, proxy.answered_before, strict=True))
+
+
 def test_xattrs(lake: LakeStatus, lake_mount: Mount, rucio_client: Any) -> None:
     did = DID.parse(lake.seed.sized_files[1 << 20])
     path = path_of(lake_mount, lake.seed.sized_files[1 << 20], lake.seed.sized_dataset)

@@ -734,3 +734,21 @@ async def test_a_listings_files_are_indexed_while_its_answer_arrives_not_at_its_
     assert _HASHED_ON and threading.current_thread().name not in _HASHED_ON
     await catalogue.list_replicas([files[150].did])  # the index serves: the file's batch in one call
     assert backend.asked == [[info.did for info in files[100:300]]]
+
+
+async def test_a_file_expected_to_open_has_its_batch_asked_in_the_background(fake: FakeCatalogue) -> None:
+    """A lookup of a listed file (``expect_open``) asks for its batch's replicas at once, in the
+    background; the open then finds them. Nothing for a DID no listing holds, or without ``run``."""
+    catalogue, _, files = await listed_dataset(fake, "run9", 50)
+    catalogue.expect_open(files[7])  # not running: nothing starts
+    assert fake.calls["list_replicas"] == 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(catalogue.run)
+        catalogue.expect_open(DID("data", "never-listed"))
+        catalogue.expect_open(files[7])
+        await calls_reach(fake, "list_replicas", 1)
+        await settled(catalogue)
+        found = await catalogue.locate(files[7])
+        assert found is not None and [r.pfn for r in found.replicas] == [f"http://a/{files[7].name}"]
+        assert fake.calls["list_replicas"] == 1
+        nursery.cancel_scope.cancel()
