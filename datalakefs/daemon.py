@@ -173,6 +173,7 @@ class Daemon:
             await services.start(self.catalogue.run)
             await services.start(self.content.run)
             await services.start(self.prefetch.run)
+            await services.start(self.filesystem.run)
             await services.start(self.stager.run)
             await services.start(self.outbox.run)
             services.start_soon(self.meter.run)
@@ -188,13 +189,18 @@ class Daemon:
 
     async def _authenticate(self) -> None:
         """Refused credentials stop the mount here, with the reason; an outage does not (the mount
-        answers EIO until the server is back, as it would for an outage later)."""
+        answers EIO until the server is back, as it would for an outage later).
+
+        The call that proves the credentials is the list of scopes, asked through the cached
+        catalogue: the first lookup of any path needs it, and finds it cached. One request before
+        the mount, and none at the first lookup (rucio's ``whoami`` cost two, its answer being a
+        redirect to the account, and the first lookup a third)."""
         try:
-            account = await trio.to_thread.run_sync(self.rucio.authenticate)
+            scopes = await self.catalogue.list_scopes()
         except CatalogueUnavailableError as exc:
             log.warning("event=catalogue-unavailable-at-mount reason=%s", exc)
         else:
-            log.info("event=authenticated account=%s", account)
+            log.info("event=authenticated account=%s scopes=%d", self.rucio.account, len(scopes))
 
 
 def stream_content(config: Config, catalogue: ReplicaSource, auth: RequestAuth | None = None) -> StreamContent:

@@ -268,6 +268,7 @@ class RucioCatalogue:
         self._rse_settings: dict[str, Mapping[str, Any]] = {}
         self._closed = False
         self._host: str | None = None
+        self._account: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -281,22 +282,11 @@ class RucioCatalogue:
         if self._claimed is not None and not closed:
             _release_rucio_config(self._claimed)
 
-    def authenticate(self) -> str:
-        """The account the server knows us as: one authenticated call (``whoami``), made when a mount
-        starts so that credentials that cannot work stop the mount with a clear message instead of
-        giving a mount that answers every lookup with EIO.
-
-        rucio itself only prints "I/O error" when it cannot read or write its token file, and then sends
-        requests without a token ("Token must be set"); that case is reported as what it is.
-        """
-        try:
-            with self._client() as client:
-                return str(client.whoami()["account"])
-        except CatalogueUnavailableError as exc:
-            unusable = _unusable_token_file()
-            if unusable is None or "Token must be set" not in str(exc):
-                raise
-            raise AccessDeniedError(f"{self._server()}: cannot authenticate: {unusable}") from exc
+    @property
+    def account(self) -> str | None:
+        """The account the clients act as (rucio.cfg's, or ``$RUCIO_ACCOUNT``), known once a first
+        client exists; no request (the token rucio fetches is for this very account)."""
+        return self._account
 
     # -- the Catalogue protocol ------------------------------------------------------------------
 
@@ -518,6 +508,8 @@ class RucioCatalogue:
                 return self._idle.pop()
         client = self._factory()
         self._host = str(client.host)
+        account = getattr(client, "account", None)
+        self._account = None if account is None else str(account)
         return client
 
     def _new_client(self) -> Client:
@@ -534,8 +526,17 @@ class RucioCatalogue:
         client.session.close()
 
     def _raise_translated(self, exc: BaseException, client: Client | None = None) -> NoReturn:
+        """Raise what ``exc`` means (:func:`translate_error`). rucio itself only prints "I/O error" when
+        it cannot read or write its token file, and then sends requests without a token ("Token must
+        be set"): that is reported as what it is, a refusal naming the file (the mount's first call,
+        which proves the credentials, then stops the mount with it)."""
         token = str(getattr(client, "auth_token", "") or "")
-        raise translate_error(exc, self._server(), secrets=(token,) if token else ()) from exc
+        error = translate_error(exc, self._server(), secrets=(token,) if token else ())
+        if isinstance(error, CatalogueUnavailableError) and "Token must be set" in str(error):
+            unusable = _unusable_token_file()
+            if unusable is not None:
+                error = AccessDeniedError(f"{self._server()}: cannot authenticate: {unusable}")
+        raise error from exc
 
     def _server(self) -> str:
         """Which server failed: the client's, else the configured one (the first client may not exist)."""

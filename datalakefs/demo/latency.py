@@ -4,8 +4,10 @@ The kernel here has no netem, so the bench places the storage and the catalogue 
 putting this proxy in front of them. Each direction of every connection is a delay line: a chunk
 read from one side is written to the other ``rtt / 2`` seconds later, so a request and its answer
 pay one ``rtt`` in all, and many requests in flight on one connection overlap (as on a real long
-link, unlike a proxy that sleeps before each forward). An optional rate cap serialises each
-direction at ``rate`` bytes per second before the delay (the link's bandwidth).
+link, unlike a proxy that sleeps before each forward). Chunks that are due together leave in one
+send: a server that writes a row at a time must not cost the measured machine a syscall per row. An
+optional rate cap serialises each direction at ``rate`` bytes per second before the delay (the
+link's bandwidth).
 
 One trio thread, no copies beyond the socket reads; a direction holds at most
 :data:`BUFFERED_CHUNKS` chunks in its delay line, after which reading that side waits (backpressure).
@@ -73,13 +75,31 @@ async def _direction(source: trio.SocketStream, sink: trio.SocketStream, link: L
 
     async def deliver() -> None:
         async with receive:
-            async for due, data in receive:
+            held: tuple[float, bytes] | None = None  # the next chunk, taken from the line but not due yet
+            while True:
+                try:
+                    due, data = held or await receive.receive()
+                except trio.EndOfChannel:
+                    return
                 await trio.sleep_until(due)
+                # chunks that are due by now too leave in the same send: a server that writes a row
+                # at a time (Rucio's listings) made this proxy spend half a CPU second per 100,000 rows
+                pieces, held, now = [data], None, trio.current_time()
+                while data:
+                    try:
+                        held = receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    if held[0] > now:
+                        break
+                    data, held = held[1], None
+                    pieces.append(data)
+                if len(pieces) > 1 or data:
+                    await sink.send_all(b"".join(pieces))
                 if not data:
                     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                         await sink.send_eof()
                     return
-                await sink.send_all(data)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(deliver)

@@ -13,7 +13,7 @@ from one open to the next.
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from datalakefs.model import DIDInfo
@@ -22,20 +22,19 @@ from datalakefs.namespace.inodes import Node, NodeKind
 
 @dataclass(frozen=True, slots=True)
 class Ownership:
-    """Owner, group and permission bits of every node of one mount (see the module docstring)."""
+    """Owner, group and permission bits of every node of one mount (see the module docstring).
+    The modes are worked out once: every entry of a listing asks for one."""
 
     uid: int
     gid: int
     umask: int = 0o022
     read_only: bool = False
+    file_mode: int = field(init=False)
+    dir_mode: int = field(init=False)
 
-    @property
-    def file_mode(self) -> int:
-        return stat.S_IFREG | self._permissions(0o666)
-
-    @property
-    def dir_mode(self) -> int:
-        return stat.S_IFDIR | self._permissions(0o777)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "file_mode", stat.S_IFREG | self._permissions(0o666))
+        object.__setattr__(self, "dir_mode", stat.S_IFDIR | self._permissions(0o777))
 
     def _permissions(self, full: int) -> int:
         allowed = full & ~self.umask

@@ -11,12 +11,17 @@ Contracts the FUSE layer relies on:
 
 from __future__ import annotations
 
+import collections
 import itertools
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar, cast
+from typing import Final, NoReturn, TypeVar, cast
 
-from datalakefs.errors import BadHandleError, InvalidArgumentError, NotFoundError
+import trio
+
+from datalakefs.background import Background
+from datalakefs.errors import BadHandleError, DatalakeError, InvalidArgumentError, NotFoundError
 from datalakefs.fs.attributes import Attributes
 from datalakefs.fs.lake import CLEAR_CACHE_XATTR, LakeTree, refuse_write
 from datalakefs.fs.outbox import OUTBOX_DIR, OutboxTree
@@ -29,11 +34,17 @@ from datalakefs.namespace.tree import DirEntries, Entries, Namespace
 __all__ = ["CLEAR_CACHE_XATTR", "Filesystem"]
 
 Entry = TypeVar("Entry")
+log = logging.getLogger(__name__)
+
+#: entries built ahead at a time (a few ms) before the trio loop may serve a request
+AHEAD_STEP: Final = 1000
 
 
 @dataclass(slots=True)
 class _DirHandle:
     entries: Entries
+    #: the task building this handle's entries ahead of the kernel's requests (cancelled at releasedir)
+    ahead: trio.CancelScope | None = None
 
 
 class Filesystem:
@@ -45,6 +56,12 @@ class Filesystem:
         self._outbox = outbox
         self._handles: dict[int, _DirHandle | FileHandle] = {}
         self._next_fh = itertools.count(1)
+        self._ahead = Background()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Build directory entries ahead of the kernel's requests (:meth:`readdir`) until cancelled
+        (the daemon's services nursery); without it, each entry is built when the kernel asks."""
+        await self._ahead.run(task_status=task_status)
 
     def _tree(self, node: Node) -> Subtree:
         """The one place that tells the outbox from the lake."""
@@ -106,11 +123,40 @@ class Filesystem:
         outbox's volatile ones) is kept with the node, so a warm ``ls -l`` of 100,000 entries builds
         none (building them was most of its readdir time).
 
+        A directory whose entry at ``start`` is not built yet (a cold one) has the rest built ahead
+        while :meth:`run` runs (:meth:`_build_ahead`): as ``ls`` works through one reply, which takes
+        it about as long as building the reply took us, the next ones are built, and as the listing
+        arrives, so are its entries; the kernel's next request only copies them.
+
         The caller must ``remember`` each entry it hands to the kernel."""
         handle = self._handle(fh)
         assert isinstance(handle, _DirHandle)
         entries = handle.entries
-        return self._entries(entries, start, await entries.ready(start), build)
+        end = await entries.ready(start)
+        if handle.ahead is None and end > start and self._ns.inodes.derived(entries.nodes[start].ino) is None:
+            handle.ahead = trio.CancelScope()
+            self._ahead.start_soon(self._build_ahead, handle, handle.ahead, start, build)
+        return self._entries(entries, start, end, build)
+
+    async def _build_ahead(self, handle: _DirHandle, scope: trio.CancelScope, position: int,
+                           build: Callable[[Attributes], Entry]) -> None:
+        """Build (and keep) the handle's entries from ``position`` on as its listing arrives, in steps
+        of :data:`AHEAD_STEP` between which the loop serves requests (and the thread parsing the
+        answer gets the GIL); until the listing is whole and built, the handle is released, or the
+        listing breaks off (its reader gets that error itself)."""
+        entries = handle.entries
+        with scope:
+            try:
+                while (end := await entries.ready(position)) > position:
+                    while position < end:
+                        step = min(position + AHEAD_STEP, end)
+                        collections.deque(self._entries(entries, position, step, build), maxlen=0)
+                        position = step
+                        await trio.lowlevel.checkpoint()
+            except DatalakeError:
+                return
+            except Exception:  # the background must not take the mount down; readdir builds what is left
+                log.error("building directory entries ahead failed unexpectedly", exc_info=True)
 
     def _entries(
         self, entries: Entries, start: int, end: int, build: Callable[[Attributes], Entry]
@@ -124,14 +170,16 @@ class Filesystem:
             if built is None:
                 if not current(node):  # the kernel forgot it since it was listed: never hand out a dead inode
                     node = nodes[index] = self._tree(node).renewed(node)
-                attributes = self.attributes(node)
+                attributes = self._tree(node).attributes(node)
                 built = build(attributes)
                 if not attributes.volatile:
                     keep(node.ino, built)
             yield index + 1, names[index], node.ino, cast(Entry, built)
 
     def releasedir(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, _DirHandle) and handle.ahead is not None:
+            handle.ahead.cancel()
 
     # -- files -------------------------------------------------------------------------------
 

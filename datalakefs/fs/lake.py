@@ -114,10 +114,8 @@ class LakeTree:
     def attributes(self, node: Node) -> Attributes:
         """A lake node's never change while it lives: readdir keeps what the FUSE layer builds from
         them (fs/filesystem.py)."""
-        inodes = self._ns.inodes
-        directory = None
-        if node.info is not None and not node.info.created_at and node.parent in inodes:
-            directory = inodes.get(node.parent).info
+        info = node.info
+        directory = self._ns.inodes.info_of(node.parent) if info is not None and not info.created_at else None
         return attributes_of(node, self._owner, self._start, directory)
 
     async def lookup(self, parent: Node, name: str) -> Node:

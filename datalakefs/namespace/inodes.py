@@ -85,6 +85,11 @@ class InodeTable:
         except KeyError:
             raise NotFoundError(f"inode {ino} is not known (forgotten)") from None
 
+    def info_of(self, ino: int) -> DIDInfo | None:
+        """The catalogue facts of node ``ino``; None when it has none or is not known (forgotten)."""
+        node = self._nodes.get(ino)
+        return None if node is None else node.info
+
     def intern(self, key: Hashable, kind: NodeKind, parent: int, did: DID | None = None,
                info: DIDInfo | None = None, scope: str | None = None, label: str = "") -> Node:
         """The node for ``key``: the known one, or ``Node(<a fresh inode number>, kind, parent, did,

@@ -19,6 +19,7 @@ Nothing here counts kernel references: the filesystem layer does, when it hands 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ class _Listing:
     #: the entries' nodes (parallel to ``names``, as far as built) under parent inode ``children_of``
     children: list[Node] = field(default_factory=list)
     children_of: int = 0
+    #: entries made ready while the answer arrived, counted in ``entries_while_streaming``
+    streamed: int = 0
 
 
 @dataclass(slots=True)
@@ -120,8 +123,9 @@ class ListedEntries:
         namespace, listing = self._namespace, self._listing
         await namespace._grown(listing, start)
         ready = len(listing.names)
-        if listing.source is not None:
-            namespace.entries_while_streaming += max(ready - start, 0)
+        if listing.source is not None:  # each entry counted once, whoever asks (readdir, or building ahead)
+            namespace.entries_while_streaming += max(ready - max(start, listing.streamed), 0)
+            listing.streamed = max(listing.streamed, ready)
         nodes = self.nodes
         if len(nodes) < ready:
             intern_child, parent, infos = namespace._child, self._parent, listing.infos
@@ -230,7 +234,7 @@ class Namespace:
 
     async def _lookup_listed(self, parent: Node, component: str) -> Node:
         if parent.kind in _LISTED_KINDS:
-            listing = await self._listing(parent)
+            listing = await self._listing(parent, component)
             while (info := listing.by_name.get(component)) is None and listing.source is not None:
                 await self._grown(listing, len(listing.names))  # not seen yet: it may still arrive
             if info is not None:
@@ -244,11 +248,12 @@ class Namespace:
                     return child
         raise NotFoundError(f"{component!r} is not in {parent.label or parent.did}")
 
-    async def _listing(self, node: Node) -> _Listing:
+    async def _listing(self, node: Node, looked_up: str | None = None) -> _Listing:
         """A catalogue-backed directory's entries and name index, kept as long as the catalogue
         keeps the listing itself, so that a lookup in a large directory is a dict access. A listing
         still arriving is handed out once it holds more than ``times_limit`` entries (it grows as its
-        readers wait for more); one that broke off is listed anew."""
+        readers wait for more); one that broke off is listed anew. ``looked_up``: the name a lookup
+        waits for (:meth:`_new_listing`)."""
         key = (node.kind, node.did, node.scope, node.label)
         while True:
             listing = self._listings.get(key)
@@ -264,7 +269,7 @@ class Namespace:
                 raise starting.error.anew() from starting.error
         starting = self._starting[key] = _Start()
         try:
-            listing = await self._new_listing(node, key)
+            listing = await self._new_listing(node, key, looked_up)
             self._listings[key] = listing
             return listing
         except DatalakeError as exc:
@@ -274,7 +279,10 @@ class Namespace:
             del self._starting[key]
             starting.done.set()
 
-    async def _new_listing(self, node: Node, key: tuple[object, ...]) -> _Listing:
+    async def _new_listing(self, node: Node, key: tuple[object, ...], looked_up: str | None) -> _Listing:
+        """A collection small enough for its entries' times gets them in one more call after its
+        content; a lookup of a file in it (a path walked to an open) has that file's replicas asked
+        for meanwhile (``CachedCatalogue.expect_open``), instead of after."""
         assert node.scope is not None
         if node.kind is NodeKind.SCOPE:
             return self._whole(key, node.scope, await self._catalogue.list_collections(node.scope))
@@ -286,6 +294,9 @@ class Namespace:
         stream = await self._catalogue.content_stream(node.did, dataset)
         await stream.grown(self._times_limit)
         if stream.content is not None:  # the whole answer, small enough for times, or cached
+            if looked_up is not None and not is_shortened(looked_up):
+                with contextlib.suppress(DatalakeError):  # a name no DID has: the lookup says so
+                    self._catalogue.expect_open(did_for(looked_up, node.scope))
             return self._whole(key, node.scope, await self._with_times(stream.content))
         if stream.error is not None:
             raise stream.error.anew() from stream.error

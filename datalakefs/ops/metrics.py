@@ -62,7 +62,7 @@ COUNTERS: Mapping[Path, str] = {
     ("catalogue", "misses"): "Catalogue lookups that called the server",
     ("catalogue", "negative_hits"): "Lookups answered 'no such name' from the negative cache",
     ("catalogue", "shared"): "Catalogue calls that joined an identical call already in flight",
-    ("listing", "entries_while_streaming"): "Directory entries handed to readdir before their listing ended",
+    ("listing", "entries_while_streaming"): "Directory entries made ready for readdir before their listing ended",
     ("outbox", "uploaded"): "Files uploaded from the outbox",
     ("outbox", "uploaded_while_writing"): "Files whose upload ran while they were written",
     ("storage_auth", "token_reads"): "Reads of the storage token file",

@@ -4,14 +4,23 @@ back in the middle of an answer (a listing that is still arriving)."""
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
+
+#: an HTTP request's first line, at the start of what a client sent or after the previous request's head
+_REQUEST_LINE = re.compile(rb"(?:^|\r\n)(GET|HEAD|POST|PUT|DELETE) (\S+) HTTP/1\.[01]\r\n")
+#: an HTTP answer's status line
+_STATUS_LINE = re.compile(rb"(?:^|\r\n)HTTP/1\.[01] \d{3} ")
 
 
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to ``target``. ``cut()`` drops every connection and refuses new ones
     until ``restore()``; the listening port stays the same throughout. ``answered`` counts the bytes
-    that came back from the target: proof that the traffic went this way."""
+    that came back from the target: proof that the traffic went this way. ``requests`` lists the HTTP
+    requests that went to the target (``"GET /scopes/"``), in the order they were sent, and
+    ``answered_before`` how many answers the target had given when each was sent (fewer than the
+    requests before it: they were in flight together)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self._target = target
@@ -23,6 +32,9 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._stopped = False
         self.answered = 0
+        self.requests: list[str] = []
+        self.answered_before: list[int] = []
+        self._answers = 0
         # answers pass while this is set; ``_passing``: bytes that may still pass before a hold
         self._flowing = threading.Event()
         self._flowing.set()
@@ -53,13 +65,24 @@ class TcpProxy:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 if answers:
+                    with self._lock:
+                        self._answers += len(_STATUS_LINE.findall(data))
                     data = self._let_through(data, sink)
+                else:
+                    self._note_requests(data)
                 sink.sendall(data)
                 if answers:
                     with self._lock:
                         self.answered += len(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
+
+    def _note_requests(self, data: bytes) -> None:
+        """rucio's client (http.client) sends a request's head in one piece, so its first line is whole."""
+        with self._lock:
+            for method, path in _REQUEST_LINE.findall(data):
+                self.requests.append(f"{method.decode()} {path.decode()}")
+                self.answered_before.append(self._answers)
 
     def _let_through(self, data: bytes, sink: socket.socket) -> bytes:
         """What of an answer's ``data`` may pass now; waits (after passing the part allowed) while held."""

@@ -175,6 +175,46 @@ def test_a_large_directory_is_listed_while_its_answer_still_arrives(
     assert mount.status()["catalogue"]["calls"]["list_content"] == 1
 
 
+def test_a_first_ls_after_mount_waits_for_three_catalogue_requests(
+    lake: LakeStatus, new_mount: Callable[..., Mount], proxied_rucio_config: tuple[Path, TcpProxy]
+) -> None:
+    """The catalogue requests from mount to the last entry of ``ls -l <scope>/<dataset>``, as the
+    server sees them, in order: the list of scopes, which the mount asks to prove its credentials and
+    the lookup of the scope then finds cached (no ``whoami`` and its redirect); the dataset's own
+    facts, since its type decides how it is listed; its files."""
+    config, proxy = proxied_rucio_config
+
+    def catalogue_requests() -> list[str]:  # token requests are rucio's own business
+        return [request.partition("?")[0] for request in proxy.requests if " /auth/" not in request]
+
+    mount = new_mount(f"rucio_config={config}")
+    mount.start()
+    assert catalogue_requests() == ["GET /scopes/"]
+    directory = path_of(mount, lake.seed.dataset_10k)
+    listing = subprocess.run(["ls", "-l", str(directory)], capture_output=True, text=True, check=True)
+    assert len(listing.stdout.splitlines()) == 10_001
+    did = DID.parse(lake.seed.dataset_10k)
+    assert catalogue_requests() == ["GET /scopes/", f"GET /dids/{did.scope}/{did.name}/meta",
+                                    f"GET /dids/{did.scope}/{did.name}/files"]
+
+
+def test_opening_a_path_asks_for_the_replicas_while_the_datasets_times_are_asked(
+    lake: LakeStatus, new_mount: Callable[..., Mount], proxied_rucio_config: tuple[Path, TcpProxy]
+) -> None:
+    """A script that opens a known path of a small dataset on a fresh mount: the lookup of the file
+    lists the dataset and then asks for its entries' times (bulk metadata); the replicas the read
+    needs are asked for while that call is in flight, not after it."""
+    config, proxy = proxied_rucio_config
+    mount = new_mount(f"rucio_config={config}")
+    mount.start()
+    path = path_of(mount, lake.seed.sized_files[1 << 20], lake.seed.sized_dataset)
+    with open(path, "rb") as fh:
+        assert len(fh.read(4096)) == 4096
+    asked = [request.partition("?")[0] for request in proxy.requests]
+    times, replicas = asked.index("POST /dids/bulkmeta"), asked.index("POST /replicas/list")
+    assert proxy.answered_before[replicas] <= times, list(zip(asked, proxy.answered_before, strict=True))
+
+
 def test_xattrs(lake: LakeStatus, lake_mount: Mount, rucio_client: Any) -> None:
     did = DID.parse(lake.seed.sized_files[1 << 20])
     path = path_of(lake_mount, lake.seed.sized_files[1 << 20], lake.seed.sized_dataset)
