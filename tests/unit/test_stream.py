@@ -32,7 +32,7 @@ from datalakefs.model import DID, FileReplicas, Replica
 from datalakefs.staging.stream import INLINE_TRANSFER_MAX, PIECE_ALIGN, StreamReader, StreamService
 from datalakefs.staging.stream.fetch import BEHIND_BLOCKS, WINDOW_SHARES_MAX
 from datalakefs.transport.http import RangeSink
-from tests.faults.harness import BS, info_of, open_reader, payload, ranges, read_all, running
+from tests.faults.harness import BS, info_of, open_reader, payload, ranges, read_all, running, transfers_ended
 from tests.faults.origin import FaultyOrigin
 
 DATA = payload(40 * BS + 777, seed=1)
@@ -85,7 +85,8 @@ async def test_a_read_continues_a_stream_only_if_it_starts_exactly_where_the_las
             assert service.cached_bytes(INFO) == 0
             assert ranges(origin.gets()) == [(start, start + 4096), (start + 8192, start + 12288)]  # one GET each
             assert await reader.read(start + 12288, 4096) == DATA[start + 12288 : start + 16384]  # continues
-            assert service.cached_bytes(INFO) > 0  # a stream: its window fetches whole blocks
+            whole = [span for span in ranges(origin.gets()) if span[1] - span[0] >= BS]
+            assert whole and whole[0][0] == start  # a stream: its window fetches whole blocks
             assert service.statistics().piece_requests == 2
     assert origin.violations == []
 
@@ -124,6 +125,7 @@ async def test_without_piece_reads_small_random_reads_fetch_verified_blocks(tmp_
             reader = open_reader(service, INFO, origin.url("big"))
             assert await reader.read(30 * BS + 5, 4096) == DATA[30 * BS + 5 : 30 * BS + 5 + 4096]
             assert service.statistics().piece_requests == 0
+            await transfers_ended(service.statistics)
             assert service.cached_bytes(INFO) == BS
     assert ranges(origin.gets()) == [(30 * BS, 31 * BS)]
 
@@ -241,6 +243,7 @@ async def test_a_random_reader_that_turns_sequential_caches_whole_blocks(tmp_pat
             for _ in range(8):  # then sequential
                 offset += 4096
                 assert await reader.read(offset, 4096) == DATA[offset : offset + 4096]
+            await transfers_ended(service.statistics)
             assert service.cached_bytes(INFO) >= BS
             assert service.statistics().piece_requests == 1
 
@@ -365,9 +368,7 @@ async def test_parallel_readers_share_one_window_so_their_blocks_fit_in_memory(
                 for k, reader in enumerate(readers):
                     offset = k * part + step * chunk
                     assert await reader.read(offset, chunk) == data[offset : offset + chunk]
-                with trio.fail_after(20):  # what the windows asked for has landed: all of it is ahead
-                    while service.statistics().transfers_in_flight:  # noqa: ASYNC110
-                        await trio.sleep(0.01)  # no event to wait on: the transfers' tasks end
+                await transfers_ended(service.statistics)  # what the windows asked for is all ahead
                 if step == 2 * BS // chunk:  # each reader is two blocks in: all four stream
                     streaming = len(origin.requests)
             stats = service.statistics()
@@ -722,6 +723,7 @@ async def test_stream_content_is_the_filesystems_file_content(tmp_path: Path) ->
             assert catalogue.calls == 0  # opening costs nothing
             assert opened.keep_cache
             assert await opened.read(0, 100) == DATA[:100]  # the start of a stream: its window is cached
+            await transfers_ended(content.statistics)
             assert content.cached_bytes(INFO) > 0
             assert content.state(INFO).startswith("stream: ")
             assert await read_all(opened, chunk=BS) == DATA
