@@ -399,6 +399,85 @@ async def test_a_read_inside_a_block_in_memory_is_a_view_of_its_buffer_not_a_cop
     assert all(views)
 
 
+class _HeldDisk:
+    """The cache's O_DIRECT writes, held: those of blocks before ``first_held`` until ``early`` is set,
+    those from it on until ``late`` is set (``reached_late``: one of them waits)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, first_held: int) -> None:
+        self.early, self.late, self.reached_late = threading.Event(), threading.Event(), threading.Event()
+        direct_fds: set[int] = set()
+        real_open, real_pwrite = os.open, os.pwrite
+
+        def spy_open(path: str, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+            fd = real_open(path, flags, mode, **kwargs)
+            if flags & os.O_DIRECT:
+                direct_fds.add(fd)
+            return fd
+
+        def held_pwrite(fd: int, data: memoryview, offset: int) -> int:
+            if fd in direct_fds and offset < first_held * BS:
+                assert self.early.wait(20)
+            elif fd in direct_fds:
+                self.reached_late.set()
+                assert self.late.wait(20)
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "open", spy_open)
+        monkeypatch.setattr(os, "pwrite", held_pwrite)
+
+    def release(self) -> None:
+        self.early.set()
+        self.late.set()
+
+
+async def test_a_reader_gets_its_block_before_the_disk_wrote_it_and_the_cache_journals_it_only_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk is off the readers' path: with the cache's disk writes held, a reader still gets the
+    blocks as they arrive, while the cache holds none of them (no journal record, nothing readable
+    from its data file). They are journaled once their writes ended. The whole-file check still
+    comes with the read of the file's last bytes: that read waits for the file's last writes."""
+    monkeypatch.setattr(store_module, "filesystem_type", lambda path: "ext4")  # blocks go O_DIRECT
+    key = FileKey.of(INFO)
+    last_full = len(DATA) // BS - 1  # the last whole block: its write is held until the end
+    disk = _HeldDisk(monkeypatch, first_held=last_full)
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path) as service:
+            try:
+                reader = open_reader(service, INFO, origin.url("big"))
+                for offset in range(0, 3 * BS, BS // 2):
+                    assert await reader.read(offset, BS // 2) == DATA[offset : offset + BS // 2]
+                for index in range(3):
+                    assert not service.cache.has_block(key, index)
+                    assert service.cache.read(key, index, 0, 10) is None
+                assert not os.path.exists(service.cache.index_path(key))  # no journal yet
+                disk.early.set()
+                await transfers_ended(service.statistics)
+                assert all(service.cache.has_block(key, index) for index in range(3))
+                got = bytearray(DATA[: 3 * BS])
+
+                async def read_the_rest() -> None:
+                    got.extend(await reader.read(len(got), len(DATA)))
+                    while len(got) < len(DATA):
+                        got.extend(await reader.read(len(got), 128 << 10))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read_the_rest)
+                    with trio.fail_after(20):
+                        while service.statistics().bytes_fetched < len(DATA):  # noqa: ASYNC110
+                            await trio.sleep(0.01)  # the bytes arrive on the transport's thread
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert disk.reached_late.is_set()
+                    assert len(got) < len(DATA)  # the last read waits for the last writes ...
+                    assert service.statistics().verified_files == 0
+                    disk.late.set()
+                assert bytes(got) == DATA
+                assert service.statistics().verified_files == 1  # ... to check the whole file first
+                assert service.cache.is_verified(key)
+            finally:
+                disk.release()
+
+
 class _GatedTransport:
     """Serves ``DATA`` once ``gate`` is set."""
 
