@@ -21,7 +21,8 @@ buffer): a buffered write costs a copy into freshly allocated page-cache pages (
 per GiB measured on the development VM, against 0.06 s direct), and the kernel keeps the bytes the
 reader gets through FUSE in the mount's own page cache anyway, so the cache file's pages would be a
 second copy. The direct writes are made by one disk thread, so that the transport's thread receives
-the next block meanwhile; ``close`` waits for them. The disk is kept off the readers' path: as soon as
+the next block meanwhile (the blocks of a writer that queued while the disk was busy go in one
+``pwritev``); ``close`` waits for them. The disk is kept off the readers' path: as soon as
 such a block is complete and checksummed, ``on_arrival`` gets it (an :class:`ArrivedBlock`: the
 buffer it was received into, shared with the disk write, with no copy), so its readers need not wait
 for the device; ``on_block`` follows once its write ended, and only then may the block be committed
@@ -44,7 +45,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
-import functools
 import logging
 import mmap
 import os
@@ -65,6 +65,7 @@ from datalakefs.cache.layout import (
     make_private_dirs,
     punch_hole,
     pwrite_all,
+    pwritev_all,
 )
 
 log = logging.getLogger(__name__)
@@ -286,6 +287,8 @@ class BlockWriter:
         self._buffer: mmap.mmap | None = None  # the block being filled, page-aligned for O_DIRECT
         self._direct_error = 0  # set by the disk thread when a direct write failed: stop writing direct
         self._in_flight = threading.Semaphore(_DIRECT_IN_FLIGHT)
+        self._queued: list[tuple[BlockRecord, ResidentBytes]] = []  # for the disk thread, in order
+        self._queued_lock = threading.Lock()
         #: done once ``close`` gave everything back, every finished block handed to ``on_block``
         #: (:class:`~datalakefs.transport.http.DrainingSink`, matched structurally)
         self.drained: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -467,13 +470,47 @@ class BlockWriter:
                 if self._on_arrival is not None:
                     self._on_arrival(ArrivedBlock(block.index, written.share()))
                 self._in_flight.acquire()
-                _disk.submit(functools.partial(self._write_direct, record, written))
+                with self._queued_lock:
+                    self._queued.append((record, written))
+                    first = len(self._queued) == 1
+                if first:  # else the job queued for the blocks before takes it with them
+                    _disk.submit(self._write_queued)
                 return
             self._write_without_direct(block)  # the disk thread found direct writes refused or failing
         if block.mem is not None:
             self._on_block(LandedBlock(record, data=bytes(block.mem), errno=self._local_error))
         elif not block.lost:
             self._on_block(LandedBlock(record, inode=self._inode, since=self._since))
+
+    def _write_queued(self) -> None:
+        """On the disk thread: the blocks queued since the last such job. Several whole blocks go in
+        one ``pwritev`` (one larger I/O, and one wait for the GIL between writes instead of one per
+        block); a file's unaligned last block, or a batch the disk refused, block by block."""
+        with self._queued_lock:
+            batch, self._queued = self._queued, []
+        whole = 0
+        while whole < len(batch) and batch[whole][0].length % _DIRECT_ALIGN == 0:
+            whole += 1
+        if whole > 1 and not self._direct_error and self._write_together(batch[:whole]):
+            for record, written in batch[:whole]:
+                written.release()
+                self._hand_over(LandedBlock(record, inode=self._inode, since=self._since))
+            batch = batch[whole:]
+        for record, written in batch:
+            self._write_direct(record, written)
+
+    def _write_together(self, batch: list[tuple[BlockRecord, ResidentBytes]]) -> bool:
+        """Write consecutive whole blocks with one O_DIRECT ``pwritev``; False if it failed (each block
+        is then written on its own, which tells a refusal from a local error)."""
+        views = [written[0 : record.length] for record, written in batch]
+        try:
+            pwritev_all(self._direct_fd, views, batch[0][0].index * self._block_size)
+        except OSError:
+            return False
+        finally:
+            for view in views:
+                view.release()
+        return True
 
     def _write_direct(self, record: BlockRecord, written: ResidentBytes) -> None:
         """On the disk thread: the block's whole pages past the page cache, an unaligned tail (the
@@ -502,6 +539,9 @@ class BlockWriter:
         finally:
             view.release()
             written.release()
+        self._hand_over(landed)
+
+    def _hand_over(self, landed: LandedBlock) -> None:
         self._in_flight.release()
         self._on_block(landed)
 

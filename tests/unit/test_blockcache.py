@@ -495,6 +495,7 @@ def test_disk_failure_hands_blocks_over_in_memory(tmp_path: Path, monkeypatch: p
     if not direct:
         monkeypatch.setattr(writer_module, "DIRECT_MIN", 1 << 62)
     monkeypatch.setattr(os, "pwrite", failing_pwrite)
+    monkeypatch.setattr(os, "pwritev", _vectored(failing_pwrite))
     landed = put(cache, key, DATA, 0, 4)
     monkeypatch.undo()
     assert [b.index for b in landed] == [0, 1, 2, 3]
@@ -504,6 +505,20 @@ def test_disk_failure_hands_blocks_over_in_memory(tmp_path: Path, monkeypatch: p
         assert block.data == DATA[block.index * BS : (block.index + 1) * BS]
     assert allocated(cache.data_path(key)) <= (4 - len(in_memory)) * BS + PAGE_SIZE
     cache.close()
+
+
+def _vectored(pwrite: Callable[[int, bytes, int], int]) -> Callable[[int, list[memoryview], int], int]:
+    """A ``pwritev`` made of the ``pwrite`` of each buffer (a fault injected into one hits both)."""
+    def pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        total = 0
+        for buffer in buffers:
+            written = pwrite(fd, buffer, offset + total)  # type: ignore[arg-type]
+            total += written
+            if written < len(buffer):
+                break
+        return total
+
+    return pwritev
 
 
 @pytest.fixture
@@ -518,7 +533,7 @@ class _OpenSpy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse_direct: bool = False) -> None:
         self.direct_fds: set[int] = set()
         self.direct_writes: list[tuple[int, int]] = []  # (offset, length) of each O_DIRECT write
-        real_open, real_pwrite = os.open, os.pwrite
+        real_open, real_pwrite, real_pwritev = os.open, os.pwrite, os.pwritev
 
         def spy_open(path: str, flags: int, mode: int = 0o777, **kwargs: object) -> int:
             if flags & os.O_DIRECT and refuse_direct:
@@ -533,8 +548,25 @@ class _OpenSpy:
                 self.direct_writes.append((offset, len(data)))
             return real_pwrite(fd, data, offset)
 
+        def spy_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+            if fd in self.direct_fds:
+                self.direct_writes.append((offset, sum(map(len, buffers))))
+            return real_pwritev(fd, buffers, offset)
+
         monkeypatch.setattr(os, "open", spy_open)
         monkeypatch.setattr(os, "pwrite", spy_pwrite)
+        monkeypatch.setattr(os, "pwritev", spy_pwritev)
+
+    def direct_spans(self) -> list[tuple[int, int]]:
+        """The (start, end) of the stretches the O_DIRECT writes covered, in the order written."""
+        spans: list[tuple[int, int]] = []
+        for offset, length in self.direct_writes:
+            assert offset % 4096 == 0 and length % 4096 == 0
+            if spans and spans[-1][1] == offset:
+                spans[-1] = (spans[-1][0], offset + length)
+            else:
+                spans.append((offset, offset + length))
+        return spans
 
 
 def _spied_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[BlockCache, FileKey, _OpenSpy]:
@@ -552,8 +584,8 @@ def test_a_long_transfer_writes_whole_pages_past_the_page_cache_and_hands_its_bl
     assert [bytes(b.resident[:]) for b in arrived] == [DATA[i * BS : (i + 1) * BS] for i in range(6)]
     assert [b.index for b in arrived] == [b.index for b in landed] == list(range(6))
     assert all(b.data is None for b in landed)
-    # every whole page went O_DIRECT, aligned; only the last block's unaligned tail did not
-    assert spy.direct_writes == [(i * BS, BS) for i in range(5)] + [(5 * BS, 4321 // 4096 * 4096)]
+    # every whole page went O_DIRECT, aligned, in order; only the last block's unaligned tail did not
+    assert spy.direct_spans() == [(0, 5 * BS + 4321 // 4096 * 4096)]
     with open(cache.data_path(key), "rb") as data_file:
         assert data_file.read() == DATA  # exactly the file: the tail written buffered, nothing padded
     for block in arrived:
@@ -570,14 +602,20 @@ def test_the_next_block_is_received_while_the_disk_writes_the_last(
 ) -> None:
     cache, key, spy = _spied_cache(tmp_path, monkeypatch)
     disk_may_go = threading.Event()
-    spied = os.pwrite
+    spied, spied_v = os.pwrite, os.pwritev
 
     def slow_disk(fd: int, data: bytes, offset: int) -> int:
         if fd in spy.direct_fds:
             assert disk_may_go.wait(10)
         return spied(fd, data, offset)
 
+    def slow_disk_v(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if fd in spy.direct_fds:
+            assert disk_may_go.wait(10)
+        return spied_v(fd, buffers, offset)
+
     monkeypatch.setattr(os, "pwrite", slow_disk)
+    monkeypatch.setattr(os, "pwritev", slow_disk_v)
     landed: list[LandedBlock] = []
     arrived: list[ArrivedBlock] = []
     writer = cache.writer(key, 0, 3, landed.append, arrived.append)
@@ -591,6 +629,8 @@ def test_the_next_block_is_received_while_the_disk_writes_the_last(
     writer.drained.result(timeout=10)  # ... which hands every block over stored, then says it is done
     monkeypatch.undo()
     assert [b.index for b in landed] == [0, 1, 2]
+    # the blocks that queued while the disk was busy went in one write
+    assert spy.direct_spans() == [(0, 3 * BS)] and len(spy.direct_writes) < 3
     for block in landed:
         assert cache.commit(key, block)
         assert cache.read(key, block.index, 0, BS) == DATA[block.index * BS : (block.index + 1) * BS]
@@ -632,6 +672,7 @@ def test_a_filesystem_refusing_direct_io_gets_buffered_writes(
             return spied(fd, data, offset)
 
         monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+        monkeypatch.setattr(os, "pwritev", _vectored(refusing_pwrite))
     landed = put(cache, key, DATA, 0, 6)
     monkeypatch.undo()
     assert [b.index for b in landed] == list(range(6))

@@ -401,12 +401,12 @@ async def test_a_read_inside_a_block_in_memory_is_a_view_of_its_buffer_not_a_cop
 
 class _HeldDisk:
     """The cache's O_DIRECT writes, held: those of blocks before ``first_held`` until ``early`` is set,
-    those from it on until ``late`` is set (``reached_late``: one of them waits)."""
+    those that reach it until ``late`` is set (``reached_late``: one of them waits)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, first_held: int) -> None:
         self.early, self.late, self.reached_late = threading.Event(), threading.Event(), threading.Event()
         direct_fds: set[int] = set()
-        real_open, real_pwrite = os.open, os.pwrite
+        real_open, real_pwrite, real_pwritev = os.open, os.pwrite, os.pwritev
 
         def spy_open(path: str, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
             fd = real_open(path, flags, mode, **kwargs)
@@ -414,16 +414,24 @@ class _HeldDisk:
                 direct_fds.add(fd)
             return fd
 
-        def held_pwrite(fd: int, data: memoryview, offset: int) -> int:
-            if fd in direct_fds and offset < first_held * BS:
+        def hold(fd: int, offset: int, length: int) -> None:
+            if fd in direct_fds and offset + length <= first_held * BS:
                 assert self.early.wait(20)
             elif fd in direct_fds:
                 self.reached_late.set()
                 assert self.late.wait(20)
+
+        def held_pwrite(fd: int, data: memoryview, offset: int) -> int:
+            hold(fd, offset, len(data))
             return real_pwrite(fd, data, offset)
+
+        def held_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+            hold(fd, offset, sum(map(len, buffers)))
+            return real_pwritev(fd, buffers, offset)
 
         monkeypatch.setattr(os, "open", spy_open)
         monkeypatch.setattr(os, "pwrite", held_pwrite)
+        monkeypatch.setattr(os, "pwritev", held_pwritev)
 
     def release(self) -> None:
         self.early.set()
@@ -686,12 +694,13 @@ async def test_a_file_with_a_wrong_catalogue_checksum_is_never_returned_whole(tm
 
 
 async def test_disk_errors_do_not_fail_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_space(fd: int, data: bytes, offset: int) -> int:
+    def no_space(fd: int, data: bytes | list[memoryview], offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with FaultyOrigin({"big": DATA}) as origin:
         async with running(tmp_path) as service:
             monkeypatch.setattr(os, "pwrite", no_space)
+            monkeypatch.setattr(os, "pwritev", no_space)
             reader = open_reader(service, INFO, origin.url("big"))
             assert await read_all(reader, chunk=BS) == DATA
             monkeypatch.undo()
