@@ -26,9 +26,13 @@ stream service's transfer slots).
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import functools
+import socket
 import ssl
+import termios
 from typing import cast
 
 from datalakefs.transport.http1 import (
@@ -48,6 +52,12 @@ from datalakefs.transport.http1 import (
 
 _RECEIVE = 256 << 10  # the connection's own receive buffer: for heads and for sinks that lend no memory
 _HEAD_READ = 16 << 10  # read at most this much while the head is incomplete: body bytes read with it are copied
+#: While a body arrives, the loop is woken for it only once this many bytes are there (or the rest of
+#: the body: ``SO_RCVLOWAT``, lowered for the body's last bytes and back to 1 after it), so that it
+#: takes them in fewer, larger reads: each read is a wake-up of the loop thread and two turns of the
+#: GIL (``get_buffer``, ``buffer_updated``). Bytes that wait below the mark when the stall timeout
+#: comes are progress, not a stall: the mark then drops to 1 for the rest of the body.
+BODY_LOW_WATER = 256 << 10
 
 _SCHEMES = ("http", "https")
 _Key = tuple[str, int, ssl.SSLContext | None]
@@ -80,6 +90,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._lender: BufferSink | None = None
         self._lent = False  # the last buffer handed to the loop was the sink's
         self._start = self._pos = self._end = 0
+        self._low_water = 1  # the socket's SO_RCVLOWAT
         self.lost = False
 
     # -- asyncio.BufferedProtocol (called by the loop) ----------------------------------------------
@@ -166,6 +177,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._sink = sink
             self._lender = sink if isinstance(sink, BufferSink) else None
             self._start, self._pos, self._end = start, start + len(leftover), start + length
+            self._set_low_water(min(BODY_LOW_WATER, self._end - self._pos))
         self._transport.resume_reading()
         if self._sink is not None:
             await self._wait()
@@ -174,6 +186,7 @@ class _Connection(asyncio.BufferedProtocol):
         """The exchange is over (however it ended): nothing it gave is touched any more."""
         self._sink = self._lender = self._waiter = None
         self._leftover = b""
+        self._set_low_water(1)  # the next head, or the server closing the idle connection, wakes the loop
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -200,6 +213,11 @@ class _Connection(asyncio.BufferedProtocol):
         if self._loop.time() < deadline:
             self._timer = self._loop.call_at(deadline, self._check_stall)
             return
+        if self._low_water > 1 and self._waiting_bytes():  # a slow body, under the low-water mark
+            self._set_low_water(1)
+            self._last_data = self._loop.time()
+            self._timer = self._loop.call_at(self._last_data + self._stall, self._check_stall)
+            return
         self._fail(RangeReadError(FailureKind.TIMEOUT, self._url, f"no data for {self._stall:g} s"))
 
     def _head_received(self, waiter: asyncio.Future[None], nbytes: int) -> None:
@@ -220,11 +238,33 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             sink.write(self._pos, self._receive[:nbytes])
         self._pos += nbytes
+        if 0 < self._end - self._pos < self._low_water:
+            self._set_low_water(self._end - self._pos)  # the body's last bytes must wake the loop too
         if self._pos == self._end:
             # Reading goes on: a server closing the idle connection is noticed (``lost``), and any byte
             # it sends now answers nothing, so it closes the connection (``buffer_updated``).
             self._sink = self._lender = None
             waiter.set_result(None)
+
+    def _waiting_bytes(self) -> int:
+        """Bytes received by the socket that the loop has not read."""
+        assert self._transport is not None
+        count = array.array("i", [0])
+        try:
+            fcntl.ioctl(self._transport.get_extra_info("socket").fileno(), termios.FIONREAD, count)
+        except (AttributeError, OSError):
+            return 0
+        return count[0]
+
+    def _set_low_water(self, low_water: int) -> None:
+        if low_water == self._low_water or self._transport is None or self._transport.is_closing():
+            return
+        sock = self._transport.get_extra_info("socket")
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low_water)
+        except (AttributeError, OSError):
+            return  # the loop is then woken for every piece, as without it
+        self._low_water = low_water
 
     def _fail(self, error: Exception) -> None:
         waiter = self._waiter
