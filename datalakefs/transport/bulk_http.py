@@ -14,7 +14,8 @@ decryption, writes the body where it is stored. A sink that lends no memory gets
 attempt: the caller adds the deadline, the renewal of refused credentials and the error mapping. The
 request, the head's parsing and checks and the reuse of keep-alive connections are those of
 :mod:`datalakefs.transport.http1`, as in the trio client of small ranges: only a closed range is sent,
-the reply must announce exactly the range's bytes, no byte for ``stall_timeout`` seconds is a timeout,
+the reply must announce exactly the range's bytes, no byte for ``stall_timeout`` seconds is a timeout
+(bytes the socket holds below its low-water mark, :data:`BODY_LOW_WATER`, count as bytes),
 a connection goes back to the pool only after a complete exchange, and a pooled connection the server
 closed meanwhile is replaced once. A redirect is answered :class:`Redirected` before any byte reached
 the sink: aiohttp, which follows redirects, takes the transfer then.
