@@ -53,8 +53,8 @@ from datalakefs.transport.http1 import (
 
 _RECEIVE = 256 << 10  # the connection's own receive buffer: for heads and for sinks that lend no memory
 _HEAD_READ = 16 << 10  # read at most this much while the head is incomplete: body bytes read with it are copied
-#: While a body arrives, the loop is woken for it only once this many bytes are there (or the rest of
-#: the body: ``SO_RCVLOWAT``, lowered for the body's last bytes and back to 1 after it), so that it
+#: While a body arrives over plain TCP, the loop is woken for it only once this many bytes are there
+#: (or the rest of the body: ``SO_RCVLOWAT``, lowered for the body's last bytes and back to 1 after it), so that it
 #: takes them in fewer, larger reads: each read is a wake-up of the loop thread and two turns of the
 #: GIL (``get_buffer``, ``buffer_updated``). Bytes that wait below the mark when the stall timeout
 #: comes are progress, not a stall: the mark then drops to 1 for the rest of the body.
@@ -74,9 +74,12 @@ class _Connection(asyncio.BufferedProtocol):
     Reading is paused only between a head and its body, so that no body byte is read before the
     exchange knows where it goes."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, stall: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stall: float, *, tls: bool = False) -> None:
         self._loop = loop
         self._stall = stall
+        # Over TLS the socket carries records, part of which the TLS layer may hold already: the bytes
+        # left of a body say nothing of the bytes still to come, so the low-water mark stays 1.
+        self._body_low_water = 1 if tls else BODY_LOW_WATER
         self._transport: asyncio.Transport | None = None
         self._receive = memoryview(bytearray(_RECEIVE))
         self._head = bytearray()
@@ -178,7 +181,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._sink = sink
             self._lender = sink if isinstance(sink, BufferSink) else None
             self._start, self._pos, self._end = start, start + len(leftover), start + length
-            self._set_low_water(min(BODY_LOW_WATER, self._end - self._pos))
+            self._set_low_water(min(self._body_low_water, self._end - self._pos))
         self._transport.resume_reading()
         if self._sink is not None:
             await self._wait()
@@ -332,7 +335,7 @@ class BulkRangeClient:
         try:
             async with asyncio.timeout(self._connect):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, self._stall), host, port, ssl=context,
+                    lambda: _Connection(loop, self._stall, tls=context is not None), host, port, ssl=context,
                     server_hostname=host if context is not None else None,
                 )
         except (OSError, TimeoutError) as exc:
