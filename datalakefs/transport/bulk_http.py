@@ -14,8 +14,7 @@ decryption, writes the body where it is stored. A sink that lends no memory gets
 attempt: the caller adds the deadline, the renewal of refused credentials and the error mapping. The
 request, the head's parsing and checks and the reuse of keep-alive connections are those of
 :mod:`datalakefs.transport.http1`, as in the trio client of small ranges: only a closed range is sent,
-the reply must announce exactly the range's bytes, no byte for ``stall_timeout`` seconds is a timeout
-(bytes the socket holds below its low-water mark, :data:`BODY_LOW_WATER`, count as bytes),
+the reply must announce exactly the range's bytes, no byte for ``stall_timeout`` seconds is a timeout,
 a connection goes back to the pool only after a complete exchange, and a pooled connection the server
 closed meanwhile is replaced once. A redirect is answered :class:`Redirected` before any byte reached
 the sink: aiohttp, which follows redirects, takes the transfer then.
@@ -27,13 +26,9 @@ stream service's transfer slots).
 
 from __future__ import annotations
 
-import array
 import asyncio
-import fcntl
 import functools
-import socket
 import ssl
-import termios
 from typing import cast
 
 from datalakefs.transport.http1 import (
@@ -53,12 +48,6 @@ from datalakefs.transport.http1 import (
 
 _RECEIVE = 256 << 10  # the connection's own receive buffer: for heads and for sinks that lend no memory
 _HEAD_READ = 16 << 10  # read at most this much while the head is incomplete: body bytes read with it are copied
-#: While a body arrives over plain TCP, the loop is woken for it only once this many bytes are there
-#: (or the rest of the body: ``SO_RCVLOWAT``, lowered for the body's last bytes and back to 1 after it), so that it
-#: takes them in fewer, larger reads: each read is a wake-up of the loop thread and two turns of the
-#: GIL (``get_buffer``, ``buffer_updated``). Bytes that wait below the mark when the stall timeout
-#: comes are progress, not a stall: the mark then drops to 1 for the rest of the body.
-BODY_LOW_WATER = 256 << 10
 
 _SCHEMES = ("http", "https")
 _Key = tuple[str, int, ssl.SSLContext | None]
@@ -74,12 +63,9 @@ class _Connection(asyncio.BufferedProtocol):
     Reading is paused only between a head and its body, so that no body byte is read before the
     exchange knows where it goes."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, stall: float, *, tls: bool = False) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stall: float) -> None:
         self._loop = loop
         self._stall = stall
-        # Over TLS the socket carries records, part of which the TLS layer may hold already: the bytes
-        # left of a body say nothing of the bytes still to come, so the low-water mark stays 1.
-        self._body_low_water = 1 if tls else BODY_LOW_WATER
         self._transport: asyncio.Transport | None = None
         self._receive = memoryview(bytearray(_RECEIVE))
         self._head = bytearray()
@@ -94,7 +80,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._lender: BufferSink | None = None
         self._lent = False  # the last buffer handed to the loop was the sink's
         self._start = self._pos = self._end = 0
-        self._low_water = 1  # the socket's SO_RCVLOWAT
         self.lost = False
 
     # -- asyncio.BufferedProtocol (called by the loop) ----------------------------------------------
@@ -181,7 +166,6 @@ class _Connection(asyncio.BufferedProtocol):
             self._sink = sink
             self._lender = sink if isinstance(sink, BufferSink) else None
             self._start, self._pos, self._end = start, start + len(leftover), start + length
-            self._set_low_water(min(self._body_low_water, self._end - self._pos))
         self._transport.resume_reading()
         if self._sink is not None:
             await self._wait()
@@ -190,7 +174,6 @@ class _Connection(asyncio.BufferedProtocol):
         """The exchange is over (however it ended): nothing it gave is touched any more."""
         self._sink = self._lender = self._waiter = None
         self._leftover = b""
-        self._set_low_water(1)  # the next head, or the server closing the idle connection, wakes the loop
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -217,11 +200,6 @@ class _Connection(asyncio.BufferedProtocol):
         if self._loop.time() < deadline:
             self._timer = self._loop.call_at(deadline, self._check_stall)
             return
-        if self._low_water > 1 and self._waiting_bytes():  # a slow body, under the low-water mark
-            self._set_low_water(1)
-            self._last_data = self._loop.time()
-            self._timer = self._loop.call_at(self._last_data + self._stall, self._check_stall)
-            return
         self._fail(RangeReadError(FailureKind.TIMEOUT, self._url, f"no data for {self._stall:g} s"))
 
     def _head_received(self, waiter: asyncio.Future[None], nbytes: int) -> None:
@@ -242,33 +220,11 @@ class _Connection(asyncio.BufferedProtocol):
         else:
             sink.write(self._pos, self._receive[:nbytes])
         self._pos += nbytes
-        if 0 < self._end - self._pos < self._low_water:
-            self._set_low_water(self._end - self._pos)  # the body's last bytes must wake the loop too
         if self._pos == self._end:
             # Reading goes on: a server closing the idle connection is noticed (``lost``), and any byte
             # it sends now answers nothing, so it closes the connection (``buffer_updated``).
             self._sink = self._lender = None
             waiter.set_result(None)
-
-    def _waiting_bytes(self) -> int:
-        """Bytes received by the socket that the loop has not read."""
-        assert self._transport is not None
-        count = array.array("i", [0])
-        try:
-            fcntl.ioctl(self._transport.get_extra_info("socket").fileno(), termios.FIONREAD, count)
-        except (AttributeError, OSError):
-            return 0
-        return count[0]
-
-    def _set_low_water(self, low_water: int) -> None:
-        if low_water == self._low_water or self._transport is None or self._transport.is_closing():
-            return
-        sock = self._transport.get_extra_info("socket")
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low_water)
-        except (AttributeError, OSError):
-            return  # the loop is then woken for every piece, as without it
-        self._low_water = low_water
 
     def _fail(self, error: Exception) -> None:
         waiter = self._waiter
@@ -335,7 +291,7 @@ class BulkRangeClient:
         try:
             async with asyncio.timeout(self._connect):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, self._stall, tls=context is not None), host, port, ssl=context,
+                    lambda: _Connection(loop, self._stall), host, port, ssl=context,
                     server_hostname=host if context is not None else None,
                 )
         except (OSError, TimeoutError) as exc:

@@ -11,7 +11,6 @@ import pytest
 import trio
 from aiohttp.streams import StreamReader
 
-from datalakefs.transport import bulk_http
 from datalakefs.transport.aio_bridge import AioBridge
 from datalakefs.transport.deadlines import Deadline
 from datalakefs.transport.http import FailureKind, HttpTransport, NoAuth, RangeReadError, redact_url
@@ -179,21 +178,6 @@ async def test_a_trickling_server_is_abandoned_at_the_deadline_and_the_next_tran
         after = Sink(0)
         await transport.fetch(good.url("f"), 0, 1024, len(DATA), after)
     assert bytes(after.data) == DATA[:1024]
-
-
-async def test_a_body_trickling_below_the_low_water_mark_is_progress_not_a_stall(bridge: AioBridge) -> None:
-    """The loop is woken for a body only once ``BODY_LOW_WATER`` bytes are there; a server sending a
-    byte every 50 ms never gets there, yet it is not stalled: the deadline stops it, as without the
-    mark, after the loop took in what came."""
-    transport = HttpTransport(bridge, stall_timeout=0.3, deadline=Deadline(base=1.0, min_rate=1 << 20))
-    length = 64 << 10
-    assert length < bulk_http.BODY_LOW_WATER
-    with origin(fault_rate=1.0, faults=["trickle"], trickle=0.05) as slow:
-        sink = Sink(0)
-        with pytest.raises(RangeReadError, match="minimum rate") as caught:
-            await transport.fetch(slow.url("f"), 0, length, len(DATA), sink)
-    assert caught.value.kind is FailureKind.TIMEOUT
-    assert 0 < len(sink.data) < length and bytes(sink.data) == DATA[: len(sink.data)]
 
 
 async def test_through_aiohttp_each_received_chunk_reaches_the_sink_without_being_joined_to_others(
