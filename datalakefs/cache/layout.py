@@ -210,6 +210,21 @@ def make_private_dirs(root: str, directory: str) -> None:
             os.mkdir(path, 0o700)
 
 
+def pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write ``views`` one after the other from ``offset`` (``pwritev``, again for what a short write
+    left)."""
+    views = list(views)
+    while views:
+        written = os.pwritev(fd, views, offset)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, "short write")
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if written:
+            views[0] = views[0][written:]
+
+
 def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     view = memoryview(data)
     while view:

@@ -85,7 +85,7 @@ from datalakefs.cache.layout import (
     verified_record,
     with_tail,
 )
-from datalakefs.cache.writer import BlockWriter, LandedBlock
+from datalakefs.cache.writer import ArrivedBlock, BlockWriter, LandedBlock
 from datalakefs.errors import ConfigError
 from datalakefs.model import ReadBuffer
 
@@ -486,16 +486,22 @@ class BlockCache:
     # ---- writing ------------------------------------------------------------------------------
 
     def writer(
-        self, key: FileKey, first: int, end: int, on_block: Callable[[LandedBlock], None]
+        self,
+        key: FileKey,
+        first: int,
+        end: int,
+        on_block: Callable[[LandedBlock], None],
+        on_arrival: Callable[[ArrivedBlock], None] | None = None,
     ) -> BlockWriter:
         """A writer for blocks ``[first, end)`` of ``key``, to be driven on the transport thread.
 
-        ``on_block`` is called on that thread for each finished block; the caller must hand stored
-        blocks (``data is None``) to :meth:`commit` on the trio thread. Committing a block that is
-        already cached replaces it.
+        ``on_block`` is called on that thread (or the disk thread) for each finished block; the caller
+        must hand stored blocks (``data is None``) to :meth:`commit` on the trio thread. Committing a
+        block that is already cached replaces it. ``on_arrival``: a block written past the page cache,
+        for its readers, before its write ended (:class:`~datalakefs.cache.writer.ArrivedBlock`).
         """
         return BlockWriter(self._root, self.data_path(key), key, self.block_size, first, end, on_block,
-                           direct=self._direct_writes, since=self._punches)
+                           on_arrival=on_arrival, direct=self._direct_writes, since=self._punches)
 
     def commit(self, key: FileKey, landed: LandedBlock) -> bool:
         """Journal a block the writer stored, making it readable; may evict other blocks.

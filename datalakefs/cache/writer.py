@@ -21,9 +21,14 @@ buffer): a buffered write costs a copy into freshly allocated page-cache pages (
 per GiB measured on the development VM, against 0.06 s direct), and the kernel keeps the bytes the
 reader gets through FUSE in the mount's own page cache anyway, so the cache file's pages would be a
 second copy. The direct writes are made by one disk thread, so that the transport's thread receives
-the next block meanwhile; ``close`` waits for them. Such a block is handed over in the buffer it was
-received into (``LandedBlock.resident``) for its first readers. The unaligned tail of a file's last
-block is written buffered; a filesystem that refuses ``O_DIRECT`` gets buffered writes.
+the next block meanwhile (the blocks of a writer that queued while the disk was busy go in one
+``pwritev``); ``close`` waits for them. The disk is kept off the readers' path: as soon as
+such a block is complete and checksummed, ``on_arrival`` gets it (an :class:`ArrivedBlock`: the
+buffer it was received into, shared with the disk write, with no copy), so its readers need not wait
+for the device; ``on_block`` follows once its write ended, and only then may the block be committed
+(a block not yet in the data file is never journaled). The buffer goes back to the pool when both
+the write and the readers' holder are done with it (:class:`ResidentBytes`). The unaligned tail of a
+file's last block is written buffered; a filesystem that refuses ``O_DIRECT`` gets buffered writes.
 
 No fsync: the cache is not a store of record. A crash may leave a journaled block whose data never
 reached the disk; its page checksums then fail and the block is dropped and fetched again.
@@ -40,7 +45,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
-import functools
 import logging
 import mmap
 import os
@@ -61,6 +65,7 @@ from datalakefs.cache.layout import (
     make_private_dirs,
     punch_hole,
     pwrite_all,
+    pwritev_all,
 )
 
 log = logging.getLogger(__name__)
@@ -111,33 +116,63 @@ class _Buffers:
 _buffers = _Buffers(keep=256)
 
 
-class ResidentBytes:
-    """A landed block's bytes, in the pooled buffer they were received into (no copy). A slice is a
-    ``memoryview`` of that buffer, not a copy: once ``release`` gave the buffer back to the pool, a
-    transport thread may receive another block into it, so a slice must be used (or copied) before
-    its holder could release the block. The holder (one trio thread) releases it once nobody will
-    slice again; the read path hands a slice to the FUSE reply with no ``await`` in between, so no
-    release can come between (see :data:`datalakefs.model.ReadBuffer`)."""
+class _SharedBuffer:
+    __slots__ = ("buffer", "holders")
 
-    __slots__ = ("_buffer", "length")
+    def __init__(self, buffer: mmap.mmap) -> None:
+        self.buffer = buffer
+        self.holders = 1
+
+
+_holders_lock = threading.Lock()  # a block's holders live on the disk thread and the trio thread
+
+
+class ResidentBytes:
+    """A block's bytes, in the pooled buffer they were received into (no copy). A slice is a
+    ``memoryview`` of that buffer, not a copy: once the buffer went back to the pool, a transport
+    thread may receive another block into it, so a slice must be used (or copied) before its holder
+    could release the block. The buffer may have several holders at once (the disk thread writing it,
+    the trio thread serving it to readers), each with its own ``ResidentBytes`` (:meth:`share`) that it
+    releases exactly once; the buffer goes back to the pool with the last. A holder (one thread)
+    releases its share once it will not slice again; the read path hands a slice to the FUSE reply
+    with no ``await`` in between, so no release can come between (see :data:`datalakefs.model.ReadBuffer`)."""
+
+    __slots__ = ("_shared", "length")
 
     def __init__(self, buffer: mmap.mmap, length: int) -> None:
-        self._buffer: mmap.mmap | None = buffer
+        self._shared: _SharedBuffer | None = _SharedBuffer(buffer)
         self.length = length
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, span: slice) -> memoryview:
-        if self._buffer is None:
+        shared = self._shared
+        if shared is None:
             raise ValueError("the block's buffer was released")
         start, stop, _ = span.indices(self.length)
-        return memoryview(self._buffer)[start:stop]
+        return memoryview(shared.buffer)[start:stop]
+
+    def share(self) -> ResidentBytes:
+        """Another holder's share of the same bytes."""
+        shared = self._shared
+        if shared is None:
+            raise ValueError("the block's buffer was released")
+        with _holders_lock:
+            shared.holders += 1
+        other = ResidentBytes.__new__(ResidentBytes)
+        other._shared, other.length = shared, self.length
+        return other
 
     def release(self) -> None:
-        buffer, self._buffer = self._buffer, None
-        if buffer is not None:
-            _buffers.give(buffer)
+        shared, self._shared = self._shared, None
+        if shared is None:
+            return
+        with _holders_lock:
+            shared.holders -= 1
+            last = shared.holders == 0
+        if last:
+            _buffers.give(shared.buffer)
 
 
 class _DiskThread:
@@ -170,17 +205,25 @@ _DIRECT_IN_FLIGHT = 4  # blocks of one writer handed to the disk thread and not 
 
 
 @dataclass(frozen=True, slots=True)
-class LandedBlock:
-    """A block that arrived: in the data file ``inode``, or (``data`` set) kept in memory only.
+class ArrivedBlock:
+    """A block written past the page cache, as soon as it arrived and was checksummed, before its write
+    ended: its bytes (``resident``, whose holder must ``release`` it) for the readers waiting for it.
+    It is not in the data file yet: only the :class:`LandedBlock` that follows says whether it got
+    there (and only then may it be committed)."""
 
-    ``resident``: the bytes of a block stored in the data file past the page cache, for the readers
-    waiting for it (reading it back would cost a disk read); its holder must ``release`` it."""
+    index: int
+    resident: ResidentBytes
+
+
+@dataclass(frozen=True, slots=True)
+class LandedBlock:
+    """A block that arrived and was stored: in the data file ``inode``, or (``data`` set) kept in
+    memory only."""
 
     record: BlockRecord
     inode: int = 0
     data: bytes | None = None
     errno: int = 0  # the local error that kept it out of the cache, when ``data`` is set
-    resident: ResidentBytes | None = None
     since: int = 0  # the cache's punch count when the transfer began (BlockCache.commit checks it)
 
     @property
@@ -221,10 +264,12 @@ class BlockWriter:
         end: int,
         on_block: Callable[[LandedBlock], None],
         *,
+        on_arrival: Callable[[ArrivedBlock], None] | None = None,
         direct: bool = False,
         since: int = 0,
     ) -> None:
         self._root = root
+        self._on_arrival = on_arrival
         self._direct = direct  # may write past the page cache (the cache is on a local disk)
         self._since = since
         self._data_path = data_path
@@ -242,6 +287,8 @@ class BlockWriter:
         self._buffer: mmap.mmap | None = None  # the block being filled, page-aligned for O_DIRECT
         self._direct_error = 0  # set by the disk thread when a direct write failed: stop writing direct
         self._in_flight = threading.Semaphore(_DIRECT_IN_FLIGHT)
+        self._queued: list[tuple[BlockRecord, ResidentBytes]] = []  # for the disk thread, in order
+        self._queued_lock = threading.Lock()
         #: done once ``close`` gave everything back, every finished block handed to ``on_block``
         #: (:class:`~datalakefs.transport.http.DrainingSink`, matched structurally)
         self.drained: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -418,9 +465,16 @@ class BlockWriter:
         record = BlockRecord(block.index, block.length, block.adler, block.crcs.tobytes())
         if block.mem is None and self._buffer is not None:
             if not self._direct_error:
-                buffer, self._buffer = self._buffer, _buffers.take(self._block_size)
+                written = ResidentBytes(self._buffer, block.length)
+                self._buffer = _buffers.take(self._block_size)
+                if self._on_arrival is not None:
+                    self._on_arrival(ArrivedBlock(block.index, written.share()))
                 self._in_flight.acquire()
-                _disk.submit(functools.partial(self._write_direct, block, record, buffer))
+                with self._queued_lock:
+                    self._queued.append((record, written))
+                    first = len(self._queued) == 1
+                if first:  # else the job queued for the blocks before takes it with them
+                    _disk.submit(self._write_queued)
                 return
             self._write_without_direct(block)  # the disk thread found direct writes refused or failing
         if block.mem is not None:
@@ -428,35 +482,66 @@ class BlockWriter:
         elif not block.lost:
             self._on_block(LandedBlock(record, inode=self._inode, since=self._since))
 
-    def _write_direct(self, block: _OpenBlock, record: BlockRecord, buffer: mmap.mmap) -> None:
+    def _write_queued(self) -> None:
+        """On the disk thread: the blocks queued since the last such job. Several whole blocks go in
+        one ``pwritev`` (one larger I/O, and one wait for the GIL between writes instead of one per
+        block); a file's unaligned last block, or a batch the disk refused, block by block."""
+        with self._queued_lock:
+            batch, self._queued = self._queued, []
+        whole = 0
+        while whole < len(batch) and batch[whole][0].length % _DIRECT_ALIGN == 0:
+            whole += 1
+        if whole > 1 and not self._direct_error and self._write_together(batch[:whole]):
+            for record, written in batch[:whole]:
+                written.release()
+                self._hand_over(LandedBlock(record, inode=self._inode, since=self._since))
+            batch = batch[whole:]
+        for record, written in batch:
+            self._write_direct(record, written)
+
+    def _write_together(self, batch: list[tuple[BlockRecord, ResidentBytes]]) -> bool:
+        """Write consecutive whole blocks with one O_DIRECT ``pwritev``; False if it failed (each block
+        is then written on its own, which tells a refusal from a local error)."""
+        views = [written[0 : record.length] for record, written in batch]
+        try:
+            pwritev_all(self._direct_fd, views, batch[0][0].index * self._block_size)
+        except OSError:
+            return False
+        finally:
+            for view in views:
+                view.release()
+        return True
+
+    def _write_direct(self, record: BlockRecord, written: ResidentBytes) -> None:
         """On the disk thread: the block's whole pages past the page cache, an unaligned tail (the
         file's end) buffered, then ``on_block``. A refusal (EINVAL) writes it buffered; a local error
         hands it over in memory; either stops the writer's direct writes."""
-        view = memoryview(buffer)[: block.length]
-        aligned = block.length // _DIRECT_ALIGN * _DIRECT_ALIGN
-        direct = True
+        offset, length = record.index * self._block_size, record.length
+        view = written[0:length]
+        aligned = length // _DIRECT_ALIGN * _DIRECT_ALIGN
         try:
             try:
-                pwrite_all(self._direct_fd, view[:aligned], block.offset)
+                pwrite_all(self._direct_fd, view[:aligned], offset)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                direct, self._direct_error = False, errno.EINVAL
-                pwrite_all(self._fd, view[:aligned], block.offset)
-            if aligned < block.length:
-                pwrite_all(self._fd, view[aligned:], block.offset + aligned)
+                self._direct_error = errno.EINVAL
+                pwrite_all(self._fd, view[:aligned], offset)
+            if aligned < length:
+                pwrite_all(self._fd, view[aligned:], offset + aligned)
         except OSError as exc:
             self._direct_error = self._local_error = exc.errno or -1
             landed = LandedBlock(record, data=bytes(view), errno=self._local_error)
             with contextlib.suppress(OSError):
-                punch_hole(self._fd, block.offset, block.length)
+                punch_hole(self._fd, offset, length)
         else:
-            resident = ResidentBytes(buffer, block.length) if direct else None
-            landed = LandedBlock(record, inode=self._inode, resident=resident, since=self._since)
+            landed = LandedBlock(record, inode=self._inode, since=self._since)
         finally:
             view.release()
-        if landed.resident is None:
-            _buffers.give(buffer)
+            written.release()
+        self._hand_over(landed)
+
+    def _hand_over(self, landed: LandedBlock) -> None:
         self._in_flight.release()
         self._on_block(landed)
 

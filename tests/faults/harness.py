@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import trio
 from datalakefs.cache.store import BlockCache
 from datalakefs.config import Config
 from datalakefs.model import DID, DIDInfo, DIDType, FileReplicas, Replica
-from datalakefs.staging.stream import StreamReader, StreamService, known_replicas
+from datalakefs.staging.stream import StreamReader, StreamService, StreamStatistics, known_replicas
 from datalakefs.transport.aio_bridge import AioBridge
 from datalakefs.transport.http import HttpTransport
 from datalakefs.transport.trio_http import TrioRangeClient
@@ -62,6 +62,14 @@ async def running(
         finally:
             await pieces.aclose()
             cache.close()
+
+
+async def transfers_ended(statistics: Callable[[], StreamStatistics]) -> None:
+    """Until no transfer runs: every block they fetched is then committed to the cache (a block
+    written past the page cache reaches its readers before its write ends, and the cache after)."""
+    with trio.fail_after(20):
+        while statistics().transfers_in_flight:  # noqa: ASYNC110
+            await trio.sleep(0.01)  # no event to wait on: the transfers' tasks end
 
 
 async def read_all(reader: StreamReader, chunk: int = 128 << 10) -> bytes:

@@ -35,7 +35,7 @@ from datalakefs.cache.layout import (
     read_records,
 )
 from datalakefs.cache.store import BlockCache, VerifyResult
-from datalakefs.cache.writer import LandedBlock
+from datalakefs.cache.writer import ArrivedBlock, LandedBlock
 from datalakefs.errors import ConfigError
 from datalakefs.model import DID
 
@@ -54,11 +54,13 @@ def new_cache(root: Path, capacity: int = 1 << 30) -> BlockCache:
     return cache
 
 
-def write(cache: BlockCache, key: FileKey, data: bytes, first: int, end: int, seed: int = 0) -> list[LandedBlock]:
-    """Write blocks ``[first, end)`` through a writer in random-sized chunks (not committed)."""
+def write(cache: BlockCache, key: FileKey, data: bytes, first: int, end: int, seed: int = 0,
+          arrived: list[ArrivedBlock] | None = None) -> list[LandedBlock]:
+    """Write blocks ``[first, end)`` through a writer in random-sized chunks (not committed); blocks
+    handed over at their arrival go to ``arrived``."""
     rng = random.Random(seed)
     landed: list[LandedBlock] = []
-    writer = cache.writer(key, first, end, landed.append)
+    writer = cache.writer(key, first, end, landed.append, None if arrived is None else arrived.append)
     pos, stop = first * BS, min(len(data), end * BS)
     while pos < stop:
         n = min(rng.randrange(1, 300_000), stop - pos)
@@ -69,8 +71,9 @@ def write(cache: BlockCache, key: FileKey, data: bytes, first: int, end: int, se
     return landed
 
 
-def put(cache: BlockCache, key: FileKey, data: bytes, first: int, end: int, seed: int = 0) -> list[LandedBlock]:
-    landed = write(cache, key, data, first, end, seed)
+def put(cache: BlockCache, key: FileKey, data: bytes, first: int, end: int, seed: int = 0,
+        arrived: list[ArrivedBlock] | None = None) -> list[LandedBlock]:
+    landed = write(cache, key, data, first, end, seed, arrived)
     for block in landed:
         if block.data is None:
             assert cache.commit(key, block)
@@ -492,16 +495,30 @@ def test_disk_failure_hands_blocks_over_in_memory(tmp_path: Path, monkeypatch: p
     if not direct:
         monkeypatch.setattr(writer_module, "DIRECT_MIN", 1 << 62)
     monkeypatch.setattr(os, "pwrite", failing_pwrite)
+    monkeypatch.setattr(os, "pwritev", _vectored(failing_pwrite))
     landed = put(cache, key, DATA, 0, 4)
     monkeypatch.undo()
     assert [b.index for b in landed] == [0, 1, 2, 3]
     in_memory = [b for b in landed if b.data is not None]
     assert in_memory and all(b.errno == errno.ENOSPC for b in in_memory)
-    assert all(b.resident is None for b in in_memory)
     for block in in_memory:
         assert block.data == DATA[block.index * BS : (block.index + 1) * BS]
     assert allocated(cache.data_path(key)) <= (4 - len(in_memory)) * BS + PAGE_SIZE
     cache.close()
+
+
+def _vectored(pwrite: Callable[[int, bytes, int], int]) -> Callable[[int, list[memoryview], int], int]:
+    """A ``pwritev`` made of the ``pwrite`` of each buffer (a fault injected into one hits both)."""
+    def pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        total = 0
+        for buffer in buffers:
+            written = pwrite(fd, buffer, offset + total)  # type: ignore[arg-type]
+            total += written
+            if written < len(buffer):
+                break
+        return total
+
+    return pwritev
 
 
 @pytest.fixture
@@ -516,7 +533,7 @@ class _OpenSpy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, refuse_direct: bool = False) -> None:
         self.direct_fds: set[int] = set()
         self.direct_writes: list[tuple[int, int]] = []  # (offset, length) of each O_DIRECT write
-        real_open, real_pwrite = os.open, os.pwrite
+        real_open, real_pwrite, real_pwritev = os.open, os.pwrite, os.pwritev
 
         def spy_open(path: str, flags: int, mode: int = 0o777, **kwargs: object) -> int:
             if flags & os.O_DIRECT and refuse_direct:
@@ -531,8 +548,25 @@ class _OpenSpy:
                 self.direct_writes.append((offset, len(data)))
             return real_pwrite(fd, data, offset)
 
+        def spy_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+            if fd in self.direct_fds:
+                self.direct_writes.append((offset, sum(map(len, buffers))))
+            return real_pwritev(fd, buffers, offset)
+
         monkeypatch.setattr(os, "open", spy_open)
         monkeypatch.setattr(os, "pwrite", spy_pwrite)
+        monkeypatch.setattr(os, "pwritev", spy_pwritev)
+
+    def direct_spans(self) -> list[tuple[int, int]]:
+        """The (start, end) of the stretches the O_DIRECT writes covered, in the order written."""
+        spans: list[tuple[int, int]] = []
+        for offset, length in self.direct_writes:
+            assert offset % 4096 == 0 and length % 4096 == 0
+            if spans and spans[-1][1] == offset:
+                spans[-1] = (spans[-1][0], offset + length)
+            else:
+                spans.append((offset, offset + length))
+        return spans
 
 
 def _spied_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[BlockCache, FileKey, _OpenSpy]:
@@ -544,18 +578,18 @@ def test_a_long_transfer_writes_whole_pages_past_the_page_cache_and_hands_its_bl
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache, key, spy = _spied_cache(tmp_path, monkeypatch)
-    landed = put(cache, key, DATA, 0, 6)
+    arrived: list[ArrivedBlock] = []
+    landed = put(cache, key, DATA, 0, 6, arrived=arrived)
     monkeypatch.undo()
-    held = [bytes(b.resident[:]) if b.resident else None for b in landed]
-    assert held == [DATA[i * BS : (i + 1) * BS] for i in range(6)]
+    assert [bytes(b.resident[:]) for b in arrived] == [DATA[i * BS : (i + 1) * BS] for i in range(6)]
+    assert [b.index for b in arrived] == [b.index for b in landed] == list(range(6))
     assert all(b.data is None for b in landed)
-    # every whole page went O_DIRECT, aligned; only the last block's unaligned tail did not
-    assert spy.direct_writes == [(i * BS, BS) for i in range(5)] + [(5 * BS, 4321 // 4096 * 4096)]
+    # every whole page went O_DIRECT, aligned, in order; only the last block's unaligned tail did not
+    assert spy.direct_spans() == [(0, 5 * BS + 4321 // 4096 * 4096)]
     with open(cache.data_path(key), "rb") as data_file:
         assert data_file.read() == DATA  # exactly the file: the tail written buffered, nothing padded
-    for block in landed:
-        assert block.resident is not None
-        assert cache.read(key, block.index, 0, block.length) == block.resident[:]
+    for block in arrived:
+        assert cache.read(key, block.index, 0, len(block.resident)) == block.resident[:]
         block.resident.release()
         with pytest.raises(ValueError, match="released"):
             block.resident[0:1]
@@ -568,27 +602,41 @@ def test_the_next_block_is_received_while_the_disk_writes_the_last(
 ) -> None:
     cache, key, spy = _spied_cache(tmp_path, monkeypatch)
     disk_may_go = threading.Event()
-    spied = os.pwrite
+    spied, spied_v = os.pwrite, os.pwritev
 
     def slow_disk(fd: int, data: bytes, offset: int) -> int:
         if fd in spy.direct_fds:
             assert disk_may_go.wait(10)
         return spied(fd, data, offset)
 
+    def slow_disk_v(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if fd in spy.direct_fds:
+            assert disk_may_go.wait(10)
+        return spied_v(fd, buffers, offset)
+
     monkeypatch.setattr(os, "pwrite", slow_disk)
+    monkeypatch.setattr(os, "pwritev", slow_disk_v)
     landed: list[LandedBlock] = []
-    writer = cache.writer(key, 0, 3, landed.append)
+    arrived: list[ArrivedBlock] = []
+    writer = cache.writer(key, 0, 3, landed.append, arrived.append)
     writer.write(0, DATA[: 3 * BS])  # three blocks finished while the disk has not written the first
+    # each was handed over for its readers as it arrived; none is stored yet, none may be committed
+    assert [(b.index, bytes(b.resident[:])) for b in arrived] == [(i, DATA[i * BS : (i + 1) * BS]) for i in range(3)]
     assert landed == []
     writer.close()  # returns at once: the transport's thread does not wait for the disk ...
     assert not writer.drained.done() and landed == []
     disk_may_go.set()
-    writer.drained.result(timeout=10)  # ... which hands every block over, then says it is done
+    writer.drained.result(timeout=10)  # ... which hands every block over stored, then says it is done
     monkeypatch.undo()
     assert [b.index for b in landed] == [0, 1, 2]
+    # the blocks that queued while the disk was busy went in one write
+    assert spy.direct_spans() == [(0, 3 * BS)] and len(spy.direct_writes) < 3
     for block in landed:
         assert cache.commit(key, block)
         assert cache.read(key, block.index, 0, BS) == DATA[block.index * BS : (block.index + 1) * BS]
+    for early in arrived:  # the readers' share outlives the write's: still their block's bytes
+        assert early.resident[:] == DATA[early.index * BS : (early.index + 1) * BS]
+        early.resident.release()
     cache.close()
 
 
@@ -598,9 +646,10 @@ def test_a_short_transfer_is_written_through_the_page_cache(tmp_path: Path, monk
     small = DATA[: writer_module.DIRECT_MIN - 1]
     key = key_of(small)
     spy = _OpenSpy(monkeypatch)
-    landed = put(cache, key, small, 0, 1)
+    arrived: list[ArrivedBlock] = []
+    landed = put(cache, key, small, 0, 1, arrived=arrived)
     monkeypatch.undo()
-    assert [(b.resident, b.data) for b in landed] == [(None, None)]
+    assert [b.data for b in landed] == [None] and arrived == []
     assert not spy.direct_fds
     assert cache.read(key, 0, 0, len(small)) == small
     cache.close()
@@ -623,10 +672,11 @@ def test_a_filesystem_refusing_direct_io_gets_buffered_writes(
             return spied(fd, data, offset)
 
         monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+        monkeypatch.setattr(os, "pwritev", _vectored(refusing_pwrite))
     landed = put(cache, key, DATA, 0, 6)
     monkeypatch.undo()
     assert [b.index for b in landed] == list(range(6))
-    assert all(b.data is None and b.resident is None for b in landed)  # stored, to be read from the file
+    assert all(b.data is None for b in landed)  # stored, to be read from the file
     for index in range(6):
         length = min(BS, len(DATA) - index * BS)
         assert cache.read(key, index, 0, length) == DATA[index * BS : index * BS + length]
@@ -639,10 +689,11 @@ def test_a_cache_not_on_a_local_disk_never_writes_past_the_page_cache(
 ) -> None:
     monkeypatch.setattr(store_module, "filesystem_type", lambda path: fs_type)
     cache, key, spy = _spied_cache(tmp_path, monkeypatch)
-    landed = put(cache, key, DATA, 0, 6)
+    arrived: list[ArrivedBlock] = []
+    landed = put(cache, key, DATA, 0, 6, arrived=arrived)
     monkeypatch.undo()
     assert not spy.direct_fds
-    assert all(b.resident is None and b.data is None for b in landed)
+    assert all(b.data is None for b in landed) and arrived == []
     cache.close()
 
 

@@ -32,7 +32,7 @@ from datalakefs.model import DID, FileReplicas, Replica
 from datalakefs.staging.stream import INLINE_TRANSFER_MAX, PIECE_ALIGN, StreamReader, StreamService
 from datalakefs.staging.stream.fetch import BEHIND_BLOCKS, WINDOW_SHARES_MAX
 from datalakefs.transport.http import RangeSink
-from tests.faults.harness import BS, info_of, open_reader, payload, ranges, read_all, running
+from tests.faults.harness import BS, info_of, open_reader, payload, ranges, read_all, running, transfers_ended
 from tests.faults.origin import FaultyOrigin
 
 DATA = payload(40 * BS + 777, seed=1)
@@ -85,7 +85,8 @@ async def test_a_read_continues_a_stream_only_if_it_starts_exactly_where_the_las
             assert service.cached_bytes(INFO) == 0
             assert ranges(origin.gets()) == [(start, start + 4096), (start + 8192, start + 12288)]  # one GET each
             assert await reader.read(start + 12288, 4096) == DATA[start + 12288 : start + 16384]  # continues
-            assert service.cached_bytes(INFO) > 0  # a stream: its window fetches whole blocks
+            whole = [span for span in ranges(origin.gets()) if span[1] - span[0] >= BS]
+            assert whole and whole[0][0] == start  # a stream: its window fetches whole blocks
             assert service.statistics().piece_requests == 2
     assert origin.violations == []
 
@@ -124,6 +125,7 @@ async def test_without_piece_reads_small_random_reads_fetch_verified_blocks(tmp_
             reader = open_reader(service, INFO, origin.url("big"))
             assert await reader.read(30 * BS + 5, 4096) == DATA[30 * BS + 5 : 30 * BS + 5 + 4096]
             assert service.statistics().piece_requests == 0
+            await transfers_ended(service.statistics)
             assert service.cached_bytes(INFO) == BS
     assert ranges(origin.gets()) == [(30 * BS, 31 * BS)]
 
@@ -241,6 +243,7 @@ async def test_a_random_reader_that_turns_sequential_caches_whole_blocks(tmp_pat
             for _ in range(8):  # then sequential
                 offset += 4096
                 assert await reader.read(offset, 4096) == DATA[offset : offset + 4096]
+            await transfers_ended(service.statistics)
             assert service.cached_bytes(INFO) >= BS
             assert service.statistics().piece_requests == 1
 
@@ -365,9 +368,7 @@ async def test_parallel_readers_share_one_window_so_their_blocks_fit_in_memory(
                 for k, reader in enumerate(readers):
                     offset = k * part + step * chunk
                     assert await reader.read(offset, chunk) == data[offset : offset + chunk]
-                with trio.fail_after(20):  # what the windows asked for has landed: all of it is ahead
-                    while service.statistics().transfers_in_flight:  # noqa: ASYNC110
-                        await trio.sleep(0.01)  # no event to wait on: the transfers' tasks end
+                await transfers_ended(service.statistics)  # what the windows asked for is all ahead
                 if step == 2 * BS // chunk:  # each reader is two blocks in: all four stream
                     streaming = len(origin.requests)
             stats = service.statistics()
@@ -396,6 +397,93 @@ async def test_a_read_inside_a_block_in_memory_is_a_view_of_its_buffer_not_a_cop
                 views.append(isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap))
                 del data
     assert all(views)
+
+
+class _HeldDisk:
+    """The cache's O_DIRECT writes, held: those of blocks before ``first_held`` until ``early`` is set,
+    those that reach it until ``late`` is set (``reached_late``: one of them waits)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, first_held: int) -> None:
+        self.early, self.late, self.reached_late = threading.Event(), threading.Event(), threading.Event()
+        direct_fds: set[int] = set()
+        real_open, real_pwrite, real_pwritev = os.open, os.pwrite, os.pwritev
+
+        def spy_open(path: str, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+            fd = real_open(path, flags, mode, **kwargs)
+            if flags & os.O_DIRECT:
+                direct_fds.add(fd)
+            return fd
+
+        def hold(fd: int, offset: int, length: int) -> None:
+            if fd in direct_fds and offset + length <= first_held * BS:
+                assert self.early.wait(20)
+            elif fd in direct_fds:
+                self.reached_late.set()
+                assert self.late.wait(20)
+
+        def held_pwrite(fd: int, data: memoryview, offset: int) -> int:
+            hold(fd, offset, len(data))
+            return real_pwrite(fd, data, offset)
+
+        def held_pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+            hold(fd, offset, sum(map(len, buffers)))
+            return real_pwritev(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "open", spy_open)
+        monkeypatch.setattr(os, "pwrite", held_pwrite)
+        monkeypatch.setattr(os, "pwritev", held_pwritev)
+
+    def release(self) -> None:
+        self.early.set()
+        self.late.set()
+
+
+async def test_a_reader_gets_its_block_before_the_disk_wrote_it_and_the_cache_journals_it_only_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk is off the readers' path: with the cache's disk writes held, a reader still gets the
+    blocks as they arrive, while the cache holds none of them (no journal record, nothing readable
+    from its data file). They are journaled once their writes ended. The whole-file check still
+    comes with the read of the file's last bytes: that read waits for the file's last writes."""
+    monkeypatch.setattr(store_module, "filesystem_type", lambda path: "ext4")  # blocks go O_DIRECT
+    key = FileKey.of(INFO)
+    last_full = len(DATA) // BS - 1  # the last whole block: its write is held until the end
+    disk = _HeldDisk(monkeypatch, first_held=last_full)
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path) as service:
+            try:
+                reader = open_reader(service, INFO, origin.url("big"))
+                for offset in range(0, 3 * BS, BS // 2):
+                    assert await reader.read(offset, BS // 2) == DATA[offset : offset + BS // 2]
+                for index in range(3):
+                    assert not service.cache.has_block(key, index)
+                    assert service.cache.read(key, index, 0, 10) is None
+                assert not os.path.exists(service.cache.index_path(key))  # no journal yet
+                disk.early.set()
+                await transfers_ended(service.statistics)
+                assert all(service.cache.has_block(key, index) for index in range(3))
+                got = bytearray(DATA[: 3 * BS])
+
+                async def read_the_rest() -> None:
+                    got.extend(await reader.read(len(got), len(DATA)))
+                    while len(got) < len(DATA):
+                        got.extend(await reader.read(len(got), 128 << 10))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(read_the_rest)
+                    with trio.fail_after(20):
+                        while service.statistics().bytes_fetched < len(DATA):  # noqa: ASYNC110
+                            await trio.sleep(0.01)  # the bytes arrive on the transport's thread
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert disk.reached_late.is_set()
+                    assert len(got) < len(DATA)  # the last read waits for the last writes ...
+                    assert service.statistics().verified_files == 0
+                    disk.late.set()
+                assert bytes(got) == DATA
+                assert service.statistics().verified_files == 1  # ... to check the whole file first
+                assert service.cache.is_verified(key)
+            finally:
+                disk.release()
 
 
 class _GatedTransport:
@@ -606,12 +694,13 @@ async def test_a_file_with_a_wrong_catalogue_checksum_is_never_returned_whole(tm
 
 
 async def test_disk_errors_do_not_fail_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_space(fd: int, data: bytes, offset: int) -> int:
+    def no_space(fd: int, data: bytes | list[memoryview], offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     with FaultyOrigin({"big": DATA}) as origin:
         async with running(tmp_path) as service:
             monkeypatch.setattr(os, "pwrite", no_space)
+            monkeypatch.setattr(os, "pwritev", no_space)
             reader = open_reader(service, INFO, origin.url("big"))
             assert await read_all(reader, chunk=BS) == DATA
             monkeypatch.undo()
@@ -722,6 +811,7 @@ async def test_stream_content_is_the_filesystems_file_content(tmp_path: Path) ->
             assert catalogue.calls == 0  # opening costs nothing
             assert opened.keep_cache
             assert await opened.read(0, 100) == DATA[:100]  # the start of a stream: its window is cached
+            await transfers_ended(content.statistics)
             assert content.cached_bytes(INFO) > 0
             assert content.state(INFO).startswith("stream: ")
             assert await read_all(opened, chunk=BS) == DATA

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from datalakefs.cache.layout import FileKey
-from datalakefs.cache.writer import BlockWriter, LandedBlock
+from datalakefs.cache.writer import ArrivedBlock, BlockWriter, LandedBlock
 from datalakefs.model import DID, DIDInfo, DIDType
 from datalakefs.transport.aio_bridge import AioBridge
 from datalakefs.transport.http import FailureKind, HttpTransport, NoAuth, RangeReadError
@@ -220,8 +220,10 @@ async def test_the_cache_writer_receives_whole_blocks_without_a_copy(bridge: Aio
     block_size = 1 << 20
     key = FileKey.of(DIDInfo(DID("s", "f"), DIDType.FILE, size=len(DATA)))
     landed: list[LandedBlock] = []
+    arrived: list[ArrivedBlock] = []
     writes: list[int] = []
-    writer = BlockWriter(str(tmp_path), str(tmp_path / "f.data"), key, block_size, 0, 4, landed.append, direct=True)
+    writer = BlockWriter(str(tmp_path), str(tmp_path / "f.data"), key, block_size, 0, 4, landed.append,
+                         on_arrival=arrived.append, direct=True)
     plain_write = writer.write
 
     def counting_write(offset: int, data: bytes | memoryview) -> None:
@@ -234,10 +236,9 @@ async def test_the_cache_writer_receives_whole_blocks_without_a_copy(bridge: Aio
     assert sum(writes) <= 16 << 10  # the bytes that came with the head
     assert [block.index for block in landed] == [0, 1, 2, 3]
     assert (tmp_path / "f.data").read_bytes() == DATA
-    for block in landed:
-        if block.resident is not None:
-            assert block.resident[0 : block.length] == DATA[block.index * block_size :][: block.length]
-            block.resident.release()
+    for early in arrived:
+        assert early.resident[:] == DATA[early.index * block_size :][: len(early.resident)]
+        early.resident.release()
 
 
 async def test_a_sink_failing_to_lend_fails_its_transfer_only(bridge: AioBridge) -> None:

@@ -40,10 +40,15 @@ and no await.
 * Missing consecutive blocks are fetched with one closed-range GET per ``max_request`` bytes (64 MiB:
   measured here against a local XrdHttp, one GET per stretch beat 16 MiB pieces, 918 vs 764 MB/s and
   1.29 vs 1.45 CPU s/GiB, as the transport notes predicted for aiohttp). The body
-  is written to the cache's data file on the transport's thread; trio is woken (``TrioToken.run_sync_soon``)
-  to commit a landed block to the cache and wake its waiters only when a reader waits for it, so a reader
-  needing the first block of a 32 MiB request does not wait for the rest; the other landed blocks are
-  committed when trio next looks (a reader missing a block, a transfer returning: ``LandingHandoff``).
+  is written to the cache's data file on the transport's thread (a long transfer's blocks on the disk
+  thread, past the page cache); trio is woken (``TrioToken.run_sync_soon``) to take a block and wake
+  its waiters only when a reader waits for it, so a reader needing the first block of a 32 MiB request
+  does not wait for the rest; the other blocks are taken when trio next looks (a reader missing a
+  block, a transfer returning: ``LandingHandoff``). A block written past the page cache reaches its
+  readers as soon as it arrived, from the buffer it was received into, before its write; it is
+  committed to the cache once its write ended (never before), and is found among the blocks being
+  written meanwhile; the read of a file's last bytes waits for the file's last writes, so that the
+  whole-file check below still comes with it.
 * Block transfers run in the service's nursery, not in the readers' tasks: an interrupted reader does
   not cancel a transfer that others wait for.
 

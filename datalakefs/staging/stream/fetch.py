@@ -17,7 +17,7 @@ import trio
 
 from datalakefs.cache.layout import MIB, FileKey
 from datalakefs.cache.store import BlockCache, CacheStatistics, VerifyResult
-from datalakefs.cache.writer import LandedBlock, ResidentBytes
+from datalakefs.cache.writer import ArrivedBlock, LandedBlock, ResidentBytes
 from datalakefs.config import Config
 from datalakefs.errors import DatalakeError, TransferError
 from datalakefs.model import DIDInfo, ReadBuffer
@@ -96,6 +96,18 @@ class _Pending:
         self.event = trio.Event()
         self.error: DatalakeError | None = None
         self.awaited = False
+
+
+class _Writing:
+    """A block its readers got as soon as it arrived, whose write to the cache's data file has not
+    ended: a share of its bytes, and ``stored``, set once its :class:`LandedBlock` was dealt with
+    (committed, or kept in memory when the disk failed)."""
+
+    __slots__ = ("resident", "stored")
+
+    def __init__(self, resident: ResidentBytes, stored: _Pending) -> None:
+        self.resident = resident
+        self.stored = stored
 
 
 class _Piece:
@@ -244,6 +256,10 @@ class StreamService:
         self._in_memory: OrderedDict[tuple[str, int], memoryview | ResidentBytes] = OrderedDict()
         self._in_memory_max = max(4, 2 * self.window_max // self.block_size)
         self._behind: OrderedDict[tuple[str, int], memoryview | ResidentBytes] = OrderedDict()
+        # Blocks handed to their readers at arrival whose write to the data file has not ended (file
+        # digest -> block index): not committed yet, so found here until they are, whether or not
+        # they are still in ``_in_memory``/``_behind``; a block here is never fetched again.
+        self._writing: dict[str, dict[int, _Writing]] = {}
         self._streams: set[StreamReader] = set()  # readers whose read-ahead runs (window_limit)
         self._nursery: trio.Nursery | None = None
         self._handoff: LandingHandoff | None = None
@@ -330,10 +346,28 @@ class StreamService:
         self._misses += last - first + 1
         return await self._read_piece(reader, offset, end)
 
-    def verify_when_complete(self, key: FileKey) -> None:
-        """Check the whole file's adler32 once its last block is cached; raises on a mismatch."""
-        if not self.cache.is_verified(key) and self.cache.is_complete(key):
-            self._verify(key)
+    async def verify_when_complete(self, key: FileKey) -> None:
+        """Check the whole file's adler32 once its last block is cached; raises on a mismatch. When the
+        blocks of the file still being written are all it lacks, waits for their writes to end first
+        (at most once per file: its last blocks)."""
+        cache = self.cache
+        if cache.is_verified(key):
+            return
+        if not cache.is_complete(key):
+            writing = self._writing.get(key.digest)
+            if not writing or cache.cached_bytes(key) + sum(w.resident.length for w in writing.values()) < key.size:
+                return
+            await self._until_written(writing)
+            if not cache.is_complete(key):
+                return
+        self._verify(key)
+
+    async def _until_written(self, writing: dict[int, _Writing]) -> None:
+        """Until each of these blocks' writes ended and their landing was dealt with."""
+        assert self._handoff is not None  # blocks are written only while the service runs
+        for entry in list(writing.values()):
+            self._handoff.await_block(entry.stored)
+            await entry.stored.event.wait()
 
     def window_limit(self, reader: StreamReader) -> int:
         """The read-ahead window ``reader`` may grow to, which counts it as streaming until
@@ -368,6 +402,10 @@ class StreamService:
         if block is not None:
             self._behind.move_to_end(slot)
             return block[start : start + length]
+        writing = self._writing.get(key.digest) if self._writing else None
+        entry = writing.get(index) if writing else None
+        if entry is not None:  # left memory before its write ended (the disk lags the readers)
+            return entry.resident[start : start + length]
         stored = self.cache.read(key, index, start, length)
         if stored is not None:
             self._disk_reads += 1
@@ -387,7 +425,8 @@ class StreamService:
         return self.cache.has_block(key, index) or self._held((key.digest, index))
 
     def _held(self, slot: tuple[str, int]) -> bool:
-        return slot in self._in_memory or slot in self._behind
+        writing = self._writing.get(slot[0]) if self._writing else None
+        return slot in self._in_memory or slot in self._behind or (writing is not None and slot[1] in writing)
 
     async def _wait_block(self, reader: StreamReader, index: int, start: int, length: int) -> ReadBuffer:
         return await self._arrival(reader, index, lambda: self._read_block(reader.key, index, start, length))
@@ -560,27 +599,41 @@ class StreamService:
             # a small file (or tail): fetched and stored on this thread, without the two thread hops
             # and aiohttp's per-request work, which cost more than its bytes (see the module docstring)
             transport, on_block = quick, functools.partial(self._landed, run)
+            on_arrival = None
         else:
-            transport, on_block = self._transport, self._landed_elsewhere(run)
+            transport = self._transport
+            on_block, on_arrival = self._landed_elsewhere(run)
         try:
             await transport.fetch(candidate.url, start, length, key.size,
-                                  self.cache.writer(key, first, end, on_block))
+                                  self.cache.writer(key, first, end, on_block, on_arrival))
         finally:
             if self._handoff is not None:
                 self._handoff.flush()  # what is left of the run is known once its landed blocks landed
         return None if run.remaining() is None else "some blocks could not be stored locally"
 
-    def _landed_elsewhere(self, run: _Run) -> Callable[[LandedBlock], None]:
-        """A block's arrival on the transport's thread, handed to :meth:`_landed` on the trio thread."""
+    def _landed_elsewhere(
+        self, run: _Run
+    ) -> tuple[Callable[[LandedBlock], None], Callable[[ArrivedBlock], None]]:
+        """A block's arrival and landing on the transport's (or the disk's) thread, handed to
+        :meth:`_arrived` and :meth:`_landed` on the trio thread."""
         handoff = self._handoff
         assert handoff is not None
+        # arrived blocks whose landing has not been handed over: each arrival is handed over before
+        # its write is queued, so the disk thread finds its entry (one dict operation: atomic)
+        writes: dict[int, _Pending] = {}
+
+        def on_arrival(arrived: ArrivedBlock) -> None:
+            stored = writes[arrived.index] = _Pending()
+            handoff.put(functools.partial(self._arrived, run, arrived, stored), run.pending.get(arrived.index))
 
         def on_block(landed: LandedBlock) -> None:
             # run.pending is the trio thread's; one dict lookup is atomic under the GIL, and the entry,
             # if any, stays until this block's landing removes it on the trio thread
-            handoff.put(functools.partial(self._landed, run, landed), run.pending.get(landed.index))
+            stored = writes.pop(landed.index, None)
+            waited = stored if stored is not None else run.pending.get(landed.index)
+            handoff.put(functools.partial(self._landed, run, landed, stored), waited)
 
-        return on_block
+        return on_block, on_arrival
 
     def _keep_in_memory(self, slot: tuple[str, int], block: memoryview | ResidentBytes) -> None:
         _release(self._in_memory.pop(slot, None))
@@ -595,9 +648,39 @@ class StreamService:
                 _release(block)
             held.clear()
 
-    def _landed(self, run: _Run, landed: LandedBlock) -> None:
-        """On the trio thread, for each block that arrived; must never raise (run_sync_soon callback)."""
+    def _arrived(self, run: _Run, arrived: ArrivedBlock, stored: _Pending) -> None:
+        """On the trio thread, for a block handed over before its write ended: its readers get it now;
+        it is committed when its landing follows. Must never raise (run_sync_soon callback)."""
         try:
+            writing = self._writing.setdefault(run.key.digest, {})
+            earlier = writing.get(arrived.index)
+            if earlier is not None:  # never while single flight holds; if it did, the latest wins
+                earlier.resident.release()
+            writing[arrived.index] = _Writing(arrived.resident.share(), stored)
+            self._keep_in_memory((run.key.digest, arrived.index), arrived.resident)
+            self._bytes += arrived.resident.length
+        except Exception:
+            log.exception("%s: block %d arrived but could not be recorded", run.key.did, arrived.index)
+        finally:
+            run.land(arrived.index)
+
+    def _written(self, digest: str, index: int, stored: _Pending) -> None:
+        """The block's write ended: it is no longer found among those being written."""
+        writing = self._writing.get(digest)
+        entry = writing.get(index) if writing is not None else None
+        if writing is None or entry is None or entry.stored is not stored:
+            return
+        del writing[index]
+        if not writing:
+            del self._writing[digest]
+        entry.resident.release()
+
+    def _landed(self, run: _Run, landed: LandedBlock, stored: _Pending | None = None) -> None:
+        """On the trio thread, for each block stored (``stored``: that of a block handed over at its
+        arrival, set once this is done); must never raise (run_sync_soon callback)."""
+        try:
+            if stored is not None:
+                self._written(run.key.digest, landed.index, stored)
             data = landed.data
             disk_full = landed.errno == errno.ENOSPC
             if data is None and not self.cache.commit(run.key, landed):
@@ -607,16 +690,14 @@ class StreamService:
                 disk_full = data is not None
             if data is not None:
                 self._bypassed += 1
-                _release(landed.resident)
-            kept = memoryview(data) if data is not None else landed.resident
-            if kept is not None:
-                self._keep_in_memory((run.key.digest, landed.index), kept)
+                self._keep_in_memory((run.key.digest, landed.index), memoryview(data))
             if disk_full:
                 self.cache.shrink()  # make room for the next blocks
-            self._bytes += landed.length
+            if stored is None:
+                self._bytes += landed.length  # an arrived block was counted when it arrived
         except Exception:
             log.exception("%s: block %d arrived but could not be recorded", run.key.did, landed.index)
         finally:
             run.land(landed.index)
-
-
+            if stored is not None:
+                stored.event.set()

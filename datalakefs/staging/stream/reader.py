@@ -54,7 +54,7 @@ class StreamReader:
                 length = min(end - index * bs, bs) - start
                 at = index * bs + start - offset
                 data[at : at + length] = await service.read_block(self, index, start, length)
-        service.verify_when_complete(self.key)
+        await service.verify_when_complete(self.key)
         return data
 
     async def fill(self) -> None:
@@ -65,7 +65,7 @@ class StreamReader:
         service.request(self, 0, self._blocks)
         for index in range(self._blocks):
             await service.wait_stored(self, index)
-        service.verify_when_complete(self.key)
+        await service.verify_when_complete(self.key)
 
     def _plan(self, offset: int, end: int, first: int, last: int) -> bool:
         """Classify the access and grow or reset the window; a sequential reader's window is requested
