@@ -486,6 +486,41 @@ async def test_a_reader_gets_its_block_before_the_disk_wrote_it_and_the_cache_jo
                 disk.release()
 
 
+async def test_readers_waiting_together_for_a_files_last_writes_verify_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two readers of the file's last bytes both wait for its last disk writes; when the writes end,
+    the whole-file check runs once (not once per waiting reader)."""
+    monkeypatch.setattr(store_module, "filesystem_type", lambda path: "ext4")  # blocks go O_DIRECT
+    last_full = len(DATA) // BS - 1
+    disk = _HeldDisk(monkeypatch, first_held=last_full)
+    with FaultyOrigin({"big": DATA}) as origin:
+        async with running(tmp_path) as service:
+            try:
+                readers = [open_reader(service, INFO, origin.url("big")) for _ in range(2)]
+                got: list[bytes] = [b"", b""]
+
+                async def read_the_end(which: int) -> None:
+                    got[which] = bytes(await readers[which].read(last_full * BS, len(DATA)))
+
+                disk.early.set()
+                assert await readers[0].read(0, last_full * BS) == DATA[: last_full * BS]
+                async with trio.open_nursery() as nursery:
+                    for which in range(2):
+                        nursery.start_soon(read_the_end, which)
+                    with trio.fail_after(20):
+                        while service.statistics().bytes_fetched < len(DATA):  # noqa: ASYNC110
+                            await trio.sleep(0.01)  # the bytes arrive on the transport's thread
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert disk.reached_late.is_set()
+                    assert got == [b"", b""]  # both wait for the last writes
+                    disk.late.set()
+                assert got == [DATA[last_full * BS :]] * 2
+                assert service.statistics().verified_files == 1
+            finally:
+                disk.release()
+
+
 class _GatedTransport:
     """Serves ``DATA`` once ``gate`` is set."""
 

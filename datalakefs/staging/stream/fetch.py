@@ -528,6 +528,8 @@ class StreamService:
             self._limiter.release()
 
     def _verify(self, key: FileKey) -> None:
+        if self.cache.is_verified(key):  # another reader's check ended while this one waited for writes
+            return
         result = self.cache.verify(key)
         if result is VerifyResult.VERIFIED:
             self._verified += 1
