@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -233,11 +234,24 @@ def cmd_mount(lake: Lake, args: argparse.Namespace) -> int:
     return 0
 
 
+def _program_as_typed() -> str:
+    """How a shell in this directory reaches this program: ``datalakefs`` when that name finds it on
+    the PATH, else its path (``.venv/bin/datalakefs`` after ``make demo``, which does not put the venv on
+    the user's PATH), so that the tour runs as pasted."""
+    program = Path(sys.executable).parent / "datalakefs"
+    on_path = shutil.which("datalakefs")
+    if not program.exists() or (on_path is not None and os.path.samefile(on_path, program)):
+        return "datalakefs"
+    relative = os.path.relpath(program)
+    return shlex.quote(str(program) if relative.startswith("..") else relative)
+
+
 def cmd_tour(lake: Lake, args: argparse.Namespace) -> int:
     seed = lake.read_seed()
     if seed is None:
         raise DemoError("the lake is not seeded: run `datalakefs demo up` first")
     m = shlex.quote(str(args.mountpoint))
+    dlfs = _program_as_typed()
 
     def path(did: str) -> str:
         scope, name = did.split(":", 1)
@@ -255,14 +269,14 @@ def cmd_tour(lake: Lake, args: argparse.Namespace) -> int:
         (f"dd if={path(seed.big_file)} of=/dev/null bs=1M count=64", "range reads through XCache"),
         (f"ls {path(seed.dataset_10k)} | wc -l", "a 10,000-file dataset"),
         (f"ls {m}/.query/{meta.scope}/{shlex.quote(meta.filter)}/", "a metadata query as a directory"),
-        (f"datalakefs stage {path(seed.stage_dataset)} --wait", "one replication rule to SCRATCH, with progress"),
+        (f"{dlfs} stage {path(seed.stage_dataset)} --wait", "one replication rule to SCRATCH, with progress"),
         (f"getfattr -n user.datalakefs.state {path(seed.stage_dataset)}", "the rule's state and locks"),
         (f"mkdir -p {m}/.outbox/{seed.upload_scope}/my_results", "a dataset to upload into"),
         (f"cp /etc/hostname {m}/.outbox/{seed.upload_scope}/my_results/",
          "close() = durable; then uploaded to SCRATCH"),
-        ("datalakefs outbox list", "what waits for upload, and why"),
+        (f"{dlfs} outbox list", "what waits for upload, and why"),
         (f"ls {m}/{seed.upload_scope}/my_results/", "the uploaded file, once done"),
-        (f"datalakefs status {m}", "cache, transfers, rules, outbox queue"),
+        (f"{dlfs} status {m}", "cache, transfers, rules, outbox queue"),
         (f"cat {m}/.datalakefs/status.json", "the daemon's state as JSON"),
     ]
     width = max(len(cmd) for cmd, _ in steps)
