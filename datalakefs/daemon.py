@@ -31,7 +31,7 @@ from datalakefs.fs.filesystem import Filesystem
 from datalakefs.fs.lake import LakeTree
 from datalakefs.fs.outbox import OutboxTree
 from datalakefs.fs.prefetch import ListingPrefetch
-from datalakefs.fuse.operations import FuseOperations, invalidate_entry
+from datalakefs.fuse.operations import FuseOperations, forget_pages, invalidate_entry
 from datalakefs.fuse.session import prepare_mountpoint, serve
 from datalakefs.namespace.inodes import InodeTable
 from datalakefs.namespace.tree import CONFIG_FILE, Namespace
@@ -104,6 +104,7 @@ class Daemon:
         self.prefetch = ListingPrefetch(self.staging, config.listing_prefetch_files, config.listing_prefetch_bytes)
         lake = LakeTree(namespace, self.catalogue, self.staging, control, owner, stager=self.staging,
                         prefetch=self.prefetch)
+        lake.forget_pages = forget_pages
         self.filesystem = Filesystem(namespace, lake, outbox=outbox_tree)
         self.meter = RateMeter(self._counters)
         self.metrics_url: str | None = None

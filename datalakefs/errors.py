@@ -76,6 +76,11 @@ class TransferError(DatalakeError):
     errno = errno.EIO
 
 
+class ChecksumMismatchError(TransferError):
+    """A complete file's checksum is not the catalogue's: the storage served other bytes. Its copy was
+    dropped, and what the kernel kept of it must be too."""
+
+
 class TryAgainError(DatalakeError):
     """The data is not ready yet (a rule is replicating) and the caller asked not to wait."""
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from datalakefs.catalogue.cached import CachedCatalogue
-from datalakefs.errors import NoAttributeError, NotFoundError, NotSupportedError, ReadOnlyError
+from datalakefs.errors import ChecksumMismatchError, NoAttributeError, NotFoundError, NotSupportedError, ReadOnlyError
 from datalakefs.fs.attributes import Attributes, Ownership, attributes_of
 from datalakefs.fs.ports import FileContent, OpenFile, StageRequests
 from datalakefs.fs.prefetch import ListingPrefetch
@@ -25,6 +25,8 @@ from datalakefs.namespace.inodes import Node, NodeKind
 from datalakefs.namespace.tree import Entries, Namespace
 
 ControlRenderer = Callable[[], bytes]
+#: ``forget_pages(ino)``: make the kernel drop the pages it keeps of a file (set by the FUSE layer).
+PageInvalidator = Callable[[int], None]
 
 _USER_NAMESPACE = "user."
 # Set (any value) on /<mount>/.datalakefs to drop every cached block: how `datalakefs cache clear`
@@ -67,14 +69,33 @@ class _LakeFileHandle:
     """A file of the lake, read through the content service."""
 
     opened: OpenFile
+    node: Node
+    #: how many times each file failed its whole-file checksum (the tree's count, shared)
+    mismatches: dict[int, int]
+    mismatched: PageInvalidator
+    #: the kernel's pages of the file are from a copy that failed its checksum: this open drops them
+    drop_kept_pages: bool = False
     direct_io: bool = False
+    mismatches_at_open: int = 0
 
     @property
     def keep_cache(self) -> bool:
-        return self.opened.keep_cache
+        return self.opened.keep_cache and not self.drop_kept_pages
 
     async def read(self, offset: int, size: int) -> ReadBuffer:
-        return await self.opened.read(offset, size)
+        # The check can fail on a request the caller did not make (the kernel's read-ahead, whose
+        # error it drops), and the bytes read before it came from the bad copy: every later read of
+        # this open fails too, else the caller would get the rest fetched anew and no error at all.
+        if self.mismatches and self.mismatches.get(self.node.ino, 0) != self.mismatches_at_open:
+            raise ChecksumMismatchError(
+                f"{self.node.did}: the file failed its checksum while open; reads of this open fail "
+                "(a new open reads it anew)"
+            )
+        try:
+            return await self.opened.read(offset, size)
+        except ChecksumMismatchError:
+            self.mismatched(self.node.ino)
+            raise
 
     async def write(self, offset: int, data: bytes) -> int:
         refuse_write("write")
@@ -107,6 +128,9 @@ class LakeTree:
         self._control = control_files
         self._owner = owner or Ownership(os.getuid(), os.getgid())
         self._start = time.time()
+        self.forget_pages: PageInvalidator = lambda ino: None
+        self._pages_to_drop: set[int] = set()
+        self._mismatches: dict[int, int] = {}
 
     def owns(self, node: Node) -> bool:
         return True
@@ -136,10 +160,23 @@ class LakeTree:
             return _ControlHandle(self._control[node.label]())
         if node.kind is not NodeKind.FILE or node.info is None:
             raise NotFoundError(f"inode {node.ino} is not a file")
-        opened = _LakeFileHandle(await self._content.open(node.info, mode.nonblocking))
+        opened = _LakeFileHandle(await self._content.open(node.info, mode.nonblocking), node, self._mismatches,
+                                 self._mismatched, drop_kept_pages=node.ino in self._pages_to_drop,
+                                 mismatches_at_open=self._mismatches.get(node.ino, 0))
+        self._pages_to_drop.discard(node.ino)
         if self._prefetch is not None:
             self._follow(node, node.info)
         return opened
+
+    def _mismatched(self, ino: int) -> None:
+        """File ``ino`` failed its whole-file checksum. The reads before gave the kernel pages of the bad
+        copy, which it keeps across opens (keep_cache): they are dropped now, for readers that keep
+        their descriptor, and at the file's next open for certain (the drop runs on its own thread),
+        so that a retry reads the file anew and checks it again. Its opens until then fail every read.
+        """
+        self._mismatches[ino] = self._mismatches.get(ino, 0) + 1
+        self._pages_to_drop.add(ino)
+        self.forget_pages(ino)
 
     def _follow(self, node: Node, info: DIDInfo) -> None:
         """Tell the prefetch about an open, when the directory's listing is at hand (no catalogue call)."""

@@ -7,10 +7,12 @@ unexpected is logged with its traceback and becomes ``EIO``, so a bug never take
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from types import TracebackType
 from typing import NoReturn
@@ -39,6 +41,17 @@ def invalidate_entry(parent_ino: int, name: str) -> None:
     """Tell the kernel that ``name`` left directory ``parent_ino`` (safe inside request handlers:
     pyfuse3 queues it to its own thread)."""
     pyfuse3.invalidate_entry_async(pyfuse3.InodeT(parent_ino), os.fsencode(name), ignore_enoent=True)
+
+
+def forget_pages(ino: int) -> None:
+    """Make the kernel drop the pages it keeps of file ``ino``. On a thread of its own: the kernel holds
+    the pages of the read being answered locked until the reply, which the caller has yet to send."""
+
+    def invalidate() -> None:
+        with contextlib.suppress(OSError):  # ENOENT: the kernel forgot the inode already
+            pyfuse3.invalidate_inode(pyfuse3.InodeT(ino), attr_only=False)
+
+    threading.Thread(target=invalidate, name="datalakefs-forget-pages", daemon=True).start()
 
 
 def _readable(flags: int) -> bool:

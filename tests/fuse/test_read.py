@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -302,6 +303,39 @@ def _small_dataset(lake: LakeStatus, client: Any, count: int) -> seed.DatasetPla
     plan = seed.DatasetPlan(scope, name, files)
     seed.add_origin_dataset(client, Lake(lake.state_dir), plan)
     return plan
+
+
+def test_a_file_the_storage_serves_wrong_is_refused_and_read_anew_once_it_is_right(
+    lake: LakeStatus, new_mount: Any, rucio_client: Any
+) -> None:
+    """The storage's copy of a file is not the catalogue's (a byte changed on disk): reading it to the
+    end fails with EIO. Once the storage has the right bytes again, reading it again (a new open, as a
+    rerun does) returns them: neither the daemon's memory nor the kernel's page cache keeps any of
+    the bad copy, though its first blocks had been served before the checksum could fail."""
+    assert lake.seed is not None
+    spec = seed.FileSpec(lake.seed.upload_scope, f"wrong_{uuid.uuid4().hex[:10]}.bin", 3 * (1 << 20) + 5)
+    dataset = seed.DatasetPlan(spec.scope, spec.name + ".ds", (spec,))
+    seed.add_origin_dataset(rucio_client, Lake(lake.state_dir), dataset)
+    stored = seed.rse_file(Lake(lake.state_dir).layout.origin, spec.scope, spec.name)
+    right = stored.read_bytes()
+    stored.write_bytes(right[:1000] + bytes([right[1000] ^ 0xFF]) + right[1001:])
+    mount = new_mount("xcache=none")
+    mount.start()
+    path = mount.mountpoint / spec.scope / dataset.name / spec.name
+    served = bytearray()
+
+    def read_to_the_end() -> None:
+        with open(path, "rb", buffering=0) as fh:
+            while chunk := fh.read(256 << 10):
+                served.extend(chunk)
+
+    with pytest.raises(OSError) as failed:
+        read_to_the_end()
+    assert failed.value.errno == errno.EIO
+    assert served[1000] != right[1000]  # the bad copy's first bytes were served before the check failed
+    stored.write_bytes(right)
+    assert _read_all(path) == right
+    assert _content_stats(mount)["verified_files"] == 1
 
 
 def test_ls_l_and_reading_every_file_of_a_dataset_ask_the_catalogue_per_dataset(

@@ -717,6 +717,21 @@ async def test_whole_file_mismatch_drops_the_file_and_fails_the_read(tmp_path: P
             assert service.statistics().cache.checksum_mismatches == 1
 
 
+async def test_after_a_whole_file_mismatch_a_retry_fetches_every_block_again(tmp_path: Path) -> None:
+    """The storage served other bytes than the catalogue's (a replaced file); once it serves the right
+    ones, reading the file again returns them: no block of the bad copy is kept in memory, where it
+    would be served again unverified (the cache dropped the file, so it would never be checked)."""
+    right = payload(3 * BS + 5, seed=4)
+    with FaultyOrigin({"f": payload(len(right), seed=6)}) as origin:
+        async with running(tmp_path) as service:
+            reader = open_reader(service, info_of("f", right), origin.url("f"))
+            with pytest.raises(TransferError, match="adler32"):
+                await read_all(reader, chunk=BS)
+            origin.files["f"] = right
+            assert await read_all(reader, chunk=BS) == right
+            assert service.statistics().verified_files == 1
+
+
 async def test_a_file_with_a_wrong_catalogue_checksum_is_never_returned_whole(tmp_path: Path) -> None:
     small = payload(BS // 2, seed=5)
     info = info_of("f", small, adler=1)

@@ -64,7 +64,8 @@ the waiters get ``TransferError`` (EIO) listing each attempt's reason, as the lo
 
 **Verification.** Every block is checked by the cache on every read. Once a file's last block is in
 the cache, the next read checks the whole file's adler32 against the catalogue before returning
-anything; on a mismatch the cache drops the file's blocks and that read raises ``TransferError``.
+anything; on a mismatch the file's blocks are dropped (from the cache and from memory: a retry
+fetches them again) and that read raises ``TransferError``.
 
 **Disk trouble.** A block that cannot be written to the cache (disk full, I/O error) is given to its
 readers from a small in-memory buffer; on ENOSPC the cache also evicts a tenth of its blocks. Reads keep

@@ -19,7 +19,7 @@ from datalakefs.cache.layout import MIB, FileKey
 from datalakefs.cache.store import BlockCache, CacheStatistics, VerifyResult
 from datalakefs.cache.writer import ArrivedBlock, LandedBlock, ResidentBytes
 from datalakefs.config import Config
-from datalakefs.errors import DatalakeError, TransferError
+from datalakefs.errors import ChecksumMismatchError, DatalakeError, TransferError
 from datalakefs.model import DIDInfo, ReadBuffer
 from datalakefs.transport.failover import Failover, Locate
 from datalakefs.transport.http import RangeSink
@@ -534,7 +534,8 @@ class StreamService:
         if result is VerifyResult.VERIFIED:
             self._verified += 1
         elif result is VerifyResult.MISMATCH:
-            raise TransferError(
+            self._forget_file_in_memory(key.digest)  # else a retry would be served those bytes, unchecked
+            raise ChecksumMismatchError(
                 f"{key.did}: the file's adler32 does not match the catalogue's; its cached blocks were "
                 "dropped"
             )
@@ -643,6 +644,11 @@ class StreamService:
         self._in_memory[slot] = block
         while len(self._in_memory) > self._in_memory_max:
             _release(self._in_memory.popitem(last=False)[1])
+
+    def _forget_file_in_memory(self, digest: str) -> None:
+        for held in (self._in_memory, self._behind):
+            for slot in [slot for slot in held if slot[0] == digest]:
+                _release(held.pop(slot))
 
     def _forget_in_memory(self) -> None:
         for held in (self._in_memory, self._behind):
