@@ -475,7 +475,8 @@ async def test_a_reader_gets_its_block_before_the_disk_wrote_it_and_the_cache_jo
                         while service.statistics().bytes_fetched < len(DATA):  # noqa: ASYNC110
                             await trio.sleep(0.01)  # the bytes arrive on the transport's thread
                     await trio.testing.wait_all_tasks_blocked()
-                    assert disk.reached_late.is_set()
+                    # the disk thread gets to the held write on its own time (not a trio task)
+                    assert await trio.to_thread.run_sync(disk.reached_late.wait, 20)
                     assert len(got) < len(DATA)  # the last read waits for the last writes ...
                     assert service.statistics().verified_files == 0
                     disk.late.set()
@@ -512,7 +513,8 @@ async def test_readers_waiting_together_for_a_files_last_writes_verify_it_once(
                         while service.statistics().bytes_fetched < len(DATA):  # noqa: ASYNC110
                             await trio.sleep(0.01)  # the bytes arrive on the transport's thread
                     await trio.testing.wait_all_tasks_blocked()
-                    assert disk.reached_late.is_set()
+                    # the disk thread gets to the held write on its own time (not a trio task)
+                    assert await trio.to_thread.run_sync(disk.reached_late.wait, 20)
                     assert got == [b"", b""]  # both wait for the last writes
                     disk.late.set()
                 assert got == [DATA[last_full * BS :]] * 2
