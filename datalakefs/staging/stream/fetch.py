@@ -358,7 +358,7 @@ class StreamService:
             if not writing or cache.cached_bytes(key) + sum(w.resident.length for w in writing.values()) < key.size:
                 return
             await self._until_written(writing)
-            if not cache.is_complete(key):
+            if not cache.is_complete(key) or cache.is_verified(key):  # verified by a reader that waited too
                 return
         self._verify(key)
 
@@ -528,8 +528,6 @@ class StreamService:
             self._limiter.release()
 
     def _verify(self, key: FileKey) -> None:
-        if self.cache.is_verified(key):  # another reader's check ended while this one waited for writes
-            return
         result = self.cache.verify(key)
         if result is VerifyResult.VERIFIED:
             self._verified += 1
